@@ -1,0 +1,3 @@
+// Pointwise passes compiled with -mavx2 -mfma (see CMakeLists.txt); chosen only on CPUs that have both.
+#define RNNATTN_CPU_ISA avx2
+#include "engine/cpu/pointwise_cpu_impl.h"

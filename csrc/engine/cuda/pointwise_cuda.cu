@@ -1,0 +1,97 @@
+// CUDA pointwise passes: one thread per unit (b, j), the cell math from csrc/cells.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "cells/all_cells.h"
+#include "engine/cuda/pointwise_cuda.h"
+
+namespace rnnattn {
+
+// 16-bit storage computes in float (SPEC: fp16/bf16 accumulate in fp32).
+template <>
+struct ScalarIO<f16_t> {
+  using Acc = float;
+  __host__ __device__ __forceinline__ static float load(f16_t v) {
+    return __half2float(__ushort_as_half(v.bits));
+  }
+  __host__ __device__ __forceinline__ static f16_t store(float v) {
+    return f16_t{__half_as_ushort(__float2half_rn(v))};
+  }
+};
+
+template <>
+struct ScalarIO<bf16_t> {
+  using Acc = float;
+  __host__ __device__ __forceinline__ static float load(bf16_t v) {
+    return __bfloat162float(__ushort_as_bfloat16(v.bits));
+  }
+  __host__ __device__ __forceinline__ static bf16_t store(float v) {
+    return bf16_t{__bfloat16_as_ushort(__float2bfloat16_rn(v))};
+  }
+};
+
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <class Cell, typename T, bool kSave>
+__global__ void forward_step_kernel(const ForwardStepArgs<T> args) {
+  const int64_t units = args.batch * args.hidden;
+  for (int64_t u = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; u < units;
+       u += int64_t(gridDim.x) * blockDim.x) {
+    forward_unit<Cell, T, kSave>(args, u / args.hidden, u % args.hidden);
+  }
+}
+
+template <class Cell, typename T>
+__global__ void backward_step_kernel(const BackwardStepArgs<T> args) {
+  const int64_t units = args.batch * args.hidden;
+  for (int64_t u = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; u < units;
+       u += int64_t(gridDim.x) * blockDim.x) {
+    backward_unit<Cell, T>(args, u / args.hidden, u % args.hidden);
+  }
+}
+
+unsigned int blocks_for(int64_t units) {
+  const int64_t blocks = (units + kThreads - 1) / kThreads;
+  return static_cast<unsigned int>(std::min<int64_t>(std::max<int64_t>(blocks, 1), 65535));
+}
+
+}  // namespace
+
+template <class Cell, typename T>
+cudaError_t launch_forward_step(const ForwardStepArgs<T>& args, cudaStream_t stream) {
+  const int64_t units = args.batch * args.hidden;
+  if (units == 0) return cudaSuccess;
+  if (args.saved != nullptr) {
+    forward_step_kernel<Cell, T, true><<<blocks_for(units), kThreads, 0, stream>>>(args);
+  } else {
+    forward_step_kernel<Cell, T, false><<<blocks_for(units), kThreads, 0, stream>>>(args);
+  }
+  return cudaGetLastError();
+}
+
+template <class Cell, typename T>
+cudaError_t launch_backward_step(const BackwardStepArgs<T>& args, cudaStream_t stream) {
+  const int64_t units = args.batch * args.hidden;
+  if (units == 0) return cudaSuccess;
+  backward_step_kernel<Cell, T><<<blocks_for(units), kThreads, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+#define RNNATTN_INSTANTIATE_CUDA_TYPE(CELL, T)                                                   \
+  template cudaError_t launch_forward_step<CELL, T>(const ForwardStepArgs<T>&, cudaStream_t);   \
+  template cudaError_t launch_backward_step<CELL, T>(const BackwardStepArgs<T>&, cudaStream_t);
+#define RNNATTN_INSTANTIATE_CUDA(CELL)          \
+  RNNATTN_INSTANTIATE_CUDA_TYPE(CELL, float)    \
+  RNNATTN_INSTANTIATE_CUDA_TYPE(CELL, double)   \
+  RNNATTN_INSTANTIATE_CUDA_TYPE(CELL, f16_t)    \
+  RNNATTN_INSTANTIATE_CUDA_TYPE(CELL, bf16_t)
+RNNATTN_FOR_EACH_CELL(RNNATTN_INSTANTIATE_CUDA)
+
+}  // namespace cuda
+}  // namespace rnnattn

@@ -1,0 +1,118 @@
+// What one pointwise pass of the time loop reads and writes, as raw pointers.
+// Shared by the CPU loops and the CUDA kernels; free of torch on purpose.
+//
+// Layouts (all contiguous, row-major):
+//   xproj, hproj, dxg, dhg: (B, G*H), gate g of unit j of row b at b*G*H + g*H + j
+//   state planes, grad_output: (B, H)
+//   saved: kSaved planes of (B, H), plane s at saved + s*B*H
+#pragma once
+#include <cstdint>
+
+#include "cells/cell_math.h"
+
+namespace rnnattn {
+
+constexpr int kMaxStates = 2;
+
+// Storage of 16-bit floats as seen by code that does not know torch's or CUDA's half types.
+struct f16_t {
+  uint16_t bits;
+};
+struct bf16_t {
+  uint16_t bits;
+};
+
+template <typename T>
+struct ForwardStepArgs {
+  const T* xproj;               // W_ih x_t + b_ih
+  const T* hproj;               // W_hh h_{t-1} + b_hh
+  const T* prev[kMaxStates];    // states before the step
+  T* next[kMaxStates];          // states after the step; next[0] is the output row y_t
+  T* saved;                     // activations for backward, or nullptr in inference
+  int64_t batch;
+  int64_t hidden;
+};
+
+template <typename T>
+struct BackwardStepArgs {
+  const T* saved;
+  const T* prev[kMaxStates];
+  const T* next[kMaxStates];
+  const T* grad_output;         // dL/dy_t, added to the carried gradient of h_t
+  T* dstate[kMaxStates];        // in: carried gradients of the states after the step;
+                                // out, in place: their direct gradients before the step
+  T* dxg;                       // gradient of the input-side pre-activations
+  T* dhg;                       // gradient of the recurrent-side ones (== dxg unless separate)
+  int64_t batch;
+  int64_t hidden;
+};
+
+// Cells that save nothing still get a one-element array (C++ has no empty arrays).
+template <class Cell>
+inline constexpr int kSavedSlots = Cell::kSaved > 0 ? Cell::kSaved : 1;
+
+// Load and store through the accumulate type A (float for 16-bit types, else the type itself).
+template <typename T>
+struct ScalarIO {
+  using Acc = T;
+  RNNATTN_HD static Acc load(T v) { return v; }
+  RNNATTN_HD static T store(Acc v) { return v; }
+};
+
+// Pointwise work of unit j of batch row b: the whole cell, from the two projections to the new states.
+// kSave: training, store the activations backward needs (a compile-time switch keeps loops branch-free).
+template <class Cell, typename T, bool kSave>
+RNNATTN_HD void forward_unit(const ForwardStepArgs<T>& a, int64_t b, int64_t j) {
+  using IO = ScalarIO<T>;
+  using A = typename IO::Acc;
+  constexpr int G = Cell::kGates, S = Cell::kStates, K = kSavedSlots<Cell>;
+  const int64_t H = a.hidden, plane = a.batch * H, u = b * H + j;
+  const T* xrow = a.xproj + b * G * H + j;
+  const T* hrow = a.hproj + b * G * H + j;
+  A xg[G], hg[G], prev[S], next[S], saved[K];
+RNNATTN_UNROLL
+  for (int g = 0; g < G; ++g) {
+    xg[g] = IO::load(xrow[g * H]);
+    hg[g] = IO::load(hrow[g * H]);
+  }
+RNNATTN_UNROLL
+  for (int s = 0; s < S; ++s) prev[s] = IO::load(a.prev[s][u]);
+  Cell::forward(xg, hg, prev, next, saved);
+RNNATTN_UNROLL
+  for (int s = 0; s < S; ++s) a.next[s][u] = IO::store(next[s]);
+  if constexpr (kSave) {
+RNNATTN_UNROLL
+    for (int k = 0; k < Cell::kSaved; ++k) a.saved[k * plane + u] = IO::store(saved[k]);
+  }
+}
+
+template <class Cell, typename T>
+RNNATTN_HD void backward_unit(const BackwardStepArgs<T>& a, int64_t b, int64_t j) {
+  using IO = ScalarIO<T>;
+  using A = typename IO::Acc;
+  constexpr int G = Cell::kGates, S = Cell::kStates, K = kSavedSlots<Cell>;
+  const int64_t H = a.hidden, plane = a.batch * H, u = b * H + j;
+  A saved[K], prev[S], next[S], dnext[S], dxg[G], dhg[G], dprev[S];
+RNNATTN_UNROLL
+  for (int k = 0; k < K; ++k) saved[k] = k < Cell::kSaved ? IO::load(a.saved[k * plane + u]) : A(0);
+RNNATTN_UNROLL
+  for (int s = 0; s < S; ++s) {
+    prev[s] = IO::load(a.prev[s][u]);
+    next[s] = IO::load(a.next[s][u]);
+    dnext[s] = IO::load(a.dstate[s][u]);
+  }
+  dnext[0] += IO::load(a.grad_output[u]);
+  Cell::backward(saved, prev, next, dnext, dxg, dhg, dprev);
+  T* dxrow = a.dxg + b * G * H + j;
+RNNATTN_UNROLL
+  for (int g = 0; g < G; ++g) dxrow[g * H] = IO::store(dxg[g]);
+  if constexpr (Cell::kSeparateHiddenGrad) {
+    T* dhrow = a.dhg + b * G * H + j;
+RNNATTN_UNROLL
+    for (int g = 0; g < G; ++g) dhrow[g * H] = IO::store(dhg[g]);
+  }
+RNNATTN_UNROLL
+  for (int s = 0; s < S; ++s) a.dstate[s][u] = IO::store(dprev[s]);
+}
+
+}  // namespace rnnattn

@@ -1,0 +1,35 @@
+// Argument validation for the ops, run before any indexing so that calling torch.ops.rnnattn.*
+// directly is as safe as the modules. Messages name the op, the argument, the expected and the
+// actual value; shape errors raise ValueError, dtype errors TypeError.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace rnnattn {
+
+struct NamedTensor {
+  const char* name;
+  const at::Tensor& tensor;
+};
+
+struct LayerShape {
+  int64_t steps, batch, input_size, hidden_size;
+};
+
+// Checks input (T, B, I), states (B, H), weight_ih (G*H, I), weight_hh (G*H, H), biases (G*H),
+// common dtype and device; returns the sizes.
+LayerShape check_layer_forward(const char* op, int gates, const at::Tensor& input,
+                               const std::vector<NamedTensor>& states, const at::Tensor& weight_ih,
+                               const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
+                               const std::optional<at::Tensor>& bias_hh);
+
+// Checks what backward adds: gradients of the outputs, the forward's output and its workspace.
+void check_layer_backward(const char* op, int gates, int workspace_planes, const at::Tensor& grad_output,
+                          const std::vector<NamedTensor>& grad_states, const at::Tensor& input,
+                          const std::vector<NamedTensor>& states, const at::Tensor& weight_ih,
+                          const at::Tensor& weight_hh, const at::Tensor& output, const at::Tensor& workspace);
+
+}  // namespace rnnattn

@@ -1,0 +1,43 @@
+// The Python extension module rnnattn_ext._C. Loading it registers the ops (static initializers
+// in csrc/ops); it also reports how the library was built.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <map>
+#include <string>
+#include <tuple>
+
+#include "cells/all_cells.h"
+#include "engine/recurrent_engine.h"
+
+namespace py = pybind11;
+
+namespace {
+
+// (gates, states, workspace planes per step) of every cell: the fake implementations read these
+// so that the Python side never restates the cells' layout.
+std::map<std::string, std::tuple<int, int, int>> cell_layouts() {
+  std::map<std::string, std::tuple<int, int, int>> layouts;
+#define RNNATTN_CELL_LAYOUT(CELL) \
+  layouts[CELL::kName] = {CELL::kGates, CELL::kStates, ::rnnattn::workspace_planes<CELL>()};
+  RNNATTN_FOR_EACH_CELL(RNNATTN_CELL_LAYOUT)
+#undef RNNATTN_CELL_LAYOUT
+  return layouts;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "rnnattn_ext compiled library: registers the torch.ops.rnnattn operators";
+  m.def("cell_layouts", &cell_layouts);
+  m.attr("built_with_torch") = RNNATTN_TORCH_VERSION;
+#ifdef RNNATTN_WITH_CUDA
+  m.attr("cuda_built") = true;
+  m.attr("cuda_version") = RNNATTN_CUDA_VERSION;
+  m.attr("cuda_architectures") = RNNATTN_CUDA_ARCHS;
+#else
+  m.attr("cuda_built") = false;
+  m.attr("cuda_version") = py::none();
+  m.attr("cuda_architectures") = "";
+#endif
+}

@@ -1,0 +1,243 @@
+"""Drop-in replacements for torch.nn.RNN, torch.nn.LSTM and torch.nn.GRU.
+
+Same constructor arguments, parameter names, shapes, initialisation (and so, under the same seed,
+the same initial weights) and return values as torch.nn; the work runs in torch.ops.rnnattn.
+They are not subclasses of torch.nn.RNNBase on purpose: torch.compile breaks the graph on those.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import functional
+
+_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+class RecurrentBase(nn.Module):
+    """Shared machinery of the recurrent modules; ``cell`` names the ops used."""
+
+    def __init__(
+        self,
+        cell: str,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1 or isinstance(dropout, bool):
+            raise ValueError(f"{name}: dropout must be a number in [0, 1], got {dropout!r}")
+        for arg, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name}: {arg} must be an int, got {type(value).__name__}")
+        if hidden_size <= 0:
+            raise ValueError(f"{name}: hidden_size must be greater than zero, got {hidden_size}")
+        if num_layers <= 0:
+            raise ValueError(f"{name}: num_layers must be greater than zero, got {num_layers}")
+        if input_size < 0:
+            raise ValueError(f"{name}: input_size must be non-negative, got {input_size}")
+        if proj_size != 0:
+            raise NotImplementedError(
+                f"{name}: proj_size={proj_size} is not supported yet (planned: LSTM projections); use proj_size=0"
+            )
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                f"{name}: dropout={dropout} has no effect with num_layers=1: dropout is applied between layers",
+                stacklevel=3,
+            )
+        self.cell = cell
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+        factory = {"device": device, "dtype": dtype}
+        gate_size = _GATES[cell] * hidden_size
+        directions = 2 if bidirectional else 1
+        self._flat_weights_names: list[str] = []
+        self._all_weights: list[list[str]] = []
+        for layer in range(num_layers):
+            layer_input = input_size if layer == 0 else hidden_size * directions
+            for direction in range(directions):
+                suffix = "_reverse" if direction == 1 else ""
+                shapes = [
+                    (f"weight_ih_l{layer}{suffix}", (gate_size, layer_input)),
+                    (f"weight_hh_l{layer}{suffix}", (gate_size, hidden_size)),
+                ]
+                if bias:
+                    shapes += [
+                        (f"bias_ih_l{layer}{suffix}", (gate_size,)),
+                        (f"bias_hh_l{layer}{suffix}", (gate_size,)),
+                    ]
+                for param_name, shape in shapes:
+                    self.register_parameter(param_name, nn.Parameter(torch.empty(shape, **factory)))
+                self._flat_weights_names.extend(n for n, _ in shapes)
+                self._all_weights.append([n for n, _ in shapes])
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # torch.nn's initialisation, in torch.nn's parameter order.
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if self.bias is not True:
+            s += f", bias={self.bias}"
+        if self.batch_first is not False:
+            s += f", batch_first={self.batch_first}"
+        if self.dropout != 0:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional is not False:
+            s += f", bidirectional={self.bidirectional}"
+        return s
+
+    def _layer_weights(self) -> list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]:
+        weights = []
+        for names in self._all_weights:
+            params = [getattr(self, n) for n in names]
+            if not self.bias:
+                params += [None, None]
+            weights.append(tuple(params))
+        return weights
+
+    def _num_states(self) -> int:
+        return 2 if self.cell == "lstm" else 1
+
+    def _run(self, input: Tensor, hx: Tensor | tuple[Tensor, ...] | None):
+        name = type(self).__name__
+        if isinstance(input, PackedSequence):
+            raise NotImplementedError(
+                f"{name}: PackedSequence input is not supported yet (planned with variable lengths); "
+                "pad the batch (torch.nn.utils.rnn.pad_packed_sequence) and pass a tensor"
+            )
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
+        if input.dim() not in (2, 3):
+            raise ValueError(f"{name}: expected input to be 2-D (unbatched) or 3-D (batched), got {input.dim()}-D "
+                             f"tensor of shape {tuple(input.shape)}")
+        if input.shape[-1] != self.input_size:
+            raise ValueError(f"{name}: input.size(-1) must be equal to input_size. Expected {self.input_size}, "
+                             f"got {input.shape[-1]}")
+        batched = input.dim() == 3
+        directions = 2 if self.bidirectional else 1
+        num_states = self._num_states()
+        if not batched:
+            x = input.unsqueeze(1)
+        elif self.batch_first:
+            x = input.transpose(0, 1)
+        else:
+            x = input
+        batch = x.shape[1]
+        expected = (self.num_layers * directions, batch, self.hidden_size)
+        if hx is None:
+            states = [x.new_zeros(expected) for _ in range(num_states)]
+        else:
+            given = list(hx) if isinstance(hx, (tuple, list)) else [hx]
+            if num_states == 2 and (not isinstance(hx, (tuple, list)) or len(given) != 2):
+                raise TypeError(f"{name}: hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
+            if num_states == 1 and isinstance(hx, (tuple, list)):
+                raise TypeError(f"{name}: hx must be a Tensor, got {type(hx).__name__}")
+            states = []
+            for state_name, state in zip(("h_0", "c_0"), given):
+                if not isinstance(state, Tensor):
+                    raise TypeError(f"{name}: {state_name} must be a Tensor, got {type(state).__name__}")
+                wanted_dim = 3 if batched else 2
+                if state.dim() != wanted_dim:
+                    raise ValueError(
+                        f"{name}: for {'batched' if batched else 'unbatched'} {input.dim()}-D input, {state_name} "
+                        f"should also be {wanted_dim}-D but got {state.dim()}-D tensor"
+                    )
+                if not batched:
+                    state = state.unsqueeze(1)
+                if tuple(state.shape) != expected:
+                    shown = expected if batched else (expected[0], expected[2])
+                    got = tuple(state.shape) if batched else (state.shape[0], state.shape[2])
+                    raise ValueError(f"{name}: expected {state_name} of size {shown}, got {got}")
+                states.append(state)
+        output, finals = functional.stack(
+            self.cell,
+            x,
+            states,
+            self._layer_weights(),
+            self.num_layers,
+            self.bidirectional,
+            dropout=self.dropout,
+            training=self.training,
+        )
+        if not batched:
+            output = output.squeeze(1)
+            finals = [f.squeeze(1) for f in finals]
+        elif self.batch_first:
+            output = output.transpose(0, 1)
+        return output, finals
+
+
+class LSTM(RecurrentBase):
+    """Drop-in for :class:`torch.nn.LSTM`: returns ``output, (h_n, c_n)``."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, proj_size=0, device=None, dtype=None):
+        super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         proj_size, device, dtype)
+
+    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
+        output, (h_n, c_n) = self._run(input, hx)
+        return output, (h_n, c_n)
+
+
+class GRU(RecurrentBase):
+    """Drop-in for :class:`torch.nn.GRU`: returns ``output, h_n``."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, device=None, dtype=None):
+        super().__init__("gru", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         0, device, dtype)
+
+    def forward(self, input: Tensor, hx: Tensor | None = None):
+        output, (h_n,) = self._run(input, hx)
+        return output, h_n
+
+
+class RNN(RecurrentBase):
+    """Drop-in for :class:`torch.nn.RNN` (``nonlinearity`` 'tanh' or 'relu'): returns ``output, h_n``."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, device=None, dtype=None):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"RNN: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        super().__init__(f"rnn_{nonlinearity}", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, 0, device, dtype)
+        self.nonlinearity = nonlinearity
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s if self.nonlinearity == "tanh" else s + f", nonlinearity={self.nonlinearity!r}"
+
+    def forward(self, input: Tensor, hx: Tensor | None = None):
+        output, (h_n,) = self._run(input, hx)
+        return output, h_n
