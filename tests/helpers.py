@@ -1,0 +1,54 @@
+"""Shared builders for the tests: random layer arguments and gradient comparison."""
+
+from __future__ import annotations
+
+import torch
+
+import rnnattn_ext
+from rnnattn_ext import _ops
+
+GATES = {cell: layout[0] for cell, layout in _ops.CELL_LAYOUTS.items()}
+NUM_STATES = {cell: layout[1] for cell, layout in _ops.CELL_LAYOUTS.items()}
+CELLS = _ops.CELLS
+
+
+def layer_args(cell, steps, batch, input_size, hidden, dtype=torch.float64, device="cpu", bias=True,
+               requires_grad=True, scale=1.0, generator=None):
+    """input, states, w_ih, w_hh, b_ih, b_hh for one layer; weights ~ U(-scale/sqrt(H), scale/sqrt(H))."""
+    g = GATES[cell]
+
+    def rand(*shape, s=1.0):
+        t = (torch.rand(*shape, dtype=torch.float64, generator=generator) * 2 - 1) * s
+        return t.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
+    k = scale / hidden**0.5
+    x = rand(steps, batch, input_size)
+    states = [rand(batch, hidden) for _ in range(NUM_STATES[cell])]
+    w_ih, w_hh = rand(g * hidden, input_size, s=k), rand(g * hidden, hidden, s=k)
+    b_ih = rand(g * hidden, s=k) if bias else None
+    b_hh = rand(g * hidden, s=k) if bias else None
+    return x, states, w_ih, w_hh, b_ih, b_hh
+
+
+def run_layer(impl, cell, x, states, w_ih, w_hh, b_ih, b_hh, reverse):
+    return impl.layer(cell, x, states, w_ih, w_hh, b_ih, b_hh, reverse=reverse)
+
+
+def loss_of(output, finals, weights):
+    """A scalar that depends on every output with distinct random weights per element."""
+    total = (output * weights[0]).sum()
+    for f, w in zip(finals, weights[1:]):
+        total = total + (f * w).sum()
+    return total
+
+
+def grads(loss, tensors):
+    tensors = [t for t in tensors if t is not None]
+    return torch.autograd.grad(loss, tensors, allow_unused=False)
+
+
+def assert_close(actual, expected, atol, rtol, what=""):
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+__all__ = ["rnnattn_ext", "layer_args", "run_layer", "loss_of", "grads", "assert_close", "CELLS"]

@@ -1,0 +1,200 @@
+"""rnnattn_ext.LSTM / GRU / RNN against torch.nn with copied weights: outputs, states, every gradient."""
+
+import itertools
+import warnings
+
+import pytest
+import torch
+
+import rnnattn_ext
+
+from conftest import device_params
+
+MODULES = {
+    "LSTM": (torch.nn.LSTM, rnnattn_ext.LSTM, {}),
+    "GRU": (torch.nn.GRU, rnnattn_ext.GRU, {}),
+    "RNN_tanh": (torch.nn.RNN, rnnattn_ext.RNN, {"nonlinearity": "tanh"}),
+    "RNN_relu": (torch.nn.RNN, rnnattn_ext.RNN, {"nonlinearity": "relu"}),
+}
+
+
+def make_pair(kind, input_size, hidden, device="cpu", dtype=torch.float64, **kwargs):
+    torch_cls, our_cls, extra = MODULES[kind]
+    theirs = torch_cls(input_size, hidden, **extra, **kwargs).to(device=device, dtype=dtype)
+    ours = our_cls(input_size, hidden, **extra, **kwargs).to(device=device, dtype=dtype)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
+def random_hx(kind, layers, batch, hidden, unbatched, device, dtype):
+    shape = (layers, hidden) if unbatched else (layers, batch, hidden)
+    h = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+    if kind == "LSTM":
+        return (h, torch.randn(shape, device=device, dtype=dtype, requires_grad=True))
+    return h
+
+
+def flat(result):
+    output, hidden = result
+    return [output, *(hidden if isinstance(hidden, tuple) else (hidden,))]
+
+
+def check_against_torch(kind, num_layers, bidirectional, batch_first, batch, steps, with_hx, device="cpu",
+                        dtype=torch.float64, unbatched=False, bias=True, atol=1e-9, rtol=1e-7):
+    torch.manual_seed(1234)
+    input_size, hidden = 5, 7
+    theirs, ours = make_pair(kind, input_size, hidden, device, dtype, num_layers=num_layers, bias=bias,
+                             batch_first=batch_first, bidirectional=bidirectional)
+    layers = num_layers * (2 if bidirectional else 1)
+    if unbatched:
+        x = torch.randn(steps, input_size, device=device, dtype=dtype)
+    elif batch_first:
+        x = torch.randn(batch, steps, input_size, device=device, dtype=dtype)
+    else:
+        x = torch.randn(steps, batch, input_size, device=device, dtype=dtype)
+    x.requires_grad_(True)
+    hx = random_hx(kind, layers, batch, hidden, unbatched, device, dtype) if with_hx else None
+    ref = flat(theirs(x, hx))
+    got = flat(ours(x, hx))
+    assert len(ref) == len(got)
+    for name, a, b in zip(["output", "h_n", "c_n"], got, ref):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}")
+    weights = [torch.randn_like(t) for t in ref]
+    leaves = [x] + (list(hx) if isinstance(hx, tuple) else [hx] if hx is not None else [])
+    ref_grads = torch.autograd.grad(sum((t * w).sum() for t, w in zip(ref, weights)), leaves + list(theirs.parameters()))
+    got_grads = torch.autograd.grad(sum((t * w).sum() for t, w in zip(got, weights)), leaves + list(ours.parameters()))
+    names = ["input"] + [f"hx{i}" for i in range(len(leaves) - 1)] + [n for n, _ in theirs.named_parameters()]
+    for name, a, b in zip(names, got_grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=atol * 10, rtol=rtol * 10, msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+GRID = list(itertools.product([1, 2], [False, True], [False, True], [1, 3], [1, 7], [False, True]))
+
+
+@pytest.mark.parametrize("kind", MODULES)
+@pytest.mark.parametrize("num_layers,bidirectional,batch_first,batch,steps,with_hx", GRID)
+def test_module_matches_torch_nn(kind, num_layers, bidirectional, batch_first, batch, steps, with_hx):
+    check_against_torch(kind, num_layers, bidirectional, batch_first, batch, steps, with_hx)
+
+
+@pytest.mark.parametrize("kind", MODULES)
+@pytest.mark.parametrize("with_hx", [False, True])
+def test_unbatched_input(kind, with_hx):
+    check_against_torch(kind, 2, True, False, 1, 6, with_hx, unbatched=True)
+
+
+@pytest.mark.parametrize("kind", MODULES)
+def test_without_bias(kind):
+    check_against_torch(kind, 2, True, True, 3, 5, True, bias=False)
+
+
+@pytest.mark.parametrize("kind", MODULES)
+def test_float32_matches_torch_nn(kind):
+    check_against_torch(kind, 2, True, False, 4, 9, True, dtype=torch.float32, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", MODULES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_cuda_module_matches_torch_nn(kind, dtype):
+    tol = {torch.float64: (1e-9, 1e-7), torch.float32: (2e-5, 1e-4)}[dtype]
+    for num_layers, bidirectional, batch_first in [(1, False, False), (2, True, True)]:
+        # cuDNN's float32 uses TF32 unless told not to; compare against true float32.
+        with torch.backends.cudnn.flags(allow_tf32=False):
+            check_against_torch(kind, num_layers, bidirectional, batch_first, 3, 7, True, device="cuda",
+                                dtype=dtype, atol=tol[0], rtol=tol[1])
+
+
+@pytest.mark.parametrize("kind", MODULES)
+def test_same_initialisation_as_torch_nn(kind):
+    torch_cls, our_cls, extra = MODULES[kind]
+    torch.manual_seed(0)
+    theirs = torch_cls(4, 6, num_layers=2, bidirectional=True, **extra)
+    torch.manual_seed(0)
+    ours = our_cls(4, 6, num_layers=2, bidirectional=True, **extra)
+    assert [n for n, _ in theirs.named_parameters()] == [n for n, _ in ours.named_parameters()]
+    for (name, a), (_, b) in zip(theirs.named_parameters(), ours.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("kind", MODULES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_state_dict_loads_both_ways(kind, bias):
+    torch_cls, our_cls, extra = MODULES[kind]
+    theirs = torch_cls(3, 5, num_layers=2, bidirectional=True, bias=bias, **extra)
+    ours = our_cls(3, 5, num_layers=2, bidirectional=True, bias=bias, **extra)
+    ours.load_state_dict(theirs.state_dict())
+    theirs2 = torch_cls(3, 5, num_layers=2, bidirectional=True, bias=bias, **extra)
+    theirs2.load_state_dict(ours.state_dict())
+    for k, v in theirs.state_dict().items():
+        assert torch.equal(theirs2.state_dict()[k], v)
+
+
+@pytest.mark.parametrize("kind", MODULES)
+def test_module_follows_dtype_and_repr(kind):
+    _, our_cls, extra = MODULES[kind]
+    m = our_cls(3, 5, num_layers=2, **extra).double()
+    assert all(p.dtype == torch.float64 for p in m.parameters())
+    out, _ = m(torch.randn(4, 2, 3, dtype=torch.float64))
+    assert out.dtype == torch.float64
+    assert "3, 5, num_layers=2" in repr(m)
+
+
+def test_lstm_not_yet_supported_features_raise():
+    with pytest.raises(NotImplementedError, match="proj_size"):
+        rnnattn_ext.LSTM(3, 5, proj_size=2)
+    m = rnnattn_ext.LSTM(3, 5)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(4, 2, 3), torch.tensor([4, 2]))
+    with pytest.raises(NotImplementedError, match="PackedSequence"):
+        m(packed)
+
+
+@pytest.mark.parametrize("kind", MODULES)
+def test_dropout_between_layers(kind):
+    _, our_cls, extra = MODULES[kind]
+    m = our_cls(3, 16, num_layers=2, dropout=0.5, **extra)
+    x = torch.randn(5, 2, 3)
+    m.eval()
+    a, _ = m(x)
+    b, _ = m(x)
+    assert torch.equal(a, b)
+    m.train()
+    torch.manual_seed(0)
+    c, _ = m(x)
+    torch.manual_seed(1)
+    d, _ = m(x)
+    assert not torch.equal(c, d)
+    with pytest.warns(UserWarning, match="dropout"):
+        our_cls(3, 4, num_layers=1, dropout=0.2, **extra)
+
+
+@pytest.mark.parametrize("kind", MODULES)
+def test_bad_arguments_raise_clear_errors(kind):
+    _, our_cls, extra = MODULES[kind]
+    with pytest.raises(ValueError, match="hidden_size"):
+        our_cls(3, 0, **extra)
+    with pytest.raises(ValueError, match="dropout"):
+        our_cls(3, 4, dropout=1.5, **extra)
+    m = our_cls(3, 4, **extra)
+    with pytest.raises(ValueError, match="input_size"):
+        m(torch.randn(5, 2, 4))
+    with pytest.raises(ValueError, match="2-D .*or 3-D"):
+        m(torch.randn(5, 2, 3, 1))
+    bad_h = torch.zeros(1, 3, 4)
+    hx = (bad_h, bad_h) if kind == "LSTM" else bad_h
+    with pytest.raises(ValueError, match="h_0.*\\(1, 2, 4\\).*\\(1, 3, 4\\)"):
+        m(torch.randn(5, 2, 3), hx)
+
+
+def test_rnn_nonlinearity_checked():
+    with pytest.raises(ValueError, match="nonlinearity"):
+        rnnattn_ext.RNN(3, 4, nonlinearity="sigmoid")
+
+
+def test_no_warnings_in_plain_use():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = rnnattn_ext.LSTM(3, 4, num_layers=2)
+        out, (h, c) = m(torch.randn(5, 2, 3))
+        out.sum().backward()

@@ -1,0 +1,178 @@
+"""torch.ops.rnnattn.* against the pure-PyTorch reference: values, final states and every gradient."""
+
+import pytest
+import torch
+
+from rnnattn_ext import _ops, functional, reference
+
+from conftest import device_params
+from helpers import CELLS, NUM_STATES, assert_close, grads, layer_args, loss_of
+
+TOLERANCES = {torch.float64: (1e-10, 1e-9), torch.float32: (2e-5, 1e-4)}
+
+
+def _compare_layer(cell, dtype, device, steps, batch, input_size, hidden, bias, reverse, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, steps, batch, input_size, hidden, dtype, device, bias,
+                                                   generator=gen)
+    out, finals = functional.layer(cell, x, states, w_ih, w_hh, b_ih, b_hh, reverse=reverse)
+    ref_out, ref_finals = reference.layer(cell, x, states, w_ih, w_hh, b_ih, b_hh, reverse=reverse)
+    atol, rtol = TOLERANCES[dtype]
+    assert_close(out, ref_out, atol, rtol, "output")
+    for i, (f, rf) in enumerate(zip(finals, ref_finals)):
+        assert_close(f, rf, atol, rtol, f"final state {i}")
+    weights = [torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out)] + [
+        torch.randn(f.shape, generator=gen, dtype=torch.float64).to(f) for f in finals
+    ]
+    inputs = [x, *states, w_ih, w_hh, b_ih, b_hh]
+    ours = grads(loss_of(out, finals, weights), inputs)
+    theirs = grads(loss_of(ref_out, ref_finals, weights), inputs)
+    names = ["input"] + [f"state{i}" for i in range(len(states))] + ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]
+    names = [n for n, t in zip(names, inputs) if t is not None]
+    for name, a, b in zip(names, ours, theirs):
+        assert_close(a, b, atol * 10, rtol * 10, f"grad of {name}")
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_layer_matches_reference(cell, reverse, dtype, device):
+    _compare_layer(cell, dtype, device, steps=7, batch=3, input_size=5, hidden=8, bias=True, reverse=reverse)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("steps,batch,input_size,hidden", [(1, 1, 1, 1), (12, 2, 3, 33), (4, 17, 9, 64)])
+def test_layer_shapes_and_no_bias(cell, steps, batch, input_size, hidden, device):
+    _compare_layer(cell, torch.float64, device, steps, batch, input_size, hidden, bias=False, reverse=False, seed=1)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("cell", CELLS)
+def test_large_hidden_float32_uses_parallel_pointwise(cell, device):
+    # B*H above the CPU's parallel grain: the pointwise pass is split across threads.
+    _compare_layer(cell, torch.float32, device, steps=3, batch=40, input_size=16, hidden=300, bias=True,
+                   reverse=True, seed=2)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("cell", CELLS)
+def test_gradcheck(cell, device):
+    gen = torch.Generator().manual_seed(3)
+    x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, 4, 2, 3, 5, torch.float64, device, generator=gen)
+    n = len(states)
+
+    def fn(x, *rest):
+        st, (wi, wh, bi, bh) = list(rest[:n]), rest[n:]
+        out, finals = functional.layer(cell, x, st, wi, wh, bi, bh, reverse=False)
+        return (out, *finals)
+
+    assert torch.autograd.gradcheck(fn, (x, *states, w_ih, w_hh, b_ih, b_hh))
+
+    def fn_rev(x, *rest):
+        st, (wi, wh, bi, bh) = list(rest[:n]), rest[n:]
+        out, finals = functional.layer(cell, x, st, wi, wh, bi, bh, reverse=True)
+        return (out, *finals)
+
+    assert torch.autograd.gradcheck(fn_rev, (x, *states, w_ih, w_hh, b_ih, b_hh))
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("cell", CELLS)
+def test_opcheck_forward(cell, device):
+    gen = torch.Generator().manual_seed(4)
+    for training, requires_grad in ((True, True), (False, False)):
+        x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, 5, 3, 4, 6, torch.float64, device,
+                                                       requires_grad=requires_grad, generator=gen)
+        torch.library.opcheck(_ops.forward_op(cell), (x, *states, w_ih, w_hh, b_ih, b_hh, False, training))
+        torch.library.opcheck(_ops.forward_op(cell), (x, *states, w_ih, w_hh, None, None, True, training))
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("cell", CELLS)
+def test_opcheck_backward(cell, device):
+    gen = torch.Generator().manual_seed(5)
+    x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, 5, 3, 4, 6, torch.float64, device, requires_grad=False,
+                                                   generator=gen)
+    out, *finals, workspace = _ops.forward_op(cell)(x, *states, w_ih, w_hh, b_ih, b_hh, False, True)
+    grad_out = torch.randn_like(out)
+    grad_finals = [torch.randn_like(f) for f in finals]
+    torch.library.opcheck(
+        _ops.backward_op(cell), (grad_out, *grad_finals, x, *states, w_ih, w_hh, out, workspace, False)
+    )
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_inference_saves_nothing(cell):
+    x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, 6, 2, 3, 4, requires_grad=False)
+    result = _ops.forward_op(cell)(x, *states, w_ih, w_hh, b_ih, b_hh, False, False)
+    assert result[-1].numel() == 0
+    with torch.no_grad():
+        x.requires_grad_(True)
+        out, _ = functional.layer(cell, x, states, w_ih, w_hh, b_ih, b_hh)
+    assert out.grad_fn is None
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_training_workspace_shape(cell):
+    x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, 6, 2, 3, 4, requires_grad=False)
+    planes = _ops.CELL_LAYOUTS[cell][2]
+    result = _ops.forward_op(cell)(x, *states, w_ih, w_hh, b_ih, b_hh, False, True)
+    assert result[-1].shape == (6, planes, 2, 4)
+    assert len(result) == 2 + NUM_STATES[cell]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_backward_without_workspace_is_a_clear_error(cell):
+    x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, 3, 2, 3, 4, requires_grad=False)
+    out, *finals, workspace = _ops.forward_op(cell)(x, *states, w_ih, w_hh, b_ih, b_hh, False, False)
+    with pytest.raises(ValueError, match="workspace.*training=False"):
+        _ops.backward_op(cell)(torch.ones_like(out), *[torch.zeros_like(f) for f in finals], x, *states, w_ih, w_hh,
+                               out, workspace, False)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("cell", CELLS)
+def test_non_contiguous_inputs(cell, device):
+    gen = torch.Generator().manual_seed(6)
+    x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, 5, 3, 4, 6, torch.float64, device, requires_grad=False,
+                                                   generator=gen)
+    x_t = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, batch-major memory
+    w_ih_t = w_ih.t().contiguous().t()
+    states_x = [s[:1].expand(3, -1) for s in states]
+    out, finals = functional.layer(cell, x_t, states_x, w_ih_t, w_hh, b_ih, b_hh)
+    ref_out, ref_finals = reference.layer(cell, x, [s[:1].expand(3, -1) for s in states], w_ih, w_hh, b_ih, b_hh)
+    assert not x_t.is_contiguous()
+    assert_close(out, ref_out, 1e-10, 1e-9, "output")
+    for f, rf in zip(finals, ref_finals):
+        assert_close(f, rf, 1e-10, 1e-9, "final state")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_empty_sequence_and_batch(cell):
+    x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, 0, 2, 3, 4, requires_grad=True)
+    out, finals = functional.layer(cell, x, states, w_ih, w_hh, b_ih, b_hh)
+    assert out.shape == (0, 2, 4)
+    for f, s in zip(finals, states):
+        assert torch.equal(f, s)
+    (out.sum() + sum(f.sum() for f in finals)).backward()
+    assert torch.equal(states[0].grad, torch.ones_like(states[0]))
+    x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, 3, 0, 3, 4, requires_grad=True)
+    out, finals = functional.layer(cell, x, states, w_ih, w_hh, b_ih, b_hh)
+    assert out.shape == (3, 0, 4)
+    out.sum().backward()
+    assert torch.equal(w_ih.grad, torch.zeros_like(w_ih))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_bitwise_deterministic(cell):
+    gen = torch.Generator().manual_seed(7)
+    x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, 9, 40, 16, 300, torch.float32, generator=gen)
+    inputs = [x, *states, w_ih, w_hh, b_ih, b_hh]
+    results = []
+    for _ in range(2):
+        out, finals = functional.layer(cell, x, states, w_ih, w_hh, b_ih, b_hh, reverse=True)
+        results.append([out, *finals, *grads(out.square().sum(), inputs)])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
