@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# On a machine with an NVIDIA GPU and torch installed: build in place against that torch, run the
+# whole test suite, the CUDA tests under compute-sanitizer (memcheck and racecheck), and the
+# benchmarks against cuDNN. Logs and results go to the folder given as $1 (default: cuda_checks_out).
+#
+#   RNNATTN_CUDA_ARCHS   architectures to build (default: the visible GPU's, e.g. 90)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-cuda_checks_out}"
+mkdir -p "$out"
+python="${PYTHON:-python3}"
+arch="$("$python" -c 'import torch; c = torch.cuda.get_device_capability(); print(f"{c[0]}{c[1]}")')"
+export RNNATTN_CUDA_ARCHS="${RNNATTN_CUDA_ARCHS:-$arch}"
+export PYTHONUNBUFFERED=1
+
+echo "== build (architectures $RNNATTN_CUDA_ARCHS)"
+"$python" -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
+"$python" -c "import torch, rnnattn_ext._ops as o; print('torch', torch.__version__, '| GPU', torch.cuda.get_device_name(), '| kernels for', o._C.cuda_architectures)"
+
+echo "== tests"
+"$python" -m pytest -q tests 2>&1 | tee "$out/tests.log" | tail -5
+
+if command -v compute-sanitizer >/dev/null 2>&1; then
+  for tool in memcheck racecheck; do
+    echo "== compute-sanitizer --tool $tool (CUDA tests)"
+    compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all \
+      "$python" -m pytest -q -x -p no:cacheprovider tests/test_cuda.py -k "not accuracy" \
+      >"$out/sanitizer_$tool.log" 2>&1
+    echo "exit $? ; $(grep -E 'ERROR SUMMARY|passed|failed' "$out/sanitizer_$tool.log" | tail -3 | tr '\n' ' ')"
+  done
+fi
+
+if [ -z "${RNNATTN_SKIP_BENCH:-}" ]; then
+  for dtype in float32 bfloat16; do
+    echo "== benchmark cuda $dtype"
+    "$python" benchmarks/bench_recurrent.py --device cuda --dtype "$dtype" --out "$out" | tail -30
+  done
+fi
