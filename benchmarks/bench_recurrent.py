@@ -93,6 +93,7 @@ def bench_pair(cell, shape, device, dtype, repeats, warmup):
     batch, steps, input_size, hidden = shape
     torch.manual_seed(0)
     reference = torch_cls(input_size, hidden, **kwargs).to(device=device, dtype=dtype)
+    reference.flatten_parameters()  # cuDNN's packed weight buffer, as a training script would have it
     ours = our_cls(input_size, hidden, **kwargs).to(device=device, dtype=dtype)
     ours.load_state_dict(reference.state_dict())
     x = torch.randn(steps, batch, input_size, device=device, dtype=dtype)
