@@ -1,0 +1,35 @@
+"""The CPU engine splits the hidden units into one block per thread: results must not depend on it."""
+
+import pytest
+import torch
+
+from rnnattn_ext import functional, reference
+
+from helpers import CELLS, assert_close, grads, layer_args
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("cell", CELLS)
+def test_any_number_of_unit_blocks(cell, threads, restore_threads):
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(20)
+    x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, 6, 3, 7, 100, torch.float64, generator=gen)
+    inputs = [x, *states, w_ih, w_hh, b_ih, b_hh]
+    for reverse in (False, True):
+        out, finals = functional.layer(cell, x, states, w_ih, w_hh, b_ih, b_hh, reverse=reverse)
+        ref_out, ref_finals = reference.layer(cell, x, states, w_ih, w_hh, b_ih, b_hh, reverse=reverse)
+        assert_close(out, ref_out, 1e-10, 1e-9, "output")
+        for f, rf in zip(finals, ref_finals):
+            assert_close(f, rf, 1e-10, 1e-9, "final state")
+        weight = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+        loss = (out * weight).sum() + sum(f.sum() for f in finals)
+        ref_loss = (ref_out * weight).sum() + sum(f.sum() for f in ref_finals)
+        for a, b in zip(grads(loss, inputs), grads(ref_loss, inputs)):
+            assert_close(a, b, 1e-9, 1e-8, "gradient")
