@@ -1,4 +1,4 @@
-"""The CPU engine splits the hidden units into one block per thread: results must not depend on it."""
+"""Results must not depend on the number of CPU threads (GEMM and pointwise parallelism)."""
 
 import pytest
 import torch
@@ -17,7 +17,7 @@ def restore_threads():
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("cell", CELLS)
-def test_any_number_of_unit_blocks(cell, threads, restore_threads):
+def test_any_number_of_threads(cell, threads, restore_threads):
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(20)
     x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, 6, 3, 7, 100, torch.float64, generator=gen)
