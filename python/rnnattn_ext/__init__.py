@@ -5,8 +5,9 @@
 
 from . import _ops  # noqa: F401  (loads the library, registers fake and autograd implementations)
 from . import functional, reference
+from .hybrid import HybridBlock
 from .modules import GRU, LSTM, RNN
 
 __version__ = "0.1.0"
 
-__all__ = ["LSTM", "GRU", "RNN", "functional", "reference", "__version__"]
+__all__ = ["LSTM", "GRU", "RNN", "HybridBlock", "functional", "reference", "__version__"]

@@ -16,36 +16,43 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return y if bias is None else y + bias
 
 
+def cell_update(cell: str, x_term: Tensor, h_term: Tensor, states: Sequence[Tensor]) -> list[Tensor]:
+    """One step of a base cell from its two pre-activations: x_term = W_ih x + b_ih (plus, in the
+    attention cell, W_c ctx), h_term = W_hh h + b_hh. Returns the new states ([h, c] or [h])."""
+    if cell == "lstm":
+        i, f, g, o = (x_term + h_term).chunk(4, dim=-1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c_next = f * states[1] + i * g
+        return [o * torch.tanh(c_next), c_next]
+    if cell == "gru":
+        xr, xz, xn = x_term.chunk(3, dim=-1)
+        hr, hz, hn = h_term.chunk(3, dim=-1)
+        r = torch.sigmoid(xr + hr)
+        z = torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        return [(1 - z) * n + z * states[0]]
+    if cell == "rnn_tanh":
+        return [torch.tanh(x_term + h_term)]
+    if cell == "rnn_relu":
+        return [torch.relu(x_term + h_term)]
+    raise ValueError(f"unknown cell {cell!r}")
+
+
 def lstm_cell(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
-    gates = _linear(x, w_ih, b_ih) + _linear(h, w_hh, b_hh)
-    i, f, g, o = gates.chunk(4, dim=-1)
-    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-    c_next = f * c + i * g
-    return o * torch.tanh(c_next), c_next
+    return tuple(cell_update("lstm", _linear(x, w_ih, b_ih), _linear(h, w_hh, b_hh), [h, c]))
 
 
 def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
-    xr, xz, xn = _linear(x, w_ih, b_ih).chunk(3, dim=-1)
-    hr, hz, hn = _linear(h, w_hh, b_hh).chunk(3, dim=-1)
-    r = torch.sigmoid(xr + hr)
-    z = torch.sigmoid(xz + hz)
-    n = torch.tanh(xn + r * hn)
-    return (1 - z) * n + z * h
+    return cell_update("gru", _linear(x, w_ih, b_ih), _linear(h, w_hh, b_hh), [h])[0]
 
 
 def rnn_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh"):
-    pre = _linear(x, w_ih, b_ih) + _linear(h, w_hh, b_hh)
-    return torch.tanh(pre) if nonlinearity == "tanh" else torch.relu(pre)
+    return cell_update(f"rnn_{nonlinearity}", _linear(x, w_ih, b_ih), _linear(h, w_hh, b_hh), [h])[0]
 
 
 def _step(cell: str, x, states, weights):
-    if cell == "lstm":
-        return list(lstm_cell(x, *states, *weights))
-    if cell == "gru":
-        return [gru_cell(x, *states, *weights)]
-    if cell in ("rnn_tanh", "rnn_relu"):
-        return [rnn_cell(x, *states, *weights, nonlinearity=cell[4:])]
-    raise ValueError(f"unknown cell {cell!r}")
+    w_ih, w_hh, b_ih, b_hh = weights
+    return cell_update(cell, _linear(x, w_ih, b_ih), _linear(states[0], w_hh, b_hh), states)
 
 
 def layer(
@@ -87,3 +94,107 @@ def stack(cell, input, states, weights, num_layers, bidirectional):
                 collected.append(state)
         x = torch.cat(outputs, dim=2)
     return x, [torch.stack(c, dim=0) for c in finals]
+
+
+def attention_layer(
+    cell: str,
+    input: Tensor,
+    states: Sequence[Tensor],
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Tensor | None,
+    bias_hh: Tensor | None,
+    weight_q: Tensor,
+    bias_q: Tensor | None,
+    weight_k: Tensor,
+    bias_k: Tensor | None,
+    weight_v: Tensor,
+    bias_v: Tensor | None,
+    weight_c: Tensor,
+    num_heads: int,
+    window: int | None = None,
+    memory: Tensor | None = None,
+    memory_lengths: Tensor | None = None,
+    reverse: bool = False,
+):
+    """The attention-augmented cell of SPEC.md over one layer and direction, time-major.
+
+    Self memory (``memory`` None): step t attends over the ``window`` most recent states
+    h_{t-w} .. h_{t-1} (all past states if window is None; h_0 is the initial state). External
+    memory: ``memory`` (S, B, E), rows at positions >= ``memory_lengths[b]`` ignored.
+
+    Returns ``(output, final_states, context, attention)``: context (T, B, D); attention
+    (T, B, num_heads, w) for self memory, slot w-1 holding the most recent state and zeros in
+    slots that do not exist yet (w = T when window is None); None for external memory.
+    """
+    steps, batch = input.shape[0], input.shape[1]
+    width = weight_q.shape[0]
+    if width % num_heads != 0:
+        raise ValueError(f"num_heads ({num_heads}) must divide the attention width D = {width}")
+    head_dim = width // num_heads
+    scale = head_dim ** -0.5
+    states = list(states)
+    order = range(steps - 1, -1, -1) if reverse else range(steps)
+    outputs = [None] * steps
+    contexts = [None] * steps
+    slots = window if window is not None else steps
+    attention = input.new_zeros((steps, batch, num_heads, slots)) if memory is None else None
+
+    def split(t: Tensor) -> Tensor:  # (..., D) -> (..., heads, head_dim)
+        return t.reshape(*t.shape[:-1], num_heads, head_dim)
+
+    if memory is not None:
+        keys = split(_linear(memory, weight_k, bias_k)).permute(1, 0, 2, 3)  # (B, S, heads, hd)
+        values = split(_linear(memory, weight_v, bias_v)).permute(1, 0, 2, 3)
+        positions = torch.arange(memory.shape[0], device=memory.device)
+        lengths = memory_lengths if memory_lengths is not None else torch.full(
+            (batch,), memory.shape[0], device=memory.device)
+        valid = positions.unsqueeze(0) < lengths.unsqueeze(1)  # (B, S)
+    else:
+        past_keys, past_values = [], []  # each slot's key and value, computed once
+
+    for t in order:
+        h_prev = states[0]
+        if memory is None:
+            past_keys.append(split(_linear(h_prev, weight_k, bias_k)))
+            past_values.append(split(_linear(h_prev, weight_v, bias_v)))
+            first = 0 if window is None else max(0, len(past_keys) - window)
+            keys = torch.stack(past_keys[first:], dim=1)  # (B, S_t, heads, hd)
+            values = torch.stack(past_values[first:], dim=1)
+        query = split(_linear(h_prev, weight_q, bias_q))  # (B, heads, hd)
+        scores = torch.einsum("bhd,bshd->bhs", query, keys) * scale
+        if memory is not None:
+            scores = scores.masked_fill(~valid.unsqueeze(1), float("-inf"))
+        weights = torch.softmax(scores, dim=-1)
+        context = torch.einsum("bhs,bshd->bhd", weights, values).reshape(batch, width)
+        if memory is None:
+            attention[t, :, :, slots - weights.shape[-1]:] = weights
+        x_term = _linear(input[t], weight_ih, bias_ih) + context @ weight_c.t()
+        states = cell_update(cell, x_term, _linear(h_prev, weight_hh, bias_hh), states)
+        outputs[t] = states[0]
+        contexts[t] = context
+    if steps:
+        output, context_out = torch.stack(outputs), torch.stack(contexts)
+    else:
+        output = input.new_zeros((0, batch, weight_hh.shape[1]))
+        context_out = input.new_zeros((0, batch, width))
+    return output, states, context_out, attention
+
+
+def causal_self_attention(y: Tensor, weight_q, bias_q, weight_k, bias_k, weight_v, bias_v, weight_o, bias_o,
+                          num_heads: int, window: int | None = None) -> Tensor:
+    """The attention part of the hybrid block, one query at a time: y (T, B, W) -> y + W_o MHA(y)."""
+    steps, batch, _ = y.shape
+    width = weight_q.shape[0]
+    head_dim = width // num_heads
+    q = _linear(y, weight_q, bias_q).reshape(steps, batch, num_heads, head_dim)
+    k = _linear(y, weight_k, bias_k).reshape(steps, batch, num_heads, head_dim)
+    v = _linear(y, weight_v, bias_v).reshape(steps, batch, num_heads, head_dim)
+    out = []
+    for t in range(steps):
+        first = 0 if window is None else max(0, t - window + 1)
+        scores = torch.einsum("bhd,sbhd->bhs", q[t], k[first : t + 1]) * head_dim ** -0.5
+        weights = torch.softmax(scores, dim=-1)
+        out.append(torch.einsum("bhs,sbhd->bhd", weights, v[first : t + 1]).reshape(batch, width))
+    context = torch.stack(out) if out else y.new_zeros((0, batch, width))
+    return y + _linear(context, weight_o, bias_o)

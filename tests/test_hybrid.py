@@ -1,0 +1,80 @@
+"""HybridBlock against an independent one-query-at-a-time computation over torch.nn's recurrent layer."""
+
+import pytest
+import torch
+
+import rnnattn_ext
+from rnnattn_ext import reference
+
+TORCH_RECURRENT = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn_tanh": torch.nn.RNN, "rnn_relu": torch.nn.RNN}
+
+
+def expected_output(block, x, hx=None):
+    kwargs = {"nonlinearity": block.cell[4:]} if block.cell.startswith("rnn_") else {}
+    rec = block.recurrent
+    theirs = TORCH_RECURRENT[block.cell](rec.input_size, rec.hidden_size, num_layers=rec.num_layers,
+                                          bidirectional=rec.bidirectional, **kwargs).double()
+    theirs.load_state_dict(rec.state_dict())
+    y, hidden = theirs(x, hx)
+    out = reference.causal_self_attention(
+        y, block.query.weight, block.query.bias, block.key.weight, block.key.bias, block.value.weight,
+        block.value.bias, block.out.weight, block.out.bias, block.num_heads, block.window)
+    return out, hidden
+
+
+@pytest.mark.parametrize("cell", list(TORCH_RECURRENT))
+@pytest.mark.parametrize("num_heads,head_dim", [(1, None), (4, None), (2, 5)])
+@pytest.mark.parametrize("window", [None, 1, 3])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_matches_reference(cell, num_heads, head_dim, window, bidirectional):
+    torch.manual_seed(0)
+    block = rnnattn_ext.HybridBlock(3, 8, num_heads=num_heads, head_dim=head_dim, window=window, cell=cell,
+                                    num_layers=2, bidirectional=bidirectional).double()
+    x = torch.randn(9, 2, 3, dtype=torch.float64, requires_grad=True)
+    out, hidden = block(x)
+    ref_out, ref_hidden = expected_output(block, x)
+    torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=1e-9)
+    for a, b in zip(hidden if isinstance(hidden, tuple) else (hidden,),
+                    ref_hidden if isinstance(ref_hidden, tuple) else (ref_hidden,)):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+    weight = torch.randn_like(out)
+    (grad,) = torch.autograd.grad((out * weight).sum(), [x])
+    (ref_grad,) = torch.autograd.grad((ref_out * weight).sum(), [x])
+    torch.testing.assert_close(grad, ref_grad, atol=1e-9, rtol=1e-8)
+
+
+def test_window_one_attends_only_to_itself():
+    torch.manual_seed(1)
+    block = rnnattn_ext.HybridBlock(3, 6, num_heads=2, window=1).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    out, _ = block(x)
+    y, _ = block.recurrent(x)
+    torch.testing.assert_close(out, y + block.out(block.value(y)), atol=1e-12, rtol=1e-12)
+
+
+def test_batch_first_and_unbatched():
+    torch.manual_seed(2)
+    block = rnnattn_ext.HybridBlock(3, 8, num_heads=2, window=2, batch_first=True).double()
+    x = torch.randn(2, 7, 3, dtype=torch.float64)
+    out, _ = block(x)
+    block.batch_first = False
+    out_tm, _ = block(x.transpose(0, 1))
+    torch.testing.assert_close(out, out_tm.transpose(0, 1))
+    single, _ = block(x[0])  # unbatched (T, I)
+    torch.testing.assert_close(single, out_tm[:, 0])
+
+
+def test_gradcheck():
+    torch.manual_seed(3)
+    block = rnnattn_ext.HybridBlock(2, 4, num_heads=2, window=2, cell="gru").double()
+    x = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda inp: block(inp)[0], (x,))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="num_heads \\(3\\) must divide"):
+        rnnattn_ext.HybridBlock(3, 8, num_heads=3)
+    with pytest.raises(ValueError, match="window must be None or an int >= 1, got 0"):
+        rnnattn_ext.HybridBlock(3, 8, window=0)
+    with pytest.raises(ValueError, match="cell must be one of"):
+        rnnattn_ext.HybridBlock(3, 8, cell="transformer")
