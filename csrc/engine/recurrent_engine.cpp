@@ -2,10 +2,14 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+
+#include <algorithm>
 
 #include <type_traits>
 
 #include "cells/all_cells.h"
+#include "engine/cpu/packed_gemm.h"
 #include "engine/cpu/pointwise_cpu.h"
 #include "engine/step_args.h"
 
@@ -43,16 +47,13 @@ T* ptr(const Tensor& t) {
 template <typename T>
 constexpr bool kCpuType = std::is_same_v<T, float> || std::is_same_v<T, double>;
 
-// Below this many units a step's pointwise pass is not worth splitting across threads.
-constexpr int64_t kCpuGrainUnits = 8192;
-
+// The pointwise pass of one block of units, on the tensors' device. On the CPU it runs in the
+// calling thread (the engine already gives each thread its own block).
 template <class Cell, typename T>
-void run_forward_step(const Tensor& like, const ForwardStepArgs<T>& args) {
-  const int64_t units = args.batch * args.hidden;
+void run_forward_block(const Tensor& like, const ForwardStepArgs<T>& args) {
   if (like.is_cpu()) {
     if constexpr (kCpuType<T>) {
-      const auto fn = cpu::forward_range_fn<Cell, T>();
-      at::parallel_for(0, units, kCpuGrainUnits, [&](int64_t begin, int64_t end) { fn(args, begin, end); });
+      cpu::forward_block_fn<Cell, T>()(args);
       return;
     }
     TORCH_CHECK_TYPE(false, "rnnattn: dtype ", like.scalar_type(), " is not supported on the CPU");
@@ -66,12 +67,10 @@ void run_forward_step(const Tensor& like, const ForwardStepArgs<T>& args) {
 }
 
 template <class Cell, typename T>
-void run_backward_step(const Tensor& like, const BackwardStepArgs<T>& args) {
-  const int64_t units = args.batch * args.hidden;
+void run_backward_block(const Tensor& like, const BackwardStepArgs<T>& args) {
   if (like.is_cpu()) {
     if constexpr (kCpuType<T>) {
-      const auto fn = cpu::backward_range_fn<Cell, T>();
-      at::parallel_for(0, units, kCpuGrainUnits, [&](int64_t begin, int64_t end) { fn(args, begin, end); });
+      cpu::backward_block_fn<Cell, T>()(args);
       return;
     }
     TORCH_CHECK_TYPE(false, "rnnattn: dtype ", like.scalar_type(), " is not supported on the CPU");
@@ -99,32 +98,126 @@ void dispatch_dtype(const Tensor& like, Fn&& fn) {
   });
 }
 
+// How the hidden units are split into blocks, one per CPU thread, and the gate-row order that
+// makes each block's rows of W_ih, W_hh and the projections contiguous.
+//
+// On the CPU every thread keeps its own slice of W_hh hot in its cache for the whole sequence and
+// runs its block's GEMM and pointwise pass with no synchronisation in between; one barrier per step.
+// CUDA uses a single block (and the plain torch.nn row order).
+struct UnitBlocks {
+  int64_t gates = 1, hidden = 0;
+  std::vector<int64_t> begin;  // block c covers units [begin[c], begin[c + 1])
+  Tensor order;                // permuted row p holds torch.nn row order[p]; undefined if identity
+  Tensor inverse;              // torch.nn row r is permuted row inverse[r]
+
+  int64_t count() const { return static_cast<int64_t>(begin.size()) - 1; }
+  int64_t first(int64_t c) const { return begin[c]; }
+  int64_t width(int64_t c) const { return begin[c + 1] - begin[c]; }
+  // Rows of block c in the permuted order: [gates * first, gates * (first + width)).
+  int64_t row0(int64_t c) const { return gates * begin[c]; }
+  int64_t rows(int64_t c) const { return gates * width(c); }
+
+  Tensor permute_rows(const Tensor& t) const { return order.defined() ? t.index_select(0, order) : t; }
+  Tensor unpermute_rows(const Tensor& t) const { return inverse.defined() ? t.index_select(0, inverse) : t; }
+};
+
+// Blocks narrower than this (in units) are not worth a thread: the GEMM per block gets too thin.
+constexpr int64_t kMinUnitsPerBlock = 32;
+
+UnitBlocks make_unit_blocks(int gates, int64_t hidden, const Tensor& like) {
+  UnitBlocks blocks;
+  blocks.gates = gates;
+  blocks.hidden = hidden;
+  int64_t count = 1;
+  if (like.is_cpu() && !at::in_parallel_region()) {
+    count = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), hidden / kMinUnitsPerBlock));
+  }
+  for (int64_t c = 0; c < count; ++c) {
+    // Block edges on multiples of 8 units keep the vectorized loops aligned.
+    blocks.begin.push_back(c == 0 ? 0 : (hidden * c / count) / 8 * 8);
+  }
+  blocks.begin.push_back(hidden);
+  if (count > 1) {
+    std::vector<int64_t> order;
+    order.reserve(gates * hidden);
+    for (int64_t c = 0; c < count; ++c) {
+      for (int g = 0; g < gates; ++g) {
+        for (int64_t j = blocks.first(c); j < blocks.first(c) + blocks.width(c); ++j) order.push_back(g * hidden + j);
+      }
+    }
+    blocks.order = at::tensor(order, at::TensorOptions().dtype(at::kLong));
+    blocks.inverse = at::empty_like(blocks.order).index_copy_(0, blocks.order, at::arange(gates * hidden, at::kLong));
+  }
+  return blocks;
+}
+
+// Runs body(c) for every block: inline for one block, else one block per thread with the caller's
+// thread-local state (dispatch keys, grad mode) so that ATen calls inside behave as in the caller.
+template <typename Body>
+void for_each_block(const UnitBlocks& blocks, Body&& body) {
+  if (blocks.count() == 1) {
+    body(0);
+    return;
+  }
+  const at::ThreadLocalState state;
+  at::parallel_for(0, blocks.count(), 1, [&](int64_t c0, int64_t c1) {
+    const at::ThreadLocalStateGuard guard(state);
+    for (int64_t c = c0; c < c1; ++c) body(c);
+  });
+}
+
+// float on the CPU multiplies by W_hh with the packed kernel (csrc/engine/cpu/packed_gemm.h);
+// other dtypes and CUDA go through ATen (MKL / cuBLAS).
+bool uses_packed_gemm(const Tensor& like) { return like.is_cpu() && like.scalar_type() == at::kFloat; }
+
+template <typename T>
+GateView<T> gate_view(T* base, int64_t row_stride, const UnitBlocks& blocks, int64_t c) {
+  return GateView<T>{base + blocks.row0(c), row_stride, blocks.width(c)};
+}
+
 }  // namespace
 
 template <class Cell>
-RecurrentForward recurrent_forward(const Tensor& input, const std::vector<Tensor>& initial_states,
-                                   const Tensor& weight_ih, const Tensor& weight_hh,
+RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Tensor>& initial_states,
+                                   const Tensor& weight_ih_arg, const Tensor& weight_hh_arg,
                                    const std::optional<Tensor>& bias_ih, const std::optional<Tensor>& bias_hh,
                                    bool reverse, bool training) {
-  constexpr int S = Cell::kStates;
+  constexpr int S = Cell::kStates, G = Cell::kGates;
   constexpr int planes = workspace_planes<Cell>();
 #ifdef RNNATTN_WITH_CUDA
-  const c10::cuda::OptionalCUDAGuard guard(input.is_cuda() ? std::optional<c10::Device>(input.device())
-                                                           : std::nullopt);
+  const c10::cuda::OptionalCUDAGuard guard(input_arg.is_cuda() ? std::optional<c10::Device>(input_arg.device())
+                                                               : std::nullopt);
 #endif
+  // Plain (non-differentiable) views: the engine's own ATen calls must not record autograd history.
+  const Tensor input = input_arg.detach();
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
-  const int64_t H = weight_hh.size(1), GH = Cell::kGates * H;
+  const int64_t H = weight_hh_arg.size(1), GH = G * H;
   const auto opts = input.options();
+  const UnitBlocks blocks = make_unit_blocks(G, H, input);
 
   const Tensor x = input.contiguous().view({T * B, I});
-  const Tensor w_hh_t = weight_hh.contiguous().t();
-  // The input projection of every step in one GEMM (b_ih folded in).
-  const Tensor xproj = bias_ih ? at::addmm(*bias_ih, x, weight_ih.t()) : at::mm(x, weight_ih.t());
-  Tensor hproj = at::empty({B, GH}, opts);
+  const Tensor w_ih = blocks.permute_rows(weight_ih_arg.detach());
+  const Tensor w_hh = blocks.permute_rows(weight_hh_arg.detach()).contiguous();
+  const std::optional<Tensor> b_hh =
+      bias_hh ? std::optional<Tensor>(blocks.permute_rows(bias_hh->detach())) : std::nullopt;
+  // The input projection of every step in one GEMM (b_ih folded in), rows in block order.
+  const Tensor xproj = bias_ih ? at::addmm(blocks.permute_rows(bias_ih->detach()), x, w_ih.t()) : at::mm(x, w_ih.t());
+  const bool packed = uses_packed_gemm(input);
+  std::vector<Tensor> hproj, w_hh_t, b_hh_block;
+  std::vector<cpu::PackedMatrix> w_hh_packed(packed ? blocks.count() : 0);
+  for (int64_t c = 0; c < blocks.count(); ++c) {
+    hproj.push_back(at::empty({B, blocks.rows(c)}, opts));
+    w_hh_t.push_back(w_hh.narrow(0, blocks.row0(c), blocks.rows(c)).t());
+    if (b_hh) b_hh_block.push_back(b_hh->narrow(0, blocks.row0(c), blocks.rows(c)).contiguous());
+    if (packed) {
+      // hproj_c = h @ W_c^T: M = W_c (rows(c) x H).
+      cpu::pack_matrix(ptr<float>(w_hh) + blocks.row0(c) * H, blocks.rows(c), H, H, 1, w_hh_packed[c]);
+    }
+  }
   Tensor output = at::empty({T, B, H}, opts);
   Tensor workspace = training ? at::empty({T, planes, B, H}, opts) : at::empty({0}, opts);
   std::vector<Tensor> init;
-  for (const auto& s : initial_states) init.push_back(s.contiguous());
+  for (const auto& s : initial_states) init.push_back(s.detach().contiguous());
   // Inference keeps the states other than h in two alternating buffers instead of the workspace.
   std::vector<Tensor> ping_pong;
   if (!training) {
@@ -146,24 +239,31 @@ RecurrentForward recurrent_forward(const Tensor& input, const std::vector<Tensor
     for (int64_t k = 0; k < T; ++k) {
       const int64_t t = order.time(k);
       const Tensor h_prev = k == 0 ? init[0] : output.select(0, order.time(k - 1));
-      if (bias_hh) {
-        at::addmm_out(hproj, *bias_hh, h_prev, w_hh_t);
-      } else {
-        at::mm_out(hproj, h_prev, w_hh_t);
-      }
-      ForwardStepArgs<T_> args{};
-      args.xproj = ptr<T_>(xproj) + t * B * GH;
-      args.hproj = ptr<T_>(hproj);
-      args.prev[0] = ptr<T_>(h_prev);
-      args.next[0] = ptr<T_>(output) + t * plane;
-      for (int s = 1; s < S; ++s) {
-        args.prev[s] = k == 0 ? ptr<T_>(init[s]) : extra_state(k - 1, s);
-        args.next[s] = extra_state(k, s);
-      }
-      args.saved = training ? ptr<T_>(workspace) + t * planes * plane : nullptr;
-      args.batch = B;
-      args.hidden = H;
-      run_forward_step<Cell, T_>(input, args);
+      for_each_block(blocks, [&](int64_t c) {
+        if (packed) {
+          cpu::gemm_packed_fn()(ptr<float>(h_prev), B, H, w_hh_packed[c], b_hh ? ptr<float>(b_hh_block[c]) : nullptr,
+                                ptr<float>(hproj[c]), blocks.rows(c));
+        } else if (b_hh) {
+          at::addmm_out(hproj[c], b_hh_block[c], h_prev, w_hh_t[c]);
+        } else {
+          at::mm_out(hproj[c], h_prev, w_hh_t[c]);
+        }
+        ForwardStepArgs<T_> args{};
+        args.xproj = gate_view<const T_>(ptr<T_>(xproj) + t * B * GH, GH, blocks, c);
+        args.hproj = GateView<const T_>{ptr<T_>(hproj[c]), blocks.rows(c), blocks.width(c)};
+        args.prev[0] = ptr<T_>(h_prev);
+        args.next[0] = ptr<T_>(output) + t * plane;
+        for (int s = 1; s < S; ++s) {
+          args.prev[s] = k == 0 ? ptr<T_>(init[s]) : extra_state(k - 1, s);
+          args.next[s] = extra_state(k, s);
+        }
+        args.saved = training ? ptr<T_>(workspace) + t * planes * plane : nullptr;
+        args.batch = B;
+        args.hidden = H;
+        args.unit_begin = blocks.first(c);
+        args.unit_end = blocks.first(c) + blocks.width(c);
+        run_forward_block<Cell, T_>(input, args);
+      });
     }
   });
 
@@ -186,28 +286,51 @@ RecurrentForward recurrent_forward(const Tensor& input, const std::vector<Tensor
 
 template <class Cell>
 RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vector<Tensor>& grad_final_states,
-                                     const Tensor& input, const std::vector<Tensor>& initial_states,
-                                     const Tensor& weight_ih, const Tensor& weight_hh, const Tensor& output,
-                                     const Tensor& workspace, bool reverse) {
-  constexpr int S = Cell::kStates;
+                                     const Tensor& input_arg, const std::vector<Tensor>& initial_states,
+                                     const Tensor& weight_ih_arg, const Tensor& weight_hh_arg, const Tensor& output_arg,
+                                     const Tensor& workspace_arg, bool reverse) {
+  constexpr int S = Cell::kStates, G = Cell::kGates;
   constexpr int planes = workspace_planes<Cell>();
 #ifdef RNNATTN_WITH_CUDA
-  const c10::cuda::OptionalCUDAGuard guard(input.is_cuda() ? std::optional<c10::Device>(input.device())
-                                                           : std::nullopt);
+  const c10::cuda::OptionalCUDAGuard guard(input_arg.is_cuda() ? std::optional<c10::Device>(input_arg.device())
+                                                               : std::nullopt);
 #endif
+  const Tensor input = input_arg.detach();
+  const Tensor output = output_arg.detach().contiguous();
+  const Tensor workspace = workspace_arg.detach().contiguous();
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
-  const int64_t H = weight_hh.size(1), GH = Cell::kGates * H;
+  const int64_t H = weight_hh_arg.size(1), GH = G * H;
   const auto opts = input.options();
   const int64_t plane = B * H;
+  const UnitBlocks blocks = make_unit_blocks(G, H, input);
 
-  const Tensor w_hh = weight_hh.contiguous();
-  const Tensor grad_y = grad_output.contiguous();
+  const Tensor w_ih = blocks.permute_rows(weight_ih_arg.detach()).contiguous();
+  const Tensor w_hh = blocks.permute_rows(weight_hh_arg.detach()).contiguous();
+  const Tensor grad_y = grad_output.detach().contiguous();
   std::vector<Tensor> init;
-  for (const auto& s : initial_states) init.push_back(s.contiguous());
+  for (const auto& s : initial_states) init.push_back(s.detach().contiguous());
   // Carried state gradients, updated in place step by step (they end as the initial states' gradients).
   std::vector<Tensor> dstate;
-  for (const auto& g : grad_final_states) dstate.push_back(g.contiguous().clone());
+  for (const auto& g : grad_final_states) dstate.push_back(g.detach().contiguous().clone());
+  // With several blocks, each block's share of dh_{t-1} = dgh_t @ W_hh goes to its own buffer and the
+  // blocks add them up (in block order: deterministic) at the next step.
+  const bool packed = uses_packed_gemm(input);
+  const bool shares = packed || blocks.count() > 1;
+  std::vector<Tensor> dh_share, dh_share_next, w_hh_block;
+  std::vector<cpu::PackedMatrix> w_hh_packed(packed ? blocks.count() : 0);
+  for (int64_t c = 0; c < blocks.count(); ++c) {
+    w_hh_block.push_back(w_hh.narrow(0, blocks.row0(c), blocks.rows(c)));
+    if (shares) {
+      dh_share.push_back(at::zeros({B, H}, opts));
+      dh_share_next.push_back(at::empty({B, H}, opts));
+    }
+    if (packed) {
+      // share_c = dgh_c @ W_c: M = W_c^T (H x rows(c)).
+      cpu::pack_matrix(ptr<float>(w_hh) + blocks.row0(c) * H, H, blocks.rows(c), 1, H, w_hh_packed[c]);
+    }
+  }
 
+  // Gradients of the pre-activations, rows in block order.
   Tensor dgx = at::empty({T, B, GH}, opts);
   Tensor dgh = Cell::kSeparateHiddenGrad ? at::empty({T, B, GH}, opts) : dgx;
   const StepOrder order{T, reverse};
@@ -219,45 +342,75 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
     };
     for (int64_t k = T - 1; k >= 0; --k) {
       const int64_t t = order.time(k);
-      BackwardStepArgs<T_> args{};
-      args.saved = ptr<T_>(workspace) + t * planes * plane;
-      args.prev[0] = k == 0 ? ptr<T_>(init[0]) : ptr<T_>(output) + order.time(k - 1) * plane;
-      args.next[0] = ptr<T_>(output) + t * plane;
-      for (int s = 1; s < S; ++s) {
-        args.prev[s] = k == 0 ? ptr<T_>(init[s]) : extra_state(k - 1, s);
-        args.next[s] = extra_state(k, s);
-      }
-      args.grad_output = ptr<T_>(grad_y) + t * plane;
-      for (int s = 0; s < S; ++s) args.dstate[s] = ptr<T_>(dstate[s]);
-      args.dxg = ptr<T_>(dgx) + t * B * GH;
-      args.dhg = ptr<T_>(dgh) + t * B * GH;
-      args.batch = B;
-      args.hidden = H;
-      run_backward_step<Cell, T_>(input, args);
-      // dh_{t-1} = (direct part from the cell) + dgh_t @ W_hh
-      dstate[0].addmm_(dgh.select(0, t), w_hh);
+      for_each_block(blocks, [&](int64_t c) {
+        const int64_t j0 = blocks.first(c), j1 = j0 + blocks.width(c);
+        if (shares) {
+          // dh_t of this block's units: its direct part plus every block's share from step t+1.
+          if constexpr (kCpuType<T_>) {
+            T_* dh = ptr<T_>(dstate[0]);
+            for (const auto& share : dh_share) {
+              const T_* add = ptr<T_>(share);
+              for (int64_t b = 0; b < B; ++b) {
+                for (int64_t j = j0; j < j1; ++j) dh[b * H + j] += add[b * H + j];
+              }
+            }
+          }
+        }
+        BackwardStepArgs<T_> args{};
+        args.saved = ptr<T_>(workspace) + t * planes * plane;
+        args.prev[0] = k == 0 ? ptr<T_>(init[0]) : ptr<T_>(output) + order.time(k - 1) * plane;
+        args.next[0] = ptr<T_>(output) + t * plane;
+        for (int s = 1; s < S; ++s) {
+          args.prev[s] = k == 0 ? ptr<T_>(init[s]) : extra_state(k - 1, s);
+          args.next[s] = extra_state(k, s);
+        }
+        args.grad_output = ptr<T_>(grad_y) + t * plane;
+        for (int s = 0; s < S; ++s) args.dstate[s] = ptr<T_>(dstate[s]);
+        args.dxg = gate_view<T_>(ptr<T_>(dgx) + t * B * GH, GH, blocks, c);
+        args.dhg = gate_view<T_>(ptr<T_>(dgh) + t * B * GH, GH, blocks, c);
+        args.batch = B;
+        args.hidden = H;
+        args.unit_begin = j0;
+        args.unit_end = j1;
+        run_backward_block<Cell, T_>(input, args);
+        if (packed) {
+          cpu::gemm_packed_fn()(ptr<float>(dgh) + t * B * GH + blocks.row0(c), B, GH, w_hh_packed[c], nullptr,
+                                ptr<float>(dh_share_next[c]), H);
+          return;
+        }
+        const Tensor dgh_block = dgh.select(0, t).narrow(1, blocks.row0(c), blocks.rows(c));
+        if (shares) {
+          at::mm_out(dh_share_next[c], dgh_block, w_hh_block[c]);
+        } else {
+          dstate[0].addmm_(dgh_block, w_hh_block[c]);  // dh_{t-1} = direct part + dgh_t @ W_hh
+        }
+      });
+      std::swap(dh_share, dh_share_next);
     }
   });
+  for (const auto& share : dh_share) dstate[0].add_(share);
 
   RecurrentBackward result;
   const Tensor dgx_flat = dgx.view({T * B, GH});
   const Tensor dgh_flat = dgh.view({T * B, GH});
-  result.grad_input = dgx_flat.mm(weight_ih.contiguous()).view({T, B, I});
-  result.grad_weight_ih = dgx_flat.t().mm(input.contiguous().view({T * B, I}));
+  result.grad_input = dgx_flat.mm(w_ih).view({T, B, I});
+  result.grad_weight_ih = blocks.unpermute_rows(dgx_flat.t().mm(input.contiguous().view({T * B, I})));
   // dW_hh = sum_t dgh_t^T h_{t-1}: the step that read h_0 and the others (which read the outputs).
   if (T == 0) {
-    result.grad_weight_hh = at::zeros_like(weight_hh);
+    result.grad_weight_hh = at::zeros_like(weight_hh_arg);
   } else {
     const int64_t first = order.time(0);
-    result.grad_weight_hh = dgh.select(0, first).t().mm(init[0]);
+    Tensor grad_w_hh = dgh.select(0, first).t().mm(init[0]);
     if (T > 1) {
       const Tensor later = reverse ? dgh.narrow(0, 0, T - 1) : dgh.narrow(0, 1, T - 1);
       const Tensor read = reverse ? output.narrow(0, 1, T - 1) : output.narrow(0, 0, T - 1);
-      result.grad_weight_hh.addmm_(later.reshape({(T - 1) * B, GH}).t(), read.reshape({(T - 1) * B, H}));
+      grad_w_hh.addmm_(later.reshape({(T - 1) * B, GH}).t(), read.reshape({(T - 1) * B, H}));
     }
+    result.grad_weight_hh = blocks.unpermute_rows(grad_w_hh);
   }
-  result.grad_bias_ih = dgx_flat.sum(0);
-  result.grad_bias_hh = Cell::kSeparateHiddenGrad ? dgh_flat.sum(0) : result.grad_bias_ih.clone();
+  result.grad_bias_ih = blocks.unpermute_rows(dgx_flat.sum(0));
+  result.grad_bias_hh =
+      Cell::kSeparateHiddenGrad ? blocks.unpermute_rows(dgh_flat.sum(0)) : result.grad_bias_ih.clone();
   result.grad_initial_states = std::move(dstate);
   return result;
 }

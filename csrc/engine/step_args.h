@@ -1,10 +1,15 @@
 // What one pointwise pass of the time loop reads and writes, as raw pointers.
 // Shared by the CPU loops and the CUDA kernels; free of torch on purpose.
 //
-// Layouts (all contiguous, row-major):
-//   xproj, hproj, dxg, dhg: (B, G*H), gate g of unit j of row b at b*G*H + g*H + j
-//   state planes, grad_output: (B, H)
-//   saved: kSaved planes of (B, H), plane s at saved + s*B*H
+// A step works on a block of hidden units [unit_begin, unit_end) of every batch row (the CPU gives
+// each thread its own block; CUDA uses one block of all units).
+//
+// Layouts:
+//   projections (xproj, hproj) and their gradients (dxg, dhg): gate g of unit j of row b at
+//     ptr + b * row_stride + g * gate_stride + (j - unit_begin)
+//     (the plain layout of a (B, G*H) matrix has row_stride G*H, gate_stride H, unit_begin 0);
+//   state planes, grad_output: contiguous (B, H), unit j of row b at b*H + j;
+//   saved: kSaved planes of (B, H), plane s at saved + s*B*H.
 #pragma once
 #include <cstdint>
 
@@ -22,15 +27,27 @@ struct bf16_t {
   uint16_t bits;
 };
 
+// Where the gates of a block of units live in a projection-shaped buffer.
+template <typename T>
+struct GateView {
+  T* ptr;
+  int64_t row_stride;
+  int64_t gate_stride;
+  RNNATTN_HD T& at(int64_t b, int g, int64_t local_unit) const {
+    return ptr[b * row_stride + g * gate_stride + local_unit];
+  }
+};
+
 template <typename T>
 struct ForwardStepArgs {
-  const T* xproj;               // W_ih x_t + b_ih
-  const T* hproj;               // W_hh h_{t-1} + b_hh
+  GateView<const T> xproj;      // W_ih x_t + b_ih
+  GateView<const T> hproj;      // W_hh h_{t-1} + b_hh
   const T* prev[kMaxStates];    // states before the step
   T* next[kMaxStates];          // states after the step; next[0] is the output row y_t
   T* saved;                     // activations for backward, or nullptr in inference
   int64_t batch;
   int64_t hidden;
+  int64_t unit_begin, unit_end;
 };
 
 template <typename T>
@@ -41,10 +58,11 @@ struct BackwardStepArgs {
   const T* grad_output;         // dL/dy_t, added to the carried gradient of h_t
   T* dstate[kMaxStates];        // in: carried gradients of the states after the step;
                                 // out, in place: their direct gradients before the step
-  T* dxg;                       // gradient of the input-side pre-activations
-  T* dhg;                       // gradient of the recurrent-side ones (== dxg unless separate)
+  GateView<T> dxg;              // gradient of the input-side pre-activations
+  GateView<T> dhg;              // gradient of the recurrent-side ones (unused unless separate)
   int64_t batch;
   int64_t hidden;
+  int64_t unit_begin, unit_end;
 };
 
 // Cells that save nothing still get a one-element array (C++ has no empty arrays).
@@ -66,14 +84,12 @@ RNNATTN_HD void forward_unit(const ForwardStepArgs<T>& a, int64_t b, int64_t j) 
   using IO = ScalarIO<T>;
   using A = typename IO::Acc;
   constexpr int G = Cell::kGates, S = Cell::kStates, K = kSavedSlots<Cell>;
-  const int64_t H = a.hidden, plane = a.batch * H, u = b * H + j;
-  const T* xrow = a.xproj + b * G * H + j;
-  const T* hrow = a.hproj + b * G * H + j;
+  const int64_t H = a.hidden, plane = a.batch * H, u = b * H + j, local = j - a.unit_begin;
   A xg[G], hg[G], prev[S], next[S], saved[K];
 RNNATTN_UNROLL
   for (int g = 0; g < G; ++g) {
-    xg[g] = IO::load(xrow[g * H]);
-    hg[g] = IO::load(hrow[g * H]);
+    xg[g] = IO::load(a.xproj.at(b, g, local));
+    hg[g] = IO::load(a.hproj.at(b, g, local));
   }
 RNNATTN_UNROLL
   for (int s = 0; s < S; ++s) prev[s] = IO::load(a.prev[s][u]);
@@ -91,7 +107,7 @@ RNNATTN_HD void backward_unit(const BackwardStepArgs<T>& a, int64_t b, int64_t j
   using IO = ScalarIO<T>;
   using A = typename IO::Acc;
   constexpr int G = Cell::kGates, S = Cell::kStates, K = kSavedSlots<Cell>;
-  const int64_t H = a.hidden, plane = a.batch * H, u = b * H + j;
+  const int64_t H = a.hidden, plane = a.batch * H, u = b * H + j, local = j - a.unit_begin;
   A saved[K], prev[S], next[S], dnext[S], dxg[G], dhg[G], dprev[S];
 RNNATTN_UNROLL
   for (int k = 0; k < K; ++k) saved[k] = k < Cell::kSaved ? IO::load(a.saved[k * plane + u]) : A(0);
@@ -103,13 +119,11 @@ RNNATTN_UNROLL
   }
   dnext[0] += IO::load(a.grad_output[u]);
   Cell::backward(saved, prev, next, dnext, dxg, dhg, dprev);
-  T* dxrow = a.dxg + b * G * H + j;
 RNNATTN_UNROLL
-  for (int g = 0; g < G; ++g) dxrow[g * H] = IO::store(dxg[g]);
+  for (int g = 0; g < G; ++g) a.dxg.at(b, g, local) = IO::store(dxg[g]);
   if constexpr (Cell::kSeparateHiddenGrad) {
-    T* dhrow = a.dhg + b * G * H + j;
 RNNATTN_UNROLL
-    for (int g = 0; g < G; ++g) dhrow[g * H] = IO::store(dhg[g]);
+    for (int g = 0; g < G; ++g) a.dhg.at(b, g, local) = IO::store(dhg[g]);
   }
 RNNATTN_UNROLL
   for (int s = 0; s < S; ++s) a.dstate[s][u] = IO::store(dprev[s]);

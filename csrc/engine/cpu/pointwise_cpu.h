@@ -1,4 +1,4 @@
-// The pointwise passes on the CPU, over a range of units [begin, end) of the B*H units of a step.
+// The pointwise passes on the CPU, over the block of units a step's arguments name (every batch row).
 // Implemented twice (baseline x86-64 and AVX2+FMA) from one source; the caller picks at run time.
 #pragma once
 #include <cstdint>
@@ -7,17 +7,17 @@
 
 namespace rnnattn::cpu {
 
-template <class Cell, typename T>
-using ForwardRangeFn = void (*)(const ForwardStepArgs<T>&, int64_t begin, int64_t end);
-template <class Cell, typename T>
-using BackwardRangeFn = void (*)(const BackwardStepArgs<T>&, int64_t begin, int64_t end);
+template <typename T>
+using ForwardBlockFn = void (*)(const ForwardStepArgs<T>&);
+template <typename T>
+using BackwardBlockFn = void (*)(const BackwardStepArgs<T>&);
 
 #define RNNATTN_DECLARE_CPU_POINTWISE(ns)                                                   \
   namespace ns {                                                                            \
   template <class Cell, typename T>                                                         \
-  void forward_range(const ForwardStepArgs<T>& args, int64_t begin, int64_t end);          \
+  void forward_block(const ForwardStepArgs<T>& args);                                       \
   template <class Cell, typename T>                                                         \
-  void backward_range(const BackwardStepArgs<T>& args, int64_t begin, int64_t end);        \
+  void backward_block(const BackwardStepArgs<T>& args);                                     \
   }
 RNNATTN_DECLARE_CPU_POINTWISE(baseline)
 RNNATTN_DECLARE_CPU_POINTWISE(avx2)
@@ -26,16 +26,16 @@ RNNATTN_DECLARE_CPU_POINTWISE(avx2)
 bool has_avx2_fma();
 
 template <class Cell, typename T>
-ForwardRangeFn<Cell, T> forward_range_fn() {
-  static const ForwardRangeFn<Cell, T> fn =
-      has_avx2_fma() ? &avx2::forward_range<Cell, T> : &baseline::forward_range<Cell, T>;
+ForwardBlockFn<T> forward_block_fn() {
+  static const ForwardBlockFn<T> fn =
+      has_avx2_fma() ? &avx2::forward_block<Cell, T> : &baseline::forward_block<Cell, T>;
   return fn;
 }
 
 template <class Cell, typename T>
-BackwardRangeFn<Cell, T> backward_range_fn() {
-  static const BackwardRangeFn<Cell, T> fn =
-      has_avx2_fma() ? &avx2::backward_range<Cell, T> : &baseline::backward_range<Cell, T>;
+BackwardBlockFn<T> backward_block_fn() {
+  static const BackwardBlockFn<T> fn =
+      has_avx2_fma() ? &avx2::backward_block<Cell, T> : &baseline::backward_block<Cell, T>;
   return fn;
 }
 

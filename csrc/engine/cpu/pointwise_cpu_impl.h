@@ -7,43 +7,37 @@
 
 namespace rnnattn::cpu::RNNATTN_CPU_ISA {
 
-// Units are flattened as u = b*H + j; the inner loop runs over j so that it vectorizes.
+// The inner loop runs over the units of one batch row so that it vectorizes.
 template <class Cell, typename T, bool kSave>
-void forward_range_impl(const ForwardStepArgs<T>& args, int64_t begin, int64_t end) {
-  const int64_t H = args.hidden;
-  for (int64_t b = begin / H; b * H < end; ++b) {
-    const int64_t j0 = begin > b * H ? begin - b * H : 0;
-    const int64_t j1 = end < (b + 1) * H ? end - b * H : H;
+void forward_block_impl(const ForwardStepArgs<T>& args) {
+  for (int64_t b = 0; b < args.batch; ++b) {
 #pragma GCC ivdep
-    for (int64_t j = j0; j < j1; ++j) forward_unit<Cell, T, kSave>(args, b, j);
+    for (int64_t j = args.unit_begin; j < args.unit_end; ++j) forward_unit<Cell, T, kSave>(args, b, j);
   }
 }
 
 template <class Cell, typename T>
-void forward_range(const ForwardStepArgs<T>& args, int64_t begin, int64_t end) {
+void forward_block(const ForwardStepArgs<T>& args) {
   if (args.saved != nullptr) {
-    forward_range_impl<Cell, T, true>(args, begin, end);
+    forward_block_impl<Cell, T, true>(args);
   } else {
-    forward_range_impl<Cell, T, false>(args, begin, end);
+    forward_block_impl<Cell, T, false>(args);
   }
 }
 
 template <class Cell, typename T>
-void backward_range(const BackwardStepArgs<T>& args, int64_t begin, int64_t end) {
-  const int64_t H = args.hidden;
-  for (int64_t b = begin / H; b * H < end; ++b) {
-    const int64_t j0 = begin > b * H ? begin - b * H : 0;
-    const int64_t j1 = end < (b + 1) * H ? end - b * H : H;
+void backward_block(const BackwardStepArgs<T>& args) {
+  for (int64_t b = 0; b < args.batch; ++b) {
 #pragma GCC ivdep
-    for (int64_t j = j0; j < j1; ++j) backward_unit<Cell, T>(args, b, j);
+    for (int64_t j = args.unit_begin; j < args.unit_end; ++j) backward_unit<Cell, T>(args, b, j);
   }
 }
 
-#define RNNATTN_INSTANTIATE_CPU(CELL)                                                              \
-  template void forward_range<CELL, float>(const ForwardStepArgs<float>&, int64_t, int64_t);      \
-  template void forward_range<CELL, double>(const ForwardStepArgs<double>&, int64_t, int64_t);    \
-  template void backward_range<CELL, float>(const BackwardStepArgs<float>&, int64_t, int64_t);    \
-  template void backward_range<CELL, double>(const BackwardStepArgs<double>&, int64_t, int64_t);
+#define RNNATTN_INSTANTIATE_CPU(CELL)                                              \
+  template void forward_block<CELL, float>(const ForwardStepArgs<float>&);        \
+  template void forward_block<CELL, double>(const ForwardStepArgs<double>&);      \
+  template void backward_block<CELL, float>(const BackwardStepArgs<float>&);      \
+  template void backward_block<CELL, double>(const BackwardStepArgs<double>&);
 RNNATTN_FOR_EACH_CELL(RNNATTN_INSTANTIATE_CPU)
 #undef RNNATTN_INSTANTIATE_CPU
 

@@ -38,21 +38,22 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// One thread per (row, unit) of the block, grid-stride.
 template <class Cell, typename T, bool kSave>
 __global__ void forward_step_kernel(const ForwardStepArgs<T> args) {
-  const int64_t units = args.batch * args.hidden;
+  const int64_t width = args.unit_end - args.unit_begin, units = args.batch * width;
   for (int64_t u = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; u < units;
        u += int64_t(gridDim.x) * blockDim.x) {
-    forward_unit<Cell, T, kSave>(args, u / args.hidden, u % args.hidden);
+    forward_unit<Cell, T, kSave>(args, u / width, args.unit_begin + u % width);
   }
 }
 
 template <class Cell, typename T>
 __global__ void backward_step_kernel(const BackwardStepArgs<T> args) {
-  const int64_t units = args.batch * args.hidden;
+  const int64_t width = args.unit_end - args.unit_begin, units = args.batch * width;
   for (int64_t u = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; u < units;
        u += int64_t(gridDim.x) * blockDim.x) {
-    backward_unit<Cell, T>(args, u / args.hidden, u % args.hidden);
+    backward_unit<Cell, T>(args, u / width, args.unit_begin + u % width);
   }
 }
 
@@ -65,7 +66,7 @@ unsigned int blocks_for(int64_t units) {
 
 template <class Cell, typename T>
 cudaError_t launch_forward_step(const ForwardStepArgs<T>& args, cudaStream_t stream) {
-  const int64_t units = args.batch * args.hidden;
+  const int64_t units = args.batch * (args.unit_end - args.unit_begin);
   if (units == 0) return cudaSuccess;
   if (args.saved != nullptr) {
     forward_step_kernel<Cell, T, true><<<blocks_for(units), kThreads, 0, stream>>>(args);
@@ -77,7 +78,7 @@ cudaError_t launch_forward_step(const ForwardStepArgs<T>& args, cudaStream_t str
 
 template <class Cell, typename T>
 cudaError_t launch_backward_step(const BackwardStepArgs<T>& args, cudaStream_t stream) {
-  const int64_t units = args.batch * args.hidden;
+  const int64_t units = args.batch * (args.unit_end - args.unit_begin);
   if (units == 0) return cudaSuccess;
   backward_step_kernel<Cell, T><<<blocks_for(units), kThreads, 0, stream>>>(args);
   return cudaGetLastError();

@@ -1,0 +1,38 @@
+// A small float GEMM for the per-step products of the CPU time loop: out = a @ M^T (+ bias), with M
+// packed once per call into panels of 16 columns, so that every step streams the weights in the
+// order the register-blocked kernel reads them and nothing is re-packed per step (MKL re-packs its
+// operands on every call, which dominates at the small batch sizes of a recurrent step).
+// Torch-free; compiled per instruction set like the pointwise loops.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+namespace rnnattn::cpu {
+
+constexpr int64_t kPanelWidth = 16;
+
+struct PackedMatrix {
+  int64_t n = 0;  // columns of the product (rows of M)
+  int64_t k = 0;  // reduction length
+  std::vector<float> panels;  // [ceil(n / 16)][k][16], zero-padded past n
+};
+
+// Packs M (n x k) whose element (i, j) is at m[i * stride_n + j * stride_k].
+void pack_matrix(const float* m, int64_t n, int64_t k, int64_t stride_n, int64_t stride_k, PackedMatrix& out);
+
+using PackedGemmFn = void (*)(const float* a, int64_t rows, int64_t lda, const PackedMatrix& m, const float* bias,
+                              float* out, int64_t ldo);
+
+#define RNNATTN_DECLARE_CPU_GEMM(ns)                                                                      \
+  namespace ns {                                                                                          \
+  /* out[r][c] = bias[c] + sum_j a[r * lda + j] * M[c][j] for r < rows, c < m.n (bias may be null). */   \
+  void gemm_packed(const float* a, int64_t rows, int64_t lda, const PackedMatrix& m, const float* bias,  \
+                   float* out, int64_t ldo);                                                              \
+  }
+RNNATTN_DECLARE_CPU_GEMM(baseline)
+RNNATTN_DECLARE_CPU_GEMM(avx2)
+#undef RNNATTN_DECLARE_CPU_GEMM
+
+PackedGemmFn gemm_packed_fn();
+
+}  // namespace rnnattn::cpu
