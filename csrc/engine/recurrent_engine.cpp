@@ -151,17 +151,18 @@ UnitBlocks make_unit_blocks(int gates, int64_t hidden, const Tensor& like) {
   return blocks;
 }
 
-// Runs body(c) for every block: inline for one block, else one block per thread with the caller's
-// thread-local state (dispatch keys, grad mode) so that ATen calls inside behave as in the caller.
+// Runs body(c) for every block: inline for one block, else one block per thread. A body that calls
+// ATen gets the caller's thread-local state (dispatch keys, grad mode) on the worker threads too;
+// the packed-GEMM path calls no ATen and skips that cost.
 template <typename Body>
-void for_each_block(const UnitBlocks& blocks, Body&& body) {
+void for_each_block(const UnitBlocks& blocks, const std::optional<at::ThreadLocalState>& caller_state, Body&& body) {
   if (blocks.count() == 1) {
     body(0);
     return;
   }
-  const at::ThreadLocalState state;
   at::parallel_for(0, blocks.count(), 1, [&](int64_t c0, int64_t c1) {
-    const at::ThreadLocalStateGuard guard(state);
+    std::optional<at::ThreadLocalStateGuard> guard;
+    if (caller_state) guard.emplace(*caller_state);
     for (int64_t c = c0; c < c1; ++c) body(c);
   });
 }
@@ -214,6 +215,8 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
       cpu::pack_matrix(ptr<float>(w_hh) + blocks.row0(c) * H, blocks.rows(c), H, H, 1, w_hh_packed[c]);
     }
   }
+  const std::optional<at::ThreadLocalState> caller_state =
+      packed ? std::nullopt : std::optional<at::ThreadLocalState>(std::in_place);
   Tensor output = at::empty({T, B, H}, opts);
   Tensor workspace = training ? at::empty({T, planes, B, H}, opts) : at::empty({0}, opts);
   std::vector<Tensor> init;
@@ -239,7 +242,7 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
     for (int64_t k = 0; k < T; ++k) {
       const int64_t t = order.time(k);
       const Tensor h_prev = k == 0 ? init[0] : output.select(0, order.time(k - 1));
-      for_each_block(blocks, [&](int64_t c) {
+      for_each_block(blocks, caller_state, [&](int64_t c) {
         if (packed) {
           cpu::gemm_packed_fn()(ptr<float>(h_prev), B, H, w_hh_packed[c], b_hh ? ptr<float>(b_hh_block[c]) : nullptr,
                                 ptr<float>(hproj[c]), blocks.rows(c));
@@ -330,6 +333,8 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
     }
   }
 
+  const std::optional<at::ThreadLocalState> caller_state =
+      packed ? std::nullopt : std::optional<at::ThreadLocalState>(std::in_place);
   // Gradients of the pre-activations, rows in block order.
   Tensor dgx = at::empty({T, B, GH}, opts);
   Tensor dgh = Cell::kSeparateHiddenGrad ? at::empty({T, B, GH}, opts) : dgx;
@@ -342,7 +347,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
     };
     for (int64_t k = T - 1; k >= 0; --k) {
       const int64_t t = order.time(k);
-      for_each_block(blocks, [&](int64_t c) {
+      for_each_block(blocks, caller_state, [&](int64_t c) {
         const int64_t j0 = blocks.first(c), j1 = j0 + blocks.width(c);
         if (shares) {
           // dh_t of this block's units: its direct part plus every block's share from step t+1.
