@@ -47,37 +47,40 @@ T* ptr(const Tensor& t) {
 template <typename T>
 constexpr bool kCpuType = std::is_same_v<T, float> || std::is_same_v<T, double>;
 
-// The pointwise pass of one block of units, on the tensors' device. On the CPU it runs in the
-// calling thread (the engine already gives each thread its own block).
+// The device passes for each direction of the pointwise work, chosen by overload on the arguments.
 template <class Cell, typename T>
-void run_forward_block(const Tensor& like, const ForwardStepArgs<T>& args) {
-  if (like.is_cpu()) {
-    if constexpr (kCpuType<T>) {
-      cpu::forward_block_fn<Cell, T>()(args);
-      return;
-    }
-    TORCH_CHECK_TYPE(false, "rnnattn: dtype ", like.scalar_type(), " is not supported on the CPU");
-  }
-#ifdef RNNATTN_WITH_CUDA
-  const cudaError_t err = cuda::launch_forward_step<Cell, T>(args, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "rnnattn: ", Cell::kName, " forward kernel failed: ", cudaGetErrorString(err));
-#else
-  TORCH_CHECK(false, "rnnattn: built without CUDA, cannot run on ", like.device());
-#endif
+void cpu_pointwise(const ForwardStepArgs<T>& args) {
+  cpu::forward_block_fn<Cell, T>()(args);
 }
-
 template <class Cell, typename T>
-void run_backward_block(const Tensor& like, const BackwardStepArgs<T>& args) {
+void cpu_pointwise(const BackwardStepArgs<T>& args) {
+  cpu::backward_block_fn<Cell, T>()(args);
+}
+#ifdef RNNATTN_WITH_CUDA
+template <class Cell, typename T>
+cudaError_t cuda_pointwise(const ForwardStepArgs<T>& args, cudaStream_t stream) {
+  return cuda::launch_forward_step<Cell, T>(args, stream);
+}
+template <class Cell, typename T>
+cudaError_t cuda_pointwise(const BackwardStepArgs<T>& args, cudaStream_t stream) {
+  return cuda::launch_backward_step<Cell, T>(args, stream);
+}
+#endif
+
+// The pointwise pass (forward or backward) of one block of units, on the tensors' device. On the
+// CPU it runs in the calling thread (the engine gives each thread its own block).
+template <class Cell, template <typename> class Args, typename T>
+void run_pointwise_block(const Tensor& like, const Args<T>& args) {
   if (like.is_cpu()) {
     if constexpr (kCpuType<T>) {
-      cpu::backward_block_fn<Cell, T>()(args);
+      cpu_pointwise<Cell>(args);
       return;
     }
     TORCH_CHECK_TYPE(false, "rnnattn: dtype ", like.scalar_type(), " is not supported on the CPU");
   }
 #ifdef RNNATTN_WITH_CUDA
-  const cudaError_t err = cuda::launch_backward_step<Cell, T>(args, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "rnnattn: ", Cell::kName, " backward kernel failed: ", cudaGetErrorString(err));
+  const cudaError_t err = cuda_pointwise<Cell>(args, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "rnnattn: ", Cell::kName, " pointwise kernel failed: ", cudaGetErrorString(err));
 #else
   TORCH_CHECK(false, "rnnattn: built without CUDA, cannot run on ", like.device());
 #endif
@@ -265,7 +268,7 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
         args.hidden = H;
         args.unit_begin = blocks.first(c);
         args.unit_end = blocks.first(c) + blocks.width(c);
-        run_forward_block<Cell, T_>(input, args);
+        run_pointwise_block<Cell>(input, args);
       });
     }
   });
@@ -377,7 +380,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
         args.hidden = H;
         args.unit_begin = j0;
         args.unit_end = j1;
-        run_backward_block<Cell, T_>(input, args);
+        run_pointwise_block<Cell>(input, args);
         if (packed) {
           cpu::gemm_packed_fn()(ptr<float>(dgh) + t * B * GH + blocks.row0(c), B, GH, w_hh_packed[c], nullptr,
                                 ptr<float>(dh_share_next[c]), H);
