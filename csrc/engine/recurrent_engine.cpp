@@ -11,12 +11,15 @@
 #include "cells/all_cells.h"
 #include "engine/cpu/packed_gemm.h"
 #include "engine/cpu/pointwise_cpu.h"
+#include "engine/attention_step.h"
 #include "engine/step_args.h"
+#include "engine/unit_blocks.h"
 
 #ifdef RNNATTN_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "engine/cuda/attention_cuda.h"
 #include "engine/cuda/pointwise_cuda.h"
 #endif
 
@@ -101,59 +104,6 @@ void dispatch_dtype(const Tensor& like, Fn&& fn) {
   });
 }
 
-// How the hidden units are split into blocks, one per CPU thread, and the gate-row order that
-// makes each block's rows of W_ih, W_hh and the projections contiguous.
-//
-// On the CPU every thread keeps its own slice of W_hh hot in its cache for the whole sequence and
-// runs its block's GEMM and pointwise pass with no synchronisation in between; one barrier per step.
-// CUDA uses a single block (and the plain torch.nn row order).
-struct UnitBlocks {
-  int64_t gates = 1, hidden = 0;
-  std::vector<int64_t> begin;  // block c covers units [begin[c], begin[c + 1])
-  Tensor order;                // permuted row p holds torch.nn row order[p]; undefined if identity
-  Tensor inverse;              // torch.nn row r is permuted row inverse[r]
-
-  int64_t count() const { return static_cast<int64_t>(begin.size()) - 1; }
-  int64_t first(int64_t c) const { return begin[c]; }
-  int64_t width(int64_t c) const { return begin[c + 1] - begin[c]; }
-  // Rows of block c in the permuted order: [gates * first, gates * (first + width)).
-  int64_t row0(int64_t c) const { return gates * begin[c]; }
-  int64_t rows(int64_t c) const { return gates * width(c); }
-
-  Tensor permute_rows(const Tensor& t) const { return order.defined() ? t.index_select(0, order) : t; }
-  Tensor unpermute_rows(const Tensor& t) const { return inverse.defined() ? t.index_select(0, inverse) : t; }
-};
-
-// Blocks narrower than this (in units) are not worth a thread: the GEMM per block gets too thin.
-constexpr int64_t kMinUnitsPerBlock = 32;
-
-UnitBlocks make_unit_blocks(int gates, int64_t hidden, const Tensor& like) {
-  UnitBlocks blocks;
-  blocks.gates = gates;
-  blocks.hidden = hidden;
-  int64_t count = 1;
-  if (like.is_cpu() && !at::in_parallel_region()) {
-    count = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), hidden / kMinUnitsPerBlock));
-  }
-  for (int64_t c = 0; c < count; ++c) {
-    // Block edges on multiples of 8 units keep the vectorized loops aligned.
-    blocks.begin.push_back(c == 0 ? 0 : (hidden * c / count) / 8 * 8);
-  }
-  blocks.begin.push_back(hidden);
-  if (count > 1) {
-    std::vector<int64_t> order;
-    order.reserve(gates * hidden);
-    for (int64_t c = 0; c < count; ++c) {
-      for (int g = 0; g < gates; ++g) {
-        for (int64_t j = blocks.first(c); j < blocks.first(c) + blocks.width(c); ++j) order.push_back(g * hidden + j);
-      }
-    }
-    blocks.order = at::tensor(order, at::TensorOptions().dtype(at::kLong));
-    blocks.inverse = at::empty_like(blocks.order).index_copy_(0, blocks.order, at::arange(gates * hidden, at::kLong));
-  }
-  return blocks;
-}
-
 // Runs body(c) for every block: inline for one block, else one block per thread. A body that calls
 // ATen gets the caller's thread-local state (dispatch keys, grad mode) on the worker threads too;
 // the packed-GEMM path calls no ATen and skips that cost.
@@ -170,13 +120,175 @@ void for_each_block(const UnitBlocks& blocks, const std::optional<at::ThreadLoca
   });
 }
 
-// float on the CPU multiplies by W_hh with the packed kernel (csrc/engine/cpu/packed_gemm.h);
-// other dtypes and CUDA go through ATen (MKL / cuBLAS).
+// float on the CPU multiplies with the packed kernel (csrc/engine/cpu/packed_gemm.h); other dtypes
+// and CUDA go through ATen (MKL / cuBLAS).
 bool uses_packed_gemm(const Tensor& like) { return like.is_cpu() && like.scalar_type() == at::kFloat; }
 
 template <typename T>
 GateView<T> gate_view(T* base, int64_t row_stride, const UnitBlocks& blocks, int64_t c) {
   return GateView<T>{base + blocks.row0(c), row_stride, blocks.width(c)};
+}
+
+// A rows x cols matrix inside a contiguous buffer: element (r, c) at base[offset + r * ld + c].
+// The packed path reads the raw pointer; the ATen path makes a view.
+struct Operand {
+  const Tensor& base;
+  int64_t offset, rows, cols, ld;
+  template <typename T>
+  T* data() const {
+    return ptr<T>(base) + offset;
+  }
+  Tensor view() const { return base.as_strided({rows, cols}, {ld, 1}, base.storage_offset() + offset); }
+};
+
+// One block's constant right-hand side M (n x k) of the per-step products out = a @ M^T (+ bias).
+struct BlockMatrix {
+  bool packed = false;
+  cpu::PackedMatrix panels;  // packed
+  Tensor transposed;         // ATen: M^T (k x n)
+  Tensor bias;               // (n) or undefined
+};
+
+BlockMatrix block_matrix(const Tensor& m, const std::optional<Tensor>& bias, bool packed) {
+  BlockMatrix result;
+  result.packed = packed;
+  if (bias) result.bias = bias->contiguous();
+  if (packed) {
+    cpu::pack_matrix(ptr<float>(m), m.size(0), m.size(1), m.stride(0), m.stride(1), result.panels);
+  } else {
+    result.transposed = m.t();
+  }
+  return result;
+}
+
+// out = a @ M^T (+ bias), or out += a @ M^T with accumulate (ATen path only).
+void multiply(const BlockMatrix& m, const Operand& a, const Operand& out, bool accumulate = false) {
+  if (m.packed) {
+    TORCH_INTERNAL_ASSERT(!accumulate);
+    cpu::gemm_packed_fn()(a.data<float>(), a.rows, a.ld, m.panels,
+                          m.bias.defined() ? ptr<float>(m.bias) : nullptr, out.data<float>(), out.ld);
+    return;
+  }
+  Tensor result = out.view();
+  if (accumulate) {
+    result.addmm_(a.view(), m.transposed);
+  } else if (m.bias.defined()) {
+    at::addmm_out(result, m.bias, a.view(), m.transposed);
+  } else {
+    at::mm_out(result, a.view(), m.transposed);
+  }
+}
+
+// dst (rows x cols, leading dimension ld_dst) = src (ld_src), on the tensors' device.
+template <typename T>
+void copy_matrix(const Tensor& like, T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t rows,
+                 int64_t cols) {
+  if (rows == 0 || cols == 0) return;
+  if (like.is_cpu()) {
+    for (int64_t r = 0; r < rows; ++r) std::copy(src + r * ld_src, src + r * ld_src + cols, dst + r * ld_dst);
+    return;
+  }
+#ifdef RNNATTN_WITH_CUDA
+  const cudaError_t err = cudaMemcpy2DAsync(dst, ld_dst * sizeof(T), src, ld_src * sizeof(T), cols * sizeof(T), rows,
+                                            cudaMemcpyDeviceToDevice, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "rnnattn: copy failed: ", cudaGetErrorString(err));
+#endif
+}
+
+// The attention stage for the heads the arguments name, every batch row, on the tensors' device.
+template <bool kBackward, typename T>
+void run_attention(const Tensor& like, const AttentionStepArgs<T>& args) {
+  if (like.is_cpu()) {
+    if constexpr (kCpuType<T>) {
+      for (int64_t b = 0; b < args.batch; ++b) {
+        for (int64_t h = args.head_begin; h < args.head_end; ++h) {
+          if constexpr (kBackward) {
+            attend_backward(args, b, h);
+          } else {
+            attend_forward(args, b, h);
+          }
+        }
+      }
+      return;
+    }
+    TORCH_CHECK_TYPE(false, "rnnattn: dtype ", like.scalar_type(), " is not supported on the CPU");
+  }
+#ifdef RNNATTN_WITH_CUDA
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const cudaError_t err = kBackward ? cuda::launch_attention_backward(args, stream)
+                                    : cuda::launch_attention_forward(args, stream);
+  TORCH_CHECK(err == cudaSuccess, "rnnattn: attention kernel failed: ", cudaGetErrorString(err));
+#else
+  TORCH_CHECK(false, "rnnattn: built without CUDA, cannot run on ", like.device());
+#endif
+}
+
+// The attention cell's shapes and memory, as the time loop sees them.
+struct AttentionGeometry {
+  bool enabled = false;
+  bool self_memory = true;
+  int64_t width = 0, heads = 0, head_dim = 0;  // D = heads * head_dim
+  int64_t slots = 0;                           // self memory: T (slot k is h before step k); external: S
+  int64_t weight_slots = 0;                    // last dimension of the returned attention weights
+  std::optional<int64_t> window;
+  int64_t groups() const { return !enabled ? 0 : self_memory ? 3 : 1; }
+
+  // The slots step k reads (self memory; external memory uses the per-row lengths).
+  int64_t first_slot(int64_t k) const { return window ? std::max<int64_t>(0, k + 1 - *window) : 0; }
+};
+
+AttentionGeometry attention_geometry(const AttentionConfig* attention, int64_t steps) {
+  AttentionGeometry g;
+  if (attention == nullptr) return g;
+  g.enabled = true;
+  g.self_memory = !attention->memory.has_value();
+  g.width = attention->weight_q.size(0);
+  g.heads = attention->num_heads;
+  g.head_dim = g.width / g.heads;
+  g.window = g.self_memory ? attention->window : std::nullopt;
+  g.slots = g.self_memory ? steps : attention->memory->size(0);
+  g.weight_slots = g.self_memory ? (g.window ? *g.window : steps) : g.slots;
+  return g;
+}
+
+// The stacked recurrent-side weight: W_hh, then W_q, then (self memory) W_k and W_v; its bias
+// likewise (absent parts as zeros), or none when every part is absent.
+std::pair<Tensor, std::optional<Tensor>> recurrent_side(const Tensor& weight_hh, const std::optional<Tensor>& bias_hh,
+                                                        const AttentionConfig* attention, bool self_memory) {
+  if (attention == nullptr) return {weight_hh, bias_hh};
+  std::vector<Tensor> weights{weight_hh.detach(), attention->weight_q.detach()};
+  std::vector<std::optional<Tensor>> biases{bias_hh, attention->bias_q};
+  if (self_memory) {
+    weights.insert(weights.end(), {attention->weight_k.detach(), attention->weight_v.detach()});
+    biases.insert(biases.end(), {attention->bias_k, attention->bias_v});
+  }
+  const Tensor weight = at::cat(weights, 0);
+  bool any_bias = false;
+  std::vector<Tensor> parts;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    any_bias = any_bias || biases[i].has_value();
+    parts.push_back(biases[i] ? biases[i]->detach() : at::zeros({weights[i].size(0)}, weight.options()));
+  }
+  return {weight, any_bias ? std::optional<Tensor>(at::cat(parts, 0)) : std::nullopt};
+}
+
+template <typename T>
+AttentionStepArgs<T> attention_step_args(const AttentionGeometry& g, const UnitBlocks& blocks, int64_t c,
+                                         int64_t batch, int64_t k, const Tensor& lengths) {
+  AttentionStepArgs<T> a{};
+  a.slot_stride = batch * g.width;
+  a.row_stride = g.width;
+  a.first_slot = g.self_memory ? g.first_slot(k) : 0;
+  a.end_slot = g.self_memory ? k + 1 : g.slots;
+  a.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  a.weight_slots = g.weight_slots;
+  a.batch = batch;
+  a.heads = g.heads;
+  a.head_dim = g.head_dim;
+  a.head_begin = blocks.head_begin[c];
+  a.head_end = blocks.head_begin[c + 1];
+  a.scale = 1.0 / std::sqrt(static_cast<double>(g.head_dim));
+  return a;
 }
 
 }  // namespace
@@ -185,7 +297,7 @@ template <class Cell>
 RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Tensor>& initial_states,
                                    const Tensor& weight_ih_arg, const Tensor& weight_hh_arg,
                                    const std::optional<Tensor>& bias_ih, const std::optional<Tensor>& bias_hh,
-                                   bool reverse, bool training) {
+                                   bool reverse, bool training, const AttentionConfig* attention) {
   constexpr int S = Cell::kStates, G = Cell::kGates;
   constexpr int planes = workspace_planes<Cell>();
 #ifdef RNNATTN_WITH_CUDA
@@ -197,25 +309,32 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
   const int64_t H = weight_hh_arg.size(1), GH = G * H;
   const auto opts = input.options();
-  const UnitBlocks blocks = make_unit_blocks(G, H, input);
+  const AttentionGeometry geo = attention_geometry(attention, T);
+  const int64_t D = geo.width;
+  const UnitBlocks blocks = make_unit_blocks(G, H, input, geo.groups(), geo.heads, geo.head_dim);
 
   const Tensor x = input.contiguous().view({T * B, I});
   const Tensor w_ih = blocks.permute_rows(weight_ih_arg.detach());
-  const Tensor w_hh = blocks.permute_rows(weight_hh_arg.detach()).contiguous();
-  const std::optional<Tensor> b_hh =
-      bias_hh ? std::optional<Tensor>(blocks.permute_rows(bias_hh->detach())) : std::nullopt;
   // The input projection of every step in one GEMM (b_ih folded in), rows in block order.
   const Tensor xproj = bias_ih ? at::addmm(blocks.permute_rows(bias_ih->detach()), x, w_ih.t()) : at::mm(x, w_ih.t());
+  // Per step and block: h_{t-1} @ W_rec^T (+ b_rec), W_rec = W_hh (+ the attention rows).
+  auto [w_rec_plain, b_rec_plain] = recurrent_side(weight_hh_arg.detach(), bias_hh, attention, geo.self_memory);
+  const Tensor w_rec = blocks.permute_rec_rows(w_rec_plain).contiguous();
+  const std::optional<Tensor> b_rec =
+      b_rec_plain ? std::optional<Tensor>(blocks.permute_rec_rows(*b_rec_plain)) : std::nullopt;
   const bool packed = uses_packed_gemm(input);
-  std::vector<Tensor> hproj, w_hh_t, b_hh_block;
-  std::vector<cpu::PackedMatrix> w_hh_packed(packed ? blocks.count() : 0);
+  std::vector<BlockMatrix> rec_matrix, ctx_matrix;
+  std::vector<Tensor> hproj, cproj;
+  const Tensor w_c = geo.enabled ? blocks.permute_rows(attention->weight_c.detach()).contiguous() : Tensor();
   for (int64_t c = 0; c < blocks.count(); ++c) {
-    hproj.push_back(at::empty({B, blocks.rows(c)}, opts));
-    w_hh_t.push_back(w_hh.narrow(0, blocks.row0(c), blocks.rows(c)).t());
-    if (b_hh) b_hh_block.push_back(b_hh->narrow(0, blocks.row0(c), blocks.rows(c)).contiguous());
-    if (packed) {
-      // hproj_c = h @ W_c^T: M = W_c (rows(c) x H).
-      cpu::pack_matrix(ptr<float>(w_hh) + blocks.row0(c) * H, blocks.rows(c), H, H, 1, w_hh_packed[c]);
+    const auto bias = b_rec ? std::optional<Tensor>(b_rec->narrow(0, blocks.rec_row0(c), blocks.rec_rows(c)))
+                            : std::nullopt;
+    rec_matrix.push_back(block_matrix(w_rec.narrow(0, blocks.rec_row0(c), blocks.rec_rows(c)), bias, packed));
+    hproj.push_back(at::empty({B, blocks.rec_rows(c)}, opts));
+    if (geo.enabled) {
+      // Per step and block: ctx_t @ W_c^T, the block's gate rows.
+      ctx_matrix.push_back(block_matrix(w_c.narrow(0, blocks.row0(c), blocks.rows(c)), std::nullopt, packed));
+      cproj.push_back(at::empty({B, blocks.rows(c)}, opts));
     }
   }
   const std::optional<at::ThreadLocalState> caller_state =
@@ -232,6 +351,28 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
       ping_pong.push_back(at::empty({B, H}, opts));
     }
   }
+
+  // Attention memory, one flat buffer: queries (every step when training, else one step's), keys and
+  // values of every slot, each slot (B, D).
+  const int64_t query_steps = training ? T : 1, slot_size = B * D;
+  Tensor memory_store, context, weights, lengths;
+  if (geo.enabled) {
+    memory_store = at::empty({(query_steps + 2 * geo.slots) * slot_size}, opts);
+    if (!geo.self_memory) {
+      // External memory: every key and value once, before the loop.
+      const Tensor memory = attention->memory->detach().contiguous();
+      const Tensor m = memory.view({geo.slots * B, memory.size(2)});
+      Tensor keys = memory_store.narrow(0, query_steps * slot_size, geo.slots * slot_size).view({geo.slots * B, D});
+      Tensor values = memory_store.narrow(0, (query_steps + geo.slots) * slot_size, geo.slots * slot_size)
+                          .view({geo.slots * B, D});
+      const Tensor wk = attention->weight_k.detach(), wv = attention->weight_v.detach();
+      if (attention->bias_k) at::addmm_out(keys, attention->bias_k->detach(), m, wk.t()); else at::mm_out(keys, m, wk.t());
+      if (attention->bias_v) at::addmm_out(values, attention->bias_v->detach(), m, wv.t()); else at::mm_out(values, m, wv.t());
+      if (attention->memory_lengths) lengths = attention->memory_lengths->contiguous();
+    }
+    context = at::empty({T, B, D}, opts);
+    weights = attention->need_weights ? at::zeros({T, B, geo.heads, geo.weight_slots}, opts) : at::empty({0}, opts);
+  }
   const StepOrder order{T, reverse};
   const int64_t plane = B * H;
 
@@ -242,21 +383,17 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
       if (training) return ptr<T_>(workspace) + (order.time(k) * planes + Cell::kSaved + s - 1) * plane;
       return ptr<T_>(ping_pong[2 * (s - 1) + (k % 2)]);
     };
+    T_* queries = geo.enabled ? ptr<T_>(memory_store) : nullptr;
+    T_* keys = geo.enabled ? queries + query_steps * slot_size : nullptr;
+    T_* values = geo.enabled ? keys + geo.slots * slot_size : nullptr;
     for (int64_t k = 0; k < T; ++k) {
       const int64_t t = order.time(k);
       const Tensor h_prev = k == 0 ? init[0] : output.select(0, order.time(k - 1));
-      for_each_block(blocks, caller_state, [&](int64_t c) {
-        if (packed) {
-          cpu::gemm_packed_fn()(ptr<float>(h_prev), B, H, w_hh_packed[c], b_hh ? ptr<float>(b_hh_block[c]) : nullptr,
-                                ptr<float>(hproj[c]), blocks.rows(c));
-        } else if (b_hh) {
-          at::addmm_out(hproj[c], b_hh_block[c], h_prev, w_hh_t[c]);
-        } else {
-          at::mm_out(hproj[c], h_prev, w_hh_t[c]);
-        }
+      auto pointwise = [&](int64_t c) {
         ForwardStepArgs<T_> args{};
         args.xproj = gate_view<const T_>(ptr<T_>(xproj) + t * B * GH, GH, blocks, c);
-        args.hproj = GateView<const T_>{ptr<T_>(hproj[c]), blocks.rows(c), blocks.width(c)};
+        args.hproj = GateView<const T_>{ptr<T_>(hproj[c]), blocks.rec_rows(c), blocks.width(c)};
+        if (geo.enabled) args.cproj = GateView<const T_>{ptr<T_>(cproj[c]), blocks.rows(c), blocks.width(c)};
         args.prev[0] = ptr<T_>(h_prev);
         args.next[0] = ptr<T_>(output) + t * plane;
         for (int s = 1; s < S; ++s) {
@@ -269,7 +406,40 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
         args.unit_begin = blocks.first(c);
         args.unit_end = blocks.first(c) + blocks.width(c);
         run_pointwise_block<Cell>(input, args);
+      };
+      for_each_block(blocks, caller_state, [&](int64_t c) {
+        multiply(rec_matrix[c], {h_prev, 0, B, H, H}, {hproj[c], 0, B, blocks.rec_rows(c), blocks.rec_rows(c)});
+        if (!geo.enabled) {
+          pointwise(c);
+          return;
+        }
+        if (blocks.cols(c) == 0) return;
+        // The block's heads: their query (and new slot) from the GEMM, then the attention stage.
+        const int64_t ld = blocks.rec_rows(c), col = blocks.col0(c), n = blocks.cols(c);
+        const T_* rec = ptr<T_>(hproj[c]) + blocks.rows(c);
+        T_* q = queries + (training ? k : 0) * slot_size;
+        copy_matrix(input, q + col, D, rec, ld, B, n);
+        if (geo.self_memory) {
+          copy_matrix(input, keys + k * slot_size + col, D, rec + n, ld, B, n);
+          copy_matrix(input, values + k * slot_size + col, D, rec + 2 * n, ld, B, n);
+        }
+        AttentionStepArgs<T_> a = attention_step_args<T_>(geo, blocks, c, B, k, lengths);
+        a.query = q;
+        a.query_stride = D;
+        a.keys = keys;
+        a.values = values;
+        a.context = ptr<T_>(context) + t * slot_size;
+        a.context_stride = D;
+        a.weights = attention->need_weights ? ptr<T_>(weights) + t * B * geo.heads * geo.weight_slots : nullptr;
+        run_attention<false>(input, a);
       });
+      if (geo.enabled) {
+        // Every head's context is ready: W_c ctx_t joins the input side of each block's gates.
+        for_each_block(blocks, caller_state, [&](int64_t c) {
+          multiply(ctx_matrix[c], {context, t * slot_size, B, D, D}, {cproj[c], 0, B, blocks.rows(c), blocks.rows(c)});
+          pointwise(c);
+        });
+      }
     }
   });
 
@@ -287,6 +457,11 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   }
   result.output = std::move(output);
   result.workspace = std::move(workspace);
+  if (geo.enabled) {
+    result.context = std::move(context);
+    result.attention = std::move(weights);
+    result.attention_workspace = training ? std::move(memory_store) : at::empty({0}, opts);
+  }
   return result;
 }
 
@@ -294,7 +469,8 @@ template <class Cell>
 RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vector<Tensor>& grad_final_states,
                                      const Tensor& input_arg, const std::vector<Tensor>& initial_states,
                                      const Tensor& weight_ih_arg, const Tensor& weight_hh_arg, const Tensor& output_arg,
-                                     const Tensor& workspace_arg, bool reverse) {
+                                     const Tensor& workspace_arg, bool reverse, const AttentionConfig* attention,
+                                     const AttentionSaved* saved) {
   constexpr int S = Cell::kStates, G = Cell::kGates;
   constexpr int planes = workspace_planes<Cell>();
 #ifdef RNNATTN_WITH_CUDA
@@ -308,39 +484,62 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   const int64_t H = weight_hh_arg.size(1), GH = G * H;
   const auto opts = input.options();
   const int64_t plane = B * H;
-  const UnitBlocks blocks = make_unit_blocks(G, H, input);
+  const AttentionGeometry geo = attention_geometry(attention, T);
+  const int64_t D = geo.width, slot_size = B * D;
+  const UnitBlocks blocks = make_unit_blocks(G, H, input, geo.groups(), geo.heads, geo.head_dim);
+  const int64_t R = blocks.rec_total();  // recurrent-side rows
 
   const Tensor w_ih = blocks.permute_rows(weight_ih_arg.detach()).contiguous();
-  const Tensor w_hh = blocks.permute_rows(weight_hh_arg.detach()).contiguous();
+  const Tensor w_rec =
+      blocks.permute_rec_rows(recurrent_side(weight_hh_arg.detach(), std::nullopt, attention, geo.self_memory).first)
+          .contiguous();
+  const Tensor w_c = geo.enabled ? blocks.permute_rows(attention->weight_c.detach()).contiguous() : Tensor();
   const Tensor grad_y = grad_output.detach().contiguous();
   std::vector<Tensor> init;
   for (const auto& s : initial_states) init.push_back(s.detach().contiguous());
   // Carried state gradients, updated in place step by step (they end as the initial states' gradients).
   std::vector<Tensor> dstate;
   for (const auto& g : grad_final_states) dstate.push_back(g.detach().contiguous().clone());
-  // With several blocks, each block's share of dh_{t-1} = dgh_t @ W_hh goes to its own buffer and the
-  // blocks add them up (in block order: deterministic) at the next step.
+  // With several blocks, each block's share of dh_{t-1} = dg_rec_t @ W_rec goes to its own buffer
+  // and the blocks add them up (in block order: deterministic) at the next step. Likewise the
+  // shares of dctx_t = dxg_t @ W_c.
   const bool packed = uses_packed_gemm(input);
   const bool shares = packed || blocks.count() > 1;
-  std::vector<Tensor> dh_share, dh_share_next, w_hh_block;
-  std::vector<cpu::PackedMatrix> w_hh_packed(packed ? blocks.count() : 0);
+  std::vector<Tensor> dh_share, dh_share_next, dctx_share;
+  std::vector<BlockMatrix> rec_matrix, ctx_matrix;
   for (int64_t c = 0; c < blocks.count(); ++c) {
-    w_hh_block.push_back(w_hh.narrow(0, blocks.row0(c), blocks.rows(c)));
+    // share_c = dg_rec_c @ W_rec_c: M = W_rec_c^T (H x rec_rows(c)).
+    rec_matrix.push_back(block_matrix(w_rec.narrow(0, blocks.rec_row0(c), blocks.rec_rows(c)).t(), std::nullopt, packed));
     if (shares) {
       dh_share.push_back(at::zeros({B, H}, opts));
       dh_share_next.push_back(at::empty({B, H}, opts));
     }
-    if (packed) {
-      // share_c = dgh_c @ W_c: M = W_c^T (H x rows(c)).
-      cpu::pack_matrix(ptr<float>(w_hh) + blocks.row0(c) * H, H, blocks.rows(c), 1, H, w_hh_packed[c]);
+    if (geo.enabled) {
+      // dctx share_c = dxg_c @ W_c_c: M = W_c_c^T (D x rows(c)).
+      ctx_matrix.push_back(block_matrix(w_c.narrow(0, blocks.row0(c), blocks.rows(c)).t(), std::nullopt, packed));
+      dctx_share.push_back(at::empty({B, D}, opts));
     }
   }
 
   const std::optional<at::ThreadLocalState> caller_state =
       packed ? std::nullopt : std::optional<at::ThreadLocalState>(std::in_place);
-  // Gradients of the pre-activations, rows in block order.
+  // Gradients of the pre-activations: input side (T, B, G*H) in gate order, recurrent side (T, B, R)
+  // in recurrent-side order (the same buffer when they are equal).
   Tensor dgx = at::empty({T, B, GH}, opts);
-  Tensor dgh = Cell::kSeparateHiddenGrad ? at::empty({T, B, GH}, opts) : dgx;
+  const bool rec_alias = !geo.enabled && !Cell::kSeparateHiddenGrad;
+  Tensor dgh = rec_alias ? dgx : at::empty({T, B, R}, opts);
+
+  // Attention: the saved queries, keys and values, the gradients of the keys and values (summed
+  // over the steps that read each slot), and dctx of the current step.
+  Tensor memory_store, grad_keys, grad_values, dctx, grad_context, lengths;
+  if (geo.enabled) {
+    memory_store = saved->workspace.detach().contiguous();
+    grad_keys = at::zeros({geo.slots, B, D}, opts);
+    grad_values = at::zeros({geo.slots, B, D}, opts);
+    dctx = at::empty({B, D}, opts);
+    if (saved->grad_context.defined()) grad_context = saved->grad_context.detach().contiguous();
+    if (attention->memory_lengths) lengths = attention->memory_lengths->contiguous();
+  }
   const StepOrder order{T, reverse};
 
   dispatch_dtype(input, [&](auto* type_tag) {
@@ -348,8 +547,20 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
     auto extra_state = [&](int64_t k, int s) -> const T_* {
       return ptr<T_>(workspace) + (order.time(k) * planes + Cell::kSaved + s - 1) * plane;
     };
+    const T_* queries = geo.enabled ? ptr<T_>(memory_store) : nullptr;
+    const T_* keys = geo.enabled ? queries + T * slot_size : nullptr;
+    const T_* values = geo.enabled ? keys + geo.slots * slot_size : nullptr;
     for (int64_t k = T - 1; k >= 0; --k) {
       const int64_t t = order.time(k);
+      // dh_{t-1} share of block c (or, with no shares, added straight into the carried gradient).
+      auto hidden_share = [&](int64_t c) {
+        const Operand dg{dgh, t * B * R + blocks.rec_row0(c), B, blocks.rec_rows(c), R};
+        if (shares) {
+          multiply(rec_matrix[c], dg, {dh_share_next[c], 0, B, H, H});
+        } else {
+          multiply(rec_matrix[c], dg, {dstate[0], 0, B, H, H}, /*accumulate=*/true);
+        }
+      };
       for_each_block(blocks, caller_state, [&](int64_t c) {
         const int64_t j0 = blocks.first(c), j1 = j0 + blocks.width(c);
         if (shares) {
@@ -375,24 +586,68 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
         args.grad_output = ptr<T_>(grad_y) + t * plane;
         for (int s = 0; s < S; ++s) args.dstate[s] = ptr<T_>(dstate[s]);
         args.dxg = gate_view<T_>(ptr<T_>(dgx) + t * B * GH, GH, blocks, c);
-        args.dhg = gate_view<T_>(ptr<T_>(dgh) + t * B * GH, GH, blocks, c);
+        if (!rec_alias) args.dhg = GateView<T_>{ptr<T_>(dgh) + t * B * R + blocks.rec_row0(c), R, blocks.width(c)};
         args.batch = B;
         args.hidden = H;
         args.unit_begin = j0;
         args.unit_end = j1;
         run_pointwise_block<Cell>(input, args);
-        if (packed) {
-          cpu::gemm_packed_fn()(ptr<float>(dgh) + t * B * GH + blocks.row0(c), B, GH, w_hh_packed[c], nullptr,
-                                ptr<float>(dh_share_next[c]), H);
+        if (!geo.enabled) {
+          hidden_share(c);
           return;
         }
-        const Tensor dgh_block = dgh.select(0, t).narrow(1, blocks.row0(c), blocks.rows(c));
-        if (shares) {
-          at::mm_out(dh_share_next[c], dgh_block, w_hh_block[c]);
-        } else {
-          dstate[0].addmm_(dgh_block, w_hh_block[c]);  // dh_{t-1} = direct part + dgh_t @ W_hh
-        }
+        multiply(ctx_matrix[c], {dgx, t * B * GH + blocks.row0(c), B, blocks.rows(c), GH}, {dctx_share[c], 0, B, D, D});
       });
+      if (geo.enabled) {
+        for_each_block(blocks, caller_state, [&](int64_t c) {
+          const int64_t col = blocks.col0(c), n = blocks.cols(c);
+          if (n > 0) {
+            // dctx_t of the block's heads: the context output's own gradient plus every block's share.
+            if (input.is_cpu()) {
+              if constexpr (kCpuType<T_>) {
+                T_* out = ptr<T_>(dctx);
+                const T_* direct = grad_context.defined() ? ptr<T_>(grad_context) + t * slot_size : nullptr;
+                for (int64_t b = 0; b < B; ++b) {
+                  for (int64_t d = col; d < col + n; ++d) {
+                    T_ sum = direct != nullptr ? direct[b * D + d] : T_(0);
+                    for (const auto& share : dctx_share) sum += ptr<T_>(share)[b * D + d];
+                    out[b * D + d] = sum;
+                  }
+                }
+              }
+            } else {
+              TORCH_INTERNAL_ASSERT(blocks.count() == 1);
+              if (grad_context.defined()) {
+                at::add_out(dctx, dctx_share[0], grad_context.select(0, t));
+              } else {
+                dctx.copy_(dctx_share[0]);
+              }
+            }
+            // The block's heads: query gradient into its recurrent-side rows, key and value
+            // gradients into the slots.
+            T_* rec = ptr<T_>(dgh) + t * B * R + blocks.rec_row0(c) + blocks.rows(c);
+            AttentionStepArgs<T_> a = attention_step_args<T_>(geo, blocks, c, B, k, lengths);
+            a.query = queries + k * slot_size;
+            a.query_stride = D;
+            a.keys = keys;
+            a.values = values;
+            a.grad_context = ptr<T_>(dctx);
+            a.grad_context_stride = D;
+            a.grad_query = rec - col;  // column d of the block's heads at rec[d - col]
+            a.grad_query_stride = R;
+            a.grad_keys = ptr<T_>(grad_keys);
+            a.grad_values = ptr<T_>(grad_values);
+            run_attention<true>(input, a);
+            if (geo.self_memory) {
+              // Slot k (h before step k) is read by no earlier step: its key and value gradients are final.
+              copy_matrix(input, rec + n, R, static_cast<const T_*>(ptr<T_>(grad_keys)) + k * slot_size + col, D, B, n);
+              copy_matrix(input, rec + 2 * n, R, static_cast<const T_*>(ptr<T_>(grad_values)) + k * slot_size + col, D,
+                          B, n);
+            }
+          }
+          hidden_share(c);
+        });
+      }
       std::swap(dh_share, dh_share_next);
     }
   });
@@ -400,25 +655,55 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
 
   RecurrentBackward result;
   const Tensor dgx_flat = dgx.view({T * B, GH});
-  const Tensor dgh_flat = dgh.view({T * B, GH});
+  const Tensor dgh_flat = dgh.view({T * B, R});
   result.grad_input = dgx_flat.mm(w_ih).view({T, B, I});
   result.grad_weight_ih = blocks.unpermute_rows(dgx_flat.t().mm(input.contiguous().view({T * B, I})));
-  // dW_hh = sum_t dgh_t^T h_{t-1}: the step that read h_0 and the others (which read the outputs).
+  // dW_rec = sum_t dg_rec_t^T h_{t-1}: the step that read h_0 and the others (which read the outputs).
+  Tensor grad_w_rec;
   if (T == 0) {
-    result.grad_weight_hh = at::zeros_like(weight_hh_arg);
+    grad_w_rec = at::zeros({R, H}, opts);
   } else {
     const int64_t first = order.time(0);
-    Tensor grad_w_hh = dgh.select(0, first).t().mm(init[0]);
+    grad_w_rec = dgh.select(0, first).t().mm(init[0]);
     if (T > 1) {
       const Tensor later = reverse ? dgh.narrow(0, 0, T - 1) : dgh.narrow(0, 1, T - 1);
       const Tensor read = reverse ? output.narrow(0, 1, T - 1) : output.narrow(0, 0, T - 1);
-      grad_w_hh.addmm_(later.reshape({(T - 1) * B, GH}).t(), read.reshape({(T - 1) * B, H}));
+      grad_w_rec.addmm_(later.reshape({(T - 1) * B, R}).t(), read.reshape({(T - 1) * B, H}));
     }
-    result.grad_weight_hh = blocks.unpermute_rows(grad_w_hh);
+    grad_w_rec = blocks.unpermute_rec_rows(grad_w_rec);
   }
   result.grad_bias_ih = blocks.unpermute_rows(dgx_flat.sum(0));
-  result.grad_bias_hh =
-      Cell::kSeparateHiddenGrad ? blocks.unpermute_rows(dgh_flat.sum(0)) : result.grad_bias_ih.clone();
+  const Tensor grad_b_rec = rec_alias ? result.grad_bias_ih.clone() : blocks.unpermute_rec_rows(dgh_flat.sum(0));
+  result.grad_weight_hh = grad_w_rec.narrow(0, 0, GH);
+  result.grad_bias_hh = grad_b_rec.narrow(0, 0, GH);
+  if (geo.enabled) {
+    // The parts of the stacked weight and bias become separate outputs (outputs must not alias).
+    auto rows = [&](const Tensor& t, int64_t group) { return t.narrow(0, GH + group * D, D).clone(); };
+    result.grad_weight_hh = result.grad_weight_hh.clone();
+    result.grad_bias_hh = result.grad_bias_hh.clone();
+    result.grad_weight_q = rows(grad_w_rec, 0);
+    result.grad_bias_q = rows(grad_b_rec, 0);
+    result.grad_weight_c = blocks.unpermute_rows(dgx_flat.t().mm(saved->context.detach().contiguous().view({T * B, D})));
+    if (geo.self_memory) {
+      result.grad_weight_k = rows(grad_w_rec, 1);
+      result.grad_bias_k = rows(grad_b_rec, 1);
+      result.grad_weight_v = rows(grad_w_rec, 2);
+      result.grad_bias_v = rows(grad_b_rec, 2);
+      result.grad_memory = at::empty({0}, opts);
+    } else {
+      // External memory: k_s = W_k m_s + b_k for every slot once, so its gradients are one GEMM each.
+      const Tensor memory = attention->memory->detach().contiguous();
+      const int64_t M = memory.size(2);
+      const Tensor m = memory.view({geo.slots * B, M});
+      const Tensor dk = grad_keys.view({geo.slots * B, D}), dv = grad_values.view({geo.slots * B, D});
+      result.grad_weight_k = dk.t().mm(m);
+      result.grad_bias_k = dk.sum(0);
+      result.grad_weight_v = dv.t().mm(m);
+      result.grad_bias_v = dv.sum(0);
+      result.grad_memory =
+          dk.mm(attention->weight_k.detach()).addmm_(dv, attention->weight_v.detach()).view({geo.slots, B, M});
+    }
+  }
   result.grad_initial_states = std::move(dstate);
   return result;
 }
@@ -426,10 +711,12 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
 #define RNNATTN_INSTANTIATE_ENGINE(CELL)                                                                         \
   template RecurrentForward recurrent_forward<CELL>(const Tensor&, const std::vector<Tensor>&, const Tensor&,    \
                                                     const Tensor&, const std::optional<Tensor>&,                 \
-                                                    const std::optional<Tensor>&, bool, bool);                   \
+                                                    const std::optional<Tensor>&, bool, bool,                    \
+                                                    const AttentionConfig*);                                     \
   template RecurrentBackward recurrent_backward<CELL>(const Tensor&, const std::vector<Tensor>&, const Tensor&,  \
                                                       const std::vector<Tensor>&, const Tensor&, const Tensor&,  \
-                                                      const Tensor&, const Tensor&, bool);
+                                                      const Tensor&, const Tensor&, bool, const AttentionConfig*, \
+                                                      const AttentionSaved*);
 RNNATTN_FOR_EACH_CELL(RNNATTN_INSTANTIATE_ENGINE)
 #undef RNNATTN_INSTANTIATE_ENGINE
 

@@ -8,16 +8,44 @@
 
 namespace rnnattn {
 
+// The attention stage of the attention-augmented cell (SPEC): its parameters and memory. The engine
+// runs it inside the same time loop as the base cell: the query (and, for self memory, the key and
+// value of the new slot) come out of the recurrent GEMM as extra rows next to W_hh; W_c ctx joins the
+// input side of the cell's pointwise pass.
+struct AttentionConfig {
+  at::Tensor weight_q, weight_k, weight_v, weight_c;  // (D, H), (D, M), (D, M), (G*H, D)
+  std::optional<at::Tensor> bias_q, bias_k, bias_v;
+  std::optional<at::Tensor> memory;          // external memory (S, B, M); none: self memory (M = H)
+  std::optional<at::Tensor> memory_lengths;  // (B,) int64 on the device of memory
+  int64_t num_heads = 1;
+  std::optional<int64_t> window;  // self memory: the w most recent states; none: all of them
+  bool need_weights = false;
+};
+
+// What the attention forward saved, and the gradient of its context output (may be undefined).
+struct AttentionSaved {
+  at::Tensor context;    // (T, B, D)
+  at::Tensor workspace;  // flat: queries (T, B, D), then keys and values (slots, B, D) each
+  at::Tensor grad_context;
+};
+
 struct RecurrentForward {
   at::Tensor output;                     // (T, B, H)
   std::vector<at::Tensor> final_states;  // kStates tensors of (B, H)
   at::Tensor workspace;                  // (T, planes, B, H) when training, else empty
+  // Attention cell only.
+  at::Tensor context;              // (T, B, D)
+  at::Tensor attention;            // (T, B, heads, slots) when requested, else empty
+  at::Tensor attention_workspace;  // when training, else empty
 };
 
 struct RecurrentBackward {
   at::Tensor grad_input;
   std::vector<at::Tensor> grad_initial_states;
   at::Tensor grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh;
+  // Attention cell only (grad_memory empty for self memory).
+  at::Tensor grad_weight_q, grad_bias_q, grad_weight_k, grad_bias_k, grad_weight_v, grad_bias_v, grad_weight_c,
+      grad_memory;
 };
 
 // Workspace planes per step: the cell's saved activations plus its states other than h.
@@ -31,12 +59,15 @@ template <class Cell>
 RecurrentForward recurrent_forward(const at::Tensor& input, const std::vector<at::Tensor>& initial_states,
                                    const at::Tensor& weight_ih, const at::Tensor& weight_hh,
                                    const std::optional<at::Tensor>& bias_ih,
-                                   const std::optional<at::Tensor>& bias_hh, bool reverse, bool training);
+                                   const std::optional<at::Tensor>& bias_hh, bool reverse, bool training,
+                                   const AttentionConfig* attention = nullptr);
 
 template <class Cell>
 RecurrentBackward recurrent_backward(const at::Tensor& grad_output, const std::vector<at::Tensor>& grad_final_states,
                                      const at::Tensor& input, const std::vector<at::Tensor>& initial_states,
                                      const at::Tensor& weight_ih, const at::Tensor& weight_hh,
-                                     const at::Tensor& output, const at::Tensor& workspace, bool reverse);
+                                     const at::Tensor& output, const at::Tensor& workspace, bool reverse,
+                                     const AttentionConfig* attention = nullptr,
+                                     const AttentionSaved* attention_saved = nullptr);
 
 }  // namespace rnnattn

@@ -42,6 +42,7 @@ template <typename T>
 struct ForwardStepArgs {
   GateView<const T> xproj;      // W_ih x_t + b_ih
   GateView<const T> hproj;      // W_hh h_{t-1} + b_hh
+  GateView<const T> cproj;      // attention cell: W_c ctx_t, added to the input side; ptr null otherwise
   const T* prev[kMaxStates];    // states before the step
   T* next[kMaxStates];          // states after the step; next[0] is the output row y_t
   T* saved;                     // activations for backward, or nullptr in inference
@@ -59,7 +60,8 @@ struct BackwardStepArgs {
   T* dstate[kMaxStates];        // in: carried gradients of the states after the step;
                                 // out, in place: their direct gradients before the step
   GateView<T> dxg;              // gradient of the input-side pre-activations
-  GateView<T> dhg;              // gradient of the recurrent-side ones (unused unless separate)
+  GateView<T> dhg;              // gradient of the recurrent-side ones: written when the cell has a
+                                // separate one, else (equal to dxg) only when ptr is not null
   int64_t batch;
   int64_t hidden;
   int64_t unit_begin, unit_end;
@@ -90,6 +92,10 @@ RNNATTN_UNROLL
   for (int g = 0; g < G; ++g) {
     xg[g] = IO::load(a.xproj.at(b, g, local));
     hg[g] = IO::load(a.hproj.at(b, g, local));
+  }
+  if (a.cproj.ptr != nullptr) {
+RNNATTN_UNROLL
+    for (int g = 0; g < G; ++g) xg[g] += IO::load(a.cproj.at(b, g, local));
   }
 RNNATTN_UNROLL
   for (int s = 0; s < S; ++s) prev[s] = IO::load(a.prev[s][u]);
@@ -124,6 +130,9 @@ RNNATTN_UNROLL
   if constexpr (Cell::kSeparateHiddenGrad) {
 RNNATTN_UNROLL
     for (int g = 0; g < G; ++g) a.dhg.at(b, g, local) = IO::store(dhg[g]);
+  } else if (a.dhg.ptr != nullptr) {
+RNNATTN_UNROLL
+    for (int g = 0; g < G; ++g) a.dhg.at(b, g, local) = IO::store(dxg[g]);
   }
 RNNATTN_UNROLL
   for (int s = 0; s < S; ++s) a.dstate[s][u] = IO::store(dprev[s]);

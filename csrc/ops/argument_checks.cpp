@@ -87,4 +87,82 @@ void check_layer_backward(const char* op, int gates, int workspace_planes, const
   check_same_kind(op, "workspace", workspace, input);
 }
 
+void check_attention(const char* op, int gates, const LayerShape& shape, const Tensor& input,
+                     const AttentionConfig& a) {
+  const int64_t H = shape.hidden_size;
+  TORCH_CHECK_VALUE(a.weight_q.dim() == 2, op, ": weight_q must be 2-D (D, H), got shape ", a.weight_q.sizes());
+  const int64_t D = a.weight_q.size(0);
+  TORCH_CHECK_VALUE(D > 0, op, ": the attention width D = weight_q.size(0) must be positive, got ", D);
+  check_shape(op, "weight_q", a.weight_q, {D, H}, "(D, H)");
+  check_same_kind(op, "weight_q", a.weight_q, input);
+  TORCH_CHECK_VALUE(a.num_heads >= 1, op, ": num_heads must be >= 1, got ", a.num_heads);
+  TORCH_CHECK_VALUE(D % a.num_heads == 0, op, ": num_heads must divide the attention width D = ", D, ", got num_heads = ",
+                    a.num_heads);
+  int64_t M = H;
+  if (a.memory) {
+    const Tensor& memory = *a.memory;
+    TORCH_CHECK_VALUE(memory.dim() == 3, op, ": memory must be 3-D (S, B, M), got shape ", memory.sizes());
+    check_same_kind(op, "memory", memory, input);
+    TORCH_CHECK_VALUE(memory.size(1) == shape.batch, op, ": memory must have shape (S, B, M) with B = ", shape.batch,
+                      " (the batch of input), got ", memory.sizes());
+    TORCH_CHECK_VALUE(memory.size(0) >= 1 || shape.batch == 0, op,
+                      ": memory must have at least one position (S >= 1), got shape ", memory.sizes());
+    M = memory.size(2);
+    TORCH_CHECK_VALUE(!a.window, op, ": window applies to self memory only (memory=None), got window = ", *a.window,
+                      " with an external memory");
+    if (a.memory_lengths) {
+      const Tensor& lengths = *a.memory_lengths;
+      TORCH_CHECK_TYPE(lengths.scalar_type() == at::kLong, op, ": memory_lengths must be int64, got ",
+                       lengths.scalar_type());
+      TORCH_CHECK_VALUE(lengths.device() == memory.device(), op, ": memory_lengths must be on the device of memory (",
+                        memory.device(), "), got ", lengths.device());
+      check_shape(op, "memory_lengths", lengths, {shape.batch}, "(B,)");
+      if (lengths.numel() > 0) {
+        const int64_t low = lengths.min().item<int64_t>(), high = lengths.max().item<int64_t>();
+        TORCH_CHECK_VALUE(low >= 1 && high <= memory.size(0), op, ": memory_lengths must lie in [1, S] = [1, ",
+                          memory.size(0), "], got values in [", low, ", ", high, "]");
+      }
+    }
+  } else {
+    TORCH_CHECK_VALUE(!a.memory_lengths, op, ": memory_lengths needs an external memory, got memory=None");
+    TORCH_CHECK_VALUE(!a.window || *a.window >= 1, op, ": window must be >= 1 or None (unbounded), got ", *a.window);
+  }
+  check_shape(op, "weight_k", a.weight_k, {D, M}, a.memory ? "(D, M) with M = memory.size(2)" : "(D, H)");
+  check_same_kind(op, "weight_k", a.weight_k, input);
+  check_shape(op, "weight_v", a.weight_v, {D, M}, a.memory ? "(D, M) with M = memory.size(2)" : "(D, H)");
+  check_same_kind(op, "weight_v", a.weight_v, input);
+  check_shape(op, "weight_c", a.weight_c, {gates * H, D}, "(G*H, D)");
+  check_same_kind(op, "weight_c", a.weight_c, input);
+  const std::pair<const char*, const std::optional<Tensor>*> biases[] = {
+      {"bias_q", &a.bias_q}, {"bias_k", &a.bias_k}, {"bias_v", &a.bias_v}};
+  for (const auto& [name, bias] : biases) {
+    if (*bias) {
+      check_shape(op, name, **bias, {D}, "(D,)");
+      check_same_kind(op, name, **bias, input);
+    }
+  }
+}
+
+void check_attention_saved(const char* op, const LayerShape& shape, const Tensor& input, const AttentionConfig& a,
+                           const Tensor& context, const Tensor& attention_workspace,
+                           const std::optional<Tensor>& grad_context) {
+  const int64_t D = a.weight_q.size(0);
+  check_shape(op, "context", context, {shape.steps, shape.batch, D}, "(T, B, D)");
+  check_same_kind(op, "context", context, input);
+  if (grad_context) {
+    check_shape(op, "grad_context", *grad_context, {shape.steps, shape.batch, D}, "(T, B, D)");
+    check_same_kind(op, "grad_context", *grad_context, input);
+  }
+  const int64_t slots = a.memory ? a.memory->size(0) : shape.steps;
+  const int64_t expected = (shape.steps + 2 * slots) * shape.batch * D;
+  TORCH_CHECK_VALUE(attention_workspace.dim() == 1 && attention_workspace.numel() == expected, op,
+                    ": attention_workspace must be 1-D with (T + 2 * slots) * B * D = ", expected, " elements, got shape ",
+                    attention_workspace.sizes(),
+                    attention_workspace.numel() == 0 && expected != 0
+                        ? " (empty: the forward ran with training=False, which saves nothing for backward; run it "
+                          "with training=True)"
+                        : "");
+  check_same_kind(op, "attention_workspace", attention_workspace, input);
+}
+
 }  // namespace rnnattn

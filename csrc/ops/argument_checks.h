@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "engine/recurrent_engine.h"
+
 namespace rnnattn {
 
 struct NamedTensor {
@@ -31,5 +33,17 @@ void check_layer_backward(const char* op, int gates, int workspace_planes, const
                           const std::vector<NamedTensor>& grad_states, const at::Tensor& input,
                           const std::vector<NamedTensor>& states, const at::Tensor& weight_ih,
                           const at::Tensor& weight_hh, const at::Tensor& output, const at::Tensor& workspace);
+
+// Checks the attention cell's parameters against the layer: weight_q (D, H), weight_k and weight_v
+// (D, M), biases (D,), weight_c (G*H, D), num_heads dividing D, window >= 1 (self memory only),
+// memory (S, B, M) with S >= 1 and memory_lengths (B,) int64 in [1, S] on the device of memory.
+void check_attention(const char* op, int gates, const LayerShape& shape, const at::Tensor& input,
+                     const AttentionConfig& attention);
+
+// Checks what the attention backward adds: the forward's context and attention workspace, and the
+// context's gradient when given.
+void check_attention_saved(const char* op, const LayerShape& shape, const at::Tensor& input,
+                           const AttentionConfig& attention, const at::Tensor& context,
+                           const at::Tensor& attention_workspace, const std::optional<at::Tensor>& grad_context);
 
 }  // namespace rnnattn

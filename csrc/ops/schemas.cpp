@@ -4,33 +4,70 @@
 // Conventions: time-major input (T, B, I); states (B, H); weights with torch.nn's shapes and gate
 // order; `reverse` runs the layer from t = T-1 down to 0 (the second direction of a bidirectional
 // layer); `training` keeps the activations backward needs in `workspace` (else it is empty).
+//
+// Per cell: `<cell>_forward` / `<cell>_backward` (the base layer) and `<cell>_attn_forward` /
+// `<cell>_attn_backward` (the attention-augmented cell of SPEC.md: self memory when `memory` is None,
+// else external memory (S, B, M) with optional `memory_lengths` (B,); `window` None = unbounded;
+// returns the context vectors (T, B, D) and, with `need_weights`, the attention weights
+// (T, B, heads, slots), else an empty tensor).
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
+
+namespace {
+
+struct CellSignature {
+  const char* name;
+  std::vector<std::string> states;  // initial states; finals are "<s>_n", their gradients "grad_<s>_n"
+};
+
+std::string join(const std::vector<std::string>& parts, const std::string& prefix, const std::string& suffix) {
+  std::string out;
+  for (const auto& p : parts) out += prefix + p + suffix + ", ";
+  return out;
+}
+
+std::vector<std::string> finals(const CellSignature& cell) {
+  std::vector<std::string> out;
+  for (const auto& s : cell.states) out.push_back(s.substr(0, 1) + "_n");
+  return out;
+}
+
+}  // namespace
 
 TORCH_LIBRARY(rnnattn, m) {
-  // LSTM
-  m.def(
-      "lstm_forward(Tensor input, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, "
-      "Tensor? bias_ih, Tensor? bias_hh, bool reverse, bool training) "
-      "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor workspace)");
-  m.def(
-      "lstm_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, Tensor h0, "
-      "Tensor c0, Tensor weight_ih, Tensor weight_hh, Tensor output, Tensor workspace, bool reverse) "
-      "-> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_weight_ih, Tensor grad_weight_hh, "
-      "Tensor grad_bias_ih, Tensor grad_bias_hh)");
-
-  // GRU and the Elman RNNs share one signature: a single state h.
-  for (const char* cell : {"gru", "rnn_tanh", "rnn_relu"}) {
-    const std::string name(cell);
-    const std::string forward = name +
-        "_forward(Tensor input, Tensor h0, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
-        "Tensor? bias_hh, bool reverse, bool training) -> (Tensor output, Tensor h_n, Tensor workspace)";
-    const std::string backward = name +
-        "_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor h0, Tensor weight_ih, "
-        "Tensor weight_hh, Tensor output, Tensor workspace, bool reverse) -> (Tensor grad_input, "
-        "Tensor grad_h0, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, Tensor grad_bias_hh)";
-    m.def(forward.c_str());
-    m.def(backward.c_str());
+  const std::vector<CellSignature> cells{
+      {"lstm", {"h0", "c0"}}, {"gru", {"h0"}}, {"rnn_tanh", {"h0"}}, {"rnn_relu", {"h0"}}};
+  for (const auto& cell : cells) {
+    const std::string name(cell.name), states = join(cell.states, "Tensor ", ""),
+                      grad_states = join(cell.states, "Tensor grad_", ""), final_outputs = join(finals(cell), "Tensor ", ""),
+                      grad_finals = join(finals(cell), "Tensor grad_", "");
+    m.def((name + "_forward(Tensor input, " + states +
+           "Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, bool reverse, bool training) "
+           "-> (Tensor output, " + final_outputs + "Tensor workspace)")
+              .c_str());
+    m.def((name + "_backward(Tensor grad_output, " + grad_finals + "Tensor input, " + states +
+           "Tensor weight_ih, Tensor weight_hh, Tensor output, Tensor workspace, bool reverse) "
+           "-> (Tensor grad_input, " + grad_states +
+           "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, Tensor grad_bias_hh)")
+              .c_str());
+    m.def((name + "_attn_forward(Tensor input, " + states +
+           "Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, "
+           "Tensor weight_q, Tensor? bias_q, Tensor weight_k, Tensor? bias_k, Tensor weight_v, Tensor? bias_v, "
+           "Tensor weight_c, Tensor? memory, Tensor? memory_lengths, int num_heads, int? window, bool reverse, "
+           "bool training, bool need_weights) -> (Tensor output, " + final_outputs +
+           "Tensor context, Tensor attention, Tensor workspace, Tensor attention_workspace)")
+              .c_str());
+    m.def((name + "_attn_backward(Tensor grad_output, " + grad_finals + "Tensor? grad_context, Tensor input, " +
+           states +
+           "Tensor weight_ih, Tensor weight_hh, Tensor weight_q, Tensor weight_k, Tensor weight_v, Tensor weight_c, "
+           "Tensor? memory, Tensor? memory_lengths, Tensor output, Tensor context, Tensor workspace, "
+           "Tensor attention_workspace, int num_heads, int? window, bool reverse) -> (Tensor grad_input, " +
+           grad_states +
+           "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, Tensor grad_bias_hh, "
+           "Tensor grad_weight_q, Tensor grad_bias_q, Tensor grad_weight_k, Tensor grad_bias_k, "
+           "Tensor grad_weight_v, Tensor grad_bias_v, Tensor grad_weight_c, Tensor grad_memory)")
+              .c_str());
   }
 }

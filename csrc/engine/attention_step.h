@@ -1,0 +1,183 @@
+// The attention stage of one step of the attention-augmented cell (SPEC "The attention-augmented
+// cell"), for one batch row and one head: scaled dot-product scores over the row's memory slots,
+// softmax, context; and its backward. Shared by the CPU loops and the CUDA kernels; free of torch.
+//
+// Layouts (D = heads * head_dim; column d of head h is h * head_dim + d):
+//   query, grad_query, context, grad_context: row b at ptr + b * stride;
+//   keys, values, grad_keys, grad_values: slot s of row b at ptr + s * slot_stride + b * row_stride;
+//   weights: (B, heads, weight_slots), the n slots a row reads at [offset, offset + n) where offset is
+//     weight_slots - n for self memory (the most recent slot last) and 0 for external memory.
+//
+// Softmax statistics are not saved: backward recomputes them (a few dot products per slot), which
+// keeps training memory at O(T * B * D) for any window and the statistics in fp32 for 16-bit types.
+#pragma once
+#include <cstdint>
+
+#include "engine/step_args.h"
+
+namespace rnnattn {
+
+template <typename T>
+struct AttentionStepArgs {
+  const T* query;
+  int64_t query_stride;
+  const T* keys;
+  const T* values;
+  int64_t slot_stride, row_stride;
+  int64_t first_slot, end_slot;  // self memory: every row reads slots [first_slot, end_slot)
+  const int64_t* lengths;        // external memory: row b reads slots [0, lengths[b]); nullptr for self memory
+  T* context;
+  int64_t context_stride;
+  T* weights;  // nullptr unless the caller asked for the attention weights
+  int64_t weight_slots;
+  int64_t batch, heads, head_dim;
+  int64_t head_begin, head_end;  // the heads this pass covers (the CPU splits them over threads)
+  double scale;                  // 1 / sqrt(head_dim)
+  // Backward only.
+  const T* grad_context;
+  int64_t grad_context_stride;
+  T* grad_query;
+  int64_t grad_query_stride;
+  T* grad_keys;  // accumulated (+=): a slot is read by several steps
+  T* grad_values;
+};
+
+namespace attention_detail {
+
+// Context and query gradients are accumulated in registers, this many columns at a time.
+constexpr int kChunk = 32;
+
+template <typename A>
+RNNATTN_HD A exp_(A x) {
+  return exp(x);
+}
+template <>
+RNNATTN_HD float exp_(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  return std::exp(x);
+#endif
+}
+
+template <typename T, typename A>
+RNNATTN_HD A dot(const T* x, const T* y, int64_t n) {
+  using IO = ScalarIO<T>;
+  A acc = A(0);
+  for (int64_t d = 0; d < n; ++d) acc += A(IO::load(x[d])) * A(IO::load(y[d]));
+  return acc;
+}
+
+// The slots row b reads.
+template <typename T>
+RNNATTN_HD void slot_range(const AttentionStepArgs<T>& a, int64_t b, int64_t& first, int64_t& end) {
+  first = a.lengths != nullptr ? 0 : a.first_slot;
+  end = a.lengths != nullptr ? a.lengths[b] : a.end_slot;
+}
+
+// Maximum score and softmax denominator of row b, head h.
+template <typename T, typename A>
+RNNATTN_HD void softmax_stats(const AttentionStepArgs<T>& a, const T* q, int64_t b, int64_t col, int64_t first,
+                              int64_t end, A& max_score, A& denominator) {
+  const A scale = A(a.scale);
+  max_score = A(-INFINITY);
+  for (int64_t s = first; s < end; ++s) {
+    const A score = dot<T, A>(q, a.keys + s * a.slot_stride + b * a.row_stride + col, a.head_dim) * scale;
+    max_score = score > max_score ? score : max_score;
+  }
+  denominator = A(0);
+  for (int64_t s = first; s < end; ++s) {
+    const A score = dot<T, A>(q, a.keys + s * a.slot_stride + b * a.row_stride + col, a.head_dim) * scale;
+    denominator += exp_(score - max_score);
+  }
+}
+
+}  // namespace attention_detail
+
+// context[b, head h] = sum over slots of softmax(q . k / sqrt(head_dim)) v; weights if requested.
+template <typename T>
+RNNATTN_HD void attend_forward(const AttentionStepArgs<T>& a, int64_t b, int64_t h) {
+  using namespace attention_detail;
+  using IO = ScalarIO<T>;
+  using A = typename IO::Acc;
+  const int64_t col = h * a.head_dim;
+  const T* q = a.query + b * a.query_stride + col;
+  const A scale = A(a.scale);
+  int64_t first, end;
+  slot_range(a, b, first, end);
+  A max_score, denominator;
+  softmax_stats<T, A>(a, q, b, col, first, end, max_score, denominator);
+  const A inv = A(1) / denominator;
+  T* ctx = a.context + b * a.context_stride + col;
+  for (int64_t d0 = 0; d0 < a.head_dim; d0 += kChunk) {
+    const int64_t width = a.head_dim - d0 < kChunk ? a.head_dim - d0 : kChunk;
+    A acc[kChunk];
+    for (int d = 0; d < kChunk; ++d) acc[d] = A(0);
+    for (int64_t s = first; s < end; ++s) {
+      const int64_t at = s * a.slot_stride + b * a.row_stride + col;
+      const A p = exp_(dot<T, A>(q, a.keys + at, a.head_dim) * scale - max_score) * inv;
+      const T* v = a.values + at + d0;
+      for (int64_t d = 0; d < width; ++d) acc[d] += p * A(IO::load(v[d]));
+    }
+    for (int64_t d = 0; d < width; ++d) ctx[d0 + d] = IO::store(acc[d]);
+  }
+  if (a.weights != nullptr) {
+    const int64_t offset = a.lengths != nullptr ? 0 : a.weight_slots - (end - first);
+    T* w = a.weights + (b * a.heads + h) * a.weight_slots + offset;
+    for (int64_t s = first; s < end; ++s) {
+      const A score = dot<T, A>(q, a.keys + s * a.slot_stride + b * a.row_stride + col, a.head_dim) * scale;
+      w[s - first] = IO::store(exp_(score - max_score) * inv);
+    }
+  }
+}
+
+// With p_s the softmax weights and g = grad_context: dp_s = g . v_s, dscore_s = p_s (dp_s - g . ctx)
+// where g . ctx = sum_s p_s dp_s; then grad_query = scale * sum_s dscore_s k_s (written),
+// grad_keys[s] += scale * dscore_s q, grad_values[s] += p_s g.
+template <typename T>
+RNNATTN_HD void attend_backward(const AttentionStepArgs<T>& a, int64_t b, int64_t h) {
+  using namespace attention_detail;
+  using IO = ScalarIO<T>;
+  using A = typename IO::Acc;
+  const int64_t col = h * a.head_dim;
+  const T* q = a.query + b * a.query_stride + col;
+  const T* g = a.grad_context + b * a.grad_context_stride + col;
+  const A scale = A(a.scale);
+  int64_t first, end;
+  slot_range(a, b, first, end);
+  A max_score, denominator;
+  softmax_stats<T, A>(a, q, b, col, first, end, max_score, denominator);
+  const A inv = A(1) / denominator;
+  A g_dot_ctx = A(0);
+  for (int64_t s = first; s < end; ++s) {
+    const int64_t at = s * a.slot_stride + b * a.row_stride + col;
+    const A p = exp_(dot<T, A>(q, a.keys + at, a.head_dim) * scale - max_score) * inv;
+    g_dot_ctx += p * dot<T, A>(g, a.values + at, a.head_dim);
+  }
+  T* dq = a.grad_query + b * a.grad_query_stride + col;
+  for (int64_t d0 = 0; d0 < a.head_dim; d0 += kChunk) {
+    const int64_t width = a.head_dim - d0 < kChunk ? a.head_dim - d0 : kChunk;
+    const bool last_chunk = d0 + kChunk >= a.head_dim;
+    A acc[kChunk];
+    for (int d = 0; d < kChunk; ++d) acc[d] = A(0);
+    for (int64_t s = first; s < end; ++s) {
+      const int64_t at = s * a.slot_stride + b * a.row_stride + col;
+      const A p = exp_(dot<T, A>(q, a.keys + at, a.head_dim) * scale - max_score) * inv;
+      const A dscore = p * (dot<T, A>(g, a.values + at, a.head_dim) - g_dot_ctx) * scale;
+      const T* k = a.keys + at + d0;
+      for (int64_t d = 0; d < width; ++d) acc[d] += dscore * A(IO::load(k[d]));
+      if (last_chunk) {
+        // Once per slot (in the last chunk, after every read of q, k and v above).
+        T* dk = a.grad_keys + at;
+        T* dv = a.grad_values + at;
+        for (int64_t d = 0; d < a.head_dim; ++d) {
+          dk[d] = IO::store(A(IO::load(dk[d])) + dscore * A(IO::load(q[d])));
+          dv[d] = IO::store(A(IO::load(dv[d])) + p * A(IO::load(g[d])));
+        }
+      }
+    }
+    for (int64_t d = 0; d < width; ++d) dq[d0 + d] = IO::store(acc[d]);
+  }
+}
+
+}  // namespace rnnattn

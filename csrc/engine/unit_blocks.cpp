@@ -1,0 +1,70 @@
+#include "engine/unit_blocks.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+namespace rnnattn {
+namespace {
+
+// Blocks narrower than this (in units) are not worth a thread: the GEMM per block gets too thin.
+constexpr int64_t kMinUnitsPerBlock = 32;
+
+at::Tensor to_index(const std::vector<int64_t>& order) {
+  return at::tensor(order, at::TensorOptions().dtype(at::kLong));
+}
+
+at::Tensor inverse_of(const at::Tensor& order) {
+  return at::empty_like(order).index_copy_(0, order, at::arange(order.numel(), at::kLong));
+}
+
+}  // namespace
+
+UnitBlocks make_unit_blocks(int gates, int64_t hidden, const at::Tensor& like, int64_t groups, int64_t heads,
+                            int64_t head_dim) {
+  UnitBlocks blocks;
+  blocks.gates = gates;
+  blocks.hidden = hidden;
+  blocks.groups = groups;
+  blocks.head_dim = head_dim;
+  int64_t count = 1;
+  if (like.is_cpu() && !at::in_parallel_region()) {
+    count = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), hidden / kMinUnitsPerBlock));
+  }
+  for (int64_t c = 0; c < count; ++c) {
+    // Block edges on multiples of 8 units keep the vectorized loops aligned.
+    blocks.begin.push_back(c == 0 ? 0 : (hidden * c / count) / 8 * 8);
+    blocks.head_begin.push_back(heads * c / count);
+  }
+  blocks.begin.push_back(hidden);
+  blocks.head_begin.push_back(heads);
+  blocks.rec_begin.push_back(0);
+  for (int64_t c = 0; c < count; ++c) {
+    blocks.rec_begin.push_back(blocks.rec_begin.back() + blocks.rows(c) + groups * blocks.cols(c));
+  }
+  if (count > 1) {
+    const int64_t gate_rows = gates * hidden, width = heads * head_dim;
+    std::vector<int64_t> order, rec_order;
+    for (int64_t c = 0; c < count; ++c) {
+      for (int g = 0; g < gates; ++g) {
+        for (int64_t j = blocks.first(c); j < blocks.first(c) + blocks.width(c); ++j) order.push_back(g * hidden + j);
+      }
+    }
+    for (int64_t c = 0; c < count; ++c) {
+      rec_order.insert(rec_order.end(), order.begin() + blocks.row0(c), order.begin() + blocks.row0(c) + blocks.rows(c));
+      for (int64_t a = 0; a < groups; ++a) {
+        for (int64_t d = blocks.col0(c); d < blocks.col0(c) + blocks.cols(c); ++d) {
+          rec_order.push_back(gate_rows + a * width + d);
+        }
+      }
+    }
+    blocks.order = to_index(order);
+    blocks.inverse = inverse_of(blocks.order);
+    blocks.rec_order = groups > 0 ? to_index(rec_order) : blocks.order;
+    blocks.rec_inverse = groups > 0 ? inverse_of(blocks.rec_order) : blocks.inverse;
+  }
+  return blocks;
+}
+
+}  // namespace rnnattn

@@ -1,0 +1,59 @@
+// How the hidden units (and the attention heads) are split into blocks, one per CPU thread, and the
+// row orders that make each block's rows of the weights and projections contiguous.
+//
+// On the CPU every thread keeps its own slice of the recurrent weights hot in its cache for the whole
+// sequence and runs its block's GEMM and pointwise pass with no synchronisation in between. CUDA
+// uses a single block (and the plain torch.nn row order).
+//
+// Two row orders:
+//   gate rows (G*H: W_ih, W_c, the input projection): block c holds gate g of its units, g = 0..G-1;
+//   recurrent-side rows (G*H + groups*D: W_hh stacked with the attention cell's W_q[, W_k, W_v]):
+//     block c holds its gate rows, then for each group the rows of its heads.
+// Without attention (groups = 0) the two orders are the same.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace rnnattn {
+
+struct UnitBlocks {
+  int64_t gates = 1, hidden = 0;
+  int64_t groups = 0, head_dim = 0;  // attention rows: `groups` groups of D = heads * head_dim rows
+  std::vector<int64_t> begin;        // block c covers units [begin[c], begin[c + 1])
+  std::vector<int64_t> head_begin;   // and heads [head_begin[c], head_begin[c + 1])
+  std::vector<int64_t> rec_begin;    // and recurrent-side rows [rec_begin[c], rec_begin[c + 1])
+  at::Tensor order, inverse;         // gate rows: permuted row p is torch.nn row order[p]; undefined if identity
+  at::Tensor rec_order, rec_inverse; // recurrent-side rows, likewise
+
+  int64_t count() const { return static_cast<int64_t>(begin.size()) - 1; }
+  int64_t first(int64_t c) const { return begin[c]; }
+  int64_t width(int64_t c) const { return begin[c + 1] - begin[c]; }
+  // Gate rows of block c: [row0, row0 + rows).
+  int64_t row0(int64_t c) const { return gates * begin[c]; }
+  int64_t rows(int64_t c) const { return gates * width(c); }
+  // Attention columns (of D) of block c's heads: [col0, col0 + cols).
+  int64_t col0(int64_t c) const { return head_begin[c] * head_dim; }
+  int64_t cols(int64_t c) const { return (head_begin[c + 1] - head_begin[c]) * head_dim; }
+  // Recurrent-side rows of block c: rows(c) gate rows, then groups * cols(c) attention rows.
+  int64_t rec_row0(int64_t c) const { return rec_begin[c]; }
+  int64_t rec_rows(int64_t c) const { return rec_begin[c + 1] - rec_begin[c]; }
+  int64_t rec_total() const { return rec_begin.back(); }
+
+  at::Tensor permute_rows(const at::Tensor& t) const { return order.defined() ? t.index_select(0, order) : t; }
+  at::Tensor unpermute_rows(const at::Tensor& t) const { return inverse.defined() ? t.index_select(0, inverse) : t; }
+  at::Tensor permute_rec_rows(const at::Tensor& t) const {
+    return rec_order.defined() ? t.index_select(0, rec_order) : t;
+  }
+  at::Tensor unpermute_rec_rows(const at::Tensor& t) const {
+    return rec_inverse.defined() ? t.index_select(0, rec_inverse) : t;
+  }
+};
+
+// Blocks for `gates` gates of `hidden` units (and, for the attention cell, `groups` groups of
+// `heads` heads of `head_dim` rows): one per CPU thread when the units are many enough, else one.
+UnitBlocks make_unit_blocks(int gates, int64_t hidden, const at::Tensor& like, int64_t groups = 0,
+                            int64_t heads = 0, int64_t head_dim = 0);
+
+}  // namespace rnnattn
