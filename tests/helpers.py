@@ -51,4 +51,31 @@ def assert_close(actual, expected, atol, rtol, what=""):
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
-__all__ = ["rnnattn_ext", "layer_args", "run_layer", "loss_of", "grads", "assert_close", "CELLS"]
+__all__ = ["rnnattn_ext", "layer_args", "attention_args", "run_layer", "loss_of", "grads", "assert_close", "CELLS"]
+
+
+ATTENTION_NAMES = ("weight_q", "bias_q", "weight_k", "bias_k", "weight_v", "bias_v", "weight_c")
+
+
+def attention_args(cell, steps, batch, input_size, hidden, num_heads, head_dim, memory_slots=None, memory_width=5,
+                   dtype=torch.float64, device="cpu", bias=True, requires_grad=True, generator=None):
+    """Layer arguments plus the attention cell's: returns (x, states, weights (11-tuple), memory or None).
+    weights = (w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, w_v, b_v, w_c)."""
+    x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, steps, batch, input_size, hidden, dtype, device, bias,
+                                                   requires_grad, generator=generator)
+    width = num_heads * head_dim
+    mem_width = hidden if memory_slots is None else memory_width
+
+    def rand(*shape, s):
+        t = (torch.rand(*shape, dtype=torch.float64, generator=generator) * 2 - 1) * s
+        return t.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
+    # Fan-in scaling keeps the recurrence (which now also runs through the context) stable over long
+    # sequences; q and k twice that, so that the scores spread over a few units: the softmax is
+    # neither flat nor one-hot.
+    w_q, w_k = rand(width, hidden, s=2 / hidden**0.5), rand(width, mem_width, s=2 / mem_width**0.5)
+    w_v = rand(width, mem_width, s=1 / mem_width**0.5)
+    b_q, b_k, b_v = (rand(width, s=0.5) for _ in range(3)) if bias else (None, None, None)
+    w_c = rand(GATES[cell] * hidden, width, s=1 / width**0.5)
+    memory = None if memory_slots is None else rand(memory_slots, batch, mem_width, s=1.0)
+    return x, states, (w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, w_v, b_v, w_c), memory

@@ -86,3 +86,90 @@ def stack(
         if dropout > 0.0 and training and layer_index < num_layers - 1:
             x = F.dropout(x, p=dropout, training=True)
     return x, [torch.stack(collected, dim=0) for collected in finals]
+
+
+#: per layer and direction: (w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, w_v, b_v, w_c)
+AttentionWeights = Sequence[Tensor | None]
+
+
+def attention_layer(
+    cell: str,
+    input: Tensor,
+    states: Sequence[Tensor],
+    weights: AttentionWeights,
+    num_heads: int,
+    window: int | None = None,
+    memory: Tensor | None = None,
+    memory_lengths: Tensor | None = None,
+    reverse: bool = False,
+    need_weights: bool = False,
+) -> tuple[Tensor, list[Tensor], Tensor, Tensor | None]:
+    """One layer, one direction of the attention-augmented cell (SPEC.md), time-major.
+
+    Self memory when ``memory`` is None (``window`` most recent states, None = all), else external
+    memory (S, B, M) with optional ``memory_lengths`` (B,). Returns the output (T, B, H), the final
+    states, the context vectors (T, B, D) and, with ``need_weights``, the attention weights
+    (T, B, num_heads, slots) (else None).
+    """
+    if cell not in CELLS:
+        raise ValueError(f"rnnattn_ext.functional.attention_layer: cell must be one of {CELLS}, got {cell!r}")
+    if len(states) != _num_states(cell):
+        raise ValueError(
+            f"rnnattn_ext.functional.attention_layer: cell {cell!r} takes {_num_states(cell)} state tensor(s), "
+            f"got {len(states)}"
+        )
+    if len(weights) != 11:
+        raise ValueError(
+            "rnnattn_ext.functional.attention_layer: weights must be (w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, "
+            f"w_v, b_v, w_c), got {len(weights)} entries"
+        )
+    training = needs_workspace(input, *states, *weights, memory)
+    result = _ops.attention_forward_op(cell)(
+        input, *states, *weights, memory, memory_lengths, num_heads, window, reverse, training, need_weights
+    )
+    num_states = _num_states(cell)
+    output, finals = result[0], list(result[1 : 1 + num_states])
+    context, attention = result[1 + num_states], result[2 + num_states]
+    return output, finals, context, attention if need_weights else None
+
+
+def attention_stack(
+    cell: str,
+    input: Tensor,
+    states: Sequence[Tensor],
+    weights: Sequence[AttentionWeights],
+    num_layers: int,
+    bidirectional: bool,
+    num_heads: int,
+    window: int | None = None,
+    memory: Tensor | None = None,
+    memory_lengths: Tensor | None = None,
+    dropout: float = 0.0,
+    training: bool = False,
+    need_weights: bool = False,
+) -> tuple[Tensor, list[Tensor], list[Tensor] | None]:
+    """A stack of attention-augmented layers, as ``stack``: every layer attends over its own past
+    states (self memory) or over the same external ``memory``. Returns the last layer's output,
+    the final states and, with ``need_weights``, the attention weights of every layer and direction
+    (index ``layer * D + direction``)."""
+    directions = 2 if bidirectional else 1
+    finals: list[list[Tensor]] = [[] for _ in states]
+    attentions: list[Tensor] = []
+    x = input
+    for layer_index in range(num_layers):
+        outputs = []
+        for direction in range(directions):
+            index = layer_index * directions + direction
+            y, last, _context, attention = attention_layer(
+                cell, x, [s[index] for s in states], weights[index], num_heads, window, memory, memory_lengths,
+                reverse=direction == 1, need_weights=need_weights,
+            )
+            outputs.append(y)
+            if attention is not None:
+                attentions.append(attention)
+            for collected, state in zip(finals, last):
+                collected.append(state)
+        x = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
+        if dropout > 0.0 and training and layer_index < num_layers - 1:
+            x = F.dropout(x, p=dropout, training=True)
+    return x, [torch.stack(collected, dim=0) for collected in finals], attentions if need_weights else None

@@ -86,17 +86,25 @@ class RecurrentBase(nn.Module):
                         (f"bias_ih_l{layer}{suffix}", (gate_size,)),
                         (f"bias_hh_l{layer}{suffix}", (gate_size,)),
                     ]
+                shapes += self._extra_parameter_shapes(layer, suffix)
                 for param_name, shape in shapes:
                     self.register_parameter(param_name, nn.Parameter(torch.empty(shape, **factory)))
                 self._flat_weights_names.extend(n for n, _ in shapes)
                 self._all_weights.append([n for n, _ in shapes])
         self.reset_parameters()
 
+    def _extra_parameter_shapes(self, layer: int, suffix: str) -> list[tuple[str, tuple[int, ...]]]:
+        """Parameters a subclass adds after the base cell's, per layer and direction."""
+        return []
+
+    def _init_bound(self, name: str) -> float:
+        return 1.0 / math.sqrt(self.hidden_size)
+
     def reset_parameters(self) -> None:
         # torch.nn's initialisation, in torch.nn's parameter order.
-        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -stdv, stdv)
+        for name, weight in self.named_parameters():
+            bound = self._init_bound(name)
+            nn.init.uniform_(weight, -bound, bound)
 
     @property
     def all_weights(self) -> list[list[nn.Parameter]]:
@@ -129,6 +137,22 @@ class RecurrentBase(nn.Module):
         return 2 if self.cell == "lstm" else 1
 
     def _run(self, input: Tensor, hx: Tensor | tuple[Tensor, ...] | None):
+        x, states, batched = self._prepare(input, hx)
+        output, finals = functional.stack(
+            self.cell,
+            x,
+            states,
+            self._layer_weights(),
+            self.num_layers,
+            self.bidirectional,
+            dropout=self.dropout,
+            training=self.training,
+        )
+        return self._finish(output, finals, batched)
+
+    def _prepare(self, input: Tensor, hx: Tensor | tuple[Tensor, ...] | None) -> tuple[Tensor, list[Tensor], bool]:
+        """Checks input and hx; returns the time-major 3-D input, the initial states and whether the
+        input was batched."""
         name = type(self).__name__
         if isinstance(input, PackedSequence):
             raise NotImplementedError(
@@ -179,16 +203,10 @@ class RecurrentBase(nn.Module):
                     got = tuple(state.shape) if batched else (state.shape[0], state.shape[2])
                     raise ValueError(f"{name}: expected {state_name} of size {shown}, got {got}")
                 states.append(state)
-        output, finals = functional.stack(
-            self.cell,
-            x,
-            states,
-            self._layer_weights(),
-            self.num_layers,
-            self.bidirectional,
-            dropout=self.dropout,
-            training=self.training,
-        )
+        return x, states, batched
+
+    def _finish(self, output: Tensor, finals: list[Tensor], batched: bool) -> tuple[Tensor, list[Tensor]]:
+        """The time-major output and final states in the caller's layout."""
         if not batched:
             output = output.squeeze(1)
             finals = [f.squeeze(1) for f in finals]

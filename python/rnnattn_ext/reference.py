@@ -125,7 +125,8 @@ def attention_layer(
 
     Returns ``(output, final_states, context, attention)``: context (T, B, D); attention
     (T, B, num_heads, w) for self memory, slot w-1 holding the most recent state and zeros in
-    slots that do not exist yet (w = T when window is None); None for external memory.
+    slots that do not exist yet (w = T when window is None); for external memory
+    (T, B, num_heads, S), zeros at padded positions.
     """
     steps, batch = input.shape[0], input.shape[1]
     width = weight_q.shape[0]
@@ -137,8 +138,11 @@ def attention_layer(
     order = range(steps - 1, -1, -1) if reverse else range(steps)
     outputs = [None] * steps
     contexts = [None] * steps
-    slots = window if window is not None else steps
-    attention = input.new_zeros((steps, batch, num_heads, slots)) if memory is None else None
+    if memory is not None:
+        slots = memory.shape[0]
+    else:
+        slots = window if window is not None else steps
+    attention = input.new_zeros((steps, batch, num_heads, slots))
 
     def split(t: Tensor) -> Tensor:  # (..., D) -> (..., heads, head_dim)
         return t.reshape(*t.shape[:-1], num_heads, head_dim)
@@ -167,8 +171,7 @@ def attention_layer(
             scores = scores.masked_fill(~valid.unsqueeze(1), float("-inf"))
         weights = torch.softmax(scores, dim=-1)
         context = torch.einsum("bhs,bshd->bhd", weights, values).reshape(batch, width)
-        if memory is None:
-            attention[t, :, :, slots - weights.shape[-1]:] = weights
+        attention[t, :, :, slots - weights.shape[-1]:] = weights
         x_term = _linear(input[t], weight_ih, bias_ih) + context @ weight_c.t()
         states = cell_update(cell, x_term, _linear(h_prev, weight_hh, bias_hh), states)
         outputs[t] = states[0]
@@ -179,6 +182,30 @@ def attention_layer(
         output = input.new_zeros((0, batch, weight_hh.shape[1]))
         context_out = input.new_zeros((0, batch, width))
     return output, states, context_out, attention
+
+
+def attention_stack(cell, input, states, weights, num_layers, bidirectional, num_heads, window=None, memory=None,
+                    memory_lengths=None):
+    """Reference of ``functional.attention_stack`` (no dropout): weights[layer * D + direction] is
+    (w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, w_v, b_v, w_c). Returns output, finals, attentions."""
+    directions = 2 if bidirectional else 1
+    finals = [[] for _ in states]
+    attentions = []
+    x = input
+    for layer_index in range(num_layers):
+        outputs = []
+        for direction in range(directions):
+            index = layer_index * directions + direction
+            w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, w_v, b_v, w_c = weights[index]
+            y, last, _, attention = attention_layer(
+                cell, x, [s[index] for s in states], w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, w_v, b_v, w_c,
+                num_heads, window, memory, memory_lengths, reverse=direction == 1)
+            outputs.append(y)
+            attentions.append(attention)
+            for collected, state in zip(finals, last):
+                collected.append(state)
+        x = torch.cat(outputs, dim=2)
+    return x, [torch.stack(c, dim=0) for c in finals], attentions
 
 
 def causal_self_attention(y: Tensor, weight_q, bias_q, weight_k, bias_k, weight_v, bias_v, weight_o, bias_o,

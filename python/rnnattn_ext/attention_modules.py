@@ -1,0 +1,194 @@
+"""AttnLSTM, AttnGRU, AttnRNN: recurrent layers whose cell attends over a memory at every step
+(SPEC.md, "The attention-augmented cell").
+
+Each takes its base module's arguments plus ``num_heads``, ``head_dim``, ``window`` and
+``memory_size``. With ``memory_size=None`` every layer attends over its own past states (self
+memory, the ``window`` most recent, None = all); with ``memory_size=M`` it attends over the
+``memory`` passed to ``forward`` (an encoder's outputs, (S, B, M), or (B, S, M) with batch_first),
+ignoring positions at or past ``memory_lengths[b]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import functional
+from .modules import _GATES, RecurrentBase
+
+
+def _positive_int(owner: str, name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        wanted = "an int or None" if allow_none else "an int"
+        raise TypeError(f"{owner}: {name} must be {wanted}, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{owner}: {name} must be >= 1{' or None' if allow_none else ''}, got {value}")
+
+
+class AttentionRecurrentBase(RecurrentBase):
+    """Shared machinery of the attention-augmented modules."""
+
+    def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, num_heads: int = 1,
+                 head_dim: int | None = None, window: int | None = None, memory_size: int | None = None,
+                 device=None, dtype=None) -> None:
+        owner = type(self).__name__
+        _positive_int(owner, "num_heads", num_heads)
+        _positive_int(owner, "head_dim", head_dim, allow_none=True)
+        _positive_int(owner, "window", window, allow_none=True)
+        _positive_int(owner, "memory_size", memory_size, allow_none=True)
+        if head_dim is None:
+            if not isinstance(hidden_size, int) or hidden_size % num_heads != 0:
+                raise ValueError(f"{owner}: num_heads ({num_heads}) must divide hidden_size ({hidden_size}) when "
+                                 "head_dim is not given")
+            head_dim = hidden_size // num_heads
+        if window is not None and memory_size is not None:
+            raise ValueError(f"{owner}: window applies to self memory only; got window={window} with "
+                             f"memory_size={memory_size} (an external memory has no window)")
+        # Read by _extra_parameter_shapes during the base constructor.
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.window = window
+        self.memory_size = memory_size
+        super().__init__(cell, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0,
+                         device, dtype)
+
+    @property
+    def attention_width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def _memory_width(self) -> int:
+        return self.memory_size if self.memory_size is not None else self.hidden_size
+
+    def _extra_parameter_shapes(self, layer: int, suffix: str) -> list[tuple[str, tuple[int, ...]]]:
+        width, memory_width = self.attention_width, self._memory_width()
+        shapes = []
+        for part, columns in (("q", self.hidden_size), ("k", memory_width), ("v", memory_width)):
+            shapes.append((f"weight_{part}_l{layer}{suffix}", (width, columns)))
+            if self.bias:
+                shapes.append((f"bias_{part}_l{layer}{suffix}", (width,)))
+        shapes.append((f"weight_c_l{layer}{suffix}", (_GATES[self.cell] * self.hidden_size, width)))
+        return shapes
+
+    def _init_bound(self, name: str) -> float:
+        # Each projection is scaled by its fan-in, as torch.nn scales W_hh by 1/sqrt(H).
+        part = name.split("_")[1]
+        if part in ("k", "v"):
+            return 1.0 / math.sqrt(self._memory_width())
+        if part == "c":
+            return 1.0 / math.sqrt(self.attention_width)
+        return 1.0 / math.sqrt(self.hidden_size)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr() + f", num_heads={self.num_heads}, head_dim={self.head_dim}"
+        if self.window is not None:
+            s += f", window={self.window}"
+        if self.memory_size is not None:
+            s += f", memory_size={self.memory_size}"
+        return s
+
+    def _attention_weights(self) -> list[tuple[Tensor | None, ...]]:
+        directions = 2 if self.bidirectional else 1
+        weights = []
+        for layer in range(self.num_layers):
+            for direction in range(directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+
+                def get(name: str) -> Tensor | None:
+                    return getattr(self, name + suffix, None)
+
+                weights.append((get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"),
+                                get("weight_q"), get("bias_q"), get("weight_k"), get("bias_k"),
+                                get("weight_v"), get("bias_v"), get("weight_c")))
+        return weights
+
+    def _memory(self, memory: Tensor | None, memory_lengths, batched: bool, batch: int):
+        """memory in the op's layout (S, B, M) and the lengths as int64 (B,), after checking them."""
+        owner = type(self).__name__
+        if self.memory_size is None:
+            if memory is not None or memory_lengths is not None:
+                raise ValueError(f"{owner}: built for self memory (memory_size=None), got a memory; construct it with "
+                                 "memory_size=M to attend over an external memory")
+            return None, None
+        if memory is None:
+            raise ValueError(f"{owner}: built with memory_size={self.memory_size}: forward needs memory "
+                             f"({'(B, S, M)' if self.batch_first else '(S, B, M)'}), got None")
+        if not isinstance(memory, Tensor):
+            raise TypeError(f"{owner}: memory must be a Tensor, got {type(memory).__name__}")
+        wanted = 3 if batched else 2
+        if memory.dim() != wanted:
+            raise ValueError(f"{owner}: for {'batched' if batched else 'unbatched'} input, memory must be {wanted}-D, "
+                             f"got shape {tuple(memory.shape)}")
+        if not batched:
+            memory = memory.unsqueeze(1)
+        elif self.batch_first:
+            memory = memory.transpose(0, 1)
+        if memory.shape[1] != batch or memory.shape[2] != self.memory_size:
+            raise ValueError(f"{owner}: memory must have batch {batch} and memory_size {self.memory_size}, got shape "
+                             f"{tuple(memory.shape)} (time-major: (S, B, M))")
+        if memory_lengths is not None:
+            if not isinstance(memory_lengths, Tensor):
+                memory_lengths = torch.as_tensor(memory_lengths)
+            if memory_lengths.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"{owner}: memory_lengths must hold integers, got {memory_lengths.dtype}")
+            memory_lengths = memory_lengths.to(device=memory.device, dtype=torch.int64).reshape(-1)
+        return memory, memory_lengths
+
+    def forward(self, input: Tensor, hx=None, memory: Tensor | None = None, memory_lengths=None,
+                need_weights: bool = False):
+        """Returns ``output, h_n`` (AttnLSTM: ``output, (h_n, c_n)``), and with ``need_weights`` also the
+        attention weights of every layer and direction (index ``layer * D + direction``), each
+        (T, B, num_heads, slots) in the input's layout (batch first with ``batch_first``)."""
+        x, states, batched = self._prepare(input, hx)
+        memory, memory_lengths = self._memory(memory, memory_lengths, batched, x.shape[1])
+        output, finals, attentions = functional.attention_stack(
+            self.cell, x, states, self._attention_weights(), self.num_layers, self.bidirectional, self.num_heads,
+            self.window, memory, memory_lengths, dropout=self.dropout, training=self.training,
+            need_weights=need_weights,
+        )
+        output, finals = self._finish(output, finals, batched)
+        state = (finals[0], finals[1]) if self.cell == "lstm" else finals[0]
+        if not need_weights:
+            return output, state
+        if not batched:
+            attentions = [a.squeeze(1) for a in attentions]
+        elif self.batch_first:
+            attentions = [a.transpose(0, 1) for a in attentions]
+        return output, state, attentions
+
+
+class AttnLSTM(AttentionRecurrentBase):
+    """LSTM whose cell attends over a memory every step: ``output, (h_n, c_n)``."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, num_heads=1, head_dim=None, window=None, memory_size=None, device=None,
+                 dtype=None):
+        super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         num_heads, head_dim, window, memory_size, device, dtype)
+
+
+class AttnGRU(AttentionRecurrentBase):
+    """GRU whose cell attends over a memory every step: ``output, h_n``."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, num_heads=1, head_dim=None, window=None, memory_size=None, device=None,
+                 dtype=None):
+        super().__init__("gru", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         num_heads, head_dim, window, memory_size, device, dtype)
+
+
+class AttnRNN(AttentionRecurrentBase):
+    """Elman RNN (``nonlinearity`` 'tanh' or 'relu') whose cell attends over a memory: ``output, h_n``."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, num_heads=1, head_dim=None, window=None, memory_size=None,
+                 device=None, dtype=None):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"AttnRNN: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__(f"rnn_{nonlinearity}", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, num_heads, head_dim, window, memory_size, device, dtype)
