@@ -44,3 +44,59 @@ def test_dtype_errors(cell):
         _call(cell, input=torch.randn(4, 3, 5).half())
     with pytest.raises(TypeError, match="float32 or float64 on the CPU, got Long"):
         _call(cell, input=torch.ones(4, 3, 5, dtype=torch.long))
+
+
+def _attention_op_args(cell="gru", memory=None):
+    from helpers import attention_args
+
+    x, states, weights, mem = attention_args(cell, 4, 2, 3, 6, 2, 2, memory, requires_grad=False)
+    return x, states, list(weights), mem
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (lambda a: a.update(heads=3), ValueError, "num_heads must divide the attention width D = 4, got num_heads = 3"),
+    (lambda a: a.update(heads=0), ValueError, "num_heads must be >= 1, got 0"),
+    (lambda a: a.update(window=0), ValueError, "window must be >= 1 or None \\(unbounded\\), got 0"),
+    (lambda a: a["weights"].__setitem__(4, torch.zeros(4, 5, dtype=torch.float64)), ValueError,
+     "weight_q must have shape \\(D, H\\) = \\[4, 6\\], got \\[4, 5\\]"),
+    (lambda a: a["weights"].__setitem__(10, torch.zeros(18, 3, dtype=torch.float64)), ValueError,
+     "weight_c must have shape \\(G\\*H, D\\) = \\[18, 4\\], got \\[18, 3\\]"),
+    (lambda a: a["weights"].__setitem__(5, torch.zeros(4, dtype=torch.float32)), TypeError,
+     "bias_q must have the dtype of input"),
+    (lambda a: a.update(lengths=torch.tensor([1, 2])), ValueError, "memory_lengths needs an external memory"),
+])
+def test_attention_op_argument_errors(change, error, match):
+    x, states, weights, mem = _attention_op_args()
+    args = dict(weights=weights, heads=2, window=2, lengths=None)
+    change(args)
+    with pytest.raises(error, match=match):
+        torch.ops.rnnattn.gru_attn_forward(x, *states, *args["weights"], mem, args["lengths"], args["heads"],
+                                           args["window"], False, False, False)
+
+
+@pytest.mark.parametrize("memory,lengths,error,match", [
+    (torch.zeros(3, 5, 5, dtype=torch.float64), None, ValueError, "memory must have shape \\(S, B, M\\) with B = 2"),
+    (torch.zeros(3, 2, 5, dtype=torch.float32), None, TypeError, "memory must have the dtype of input"),
+    (torch.zeros(3, 2, 5, dtype=torch.float64), torch.tensor([1, 4]), ValueError,
+     "memory_lengths must lie in \\[1, S\\] = \\[1, 3\\], got values in \\[1, 4\\]"),
+    (torch.zeros(3, 2, 5, dtype=torch.float64), torch.tensor([1, 2], dtype=torch.int32), TypeError,
+     "memory_lengths must be int64, got Int"),
+    (torch.zeros(3, 2, 5, dtype=torch.float64), torch.tensor([1, 2, 3]), ValueError,
+     "memory_lengths must have shape \\(B,\\) = \\[2\\], got \\[3\\]"),
+    (torch.zeros(3, 2, 7, dtype=torch.float64), None, ValueError,
+     "weight_k must have shape \\(D, M\\) with M = memory.size\\(2\\) = \\[4, 7\\], got \\[4, 5\\]"),
+])
+def test_attention_op_memory_errors(memory, lengths, error, match):
+    x, states, weights, _ = _attention_op_args(memory=3)
+    with pytest.raises(error, match=match):
+        torch.ops.rnnattn.gru_attn_forward(x, *states, *weights, memory, lengths, 2, None, False, False, False)
+
+
+def test_attention_backward_after_inference_forward_says_why():
+    x, states, weights, _ = _attention_op_args()
+    result = torch.ops.rnnattn.gru_attn_forward(x, *states, *weights, None, None, 2, 2, False, True, False)
+    out, h_n, ctx, _, workspace, _ = result
+    w_ih, w_hh, _, _, w_q, _, w_k, _, w_v, _, w_c = weights
+    with pytest.raises(ValueError, match="training=False, which saves nothing"):
+        torch.ops.rnnattn.gru_attn_backward(out, h_n, None, x, *states, w_ih, w_hh, w_q, w_k, w_v, w_c, None, None,
+                                            out, ctx, workspace, torch.empty(0, dtype=torch.float64), 2, 2, False)
