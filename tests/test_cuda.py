@@ -83,3 +83,16 @@ def test_mixed_devices_are_rejected():
     x, states, w_ih, w_hh, b_ih, b_hh = layer_args("lstm", 3, 2, 4, 5, torch.float32, "cuda")
     with pytest.raises(ValueError, match="weight_hh must be on the device of input"):
         functional.layer("lstm", x, states, w_ih, w_hh.detach().cpu(), b_ih, b_hh)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=["f64", "f32", "f16", "bf16"])
+@pytest.mark.parametrize("memory", [None, 7], ids=["self", "external"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_attention_cell_on_cuda(cell, memory, dtype):
+    # The attention cell's CUDA path against the reference: float64 to tight tolerance, the others
+    # under the SPEC accuracy rule (see test_attention_ops._compare).
+    from test_attention_ops import _compare
+
+    _compare(cell, dtype, "cuda", steps=24, batch=3, hidden=32, heads=2, head_dim=8,
+             window=None if memory else 5, memory_slots=memory, padded=memory is not None)

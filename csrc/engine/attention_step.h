@@ -10,6 +10,8 @@
 //
 // Softmax statistics are not saved: backward recomputes them (a few dot products per slot), which
 // keeps training memory at O(T * B * D) for any window and the statistics in fp32 for 16-bit types.
+// Each (row, head) pass keeps its per-slot numbers in `scratch` (accumulate type, 2 * scratch_slots
+// per pair), so every score is computed once per pass.
 #pragma once
 #include <cstdint>
 
@@ -33,6 +35,8 @@ struct AttentionStepArgs {
   int64_t batch, heads, head_dim;
   int64_t head_begin, head_end;  // the heads this pass covers (the CPU splits them over threads)
   double scale;                  // 1 / sqrt(head_dim)
+  void* scratch;                 // ScalarIO<T>::Acc, 2 * scratch_slots per (row, head) pair
+  int64_t scratch_slots;         // at least the number of slots any row reads
   // Backward only.
   const T* grad_context;
   int64_t grad_context_stride;
@@ -75,21 +79,27 @@ RNNATTN_HD void slot_range(const AttentionStepArgs<T>& a, int64_t b, int64_t& fi
   end = a.lengths != nullptr ? a.lengths[b] : a.end_slot;
 }
 
-// Maximum score and softmax denominator of row b, head h.
+// Softmax weights of row b, head h over its slots [first, end): p[s - first], in the pair's scratch.
 template <typename T, typename A>
-RNNATTN_HD void softmax_stats(const AttentionStepArgs<T>& a, const T* q, int64_t b, int64_t col, int64_t first,
-                              int64_t end, A& max_score, A& denominator) {
+RNNATTN_HD A* softmax_weights(const AttentionStepArgs<T>& a, const T* q, int64_t b, int64_t h, int64_t first,
+                              int64_t end) {
+  A* p = static_cast<A*>(a.scratch) + (b * a.heads + h) * 2 * a.scratch_slots;
+  const int64_t col = h * a.head_dim;
   const A scale = A(a.scale);
-  max_score = A(-INFINITY);
+  A max_score = A(-INFINITY);
   for (int64_t s = first; s < end; ++s) {
     const A score = dot<T, A>(q, a.keys + s * a.slot_stride + b * a.row_stride + col, a.head_dim) * scale;
+    p[s - first] = score;
     max_score = score > max_score ? score : max_score;
   }
-  denominator = A(0);
-  for (int64_t s = first; s < end; ++s) {
-    const A score = dot<T, A>(q, a.keys + s * a.slot_stride + b * a.row_stride + col, a.head_dim) * scale;
-    denominator += exp_(score - max_score);
+  A denominator = A(0);
+  for (int64_t i = 0; i < end - first; ++i) {
+    p[i] = exp_(p[i] - max_score);
+    denominator += p[i];
   }
+  const A inv = A(1) / denominator;
+  for (int64_t i = 0; i < end - first; ++i) p[i] *= inv;
+  return p;
 }
 
 }  // namespace attention_detail
@@ -102,32 +112,25 @@ RNNATTN_HD void attend_forward(const AttentionStepArgs<T>& a, int64_t b, int64_t
   using A = typename IO::Acc;
   const int64_t col = h * a.head_dim;
   const T* q = a.query + b * a.query_stride + col;
-  const A scale = A(a.scale);
   int64_t first, end;
   slot_range(a, b, first, end);
-  A max_score, denominator;
-  softmax_stats<T, A>(a, q, b, col, first, end, max_score, denominator);
-  const A inv = A(1) / denominator;
+  const A* p = softmax_weights<T, A>(a, q, b, h, first, end);
   T* ctx = a.context + b * a.context_stride + col;
   for (int64_t d0 = 0; d0 < a.head_dim; d0 += kChunk) {
     const int64_t width = a.head_dim - d0 < kChunk ? a.head_dim - d0 : kChunk;
     A acc[kChunk];
     for (int d = 0; d < kChunk; ++d) acc[d] = A(0);
     for (int64_t s = first; s < end; ++s) {
-      const int64_t at = s * a.slot_stride + b * a.row_stride + col;
-      const A p = exp_(dot<T, A>(q, a.keys + at, a.head_dim) * scale - max_score) * inv;
-      const T* v = a.values + at + d0;
-      for (int64_t d = 0; d < width; ++d) acc[d] += p * A(IO::load(v[d]));
+      const T* v = a.values + s * a.slot_stride + b * a.row_stride + col + d0;
+      const A weight = p[s - first];
+      for (int64_t d = 0; d < width; ++d) acc[d] += weight * A(IO::load(v[d]));
     }
     for (int64_t d = 0; d < width; ++d) ctx[d0 + d] = IO::store(acc[d]);
   }
   if (a.weights != nullptr) {
     const int64_t offset = a.lengths != nullptr ? 0 : a.weight_slots - (end - first);
     T* w = a.weights + (b * a.heads + h) * a.weight_slots + offset;
-    for (int64_t s = first; s < end; ++s) {
-      const A score = dot<T, A>(q, a.keys + s * a.slot_stride + b * a.row_stride + col, a.head_dim) * scale;
-      w[s - first] = IO::store(exp_(score - max_score) * inv);
-    }
+    for (int64_t i = 0; i < end - first; ++i) w[i] = IO::store(p[i]);
   }
 }
 
@@ -145,38 +148,36 @@ RNNATTN_HD void attend_backward(const AttentionStepArgs<T>& a, int64_t b, int64_
   const A scale = A(a.scale);
   int64_t first, end;
   slot_range(a, b, first, end);
-  A max_score, denominator;
-  softmax_stats<T, A>(a, q, b, col, first, end, max_score, denominator);
-  const A inv = A(1) / denominator;
+  const A* p = softmax_weights<T, A>(a, q, b, h, first, end);
+  A* dscore = static_cast<A*>(a.scratch) + (b * a.heads + h) * 2 * a.scratch_slots + a.scratch_slots;
   A g_dot_ctx = A(0);
   for (int64_t s = first; s < end; ++s) {
-    const int64_t at = s * a.slot_stride + b * a.row_stride + col;
-    const A p = exp_(dot<T, A>(q, a.keys + at, a.head_dim) * scale - max_score) * inv;
-    g_dot_ctx += p * dot<T, A>(g, a.values + at, a.head_dim);
+    const A dp = dot<T, A>(g, a.values + s * a.slot_stride + b * a.row_stride + col, a.head_dim);
+    dscore[s - first] = dp;
+    g_dot_ctx += p[s - first] * dp;
   }
+  for (int64_t i = 0; i < end - first; ++i) dscore[i] = p[i] * (dscore[i] - g_dot_ctx) * scale;
   T* dq = a.grad_query + b * a.grad_query_stride + col;
   for (int64_t d0 = 0; d0 < a.head_dim; d0 += kChunk) {
     const int64_t width = a.head_dim - d0 < kChunk ? a.head_dim - d0 : kChunk;
-    const bool last_chunk = d0 + kChunk >= a.head_dim;
     A acc[kChunk];
     for (int d = 0; d < kChunk; ++d) acc[d] = A(0);
     for (int64_t s = first; s < end; ++s) {
-      const int64_t at = s * a.slot_stride + b * a.row_stride + col;
-      const A p = exp_(dot<T, A>(q, a.keys + at, a.head_dim) * scale - max_score) * inv;
-      const A dscore = p * (dot<T, A>(g, a.values + at, a.head_dim) - g_dot_ctx) * scale;
-      const T* k = a.keys + at + d0;
-      for (int64_t d = 0; d < width; ++d) acc[d] += dscore * A(IO::load(k[d]));
-      if (last_chunk) {
-        // Once per slot (in the last chunk, after every read of q, k and v above).
-        T* dk = a.grad_keys + at;
-        T* dv = a.grad_values + at;
-        for (int64_t d = 0; d < a.head_dim; ++d) {
-          dk[d] = IO::store(A(IO::load(dk[d])) + dscore * A(IO::load(q[d])));
-          dv[d] = IO::store(A(IO::load(dv[d])) + p * A(IO::load(g[d])));
-        }
-      }
+      const T* k = a.keys + s * a.slot_stride + b * a.row_stride + col + d0;
+      const A ds = dscore[s - first];
+      for (int64_t d = 0; d < width; ++d) acc[d] += ds * A(IO::load(k[d]));
     }
     for (int64_t d = 0; d < width; ++d) dq[d0 + d] = IO::store(acc[d]);
+  }
+  for (int64_t s = first; s < end; ++s) {
+    const int64_t at = s * a.slot_stride + b * a.row_stride + col;
+    const A ds = dscore[s - first], weight = p[s - first];
+    T* dk = a.grad_keys + at;
+    T* dv = a.grad_values + at;
+    for (int64_t d = 0; d < a.head_dim; ++d) {
+      dk[d] = IO::store(A(IO::load(dk[d])) + ds * A(IO::load(q[d])));
+      dv[d] = IO::store(A(IO::load(dv[d])) + weight * A(IO::load(g[d])));
+    }
   }
 }
 

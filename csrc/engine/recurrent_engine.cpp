@@ -230,6 +230,7 @@ struct AttentionGeometry {
   int64_t width = 0, heads = 0, head_dim = 0;  // D = heads * head_dim
   int64_t slots = 0;                           // self memory: T (slot k is h before step k); external: S
   int64_t weight_slots = 0;                    // last dimension of the returned attention weights
+  int64_t read_slots = 0;                      // the most slots one step reads
   std::optional<int64_t> window;
   int64_t groups() const { return !enabled ? 0 : self_memory ? 3 : 1; }
 
@@ -248,6 +249,7 @@ AttentionGeometry attention_geometry(const AttentionConfig* attention, int64_t s
   g.window = g.self_memory ? attention->window : std::nullopt;
   g.slots = g.self_memory ? steps : attention->memory->size(0);
   g.weight_slots = g.self_memory ? (g.window ? *g.window : steps) : g.slots;
+  g.read_slots = g.self_memory && g.window ? std::min(*g.window, steps) : g.slots;
   return g;
 }
 
@@ -272,10 +274,19 @@ std::pair<Tensor, std::optional<Tensor>> recurrent_side(const Tensor& weight_hh,
   return {weight, any_bias ? std::optional<Tensor>(at::cat(parts, 0)) : std::nullopt};
 }
 
+// Per-slot numbers of the attention passes, in the accumulate type: 2 * read_slots per (row, head).
+Tensor attention_scratch(const AttentionGeometry& g, int64_t batch, const Tensor& like) {
+  if (!g.enabled) return Tensor();
+  const auto acc = like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return at::empty({batch * g.heads * 2 * std::max<int64_t>(1, g.read_slots)}, like.options().dtype(acc));
+}
+
 template <typename T>
 AttentionStepArgs<T> attention_step_args(const AttentionGeometry& g, const UnitBlocks& blocks, int64_t c,
-                                         int64_t batch, int64_t k, const Tensor& lengths) {
+                                         int64_t batch, int64_t k, const Tensor& lengths, const Tensor& scratch) {
   AttentionStepArgs<T> a{};
+  a.scratch = scratch.data_ptr();
+  a.scratch_slots = std::max<int64_t>(1, g.read_slots);
   a.slot_stride = batch * g.width;
   a.row_stride = g.width;
   a.first_slot = g.self_memory ? g.first_slot(k) : 0;
@@ -355,7 +366,7 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   // Attention memory, one flat buffer: queries (every step when training, else one step's), keys and
   // values of every slot, each slot (B, D).
   const int64_t query_steps = training ? T : 1, slot_size = B * D;
-  Tensor memory_store, context, weights, lengths;
+  Tensor memory_store, context, weights, lengths, scratch;
   if (geo.enabled) {
     memory_store = at::empty({(query_steps + 2 * geo.slots) * slot_size}, opts);
     if (!geo.self_memory) {
@@ -371,6 +382,7 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
       if (attention->memory_lengths) lengths = attention->memory_lengths->contiguous();
     }
     context = at::empty({T, B, D}, opts);
+    scratch = attention_scratch(geo, B, input);
     weights = attention->need_weights ? at::zeros({T, B, geo.heads, geo.weight_slots}, opts) : at::empty({0}, opts);
   }
   const StepOrder order{T, reverse};
@@ -423,7 +435,7 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
           copy_matrix(input, keys + k * slot_size + col, D, rec + n, ld, B, n);
           copy_matrix(input, values + k * slot_size + col, D, rec + 2 * n, ld, B, n);
         }
-        AttentionStepArgs<T_> a = attention_step_args<T_>(geo, blocks, c, B, k, lengths);
+        AttentionStepArgs<T_> a = attention_step_args<T_>(geo, blocks, c, B, k, lengths, scratch);
         a.query = q;
         a.query_stride = D;
         a.keys = keys;
@@ -532,6 +544,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   // Attention: the saved queries, keys and values, the gradients of the keys and values (summed
   // over the steps that read each slot), and dctx of the current step.
   Tensor memory_store, grad_keys, grad_values, dctx, grad_context, lengths;
+  const Tensor scratch = attention_scratch(geo, B, input);
   if (geo.enabled) {
     memory_store = saved->workspace.detach().contiguous();
     grad_keys = at::zeros({geo.slots, B, D}, opts);
@@ -626,7 +639,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
             // The block's heads: query gradient into its recurrent-side rows, key and value
             // gradients into the slots.
             T_* rec = ptr<T_>(dgh) + t * B * R + blocks.rec_row0(c) + blocks.rows(c);
-            AttentionStepArgs<T_> a = attention_step_args<T_>(geo, blocks, c, B, k, lengths);
+            AttentionStepArgs<T_> a = attention_step_args<T_>(geo, blocks, c, B, k, lengths, scratch);
             a.query = queries + k * slot_size;
             a.query_stride = D;
             a.keys = keys;

@@ -43,6 +43,7 @@ struct ForwardStepArgs {
   GateView<const T> xproj;      // W_ih x_t + b_ih
   GateView<const T> hproj;      // W_hh h_{t-1} + b_hh
   GateView<const T> cproj;      // attention cell: W_c ctx_t, added to the input side; ptr null otherwise
+                                // (the passes dispatch on it once, not per unit)
   const T* prev[kMaxStates];    // states before the step
   T* next[kMaxStates];          // states after the step; next[0] is the output row y_t
   T* saved;                     // activations for backward, or nullptr in inference
@@ -80,8 +81,9 @@ struct ScalarIO {
 };
 
 // Pointwise work of unit j of batch row b: the whole cell, from the two projections to the new states.
-// kSave: training, store the activations backward needs (a compile-time switch keeps loops branch-free).
-template <class Cell, typename T, bool kSave>
+// kSave: training, store the activations backward needs; kContext: add cproj (the attention cell).
+// Compile-time switches keep the loops branch-free, so that they vectorize.
+template <class Cell, typename T, bool kSave, bool kContext = false>
 RNNATTN_HD void forward_unit(const ForwardStepArgs<T>& a, int64_t b, int64_t j) {
   using IO = ScalarIO<T>;
   using A = typename IO::Acc;
@@ -93,7 +95,7 @@ RNNATTN_UNROLL
     xg[g] = IO::load(a.xproj.at(b, g, local));
     hg[g] = IO::load(a.hproj.at(b, g, local));
   }
-  if (a.cproj.ptr != nullptr) {
+  if constexpr (kContext) {
 RNNATTN_UNROLL
     for (int g = 0; g < G; ++g) xg[g] += IO::load(a.cproj.at(b, g, local));
   }
@@ -108,7 +110,8 @@ RNNATTN_UNROLL
   }
 }
 
-template <class Cell, typename T>
+// kHiddenCopy: a cell without a separate recurrent-side gradient also writes dxg to dhg.
+template <class Cell, typename T, bool kHiddenCopy = false>
 RNNATTN_HD void backward_unit(const BackwardStepArgs<T>& a, int64_t b, int64_t j) {
   using IO = ScalarIO<T>;
   using A = typename IO::Acc;
@@ -130,7 +133,7 @@ RNNATTN_UNROLL
   if constexpr (Cell::kSeparateHiddenGrad) {
 RNNATTN_UNROLL
     for (int g = 0; g < G; ++g) a.dhg.at(b, g, local) = IO::store(dhg[g]);
-  } else if (a.dhg.ptr != nullptr) {
+  } else if constexpr (kHiddenCopy) {
 RNNATTN_UNROLL
     for (int g = 0; g < G; ++g) a.dhg.at(b, g, local) = IO::store(dxg[g]);
   }

@@ -8,28 +8,38 @@
 namespace rnnattn::cpu::RNNATTN_CPU_ISA {
 
 // The inner loop runs over the units of one batch row so that it vectorizes.
-template <class Cell, typename T, bool kSave>
+template <class Cell, typename T, bool kSave, bool kContext>
 void forward_block_impl(const ForwardStepArgs<T>& args) {
   for (int64_t b = 0; b < args.batch; ++b) {
 #pragma GCC ivdep
-    for (int64_t j = args.unit_begin; j < args.unit_end; ++j) forward_unit<Cell, T, kSave>(args, b, j);
+    for (int64_t j = args.unit_begin; j < args.unit_end; ++j) forward_unit<Cell, T, kSave, kContext>(args, b, j);
   }
 }
 
 template <class Cell, typename T>
 void forward_block(const ForwardStepArgs<T>& args) {
+  const bool context = args.cproj.ptr != nullptr;
   if (args.saved != nullptr) {
-    forward_block_impl<Cell, T, true>(args);
+    context ? forward_block_impl<Cell, T, true, true>(args) : forward_block_impl<Cell, T, true, false>(args);
   } else {
-    forward_block_impl<Cell, T, false>(args);
+    context ? forward_block_impl<Cell, T, false, true>(args) : forward_block_impl<Cell, T, false, false>(args);
+  }
+}
+
+template <class Cell, typename T, bool kHiddenCopy>
+void backward_block_impl(const BackwardStepArgs<T>& args) {
+  for (int64_t b = 0; b < args.batch; ++b) {
+#pragma GCC ivdep
+    for (int64_t j = args.unit_begin; j < args.unit_end; ++j) backward_unit<Cell, T, kHiddenCopy>(args, b, j);
   }
 }
 
 template <class Cell, typename T>
 void backward_block(const BackwardStepArgs<T>& args) {
-  for (int64_t b = 0; b < args.batch; ++b) {
-#pragma GCC ivdep
-    for (int64_t j = args.unit_begin; j < args.unit_end; ++j) backward_unit<Cell, T>(args, b, j);
+  if (!Cell::kSeparateHiddenGrad && args.dhg.ptr != nullptr) {
+    backward_block_impl<Cell, T, true>(args);
+  } else {
+    backward_block_impl<Cell, T, false>(args);
   }
 }
 

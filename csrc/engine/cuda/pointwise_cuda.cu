@@ -14,21 +14,21 @@ namespace {
 constexpr int kThreads = 256;
 
 // One thread per (row, unit) of the block, grid-stride.
-template <class Cell, typename T, bool kSave>
+template <class Cell, typename T, bool kSave, bool kContext>
 __global__ void forward_step_kernel(const ForwardStepArgs<T> args) {
   const int64_t width = args.unit_end - args.unit_begin, units = args.batch * width;
   for (int64_t u = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; u < units;
        u += int64_t(gridDim.x) * blockDim.x) {
-    forward_unit<Cell, T, kSave>(args, u / width, args.unit_begin + u % width);
+    forward_unit<Cell, T, kSave, kContext>(args, u / width, args.unit_begin + u % width);
   }
 }
 
-template <class Cell, typename T>
+template <class Cell, typename T, bool kHiddenCopy>
 __global__ void backward_step_kernel(const BackwardStepArgs<T> args) {
   const int64_t width = args.unit_end - args.unit_begin, units = args.batch * width;
   for (int64_t u = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; u < units;
        u += int64_t(gridDim.x) * blockDim.x) {
-    backward_unit<Cell, T>(args, u / width, args.unit_begin + u % width);
+    backward_unit<Cell, T, kHiddenCopy>(args, u / width, args.unit_begin + u % width);
   }
 }
 
@@ -43,10 +43,14 @@ template <class Cell, typename T>
 cudaError_t launch_forward_step(const ForwardStepArgs<T>& args, cudaStream_t stream) {
   const int64_t units = args.batch * (args.unit_end - args.unit_begin);
   if (units == 0) return cudaSuccess;
+  const unsigned int grid = blocks_for(units);
+  const bool context = args.cproj.ptr != nullptr;
   if (args.saved != nullptr) {
-    forward_step_kernel<Cell, T, true><<<blocks_for(units), kThreads, 0, stream>>>(args);
+    if (context) forward_step_kernel<Cell, T, true, true><<<grid, kThreads, 0, stream>>>(args);
+    else forward_step_kernel<Cell, T, true, false><<<grid, kThreads, 0, stream>>>(args);
   } else {
-    forward_step_kernel<Cell, T, false><<<blocks_for(units), kThreads, 0, stream>>>(args);
+    if (context) forward_step_kernel<Cell, T, false, true><<<grid, kThreads, 0, stream>>>(args);
+    else forward_step_kernel<Cell, T, false, false><<<grid, kThreads, 0, stream>>>(args);
   }
   return cudaGetLastError();
 }
@@ -55,7 +59,11 @@ template <class Cell, typename T>
 cudaError_t launch_backward_step(const BackwardStepArgs<T>& args, cudaStream_t stream) {
   const int64_t units = args.batch * (args.unit_end - args.unit_begin);
   if (units == 0) return cudaSuccess;
-  backward_step_kernel<Cell, T><<<blocks_for(units), kThreads, 0, stream>>>(args);
+  if (!Cell::kSeparateHiddenGrad && args.dhg.ptr != nullptr) {
+    backward_step_kernel<Cell, T, true><<<blocks_for(units), kThreads, 0, stream>>>(args);
+  } else {
+    backward_step_kernel<Cell, T, false><<<blocks_for(units), kThreads, 0, stream>>>(args);
+  }
   return cudaGetLastError();
 }
 
