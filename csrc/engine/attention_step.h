@@ -102,6 +102,25 @@ RNNATTN_HD A* softmax_weights(const AttentionStepArgs<T>& a, const T* q, int64_t
   return p;
 }
 
+// out[d] = sum over slots s of coef[s - first] * rows[s][d], d < head_dim (rows: the keys or the
+// values of row b, head column col), accumulated in registers a chunk of columns at a time.
+template <typename T, typename A>
+RNNATTN_HD void combine_slots(const AttentionStepArgs<T>& a, const T* rows, int64_t b, int64_t col, const A* coef,
+                              int64_t first, int64_t end, T* out) {
+  using IO = ScalarIO<T>;
+  for (int64_t d0 = 0; d0 < a.head_dim; d0 += kChunk) {
+    const int64_t width = a.head_dim - d0 < kChunk ? a.head_dim - d0 : kChunk;
+    A acc[kChunk];
+    for (int d = 0; d < kChunk; ++d) acc[d] = A(0);
+    for (int64_t s = first; s < end; ++s) {
+      const T* row = rows + s * a.slot_stride + b * a.row_stride + col + d0;
+      const A c = coef[s - first];
+      for (int64_t d = 0; d < width; ++d) acc[d] += c * A(IO::load(row[d]));
+    }
+    for (int64_t d = 0; d < width; ++d) out[d0 + d] = IO::store(acc[d]);
+  }
+}
+
 }  // namespace attention_detail
 
 // context[b, head h] = sum over slots of softmax(q . k / sqrt(head_dim)) v; weights if requested.
@@ -115,18 +134,7 @@ RNNATTN_HD void attend_forward(const AttentionStepArgs<T>& a, int64_t b, int64_t
   int64_t first, end;
   slot_range(a, b, first, end);
   const A* p = softmax_weights<T, A>(a, q, b, h, first, end);
-  T* ctx = a.context + b * a.context_stride + col;
-  for (int64_t d0 = 0; d0 < a.head_dim; d0 += kChunk) {
-    const int64_t width = a.head_dim - d0 < kChunk ? a.head_dim - d0 : kChunk;
-    A acc[kChunk];
-    for (int d = 0; d < kChunk; ++d) acc[d] = A(0);
-    for (int64_t s = first; s < end; ++s) {
-      const T* v = a.values + s * a.slot_stride + b * a.row_stride + col + d0;
-      const A weight = p[s - first];
-      for (int64_t d = 0; d < width; ++d) acc[d] += weight * A(IO::load(v[d]));
-    }
-    for (int64_t d = 0; d < width; ++d) ctx[d0 + d] = IO::store(acc[d]);
-  }
+  combine_slots(a, a.values, b, col, p, first, end, a.context + b * a.context_stride + col);
   if (a.weights != nullptr) {
     const int64_t offset = a.lengths != nullptr ? 0 : a.weight_slots - (end - first);
     T* w = a.weights + (b * a.heads + h) * a.weight_slots + offset;
@@ -157,18 +165,7 @@ RNNATTN_HD void attend_backward(const AttentionStepArgs<T>& a, int64_t b, int64_
     g_dot_ctx += p[s - first] * dp;
   }
   for (int64_t i = 0; i < end - first; ++i) dscore[i] = p[i] * (dscore[i] - g_dot_ctx) * scale;
-  T* dq = a.grad_query + b * a.grad_query_stride + col;
-  for (int64_t d0 = 0; d0 < a.head_dim; d0 += kChunk) {
-    const int64_t width = a.head_dim - d0 < kChunk ? a.head_dim - d0 : kChunk;
-    A acc[kChunk];
-    for (int d = 0; d < kChunk; ++d) acc[d] = A(0);
-    for (int64_t s = first; s < end; ++s) {
-      const T* k = a.keys + s * a.slot_stride + b * a.row_stride + col + d0;
-      const A ds = dscore[s - first];
-      for (int64_t d = 0; d < width; ++d) acc[d] += ds * A(IO::load(k[d]));
-    }
-    for (int64_t d = 0; d < width; ++d) dq[d0 + d] = IO::store(acc[d]);
-  }
+  combine_slots(a, a.keys, b, col, dscore, first, end, a.grad_query + b * a.grad_query_stride + col);
   for (int64_t s = first; s < end; ++s) {
     const int64_t at = s * a.slot_stride + b * a.row_stride + col;
     const A ds = dscore[s - first], weight = p[s - first];
