@@ -34,5 +34,7 @@ if [ -z "${RNNATTN_SKIP_BENCH:-}" ]; then
   for dtype in float32 bfloat16; do
     echo "== benchmark cuda $dtype"
     "$python" benchmarks/bench_recurrent.py --device cuda --dtype "$dtype" --out "$out" | tail -30
+    echo "== attention cell benchmark cuda $dtype"
+    "$python" benchmarks/bench_attention.py --device cuda --dtype "$dtype" --cells lstm,gru --out "$out" | tail -8
   done
 fi
