@@ -133,7 +133,7 @@ def test_opcheck_forward(cell, memory, device):
         x, states, weights, mem, lengths = _op_args(cell, device, memory, training, 2)
         window = None if memory else 2
         torch.library.opcheck(_ops.attention_forward_op(cell),
-                              (x, *states, *weights, mem, lengths, 3 if False else 2, window, False, training,
+                              (x, *states, *weights, mem, lengths, 2, window, False, training,
                                need_weights))
 
 

@@ -257,7 +257,9 @@ AttentionGeometry attention_geometry(const AttentionConfig* attention, int64_t s
 // likewise (absent parts as zeros), or none when every part is absent.
 std::pair<Tensor, std::optional<Tensor>> recurrent_side(const Tensor& weight_hh, const std::optional<Tensor>& bias_hh,
                                                         const AttentionConfig* attention, bool self_memory) {
-  if (attention == nullptr) return {weight_hh, bias_hh};
+  if (attention == nullptr) {
+    return {weight_hh.detach(), bias_hh ? std::optional<Tensor>(bias_hh->detach()) : std::nullopt};
+  }
   std::vector<Tensor> weights{weight_hh.detach(), attention->weight_q.detach()};
   std::vector<std::optional<Tensor>> biases{bias_hh, attention->bias_q};
   if (self_memory) {
@@ -329,7 +331,7 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   // The input projection of every step in one GEMM (b_ih folded in), rows in block order.
   const Tensor xproj = bias_ih ? at::addmm(blocks.permute_rows(bias_ih->detach()), x, w_ih.t()) : at::mm(x, w_ih.t());
   // Per step and block: h_{t-1} @ W_rec^T (+ b_rec), W_rec = W_hh (+ the attention rows).
-  auto [w_rec_plain, b_rec_plain] = recurrent_side(weight_hh_arg.detach(), bias_hh, attention, geo.self_memory);
+  auto [w_rec_plain, b_rec_plain] = recurrent_side(weight_hh_arg, bias_hh, attention, geo.self_memory);
   const Tensor w_rec = blocks.permute_rec_rows(w_rec_plain).contiguous();
   const std::optional<Tensor> b_rec =
       b_rec_plain ? std::optional<Tensor>(blocks.permute_rec_rows(*b_rec_plain)) : std::nullopt;
@@ -503,7 +505,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
 
   const Tensor w_ih = blocks.permute_rows(weight_ih_arg.detach()).contiguous();
   const Tensor w_rec =
-      blocks.permute_rec_rows(recurrent_side(weight_hh_arg.detach(), std::nullopt, attention, geo.self_memory).first)
+      blocks.permute_rec_rows(recurrent_side(weight_hh_arg, std::nullopt, attention, geo.self_memory).first)
           .contiguous();
   const Tensor w_c = geo.enabled ? blocks.permute_rows(attention->weight_c.detach()).contiguous() : Tensor();
   const Tensor grad_y = grad_output.detach().contiguous();
@@ -549,7 +551,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
     memory_store = saved->workspace.detach().contiguous();
     grad_keys = at::zeros({geo.slots, B, D}, opts);
     grad_values = at::zeros({geo.slots, B, D}, opts);
-    dctx = at::empty({B, D}, opts);
+    if (input.is_cpu()) dctx = at::empty({B, D}, opts);  // CUDA reads its one block's share in place
     if (saved->grad_context.defined()) grad_context = saved->grad_context.detach().contiguous();
     if (attention->memory_lengths) lengths = attention->memory_lengths->contiguous();
   }
@@ -616,6 +618,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
           const int64_t col = blocks.col0(c), n = blocks.cols(c);
           if (n > 0) {
             // dctx_t of the block's heads: the context output's own gradient plus every block's share.
+            const T_* grad_ctx = dctx.defined() ? ptr<T_>(dctx) : nullptr;
             if (input.is_cpu()) {
               if constexpr (kCpuType<T_>) {
                 T_* out = ptr<T_>(dctx);
@@ -629,12 +632,10 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
                 }
               }
             } else {
+              // One block: its share is the whole of dctx_t.
               TORCH_INTERNAL_ASSERT(blocks.count() == 1);
-              if (grad_context.defined()) {
-                at::add_out(dctx, dctx_share[0], grad_context.select(0, t));
-              } else {
-                dctx.copy_(dctx_share[0]);
-              }
+              if (grad_context.defined()) dctx_share[0].add_(grad_context.select(0, t));
+              grad_ctx = ptr<T_>(dctx_share[0]);
             }
             // The block's heads: query gradient into its recurrent-side rows, key and value
             // gradients into the slots.
@@ -644,7 +645,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
             a.query_stride = D;
             a.keys = keys;
             a.values = values;
-            a.grad_context = ptr<T_>(dctx);
+            a.grad_context = grad_ctx;
             a.grad_context_stride = D;
             a.grad_query = rec - col;  // column d of the block's heads at rec[d - col]
             a.grad_query_stride = R;
@@ -653,8 +654,8 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
             run_attention<true>(input, a);
             if (geo.self_memory) {
               // Slot k (h before step k) is read by no earlier step: its key and value gradients are final.
-              copy_matrix(input, rec + n, R, static_cast<const T_*>(ptr<T_>(grad_keys)) + k * slot_size + col, D, B, n);
-              copy_matrix(input, rec + 2 * n, R, static_cast<const T_*>(ptr<T_>(grad_values)) + k * slot_size + col, D,
+              copy_matrix(input, rec + n, R, ptr<T_>(grad_keys) + k * slot_size + col, D, B, n);
+              copy_matrix(input, rec + 2 * n, R, ptr<T_>(grad_values) + k * slot_size + col, D,
                           B, n);
             }
           }
