@@ -1,8 +1,6 @@
 #include "engine/recurrent_engine.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 
@@ -13,6 +11,7 @@
 #include "engine/cpu/pointwise_cpu.h"
 #include "engine/attention_step.h"
 #include "engine/step_args.h"
+#include "engine/thread_team.h"
 #include "engine/unit_blocks.h"
 
 #ifdef RNNATTN_WITH_CUDA
@@ -104,22 +103,6 @@ void dispatch_dtype(const Tensor& like, Fn&& fn) {
   });
 }
 
-// Runs body(c) for every block: inline for one block, else one block per thread. A body that calls
-// ATen gets the caller's thread-local state (dispatch keys, grad mode) on the worker threads too;
-// the packed-GEMM path calls no ATen and skips that cost.
-template <typename Body>
-void for_each_block(const UnitBlocks& blocks, const std::optional<at::ThreadLocalState>& caller_state, Body&& body) {
-  if (blocks.count() == 1) {
-    body(0);
-    return;
-  }
-  at::parallel_for(0, blocks.count(), 1, [&](int64_t c0, int64_t c1) {
-    std::optional<at::ThreadLocalStateGuard> guard;
-    if (caller_state) guard.emplace(*caller_state);
-    for (int64_t c = c0; c < c1; ++c) body(c);
-  });
-}
-
 // float on the CPU multiplies with the packed kernel (csrc/engine/cpu/packed_gemm.h); other dtypes
 // and CUDA go through ATen (MKL / cuBLAS).
 bool uses_packed_gemm(const Tensor& like) { return like.is_cpu() && like.scalar_type() == at::kFloat; }
@@ -127,6 +110,19 @@ bool uses_packed_gemm(const Tensor& like) { return like.is_cpu() && like.scalar_
 template <typename T>
 GateView<T> gate_view(T* base, int64_t row_stride, const UnitBlocks& blocks, int64_t c) {
   return GateView<T>{base + blocks.row0(c), row_stride, blocks.width(c)};
+}
+
+// Steps per chunk of the forward's input projection. The CPU computes it a chunk at a time into one
+// reused buffer of a few MiB: a projection of every step at once would be T*B*G*H fresh (page-faulted)
+// memory that the time loop then reads back from DRAM. Big enough chunks keep the GEMM efficient.
+// CUDA projects every step in one GEMM.
+int64_t projection_chunk_steps(const Tensor& like, int64_t steps, int64_t batch, int64_t gate_rows) {
+  if (!like.is_cpu() || steps == 0) return std::max<int64_t>(1, steps);
+  constexpr int64_t kBudgetBytes = 2 << 20, kMinRows = 64;
+  const int64_t step_bytes = std::max<int64_t>(1, batch * gate_rows * like.element_size());
+  const int64_t by_budget = kBudgetBytes / step_bytes;
+  const int64_t by_rows = (kMinRows + batch - 1) / std::max<int64_t>(1, batch);
+  return std::clamp<int64_t>(std::max(by_budget, by_rows), 1, steps);
 }
 
 // A rows x cols matrix inside a contiguous buffer: element (r, c) at base[offset + r * ld + c].
@@ -328,21 +324,30 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
 
   const Tensor x = input.contiguous().view({T * B, I});
   const Tensor w_ih = blocks.permute_rows(weight_ih_arg.detach());
-  // The input projection of every step in one GEMM (b_ih folded in), rows in block order.
-  const Tensor xproj = bias_ih ? at::addmm(blocks.permute_rows(bias_ih->detach()), x, w_ih.t()) : at::mm(x, w_ih.t());
+  const std::optional<Tensor> b_ih =
+      bias_ih ? std::optional<Tensor>(blocks.permute_rows(bias_ih->detach())) : std::nullopt;
   // Per step and block: h_{t-1} @ W_rec^T (+ b_rec), W_rec = W_hh (+ the attention rows).
   auto [w_rec_plain, b_rec_plain] = recurrent_side(weight_hh_arg, bias_hh, attention, geo.self_memory);
   const Tensor w_rec = blocks.permute_rec_rows(w_rec_plain).contiguous();
   const std::optional<Tensor> b_rec =
       b_rec_plain ? std::optional<Tensor>(blocks.permute_rec_rows(*b_rec_plain)) : std::nullopt;
   const bool packed = uses_packed_gemm(input);
-  std::vector<BlockMatrix> rec_matrix, ctx_matrix;
-  std::vector<Tensor> hproj, cproj;
+  // The input projection (b_ih folded in), a chunk of steps at a time, each block its own gate rows.
+  // A single block projects with ATen, which uses every thread.
+  const int64_t chunk = projection_chunk_steps(input, T, B, GH);
+  const bool ih_packed = packed && blocks.count() > 1;
+  auto rows_of = [](const std::optional<Tensor>& t, int64_t first, int64_t count) {
+    return t ? std::optional<Tensor>(t->narrow(0, first, count)) : std::nullopt;
+  };
+  std::vector<BlockMatrix> ih_matrix, rec_matrix, ctx_matrix;
+  std::vector<Tensor> xproj, hproj, cproj;
   const Tensor w_c = geo.enabled ? blocks.permute_rows(attention->weight_c.detach()).contiguous() : Tensor();
   for (int64_t c = 0; c < blocks.count(); ++c) {
-    const auto bias = b_rec ? std::optional<Tensor>(b_rec->narrow(0, blocks.rec_row0(c), blocks.rec_rows(c)))
-                            : std::nullopt;
-    rec_matrix.push_back(block_matrix(w_rec.narrow(0, blocks.rec_row0(c), blocks.rec_rows(c)), bias, packed));
+    ih_matrix.push_back(block_matrix(w_ih.narrow(0, blocks.row0(c), blocks.rows(c)),
+                                     rows_of(b_ih, blocks.row0(c), blocks.rows(c)), ih_packed));
+    xproj.push_back(at::empty({chunk * B, blocks.rows(c)}, opts));
+    rec_matrix.push_back(block_matrix(w_rec.narrow(0, blocks.rec_row0(c), blocks.rec_rows(c)),
+                                      rows_of(b_rec, blocks.rec_row0(c), blocks.rec_rows(c)), packed));
     hproj.push_back(at::empty({B, blocks.rec_rows(c)}, opts));
     if (geo.enabled) {
       // Per step and block: ctx_t @ W_c^T, the block's gate rows.
@@ -350,8 +355,6 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
       cproj.push_back(at::empty({B, blocks.rows(c)}, opts));
     }
   }
-  const std::optional<at::ThreadLocalState> caller_state =
-      packed ? std::nullopt : std::optional<at::ThreadLocalState>(std::in_place);
   Tensor output = at::empty({T, B, H}, opts);
   Tensor workspace = training ? at::empty({T, planes, B, H}, opts) : at::empty({0}, opts);
   std::vector<Tensor> init;
@@ -400,61 +403,78 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
     T_* queries = geo.enabled ? ptr<T_>(memory_store) : nullptr;
     T_* keys = geo.enabled ? queries + query_steps * slot_size : nullptr;
     T_* values = geo.enabled ? keys + geo.slots * slot_size : nullptr;
-    for (int64_t k = 0; k < T; ++k) {
-      const int64_t t = order.time(k);
-      const Tensor h_prev = k == 0 ? init[0] : output.select(0, order.time(k - 1));
-      auto pointwise = [&](int64_t c) {
-        ForwardStepArgs<T_> args{};
-        args.xproj = gate_view<const T_>(ptr<T_>(xproj) + t * B * GH, GH, blocks, c);
-        args.hproj = GateView<const T_>{ptr<T_>(hproj[c]), blocks.rec_rows(c), blocks.width(c)};
-        if (geo.enabled) args.cproj = GateView<const T_>{ptr<T_>(cproj[c]), blocks.rows(c), blocks.width(c)};
-        args.prev[0] = ptr<T_>(h_prev);
-        args.next[0] = ptr<T_>(output) + t * plane;
-        for (int s = 1; s < S; ++s) {
-          args.prev[s] = k == 0 ? ptr<T_>(init[s]) : extra_state(k - 1, s);
-          args.next[s] = extra_state(k, s);
+    // One team for the whole loop: member threads keep their blocks; a step's phases end at a sync.
+    run_team(blocks.count(), !packed, [&](const TeamMember& team) {
+      int64_t chunk_first_time = 0;  // the earliest time step of the current chunk of xproj
+      for (int64_t k = 0; k < T; ++k) {
+        const int64_t t = order.time(k);
+        if (k % chunk == 0) {
+          const int64_t n = std::min(chunk, T - k);
+          chunk_first_time = reverse ? T - k - n : k;
+          team.for_each_block([&](int64_t c) {
+            multiply(ih_matrix[c], {x, chunk_first_time * B * I, n * B, I, I},
+                     {xproj[c], 0, n * B, blocks.rows(c), blocks.rows(c)});
+          });
         }
-        args.saved = training ? ptr<T_>(workspace) + t * planes * plane : nullptr;
-        args.batch = B;
-        args.hidden = H;
-        args.unit_begin = blocks.first(c);
-        args.unit_end = blocks.first(c) + blocks.width(c);
-        run_pointwise_block<Cell>(input, args);
-      };
-      for_each_block(blocks, caller_state, [&](int64_t c) {
-        multiply(rec_matrix[c], {h_prev, 0, B, H, H}, {hproj[c], 0, B, blocks.rec_rows(c), blocks.rec_rows(c)});
-        if (!geo.enabled) {
-          pointwise(c);
-          return;
-        }
-        if (blocks.cols(c) == 0) return;
-        // The block's heads: their query (and new slot) from the GEMM, then the attention stage.
-        const int64_t ld = blocks.rec_rows(c), col = blocks.col0(c), n = blocks.cols(c);
-        const T_* rec = ptr<T_>(hproj[c]) + blocks.rows(c);
-        T_* q = queries + (training ? k : 0) * slot_size;
-        copy_matrix(input, q + col, D, rec, ld, B, n);
-        if (geo.self_memory) {
-          copy_matrix(input, keys + k * slot_size + col, D, rec + n, ld, B, n);
-          copy_matrix(input, values + k * slot_size + col, D, rec + 2 * n, ld, B, n);
-        }
-        AttentionStepArgs<T_> a = attention_step_args<T_>(geo, blocks, c, B, k, lengths, scratch);
-        a.query = q;
-        a.query_stride = D;
-        a.keys = keys;
-        a.values = values;
-        a.context = ptr<T_>(context) + t * slot_size;
-        a.context_stride = D;
-        a.weights = attention->need_weights ? ptr<T_>(weights) + t * B * geo.heads * geo.weight_slots : nullptr;
-        run_attention<false>(input, a);
-      });
-      if (geo.enabled) {
-        // Every head's context is ready: W_c ctx_t joins the input side of each block's gates.
-        for_each_block(blocks, caller_state, [&](int64_t c) {
-          multiply(ctx_matrix[c], {context, t * slot_size, B, D, D}, {cproj[c], 0, B, blocks.rows(c), blocks.rows(c)});
-          pointwise(c);
+        // h_{t-1} as a raw operand: no tensor is made per step.
+        const Operand h_prev = k == 0 ? Operand{init[0], 0, B, H, H} : Operand{output, order.time(k - 1) * plane, B, H, H};
+        auto pointwise = [&](int64_t c) {
+          ForwardStepArgs<T_> args{};
+          args.xproj = GateView<const T_>{ptr<T_>(xproj[c]) + (t - chunk_first_time) * B * blocks.rows(c),
+                                          blocks.rows(c), blocks.width(c)};
+          args.hproj = GateView<const T_>{ptr<T_>(hproj[c]), blocks.rec_rows(c), blocks.width(c)};
+          if (geo.enabled) args.cproj = GateView<const T_>{ptr<T_>(cproj[c]), blocks.rows(c), blocks.width(c)};
+          args.prev[0] = h_prev.data<T_>();
+          args.next[0] = ptr<T_>(output) + t * plane;
+          for (int s = 1; s < S; ++s) {
+            args.prev[s] = k == 0 ? ptr<T_>(init[s]) : extra_state(k - 1, s);
+            args.next[s] = extra_state(k, s);
+          }
+          args.saved = training ? ptr<T_>(workspace) + t * planes * plane : nullptr;
+          args.batch = B;
+          args.hidden = H;
+          args.unit_begin = blocks.first(c);
+          args.unit_end = blocks.first(c) + blocks.width(c);
+          run_pointwise_block<Cell>(input, args);
+        };
+        team.for_each_block([&](int64_t c) {
+          multiply(rec_matrix[c], h_prev, {hproj[c], 0, B, blocks.rec_rows(c), blocks.rec_rows(c)});
+          if (!geo.enabled) {
+            pointwise(c);
+            return;
+          }
+          if (blocks.cols(c) == 0) return;
+          // The block's heads: their query (and new slot) from the GEMM, then the attention stage.
+          const int64_t ld = blocks.rec_rows(c), col = blocks.col0(c), n = blocks.cols(c);
+          const T_* rec = ptr<T_>(hproj[c]) + blocks.rows(c);
+          T_* q = queries + (training ? k : 0) * slot_size;
+          copy_matrix(input, q + col, D, rec, ld, B, n);
+          if (geo.self_memory) {
+            copy_matrix(input, keys + k * slot_size + col, D, rec + n, ld, B, n);
+            copy_matrix(input, values + k * slot_size + col, D, rec + 2 * n, ld, B, n);
+          }
+          AttentionStepArgs<T_> a = attention_step_args<T_>(geo, blocks, c, B, k, lengths, scratch);
+          a.query = q;
+          a.query_stride = D;
+          a.keys = keys;
+          a.values = values;
+          a.context = ptr<T_>(context) + t * slot_size;
+          a.context_stride = D;
+          a.weights = attention->need_weights ? ptr<T_>(weights) + t * B * geo.heads * geo.weight_slots : nullptr;
+          run_attention<false>(input, a);
         });
+        if (!team.sync()) return;
+        if (geo.enabled) {
+          // Every head's context is ready: W_c ctx_t joins the input side of each block's gates.
+          team.for_each_block([&](int64_t c) {
+            multiply(ctx_matrix[c], {context, t * slot_size, B, D, D},
+                     {cproj[c], 0, B, blocks.rows(c), blocks.rows(c)});
+            pointwise(c);
+          });
+          if (!team.sync()) return;
+        }
       }
-    }
+    });
   });
 
   RecurrentForward result;
@@ -519,14 +539,15 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   // shares of dctx_t = dxg_t @ W_c.
   const bool packed = uses_packed_gemm(input);
   const bool shares = packed || blocks.count() > 1;
-  std::vector<Tensor> dh_share, dh_share_next, dctx_share;
+  // dh shares by step parity: a step reads the list the step after it wrote (zeros at first).
+  std::vector<Tensor> dh_shares[2], dctx_share;
   std::vector<BlockMatrix> rec_matrix, ctx_matrix;
   for (int64_t c = 0; c < blocks.count(); ++c) {
     // share_c = dg_rec_c @ W_rec_c: M = W_rec_c^T (H x rec_rows(c)).
     rec_matrix.push_back(block_matrix(w_rec.narrow(0, blocks.rec_row0(c), blocks.rec_rows(c)).t(), std::nullopt, packed));
     if (shares) {
-      dh_share.push_back(at::zeros({B, H}, opts));
-      dh_share_next.push_back(at::empty({B, H}, opts));
+      dh_shares[0].push_back(at::zeros({B, H}, opts));
+      dh_shares[1].push_back(at::zeros({B, H}, opts));
     }
     if (geo.enabled) {
       // dctx share_c = dxg_c @ W_c_c: M = W_c_c^T (D x rows(c)).
@@ -535,8 +556,6 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
     }
   }
 
-  const std::optional<at::ThreadLocalState> caller_state =
-      packed ? std::nullopt : std::optional<at::ThreadLocalState>(std::in_place);
   // Gradients of the pre-activations: input side (T, B, G*H) in gate order, recurrent side (T, B, R)
   // in recurrent-side order (the same buffer when they are equal).
   Tensor dgx = at::empty({T, B, GH}, opts);
@@ -565,107 +584,115 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
     const T_* queries = geo.enabled ? ptr<T_>(memory_store) : nullptr;
     const T_* keys = geo.enabled ? queries + T * slot_size : nullptr;
     const T_* values = geo.enabled ? keys + geo.slots * slot_size : nullptr;
-    for (int64_t k = T - 1; k >= 0; --k) {
-      const int64_t t = order.time(k);
-      // dh_{t-1} share of block c (or, with no shares, added straight into the carried gradient).
-      auto hidden_share = [&](int64_t c) {
-        const Operand dg{dgh, t * B * R + blocks.rec_row0(c), B, blocks.rec_rows(c), R};
-        if (shares) {
-          multiply(rec_matrix[c], dg, {dh_share_next[c], 0, B, H, H});
-        } else {
-          multiply(rec_matrix[c], dg, {dstate[0], 0, B, H, H}, /*accumulate=*/true);
-        }
-      };
-      for_each_block(blocks, caller_state, [&](int64_t c) {
-        const int64_t j0 = blocks.first(c), j1 = j0 + blocks.width(c);
-        if (shares) {
-          // dh_t of this block's units: its direct part plus every block's share from step t+1.
-          if constexpr (kCpuType<T_>) {
-            T_* dh = ptr<T_>(dstate[0]);
-            for (const auto& share : dh_share) {
-              const T_* add = ptr<T_>(share);
-              for (int64_t b = 0; b < B; ++b) {
-                for (int64_t j = j0; j < j1; ++j) dh[b * H + j] += add[b * H + j];
-              }
-            }
+    // The list of dh shares step k writes (step k - 1 reads it).
+    auto written = [&](int64_t k) -> std::vector<Tensor>& { return dh_shares[(T - 1 - k) % 2]; };
+    auto read = [&](int64_t k) -> std::vector<Tensor>& { return dh_shares[(T - k) % 2]; };
+    run_team(blocks.count(), !packed, [&](const TeamMember& team) {
+      for (int64_t k = T - 1; k >= 0; --k) {
+        const int64_t t = order.time(k);
+        // dh_{t-1} share of block c (or, with no shares, added straight into the carried gradient).
+        auto hidden_share = [&](int64_t c) {
+          const Operand dg{dgh, t * B * R + blocks.rec_row0(c), B, blocks.rec_rows(c), R};
+          if (shares) {
+            multiply(rec_matrix[c], dg, {written(k)[c], 0, B, H, H});
+          } else {
+            multiply(rec_matrix[c], dg, {dstate[0], 0, B, H, H}, /*accumulate=*/true);
           }
-        }
-        BackwardStepArgs<T_> args{};
-        args.saved = ptr<T_>(workspace) + t * planes * plane;
-        args.prev[0] = k == 0 ? ptr<T_>(init[0]) : ptr<T_>(output) + order.time(k - 1) * plane;
-        args.next[0] = ptr<T_>(output) + t * plane;
-        for (int s = 1; s < S; ++s) {
-          args.prev[s] = k == 0 ? ptr<T_>(init[s]) : extra_state(k - 1, s);
-          args.next[s] = extra_state(k, s);
-        }
-        args.grad_output = ptr<T_>(grad_y) + t * plane;
-        for (int s = 0; s < S; ++s) args.dstate[s] = ptr<T_>(dstate[s]);
-        args.dxg = gate_view<T_>(ptr<T_>(dgx) + t * B * GH, GH, blocks, c);
-        if (!rec_alias) args.dhg = GateView<T_>{ptr<T_>(dgh) + t * B * R + blocks.rec_row0(c), R, blocks.width(c)};
-        args.batch = B;
-        args.hidden = H;
-        args.unit_begin = j0;
-        args.unit_end = j1;
-        run_pointwise_block<Cell>(input, args);
-        if (!geo.enabled) {
-          hidden_share(c);
-          return;
-        }
-        multiply(ctx_matrix[c], {dgx, t * B * GH + blocks.row0(c), B, blocks.rows(c), GH}, {dctx_share[c], 0, B, D, D});
-      });
-      if (geo.enabled) {
-        for_each_block(blocks, caller_state, [&](int64_t c) {
-          const int64_t col = blocks.col0(c), n = blocks.cols(c);
-          if (n > 0) {
-            // dctx_t of the block's heads: the context output's own gradient plus every block's share.
-            const T_* grad_ctx = dctx.defined() ? ptr<T_>(dctx) : nullptr;
-            if (input.is_cpu()) {
-              if constexpr (kCpuType<T_>) {
-                T_* out = ptr<T_>(dctx);
-                const T_* direct = grad_context.defined() ? ptr<T_>(grad_context) + t * slot_size : nullptr;
+        };
+        team.for_each_block([&](int64_t c) {
+          const int64_t j0 = blocks.first(c), j1 = j0 + blocks.width(c);
+          if (shares) {
+            // dh_t of this block's units: its direct part plus every block's share from step t+1.
+            if constexpr (kCpuType<T_>) {
+              T_* dh = ptr<T_>(dstate[0]);
+              for (const auto& share : read(k)) {
+                const T_* add = ptr<T_>(share);
                 for (int64_t b = 0; b < B; ++b) {
-                  for (int64_t d = col; d < col + n; ++d) {
-                    T_ sum = direct != nullptr ? direct[b * D + d] : T_(0);
-                    for (const auto& share : dctx_share) sum += ptr<T_>(share)[b * D + d];
-                    out[b * D + d] = sum;
-                  }
+                  for (int64_t j = j0; j < j1; ++j) dh[b * H + j] += add[b * H + j];
                 }
               }
-            } else {
-              // One block: its share is the whole of dctx_t.
-              TORCH_INTERNAL_ASSERT(blocks.count() == 1);
-              if (grad_context.defined()) dctx_share[0].add_(grad_context.select(0, t));
-              grad_ctx = ptr<T_>(dctx_share[0]);
-            }
-            // The block's heads: query gradient into its recurrent-side rows, key and value
-            // gradients into the slots.
-            T_* rec = ptr<T_>(dgh) + t * B * R + blocks.rec_row0(c) + blocks.rows(c);
-            AttentionStepArgs<T_> a = attention_step_args<T_>(geo, blocks, c, B, k, lengths, scratch);
-            a.query = queries + k * slot_size;
-            a.query_stride = D;
-            a.keys = keys;
-            a.values = values;
-            a.grad_context = grad_ctx;
-            a.grad_context_stride = D;
-            a.grad_query = rec - col;  // column d of the block's heads at rec[d - col]
-            a.grad_query_stride = R;
-            a.grad_keys = ptr<T_>(grad_keys);
-            a.grad_values = ptr<T_>(grad_values);
-            run_attention<true>(input, a);
-            if (geo.self_memory) {
-              // Slot k (h before step k) is read by no earlier step: its key and value gradients are final.
-              copy_matrix(input, rec + n, R, ptr<T_>(grad_keys) + k * slot_size + col, D, B, n);
-              copy_matrix(input, rec + 2 * n, R, ptr<T_>(grad_values) + k * slot_size + col, D,
-                          B, n);
             }
           }
-          hidden_share(c);
+          BackwardStepArgs<T_> args{};
+          args.saved = ptr<T_>(workspace) + t * planes * plane;
+          args.prev[0] = k == 0 ? ptr<T_>(init[0]) : ptr<T_>(output) + order.time(k - 1) * plane;
+          args.next[0] = ptr<T_>(output) + t * plane;
+          for (int s = 1; s < S; ++s) {
+            args.prev[s] = k == 0 ? ptr<T_>(init[s]) : extra_state(k - 1, s);
+            args.next[s] = extra_state(k, s);
+          }
+          args.grad_output = ptr<T_>(grad_y) + t * plane;
+          for (int s = 0; s < S; ++s) args.dstate[s] = ptr<T_>(dstate[s]);
+          args.dxg = gate_view<T_>(ptr<T_>(dgx) + t * B * GH, GH, blocks, c);
+          if (!rec_alias) args.dhg = GateView<T_>{ptr<T_>(dgh) + t * B * R + blocks.rec_row0(c), R, blocks.width(c)};
+          args.batch = B;
+          args.hidden = H;
+          args.unit_begin = j0;
+          args.unit_end = j1;
+          run_pointwise_block<Cell>(input, args);
+          if (!geo.enabled) {
+            hidden_share(c);
+            return;
+          }
+          multiply(ctx_matrix[c], {dgx, t * B * GH + blocks.row0(c), B, blocks.rows(c), GH}, {dctx_share[c], 0, B, D, D});
         });
+        if (!team.sync()) return;
+        if (geo.enabled) {
+          team.for_each_block([&](int64_t c) {
+            const int64_t col = blocks.col0(c), n = blocks.cols(c);
+            if (n > 0) {
+              // dctx_t of the block's heads: the context output's own gradient plus every block's share.
+              const T_* grad_ctx = dctx.defined() ? ptr<T_>(dctx) : nullptr;
+              if (input.is_cpu()) {
+                if constexpr (kCpuType<T_>) {
+                  T_* out = ptr<T_>(dctx);
+                  const T_* direct = grad_context.defined() ? ptr<T_>(grad_context) + t * slot_size : nullptr;
+                  for (int64_t b = 0; b < B; ++b) {
+                    for (int64_t d = col; d < col + n; ++d) {
+                      T_ sum = direct != nullptr ? direct[b * D + d] : T_(0);
+                      for (const auto& share : dctx_share) sum += ptr<T_>(share)[b * D + d];
+                      out[b * D + d] = sum;
+                    }
+                  }
+                }
+              } else {
+                // One block: its share is the whole of dctx_t.
+                TORCH_INTERNAL_ASSERT(blocks.count() == 1);
+                if (grad_context.defined()) dctx_share[0].add_(grad_context.select(0, t));
+                grad_ctx = ptr<T_>(dctx_share[0]);
+              }
+              // The block's heads: query gradient into its recurrent-side rows, key and value
+              // gradients into the slots.
+              T_* rec = ptr<T_>(dgh) + t * B * R + blocks.rec_row0(c) + blocks.rows(c);
+              AttentionStepArgs<T_> a = attention_step_args<T_>(geo, blocks, c, B, k, lengths, scratch);
+              a.query = queries + k * slot_size;
+              a.query_stride = D;
+              a.keys = keys;
+              a.values = values;
+              a.grad_context = grad_ctx;
+              a.grad_context_stride = D;
+              a.grad_query = rec - col;  // column d of the block's heads at rec[d - col]
+              a.grad_query_stride = R;
+              a.grad_keys = ptr<T_>(grad_keys);
+              a.grad_values = ptr<T_>(grad_values);
+              run_attention<true>(input, a);
+              if (geo.self_memory) {
+                // Slot k (h before step k) is read by no earlier step: its key and value gradients are final.
+                copy_matrix(input, rec + n, R, ptr<T_>(grad_keys) + k * slot_size + col, D, B, n);
+                copy_matrix(input, rec + 2 * n, R, ptr<T_>(grad_values) + k * slot_size + col, D,
+                            B, n);
+              }
+            }
+            hidden_share(c);
+          });
+          if (!team.sync()) return;
+        }
       }
-      std::swap(dh_share, dh_share_next);
-    }
+    });
   });
-  for (const auto& share : dh_share) dstate[0].add_(share);
+  if (shares && T > 0) {
+    for (const auto& share : dh_shares[(T - 1) % 2]) dstate[0].add_(share);
+  }
 
   RecurrentBackward result;
   const Tensor dgx_flat = dgx.view({T * B, GH});

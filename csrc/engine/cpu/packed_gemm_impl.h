@@ -20,40 +20,42 @@ inline __attribute__((always_inline)) vec8 load8(const float* p) {
 
 inline __attribute__((always_inline)) void store8(float* p, vec8 v) { std::memcpy(p, &v, sizeof(v)); }
 
-// kRows rows of a times one 16-wide panel: 2 * kRows accumulators live in registers across k.
-template <int kRows>
-void panel_kernel(const float* a, int64_t lda, const float* panel, int64_t k, const float* bias, float* out,
-                  int64_t ldo, int64_t width) {
-  vec8 acc[kRows][2];
-  vec8 b0 = {0, 0, 0, 0, 0, 0, 0, 0}, b1 = b0;
+// kRows rows of a times kPanels adjacent 16-wide panels (width columns of them are real): the
+// 2 * kRows * kPanels accumulators live in registers across k. An FMA waits ~4 cycles for its
+// accumulator and two issue per cycle, so about 8 independent accumulators keep the units busy:
+// few rows (a recurrent step at batch 1) take several panels at once instead.
+template <int kRows, int kPanels>
+void block_kernel(const float* a, int64_t lda, const float* panels, int64_t panel_stride, int64_t k,
+                  const float* bias, float* out, int64_t ldo, int64_t width) {
+  constexpr int kVecs = 2 * kPanels;
+  vec8 acc[kRows][kVecs];
+  vec8 start[kVecs] = {};
   if (bias != nullptr) {
-    float padded[kPanelWidth] = {};
+    float padded[kVecs * 8] = {};
     std::memcpy(padded, bias, width * sizeof(float));
-    b0 = load8(padded);
-    b1 = load8(padded + 8);
+    for (int v = 0; v < kVecs; ++v) start[v] = load8(padded + 8 * v);
   }
   for (int r = 0; r < kRows; ++r) {
-    acc[r][0] = b0;
-    acc[r][1] = b1;
+    for (int v = 0; v < kVecs; ++v) acc[r][v] = start[v];
   }
   for (int64_t j = 0; j < k; ++j) {
-    const vec8 w0 = load8(panel + j * kPanelWidth);
-    const vec8 w1 = load8(panel + j * kPanelWidth + 8);
+    vec8 w[kVecs];
+    for (int p = 0; p < kPanels; ++p) {
+      w[2 * p] = load8(panels + p * panel_stride + j * kPanelWidth);
+      w[2 * p + 1] = load8(panels + p * panel_stride + j * kPanelWidth + 8);
+    }
     for (int r = 0; r < kRows; ++r) {
       const float s = a[r * lda + j];
       const vec8 x = {s, s, s, s, s, s, s, s};
-      acc[r][0] += x * w0;
-      acc[r][1] += x * w1;
+      for (int v = 0; v < kVecs; ++v) acc[r][v] += x * w[v];
     }
   }
   for (int r = 0; r < kRows; ++r) {
-    if (width == kPanelWidth) {
-      store8(out + r * ldo, acc[r][0]);
-      store8(out + r * ldo + 8, acc[r][1]);
+    if (width == kVecs * 8) {
+      for (int v = 0; v < kVecs; ++v) store8(out + r * ldo + 8 * v, acc[r][v]);
     } else {
-      float tmp[kPanelWidth];
-      store8(tmp, acc[r][0]);
-      store8(tmp + 8, acc[r][1]);
+      float tmp[kVecs * 8];
+      for (int v = 0; v < kVecs; ++v) store8(tmp + 8 * v, acc[r][v]);
       std::memcpy(out + r * ldo, tmp, width * sizeof(float));
     }
   }
@@ -62,15 +64,29 @@ void panel_kernel(const float* a, int64_t lda, const float* panel, int64_t k, co
 // At most 6 rows per block: 12 accumulators + 2 weight vectors + 1 broadcast fit 16 AVX registers.
 constexpr int kMaxRows = 6;
 
-void row_block(int rows, const float* a, int64_t lda, const float* panel, int64_t k, const float* bias, float* out,
-               int64_t ldo, int64_t width) {
+// The panels one call takes for a block of `rows` rows: enough accumulators in flight.
+constexpr int panels_for(int rows) { return rows >= 4 ? 1 : rows >= 2 ? 2 : 4; }
+
+template <int kRows>
+void row_block(int panels, const float* a, int64_t lda, const float* panel, int64_t panel_stride, int64_t k,
+               const float* bias, float* out, int64_t ldo, int64_t width) {
+  switch (panels) {
+    case 1: return block_kernel<kRows, 1>(a, lda, panel, panel_stride, k, bias, out, ldo, width);
+    case 2: return block_kernel<kRows, 2>(a, lda, panel, panel_stride, k, bias, out, ldo, width);
+    case 3: return block_kernel<kRows, 3>(a, lda, panel, panel_stride, k, bias, out, ldo, width);
+    default: return block_kernel<kRows, 4>(a, lda, panel, panel_stride, k, bias, out, ldo, width);
+  }
+}
+
+void block(int rows, int panels, const float* a, int64_t lda, const float* panel, int64_t panel_stride, int64_t k,
+           const float* bias, float* out, int64_t ldo, int64_t width) {
   switch (rows) {
-    case 1: return panel_kernel<1>(a, lda, panel, k, bias, out, ldo, width);
-    case 2: return panel_kernel<2>(a, lda, panel, k, bias, out, ldo, width);
-    case 3: return panel_kernel<3>(a, lda, panel, k, bias, out, ldo, width);
-    case 4: return panel_kernel<4>(a, lda, panel, k, bias, out, ldo, width);
-    case 5: return panel_kernel<5>(a, lda, panel, k, bias, out, ldo, width);
-    default: return panel_kernel<6>(a, lda, panel, k, bias, out, ldo, width);
+    case 1: return row_block<1>(panels, a, lda, panel, panel_stride, k, bias, out, ldo, width);
+    case 2: return row_block<2>(panels, a, lda, panel, panel_stride, k, bias, out, ldo, width);
+    case 3: return row_block<3>(panels, a, lda, panel, panel_stride, k, bias, out, ldo, width);
+    case 4: return row_block<4>(panels, a, lda, panel, panel_stride, k, bias, out, ldo, width);
+    case 5: return row_block<5>(panels, a, lda, panel, panel_stride, k, bias, out, ldo, width);
+    default: return row_block<6>(panels, a, lda, panel, panel_stride, k, bias, out, ldo, width);
   }
 }
 
@@ -78,15 +94,24 @@ void row_block(int rows, const float* a, int64_t lda, const float* panel, int64_
 
 void gemm_packed(const float* a, int64_t rows, int64_t lda, const PackedMatrix& m, const float* bias, float* out,
                  int64_t ldo) {
+  if (rows == 0 || m.n == 0) return;
   const int64_t panels = (m.n + kPanelWidth - 1) / kPanelWidth;
-  // Panels outside, rows inside: a panel (k * 64 bytes) stays in L1 while every row block uses it.
-  for (int64_t p = 0; p < panels; ++p) {
+  const int64_t panel_stride = m.k * kPanelWidth;
+  // Rows split evenly into blocks of at most kMaxRows (7 rows: 4 + 3, not 6 + 1).
+  const int64_t row_blocks = (rows + kMaxRows - 1) / kMaxRows;
+  const int smallest = static_cast<int>(rows / row_blocks);
+  const int group = panels_for(smallest);
+  // Panel groups outside, rows inside: a group's panels stay in cache while every row block uses them.
+  for (int64_t p = 0; p < panels; p += group) {
+    const int count = static_cast<int>(std::min<int64_t>(group, panels - p));
     const int64_t col = p * kPanelWidth;
-    const int64_t width = std::min<int64_t>(kPanelWidth, m.n - col);
-    const float* panel = m.panels.data() + p * m.k * kPanelWidth;
-    for (int64_t r = 0; r < rows; r += kMaxRows) {
-      const int block = static_cast<int>(std::min<int64_t>(kMaxRows, rows - r));
-      row_block(block, a + r * lda, lda, panel, m.k, bias ? bias + col : nullptr, out + r * ldo + col, ldo, width);
+    const int64_t width = std::min<int64_t>(count * kPanelWidth, m.n - col);
+    const float* panel = m.panels.data() + p * panel_stride;
+    for (int64_t b = 0, r = 0; b < row_blocks; ++b) {
+      const int64_t next = rows * (b + 1) / row_blocks;
+      block(static_cast<int>(next - r), count, a + r * lda, lda, panel, panel_stride, m.k, bias ? bias + col : nullptr,
+            out + r * ldo + col, ldo, width);
+      r = next;
     }
   }
 }

@@ -1,0 +1,53 @@
+// The threads of one CPU time loop. Each member owns a fixed set of unit blocks for the whole
+// sequence (so its slice of the weights stays in its core's cache) and the members meet at a spin
+// barrier between the phases of a step. One parallel region per call replaces a fork and join per
+// step, whose cost is a large part of a small-batch step.
+#pragma once
+#include <ATen/ThreadLocalState.h>
+
+#include <atomic>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <optional>
+
+namespace rnnattn {
+
+class TeamBarrier {
+ public:
+  explicit TeamBarrier(int64_t members) : members_(members) {}
+  // Waits until every member has arrived; false when a member has failed instead (the loop must stop).
+  bool wait();
+  void fail() { failed_.store(true, std::memory_order_release); }
+  bool failed() const { return failed_.load(std::memory_order_acquire); }
+
+ private:
+  const int64_t members_;
+  alignas(64) std::atomic<int64_t> arrived_{0};
+  alignas(64) std::atomic<int64_t> generation_{0};
+  alignas(64) std::atomic<bool> failed_{false};
+};
+
+struct TeamMember {
+  int64_t index = 0;    // this member
+  int64_t members = 1;  // the team's size
+  int64_t blocks = 1;   // unit blocks, dealt round-robin: member i owns i, i + members, ...
+  TeamBarrier* barrier = nullptr;
+
+  // Runs fn(c) for each block this member owns.
+  template <typename Fn>
+  void for_each_block(Fn&& fn) const {
+    for (int64_t c = index; c < blocks; c += members) fn(c);
+  }
+  // Waits for every member to finish the current phase; false if the loop must stop.
+  bool sync() const { return members == 1 || barrier->wait(); }
+};
+
+// Runs body(member) on up to `blocks` threads (fewer if the thread pool has fewer) and waits for
+// them. Inline on the calling thread for one block. The first exception a member throws stops every
+// member at its next sync and is rethrown here. With `aten_state`, members run under the caller's
+// thread-local ATen state (grad mode, dispatch keys) because the body calls ATen.
+void run_team(int64_t blocks, bool aten_state, const std::function<void(const TeamMember&)>& body);
+
+}  // namespace rnnattn
