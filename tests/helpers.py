@@ -51,7 +51,23 @@ def assert_close(actual, expected, atol, rtol, what=""):
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
-__all__ = ["rnnattn_ext", "layer_args", "attention_args", "run_layer", "loss_of", "grads", "assert_close", "CELLS"]
+def rms(t):
+    return t.double().pow(2).mean().sqrt().item() if t.numel() else 0.0
+
+
+def assert_accuracy_rule(ours, eager, exact, what=""):
+    """The SPEC accuracy rule for float32 and lower: against the float64 result on the same inputs, our
+    error may be at most twice the eager reference's in the same dtype. A tensor's error is its root
+    mean square (a maximum over one element is mostly luck, e.g. a relu kink flipped by rounding), and
+    the 1e-6 slack scales with the tensor (gradients of biases are sums of thousands of terms)."""
+    exact = exact.double()
+    ours_error, eager_error = rms(ours.double() - exact), rms(eager.double() - exact)
+    slack = 1e-6 * max(1.0, rms(exact))
+    assert ours_error <= 2 * eager_error + slack, f"{what}: error {ours_error:.3g} vs eager {eager_error:.3g}"
+
+
+__all__ = ["rnnattn_ext", "layer_args", "attention_args", "run_layer", "loss_of", "grads", "assert_close",
+           "assert_accuracy_rule", "rms", "CELLS"]
 
 
 ATTENTION_NAMES = ("weight_q", "bias_q", "weight_k", "bias_k", "weight_v", "bias_v", "weight_c")

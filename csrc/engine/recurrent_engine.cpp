@@ -556,11 +556,20 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
     }
   }
 
-  // Gradients of the pre-activations: input side (T, B, G*H) in gate order, recurrent side (T, B, R)
-  // in recurrent-side order (the same buffer when they are equal).
-  Tensor dgx = at::empty({T, B, GH}, opts);
+  // Gradients of the pre-activations of one chunk of steps: input side (chunk, B, G*H) in gate order,
+  // recurrent side (chunk, B, R) in recurrent-side order (the same buffer when they are equal). After
+  // each chunk they go into the large GEMMs (dx, dW, db), so no buffer grows with T.
   const bool rec_alias = !geo.enabled && !Cell::kSeparateHiddenGrad;
-  Tensor dgh = rec_alias ? dgx : at::empty({T, B, R}, opts);
+  const int64_t chunk = projection_chunk_steps(input, T, B, rec_alias ? GH : GH + R);
+  Tensor dgx = at::empty({chunk, B, GH}, opts);
+  Tensor dgh = rec_alias ? dgx : at::empty({chunk, B, R}, opts);
+  // The gradients the chunks add up, rows in block order.
+  const Tensor x = input.contiguous().view({T * B, I});
+  Tensor grad_input = at::empty({T, B, I}, opts);
+  Tensor grad_w_ih = at::zeros({GH, I}, opts), grad_b_ih = at::zeros({GH}, opts);
+  Tensor grad_w_rec = at::zeros({R, H}, opts), grad_b_rec = rec_alias ? Tensor() : at::zeros({R}, opts);
+  Tensor grad_w_c = geo.enabled ? at::zeros({GH, D}, opts) : Tensor();
+  const Tensor context = geo.enabled ? saved->context.detach().contiguous().view({T * B, D}) : Tensor();
 
   // Attention: the saved queries, keys and values, the gradients of the keys and values (summed
   // over the steps that read each slot), and dctx of the current step.
@@ -587,12 +596,49 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
     // The list of dh shares step k writes (step k - 1 reads it).
     auto written = [&](int64_t k) -> std::vector<Tensor>& { return dh_shares[(T - 1 - k) % 2]; };
     auto read = [&](int64_t k) -> std::vector<Tensor>& { return dh_shares[(T - k) % 2]; };
-    run_team(blocks.count(), !packed, [&](const TeamMember& team) {
+    // The large GEMMs of the chunk of steps [k_lo, k_lo + n) (its times from first_time on): each
+    // block its own rows of dW and db, each member its share of dx's rows.
+    auto chunk_gradients = [&](const TeamMember& team, int64_t k_lo, int64_t n, int64_t first_time) {
+      const int64_t rows = n * B;
+      const Tensor dgx_rows = dgx.view({chunk * B, GH}).narrow(0, 0, rows);
+      const Tensor dgh_rows = dgh.view({chunk * B, R}).narrow(0, 0, rows);
+      // h_{t-1} of the chunk's steps: outputs, except that step 0 read h_0.
+      const bool has_first = k_lo == 0;
+      const int64_t regular = has_first ? n - 1 : n;
+      const int64_t dgh_skip = has_first && !reverse ? 1 : 0;  // forward: step 0 is the chunk's first row
+      const int64_t read_time = reverse ? first_time + 1 : (has_first ? 0 : first_time - 1);
+      team.for_each_block([&](int64_t c) {
+        const Tensor dg_in = dgx_rows.narrow(1, blocks.row0(c), blocks.rows(c));
+        grad_w_ih.narrow(0, blocks.row0(c), blocks.rows(c)).addmm_(dg_in.t(), x.narrow(0, first_time * B, rows));
+        grad_b_ih.narrow(0, blocks.row0(c), blocks.rows(c)).add_(dg_in.sum(0));
+        if (geo.enabled) {
+          grad_w_c.narrow(0, blocks.row0(c), blocks.rows(c)).addmm_(dg_in.t(), context.narrow(0, first_time * B, rows));
+        }
+        const Tensor dg_rec = dgh_rows.narrow(1, blocks.rec_row0(c), blocks.rec_rows(c));
+        Tensor w = grad_w_rec.narrow(0, blocks.rec_row0(c), blocks.rec_rows(c));
+        if (regular > 0) {
+          w.addmm_(dg_rec.narrow(0, dgh_skip * B, regular * B).t(),
+                   output.view({T * B, H}).narrow(0, read_time * B, regular * B));
+        }
+        if (has_first) w.addmm_(dg_rec.narrow(0, reverse ? (n - 1) * B : 0, B).t(), init[0]);
+        if (!rec_alias) grad_b_rec.narrow(0, blocks.rec_row0(c), blocks.rec_rows(c)).add_(dg_rec.sum(0));
+      });
+      const int64_t r0 = rows * team.index / team.members, r1 = rows * (team.index + 1) / team.members;
+      if (r1 > r0) {
+        Tensor dx = grad_input.view({T * B, I}).narrow(0, first_time * B + r0, r1 - r0);
+        at::mm_out(dx, dgx_rows.narrow(0, r0, r1 - r0), w_ih);
+      }
+    };
+    run_team(blocks.count(), /*aten_state=*/true, [&](const TeamMember& team) {
+      int64_t chunk_first_time = 0, chunk_end = T;  // the current chunk ends before step chunk_end
       for (int64_t k = T - 1; k >= 0; --k) {
         const int64_t t = order.time(k);
+        const int64_t n = std::min(chunk, chunk_end);  // steps in the current chunk
+        if (k == chunk_end - 1) chunk_first_time = reverse ? T - chunk_end : chunk_end - n;
+        const int64_t row = (t - chunk_first_time) * B;  // this step's rows in dgx and dgh
         // dh_{t-1} share of block c (or, with no shares, added straight into the carried gradient).
         auto hidden_share = [&](int64_t c) {
-          const Operand dg{dgh, t * B * R + blocks.rec_row0(c), B, blocks.rec_rows(c), R};
+          const Operand dg{dgh, row * R + blocks.rec_row0(c), B, blocks.rec_rows(c), R};
           if (shares) {
             multiply(rec_matrix[c], dg, {written(k)[c], 0, B, H, H});
           } else {
@@ -623,8 +669,8 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
           }
           args.grad_output = ptr<T_>(grad_y) + t * plane;
           for (int s = 0; s < S; ++s) args.dstate[s] = ptr<T_>(dstate[s]);
-          args.dxg = gate_view<T_>(ptr<T_>(dgx) + t * B * GH, GH, blocks, c);
-          if (!rec_alias) args.dhg = GateView<T_>{ptr<T_>(dgh) + t * B * R + blocks.rec_row0(c), R, blocks.width(c)};
+          args.dxg = gate_view<T_>(ptr<T_>(dgx) + row * GH, GH, blocks, c);
+          if (!rec_alias) args.dhg = GateView<T_>{ptr<T_>(dgh) + row * R + blocks.rec_row0(c), R, blocks.width(c)};
           args.batch = B;
           args.hidden = H;
           args.unit_begin = j0;
@@ -634,7 +680,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
             hidden_share(c);
             return;
           }
-          multiply(ctx_matrix[c], {dgx, t * B * GH + blocks.row0(c), B, blocks.rows(c), GH}, {dctx_share[c], 0, B, D, D});
+          multiply(ctx_matrix[c], {dgx, row * GH + blocks.row0(c), B, blocks.rows(c), GH}, {dctx_share[c], 0, B, D, D});
         });
         if (!team.sync()) return;
         if (geo.enabled) {
@@ -663,7 +709,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
               }
               // The block's heads: query gradient into its recurrent-side rows, key and value
               // gradients into the slots.
-              T_* rec = ptr<T_>(dgh) + t * B * R + blocks.rec_row0(c) + blocks.rows(c);
+              T_* rec = ptr<T_>(dgh) + row * R + blocks.rec_row0(c) + blocks.rows(c);
               AttentionStepArgs<T_> a = attention_step_args<T_>(geo, blocks, c, B, k, lengths, scratch);
               a.query = queries + k * slot_size;
               a.query_stride = D;
@@ -687,6 +733,12 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
           });
           if (!team.sync()) return;
         }
+        if (k == chunk_end - n) {
+          // The chunk is done: its large GEMMs, then every member is past them before dgx is reused.
+          chunk_gradients(team, k, n, chunk_first_time);
+          if (!team.sync()) return;
+          chunk_end = k;
+        }
       }
     });
   });
@@ -695,41 +747,26 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   }
 
   RecurrentBackward result;
-  const Tensor dgx_flat = dgx.view({T * B, GH});
-  const Tensor dgh_flat = dgh.view({T * B, R});
-  result.grad_input = dgx_flat.mm(w_ih).view({T, B, I});
-  result.grad_weight_ih = blocks.unpermute_rows(dgx_flat.t().mm(input.contiguous().view({T * B, I})));
-  // dW_rec = sum_t dg_rec_t^T h_{t-1}: the step that read h_0 and the others (which read the outputs).
-  Tensor grad_w_rec;
-  if (T == 0) {
-    grad_w_rec = at::zeros({R, H}, opts);
-  } else {
-    const int64_t first = order.time(0);
-    grad_w_rec = dgh.select(0, first).t().mm(init[0]);
-    if (T > 1) {
-      const Tensor later = reverse ? dgh.narrow(0, 0, T - 1) : dgh.narrow(0, 1, T - 1);
-      const Tensor read = reverse ? output.narrow(0, 1, T - 1) : output.narrow(0, 0, T - 1);
-      grad_w_rec.addmm_(later.reshape({(T - 1) * B, R}).t(), read.reshape({(T - 1) * B, H}));
-    }
-    grad_w_rec = blocks.unpermute_rec_rows(grad_w_rec);
-  }
-  result.grad_bias_ih = blocks.unpermute_rows(dgx_flat.sum(0));
-  const Tensor grad_b_rec = rec_alias ? result.grad_bias_ih.clone() : blocks.unpermute_rec_rows(dgh_flat.sum(0));
+  result.grad_input = std::move(grad_input);
+  result.grad_weight_ih = blocks.unpermute_rows(grad_w_ih);
+  result.grad_bias_ih = blocks.unpermute_rows(grad_b_ih);
+  grad_w_rec = blocks.unpermute_rec_rows(grad_w_rec);
+  const Tensor grad_b_rec_plain = rec_alias ? result.grad_bias_ih.clone() : blocks.unpermute_rec_rows(grad_b_rec);
   result.grad_weight_hh = grad_w_rec.narrow(0, 0, GH);
-  result.grad_bias_hh = grad_b_rec.narrow(0, 0, GH);
+  result.grad_bias_hh = grad_b_rec_plain.narrow(0, 0, GH);
   if (geo.enabled) {
     // The parts of the stacked weight and bias become separate outputs (outputs must not alias).
     auto rows = [&](const Tensor& t, int64_t group) { return t.narrow(0, GH + group * D, D).clone(); };
     result.grad_weight_hh = result.grad_weight_hh.clone();
     result.grad_bias_hh = result.grad_bias_hh.clone();
     result.grad_weight_q = rows(grad_w_rec, 0);
-    result.grad_bias_q = rows(grad_b_rec, 0);
-    result.grad_weight_c = blocks.unpermute_rows(dgx_flat.t().mm(saved->context.detach().contiguous().view({T * B, D})));
+    result.grad_bias_q = rows(grad_b_rec_plain, 0);
+    result.grad_weight_c = blocks.unpermute_rows(grad_w_c);
     if (geo.self_memory) {
       result.grad_weight_k = rows(grad_w_rec, 1);
-      result.grad_bias_k = rows(grad_b_rec, 1);
+      result.grad_bias_k = rows(grad_b_rec_plain, 1);
       result.grad_weight_v = rows(grad_w_rec, 2);
-      result.grad_bias_v = rows(grad_b_rec, 2);
+      result.grad_bias_v = rows(grad_b_rec_plain, 2);
       result.grad_memory = at::empty({0}, opts);
     } else {
       // External memory: k_s = W_k m_s + b_k for every slot once, so its gradients are one GEMM each.
