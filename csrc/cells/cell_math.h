@@ -18,17 +18,51 @@ namespace rnnattn::math {
 
 #if !defined(__CUDA_ARCH__)
 // Host float path: branch-free polynomial exp and tanh so that GCC vectorizes the pointwise loops.
-// Maximum relative error of fast_exp is about 2 ulp; values past the float range saturate.
+// Maximum relative error about 2 ulp; values past the float range saturate; NaN passes through.
+
+// e^x - 1 for x in [-87.3, 0] (the callers' range), accurate near 0 (no cancellation): with
+// x = n ln2 + r, |r| <= ln2 / 2, it is 2^n (e^r - 1) + (2^n - 1), where e^r - 1 is a polynomial
+// that never forms 1 + r.
+RNNATTN_HD float expm1_nonpositive(float x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693359375f;
+  constexpr float kLn2Lo = -2.12194440e-4f;
+  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer (ties to even)
+  constexpr int32_t kRoundBits = 0x4B400000;
+  // Comparisons with NaN are false, so the clamp passes a NaN through unchanged.
+  x = x < -87.3f ? -87.3f : x;
+  const float shifted = x * kLog2e + kRound;  // n in the low bits of the mantissa
+  const float fn = shifted - kRound;
+  int32_t n;
+  std::memcpy(&n, &shifted, sizeof(n));
+  n -= kRoundBits;
+  const float r = (x - fn * kLn2Hi) - fn * kLn2Lo;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float rm1 = p * (r * r) + r;  // e^r - 1
+  const int32_t bits = (n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return scale * rm1 + (scale - 1.f);
+}
+
 RNNATTN_HD float fast_exp(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f;
   constexpr float kLn2Lo = -2.12194440e-4f;
-  // Comparisons with NaN are false, so these clamps pass a NaN through unchanged.
+  constexpr float kRound = 12582912.f;
+  constexpr int32_t kRoundBits = 0x4B400000;
   x = x < -87.3f ? -87.3f : x;
   x = x > 88.3f ? 88.3f : x;
-  const float t = x * kLog2e;
-  const int32_t n = static_cast<int32_t>(t + (t >= 0.f ? 0.5f : -0.5f));
-  const float fn = static_cast<float>(n);
+  const float shifted = x * kLog2e + kRound;
+  const float fn = shifted - kRound;
+  int32_t n;
+  std::memcpy(&n, &shifted, sizeof(n));
+  n -= kRoundBits;
   const float r = (x - fn * kLn2Hi) - fn * kLn2Lo;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -43,19 +77,13 @@ RNNATTN_HD float fast_exp(float x) {
   return p * scale;
 }
 
+// tanh |x| = -m / (2 + m) with m = e^(-2|x|) - 1: one exponential, one division, and no cancellation
+// near 0 (m is accurate there).
 RNNATTN_HD float fast_tanh(float x) {
-  // Small |x|: odd polynomial (no cancellation); large |x|: 1 - 2 / (exp(2|x|) + 1).
   const float ax = x < 0.f ? -x : x;
-  const float z = x * x;
-  float small = -5.70498872745e-3f;
-  small = small * z + 2.06390887954e-2f;
-  small = small * z - 5.37397155531e-2f;
-  small = small * z + 1.33314422036e-1f;
-  small = small * z - 3.33332819422e-1f;
-  small = small * z * x + x;
-  const float large_abs = 1.f - 2.f / (fast_exp(2.f * ax) + 1.f);
-  const float large = x < 0.f ? -large_abs : large_abs;
-  return ax < 0.625f ? small : large;
+  const float m = expm1_nonpositive(-2.f * ax);
+  const float t = -m / (2.f + m);
+  return x < 0.f ? -t : t;
 }
 #endif
 
