@@ -92,8 +92,8 @@ CHUNK_CASES = [(cell, torch.float64) for cell in CELLS] + [(cell, torch.float32)
 @pytest.mark.parametrize("cell,dtype", CHUNK_CASES, ids=[f"{c}-{str(d)[6:]}" for c, d in CHUNK_CASES])
 def test_long_batch_runs_in_chunks(cell, dtype, reverse):
     # The CPU engine projects inputs and runs the backward's large GEMMs a few MiB of steps at a time:
-    # at B=64, H=384 a chunk is 3 to 21 steps, so 45 steps cross several chunk edges (the first and
-    # last steps, which read h_0, included) in both directions.
+    # at B=64, H=384 a chunk is 5 to 42 steps, so 45 steps cross chunk edges (the first and last steps,
+    # which read h_0, included) in both directions.
     _compare_layer(cell, dtype, "cpu", steps=45, batch=64, input_size=16, hidden=384, bias=True, reverse=reverse,
                    seed=3, accuracy_rule=dtype == torch.float32)
 

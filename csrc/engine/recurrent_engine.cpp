@@ -112,18 +112,19 @@ GateView<T> gate_view(T* base, int64_t row_stride, const UnitBlocks& blocks, int
   return GateView<T>{base + blocks.row0(c), row_stride, blocks.width(c)};
 }
 
-// Steps per chunk of the forward's input projection. The CPU computes it a chunk at a time into one
-// reused buffer of a few MiB: a projection of every step at once would be T*B*G*H fresh (page-faulted)
-// memory that the time loop then reads back from DRAM. Big enough chunks keep the GEMM efficient.
-// CUDA projects every step in one GEMM.
-int64_t projection_chunk_steps(const Tensor& like, int64_t steps, int64_t batch, int64_t gate_rows) {
+// Steps per chunk of the CPU time loop's large GEMMs, whose operands stay in one reused buffer of
+// budget_bytes: the forward's input projection (a few MiB, so that the loop reads it from cache) and
+// the backward's dx/dW/db GEMMs (larger: their efficiency grows with the chunk). A buffer for every
+// step at once would be T*B*G*H fresh, page-faulted memory read back from DRAM. CUDA uses one chunk.
+int64_t chunk_steps(const Tensor& like, int64_t steps, int64_t batch, int64_t row_width, int64_t budget_bytes) {
   if (!like.is_cpu() || steps == 0) return std::max<int64_t>(1, steps);
-  constexpr int64_t kBudgetBytes = 2 << 20, kMinRows = 64;
-  const int64_t step_bytes = std::max<int64_t>(1, batch * gate_rows * like.element_size());
-  const int64_t by_budget = kBudgetBytes / step_bytes;
+  constexpr int64_t kMinRows = 64;
+  const int64_t step_bytes = std::max<int64_t>(1, batch * row_width * like.element_size());
+  const int64_t by_budget = budget_bytes / step_bytes;
   const int64_t by_rows = (kMinRows + batch - 1) / std::max<int64_t>(1, batch);
   return std::clamp<int64_t>(std::max(by_budget, by_rows), 1, steps);
 }
+constexpr int64_t kForwardChunkBytes = 2 << 20, kBackwardChunkBytes = 8 << 20;
 
 // A rows x cols matrix inside a contiguous buffer: element (r, c) at base[offset + r * ld + c].
 // The packed path reads the raw pointer; the ATen path makes a view.
@@ -334,7 +335,7 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   const bool packed = uses_packed_gemm(input);
   // The input projection (b_ih folded in), a chunk of steps at a time, each block its own gate rows.
   // A single block projects with ATen, which uses every thread.
-  const int64_t chunk = projection_chunk_steps(input, T, B, GH);
+  const int64_t chunk = chunk_steps(input, T, B, GH, kForwardChunkBytes);
   const bool ih_packed = packed && blocks.count() > 1;
   auto rows_of = [](const std::optional<Tensor>& t, int64_t first, int64_t count) {
     return t ? std::optional<Tensor>(t->narrow(0, first, count)) : std::nullopt;
@@ -560,7 +561,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   // recurrent side (chunk, B, R) in recurrent-side order (the same buffer when they are equal). After
   // each chunk they go into the large GEMMs (dx, dW, db), so no buffer grows with T.
   const bool rec_alias = !geo.enabled && !Cell::kSeparateHiddenGrad;
-  const int64_t chunk = projection_chunk_steps(input, T, B, rec_alias ? GH : GH + R);
+  const int64_t chunk = chunk_steps(input, T, B, rec_alias ? GH : GH + R, kBackwardChunkBytes);
   Tensor dgx = at::empty({chunk, B, GH}, opts);
   Tensor dgh = rec_alias ? dgx : at::empty({chunk, B, R}, opts);
   // The gradients the chunks add up, rows in block order.
