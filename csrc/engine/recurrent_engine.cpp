@@ -10,6 +10,7 @@
 #include "engine/cpu/packed_gemm.h"
 #include "engine/cpu/pointwise_cpu.h"
 #include "engine/attention_step.h"
+#include "engine/scratch.h"
 #include "engine/step_args.h"
 #include "engine/thread_team.h"
 #include "engine/unit_blocks.h"
@@ -139,19 +140,31 @@ struct Operand {
 };
 
 // One block's constant right-hand side M (n x k) of the per-step products out = a @ M^T (+ bias).
+// The packed form is filled by prepare(), which the block's own thread calls inside the team: the
+// packing runs in parallel and lands in that core's cache.
 struct BlockMatrix {
   bool packed = false;
-  cpu::PackedMatrix panels;  // packed
+  Tensor source;             // M
+  float* storage = nullptr;  // packed: room for the panels
+  cpu::PackedMatrix panels;  // packed, after prepare()
   Tensor transposed;         // ATen: M^T (k x n)
   Tensor bias;               // (n) or undefined
+
+  void prepare() {
+    if (packed) {
+      panels = cpu::pack_matrix(ptr<float>(source), source.size(0), source.size(1), source.stride(0),
+                                source.stride(1), storage);
+    }
+  }
 };
 
-BlockMatrix block_matrix(const Tensor& m, const std::optional<Tensor>& bias, bool packed) {
+BlockMatrix block_matrix(const Tensor& m, const std::optional<Tensor>& bias, bool packed, CallScratch& scratch) {
   BlockMatrix result;
   result.packed = packed;
   if (bias) result.bias = bias->contiguous();
   if (packed) {
-    cpu::pack_matrix(ptr<float>(m), m.size(0), m.size(1), m.stride(0), m.stride(1), result.panels);
+    result.source = m;
+    result.storage = scratch.floats(cpu::PackedMatrix::floats_needed(m.size(0), m.size(1)));
   } else {
     result.transposed = m.t();
   }
@@ -322,6 +335,7 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   const AttentionGeometry geo = attention_geometry(attention, T);
   const int64_t D = geo.width;
   const UnitBlocks blocks = make_unit_blocks(G, H, input, geo.groups(), geo.heads, geo.head_dim);
+  CallScratch temp(input);  // the call's temporary buffers
 
   const Tensor x = input.contiguous().view({T * B, I});
   const Tensor w_ih = blocks.permute_rows(weight_ih_arg.detach());
@@ -345,15 +359,15 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   const Tensor w_c = geo.enabled ? blocks.permute_rows(attention->weight_c.detach()).contiguous() : Tensor();
   for (int64_t c = 0; c < blocks.count(); ++c) {
     ih_matrix.push_back(block_matrix(w_ih.narrow(0, blocks.row0(c), blocks.rows(c)),
-                                     rows_of(b_ih, blocks.row0(c), blocks.rows(c)), ih_packed));
-    xproj.push_back(at::empty({chunk * B, blocks.rows(c)}, opts));
+                                     rows_of(b_ih, blocks.row0(c), blocks.rows(c)), ih_packed, temp));
+    xproj.push_back(temp.empty({chunk * B, blocks.rows(c)}));
     rec_matrix.push_back(block_matrix(w_rec.narrow(0, blocks.rec_row0(c), blocks.rec_rows(c)),
-                                      rows_of(b_rec, blocks.rec_row0(c), blocks.rec_rows(c)), packed));
-    hproj.push_back(at::empty({B, blocks.rec_rows(c)}, opts));
+                                      rows_of(b_rec, blocks.rec_row0(c), blocks.rec_rows(c)), packed, temp));
+    hproj.push_back(temp.empty({B, blocks.rec_rows(c)}));
     if (geo.enabled) {
       // Per step and block: ctx_t @ W_c^T, the block's gate rows.
-      ctx_matrix.push_back(block_matrix(w_c.narrow(0, blocks.row0(c), blocks.rows(c)), std::nullopt, packed));
-      cproj.push_back(at::empty({B, blocks.rows(c)}, opts));
+      ctx_matrix.push_back(block_matrix(w_c.narrow(0, blocks.row0(c), blocks.rows(c)), std::nullopt, packed, temp));
+      cproj.push_back(temp.empty({B, blocks.rows(c)}));
     }
   }
   Tensor output = at::empty({T, B, H}, opts);
@@ -406,6 +420,11 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
     T_* values = geo.enabled ? keys + geo.slots * slot_size : nullptr;
     // One team for the whole loop: member threads keep their blocks; a step's phases end at a sync.
     run_team(blocks.count(), !packed, [&](const TeamMember& team) {
+      team.for_each_block([&](int64_t c) {
+        ih_matrix[c].prepare();
+        rec_matrix[c].prepare();
+        if (geo.enabled) ctx_matrix[c].prepare();
+      });
       int64_t chunk_first_time = 0;  // the earliest time step of the current chunk of xproj
       for (int64_t k = 0; k < T; ++k) {
         const int64_t t = order.time(k);
@@ -522,6 +541,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   const AttentionGeometry geo = attention_geometry(attention, T);
   const int64_t D = geo.width, slot_size = B * D;
   const UnitBlocks blocks = make_unit_blocks(G, H, input, geo.groups(), geo.heads, geo.head_dim);
+  CallScratch temp(input);  // the call's temporary buffers
   const int64_t R = blocks.rec_total();  // recurrent-side rows
 
   const Tensor w_ih = blocks.permute_rows(weight_ih_arg.detach()).contiguous();
@@ -545,15 +565,16 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   std::vector<BlockMatrix> rec_matrix, ctx_matrix;
   for (int64_t c = 0; c < blocks.count(); ++c) {
     // share_c = dg_rec_c @ W_rec_c: M = W_rec_c^T (H x rec_rows(c)).
-    rec_matrix.push_back(block_matrix(w_rec.narrow(0, blocks.rec_row0(c), blocks.rec_rows(c)).t(), std::nullopt, packed));
+    rec_matrix.push_back(
+        block_matrix(w_rec.narrow(0, blocks.rec_row0(c), blocks.rec_rows(c)).t(), std::nullopt, packed, temp));
     if (shares) {
-      dh_shares[0].push_back(at::zeros({B, H}, opts));
-      dh_shares[1].push_back(at::zeros({B, H}, opts));
+      dh_shares[0].push_back(temp.zeros({B, H}));
+      dh_shares[1].push_back(temp.zeros({B, H}));
     }
     if (geo.enabled) {
       // dctx share_c = dxg_c @ W_c_c: M = W_c_c^T (D x rows(c)).
-      ctx_matrix.push_back(block_matrix(w_c.narrow(0, blocks.row0(c), blocks.rows(c)).t(), std::nullopt, packed));
-      dctx_share.push_back(at::empty({B, D}, opts));
+      ctx_matrix.push_back(block_matrix(w_c.narrow(0, blocks.row0(c), blocks.rows(c)).t(), std::nullopt, packed, temp));
+      dctx_share.push_back(temp.empty({B, D}));
     }
   }
 
@@ -562,8 +583,8 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   // each chunk they go into the large GEMMs (dx, dW, db), so no buffer grows with T.
   const bool rec_alias = !geo.enabled && !Cell::kSeparateHiddenGrad;
   const int64_t chunk = chunk_steps(input, T, B, rec_alias ? GH : GH + R, kBackwardChunkBytes);
-  Tensor dgx = at::empty({chunk, B, GH}, opts);
-  Tensor dgh = rec_alias ? dgx : at::empty({chunk, B, R}, opts);
+  Tensor dgx = temp.empty({chunk, B, GH});
+  Tensor dgh = rec_alias ? dgx : temp.empty({chunk, B, R});
   // The gradients the chunks add up, rows in block order.
   const Tensor x = input.contiguous().view({T * B, I});
   Tensor grad_input = at::empty({T, B, I}, opts);
@@ -580,7 +601,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
     memory_store = saved->workspace.detach().contiguous();
     grad_keys = at::zeros({geo.slots, B, D}, opts);
     grad_values = at::zeros({geo.slots, B, D}, opts);
-    if (input.is_cpu()) dctx = at::empty({B, D}, opts);  // CUDA reads its one block's share in place
+    if (input.is_cpu()) dctx = temp.empty({B, D});  // CUDA reads its one block's share in place
     if (saved->grad_context.defined()) grad_context = saved->grad_context.detach().contiguous();
     if (attention->memory_lengths) lengths = attention->memory_lengths->contiguous();
   }
@@ -631,6 +652,10 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
       }
     };
     run_team(blocks.count(), /*aten_state=*/true, [&](const TeamMember& team) {
+      team.for_each_block([&](int64_t c) {
+        rec_matrix[c].prepare();
+        if (geo.enabled) ctx_matrix[c].prepare();
+      });
       int64_t chunk_first_time = 0, chunk_end = T;  // the current chunk ends before step chunk_end
       for (int64_t k = T - 1; k >= 0; --k) {
         const int64_t t = order.time(k);

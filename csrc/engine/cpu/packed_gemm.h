@@ -5,7 +5,6 @@
 // Torch-free; compiled per instruction set like the pointwise loops.
 #pragma once
 #include <cstdint>
-#include <vector>
 
 namespace rnnattn::cpu {
 
@@ -14,11 +13,14 @@ constexpr int64_t kPanelWidth = 16;
 struct PackedMatrix {
   int64_t n = 0;  // columns of the product (rows of M)
   int64_t k = 0;  // reduction length
-  std::vector<float> panels;  // [ceil(n / 16)][k][16], zero-padded past n
+  float* panels = nullptr;  // [ceil(n / 16)][k][16], zero-padded past n; owned by the caller
+
+  static int64_t floats_needed(int64_t n, int64_t k) { return (n + kPanelWidth - 1) / kPanelWidth * k * kPanelWidth; }
 };
 
-// Packs M (n x k) whose element (i, j) is at m[i * stride_n + j * stride_k].
-void pack_matrix(const float* m, int64_t n, int64_t k, int64_t stride_n, int64_t stride_k, PackedMatrix& out);
+// Packs M (n x k), whose element (i, j) is at m[i * stride_n + j * stride_k], into `storage`
+// (PackedMatrix::floats_needed(n, k) floats).
+PackedMatrix pack_matrix(const float* m, int64_t n, int64_t k, int64_t stride_n, int64_t stride_k, float* storage);
 
 using PackedGemmFn = void (*)(const float* a, int64_t rows, int64_t lda, const PackedMatrix& m, const float* bias,
                               float* out, int64_t ldo);

@@ -106,7 +106,7 @@ void gemm_packed(const float* a, int64_t rows, int64_t lda, const PackedMatrix& 
     const int count = static_cast<int>(std::min<int64_t>(group, panels - p));
     const int64_t col = p * kPanelWidth;
     const int64_t width = std::min<int64_t>(count * kPanelWidth, m.n - col);
-    const float* panel = m.panels.data() + p * panel_stride;
+    const float* panel = m.panels + p * panel_stride;
     for (int64_t b = 0, r = 0; b < row_blocks; ++b) {
       const int64_t next = rows * (b + 1) / row_blocks;
       block(static_cast<int>(next - r), count, a + r * lda, lda, panel, panel_stride, m.k, bias ? bias + col : nullptr,
