@@ -20,17 +20,19 @@ namespace rnnattn::math {
 // Host float path: branch-free polynomial exp and tanh so that GCC vectorizes the pointwise loops.
 // Maximum relative error about 2 ulp; values past the float range saturate; NaN passes through.
 
-// e^x - 1 for x in [-87.3, 0] (the callers' range), accurate near 0 (no cancellation): with
-// x = n ln2 + r, |r| <= ln2 / 2, it is 2^n (e^r - 1) + (2^n - 1), where e^r - 1 is a polynomial
-// that never forms 1 + r.
-RNNATTN_HD float expm1_nonpositive(float x) {
+// e^x as 2^n (1 + m) with x = n ln2 + r, |r| <= ln2 / 2 and m = e^r - 1 a polynomial that never forms
+// 1 + r (so e^x - 1 stays accurate near 0). x must lie in [-87.3, 88.3]: 2^n is then a normal float.
+struct ExpParts {
+  float scale;  // 2^n
+  float m;      // e^r - 1
+};
+
+RNNATTN_HD ExpParts exp_parts(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f;
   constexpr float kLn2Lo = -2.12194440e-4f;
   constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer (ties to even)
   constexpr int32_t kRoundBits = 0x4B400000;
-  // Comparisons with NaN are false, so the clamp passes a NaN through unchanged.
-  x = x < -87.3f ? -87.3f : x;
   const float shifted = x * kLog2e + kRound;  // n in the low bits of the mantissa
   const float fn = shifted - kRound;
   int32_t n;
@@ -43,38 +45,26 @@ RNNATTN_HD float expm1_nonpositive(float x) {
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const float rm1 = p * (r * r) + r;  // e^r - 1
   const int32_t bits = (n + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return scale * rm1 + (scale - 1.f);
+  ExpParts parts;
+  std::memcpy(&parts.scale, &bits, sizeof(parts.scale));
+  parts.m = p * (r * r) + r;
+  return parts;
 }
 
+// Comparisons with NaN are false, so the clamps below pass a NaN through unchanged.
 RNNATTN_HD float fast_exp(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;
-  constexpr float kLn2Lo = -2.12194440e-4f;
-  constexpr float kRound = 12582912.f;
-  constexpr int32_t kRoundBits = 0x4B400000;
   x = x < -87.3f ? -87.3f : x;
   x = x > 88.3f ? 88.3f : x;
-  const float shifted = x * kLog2e + kRound;
-  const float fn = shifted - kRound;
-  int32_t n;
-  std::memcpy(&n, &shifted, sizeof(n));
-  n -= kRoundBits;
-  const float r = (x - fn * kLn2Hi) - fn * kLn2Lo;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  const int32_t bits = (n + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  const ExpParts e = exp_parts(x);
+  return (e.m + 1.f) * e.scale;
+}
+
+// e^x - 1 for x <= 0, accurate near 0: 2^n m + (2^n - 1).
+RNNATTN_HD float expm1_nonpositive(float x) {
+  x = x < -87.3f ? -87.3f : x;
+  const ExpParts e = exp_parts(x);
+  return e.scale * e.m + (e.scale - 1.f);
 }
 
 // tanh |x| = -m / (2 + m) with m = e^(-2|x|) - 1: one exponential, one division, and no cancellation
