@@ -12,15 +12,14 @@ writes JSON and markdown files.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_recurrent import interleaved_median_ms, machine_info  # noqa: E402
+from bench_common import (check_common, common_parser, device_line, interleaved_median_ms,  # noqa: E402
+                          machine_info, write_results)
 
 from rnnattn_ext import functional, reference  # noqa: E402
 
@@ -87,8 +86,7 @@ def bench_shape(cell, shape, heads, device, dtype, repeats, warmup, modes):
 
 def markdown_table(rows, info, device, dtype) -> str:
     lines = [
-        f"Device: {info.get('gpu', info['cpu'])} ({device}, {info['cpu_threads']} CPU threads), dtype {dtype}, "
-        f"torch {info['torch']}, {info['date']}",
+        device_line(info, device, dtype),
         "",
         "| cell | B×T×I×H, D (heads), w | mode | eager ms | ours ms | plain ms | eager / ours | ours / plain |",
         "|---|---|---|---:|---:|---:|---:|---:|",
@@ -103,30 +101,15 @@ def markdown_table(rows, info, device, dtype) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
-    parser.add_argument("--cells", default="lstm", help="comma-separated: " + ", ".join(GATES))
+    parser = common_parser(__doc__, list(GATES), "lstm", "BxTxIxHxDxW list, e.g. 1x256x256x256x64x64", warmup=1)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--shapes", default=None, help="BxTxIxHxDxW list, e.g. 1x256x256x256x64x64")
     parser.add_argument("--modes", default="forward,forward+backward")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median taken)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON and markdown output")
-    parser.add_argument("--name", default=None, help="file name stem (default: attention_<device>_<dtype>)")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible")
-    dtype = getattr(torch, args.dtype)
-    shapes = DEFAULT_SHAPES
-    if args.shapes:
-        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+    dtype, shapes, cells = check_common(parser, args, list(GATES), DEFAULT_SHAPES)
     repeats = args.repeats or (10 if args.device == "cuda" else 5)
     info = machine_info(args.device)
     rows = []
-    for cell in args.cells.split(","):
-        if cell not in GATES:
-            parser.error(f"--cells: unknown cell {cell!r}; choose from {', '.join(GATES)}")
+    for cell in cells:
         for shape in shapes:
             if shape[4] % args.heads:
                 parser.error(f"--heads {args.heads} must divide D = {shape[4]}")
@@ -136,16 +119,7 @@ def main(argv=None):
                 print(f"{cell:8s} {r['B']}x{r['T']}x{r['I']}x{r['H']} D{r['D']} w{r['window']} {r['mode']:17s} "
                       f"eager {r['eager_ms']:8.2f} ms  ours {r['ours_ms']:7.2f} ms  plain {r['plain_ms']:7.2f} ms  "
                       f"{r['speedup_vs_eager']:.1f}x vs eager, {r['cost_vs_plain']:.2f}x plain", flush=True)
-    table = markdown_table(rows, info, args.device, args.dtype)
-    print()
-    print(table)
-    os.makedirs(args.out, exist_ok=True)
-    stem = args.name or f"attention_{args.device}_{args.dtype}"
-    with open(os.path.join(args.out, stem + ".json"), "w") as f:
-        json.dump({"machine": info, "device": args.device, "dtype": args.dtype, "repeats": repeats, "rows": rows},
-                  f, indent=2)
-    with open(os.path.join(args.out, stem + ".md"), "w") as f:
-        f.write(table + "\n")
+    write_results(args, "attention", info, repeats, rows, markdown_table(rows, info, args.device, args.dtype))
 
 
 if __name__ == "__main__":

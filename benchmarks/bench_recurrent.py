@@ -11,17 +11,16 @@ a markdown table and writes JSON and markdown files.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import os
-import platform
-import statistics
-import time
+import sys
 
 import torch
 
-import rnnattn_ext
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import (check_common, common_parser, device_line, interleaved_median_ms,  # noqa: E402
+                          machine_info, write_results)
+
+import rnnattn_ext  # noqa: E402
 
 DEFAULT_SHAPES = [(1, 256, 256, 256), (16, 128, 256, 256), (64, 128, 512, 512)]
 CELLS = {
@@ -30,62 +29,6 @@ CELLS = {
     "rnn_tanh": (torch.nn.RNN, rnnattn_ext.RNN, {"nonlinearity": "tanh"}),
     "rnn_relu": (torch.nn.RNN, rnnattn_ext.RNN, {"nonlinearity": "relu"}),
 }
-
-
-def machine_info(device: str) -> dict:
-    info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "rnnattn_ext": rnnattn_ext.__version__,
-        "platform": platform.platform(),
-        "cpu": _cpu_name(),
-        "cpu_threads": torch.get_num_threads(),
-    }
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-        info["cudnn"] = torch.backends.cudnn.version()
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _time_once_ms(fn, device: str) -> float:
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def interleaved_median_ms(fns: dict, device: str, repeats: int, warmup: int) -> dict:
-    """Median time of each function, the runs interleaved (A B A B ...) so that drifts in the
-    machine's speed hit every contender alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    times = {label: [] for label in fns}
-    for _ in range(repeats):
-        for label, fn in fns.items():
-            times[label].append(_time_once_ms(fn, device))
-    return {label: statistics.median(ts) for label, ts in times.items()}
 
 
 def bench_pair(cell, shape, device, dtype, repeats, warmup):
@@ -124,8 +67,7 @@ def bench_pair(cell, shape, device, dtype, repeats, warmup):
 def markdown_table(rows, info, device, dtype) -> str:
     peer = "cuDNN (torch.nn)" if device == "cuda" else "torch.nn"
     lines = [
-        f"Device: {info.get('gpu', info['cpu'])} ({device}, {info['cpu_threads']} CPU threads), dtype {dtype}, "
-        f"torch {info['torch']}, {info['date']}",
+        device_line(info, device, dtype),
         "",
         f"| cell | B×T×I×H | mode | {peer} ms | rnnattn_ext ms | speed-up |",
         "|---|---|---|---:|---:|---:|",
@@ -139,45 +81,21 @@ def markdown_table(rows, info, device, dtype) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
-    parser.add_argument("--cells", default=",".join(CELLS), help="comma-separated: " + ", ".join(CELLS))
-    parser.add_argument("--shapes", default=None, help="B×T×I×H list, e.g. 1x256x256x256,16x128x256x256")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median taken)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON and markdown output")
-    parser.add_argument("--name", default=None, help="file name stem (default: recurrent_<device>_<dtype>)")
+    parser = common_parser(__doc__, list(CELLS), ",".join(CELLS),
+                           "B×T×I×H list, e.g. 1x256x256x256,16x128x256x256", warmup=2)
     args = parser.parse_args(argv)
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible")
-    dtype = getattr(torch, args.dtype)
-    shapes = DEFAULT_SHAPES
-    if args.shapes:
-        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+    dtype, shapes, cells = check_common(parser, args, list(CELLS), DEFAULT_SHAPES)
     repeats = args.repeats or (20 if args.device == "cuda" else 7)
     info = machine_info(args.device)
     rows = []
-    for cell in args.cells.split(","):
-        if cell not in CELLS:
-            parser.error(f"--cells: unknown cell {cell!r}; choose from {', '.join(CELLS)}")
+    for cell in cells:
         for shape in shapes:
             rows.extend(bench_pair(cell, shape, args.device, dtype, repeats, args.warmup))
             for r in rows[-2:]:
                 print(f"{r['cell']:9s} {r['B']}x{r['T']}x{r['I']}x{r['H']:<5d} {r['mode']:17s} "
                       f"torch.nn {r['torch_nn_ms']:9.2f} ms  ours {r['rnnattn_ms']:9.2f} ms  {r['ratio']:.2f}x",
                       flush=True)
-    table = markdown_table(rows, info, args.device, args.dtype)
-    print()
-    print(table)
-    os.makedirs(args.out, exist_ok=True)
-    stem = args.name or f"recurrent_{args.device}_{args.dtype}"
-    with open(os.path.join(args.out, stem + ".json"), "w") as f:
-        json.dump({"machine": info, "device": args.device, "dtype": args.dtype, "repeats": repeats,
-                   "rows": rows}, f, indent=2)
-    with open(os.path.join(args.out, stem + ".md"), "w") as f:
-        f.write(table + "\n")
+    write_results(args, "recurrent", info, repeats, rows, markdown_table(rows, info, args.device, args.dtype))
 
 
 if __name__ == "__main__":

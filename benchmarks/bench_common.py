@@ -1,0 +1,119 @@
+"""What the benchmarks share: machine facts, interleaved timing, the common command-line options and
+the JSON + markdown output."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+import rnnattn_ext
+
+
+def machine_info(device: str) -> dict:
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "rnnattn_ext": rnnattn_ext.__version__,
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _time_once_ms(fn, device: str) -> float:
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def interleaved_median_ms(fns: dict, device: str, repeats: int, warmup: int) -> dict:
+    """Median time of each function, the runs interleaved (A B A B ...) so that drifts in the
+    machine's speed hit every contender alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    times = {label: [] for label in fns}
+    for _ in range(repeats):
+        for label, fn in fns.items():
+            times[label].append(_time_once_ms(fn, device))
+    return {label: statistics.median(ts) for label, ts in times.items()}
+
+
+def device_line(info: dict, device: str, dtype: str) -> str:
+    """The first line of every results table: the machine, versions and date."""
+    return (f"Device: {info.get('gpu', info['cpu'])} ({device}, {info['cpu_threads']} CPU threads), dtype {dtype}, "
+            f"torch {info['torch']}, {info['date']}")
+
+
+def common_parser(description: str, cells: list[str], default_cells: str, shapes_help: str,
+                  warmup: int) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
+    parser.add_argument("--cells", default=default_cells, help="comma-separated: " + ", ".join(cells))
+    parser.add_argument("--shapes", default=None, help=shapes_help)
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median taken)")
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON and markdown output")
+    parser.add_argument("--name", default=None, help="file name stem (default: <benchmark>_<device>_<dtype>)")
+    return parser
+
+
+def check_common(parser: argparse.ArgumentParser, args: argparse.Namespace, cells: list[str], default_shapes):
+    """Validates the common options; returns (dtype, shapes, the chosen cells)."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    chosen = args.cells.split(",")
+    for cell in chosen:
+        if cell not in cells:
+            parser.error(f"--cells: unknown cell {cell!r}; choose from {', '.join(cells)}")
+    shapes = default_shapes
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+    return getattr(torch, args.dtype), shapes, chosen
+
+
+def write_results(args: argparse.Namespace, benchmark: str, info: dict, repeats: int, rows: list, table: str):
+    """Prints the table and writes <stem>.json and <stem>.md under --out."""
+    print()
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    stem = args.name or f"{benchmark}_{args.device}_{args.dtype}"
+    with open(os.path.join(args.out, stem + ".json"), "w") as f:
+        json.dump({"machine": info, "device": args.device, "dtype": args.dtype, "repeats": repeats, "rows": rows},
+                  f, indent=2)
+    with open(os.path.join(args.out, stem + ".md"), "w") as f:
+        f.write(table + "\n")
