@@ -1,7 +1,10 @@
 #include "engine/thread_team.h"
 
-#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
+#include <exception>
+#include <mutex>
+#include <optional>
 #include <thread>
 
 #ifdef _OPENMP

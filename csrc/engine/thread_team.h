@@ -3,14 +3,9 @@
 // barrier between the phases of a step. One parallel region per call replaces a fork and join per
 // step, whose cost is a large part of a small-batch step.
 #pragma once
-#include <ATen/ThreadLocalState.h>
-
 #include <atomic>
 #include <cstdint>
-#include <exception>
 #include <functional>
-#include <mutex>
-#include <optional>
 
 namespace rnnattn {
 
