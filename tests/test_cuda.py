@@ -83,6 +83,30 @@ def test_mixed_devices_are_rejected():
     x, states, w_ih, w_hh, b_ih, b_hh = layer_args("lstm", 3, 2, 4, 5, torch.float32, "cuda")
     with pytest.raises(ValueError, match="weight_hh must be on the device of input"):
         functional.layer("lstm", x, states, w_ih, w_hh.detach().cpu(), b_ih, b_hh)
+    with pytest.raises(ValueError, match=r"lengths must be on the device of input \(cuda:0\), got cpu"):
+        functional.layer("lstm", x, states, w_ih, w_hh, b_ih, b_hh, lengths=torch.tensor([3, 1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_half_precision_with_lengths(cell, dtype):
+    # Held rows in the 16-bit kernels: the same results as float32 rounded, padded steps exactly zero.
+    gen = torch.Generator().manual_seed(9)
+    x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, 9, 5, 6, 16, torch.float32, "cuda", generator=gen)
+    lengths = torch.tensor([9, 1, 4, 7, 2], device="cuda")
+    for reverse in (False, True):
+        wide, wide_finals = functional.layer(cell, x, states, w_ih, w_hh, b_ih, b_hh, reverse=reverse,
+                                             lengths=lengths)
+        low = [t.detach().to(dtype) for t in (x, *states, w_ih, w_hh, b_ih, b_hh)]
+        n = len(states)
+        out, finals = functional.layer(cell, low[0], low[1 : 1 + n], *low[1 + n :], reverse=reverse,
+                                       lengths=lengths)
+        padded = torch.arange(9, device="cuda").unsqueeze(1) >= lengths.unsqueeze(0)
+        assert torch.count_nonzero(out[padded]) == 0
+        tolerance = 2e-2 if dtype == torch.float16 else 8e-2
+        assert _max_error(out, wide) < tolerance
+        for f, w in zip(finals, wide_finals):
+            assert _max_error(f, w) < tolerance
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],

@@ -28,6 +28,12 @@ struct AttentionStepArgs {
   int64_t slot_stride, row_stride;
   int64_t first_slot, end_slot;  // self memory: every row reads slots [first_slot, end_slot)
   const int64_t* lengths;        // external memory: row b reads slots [0, lengths[b]); nullptr for self memory
+  // Variable lengths (SPEC): row b attends only at its valid steps (time < sequence_lengths[b]; the
+  // others read no slot and get a zero context). Self memory in reverse also starts each row's memory
+  // at its own first step: slot steps - sequence_lengths[b] holds its h_0.
+  const int64_t* sequence_lengths;  // (B,) or nullptr
+  int64_t time, steps;
+  bool reverse;
   T* context;
   int64_t context_stride;
   T* weights;  // nullptr unless the caller asked for the attention weights
@@ -77,6 +83,14 @@ template <typename T>
 RNNATTN_HD void slot_range(const AttentionStepArgs<T>& a, int64_t b, int64_t& first, int64_t& end) {
   first = a.lengths != nullptr ? 0 : a.first_slot;
   end = a.lengths != nullptr ? a.lengths[b] : a.end_slot;
+  if (a.sequence_lengths != nullptr) {
+    const int64_t valid = a.sequence_lengths[b];
+    if (a.time >= valid) {
+      first = end = 0;
+    } else if (a.lengths == nullptr && a.reverse && first < a.steps - valid) {
+      first = a.steps - valid;
+    }
+  }
 }
 
 // Softmax weights of row b, head h over its slots [first, end): p[s - first], in the pair's scratch.
@@ -84,6 +98,7 @@ template <typename T, typename A>
 RNNATTN_HD A* softmax_weights(const AttentionStepArgs<T>& a, const T* q, int64_t b, int64_t h, int64_t first,
                               int64_t end) {
   A* p = static_cast<A*>(a.scratch) + (b * a.heads + h) * 2 * a.scratch_slots;
+  if (end <= first) return p;  // a held row: no slots, a zero context
   const int64_t col = h * a.head_dim;
   const A scale = A(a.scale);
   A max_score = A(-INFINITY);

@@ -293,10 +293,27 @@ Tensor attention_scratch(const AttentionGeometry& g, int64_t batch, const Tensor
   return at::empty({batch * g.heads * 2 * std::max<int64_t>(1, g.read_slots)}, like.options().dtype(acc));
 }
 
+// Variable lengths as the step passes see them.
+struct SequenceLengths {
+  const int64_t* data = nullptr;  // (B,) on the tensors' device, or nullptr
+  int64_t steps = 0;
+  bool reverse = false;
+};
+
+// (T, B, 1) true at the steps a row does not take (t >= lengths[b]).
+Tensor padded_steps(const Tensor& lengths, int64_t steps) {
+  return at::arange(steps, lengths.options()).unsqueeze(1).ge(lengths.unsqueeze(0)).unsqueeze(2);
+}
+
 template <typename T>
 AttentionStepArgs<T> attention_step_args(const AttentionGeometry& g, const UnitBlocks& blocks, int64_t c,
-                                         int64_t batch, int64_t k, const Tensor& lengths, const Tensor& scratch) {
+                                         int64_t batch, int64_t k, const Tensor& lengths, const Tensor& scratch,
+                                         const SequenceLengths& sequence) {
   AttentionStepArgs<T> a{};
+  a.sequence_lengths = sequence.data;
+  a.steps = sequence.steps;
+  a.reverse = sequence.reverse;
+  a.time = sequence.reverse ? sequence.steps - 1 - k : k;
   a.scratch = scratch.data_ptr();
   a.scratch_slots = std::max<int64_t>(1, g.read_slots);
   a.slot_stride = batch * g.width;
@@ -320,7 +337,8 @@ template <class Cell>
 RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Tensor>& initial_states,
                                    const Tensor& weight_ih_arg, const Tensor& weight_hh_arg,
                                    const std::optional<Tensor>& bias_ih, const std::optional<Tensor>& bias_hh,
-                                   bool reverse, bool training, const AttentionConfig* attention) {
+                                   const std::optional<Tensor>& lengths_arg, bool reverse, bool training,
+                                   const AttentionConfig* attention) {
   constexpr int S = Cell::kStates, G = Cell::kGates;
   constexpr int planes = workspace_planes<Cell>();
 #ifdef RNNATTN_WITH_CUDA
@@ -407,6 +425,8 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   }
   const StepOrder order{T, reverse};
   const int64_t plane = B * H;
+  const Tensor seq_lengths = lengths_arg ? lengths_arg->contiguous() : Tensor();
+  const SequenceLengths sequence{seq_lengths.defined() ? seq_lengths.data_ptr<int64_t>() : nullptr, T, reverse};
 
   dispatch_dtype(input, [&](auto* type_tag) {
     using T_ = std::remove_pointer_t<decltype(type_tag)>;
@@ -451,6 +471,8 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
             args.next[s] = extra_state(k, s);
           }
           args.saved = training ? ptr<T_>(workspace) + t * planes * plane : nullptr;
+          args.lengths = sequence.data;
+          args.time = t;
           args.batch = B;
           args.hidden = H;
           args.unit_begin = blocks.first(c);
@@ -473,7 +495,7 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
             copy_matrix(input, keys + k * slot_size + col, D, rec + n, ld, B, n);
             copy_matrix(input, values + k * slot_size + col, D, rec + 2 * n, ld, B, n);
           }
-          AttentionStepArgs<T_> a = attention_step_args<T_>(geo, blocks, c, B, k, lengths, scratch);
+          AttentionStepArgs<T_> a = attention_step_args<T_>(geo, blocks, c, B, k, lengths, scratch, sequence);
           a.query = q;
           a.query_stride = D;
           a.keys = keys;
@@ -508,6 +530,9 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
       result.final_states.push_back(training ? workspace.select(0, last).select(0, Cell::kSaved + s - 1).clone()
                                              : ping_pong[2 * (s - 1) + ((T - 1) % 2)]);
     }
+    // Held rows carried their state through the output: the final states above are those after each
+    // row's last valid step; the padded steps' outputs become zero.
+    if (seq_lengths.defined()) output.masked_fill_(padded_steps(seq_lengths, T), 0);
   }
   result.output = std::move(output);
   result.workspace = std::move(workspace);
@@ -523,8 +548,8 @@ template <class Cell>
 RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vector<Tensor>& grad_final_states,
                                      const Tensor& input_arg, const std::vector<Tensor>& initial_states,
                                      const Tensor& weight_ih_arg, const Tensor& weight_hh_arg, const Tensor& output_arg,
-                                     const Tensor& workspace_arg, bool reverse, const AttentionConfig* attention,
-                                     const AttentionSaved* saved) {
+                                     const Tensor& workspace_arg, const std::optional<Tensor>& lengths_arg,
+                                     bool reverse, const AttentionConfig* attention, const AttentionSaved* saved) {
   constexpr int S = Cell::kStates, G = Cell::kGates;
   constexpr int planes = workspace_planes<Cell>();
 #ifdef RNNATTN_WITH_CUDA
@@ -532,9 +557,18 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
                                                                : std::nullopt);
 #endif
   const Tensor input = input_arg.detach();
-  const Tensor output = output_arg.detach().contiguous();
   const Tensor workspace = workspace_arg.detach().contiguous();
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
+  const Tensor seq_lengths = lengths_arg ? lengths_arg->contiguous() : Tensor();
+  const SequenceLengths sequence{seq_lengths.defined() ? seq_lengths.data_ptr<int64_t>() : nullptr, T, reverse};
+  // The states each step started from are the outputs of the step before it. With lengths, in
+  // reverse, a row's first valid step started from h_0, which the forward carried through the padded
+  // steps and then zeroed there: put it back.
+  const Tensor output = seq_lengths.defined() && reverse
+                            ? at::where(padded_steps(seq_lengths, T), initial_states[0].detach().unsqueeze(0),
+                                        output_arg.detach())
+                                  .contiguous()
+                            : output_arg.detach().contiguous();
   const int64_t H = weight_hh_arg.size(1), GH = G * H;
   const auto opts = input.options();
   const int64_t plane = B * H;
@@ -695,6 +729,8 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
           }
           args.grad_output = ptr<T_>(grad_y) + t * plane;
           for (int s = 0; s < S; ++s) args.dstate[s] = ptr<T_>(dstate[s]);
+          args.lengths = sequence.data;
+          args.time = t;
           args.dxg = gate_view<T_>(ptr<T_>(dgx) + row * GH, GH, blocks, c);
           if (!rec_alias) args.dhg = GateView<T_>{ptr<T_>(dgh) + row * R + blocks.rec_row0(c), R, blocks.width(c)};
           args.batch = B;
@@ -736,7 +772,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
               // The block's heads: query gradient into its recurrent-side rows, key and value
               // gradients into the slots.
               T_* rec = ptr<T_>(dgh) + row * R + blocks.rec_row0(c) + blocks.rows(c);
-              AttentionStepArgs<T_> a = attention_step_args<T_>(geo, blocks, c, B, k, lengths, scratch);
+              AttentionStepArgs<T_> a = attention_step_args<T_>(geo, blocks, c, B, k, lengths, scratch, sequence);
               a.query = queries + k * slot_size;
               a.query_stride = D;
               a.keys = keys;
@@ -815,11 +851,12 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
 #define RNNATTN_INSTANTIATE_ENGINE(CELL)                                                                         \
   template RecurrentForward recurrent_forward<CELL>(const Tensor&, const std::vector<Tensor>&, const Tensor&,    \
                                                     const Tensor&, const std::optional<Tensor>&,                 \
-                                                    const std::optional<Tensor>&, bool, bool,                    \
-                                                    const AttentionConfig*);                                     \
+                                                    const std::optional<Tensor>&, const std::optional<Tensor>&, \
+                                                    bool, bool, const AttentionConfig*);                         \
   template RecurrentBackward recurrent_backward<CELL>(const Tensor&, const std::vector<Tensor>&, const Tensor&,  \
                                                       const std::vector<Tensor>&, const Tensor&, const Tensor&,  \
-                                                      const Tensor&, const Tensor&, bool, const AttentionConfig*, \
+                                                      const Tensor&, const Tensor&, const std::optional<Tensor>&, \
+                                                      bool, const AttentionConfig*,                               \
                                                       const AttentionSaved*);
 RNNATTN_FOR_EACH_CELL(RNNATTN_INSTANTIATE_ENGINE)
 #undef RNNATTN_INSTANTIATE_ENGINE

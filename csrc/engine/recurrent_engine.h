@@ -55,18 +55,22 @@ constexpr int workspace_planes() {
 }
 
 // Arguments are checked by the caller (csrc/ops); the engine trusts shapes, dtypes and devices.
+// `lengths` (B,) int64 on the input's device, values in [1, T]: variable lengths (SPEC); rows past
+// their length are held, their outputs zero, their final states those after their last valid step.
 template <class Cell>
 RecurrentForward recurrent_forward(const at::Tensor& input, const std::vector<at::Tensor>& initial_states,
                                    const at::Tensor& weight_ih, const at::Tensor& weight_hh,
                                    const std::optional<at::Tensor>& bias_ih,
-                                   const std::optional<at::Tensor>& bias_hh, bool reverse, bool training,
+                                   const std::optional<at::Tensor>& bias_hh,
+                                   const std::optional<at::Tensor>& lengths, bool reverse, bool training,
                                    const AttentionConfig* attention = nullptr);
 
 template <class Cell>
 RecurrentBackward recurrent_backward(const at::Tensor& grad_output, const std::vector<at::Tensor>& grad_final_states,
                                      const at::Tensor& input, const std::vector<at::Tensor>& initial_states,
                                      const at::Tensor& weight_ih, const at::Tensor& weight_hh,
-                                     const at::Tensor& output, const at::Tensor& workspace, bool reverse,
+                                     const at::Tensor& output, const at::Tensor& workspace,
+                                     const std::optional<at::Tensor>& lengths, bool reverse,
                                      const AttentionConfig* attention = nullptr,
                                      const AttentionSaved* attention_saved = nullptr);
 

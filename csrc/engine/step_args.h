@@ -10,6 +10,9 @@
 //     (the plain layout of a (B, G*H) matrix has row_stride G*H, gate_stride H, unit_begin 0);
 //   state planes, grad_output: contiguous (B, H), unit j of row b at b*H + j;
 //   saved: kSaved planes of (B, H), plane s at saved + s*B*H.
+//
+// Variable lengths (SPEC): with `lengths` set, row b takes part in the step only when time < lengths[b];
+// otherwise it is held: its states pass through unchanged and it gets no gradient of its own.
 #pragma once
 #include <cstdint>
 
@@ -47,6 +50,8 @@ struct ForwardStepArgs {
   const T* prev[kMaxStates];    // states before the step
   T* next[kMaxStates];          // states after the step; next[0] is the output row y_t
   T* saved;                     // activations for backward, or nullptr in inference
+  const int64_t* lengths;       // (B,) valid steps per row, or nullptr (every row takes every step)
+  int64_t time;                 // the step's time index, compared with lengths
   int64_t batch;
   int64_t hidden;
   int64_t unit_begin, unit_end;
@@ -63,10 +68,18 @@ struct BackwardStepArgs {
   GateView<T> dxg;              // gradient of the input-side pre-activations
   GateView<T> dhg;              // gradient of the recurrent-side ones: written when the cell has a
                                 // separate one, else (equal to dxg) only when ptr is not null
+  const int64_t* lengths;       // as in ForwardStepArgs
+  int64_t time;
   int64_t batch;
   int64_t hidden;
   int64_t unit_begin, unit_end;
 };
+
+// Whether row b takes part in the step (variable lengths), or is held.
+template <class Args>
+RNNATTN_HD bool row_active(const Args& a, int64_t b) {
+  return a.lengths == nullptr || a.time < a.lengths[b];
+}
 
 // Cells that save nothing still get a one-element array (C++ has no empty arrays).
 template <class Cell>
@@ -139,6 +152,37 @@ RNNATTN_UNROLL
   }
 RNNATTN_UNROLL
   for (int s = 0; s < S; ++s) a.dstate[s][u] = IO::store(dprev[s]);
+}
+
+// A held row in the forward: every state passes through (next = prev); the output row y_t holds the
+// carried h until the engine zeroes the padded steps after the loop. Its saved activations, which
+// backward never reads, are zeros (the workspace is an op output: no uninitialised memory in it).
+template <class Cell, typename T>
+RNNATTN_HD void hold_forward_unit(const ForwardStepArgs<T>& a, int64_t b, int64_t j) {
+  using IO = ScalarIO<T>;
+  using A = typename IO::Acc;
+  const int64_t u = b * a.hidden + j;
+RNNATTN_UNROLL
+  for (int s = 0; s < Cell::kStates; ++s) a.next[s][u] = a.prev[s][u];
+  if (a.saved != nullptr) {
+RNNATTN_UNROLL
+    for (int k = 0; k < Cell::kSaved; ++k) a.saved[k * a.batch * a.hidden + u] = IO::store(A(0));
+  }
+}
+
+// A held row in the backward: the carried state gradients pass through unchanged (in place: nothing
+// to do), the pre-activation gradients are zero, and grad_output is not read (y_t is a constant 0).
+template <class Cell, typename T, bool kHiddenCopy = false>
+RNNATTN_HD void hold_backward_unit(const BackwardStepArgs<T>& a, int64_t b, int64_t j) {
+  using IO = ScalarIO<T>;
+  using A = typename IO::Acc;
+  const int64_t local = j - a.unit_begin;
+RNNATTN_UNROLL
+  for (int g = 0; g < Cell::kGates; ++g) a.dxg.at(b, g, local) = IO::store(A(0));
+  if constexpr (Cell::kSeparateHiddenGrad || kHiddenCopy) {
+RNNATTN_UNROLL
+    for (int g = 0; g < Cell::kGates; ++g) a.dhg.at(b, g, local) = IO::store(A(0));
+  }
 }
 
 }  // namespace rnnattn

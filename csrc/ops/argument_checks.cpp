@@ -32,7 +32,26 @@ void check_dtype_supported(const char* op, const Tensor& input) {
   }
 }
 
+// lengths-like argument: (B,) int64 on `device`, every value in [1, limit] (limit named by limit_name).
+void check_lengths_values(const char* op, const char* name, const Tensor& lengths, int64_t batch,
+                          const at::Device& device, const char* device_owner, int64_t limit, const char* limit_name) {
+  TORCH_CHECK_TYPE(lengths.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ", lengths.scalar_type());
+  TORCH_CHECK_VALUE(lengths.device() == device, op, ": ", name, " must be on the device of ", device_owner, " (",
+                    device, "), got ", lengths.device());
+  check_shape(op, name, lengths, {batch}, "(B,)");
+  if (lengths.numel() > 0) {
+    const int64_t low = lengths.min().item<int64_t>(), high = lengths.max().item<int64_t>();
+    TORCH_CHECK_VALUE(low >= 1 && high <= limit, op, ": ", name, " must lie in [1, ", limit_name, "] = [1, ", limit,
+                      "], got values in [", low, ", ", high, "]");
+  }
+}
+
 }  // namespace
+
+void check_sequence_lengths(const char* op, const LayerShape& shape, const Tensor& input,
+                            const std::optional<Tensor>& lengths) {
+  if (lengths) check_lengths_values(op, "lengths", *lengths, shape.batch, input.device(), "input", shape.steps, "T");
+}
 
 LayerShape check_layer_forward(const char* op, int gates, const Tensor& input, const std::vector<NamedTensor>& states,
                                const Tensor& weight_ih, const Tensor& weight_hh, const std::optional<Tensor>& bias_ih,
@@ -64,7 +83,7 @@ LayerShape check_layer_forward(const char* op, int gates, const Tensor& input, c
   return shape;
 }
 
-void check_layer_backward(const char* op, int gates, int workspace_planes, const Tensor& grad_output,
+LayerShape check_layer_backward(const char* op, int gates, int workspace_planes, const Tensor& grad_output,
                           const std::vector<NamedTensor>& grad_states, const Tensor& input,
                           const std::vector<NamedTensor>& states, const Tensor& weight_ih, const Tensor& weight_hh,
                           const Tensor& output, const Tensor& workspace) {
@@ -84,7 +103,7 @@ void check_layer_backward(const char* op, int gates, int workspace_planes, const
                     workspace.numel() == 0 ? " (empty: the forward ran with training=False, which saves nothing "
                                              "for backward; run it with training=True)"
                                            : "");
-  check_same_kind(op, "workspace", workspace, input);
+  check_same_kind(op, "workspace", workspace, input);  return s;
 }
 
 void check_attention(const char* op, int gates, const LayerShape& shape, const Tensor& input,
@@ -111,17 +130,8 @@ void check_attention(const char* op, int gates, const LayerShape& shape, const T
     TORCH_CHECK_VALUE(!a.window, op, ": window applies to self memory only (memory=None), got window = ", *a.window,
                       " with an external memory");
     if (a.memory_lengths) {
-      const Tensor& lengths = *a.memory_lengths;
-      TORCH_CHECK_TYPE(lengths.scalar_type() == at::kLong, op, ": memory_lengths must be int64, got ",
-                       lengths.scalar_type());
-      TORCH_CHECK_VALUE(lengths.device() == memory.device(), op, ": memory_lengths must be on the device of memory (",
-                        memory.device(), "), got ", lengths.device());
-      check_shape(op, "memory_lengths", lengths, {shape.batch}, "(B,)");
-      if (lengths.numel() > 0) {
-        const int64_t low = lengths.min().item<int64_t>(), high = lengths.max().item<int64_t>();
-        TORCH_CHECK_VALUE(low >= 1 && high <= memory.size(0), op, ": memory_lengths must lie in [1, S] = [1, ",
-                          memory.size(0), "], got values in [", low, ", ", high, "]");
-      }
+      check_lengths_values(op, "memory_lengths", *a.memory_lengths, shape.batch, memory.device(), "memory",
+                           memory.size(0), "S");
     }
   } else {
     TORCH_CHECK_VALUE(!a.memory_lengths, op, ": memory_lengths needs an external memory, got memory=None");

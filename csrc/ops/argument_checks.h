@@ -28,8 +28,13 @@ LayerShape check_layer_forward(const char* op, int gates, const at::Tensor& inpu
                                const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
                                const std::optional<at::Tensor>& bias_hh);
 
-// Checks what backward adds: gradients of the outputs, the forward's output and its workspace.
-void check_layer_backward(const char* op, int gates, int workspace_planes, const at::Tensor& grad_output,
+// Checks the variable lengths, when given: (B,) int64 on the device of input, values in [1, T].
+void check_sequence_lengths(const char* op, const LayerShape& shape, const at::Tensor& input,
+                            const std::optional<at::Tensor>& lengths);
+
+// Checks what backward adds: gradients of the outputs, the forward's output and its workspace;
+// returns the sizes.
+LayerShape check_layer_backward(const char* op, int gates, int workspace_planes, const at::Tensor& grad_output,
                           const std::vector<NamedTensor>& grad_states, const at::Tensor& input,
                           const std::vector<NamedTensor>& states, const at::Tensor& weight_ih,
                           const at::Tensor& weight_hh, const at::Tensor& output, const at::Tensor& workspace);

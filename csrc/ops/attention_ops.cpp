@@ -40,12 +40,15 @@ AttentionConfig make_config(const Tensor& weight_q, const OptTensor& bias_q, con
 template <class Cell>
 RecurrentForward attention_forward(const Tensor& input, const std::vector<Tensor>& states, const Tensor& weight_ih,
                                    const Tensor& weight_hh, const OptTensor& bias_ih, const OptTensor& bias_hh,
-                                   const AttentionConfig& config, bool reverse, bool training) {
+                                   const AttentionConfig& config, const OptTensor& lengths, bool reverse,
+                                   bool training) {
   const auto op = op_name<Cell>("_attn_forward");
   const LayerShape shape = check_layer_forward(op.c_str(), Cell::kGates, input, named_states(states, kStateNames),
                                                weight_ih, weight_hh, bias_ih, bias_hh);
   check_attention(op.c_str(), Cell::kGates, shape, input, config);
-  return recurrent_forward<Cell>(input, states, weight_ih, weight_hh, bias_ih, bias_hh, reverse, training, &config);
+  check_sequence_lengths(op.c_str(), shape, input, lengths);
+  return recurrent_forward<Cell>(input, states, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse, training,
+                                 &config);
 }
 
 template <class Cell>
@@ -54,17 +57,18 @@ RecurrentBackward attention_backward(const Tensor& grad_output, const std::vecto
                                      const std::vector<Tensor>& states, const Tensor& weight_ih,
                                      const Tensor& weight_hh, const AttentionConfig& config, const Tensor& output,
                                      const Tensor& context, const Tensor& workspace,
-                                     const Tensor& attention_workspace, bool reverse) {
+                                     const Tensor& attention_workspace, const OptTensor& lengths, bool reverse) {
   const auto op = op_name<Cell>("_attn_backward");
-  check_layer_backward(op.c_str(), Cell::kGates, workspace_planes<Cell>(), grad_output,
-                       named_states(grad_finals, kGradFinalNames), input, named_states(states, kStateNames), weight_ih,
-                       weight_hh, output, workspace);
-  const LayerShape shape{input.size(0), input.size(1), input.size(2), weight_hh.size(1)};
+  const LayerShape shape = check_layer_backward(op.c_str(), Cell::kGates, workspace_planes<Cell>(), grad_output,
+                                                named_states(grad_finals, kGradFinalNames), input,
+                                                named_states(states, kStateNames), weight_ih, weight_hh, output,
+                                                workspace);
   check_attention(op.c_str(), Cell::kGates, shape, input, config);
   check_attention_saved(op.c_str(), shape, input, config, context, attention_workspace, grad_context);
+  check_sequence_lengths(op.c_str(), shape, input, lengths);
   const AttentionSaved saved{context, attention_workspace, grad_context ? *grad_context : Tensor()};
   return recurrent_backward<Cell>(grad_output, grad_finals, input, states, weight_ih, weight_hh, output, workspace,
-                                  reverse, &config, &saved);
+                                  lengths, reverse, &config, &saved);
 }
 
 // The op signatures: LSTM carries (h, c), the other cells h alone.
@@ -80,12 +84,12 @@ LstmForwardResult lstm_attn_forward(const Tensor& input, const Tensor& h0, const
                                     const Tensor& weight_q, const OptTensor& bias_q, const Tensor& weight_k,
                                     const OptTensor& bias_k, const Tensor& weight_v, const OptTensor& bias_v,
                                     const Tensor& weight_c, const OptTensor& memory, const OptTensor& memory_lengths,
-                                    int64_t num_heads, std::optional<int64_t> window, bool reverse, bool training,
-                                    bool need_weights) {
+                                    const OptTensor& lengths, int64_t num_heads, std::optional<int64_t> window,
+                                    bool reverse, bool training, bool need_weights) {
   const auto config = make_config(weight_q, bias_q, weight_k, bias_k, weight_v, bias_v, weight_c, memory,
                                   memory_lengths, num_heads, window, need_weights);
-  auto r = attention_forward<LstmCell>(input, {h0, c0}, weight_ih, weight_hh, bias_ih, bias_hh, config, reverse,
-                                       training);
+  auto r = attention_forward<LstmCell>(input, {h0, c0}, weight_ih, weight_hh, bias_ih, bias_hh, config, lengths,
+                                       reverse, training);
   return {r.output, r.final_states[0], r.final_states[1], r.context, r.attention, r.workspace, r.attention_workspace};
 }
 
@@ -97,11 +101,13 @@ SingleForwardResult single_state_attn_forward(const Tensor& input, const Tensor&
                                               const OptTensor& bias_k, const Tensor& weight_v,
                                               const OptTensor& bias_v, const Tensor& weight_c,
                                               const OptTensor& memory, const OptTensor& memory_lengths,
-                                              int64_t num_heads, std::optional<int64_t> window, bool reverse,
-                                              bool training, bool need_weights) {
+                                              const OptTensor& lengths, int64_t num_heads,
+                                              std::optional<int64_t> window, bool reverse, bool training,
+                                              bool need_weights) {
   const auto config = make_config(weight_q, bias_q, weight_k, bias_k, weight_v, bias_v, weight_c, memory,
                                   memory_lengths, num_heads, window, need_weights);
-  auto r = attention_forward<Cell>(input, {h0}, weight_ih, weight_hh, bias_ih, bias_hh, config, reverse, training);
+  auto r = attention_forward<Cell>(input, {h0}, weight_ih, weight_hh, bias_ih, bias_hh, config, lengths, reverse,
+                                   training);
   return {r.output, r.final_states[0], r.context, r.attention, r.workspace, r.attention_workspace};
 }
 
@@ -118,13 +124,15 @@ LstmBackwardResult lstm_attn_backward(const Tensor& grad_output, const Tensor& g
                                       const Tensor& c0, const Tensor& weight_ih, const Tensor& weight_hh,
                                       const Tensor& weight_q, const Tensor& weight_k, const Tensor& weight_v,
                                       const Tensor& weight_c, const OptTensor& memory,
-                                      const OptTensor& memory_lengths, const Tensor& output, const Tensor& context,
-                                      const Tensor& workspace, const Tensor& attention_workspace, int64_t num_heads,
+                                      const OptTensor& memory_lengths, const OptTensor& lengths, const Tensor& output,
+                                      const Tensor& context, const Tensor& workspace,
+                                      const Tensor& attention_workspace, int64_t num_heads,
                                       std::optional<int64_t> window, bool reverse) {
   const auto config = make_config(weight_q, std::nullopt, weight_k, std::nullopt, weight_v, std::nullopt, weight_c,
                                   memory, memory_lengths, num_heads, window, false);
   auto r = attention_backward<LstmCell>(grad_output, {grad_h_n, grad_c_n}, grad_context, input, {h0, c0}, weight_ih,
-                                        weight_hh, config, output, context, workspace, attention_workspace, reverse);
+                                        weight_hh, config, output, context, workspace, attention_workspace, lengths,
+                                        reverse);
   return backward_tuple<LstmBackwardResult>(r, r.grad_initial_states[0], r.grad_initial_states[1]);
 }
 
@@ -133,12 +141,12 @@ SingleBackwardResult single_state_attn_backward(
     const Tensor& grad_output, const Tensor& grad_h_n, const OptTensor& grad_context, const Tensor& input,
     const Tensor& h0, const Tensor& weight_ih, const Tensor& weight_hh, const Tensor& weight_q, const Tensor& weight_k,
     const Tensor& weight_v, const Tensor& weight_c, const OptTensor& memory, const OptTensor& memory_lengths,
-    const Tensor& output, const Tensor& context, const Tensor& workspace, const Tensor& attention_workspace,
-    int64_t num_heads, std::optional<int64_t> window, bool reverse) {
+    const OptTensor& lengths, const Tensor& output, const Tensor& context, const Tensor& workspace,
+    const Tensor& attention_workspace, int64_t num_heads, std::optional<int64_t> window, bool reverse) {
   const auto config = make_config(weight_q, std::nullopt, weight_k, std::nullopt, weight_v, std::nullopt, weight_c,
                                   memory, memory_lengths, num_heads, window, false);
   auto r = attention_backward<Cell>(grad_output, {grad_h_n}, grad_context, input, {h0}, weight_ih, weight_hh, config,
-                                    output, context, workspace, attention_workspace, reverse);
+                                    output, context, workspace, attention_workspace, lengths, reverse);
   return backward_tuple<SingleBackwardResult>(r, r.grad_initial_states[0]);
 }
 

@@ -3,7 +3,9 @@
 //
 // Conventions: time-major input (T, B, I); states (B, H); weights with torch.nn's shapes and gate
 // order; `reverse` runs the layer from t = T-1 down to 0 (the second direction of a bidirectional
-// layer); `training` keeps the activations backward needs in `workspace` (else it is empty).
+// layer); `training` keeps the activations backward needs in `workspace` (else it is empty);
+// `lengths` (B,) int64 on the input's device, values in [1, T], or None: variable lengths (SPEC:
+// steps t >= lengths[b] leave row b's state unchanged and output zeros).
 //
 // Per cell: `<cell>_forward` / `<cell>_backward` (the base layer) and `<cell>_attn_forward` /
 // `<cell>_attn_backward` (the attention-augmented cell of SPEC.md: self memory when `memory` is None,
@@ -44,25 +46,26 @@ TORCH_LIBRARY(rnnattn, m) {
                       grad_states = join(cell.states, "Tensor grad_", ""), final_outputs = join(finals(cell), "Tensor ", ""),
                       grad_finals = join(finals(cell), "Tensor grad_", "");
     m.def((name + "_forward(Tensor input, " + states +
-           "Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, bool reverse, bool training) "
+           "Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor? lengths, bool reverse, "
+           "bool training) "
            "-> (Tensor output, " + final_outputs + "Tensor workspace)")
               .c_str());
     m.def((name + "_backward(Tensor grad_output, " + grad_finals + "Tensor input, " + states +
-           "Tensor weight_ih, Tensor weight_hh, Tensor output, Tensor workspace, bool reverse) "
+           "Tensor weight_ih, Tensor weight_hh, Tensor output, Tensor workspace, Tensor? lengths, bool reverse) "
            "-> (Tensor grad_input, " + grad_states +
            "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, Tensor grad_bias_hh)")
               .c_str());
     m.def((name + "_attn_forward(Tensor input, " + states +
            "Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, "
            "Tensor weight_q, Tensor? bias_q, Tensor weight_k, Tensor? bias_k, Tensor weight_v, Tensor? bias_v, "
-           "Tensor weight_c, Tensor? memory, Tensor? memory_lengths, int num_heads, int? window, bool reverse, "
-           "bool training, bool need_weights) -> (Tensor output, " + final_outputs +
+           "Tensor weight_c, Tensor? memory, Tensor? memory_lengths, Tensor? lengths, int num_heads, int? window, "
+           "bool reverse, bool training, bool need_weights) -> (Tensor output, " + final_outputs +
            "Tensor context, Tensor attention, Tensor workspace, Tensor attention_workspace)")
               .c_str());
     m.def((name + "_attn_backward(Tensor grad_output, " + grad_finals + "Tensor? grad_context, Tensor input, " +
            states +
            "Tensor weight_ih, Tensor weight_hh, Tensor weight_q, Tensor weight_k, Tensor weight_v, Tensor weight_c, "
-           "Tensor? memory, Tensor? memory_lengths, Tensor output, Tensor context, Tensor workspace, "
+           "Tensor? memory, Tensor? memory_lengths, Tensor? lengths, Tensor output, Tensor context, Tensor workspace, "
            "Tensor attention_workspace, int num_heads, int? window, bool reverse) -> (Tensor grad_input, " +
            grad_states +
            "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, Tensor grad_bias_hh, "

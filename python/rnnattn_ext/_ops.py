@@ -68,9 +68,9 @@ def _register(cell: str) -> None:
     def setup_context(ctx, inputs, output):
         input = inputs[0]
         states = inputs[1 : 1 + num_states]
-        weight_ih, weight_hh, bias_ih, bias_hh, reverse, _training = inputs[1 + num_states :]
+        weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse, _training = inputs[1 + num_states :]
         out, workspace = output[0], output[-1]
-        ctx.save_for_backward(input, *states, weight_ih, weight_hh, out, workspace)
+        ctx.save_for_backward(input, *states, weight_ih, weight_hh, out, workspace, lengths)
         ctx.reverse = reverse
         ctx.has_bias = (bias_ih is not None, bias_hh is not None)
 
@@ -79,12 +79,12 @@ def _register(cell: str) -> None:
         saved = ctx.saved_tensors
         input = saved[0]
         states = saved[1 : 1 + num_states]
-        weight_ih, weight_hh, out, workspace = saved[1 + num_states :]
+        weight_ih, weight_hh, out, workspace, lengths = saved[1 + num_states :]
         grad_finals = [g if g is not None else torch.zeros_like(s) for g, s in zip(grad_finals, states)]
         if grad_output is None:
             grad_output = torch.zeros_like(out)
         result = backward_op(cell)(
-            grad_output, *grad_finals, input, *states, weight_ih, weight_hh, out, workspace, ctx.reverse
+            grad_output, *grad_finals, input, *states, weight_ih, weight_hh, out, workspace, lengths, ctx.reverse
         )
         grad_input = result[0]
         grad_states = result[1 : 1 + num_states]
@@ -98,6 +98,7 @@ def _register(cell: str) -> None:
             grad_b_hh if ctx.has_bias[1] else None,
             None,
             None,
+            None,
         )
 
     torch.library.register_fake(fwd_name)(fake_forward)
@@ -107,20 +108,22 @@ def _register(cell: str) -> None:
 
 def _register_attention(cell: str) -> None:
     """The attention-augmented cell's ops: inputs (input, *states, w_ih, w_hh, b_ih, b_hh, w_q, b_q,
-    w_k, b_k, w_v, b_v, w_c, memory, memory_lengths, num_heads, window, reverse, training, need_weights)."""
+    w_k, b_k, w_v, b_v, w_c, memory, memory_lengths, lengths, num_heads, window, reverse, training,
+    need_weights)."""
     _gates, num_states, planes = CELL_LAYOUTS[cell]
     fwd_name = f"rnnattn::{cell}_attn_forward"
     bwd_name = f"rnnattn::{cell}_attn_backward"
 
     def unpack(inputs):
         input, states = inputs[0], inputs[1 : 1 + num_states]
-        (w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, w_v, b_v, w_c, memory, memory_lengths, num_heads, window,
-         reverse, training, need_weights) = inputs[1 + num_states :]
+        (w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, w_v, b_v, w_c, memory, memory_lengths, lengths, num_heads,
+         window, reverse, training, need_weights) = inputs[1 + num_states :]
         return input, states, (w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, w_v, b_v, w_c), (
-            memory, memory_lengths, num_heads, window, reverse, training, need_weights)
+            memory, memory_lengths, lengths, num_heads, window, reverse, training, need_weights)
 
     def fake_forward(*inputs):
-        input, states, weights, (memory, _lengths, num_heads, window, _reverse, training, need_weights) = unpack(inputs)
+        input, states, weights, (memory, _mem_lengths, _lengths, num_heads, window, _reverse, training,
+                                 need_weights) = unpack(inputs)
         steps, batch = input.shape[0], input.shape[1]
         hidden, width = weights[1].shape[1], weights[4].shape[0]
         slots = steps if memory is None else memory.shape[0]
@@ -150,11 +153,12 @@ def _register_attention(cell: str) -> None:
         )
 
     def setup_context(ctx, inputs, output):
-        input, states, weights, (memory, lengths, num_heads, window, reverse, _training, _need) = unpack(inputs)
+        input, states, weights, (memory, memory_lengths, lengths, num_heads, window, reverse, _training, _need) = (
+            unpack(inputs))
         w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, w_v, b_v, w_c = weights
         out, context, workspace, attention_workspace = output[0], output[1 + num_states], output[-2], output[-1]
-        ctx.save_for_backward(input, *states, w_ih, w_hh, w_q, w_k, w_v, w_c, memory, lengths, out, context,
-                              workspace, attention_workspace)
+        ctx.save_for_backward(input, *states, w_ih, w_hh, w_q, w_k, w_v, w_c, memory, memory_lengths, lengths, out,
+                              context, workspace, attention_workspace)
         # The attention weights are for inspection: they carry no gradient (the context does).
         ctx.mark_non_differentiable(output[2 + num_states], workspace, attention_workspace)
         ctx.options = (num_heads, window, reverse)
@@ -165,16 +169,15 @@ def _register_attention(cell: str) -> None:
         grad_context = grads[num_states]  # the attention weights, workspaces: not differentiable
         saved = ctx.saved_tensors
         input, states = saved[0], saved[1 : 1 + num_states]
-        w_ih, w_hh, w_q, w_k, w_v, w_c, memory, lengths, out, context, workspace, attention_workspace = saved[
-            1 + num_states :
-        ]
+        (w_ih, w_hh, w_q, w_k, w_v, w_c, memory, memory_lengths, lengths, out, context, workspace,
+         attention_workspace) = saved[1 + num_states :]
         grad_finals = [g if g is not None else torch.zeros_like(s) for g, s in zip(grad_finals, states)]
         if grad_output is None:
             grad_output = torch.zeros_like(out)
         num_heads, window, reverse = ctx.options
         result = attention_backward_op(cell)(
-            grad_output, *grad_finals, grad_context, input, *states, w_ih, w_hh, w_q, w_k, w_v, w_c, memory, lengths,
-            out, context, workspace, attention_workspace, num_heads, window, reverse,
+            grad_output, *grad_finals, grad_context, input, *states, w_ih, w_hh, w_q, w_k, w_v, w_c, memory,
+            memory_lengths, lengths, out, context, workspace, attention_workspace, num_heads, window, reverse,
         )
         grad_input, grad_states = result[0], result[1 : 1 + num_states]
         (g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_q, g_b_q, g_w_k, g_b_k, g_w_v, g_b_v, g_w_c, g_memory) = result[
@@ -186,7 +189,7 @@ def _register_attention(cell: str) -> None:
             g_w_ih, g_w_hh, g_b_ih if has[0] else None, g_b_hh if has[1] else None,
             g_w_q, g_b_q if has[2] else None, g_w_k, g_b_k if has[3] else None, g_w_v, g_b_v if has[4] else None,
             g_w_c, g_memory if memory is not None else None,
-            None, None, None, None, None, None,
+            None, None, None, None, None, None, None,
         )
 
     torch.library.register_fake(fwd_name)(fake_forward)

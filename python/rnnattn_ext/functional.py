@@ -35,10 +35,13 @@ def layer(
     bias_ih: Tensor | None = None,
     bias_hh: Tensor | None = None,
     reverse: bool = False,
+    lengths: Tensor | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """One recurrent layer, one direction.
 
-    input (T, B, I); states: (B, H) tensors, ``[h0, c0]`` for "lstm", ``[h0]`` otherwise.
+    input (T, B, I); states: (B, H) tensors, ``[h0, c0]`` for "lstm", ``[h0]`` otherwise;
+    lengths: optional (B,) int64 on the input's device, values in [1, T] (SPEC "Variable lengths":
+    row b stops after step lengths[b]; its later outputs are zero).
     Returns the output (T, B, H) and the final states.
     """
     if cell not in CELLS:
@@ -48,7 +51,7 @@ def layer(
             f"rnnattn_ext.functional.layer: cell {cell!r} takes {_num_states(cell)} state tensor(s), got {len(states)}"
         )
     training = needs_workspace(input, *states, weight_ih, weight_hh, bias_ih, bias_hh)
-    result = _ops.forward_op(cell)(input, *states, weight_ih, weight_hh, bias_ih, bias_hh, reverse, training)
+    result = _ops.forward_op(cell)(input, *states, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse, training)
     return result[0], list(result[1:-1])
 
 
@@ -61,11 +64,13 @@ def stack(
     bidirectional: bool,
     dropout: float = 0.0,
     training: bool = False,
+    lengths: Tensor | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """A stack of layers as in torch.nn: time-major ``input`` (T, B, I).
 
     states: one (num_layers * D, B, H) tensor per cell state; weights: for each layer and
-    direction (index ``layer * D + direction``) the tuple ``(w_ih, w_hh, b_ih, b_hh)``.
+    direction (index ``layer * D + direction``) the tuple ``(w_ih, w_hh, b_ih, b_hh)``; lengths as
+    in ``layer``, for every layer and direction.
     Returns the last layer's output (T, B, D * H) and the final states, each (num_layers * D, B, H).
     """
     directions = 2 if bidirectional else 1
@@ -77,7 +82,7 @@ def stack(
             index = layer_index * directions + direction
             w_ih, w_hh, b_ih, b_hh = weights[index]
             y, last = layer(
-                cell, x, [s[index] for s in states], w_ih, w_hh, b_ih, b_hh, reverse=direction == 1
+                cell, x, [s[index] for s in states], w_ih, w_hh, b_ih, b_hh, reverse=direction == 1, lengths=lengths
             )
             outputs.append(y)
             for collected, state in zip(finals, last):
@@ -103,13 +108,15 @@ def attention_layer(
     memory_lengths: Tensor | None = None,
     reverse: bool = False,
     need_weights: bool = False,
+    lengths: Tensor | None = None,
 ) -> tuple[Tensor, list[Tensor], Tensor, Tensor | None]:
     """One layer, one direction of the attention-augmented cell (SPEC.md), time-major.
 
     Self memory when ``memory`` is None (``window`` most recent states, None = all), else external
     memory (S, B, M) with optional ``memory_lengths`` (B,). Returns the output (T, B, H), the final
     states, the context vectors (T, B, D) and, with ``need_weights``, the attention weights
-    (T, B, num_heads, slots) (else None).
+    (T, B, num_heads, slots) (else None). ``lengths`` as in ``layer``: a row attends only at its
+    valid steps (zero context after them), and its self memory holds only its valid states.
     """
     if cell not in CELLS:
         raise ValueError(f"rnnattn_ext.functional.attention_layer: cell must be one of {CELLS}, got {cell!r}")
@@ -125,7 +132,7 @@ def attention_layer(
         )
     training = needs_workspace(input, *states, *weights, memory)
     result = _ops.attention_forward_op(cell)(
-        input, *states, *weights, memory, memory_lengths, num_heads, window, reverse, training, need_weights
+        input, *states, *weights, memory, memory_lengths, lengths, num_heads, window, reverse, training, need_weights
     )
     num_states = _num_states(cell)
     output, finals = result[0], list(result[1 : 1 + num_states])
@@ -147,6 +154,7 @@ def attention_stack(
     dropout: float = 0.0,
     training: bool = False,
     need_weights: bool = False,
+    lengths: Tensor | None = None,
 ) -> tuple[Tensor, list[Tensor], list[Tensor] | None]:
     """A stack of attention-augmented layers, as ``stack``: every layer attends over its own past
     states (self memory) or over the same external ``memory``. Returns the last layer's output,
@@ -162,7 +170,7 @@ def attention_stack(
             index = layer_index * directions + direction
             y, last, _context, attention = attention_layer(
                 cell, x, [s[index] for s in states], weights[index], num_heads, window, memory, memory_lengths,
-                reverse=direction == 1, need_weights=need_weights,
+                reverse=direction == 1, need_weights=need_weights, lengths=lengths,
             )
             outputs.append(y)
             if attention is not None:

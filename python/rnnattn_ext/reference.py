@@ -55,6 +55,21 @@ def _step(cell: str, x, states, weights):
     return cell_update(cell, _linear(x, w_ih, b_ih), _linear(states[0], w_hh, b_hh), states)
 
 
+def _each_row_alone(run_row, steps: int, lengths: Tensor):
+    """Variable lengths the obvious way (SPEC "Variable lengths"): row b runs alone over its first
+    lengths[b] steps; its time-major results are padded with zeros to ``steps`` and the rows joined.
+    run_row(b, length) returns (output, final_states, *more time-major tensors)."""
+    results = [run_row(b, int(length)) for b, length in enumerate(lengths.tolist())]
+
+    def pad_time(t: Tensor) -> Tensor:
+        return torch.cat([t, t.new_zeros((steps - t.shape[0], *t.shape[1:]))], dim=0)
+
+    output = torch.cat([pad_time(r[0]) for r in results], dim=1)
+    finals = [torch.cat([r[1][i] for r in results], dim=0) for i in range(len(results[0][1]))]
+    more = [torch.cat([pad_time(r[2 + i]) for r in results], dim=1) for i in range(len(results[0]) - 2)]
+    return output, finals, *more
+
+
 def layer(
     cell: str,
     input: Tensor,
@@ -64,8 +79,14 @@ def layer(
     bias_ih: Tensor | None = None,
     bias_hh: Tensor | None = None,
     reverse: bool = False,
+    lengths: Tensor | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """One layer, one direction, time-major: the reference of ``functional.layer``."""
+    if lengths is not None:
+        return _each_row_alone(
+            lambda b, n: layer(cell, input[:n, b : b + 1], [s[b : b + 1] for s in states], weight_ih, weight_hh,
+                               bias_ih, bias_hh, reverse),
+            input.shape[0], lengths)
     states = list(states)
     steps = range(input.shape[0] - 1, -1, -1) if reverse else range(input.shape[0])
     outputs = [None] * input.shape[0]
@@ -79,7 +100,7 @@ def layer(
     return output, states
 
 
-def stack(cell, input, states, weights, num_layers, bidirectional):
+def stack(cell, input, states, weights, num_layers, bidirectional, lengths=None):
     """Reference of ``functional.stack`` (no dropout)."""
     directions = 2 if bidirectional else 1
     finals = [[] for _ in states]
@@ -88,7 +109,8 @@ def stack(cell, input, states, weights, num_layers, bidirectional):
         outputs = []
         for direction in range(directions):
             index = layer_index * directions + direction
-            y, last = layer(cell, x, [s[index] for s in states], *weights[index], reverse=direction == 1)
+            y, last = layer(cell, x, [s[index] for s in states], *weights[index], reverse=direction == 1,
+                            lengths=lengths)
             outputs.append(y)
             for collected, state in zip(finals, last):
                 collected.append(state)
@@ -116,6 +138,7 @@ def attention_layer(
     memory: Tensor | None = None,
     memory_lengths: Tensor | None = None,
     reverse: bool = False,
+    lengths: Tensor | None = None,
 ):
     """The attention-augmented cell of SPEC.md over one layer and direction, time-major.
 
@@ -129,6 +152,19 @@ def attention_layer(
     (T, B, num_heads, S), zeros at padded positions.
     """
     steps, batch = input.shape[0], input.shape[1]
+    if lengths is not None:
+        def run_row(b: int, n: int):
+            row_memory = None if memory is None else memory[:, b : b + 1]
+            row_memory_lengths = None if memory_lengths is None else memory_lengths[b : b + 1]
+            out, finals, context, attention = attention_layer(
+                cell, input[:n, b : b + 1], [s[b : b + 1] for s in states], weight_ih, weight_hh, bias_ih, bias_hh,
+                weight_q, bias_q, weight_k, bias_k, weight_v, bias_v, weight_c, num_heads, window, row_memory,
+                row_memory_lengths, reverse)
+            if memory is None and window is None:  # n slots of the row's own; the most recent last of T
+                attention = torch.cat([attention.new_zeros((*attention.shape[:3], steps - n)), attention], dim=3)
+            return out, finals, context, attention
+
+        return _each_row_alone(run_row, steps, lengths)
     width = weight_q.shape[0]
     if width % num_heads != 0:
         raise ValueError(f"num_heads ({num_heads}) must divide the attention width D = {width}")
@@ -185,7 +221,7 @@ def attention_layer(
 
 
 def attention_stack(cell, input, states, weights, num_layers, bidirectional, num_heads, window=None, memory=None,
-                    memory_lengths=None):
+                    memory_lengths=None, lengths=None):
     """Reference of ``functional.attention_stack`` (no dropout): weights[layer * D + direction] is
     (w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, w_v, b_v, w_c). Returns output, finals, attentions."""
     directions = 2 if bidirectional else 1
@@ -199,7 +235,7 @@ def attention_stack(cell, input, states, weights, num_layers, bidirectional, num
             w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, w_v, b_v, w_c = weights[index]
             y, last, _, attention = attention_layer(
                 cell, x, [s[index] for s in states], w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, w_v, b_v, w_c,
-                num_heads, window, memory, memory_lengths, reverse=direction == 1)
+                num_heads, window, memory, memory_lengths, reverse=direction == 1, lengths=lengths)
             outputs.append(y)
             attentions.append(attention)
             for collected, state in zip(finals, last):

@@ -11,6 +11,10 @@ namespace rnnattn::cpu::RNNATTN_CPU_ISA {
 template <class Cell, typename T, bool kSave, bool kContext>
 void forward_block_impl(const ForwardStepArgs<T>& args) {
   for (int64_t b = 0; b < args.batch; ++b) {
+    if (!row_active(args, b)) {
+      for (int64_t j = args.unit_begin; j < args.unit_end; ++j) hold_forward_unit<Cell, T>(args, b, j);
+      continue;
+    }
 #pragma GCC ivdep
     for (int64_t j = args.unit_begin; j < args.unit_end; ++j) forward_unit<Cell, T, kSave, kContext>(args, b, j);
   }
@@ -29,6 +33,10 @@ void forward_block(const ForwardStepArgs<T>& args) {
 template <class Cell, typename T, bool kHiddenCopy>
 void backward_block_impl(const BackwardStepArgs<T>& args) {
   for (int64_t b = 0; b < args.batch; ++b) {
+    if (!row_active(args, b)) {
+      for (int64_t j = args.unit_begin; j < args.unit_end; ++j) hold_backward_unit<Cell, T, kHiddenCopy>(args, b, j);
+      continue;
+    }
 #pragma GCC ivdep
     for (int64_t j = args.unit_begin; j < args.unit_end; ++j) backward_unit<Cell, T, kHiddenCopy>(args, b, j);
   }

@@ -19,7 +19,12 @@ __global__ void forward_step_kernel(const ForwardStepArgs<T> args) {
   const int64_t width = args.unit_end - args.unit_begin, units = args.batch * width;
   for (int64_t u = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; u < units;
        u += int64_t(gridDim.x) * blockDim.x) {
-    forward_unit<Cell, T, kSave, kContext>(args, u / width, args.unit_begin + u % width);
+    const int64_t b = u / width, j = args.unit_begin + u % width;
+    if (row_active(args, b)) {
+      forward_unit<Cell, T, kSave, kContext>(args, b, j);
+    } else {
+      hold_forward_unit<Cell, T>(args, b, j);
+    }
   }
 }
 
@@ -28,7 +33,12 @@ __global__ void backward_step_kernel(const BackwardStepArgs<T> args) {
   const int64_t width = args.unit_end - args.unit_begin, units = args.batch * width;
   for (int64_t u = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; u < units;
        u += int64_t(gridDim.x) * blockDim.x) {
-    backward_unit<Cell, T, kHiddenCopy>(args, u / width, args.unit_begin + u % width);
+    const int64_t b = u / width, j = args.unit_begin + u % width;
+    if (row_active(args, b)) {
+      backward_unit<Cell, T, kHiddenCopy>(args, b, j);
+    } else {
+      hold_backward_unit<Cell, T, kHiddenCopy>(args, b, j);
+    }
   }
 }
 
