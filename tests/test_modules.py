@@ -144,10 +144,6 @@ def test_module_follows_dtype_and_repr(kind):
 def test_lstm_not_yet_supported_features_raise():
     with pytest.raises(NotImplementedError, match="proj_size"):
         rnnattn_ext.LSTM(3, 5, proj_size=2)
-    m = rnnattn_ext.LSTM(3, 5)
-    packed = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(4, 2, 3), torch.tensor([4, 2]))
-    with pytest.raises(NotImplementedError, match="PackedSequence"):
-        m(packed)
 
 
 @pytest.mark.parametrize("kind", MODULES)

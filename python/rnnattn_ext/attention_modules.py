@@ -14,6 +14,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
 
 from . import functional
 from .modules import _GATES, RecurrentBase
@@ -138,25 +139,29 @@ class AttentionRecurrentBase(RecurrentBase):
             memory_lengths = memory_lengths.to(device=memory.device, dtype=torch.int64).reshape(-1)
         return memory, memory_lengths
 
-    def forward(self, input: Tensor, hx=None, memory: Tensor | None = None, memory_lengths=None,
-                need_weights: bool = False):
+    def forward(self, input: Tensor | PackedSequence, hx=None, memory: Tensor | None = None, memory_lengths=None,
+                need_weights: bool = False, lengths=None):
         """Returns ``output, h_n`` (AttnLSTM: ``output, (h_n, c_n)``), and with ``need_weights`` also the
         attention weights of every layer and direction (index ``layer * D + direction``), each
-        (T, B, num_heads, slots) in the input's layout (batch first with ``batch_first``)."""
-        x, states, batched = self._prepare(input, hx)
-        memory, memory_lengths = self._memory(memory, memory_lengths, batched, x.shape[1])
+        (T, B, num_heads, slots) in the input's layout (batch first with ``batch_first``; time-major
+        for PackedSequence input). Variable lengths come as a PackedSequence input or as ``lengths``
+        (B,): a row stops after its last valid step, attends over its valid states only, and its
+        later outputs are zero."""
+        prepared = self._prepare(input, hx, lengths)
+        x = prepared.x
+        memory, memory_lengths = self._memory(memory, memory_lengths, prepared.batched, x.shape[1])
         output, finals, attentions = functional.attention_stack(
-            self.cell, x, states, self._attention_weights(), self.num_layers, self.bidirectional, self.num_heads,
-            self.window, memory, memory_lengths, dropout=self.dropout, training=self.training,
-            need_weights=need_weights,
+            self.cell, x, prepared.states, self._attention_weights(), self.num_layers, self.bidirectional,
+            self.num_heads, self.window, memory, memory_lengths, dropout=self.dropout, training=self.training,
+            need_weights=need_weights, lengths=prepared.lengths,
         )
-        output, finals = self._finish(output, finals, batched)
+        output, finals = self._finish(output, finals, prepared)
         state = (finals[0], finals[1]) if self.cell == "lstm" else finals[0]
         if not need_weights:
             return output, state
-        if not batched:
+        if not prepared.batched:
             attentions = [a.squeeze(1) for a in attentions]
-        elif self.batch_first:
+        elif self.batch_first and prepared.packed is None:
             attentions = [a.transpose(0, 1) for a in attentions]
         return output, state, attentions
 

@@ -10,14 +10,45 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import functional
 
 _GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+class _Prepared(NamedTuple):
+    """A module's input in the ops' terms."""
+
+    x: Tensor  # time-major (T, B, I)
+    states: list[Tensor]  # initial states, each (num_layers * D, B, H)
+    batched: bool
+    lengths: Tensor | None  # (B,) int64 on x's device
+    packed: PackedSequence | None  # the PackedSequence input, whose layout the output takes
+
+
+def _checked_lengths(owner: str, lengths, steps: int, batch: int, device: torch.device) -> Tensor:
+    """lengths as (B,) int64 on the input's device, after checking them as the SPEC asks."""
+    if not isinstance(lengths, Tensor):
+        try:
+            lengths = torch.as_tensor(lengths)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"{owner}: lengths must be a 1-D tensor or sequence of ints, got "
+                            f"{type(lengths).__name__}") from error
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise TypeError(f"{owner}: lengths must hold integers, got {lengths.dtype}")
+    if lengths.dim() > 1 or lengths.numel() != batch:  # a scalar serves an unbatched input
+        raise ValueError(f"{owner}: lengths must have shape (B,) = ({batch},), got {tuple(lengths.shape)}")
+    lengths = lengths.reshape(-1).to(device=device, dtype=torch.int64)
+    if lengths.numel() > 0:
+        low, high = int(lengths.min()), int(lengths.max())
+        if low < 1 or high > steps:
+            raise ValueError(f"{owner}: lengths must lie in [1, T] = [1, {steps}], got values in [{low}, {high}]")
+    return lengths
 
 
 class RecurrentBase(nn.Module):
@@ -136,29 +167,32 @@ class RecurrentBase(nn.Module):
     def _num_states(self) -> int:
         return 2 if self.cell == "lstm" else 1
 
-    def _run(self, input: Tensor, hx: Tensor | tuple[Tensor, ...] | None):
-        x, states, batched = self._prepare(input, hx)
+    def _run(self, input: Tensor | PackedSequence, hx: Tensor | tuple[Tensor, ...] | None, lengths=None):
+        prepared = self._prepare(input, hx, lengths)
         output, finals = functional.stack(
             self.cell,
-            x,
-            states,
+            prepared.x,
+            prepared.states,
             self._layer_weights(),
             self.num_layers,
             self.bidirectional,
             dropout=self.dropout,
             training=self.training,
+            lengths=prepared.lengths,
         )
-        return self._finish(output, finals, batched)
+        return self._finish(output, finals, prepared)
 
-    def _prepare(self, input: Tensor, hx: Tensor | tuple[Tensor, ...] | None) -> tuple[Tensor, list[Tensor], bool]:
-        """Checks input and hx; returns the time-major 3-D input, the initial states and whether the
-        input was batched."""
+    def _prepare(self, input: Tensor | PackedSequence, hx: Tensor | tuple[Tensor, ...] | None,
+                 lengths=None) -> _Prepared:
+        """Checks input, hx and lengths; a PackedSequence becomes a padded time-major batch in its
+        original order, with its lengths."""
         name = type(self).__name__
+        packed = None
         if isinstance(input, PackedSequence):
-            raise NotImplementedError(
-                f"{name}: PackedSequence input is not supported yet (planned with variable lengths); "
-                "pad the batch (torch.nn.utils.rnn.pad_packed_sequence) and pass a tensor"
-            )
+            if lengths is not None:
+                raise ValueError(f"{name}: lengths must be None for PackedSequence input (it carries its own)")
+            packed = input
+            input, lengths = pad_packed_sequence(input)  # (T, B, I) in the caller's batch order
         if not isinstance(input, Tensor):
             raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
         if input.dim() not in (2, 3):
@@ -172,7 +206,7 @@ class RecurrentBase(nn.Module):
         num_states = self._num_states()
         if not batched:
             x = input.unsqueeze(1)
-        elif self.batch_first:
+        elif self.batch_first and packed is None:
             x = input.transpose(0, 1)
         else:
             x = input
@@ -203,16 +237,31 @@ class RecurrentBase(nn.Module):
                     got = tuple(state.shape) if batched else (state.shape[0], state.shape[2])
                     raise ValueError(f"{name}: expected {state_name} of size {shown}, got {got}")
                 states.append(state)
-        return x, states, batched
+        if lengths is not None:
+            lengths = _checked_lengths(name, lengths, x.shape[0], batch, x.device)
+        return _Prepared(x, states, batched, lengths, packed)
 
-    def _finish(self, output: Tensor, finals: list[Tensor], batched: bool) -> tuple[Tensor, list[Tensor]]:
-        """The time-major output and final states in the caller's layout."""
-        if not batched:
+    def _finish(self, output: Tensor, finals: list[Tensor], prepared: _Prepared):
+        """The time-major output and final states in the caller's layout (a PackedSequence for one)."""
+        if prepared.packed is not None:
+            return _repack(output, prepared.packed), finals
+        if not prepared.batched:
             output = output.squeeze(1)
             finals = [f.squeeze(1) for f in finals]
         elif self.batch_first:
             output = output.transpose(0, 1)
         return output, finals
+
+
+def _repack(output: Tensor, like: PackedSequence) -> PackedSequence:
+    """output (T, B, H), in the original batch order of ``like``, packed as torch.nn packs its output:
+    the same batch sizes and sorting indices as the input."""
+    order = like.sorted_indices
+    by_length = output if order is None else output.index_select(1, order)
+    # Row i of the sorted batch is valid for the steps whose batch size exceeds i.
+    lengths = (like.batch_sizes.unsqueeze(0) > torch.arange(output.shape[1]).unsqueeze(1)).sum(1)
+    data = pack_padded_sequence(by_length, lengths, enforce_sorted=True).data
+    return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
 
 
 class LSTM(RecurrentBase):
@@ -223,8 +272,11 @@ class LSTM(RecurrentBase):
         super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          proj_size, device, dtype)
 
-    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
-        output, (h_n, c_n) = self._run(input, hx)
+    def forward(self, input: Tensor | PackedSequence, hx: tuple[Tensor, Tensor] | None = None, lengths=None):
+        """As torch.nn.LSTM (PackedSequence in, PackedSequence out). ``lengths`` (B,) ints in [1, T]
+        (batched tensor input only): row b stops after step lengths[b], its later outputs are zero and
+        its final states those after its last valid step, as if the batch had been packed."""
+        output, (h_n, c_n) = self._run(input, hx, lengths)
         return output, (h_n, c_n)
 
 
@@ -236,8 +288,9 @@ class GRU(RecurrentBase):
         super().__init__("gru", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          0, device, dtype)
 
-    def forward(self, input: Tensor, hx: Tensor | None = None):
-        output, (h_n,) = self._run(input, hx)
+    def forward(self, input: Tensor | PackedSequence, hx: Tensor | None = None, lengths=None):
+        """As torch.nn's; ``lengths`` as in :meth:`LSTM.forward`."""
+        output, (h_n,) = self._run(input, hx, lengths)
         return output, h_n
 
 
@@ -256,6 +309,7 @@ class RNN(RecurrentBase):
         s = super().extra_repr()
         return s if self.nonlinearity == "tanh" else s + f", nonlinearity={self.nonlinearity!r}"
 
-    def forward(self, input: Tensor, hx: Tensor | None = None):
-        output, (h_n,) = self._run(input, hx)
+    def forward(self, input: Tensor | PackedSequence, hx: Tensor | None = None, lengths=None):
+        """As torch.nn's; ``lengths`` as in :meth:`LSTM.forward`."""
+        output, (h_n,) = self._run(input, hx, lengths)
         return output, h_n
