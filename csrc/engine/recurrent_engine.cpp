@@ -305,6 +305,21 @@ Tensor padded_steps(const Tensor& lengths, int64_t steps) {
   return at::arange(steps, lengths.options()).unsqueeze(1).ge(lengths.unsqueeze(0)).unsqueeze(2);
 }
 
+// Per time step, the rows the recurrent GEMM must cover: up to the last row still running (all of
+// them when lengths are sorted longest first, as a PackedSequence's are), so that finished rows cost
+// no GEMM work. Empty without lengths. The attention cell keeps every row: its slots and queries
+// are op outputs and must be defined for every row.
+std::vector<int64_t> running_rows(const Tensor& lengths, int64_t steps, bool attention) {
+  if (!lengths.defined() || attention) return {};
+  const Tensor host = lengths.cpu();
+  const int64_t* length = host.data_ptr<int64_t>();
+  std::vector<int64_t> rows(steps, 0);
+  for (int64_t b = 0; b < host.numel(); ++b) {
+    for (int64_t t = 0; t < length[b]; ++t) rows[t] = b + 1;
+  }
+  return rows;
+}
+
 template <typename T>
 AttentionStepArgs<T> attention_step_args(const AttentionGeometry& g, const UnitBlocks& blocks, int64_t c,
                                          int64_t batch, int64_t k, const Tensor& lengths, const Tensor& scratch,
@@ -427,6 +442,7 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   const int64_t plane = B * H;
   const Tensor seq_lengths = lengths_arg ? lengths_arg->contiguous() : Tensor();
   const SequenceLengths sequence{seq_lengths.defined() ? seq_lengths.data_ptr<int64_t>() : nullptr, T, reverse};
+  const std::vector<int64_t> running = running_rows(seq_lengths, T, geo.enabled);
 
   dispatch_dtype(input, [&](auto* type_tag) {
     using T_ = std::remove_pointer_t<decltype(type_tag)>;
@@ -480,7 +496,12 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
           run_pointwise_block<Cell>(input, args);
         };
         team.for_each_block([&](int64_t c) {
-          multiply(rec_matrix[c], h_prev, {hproj[c], 0, B, blocks.rec_rows(c), blocks.rec_rows(c)});
+          // Rows past the last running one are held: the pointwise pass does not read their projection.
+          Operand h_rows = h_prev;
+          if (!running.empty()) h_rows.rows = running[t];
+          if (h_rows.rows > 0) {
+            multiply(rec_matrix[c], h_rows, {hproj[c], 0, h_rows.rows, blocks.rec_rows(c), blocks.rec_rows(c)});
+          }
           if (!geo.enabled) {
             pointwise(c);
             return;
@@ -577,6 +598,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   const UnitBlocks blocks = make_unit_blocks(G, H, input, geo.groups(), geo.heads, geo.head_dim);
   CallScratch temp(input);  // the call's temporary buffers
   const int64_t R = blocks.rec_total();  // recurrent-side rows
+  const std::vector<int64_t> running = running_rows(seq_lengths, T, geo.enabled);
 
   const Tensor w_ih = blocks.permute_rows(weight_ih_arg.detach()).contiguous();
   const Tensor w_rec =
@@ -697,12 +719,15 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
         if (k == chunk_end - 1) chunk_first_time = reverse ? T - chunk_end : chunk_end - n;
         const int64_t row = (t - chunk_first_time) * B;  // this step's rows in dgx and dgh
         // dh_{t-1} share of block c (or, with no shares, added straight into the carried gradient).
+        // Held rows past the last running one have zero gradients: no GEMM work for them.
+        const int64_t rows = running.empty() ? B : running[t];
         auto hidden_share = [&](int64_t c) {
-          const Operand dg{dgh, row * R + blocks.rec_row0(c), B, blocks.rec_rows(c), R};
+          const Operand dg{dgh, row * R + blocks.rec_row0(c), rows, blocks.rec_rows(c), R};
           if (shares) {
-            multiply(rec_matrix[c], dg, {written(k)[c], 0, B, H, H});
-          } else {
-            multiply(rec_matrix[c], dg, {dstate[0], 0, B, H, H}, /*accumulate=*/true);
+            if (rows > 0) multiply(rec_matrix[c], dg, {written(k)[c], 0, rows, H, H});
+            if (rows < B) written(k)[c].narrow(0, rows, B - rows).zero_();
+          } else if (rows > 0) {
+            multiply(rec_matrix[c], dg, {dstate[0], 0, rows, H, H}, /*accumulate=*/true);
           }
         };
         team.for_each_block([&](int64_t c) {
