@@ -81,9 +81,12 @@ def test_lengths_argument_equals_packed_sequence(kind, batch_first):
     out_packed, hidden_packed = ours(packed)
     out, hidden = ours(padded, lengths=lengths)
     expected, _ = pad_packed_sequence(out_packed, batch_first=batch_first, total_length=7)
-    assert torch.equal(out, expected)
+    # The packed path runs longest first, this one in the caller's order: equal up to rounding.
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    padded_steps = torch.arange(7).unsqueeze(1) >= lengths.unsqueeze(0)
+    assert torch.count_nonzero((out.transpose(0, 1) if batch_first else out)[padded_steps]) == 0
     for a, b in zip(_flat((out, hidden))[1:], _flat((out_packed, hidden_packed))[1:]):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
     # A list of ints serves as well as a tensor.
     assert torch.equal(ours(padded, lengths=LENGTHS)[0], out)
 
@@ -146,3 +149,18 @@ def test_attention_module_with_packed_sequence(kind, window, memory_size, device
     got_grad = torch.autograd.grad((got_out * probe).sum(), [padded, *m.parameters()])
     ref_grad = torch.autograd.grad((ref_out * probe).sum(), [padded, *m.parameters()])
     _check(got_grad, ref_grad, 1e-9, 1e-8, "gradient")
+
+
+@pytest.mark.parametrize("memory_size", [None, 4], ids=["self", "external"])
+def test_attention_weights_of_packed_input_are_in_the_callers_order(memory_size):
+    torch.manual_seed(10)
+    m = rnnattn_ext.AttnGRU(5, 6, num_heads=2, head_dim=3, memory_size=memory_size).double()
+    lengths = torch.tensor(LENGTHS)
+    padded = torch.randn(7, len(LENGTHS), 5, dtype=torch.float64)
+    memory = torch.randn(3, len(LENGTHS), 4, dtype=torch.float64) if memory_size else None
+    memory_lengths = torch.tensor([3, 1, 2, 3, 2]) if memory_size else None
+    packed = pack_padded_sequence(padded, lengths, enforce_sorted=False)
+    _, h_packed, weights_packed = m(packed, memory=memory, memory_lengths=memory_lengths, need_weights=True)
+    _, h, weights = m(padded, memory=memory, memory_lengths=memory_lengths, need_weights=True, lengths=lengths)
+    torch.testing.assert_close(h_packed, h, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(weights_packed[0], weights[0], atol=1e-12, rtol=1e-12)

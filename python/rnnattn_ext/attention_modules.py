@@ -150,6 +150,7 @@ class AttentionRecurrentBase(RecurrentBase):
         prepared = self._prepare(input, hx, lengths)
         x = prepared.x
         memory, memory_lengths = self._memory(memory, memory_lengths, prepared.batched, x.shape[1])
+        memory, memory_lengths = prepared.packed_order(memory, 1), prepared.packed_order(memory_lengths, 0)
         output, finals, attentions = functional.attention_stack(
             self.cell, x, prepared.states, self._attention_weights(), self.num_layers, self.bidirectional,
             self.num_heads, self.window, memory, memory_lengths, dropout=self.dropout, training=self.training,
@@ -159,6 +160,7 @@ class AttentionRecurrentBase(RecurrentBase):
         state = (finals[0], finals[1]) if self.cell == "lstm" else finals[0]
         if not need_weights:
             return output, state
+        attentions = [prepared.caller_order(a, 1) for a in attentions]
         if not prepared.batched:
             attentions = [a.squeeze(1) for a in attentions]
         elif self.batch_first and prepared.packed is None:

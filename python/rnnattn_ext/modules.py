@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from . import functional
 
@@ -29,6 +29,17 @@ class _Prepared(NamedTuple):
     batched: bool
     lengths: Tensor | None  # (B,) int64 on x's device
     packed: PackedSequence | None  # the PackedSequence input, whose layout the output takes
+
+    def packed_order(self, t: Tensor | None, dim: int) -> Tensor | None:
+        """A per-row tensor in the caller's batch order, reordered as x's rows are (longest first for
+        PackedSequence input)."""
+        order = None if self.packed is None else self.packed.sorted_indices
+        return t if t is None or order is None else t.index_select(dim, order.to(t.device))
+
+    def caller_order(self, t: Tensor, dim: int) -> Tensor:
+        """The inverse of packed_order."""
+        order = None if self.packed is None else self.packed.unsorted_indices
+        return t if order is None else t.index_select(dim, order.to(t.device))
 
 
 def _checked_lengths(owner: str, lengths, steps: int, batch: int, device: torch.device) -> Tensor:
@@ -192,7 +203,10 @@ class RecurrentBase(nn.Module):
             if lengths is not None:
                 raise ValueError(f"{name}: lengths must be None for PackedSequence input (it carries its own)")
             packed = input
-            input, lengths = pad_packed_sequence(input)  # (T, B, I) in the caller's batch order
+            # Padded in the packed order (longest first): the engine's recurrent GEMMs then shrink to
+            # the rows still running. States and results are reordered to match.
+            input, lengths = torch.ops.aten._pad_packed_sequence(packed.data, packed.batch_sizes, False, 0.0,
+                                                                 packed.batch_sizes.numel())
         if not isinstance(input, Tensor):
             raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
         if input.dim() not in (2, 3):
@@ -239,29 +253,22 @@ class RecurrentBase(nn.Module):
                 states.append(state)
         if lengths is not None:
             lengths = _checked_lengths(name, lengths, x.shape[0], batch, x.device)
-        return _Prepared(x, states, batched, lengths, packed)
+        prepared = _Prepared(x, states, batched, lengths, packed)
+        return prepared._replace(states=[prepared.packed_order(s, 1) for s in states])
 
     def _finish(self, output: Tensor, finals: list[Tensor], prepared: _Prepared):
         """The time-major output and final states in the caller's layout (a PackedSequence for one)."""
         if prepared.packed is not None:
-            return _repack(output, prepared.packed), finals
+            like = prepared.packed
+            data, _ = torch.ops.aten._pack_padded_sequence(output, prepared.lengths.cpu(), False)
+            finals = [prepared.caller_order(f, 1) for f in finals]
+            return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices), finals
         if not prepared.batched:
             output = output.squeeze(1)
             finals = [f.squeeze(1) for f in finals]
         elif self.batch_first:
             output = output.transpose(0, 1)
         return output, finals
-
-
-def _repack(output: Tensor, like: PackedSequence) -> PackedSequence:
-    """output (T, B, H), in the original batch order of ``like``, packed as torch.nn packs its output:
-    the same batch sizes and sorting indices as the input."""
-    order = like.sorted_indices
-    by_length = output if order is None else output.index_select(1, order)
-    # Row i of the sorted batch is valid for the steps whose batch size exceeds i.
-    lengths = (like.batch_sizes.unsqueeze(0) > torch.arange(output.shape[1]).unsqueeze(1)).sum(1)
-    data = pack_padded_sequence(by_length, lengths, enforce_sorted=True).data
-    return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
 
 
 class LSTM(RecurrentBase):
