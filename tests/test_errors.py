@@ -70,7 +70,7 @@ def test_attention_op_argument_errors(change, error, match):
     args = dict(weights=weights, heads=2, window=2, lengths=None)
     change(args)
     with pytest.raises(error, match=match):
-        torch.ops.rnnattn.gru_attn_forward(x, *states, *args["weights"], mem, args["lengths"], None, args["heads"],
+        torch.ops.rnnattn.gru_attn_forward(x, *states, *args["weights"], mem, args["lengths"], None, None, None, args["heads"],
                                            args["window"], False, False, False)
 
 
@@ -89,14 +89,14 @@ def test_attention_op_argument_errors(change, error, match):
 def test_attention_op_memory_errors(memory, lengths, error, match):
     x, states, weights, _ = _attention_op_args(memory=3)
     with pytest.raises(error, match=match):
-        torch.ops.rnnattn.gru_attn_forward(x, *states, *weights, memory, lengths, None, 2, None, False, False, False)
+        torch.ops.rnnattn.gru_attn_forward(x, *states, *weights, memory, lengths, None, None, None, 2, None, False, False, False)
 
 
 def test_attention_backward_after_inference_forward_says_why():
     x, states, weights, _ = _attention_op_args()
-    result = torch.ops.rnnattn.gru_attn_forward(x, *states, *weights, None, None, None, 2, 2, False, True, False)
+    result = torch.ops.rnnattn.gru_attn_forward(x, *states, *weights, None, None, None, None, None, 2, 2, False, True, False)
     out, h_n, ctx, _, workspace, _ = result
     w_ih, w_hh, _, _, w_q, _, w_k, _, w_v, _, w_c = weights
     with pytest.raises(ValueError, match="training=False, which saves nothing"):
         torch.ops.rnnattn.gru_attn_backward(out, h_n, None, x, *states, w_ih, w_hh, w_q, w_k, w_v, w_c, None, None,
-                                            None, out, ctx, workspace, torch.empty(0, dtype=torch.float64), 2, 2, False)
+                                            None, None, None, out, ctx, workspace, torch.empty(0, dtype=torch.float64), 2, 2, False)

@@ -207,4 +207,4 @@ def test_attention_gradcheck_and_opcheck_with_lengths(cell, memory, device):
 
         assert torch.autograd.gradcheck(fn, (x, *states, *weights, *([mem] if memory else [])))
         torch.library.opcheck(_ops.attention_forward_op(cell),
-                              (x, *states, *weights, mem, mem_lengths, lengths, 2, window, reverse, True, True))
+                              (x, *states, *weights, mem, mem_lengths, lengths, None, None, 2, window, reverse, True, True))

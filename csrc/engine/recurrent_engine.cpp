@@ -238,14 +238,16 @@ struct AttentionGeometry {
   bool enabled = false;
   bool self_memory = true;
   int64_t width = 0, heads = 0, head_dim = 0;  // D = heads * head_dim
-  int64_t slots = 0;                           // self memory: T (slot k is h before step k); external: S
+  int64_t past = 0;                            // self memory: slots given before the first step
+  int64_t slots = 0;                           // self memory: past + T (slot past + k is h before step k); external: S
   int64_t weight_slots = 0;                    // last dimension of the returned attention weights
   int64_t read_slots = 0;                      // the most slots one step reads
   std::optional<int64_t> window;
   int64_t groups() const { return !enabled ? 0 : self_memory ? 3 : 1; }
 
   // The slots step k reads (self memory; external memory uses the per-row lengths).
-  int64_t first_slot(int64_t k) const { return window ? std::max<int64_t>(0, k + 1 - *window) : 0; }
+  int64_t new_slot(int64_t k) const { return past + k; }
+  int64_t first_slot(int64_t k) const { return window ? std::max<int64_t>(0, past + k + 1 - *window) : 0; }
 };
 
 AttentionGeometry attention_geometry(const AttentionConfig* attention, int64_t steps) {
@@ -257,9 +259,10 @@ AttentionGeometry attention_geometry(const AttentionConfig* attention, int64_t s
   g.heads = attention->num_heads;
   g.head_dim = g.width / g.heads;
   g.window = g.self_memory ? attention->window : std::nullopt;
-  g.slots = g.self_memory ? steps : attention->memory->size(0);
-  g.weight_slots = g.self_memory ? (g.window ? *g.window : steps) : g.slots;
-  g.read_slots = g.self_memory && g.window ? std::min(*g.window, steps) : g.slots;
+  g.past = attention->past_keys ? attention->past_keys->size(0) : 0;
+  g.slots = g.self_memory ? g.past + steps : attention->memory->size(0);
+  g.weight_slots = g.self_memory ? (g.window ? *g.window : g.slots) : g.slots;
+  g.read_slots = g.self_memory && g.window ? std::min(*g.window, g.slots) : g.slots;
   return g;
 }
 
@@ -334,7 +337,7 @@ AttentionStepArgs<T> attention_step_args(const AttentionGeometry& g, const UnitB
   a.slot_stride = batch * g.width;
   a.row_stride = g.width;
   a.first_slot = g.self_memory ? g.first_slot(k) : 0;
-  a.end_slot = g.self_memory ? k + 1 : g.slots;
+  a.end_slot = g.self_memory ? g.new_slot(k) + 1 : g.slots;
   a.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
   a.weight_slots = g.weight_slots;
   a.batch = batch;
@@ -422,13 +425,18 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   Tensor memory_store, context, weights, lengths, scratch;
   if (geo.enabled) {
     memory_store = at::empty({(query_steps + 2 * geo.slots) * slot_size}, opts);
+    Tensor keys = memory_store.narrow(0, query_steps * slot_size, geo.slots * slot_size).view({geo.slots * B, D});
+    Tensor values =
+        memory_store.narrow(0, (query_steps + geo.slots) * slot_size, geo.slots * slot_size).view({geo.slots * B, D});
+    if (geo.past > 0) {
+      // Streaming: the slots before this call's first step, as given.
+      keys.narrow(0, 0, geo.past * B).copy_(attention->past_keys->detach().reshape({geo.past * B, D}));
+      values.narrow(0, 0, geo.past * B).copy_(attention->past_values->detach().reshape({geo.past * B, D}));
+    }
     if (!geo.self_memory) {
       // External memory: every key and value once, before the loop.
       const Tensor memory = attention->memory->detach().contiguous();
       const Tensor m = memory.view({geo.slots * B, memory.size(2)});
-      Tensor keys = memory_store.narrow(0, query_steps * slot_size, geo.slots * slot_size).view({geo.slots * B, D});
-      Tensor values = memory_store.narrow(0, (query_steps + geo.slots) * slot_size, geo.slots * slot_size)
-                          .view({geo.slots * B, D});
       const Tensor wk = attention->weight_k.detach(), wv = attention->weight_v.detach();
       if (attention->bias_k) at::addmm_out(keys, attention->bias_k->detach(), m, wk.t()); else at::mm_out(keys, m, wk.t());
       if (attention->bias_v) at::addmm_out(values, attention->bias_v->detach(), m, wv.t()); else at::mm_out(values, m, wv.t());
@@ -513,8 +521,8 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
           T_* q = queries + (training ? k : 0) * slot_size;
           copy_matrix(input, q + col, D, rec, ld, B, n);
           if (geo.self_memory) {
-            copy_matrix(input, keys + k * slot_size + col, D, rec + n, ld, B, n);
-            copy_matrix(input, values + k * slot_size + col, D, rec + 2 * n, ld, B, n);
+            copy_matrix(input, keys + geo.new_slot(k) * slot_size + col, D, rec + n, ld, B, n);
+            copy_matrix(input, values + geo.new_slot(k) * slot_size + col, D, rec + 2 * n, ld, B, n);
           }
           AttentionStepArgs<T_> a = attention_step_args<T_>(geo, blocks, c, B, k, lengths, scratch, sequence);
           a.query = q;
@@ -810,10 +818,11 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
               a.grad_values = ptr<T_>(grad_values);
               run_attention<true>(input, a);
               if (geo.self_memory) {
-                // Slot k (h before step k) is read by no earlier step: its key and value gradients are final.
-                copy_matrix(input, rec + n, R, ptr<T_>(grad_keys) + k * slot_size + col, D, B, n);
-                copy_matrix(input, rec + 2 * n, R, ptr<T_>(grad_values) + k * slot_size + col, D,
-                            B, n);
+                // Step k's slot (h before step k) is read by no earlier step: its key and value
+                // gradients are final.
+                const int64_t slot = geo.new_slot(k);
+                copy_matrix(input, rec + n, R, ptr<T_>(grad_keys) + slot * slot_size + col, D, B, n);
+                copy_matrix(input, rec + 2 * n, R, ptr<T_>(grad_values) + slot * slot_size + col, D, B, n);
               }
             }
             hidden_share(c);
@@ -855,6 +864,9 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
       result.grad_weight_v = rows(grad_w_rec, 2);
       result.grad_bias_v = rows(grad_b_rec_plain, 2);
       result.grad_memory = at::empty({0}, opts);
+      const bool past = attention->past_keys.has_value();
+      result.grad_past_keys = past ? grad_keys.narrow(0, 0, geo.past).clone() : at::empty({0}, opts);
+      result.grad_past_values = past ? grad_values.narrow(0, 0, geo.past).clone() : at::empty({0}, opts);
     } else {
       // External memory: k_s = W_k m_s + b_k for every slot once, so its gradients are one GEMM each.
       const Tensor memory = attention->memory->detach().contiguous();
@@ -867,6 +879,8 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
       result.grad_bias_v = dv.sum(0);
       result.grad_memory =
           dk.mm(attention->weight_k.detach()).addmm_(dv, attention->weight_v.detach()).view({geo.slots, B, M});
+      result.grad_past_keys = at::empty({0}, opts);
+      result.grad_past_values = at::empty({0}, opts);
     }
   }
   result.grad_initial_states = std::move(dstate);

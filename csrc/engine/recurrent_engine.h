@@ -20,6 +20,9 @@ struct AttentionConfig {
   int64_t num_heads = 1;
   std::optional<int64_t> window;  // self memory: the w most recent states; none: all of them
   bool need_weights = false;
+  // Self memory, streaming: keys and values (P, B, D) of the slots before this call's first step
+  // (oldest first), which the call's steps read as if they had come before them in one sequence.
+  std::optional<at::Tensor> past_keys, past_values;
 };
 
 // What the attention forward saved, and the gradient of its context output (may be undefined).
@@ -43,9 +46,9 @@ struct RecurrentBackward {
   at::Tensor grad_input;
   std::vector<at::Tensor> grad_initial_states;
   at::Tensor grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh;
-  // Attention cell only (grad_memory empty for self memory).
+  // Attention cell only (grad_memory empty for self memory; the past slots' gradients (P, B, D)).
   at::Tensor grad_weight_q, grad_bias_q, grad_weight_k, grad_bias_k, grad_weight_v, grad_bias_v, grad_weight_c,
-      grad_memory;
+      grad_memory, grad_past_keys, grad_past_values;
 };
 
 // Workspace planes per step: the cell's saved activations plus its states other than h.

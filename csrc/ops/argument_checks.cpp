@@ -163,7 +163,7 @@ void check_attention_saved(const char* op, const LayerShape& shape, const Tensor
     check_shape(op, "grad_context", *grad_context, {shape.steps, shape.batch, D}, "(T, B, D)");
     check_same_kind(op, "grad_context", *grad_context, input);
   }
-  const int64_t slots = a.memory ? a.memory->size(0) : shape.steps;
+  const int64_t slots = a.memory ? a.memory->size(0) : shape.steps + (a.past_keys ? a.past_keys->size(0) : 0);
   const int64_t expected = (shape.steps + 2 * slots) * shape.batch * D;
   TORCH_CHECK_VALUE(attention_workspace.dim() == 1 && attention_workspace.numel() == expected, op,
                     ": attention_workspace must be 1-D with (T + 2 * slots) * B * D = ", expected, " elements, got shape ",
@@ -173,6 +173,22 @@ void check_attention_saved(const char* op, const LayerShape& shape, const Tensor
                           "with training=True)"
                         : "");
   check_same_kind(op, "attention_workspace", attention_workspace, input);
+}
+
+void check_past_slots(const char* op, const LayerShape& shape, const Tensor& input, const AttentionConfig& a,
+                      bool reverse) {
+  if (!a.past_keys && !a.past_values) return;
+  TORCH_CHECK_VALUE(a.past_keys && a.past_values, op, ": past_keys and past_values come together, got only ",
+                    a.past_keys ? "past_keys" : "past_values");
+  TORCH_CHECK_VALUE(!a.memory, op, ": past_keys and past_values are slots of the self memory, got an external memory");
+  TORCH_CHECK_VALUE(!reverse, op, ": past_keys and past_values continue a sequence forward, got reverse=True");
+  const int64_t D = a.weight_q.size(0);
+  const Tensor& keys = *a.past_keys;
+  TORCH_CHECK_VALUE(keys.dim() == 3, op, ": past_keys must be 3-D (P, B, D), got shape ", keys.sizes());
+  check_shape(op, "past_keys", keys, {keys.size(0), shape.batch, D}, "(P, B, D)");
+  check_same_kind(op, "past_keys", keys, input);
+  check_shape(op, "past_values", *a.past_values, keys.sizes(), "(P, B, D) like past_keys");
+  check_same_kind(op, "past_values", *a.past_values, input);
 }
 
 }  // namespace rnnattn

@@ -45,6 +45,11 @@ LayerShape check_layer_backward(const char* op, int gates, int workspace_planes,
 void check_attention(const char* op, int gates, const LayerShape& shape, const at::Tensor& input,
                      const AttentionConfig& attention);
 
+// Checks the self memory's past slots (streaming), when given: past_keys and past_values (P, B, D)
+// together, self memory, forward direction.
+void check_past_slots(const char* op, const LayerShape& shape, const at::Tensor& input,
+                      const AttentionConfig& attention, bool reverse);
+
 // Checks what the attention backward adds: the forward's context and attention workspace, and the
 // context's gradient when given.
 void check_attention_saved(const char* op, const LayerShape& shape, const at::Tensor& input,

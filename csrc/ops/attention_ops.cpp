@@ -32,9 +32,10 @@ constexpr const char* kGradFinalNames[] = {"grad_h_n", "grad_c_n"};
 AttentionConfig make_config(const Tensor& weight_q, const OptTensor& bias_q, const Tensor& weight_k,
                             const OptTensor& bias_k, const Tensor& weight_v, const OptTensor& bias_v,
                             const Tensor& weight_c, const OptTensor& memory, const OptTensor& memory_lengths,
-                            int64_t num_heads, std::optional<int64_t> window, bool need_weights) {
-  return AttentionConfig{weight_q, weight_k, weight_v, weight_c, bias_q, bias_k, bias_v, memory, memory_lengths,
-                         num_heads, window, need_weights};
+                            const OptTensor& past_keys, const OptTensor& past_values, int64_t num_heads,
+                            std::optional<int64_t> window, bool need_weights) {
+  return AttentionConfig{weight_q,  weight_k,       weight_v,  weight_c, bias_q,       bias_k,   bias_v,
+                         memory,    memory_lengths, num_heads, window,   need_weights, past_keys, past_values};
 }
 
 template <class Cell>
@@ -46,6 +47,7 @@ RecurrentForward attention_forward(const Tensor& input, const std::vector<Tensor
   const LayerShape shape = check_layer_forward(op.c_str(), Cell::kGates, input, named_states(states, kStateNames),
                                                weight_ih, weight_hh, bias_ih, bias_hh);
   check_attention(op.c_str(), Cell::kGates, shape, input, config);
+  check_past_slots(op.c_str(), shape, input, config, reverse);
   check_sequence_lengths(op.c_str(), shape, input, lengths);
   return recurrent_forward<Cell>(input, states, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse, training,
                                  &config);
@@ -64,6 +66,7 @@ RecurrentBackward attention_backward(const Tensor& grad_output, const std::vecto
                                                 named_states(states, kStateNames), weight_ih, weight_hh, output,
                                                 workspace);
   check_attention(op.c_str(), Cell::kGates, shape, input, config);
+  check_past_slots(op.c_str(), shape, input, config, reverse);
   check_attention_saved(op.c_str(), shape, input, config, context, attention_workspace, grad_context);
   check_sequence_lengths(op.c_str(), shape, input, lengths);
   const AttentionSaved saved{context, attention_workspace, grad_context ? *grad_context : Tensor()};
@@ -75,19 +78,20 @@ RecurrentBackward attention_backward(const Tensor& grad_output, const std::vecto
 using LstmForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 using SingleForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 using LstmBackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                      Tensor, Tensor, Tensor, Tensor, Tensor>;
+                                      Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 using SingleBackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                        Tensor, Tensor, Tensor, Tensor>;
+                                        Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 LstmForwardResult lstm_attn_forward(const Tensor& input, const Tensor& h0, const Tensor& c0, const Tensor& weight_ih,
                                     const Tensor& weight_hh, const OptTensor& bias_ih, const OptTensor& bias_hh,
                                     const Tensor& weight_q, const OptTensor& bias_q, const Tensor& weight_k,
                                     const OptTensor& bias_k, const Tensor& weight_v, const OptTensor& bias_v,
                                     const Tensor& weight_c, const OptTensor& memory, const OptTensor& memory_lengths,
-                                    const OptTensor& lengths, int64_t num_heads, std::optional<int64_t> window,
+                                    const OptTensor& lengths, const OptTensor& past_keys,
+                                    const OptTensor& past_values, int64_t num_heads, std::optional<int64_t> window,
                                     bool reverse, bool training, bool need_weights) {
   const auto config = make_config(weight_q, bias_q, weight_k, bias_k, weight_v, bias_v, weight_c, memory,
-                                  memory_lengths, num_heads, window, need_weights);
+                                  memory_lengths, past_keys, past_values, num_heads, window, need_weights);
   auto r = attention_forward<LstmCell>(input, {h0, c0}, weight_ih, weight_hh, bias_ih, bias_hh, config, lengths,
                                        reverse, training);
   return {r.output, r.final_states[0], r.final_states[1], r.context, r.attention, r.workspace, r.attention_workspace};
@@ -101,11 +105,12 @@ SingleForwardResult single_state_attn_forward(const Tensor& input, const Tensor&
                                               const OptTensor& bias_k, const Tensor& weight_v,
                                               const OptTensor& bias_v, const Tensor& weight_c,
                                               const OptTensor& memory, const OptTensor& memory_lengths,
-                                              const OptTensor& lengths, int64_t num_heads,
+                                              const OptTensor& lengths, const OptTensor& past_keys,
+                                              const OptTensor& past_values, int64_t num_heads,
                                               std::optional<int64_t> window, bool reverse, bool training,
                                               bool need_weights) {
   const auto config = make_config(weight_q, bias_q, weight_k, bias_k, weight_v, bias_v, weight_c, memory,
-                                  memory_lengths, num_heads, window, need_weights);
+                                  memory_lengths, past_keys, past_values, num_heads, window, need_weights);
   auto r = attention_forward<Cell>(input, {h0}, weight_ih, weight_hh, bias_ih, bias_hh, config, lengths, reverse,
                                    training);
   return {r.output, r.final_states[0], r.context, r.attention, r.workspace, r.attention_workspace};
@@ -116,7 +121,8 @@ template <typename Tuple, typename... States>
 Tuple backward_tuple(const RecurrentBackward& r, const States&... states) {
   return Tuple{r.grad_input,    states...,       r.grad_weight_ih, r.grad_weight_hh, r.grad_bias_ih,
                r.grad_bias_hh,  r.grad_weight_q, r.grad_bias_q,    r.grad_weight_k,  r.grad_bias_k,
-               r.grad_weight_v, r.grad_bias_v,   r.grad_weight_c,  r.grad_memory};
+               r.grad_weight_v, r.grad_bias_v,   r.grad_weight_c,  r.grad_memory,    r.grad_past_keys,
+               r.grad_past_values};
 }
 
 LstmBackwardResult lstm_attn_backward(const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
@@ -124,12 +130,13 @@ LstmBackwardResult lstm_attn_backward(const Tensor& grad_output, const Tensor& g
                                       const Tensor& c0, const Tensor& weight_ih, const Tensor& weight_hh,
                                       const Tensor& weight_q, const Tensor& weight_k, const Tensor& weight_v,
                                       const Tensor& weight_c, const OptTensor& memory,
-                                      const OptTensor& memory_lengths, const OptTensor& lengths, const Tensor& output,
+                                      const OptTensor& memory_lengths, const OptTensor& lengths,
+                                      const OptTensor& past_keys, const OptTensor& past_values, const Tensor& output,
                                       const Tensor& context, const Tensor& workspace,
                                       const Tensor& attention_workspace, int64_t num_heads,
                                       std::optional<int64_t> window, bool reverse) {
   const auto config = make_config(weight_q, std::nullopt, weight_k, std::nullopt, weight_v, std::nullopt, weight_c,
-                                  memory, memory_lengths, num_heads, window, false);
+                                  memory, memory_lengths, past_keys, past_values, num_heads, window, false);
   auto r = attention_backward<LstmCell>(grad_output, {grad_h_n, grad_c_n}, grad_context, input, {h0, c0}, weight_ih,
                                         weight_hh, config, output, context, workspace, attention_workspace, lengths,
                                         reverse);
@@ -141,10 +148,11 @@ SingleBackwardResult single_state_attn_backward(
     const Tensor& grad_output, const Tensor& grad_h_n, const OptTensor& grad_context, const Tensor& input,
     const Tensor& h0, const Tensor& weight_ih, const Tensor& weight_hh, const Tensor& weight_q, const Tensor& weight_k,
     const Tensor& weight_v, const Tensor& weight_c, const OptTensor& memory, const OptTensor& memory_lengths,
-    const OptTensor& lengths, const Tensor& output, const Tensor& context, const Tensor& workspace,
+    const OptTensor& lengths, const OptTensor& past_keys, const OptTensor& past_values, const Tensor& output,
+    const Tensor& context, const Tensor& workspace,
     const Tensor& attention_workspace, int64_t num_heads, std::optional<int64_t> window, bool reverse) {
   const auto config = make_config(weight_q, std::nullopt, weight_k, std::nullopt, weight_v, std::nullopt, weight_c,
-                                  memory, memory_lengths, num_heads, window, false);
+                                  memory, memory_lengths, past_keys, past_values, num_heads, window, false);
   auto r = attention_backward<Cell>(grad_output, {grad_h_n}, grad_context, input, {h0}, weight_ih, weight_hh, config,
                                     output, context, workspace, attention_workspace, lengths, reverse);
   return backward_tuple<SingleBackwardResult>(r, r.grad_initial_states[0]);

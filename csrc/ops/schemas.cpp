@@ -11,7 +11,9 @@
 // `<cell>_attn_backward` (the attention-augmented cell of SPEC.md: self memory when `memory` is None,
 // else external memory (S, B, M) with optional `memory_lengths` (B,); `window` None = unbounded;
 // returns the context vectors (T, B, D) and, with `need_weights`, the attention weights
-// (T, B, heads, slots), else an empty tensor).
+// (T, B, heads, slots), else an empty tensor). Streaming self memory: `past_keys`, `past_values`
+// (P, B, D) are the keys and values of the P slots before the first step, oldest first (the
+// previous chunk's last window - 1 states); their gradients are the backward's last outputs.
 #include <torch/library.h>
 
 #include <string>
@@ -58,19 +60,22 @@ TORCH_LIBRARY(rnnattn, m) {
     m.def((name + "_attn_forward(Tensor input, " + states +
            "Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, "
            "Tensor weight_q, Tensor? bias_q, Tensor weight_k, Tensor? bias_k, Tensor weight_v, Tensor? bias_v, "
-           "Tensor weight_c, Tensor? memory, Tensor? memory_lengths, Tensor? lengths, int num_heads, int? window, "
-           "bool reverse, bool training, bool need_weights) -> (Tensor output, " + final_outputs +
+           "Tensor weight_c, Tensor? memory, Tensor? memory_lengths, Tensor? lengths, Tensor? past_keys, "
+           "Tensor? past_values, int num_heads, int? window, bool reverse, bool training, bool need_weights) "
+           "-> (Tensor output, " + final_outputs +
            "Tensor context, Tensor attention, Tensor workspace, Tensor attention_workspace)")
               .c_str());
     m.def((name + "_attn_backward(Tensor grad_output, " + grad_finals + "Tensor? grad_context, Tensor input, " +
            states +
            "Tensor weight_ih, Tensor weight_hh, Tensor weight_q, Tensor weight_k, Tensor weight_v, Tensor weight_c, "
-           "Tensor? memory, Tensor? memory_lengths, Tensor? lengths, Tensor output, Tensor context, Tensor workspace, "
+           "Tensor? memory, Tensor? memory_lengths, Tensor? lengths, Tensor? past_keys, Tensor? past_values, "
+           "Tensor output, Tensor context, Tensor workspace, "
            "Tensor attention_workspace, int num_heads, int? window, bool reverse) -> (Tensor grad_input, " +
            grad_states +
            "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, Tensor grad_bias_hh, "
            "Tensor grad_weight_q, Tensor grad_bias_q, Tensor grad_weight_k, Tensor grad_bias_k, "
-           "Tensor grad_weight_v, Tensor grad_bias_v, Tensor grad_weight_c, Tensor grad_memory)")
+           "Tensor grad_weight_v, Tensor grad_bias_v, Tensor grad_weight_c, Tensor grad_memory, "
+           "Tensor grad_past_keys, Tensor grad_past_values)")
               .c_str());
   }
 }

@@ -5,10 +5,11 @@
 
 from . import _ops  # noqa: F401  (loads the library, registers fake and autograd implementations)
 from . import functional, reference
-from .attention_modules import AttnGRU, AttnLSTM, AttnRNN
+from .attention_modules import AttentionState, AttnGRU, AttnLSTM, AttnRNN
 from .hybrid import HybridBlock
 from .modules import GRU, LSTM, RNN
 
 __version__ = "0.1.0"
 
-__all__ = ["LSTM", "GRU", "RNN", "AttnLSTM", "AttnGRU", "AttnRNN", "HybridBlock", "functional", "reference", "__version__"]
+__all__ = ["LSTM", "GRU", "RNN", "AttnLSTM", "AttnGRU", "AttnRNN", "AttentionState", "HybridBlock", "functional",
+           "reference", "__version__"]

@@ -108,26 +108,28 @@ def _register(cell: str) -> None:
 
 def _register_attention(cell: str) -> None:
     """The attention-augmented cell's ops: inputs (input, *states, w_ih, w_hh, b_ih, b_hh, w_q, b_q,
-    w_k, b_k, w_v, b_v, w_c, memory, memory_lengths, lengths, num_heads, window, reverse, training,
-    need_weights)."""
+    w_k, b_k, w_v, b_v, w_c, memory, memory_lengths, lengths, past_keys, past_values, num_heads, window,
+    reverse, training, need_weights)."""
     _gates, num_states, planes = CELL_LAYOUTS[cell]
     fwd_name = f"rnnattn::{cell}_attn_forward"
     bwd_name = f"rnnattn::{cell}_attn_backward"
 
     def unpack(inputs):
         input, states = inputs[0], inputs[1 : 1 + num_states]
-        (w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, w_v, b_v, w_c, memory, memory_lengths, lengths, num_heads,
-         window, reverse, training, need_weights) = inputs[1 + num_states :]
+        (w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, w_v, b_v, w_c, memory, memory_lengths, lengths, past_keys,
+         past_values, num_heads, window, reverse, training, need_weights) = inputs[1 + num_states :]
         return input, states, (w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, w_v, b_v, w_c), (
-            memory, memory_lengths, lengths, num_heads, window, reverse, training, need_weights)
+            memory, memory_lengths, lengths, past_keys, past_values, num_heads, window, reverse, training,
+            need_weights)
 
     def fake_forward(*inputs):
-        input, states, weights, (memory, _mem_lengths, _lengths, num_heads, window, _reverse, training,
-                                 need_weights) = unpack(inputs)
+        input, states, weights, (memory, _mem_lengths, _lengths, past_keys, _past_values, num_heads, window, _reverse,
+                                 training, need_weights) = unpack(inputs)
         steps, batch = input.shape[0], input.shape[1]
         hidden, width = weights[1].shape[1], weights[4].shape[0]
-        slots = steps if memory is None else memory.shape[0]
-        weight_slots = memory.shape[0] if memory is not None else (steps if window is None else window)
+        past = 0 if past_keys is None else past_keys.shape[0]
+        slots = past + steps if memory is None else memory.shape[0]
+        weight_slots = slots if memory is not None or window is None else window
         return (
             input.new_empty((steps, batch, hidden)),
             *[s.new_empty((batch, hidden)) for s in states],
@@ -141,6 +143,8 @@ def _register_attention(cell: str) -> None:
         input = args[num_states + 1]
         states = args[num_states + 2 : 2 * num_states + 2]
         w_ih, w_hh, w_q, w_k, w_v, w_c, memory = args[2 * num_states + 2 : 2 * num_states + 9]
+        past_keys, past_values = args[2 * num_states + 11 : 2 * num_states + 13]
+
         def vector(w):
             return w.new_empty((w.shape[0],))
         return (
@@ -150,15 +154,16 @@ def _register_attention(cell: str) -> None:
             torch.empty_like(w_q), vector(w_q), torch.empty_like(w_k), vector(w_k), torch.empty_like(w_v), vector(w_v),
             torch.empty_like(w_c),
             torch.empty_like(memory) if memory is not None else input.new_empty((0,)),
+            *[torch.empty_like(p) if p is not None else input.new_empty((0,)) for p in (past_keys, past_values)],
         )
 
     def setup_context(ctx, inputs, output):
-        input, states, weights, (memory, memory_lengths, lengths, num_heads, window, reverse, _training, _need) = (
-            unpack(inputs))
+        input, states, weights, (memory, memory_lengths, lengths, past_keys, past_values, num_heads, window, reverse,
+                                 _training, _need) = unpack(inputs)
         w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, w_v, b_v, w_c = weights
         out, context, workspace, attention_workspace = output[0], output[1 + num_states], output[-2], output[-1]
-        ctx.save_for_backward(input, *states, w_ih, w_hh, w_q, w_k, w_v, w_c, memory, memory_lengths, lengths, out,
-                              context, workspace, attention_workspace)
+        ctx.save_for_backward(input, *states, w_ih, w_hh, w_q, w_k, w_v, w_c, memory, memory_lengths, lengths,
+                              past_keys, past_values, out, context, workspace, attention_workspace)
         # The attention weights are for inspection: they carry no gradient (the context does).
         ctx.mark_non_differentiable(output[2 + num_states], workspace, attention_workspace)
         ctx.options = (num_heads, window, reverse)
@@ -169,27 +174,29 @@ def _register_attention(cell: str) -> None:
         grad_context = grads[num_states]  # the attention weights, workspaces: not differentiable
         saved = ctx.saved_tensors
         input, states = saved[0], saved[1 : 1 + num_states]
-        (w_ih, w_hh, w_q, w_k, w_v, w_c, memory, memory_lengths, lengths, out, context, workspace,
-         attention_workspace) = saved[1 + num_states :]
+        (w_ih, w_hh, w_q, w_k, w_v, w_c, memory, memory_lengths, lengths, past_keys, past_values, out, context,
+         workspace, attention_workspace) = saved[1 + num_states :]
         grad_finals = [g if g is not None else torch.zeros_like(s) for g, s in zip(grad_finals, states)]
         if grad_output is None:
             grad_output = torch.zeros_like(out)
         num_heads, window, reverse = ctx.options
         result = attention_backward_op(cell)(
             grad_output, *grad_finals, grad_context, input, *states, w_ih, w_hh, w_q, w_k, w_v, w_c, memory,
-            memory_lengths, lengths, out, context, workspace, attention_workspace, num_heads, window, reverse,
+            memory_lengths, lengths, past_keys, past_values, out, context, workspace, attention_workspace, num_heads,
+            window, reverse,
         )
         grad_input, grad_states = result[0], result[1 : 1 + num_states]
-        (g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_q, g_b_q, g_w_k, g_b_k, g_w_v, g_b_v, g_w_c, g_memory) = result[
-            1 + num_states :
-        ]
+        (g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_q, g_b_q, g_w_k, g_b_k, g_w_v, g_b_v, g_w_c, g_memory, g_past_keys,
+         g_past_values) = result[1 + num_states :]
         has = ctx.has_bias
         return (
             grad_input, *grad_states,
             g_w_ih, g_w_hh, g_b_ih if has[0] else None, g_b_hh if has[1] else None,
             g_w_q, g_b_q if has[2] else None, g_w_k, g_b_k if has[3] else None, g_w_v, g_b_v if has[4] else None,
             g_w_c, g_memory if memory is not None else None,
-            None, None, None, None, None, None, None,
+            None, None,
+            g_past_keys if past_keys is not None else None, g_past_values if past_values is not None else None,
+            None, None, None, None, None,
         )
 
     torch.library.register_fake(fwd_name)(fake_forward)

@@ -11,6 +11,7 @@ ignoring positions at or past ``memory_lengths[b]``.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -166,6 +167,55 @@ class AttentionRecurrentBase(RecurrentBase):
         elif self.batch_first and prepared.packed is None:
             attentions = [a.transpose(0, 1) for a in attentions]
         return output, state, attentions
+
+
+    def stream(self, input: Tensor, state: AttentionState | None = None, memory: Tensor | None = None,
+               memory_lengths=None):
+        """Runs one chunk of a sequence (one step or more) and returns ``(output, state)``: chunk by
+        chunk gives the outputs of one call over the whole sequence. The state (:class:`AttentionState`)
+        carries the cell's states and, for self memory, each layer's most recent ``window - 1`` slots'
+        keys and values (all of them when ``window`` is None: that memory grows with the sequence).
+        Unidirectional modules only."""
+        self._check_streamable(input)
+        name = type(self).__name__
+        if state is not None and not isinstance(state, AttentionState):
+            raise TypeError(f"{name}: state must be an AttentionState (from a previous stream call) or None, got "
+                            f"{type(state).__name__}")
+        hx = None if state is None else ((state.h, state.c) if self.cell == "lstm" else state.h)
+        prepared = self._prepare(input, hx)
+        memory, memory_lengths = self._memory(memory, memory_lengths, prepared.batched, prepared.x.shape[1])
+        x, finals = prepared.x, [[] for _ in prepared.states]
+        keys, values = [], []
+        for layer, weights in enumerate(self._attention_weights()):
+            initial = [s[layer] for s in prepared.states]
+            past_k = None if state is None or state.keys is None else state.keys[layer]
+            past_v = None if state is None or state.values is None else state.values[layer]
+            y, last, _, _ = functional.attention_layer(
+                self.cell, x, initial, weights, self.num_heads, self.window, memory, memory_lengths,
+                past_keys=past_k, past_values=past_v)
+            if memory is None:
+                k, v = functional.carried_slots(initial[0], y, weights, self.window, past_k, past_v)
+                keys.append(k)
+                values.append(v)
+            for collected, s in zip(finals, last):
+                collected.append(s)
+            x = y
+            if self.dropout > 0.0 and self.training and layer < self.num_layers - 1:
+                x = torch.nn.functional.dropout(x, p=self.dropout, training=True)
+        output, finals = self._finish(x, [torch.stack(f, dim=0) for f in finals], prepared)
+        carried = (keys, values) if memory is None else (None, None)
+        return output, AttentionState(finals[0], finals[1] if self.cell == "lstm" else None, *carried)
+
+
+class AttentionState(NamedTuple):
+    """What :meth:`AttentionRecurrentBase.stream` carries from one chunk to the next: h (and c for
+    AttnLSTM) as ``forward`` returns them, and per layer the self memory's past slots (P, B, D) or
+    None (none yet, window 1, or external memory)."""
+
+    h: Tensor
+    c: Tensor | None
+    keys: list[Tensor | None] | None
+    values: list[Tensor | None] | None
 
 
 class AttnLSTM(AttentionRecurrentBase):

@@ -109,6 +109,8 @@ def attention_layer(
     reverse: bool = False,
     need_weights: bool = False,
     lengths: Tensor | None = None,
+    past_keys: Tensor | None = None,
+    past_values: Tensor | None = None,
 ) -> tuple[Tensor, list[Tensor], Tensor, Tensor | None]:
     """One layer, one direction of the attention-augmented cell (SPEC.md), time-major.
 
@@ -117,6 +119,8 @@ def attention_layer(
     states, the context vectors (T, B, D) and, with ``need_weights``, the attention weights
     (T, B, num_heads, slots) (else None). ``lengths`` as in ``layer``: a row attends only at its
     valid steps (zero context after them), and its self memory holds only its valid states.
+    ``past_keys``, ``past_values`` (P, B, D): streaming, the keys and values of the self memory's P
+    slots before the first step (oldest first), as ``memory_slots`` computes them.
     """
     if cell not in CELLS:
         raise ValueError(f"rnnattn_ext.functional.attention_layer: cell must be one of {CELLS}, got {cell!r}")
@@ -130,9 +134,10 @@ def attention_layer(
             "rnnattn_ext.functional.attention_layer: weights must be (w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, "
             f"w_v, b_v, w_c), got {len(weights)} entries"
         )
-    training = needs_workspace(input, *states, *weights, memory)
+    training = needs_workspace(input, *states, *weights, memory, past_keys, past_values)
     result = _ops.attention_forward_op(cell)(
-        input, *states, *weights, memory, memory_lengths, lengths, num_heads, window, reverse, training, need_weights
+        input, *states, *weights, memory, memory_lengths, lengths, past_keys, past_values, num_heads, window, reverse,
+        training, need_weights
     )
     num_states = _num_states(cell)
     output, finals = result[0], list(result[1 : 1 + num_states])
@@ -181,3 +186,35 @@ def attention_stack(
         if dropout > 0.0 and training and layer_index < num_layers - 1:
             x = F.dropout(x, p=dropout, training=True)
     return x, [torch.stack(collected, dim=0) for collected in finals], attentions if need_weights else None
+
+
+def carried_slots(
+    initial_h: Tensor,
+    output: Tensor,
+    weights: AttentionWeights,
+    window: int | None,
+    past_keys: Tensor | None = None,
+    past_values: Tensor | None = None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Streaming self memory: the keys and values the next call of ``attention_layer`` takes as
+    ``past_keys``/``past_values`` to continue the sequence this call ran.
+
+    This call's slots were its past ones, then the states before each of its steps: ``initial_h``
+    (B, H) and ``output[:-1]``. The next call makes its first slot itself (from its initial state,
+    this call's final h), so it needs the ``window - 1`` most recent of them (every one when
+    ``window`` is None), oldest first; None when there are none. Only the new slots' keys and values
+    are computed, once each.
+    """
+    w_k, b_k, w_v, b_v = weights[6], weights[7], weights[8], weights[9]
+    wanted = None if window is None else window - 1
+    if wanted == 0:
+        return None, None
+    states = torch.cat([initial_h.unsqueeze(0), output[:-1]], dim=0)  # (T, B, H)
+    if wanted is not None:
+        states = states[-wanted:]
+    keys, values = F.linear(states, w_k, b_k), F.linear(states, w_v, b_v)
+    if past_keys is not None:
+        keys, values = torch.cat([past_keys, keys], dim=0), torch.cat([past_values, values], dim=0)
+        if wanted is not None:
+            keys, values = keys[-wanted:], values[-wanted:]
+    return keys, values

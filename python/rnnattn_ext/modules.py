@@ -256,6 +256,22 @@ class RecurrentBase(nn.Module):
         prepared = _Prepared(x, states, batched, lengths, packed)
         return prepared._replace(states=[prepared.packed_order(s, 1) for s in states])
 
+    def _check_streamable(self, input) -> None:
+        name = type(self).__name__
+        if self.bidirectional:
+            raise ValueError(f"{name}: stream needs a unidirectional module (the reverse direction reads the "
+                             "whole sequence), got bidirectional=True")
+        if isinstance(input, PackedSequence):
+            raise TypeError(f"{name}: stream takes a tensor chunk, got a PackedSequence")
+
+    def stream(self, input: Tensor, state=None):
+        """Runs one chunk of a sequence (one step or more) and returns ``(output, state)``; feeding the
+        returned state to the next call continues the sequence: chunk by chunk gives the outputs of
+        one call over the whole sequence. ``state`` is what ``forward`` takes as ``hx`` (None: zeros).
+        Unidirectional modules only."""
+        self._check_streamable(input)
+        return self(input, state)
+
     def _finish(self, output: Tensor, finals: list[Tensor], prepared: _Prepared):
         """The time-major output and final states in the caller's layout (a PackedSequence for one)."""
         if prepared.packed is not None:

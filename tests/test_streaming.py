@@ -1,0 +1,132 @@
+"""Streaming: a sequence fed chunk by chunk (down to one step at a time) carrying the state gives the
+outputs, final states and gradients of one call over the whole sequence, for every module and for
+the attention cell's self memory (past slots carried as keys and values)."""
+
+import pytest
+import torch
+
+import rnnattn_ext
+from rnnattn_ext import _ops, functional
+
+from conftest import device_params
+from helpers import CELLS, attention_args
+
+CHUNKS = [3, 1, 4]  # 8 steps
+
+
+def _chunked_attention(cell, x, states, weights, window):
+    """attention_layer over x chunk by chunk, carrying states and past slots."""
+    outputs, past_k, past_v = [], None, None
+    start = 0
+    for size in CHUNKS:
+        chunk = x[start : start + size]
+        y, finals, _, _ = functional.attention_layer(cell, chunk, states, weights, 2, window,
+                                                     past_keys=past_k, past_values=past_v)
+        past_k, past_v = functional.carried_slots(states[0], y, weights, window, past_k, past_v)
+        outputs.append(y)
+        states = finals
+        start += size
+    return torch.cat(outputs), states
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("window", [1, 2, 3, None], ids=["w1", "w2", "w3", "unbounded"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_attention_chunks_equal_one_call(cell, window, device):
+    gen = torch.Generator().manual_seed(21)
+    x, states, weights, _ = attention_args(cell, sum(CHUNKS), 3, 4, 6, 2, 3, device=device, generator=gen)
+    whole, whole_finals, _, _ = functional.attention_layer(cell, x, states, weights, 2, window)
+    chunked, chunked_finals = _chunked_attention(cell, x, states, weights, window)
+    torch.testing.assert_close(chunked, whole, atol=1e-12, rtol=1e-10)
+    for a, b in zip(chunked_finals, whole_finals):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    # Gradients flow across chunks through the carried states and the past slots' keys and values.
+    inputs = [t for t in (x, *states, *weights) if t is not None]
+    probe = torch.randn(whole.shape, generator=gen, dtype=torch.float64).to(whole)
+    expected = torch.autograd.grad((whole * probe).sum() + whole_finals[-1].sum(), inputs)
+    got = torch.autograd.grad((chunked * probe).sum() + chunked_finals[-1].sum(), inputs)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9, msg=lambda m, i=i: f"gradient {i}: {m}")
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_past_slots_gradcheck_and_opcheck(cell, device):
+    gen = torch.Generator().manual_seed(22)
+    x, states, weights, _ = attention_args(cell, 3, 2, 2, 4, 2, 2, device=device, generator=gen)
+    past_k = torch.randn(2, 2, 4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    past_v = torch.randn(2, 2, 4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    n = len(states)
+    for window in (3, None):
+
+        def fn(x, *rest, window=window):
+            out, finals, context, _ = functional.attention_layer(cell, x, list(rest[:n]), rest[n : n + 11], 2, window,
+                                                                 past_keys=rest[-2], past_values=rest[-1])
+            return (out, *finals, context)
+
+        assert torch.autograd.gradcheck(fn, (x, *states, *weights, past_k, past_v))
+        torch.library.opcheck(_ops.attention_forward_op(cell),
+                              (x, *states, *weights, None, None, None, past_k, past_v, 2, window, False, True, True))
+
+
+def test_past_slots_errors_name_the_argument():
+    x, states, weights, _ = attention_args("gru", 3, 2, 2, 4, 2, 2)
+    keys = torch.randn(2, 2, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="past_keys and past_values come together, got only past_keys"):
+        functional.attention_layer("gru", x, states, weights, 2, 3, past_keys=keys)
+    with pytest.raises(ValueError, match="continue a sequence forward, got reverse=True"):
+        functional.attention_layer("gru", x, states, weights, 2, 3, reverse=True, past_keys=keys, past_values=keys)
+    with pytest.raises(ValueError, match=r"past_keys must have shape \(P, B, D\) = \[2, 2, 4\], got \[2, 2, 3\]"):
+        functional.attention_layer("gru", x, states, weights, 2, 3, past_keys=keys[..., :3], past_values=keys)
+    _, _, ext_weights, memory = attention_args("gru", 3, 2, 2, 4, 2, 2, memory_slots=3)
+    with pytest.raises(ValueError, match="slots of the self memory, got an external memory"):
+        functional.attention_layer("gru", x, states, ext_weights, 2, None, memory, past_keys=keys, past_values=keys)
+
+
+MODULES = [
+    (rnnattn_ext.LSTM, {}), (rnnattn_ext.GRU, {}), (rnnattn_ext.RNN, {"nonlinearity": "relu"}),
+    (rnnattn_ext.AttnLSTM, {"num_heads": 2, "window": 3}), (rnnattn_ext.AttnGRU, {"num_heads": 2}),
+    (rnnattn_ext.AttnRNN, {"num_heads": 2, "window": 1}), (rnnattn_ext.AttnLSTM, {"num_heads": 2, "memory_size": 5}),
+]
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("cls,extra", MODULES, ids=[f"{c.__name__}-{i}" for i, (c, _) in enumerate(MODULES)])
+def test_module_stream_one_step_at_a_time(cls, extra, batch_first):
+    torch.manual_seed(23)
+    m = cls(3, 6, num_layers=2, batch_first=batch_first, **extra).double()
+    x = torch.randn((2, 7, 3) if batch_first else (7, 2, 3), dtype=torch.float64)
+    kwargs = {}
+    if extra.get("memory_size"):
+        memory = torch.randn((2, 4, 5) if batch_first else (4, 2, 5), dtype=torch.float64)
+        kwargs = {"memory": memory, "memory_lengths": torch.tensor([4, 2])}
+    whole, whole_state = m(x, **kwargs)
+    time_dim = 1 if batch_first else 0
+    outputs, state = [], None
+    for step in x.split(1, dim=time_dim):
+        y, state = m.stream(step, state, **kwargs)
+        outputs.append(y)
+    torch.testing.assert_close(torch.cat(outputs, dim=time_dim), whole, atol=1e-12, rtol=1e-10)
+    expected = whole_state if isinstance(whole_state, tuple) else (whole_state,)
+    got = (state.h, state.c) if isinstance(state, rnnattn_ext.AttentionState) else (
+        state if isinstance(state, tuple) else (state,))
+    for a, b in zip(got, expected):
+        if b is not None:
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+def test_unbatched_stream():
+    torch.manual_seed(24)
+    m = rnnattn_ext.AttnGRU(3, 4, num_heads=2, window=2).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    whole, _ = m(x)
+    first, state = m.stream(x[:2])
+    second, _ = m.stream(x[2:], state)
+    torch.testing.assert_close(torch.cat([first, second]), whole, atol=1e-12, rtol=1e-10)
+
+
+def test_stream_refuses_what_it_cannot_continue():
+    with pytest.raises(ValueError, match="stream needs a unidirectional module"):
+        rnnattn_ext.LSTM(3, 4, bidirectional=True).stream(torch.randn(2, 1, 3))
+    with pytest.raises(TypeError, match="state must be an AttentionState"):
+        rnnattn_ext.AttnLSTM(3, 4).stream(torch.randn(2, 1, 3), (torch.zeros(1, 1, 4), torch.zeros(1, 1, 4)))
