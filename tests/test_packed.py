@@ -164,3 +164,17 @@ def test_attention_weights_of_packed_input_are_in_the_callers_order(memory_size)
     _, h, weights = m(padded, memory=memory, memory_lengths=memory_lengths, need_weights=True, lengths=lengths)
     torch.testing.assert_close(h_packed, h, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(weights_packed[0], weights[0], atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_hybrid_block_with_lengths_runs_each_row_alone(bidirectional):
+    torch.manual_seed(11)
+    block = rnnattn_ext.HybridBlock(5, 6, num_heads=2, window=3, cell="gru", bidirectional=bidirectional,
+                                    batch_first=True).double()
+    x = torch.randn(len(LENGTHS), 7, 5, dtype=torch.float64)
+    out, hidden = block(x, lengths=LENGTHS)
+    for b, length in enumerate(LENGTHS):
+        alone, alone_hidden = block(x[b : b + 1, :length])
+        torch.testing.assert_close(out[b, :length], alone[0], atol=1e-12, rtol=1e-10)
+        assert torch.count_nonzero(out[b, length:]) == 0
+        torch.testing.assert_close(hidden[:, b], alone_hidden[:, 0], atol=1e-12, rtol=1e-10)

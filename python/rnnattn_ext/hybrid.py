@@ -79,12 +79,15 @@ class HybridBlock(nn.Module):
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, window={self.window}"
 
-    def forward(self, input: Tensor, hx=None):
+    def forward(self, input: Tensor, hx=None, lengths=None):
+        """``output, hidden``: output (T, B, W) in the input's layout, hidden as the recurrent module's.
+        ``lengths`` (B,) ints in [1, T]: each row as if run alone over its first lengths[b] steps
+        (causal attention reads no later step), zeros after them."""
         batched = input.dim() == 3
         x = input
         if batched and self.batch_first:
             x = x.transpose(0, 1)
-        y, hidden = self.recurrent(x, hx)  # time-major (T, B, W) or unbatched (T, W)
+        y, hidden = self.recurrent(x, hx, lengths=lengths)  # time-major (T, B, W) or unbatched (T, W)
         seq = y if batched else y.unsqueeze(1)
         steps, batch, _ = seq.shape
 
@@ -101,6 +104,9 @@ class HybridBlock(nn.Module):
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         context = attended.permute(2, 0, 1, 3).reshape(steps, batch, self.num_heads * self.head_dim)
         output = seq + self.out(context)
+        if lengths is not None:  # checked by the recurrent module
+            valid = torch.as_tensor(lengths, device=output.device).reshape(1, -1, 1)
+            output = output.masked_fill(torch.arange(steps, device=output.device).view(-1, 1, 1) >= valid, 0)
         if not batched:
             output = output.squeeze(1)
         elif self.batch_first:
