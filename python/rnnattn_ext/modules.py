@@ -196,7 +196,7 @@ class RecurrentBase(nn.Module):
     def _prepare(self, input: Tensor | PackedSequence, hx: Tensor | tuple[Tensor, ...] | None,
                  lengths=None) -> _Prepared:
         """Checks input, hx and lengths; a PackedSequence becomes a padded time-major batch in its
-        original order, with its lengths."""
+        packed order (see _Prepared.packed_order), with its lengths."""
         name = type(self).__name__
         packed = None
         if isinstance(input, PackedSequence):
