@@ -21,6 +21,15 @@ def _num_states(cell: str) -> int:
     return _ops.CELL_LAYOUTS[cell][1]
 
 
+def _check_cell(function: str, cell: str, states: Sequence[Tensor]) -> None:
+    """The cell name and its number of states, as the ops cannot check them (they are per cell)."""
+    if cell not in CELLS:
+        raise ValueError(f"rnnattn_ext.functional.{function}: cell must be one of {CELLS}, got {cell!r}")
+    if len(states) != _num_states(cell):
+        raise ValueError(f"rnnattn_ext.functional.{function}: cell {cell!r} takes {_num_states(cell)} state "
+                         f"tensor(s), got {len(states)}")
+
+
 def needs_workspace(*tensors: Tensor | None) -> bool:
     """True when autograd will differentiate through the op: it must then save activations."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -44,12 +53,7 @@ def layer(
     row b stops after step lengths[b]; its later outputs are zero).
     Returns the output (T, B, H) and the final states.
     """
-    if cell not in CELLS:
-        raise ValueError(f"rnnattn_ext.functional.layer: cell must be one of {CELLS}, got {cell!r}")
-    if len(states) != _num_states(cell):
-        raise ValueError(
-            f"rnnattn_ext.functional.layer: cell {cell!r} takes {_num_states(cell)} state tensor(s), got {len(states)}"
-        )
+    _check_cell("layer", cell, states)
     training = needs_workspace(input, *states, weight_ih, weight_hh, bias_ih, bias_hh)
     result = _ops.forward_op(cell)(input, *states, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse, training)
     return result[0], list(result[1:-1])
@@ -122,13 +126,7 @@ def attention_layer(
     ``past_keys``, ``past_values`` (P, B, D): streaming, the keys and values of the self memory's P
     slots before the first step (oldest first), as ``memory_slots`` computes them.
     """
-    if cell not in CELLS:
-        raise ValueError(f"rnnattn_ext.functional.attention_layer: cell must be one of {CELLS}, got {cell!r}")
-    if len(states) != _num_states(cell):
-        raise ValueError(
-            f"rnnattn_ext.functional.attention_layer: cell {cell!r} takes {_num_states(cell)} state tensor(s), "
-            f"got {len(states)}"
-        )
+    _check_cell("attention_layer", cell, states)
     if len(weights) != 11:
         raise ValueError(
             "rnnattn_ext.functional.attention_layer: weights must be (w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, "
