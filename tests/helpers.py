@@ -30,6 +30,17 @@ def layer_args(cell, steps, batch, input_size, hidden, dtype=torch.float64, devi
     return x, states, w_ih, w_hh, b_ih, b_hh
 
 
+def proj(cell, weight_hr=None):
+    """weight_hr as the ops take it (after bias_hh in forward, weight_hh in backward): an argument
+    of the projected cells' (LSTM) ops only."""
+    return (weight_hr,) if cell in _ops.PROJECTED_CELLS else ()
+
+
+def op_weights(cell, weights, weight_hr=None):
+    """The attention forward op's weight arguments: the 11 weights with weight_hr after bias_hh."""
+    return (*weights[:4], *proj(cell, weight_hr), *weights[4:11])
+
+
 def run_layer(impl, cell, x, states, w_ih, w_hh, b_ih, b_hh, reverse):
     return impl.layer(cell, x, states, w_ih, w_hh, b_ih, b_hh, reverse=reverse)
 
@@ -66,7 +77,7 @@ def assert_accuracy_rule(ours, eager, exact, what=""):
     assert ours_error <= 2 * eager_error + slack, f"{what}: error {ours_error:.3g} vs eager {eager_error:.3g}"
 
 
-__all__ = ["rnnattn_ext", "layer_args", "attention_args", "run_layer", "loss_of", "grads", "assert_close",
+__all__ = ["rnnattn_ext", "layer_args", "attention_args", "proj", "op_weights", "run_layer", "loss_of", "grads", "assert_close",
            "assert_accuracy_rule", "rms", "CELLS"]
 
 

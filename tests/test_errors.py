@@ -5,7 +5,7 @@ import torch
 
 from rnnattn_ext import _ops
 
-from helpers import layer_args
+from helpers import layer_args, proj
 
 
 def _call(cell, **overrides):
@@ -16,7 +16,7 @@ def _call(cell, **overrides):
     args.update(overrides)
     state_args = [args[f"s{i}"] for i in range(len(states))]
     return _ops.forward_op(cell)(args["input"], *state_args, args["w_ih"], args["w_hh"], args["b_ih"], args["b_hh"],
-                                 args.get("lengths"), False, False)
+                                 *proj(cell), args.get("lengths"), False, False)
 
 
 @pytest.mark.parametrize("cell", _ops.CELLS)

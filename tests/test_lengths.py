@@ -7,7 +7,7 @@ import torch
 from rnnattn_ext import _ops, functional, reference
 
 from conftest import device_params
-from helpers import CELLS, NUM_STATES, assert_accuracy_rule, assert_close, attention_args, grads, layer_args, loss_of
+from helpers import CELLS, NUM_STATES, assert_accuracy_rule, assert_close, attention_args, grads, layer_args, loss_of, op_weights, proj
 
 TOLERANCES = {torch.float64: (1e-10, 1e-9), torch.float32: (2e-5, 1e-4)}
 
@@ -110,14 +110,15 @@ def test_opcheck_with_lengths(cell, device):
                                                    generator=gen)
     lengths = _lengths([5, 2, 1], device)
     for reverse in (False, True):
-        torch.library.opcheck(_ops.forward_op(cell), (x, *states, w_ih, w_hh, b_ih, b_hh, lengths, reverse, True))
+        torch.library.opcheck(_ops.forward_op(cell), (x, *states, w_ih, w_hh, b_ih, b_hh, *proj(cell), lengths, reverse,
+                                                               True))
         with torch.no_grad():
-            out, *finals, workspace = _ops.forward_op(cell)(x, *states, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
-                                                            True)
+            out, *finals, workspace = _ops.forward_op(cell)(x, *states, w_ih, w_hh, b_ih, b_hh, *proj(cell), lengths,
+                                                            reverse, True)
         plain = [t.detach() for t in (x, *states, w_ih, w_hh)]
         torch.library.opcheck(
             _ops.backward_op(cell),
-            (torch.randn_like(out), *[torch.randn_like(f) for f in finals], *plain, out, workspace, lengths, reverse),
+            (torch.randn_like(out), *[torch.randn_like(f) for f in finals], *plain, *proj(cell), out, workspace, lengths, reverse),
         )
 
 
@@ -207,4 +208,4 @@ def test_attention_gradcheck_and_opcheck_with_lengths(cell, memory, device):
 
         assert torch.autograd.gradcheck(fn, (x, *states, *weights, *([mem] if memory else [])))
         torch.library.opcheck(_ops.attention_forward_op(cell),
-                              (x, *states, *weights, mem, mem_lengths, lengths, None, None, 2, window, reverse, True, True))
+                              (x, *states, *op_weights(cell, weights), mem, mem_lengths, lengths, None, None, 2, window, reverse, True, True))

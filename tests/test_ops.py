@@ -6,7 +6,7 @@ import torch
 from rnnattn_ext import _ops, functional, reference
 
 from conftest import device_params
-from helpers import CELLS, NUM_STATES, assert_accuracy_rule, assert_close, grads, layer_args, loss_of
+from helpers import CELLS, NUM_STATES, assert_accuracy_rule, assert_close, grads, layer_args, loss_of, proj
 
 TOLERANCES = {torch.float64: (1e-10, 1e-9), torch.float32: (2e-5, 1e-4)}
 
@@ -122,8 +122,8 @@ def test_opcheck_forward(cell, device):
     for training, requires_grad in ((True, True), (False, False)):
         x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, 5, 3, 4, 6, torch.float64, device,
                                                        requires_grad=requires_grad, generator=gen)
-        torch.library.opcheck(_ops.forward_op(cell), (x, *states, w_ih, w_hh, b_ih, b_hh, None, False, training))
-        torch.library.opcheck(_ops.forward_op(cell), (x, *states, w_ih, w_hh, None, None, None, True, training))
+        torch.library.opcheck(_ops.forward_op(cell), (x, *states, w_ih, w_hh, b_ih, b_hh, *proj(cell), None, False, training))
+        torch.library.opcheck(_ops.forward_op(cell), (x, *states, w_ih, w_hh, None, None, *proj(cell), None, True, training))
 
 
 @pytest.mark.parametrize("device", device_params())
@@ -132,18 +132,18 @@ def test_opcheck_backward(cell, device):
     gen = torch.Generator().manual_seed(5)
     x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, 5, 3, 4, 6, torch.float64, device, requires_grad=False,
                                                    generator=gen)
-    out, *finals, workspace = _ops.forward_op(cell)(x, *states, w_ih, w_hh, b_ih, b_hh, None, False, True)
+    out, *finals, workspace = _ops.forward_op(cell)(x, *states, w_ih, w_hh, b_ih, b_hh, *proj(cell), None, False, True)
     grad_out = torch.randn_like(out)
     grad_finals = [torch.randn_like(f) for f in finals]
     torch.library.opcheck(
-        _ops.backward_op(cell), (grad_out, *grad_finals, x, *states, w_ih, w_hh, out, workspace, None, False)
+        _ops.backward_op(cell), (grad_out, *grad_finals, x, *states, w_ih, w_hh, *proj(cell), out, workspace, None, False)
     )
 
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_inference_saves_nothing(cell):
     x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, 6, 2, 3, 4, requires_grad=False)
-    result = _ops.forward_op(cell)(x, *states, w_ih, w_hh, b_ih, b_hh, None, False, False)
+    result = _ops.forward_op(cell)(x, *states, w_ih, w_hh, b_ih, b_hh, *proj(cell), None, False, False)
     assert result[-1].numel() == 0
     with torch.no_grad():
         x.requires_grad_(True)
@@ -155,7 +155,7 @@ def test_inference_saves_nothing(cell):
 def test_training_workspace_shape(cell):
     x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, 6, 2, 3, 4, requires_grad=False)
     planes = _ops.CELL_LAYOUTS[cell][2]
-    result = _ops.forward_op(cell)(x, *states, w_ih, w_hh, b_ih, b_hh, None, False, True)
+    result = _ops.forward_op(cell)(x, *states, w_ih, w_hh, b_ih, b_hh, *proj(cell), None, False, True)
     assert result[-1].shape == (6, planes, 2, 4)
     assert len(result) == 2 + NUM_STATES[cell]
 
@@ -163,10 +163,10 @@ def test_training_workspace_shape(cell):
 @pytest.mark.parametrize("cell", CELLS)
 def test_backward_without_workspace_is_a_clear_error(cell):
     x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, 3, 2, 3, 4, requires_grad=False)
-    out, *finals, workspace = _ops.forward_op(cell)(x, *states, w_ih, w_hh, b_ih, b_hh, None, False, False)
+    out, *finals, workspace = _ops.forward_op(cell)(x, *states, w_ih, w_hh, b_ih, b_hh, *proj(cell), None, False, False)
     with pytest.raises(ValueError, match="workspace.*training=False"):
         _ops.backward_op(cell)(torch.ones_like(out), *[torch.zeros_like(f) for f in finals], x, *states, w_ih, w_hh,
-                               out, workspace, None, False)
+                               *proj(cell), out, workspace, None, False)
 
 
 @pytest.mark.parametrize("device", device_params())

@@ -3,13 +3,14 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
-
+#include <string_view>
 #include <type_traits>
 
 #include "cells/all_cells.h"
 #include "engine/cpu/packed_gemm.h"
 #include "engine/cpu/pointwise_cpu.h"
 #include "engine/attention_step.h"
+#include "engine/projection_step.h"
 #include "engine/scratch.h"
 #include "engine/step_args.h"
 #include "engine/thread_team.h"
@@ -21,6 +22,7 @@
 
 #include "engine/cuda/attention_cuda.h"
 #include "engine/cuda/pointwise_cuda.h"
+#include "engine/cuda/projection_cuda.h"
 #endif
 
 namespace rnnattn {
@@ -233,6 +235,44 @@ void run_attention(const Tensor& like, const AttentionStepArgs<T>& args) {
 #endif
 }
 
+// A per-row pass of the projection (projection_step.h) over its columns, on the tensors' device.
+template <typename T>
+void run_projection_pass(const Tensor& like, const ProjectionHoldArgs<T>& args) {
+  if (like.is_cpu()) {
+    if constexpr (kCpuType<T>) {
+      for (int64_t b = 0; b < args.batch; ++b) {
+        for (int64_t p = args.col_begin; p < args.col_end; ++p) hold_projected(args, b, p);
+      }
+    }
+    return;
+  }
+#ifdef RNNATTN_WITH_CUDA
+  const cudaError_t err = cuda::launch_hold_projected(args, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "rnnattn: projection kernel failed: ", cudaGetErrorString(err));
+#endif
+}
+
+template <typename T>
+void run_projection_pass(const Tensor& like, const ProjectionCarryArgs<T>& args) {
+  if (like.is_cpu()) {
+    if constexpr (kCpuType<T>) {
+      for (int64_t b = 0; b < args.batch; ++b) {
+        for (int64_t p = args.col_begin; p < args.col_end; ++p) carry_projected_grad(args, b, p);
+      }
+    }
+    return;
+  }
+#ifdef RNNATTN_WITH_CUDA
+  const cudaError_t err = cuda::launch_carry_projected_grad(args, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "rnnattn: projection kernel failed: ", cudaGetErrorString(err));
+#endif
+}
+
+// Block c's share [begin, end) of `width` columns (the projection's P), in block order.
+std::pair<int64_t, int64_t> column_share(const UnitBlocks& blocks, int64_t c, int64_t width) {
+  return {width * c / blocks.count(), width * (c + 1) / blocks.count()};
+}
+
 // The attention cell's shapes and memory, as the time loop sees them.
 struct AttentionGeometry {
   bool enabled = false;
@@ -355,10 +395,14 @@ template <class Cell>
 RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Tensor>& initial_states,
                                    const Tensor& weight_ih_arg, const Tensor& weight_hh_arg,
                                    const std::optional<Tensor>& bias_ih, const std::optional<Tensor>& bias_hh,
-                                   const std::optional<Tensor>& lengths_arg, bool reverse, bool training,
-                                   const AttentionConfig* attention) {
+                                   const std::optional<Tensor>& weight_hr, const std::optional<Tensor>& lengths_arg,
+                                   bool reverse, bool training, const AttentionConfig* attention) {
   constexpr int S = Cell::kStates, G = Cell::kGates;
-  constexpr int planes = workspace_planes<Cell>();
+  // With a projection the cell's own output m_t is not a state: its plane follows the others. The
+  // engine assumes that h reaches the next step only through the gates (true of the LSTM alone).
+  const bool projected = weight_hr.has_value();
+  TORCH_CHECK(!projected || std::string_view(Cell::kName) == "lstm", "rnnattn: weight_hr is for the LSTM only");
+  const int planes = workspace_planes<Cell>(projected), m_plane = workspace_planes<Cell>();
 #ifdef RNNATTN_WITH_CUDA
   const c10::cuda::OptionalCUDAGuard guard(input_arg.is_cuda() ? std::optional<c10::Device>(input_arg.device())
                                                                : std::nullopt);
@@ -366,7 +410,8 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   // Plain (non-differentiable) views: the engine's own ATen calls must not record autograd history.
   const Tensor input = input_arg.detach();
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
-  const int64_t H = weight_hh_arg.size(1), GH = G * H;
+  // H units per gate; HS the width of the state h and the output (P with a projection, else H).
+  const int64_t GH = weight_hh_arg.size(0), H = GH / G, HS = weight_hh_arg.size(1);
   const auto opts = input.options();
   const AttentionGeometry geo = attention_geometry(attention, T);
   const int64_t D = geo.width;
@@ -390,10 +435,16 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   auto rows_of = [](const std::optional<Tensor>& t, int64_t first, int64_t count) {
     return t ? std::optional<Tensor>(t->narrow(0, first, count)) : std::nullopt;
   };
-  std::vector<BlockMatrix> ih_matrix, rec_matrix, ctx_matrix;
+  std::vector<BlockMatrix> ih_matrix, rec_matrix, ctx_matrix, proj_matrix;
   std::vector<Tensor> xproj, hproj, cproj;
   const Tensor w_c = geo.enabled ? blocks.permute_rows(attention->weight_c.detach()).contiguous() : Tensor();
+  const Tensor w_hr = projected ? weight_hr->detach().contiguous() : Tensor();
   for (int64_t c = 0; c < blocks.count(); ++c) {
+    if (projected) {
+      // Per step and block: its columns of y_t = m_t @ W_hr^T (every unit of m_t).
+      const auto [p0, p1] = column_share(blocks, c, HS);
+      proj_matrix.push_back(block_matrix(w_hr.narrow(0, p0, p1 - p0), std::nullopt, packed, temp));
+    }
     ih_matrix.push_back(block_matrix(w_ih.narrow(0, blocks.row0(c), blocks.rows(c)),
                                      rows_of(b_ih, blocks.row0(c), blocks.rows(c)), ih_packed, temp));
     xproj.push_back(temp.empty({chunk * B, blocks.rows(c)}));
@@ -406,18 +457,21 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
       cproj.push_back(temp.empty({B, blocks.rows(c)}));
     }
   }
-  Tensor output = at::empty({T, B, H}, opts);
+  Tensor output = at::empty({T, B, HS}, opts);
   Tensor workspace = training ? at::empty({T, planes, B, H}, opts) : at::empty({0}, opts);
   std::vector<Tensor> init;
   for (const auto& s : initial_states) init.push_back(s.detach().contiguous());
-  // Inference keeps the states other than h in two alternating buffers instead of the workspace.
+  // Inference keeps the states other than h (and m_t) in two alternating buffers instead of the
+  // workspace.
   std::vector<Tensor> ping_pong;
   if (!training) {
-    for (int s = 1; s < S; ++s) {
+    for (int s = 1; s < S + (projected ? 1 : 0); ++s) {
       ping_pong.push_back(at::empty({B, H}, opts));
       ping_pong.push_back(at::empty({B, H}, opts));
     }
   }
+  // The m "before the first step" that a held row carries (never projected: held rows keep y).
+  const Tensor m_initial = projected ? temp.zeros({B, H}) : Tensor();
 
   // Attention memory, one flat buffer: queries (every step when training, else one step's), keys and
   // values of every slot, each slot (B, D).
@@ -447,7 +501,7 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
     weights = attention->need_weights ? at::zeros({T, B, geo.heads, geo.weight_slots}, opts) : at::empty({0}, opts);
   }
   const StepOrder order{T, reverse};
-  const int64_t plane = B * H;
+  const int64_t plane = B * H, out_plane = B * HS;
   const Tensor seq_lengths = lengths_arg ? lengths_arg->contiguous() : Tensor();
   const SequenceLengths sequence{seq_lengths.defined() ? seq_lengths.data_ptr<int64_t>() : nullptr, T, reverse};
   const std::vector<int64_t> running = running_rows(seq_lengths, T, geo.enabled);
@@ -455,7 +509,7 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   dispatch_dtype(input, [&](auto* type_tag) {
     using T_ = std::remove_pointer_t<decltype(type_tag)>;
     auto extra_state = [&](int64_t k, int s) -> T_* {
-      // State s (>= 1) after forward step k.
+      // State s (>= 1) after forward step k; s = kStates: m_t of a projected cell.
       if (training) return ptr<T_>(workspace) + (order.time(k) * planes + Cell::kSaved + s - 1) * plane;
       return ptr<T_>(ping_pong[2 * (s - 1) + (k % 2)]);
     };
@@ -468,6 +522,7 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
         ih_matrix[c].prepare();
         rec_matrix[c].prepare();
         if (geo.enabled) ctx_matrix[c].prepare();
+        if (projected) proj_matrix[c].prepare();
       });
       int64_t chunk_first_time = 0;  // the earliest time step of the current chunk of xproj
       for (int64_t k = 0; k < T; ++k) {
@@ -481,15 +536,21 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
           });
         }
         // h_{t-1} as a raw operand: no tensor is made per step.
-        const Operand h_prev = k == 0 ? Operand{init[0], 0, B, H, H} : Operand{output, order.time(k - 1) * plane, B, H, H};
+        const Operand h_prev =
+            k == 0 ? Operand{init[0], 0, B, HS, HS} : Operand{output, order.time(k - 1) * out_plane, B, HS, HS};
         auto pointwise = [&](int64_t c) {
           ForwardStepArgs<T_> args{};
           args.xproj = GateView<const T_>{ptr<T_>(xproj[c]) + (t - chunk_first_time) * B * blocks.rows(c),
                                           blocks.rows(c), blocks.width(c)};
           args.hproj = GateView<const T_>{ptr<T_>(hproj[c]), blocks.rec_rows(c), blocks.width(c)};
           if (geo.enabled) args.cproj = GateView<const T_>{ptr<T_>(cproj[c]), blocks.rows(c), blocks.width(c)};
-          args.prev[0] = h_prev.data<T_>();
-          args.next[0] = ptr<T_>(output) + t * plane;
+          if (projected) {
+            args.prev[0] = k == 0 ? ptr<T_>(m_initial) : extra_state(k - 1, S);
+            args.next[0] = extra_state(k, S);
+          } else {
+            args.prev[0] = h_prev.data<T_>();
+            args.next[0] = ptr<T_>(output) + t * plane;
+          }
           for (int s = 1; s < S; ++s) {
             args.prev[s] = k == 0 ? ptr<T_>(init[s]) : extra_state(k - 1, s);
             args.next[s] = extra_state(k, s);
@@ -544,6 +605,25 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
           });
           if (!team.sync()) return;
         }
+        if (projected) {
+          // Every unit of m_t is ready: each block its columns of y_t; held rows keep y_{t-1}.
+          const int64_t rows = running.empty() ? B : running[t];
+          team.for_each_block([&](int64_t c) {
+            const auto [p0, p1] = column_share(blocks, c, HS);
+            if (p1 == p0) return;
+            if (rows > 0) {
+              multiply(proj_matrix[c], {training ? workspace : ping_pong[2 * (S - 1) + (k % 2)],
+                                        training ? (t * planes + m_plane) * plane : 0, rows, H, H},
+                       {output, t * out_plane + p0, rows, p1 - p0, HS});
+            }
+            if (sequence.data != nullptr) {
+              ProjectionHoldArgs<T_> hold{ptr<T_>(output) + t * out_plane, h_prev.data<T_>(), sequence.data, t, B, HS,
+                                          p0, p1};
+              run_projection_pass(input, hold);
+            }
+          });
+          if (!team.sync()) return;
+        }
       }
     });
   });
@@ -576,11 +656,13 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
 template <class Cell>
 RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vector<Tensor>& grad_final_states,
                                      const Tensor& input_arg, const std::vector<Tensor>& initial_states,
-                                     const Tensor& weight_ih_arg, const Tensor& weight_hh_arg, const Tensor& output_arg,
+                                     const Tensor& weight_ih_arg, const Tensor& weight_hh_arg,
+                                     const std::optional<Tensor>& weight_hr, const Tensor& output_arg,
                                      const Tensor& workspace_arg, const std::optional<Tensor>& lengths_arg,
                                      bool reverse, const AttentionConfig* attention, const AttentionSaved* saved) {
   constexpr int S = Cell::kStates, G = Cell::kGates;
-  constexpr int planes = workspace_planes<Cell>();
+  const bool projected = weight_hr.has_value();
+  const int planes = workspace_planes<Cell>(projected), m_plane = workspace_planes<Cell>();
 #ifdef RNNATTN_WITH_CUDA
   const c10::cuda::OptionalCUDAGuard guard(input_arg.is_cuda() ? std::optional<c10::Device>(input_arg.device())
                                                                : std::nullopt);
@@ -598,9 +680,9 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
                                         output_arg.detach())
                                   .contiguous()
                             : output_arg.detach().contiguous();
-  const int64_t H = weight_hh_arg.size(1), GH = G * H;
+  const int64_t GH = weight_hh_arg.size(0), H = GH / G, HS = weight_hh_arg.size(1);  // as in the forward
   const auto opts = input.options();
-  const int64_t plane = B * H;
+  const int64_t plane = B * H, out_plane = B * HS;
   const AttentionGeometry geo = attention_geometry(attention, T);
   const int64_t D = geo.width, slot_size = B * D;
   const UnitBlocks blocks = make_unit_blocks(G, H, input, geo.groups(), geo.heads, geo.head_dim);
@@ -621,19 +703,33 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   for (const auto& g : grad_final_states) dstate.push_back(g.detach().contiguous().clone());
   // With several blocks, each block's share of dh_{t-1} = dg_rec_t @ W_rec goes to its own buffer
   // and the blocks add them up (in block order: deterministic) at the next step. Likewise the
-  // shares of dctx_t = dxg_t @ W_c.
+  // shares of dctx_t = dxg_t @ W_c. A projection always uses shares (projection_step.h).
   const bool packed = uses_packed_gemm(input);
-  const bool shares = packed || blocks.count() > 1;
-  // dh shares by step parity: a step reads the list the step after it wrote (zeros at first).
+  const bool shares = packed || blocks.count() > 1 || projected;
+  // dh shares by step parity: a step reads the list the step after it wrote (zeros at first), one
+  // (blocks, B, HS) buffer per parity.
   std::vector<Tensor> dh_shares[2], dctx_share;
-  std::vector<BlockMatrix> rec_matrix, ctx_matrix;
+  Tensor dh_share_planes[2];
+  if (shares) {
+    for (int parity = 0; parity < 2; ++parity) {
+      dh_share_planes[parity] = temp.zeros({blocks.count(), B, HS});
+      for (int64_t c = 0; c < blocks.count(); ++c) dh_shares[parity].push_back(dh_share_planes[parity][c]);
+    }
+  }
+  // Projection: dm_t = dy_t @ W_hr, each block its units, into dm (the pointwise pass's dh_t, whose
+  // own grad_output is then a zero plane); the m before the first step, which no row reads.
+  std::vector<BlockMatrix> rec_matrix, ctx_matrix, proj_matrix;
+  const Tensor w_hr = projected ? weight_hr->detach().contiguous() : Tensor();
+  const Tensor dm = projected ? temp.empty({B, H}) : Tensor();
+  const Tensor zero_plane = projected ? temp.zeros({B, H}) : Tensor();
   for (int64_t c = 0; c < blocks.count(); ++c) {
-    // share_c = dg_rec_c @ W_rec_c: M = W_rec_c^T (H x rec_rows(c)).
+    // share_c = dg_rec_c @ W_rec_c: M = W_rec_c^T (HS x rec_rows(c)).
     rec_matrix.push_back(
         block_matrix(w_rec.narrow(0, blocks.rec_row0(c), blocks.rec_rows(c)).t(), std::nullopt, packed, temp));
-    if (shares) {
-      dh_shares[0].push_back(temp.zeros({B, H}));
-      dh_shares[1].push_back(temp.zeros({B, H}));
+    if (projected) {
+      // dm of block c's units: M = W_hr[:, units]^T (width(c) x HS).
+      proj_matrix.push_back(
+          block_matrix(w_hr.narrow(1, blocks.first(c), blocks.width(c)).t(), std::nullopt, packed, temp));
     }
     if (geo.enabled) {
       // dctx share_c = dxg_c @ W_c_c: M = W_c_c^T (D x rows(c)).
@@ -645,15 +741,19 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   // Gradients of the pre-activations of one chunk of steps: input side (chunk, B, G*H) in gate order,
   // recurrent side (chunk, B, R) in recurrent-side order (the same buffer when they are equal). After
   // each chunk they go into the large GEMMs (dx, dW, db), so no buffer grows with T.
+  // With a projection, also dy of the chunk's steps (chunk, B, HS) for dW_hr.
   const bool rec_alias = !geo.enabled && !Cell::kSeparateHiddenGrad;
-  const int64_t chunk = chunk_steps(input, T, B, rec_alias ? GH : GH + R, kBackwardChunkBytes);
+  const int64_t chunk =
+      chunk_steps(input, T, B, (rec_alias ? GH : GH + R) + (projected ? HS : 0), kBackwardChunkBytes);
   Tensor dgx = temp.empty({chunk, B, GH});
   Tensor dgh = rec_alias ? dgx : temp.empty({chunk, B, R});
+  Tensor dgy = projected ? temp.empty({chunk, B, HS}) : Tensor();
   // The gradients the chunks add up, rows in block order.
   const Tensor x = input.contiguous().view({T * B, I});
   Tensor grad_input = at::empty({T, B, I}, opts);
   Tensor grad_w_ih = at::zeros({GH, I}, opts), grad_b_ih = at::zeros({GH}, opts);
-  Tensor grad_w_rec = at::zeros({R, H}, opts), grad_b_rec = rec_alias ? Tensor() : at::zeros({R}, opts);
+  Tensor grad_w_rec = at::zeros({R, HS}, opts), grad_b_rec = rec_alias ? Tensor() : at::zeros({R}, opts);
+  Tensor grad_w_hr = projected ? at::zeros({HS, H}, opts) : Tensor();
   Tensor grad_w_c = geo.enabled ? at::zeros({GH, D}, opts) : Tensor();
   const Tensor context = geo.enabled ? saved->context.detach().contiguous().view({T * B, D}) : Tensor();
 
@@ -704,10 +804,19 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
         Tensor w = grad_w_rec.narrow(0, blocks.rec_row0(c), blocks.rec_rows(c));
         if (regular > 0) {
           w.addmm_(dg_rec.narrow(0, dgh_skip * B, regular * B).t(),
-                   output.view({T * B, H}).narrow(0, read_time * B, regular * B));
+                   output.view({T * B, HS}).narrow(0, read_time * B, regular * B));
         }
         if (has_first) w.addmm_(dg_rec.narrow(0, reverse ? (n - 1) * B : 0, B).t(), init[0]);
         if (!rec_alias) grad_b_rec.narrow(0, blocks.rec_row0(c), blocks.rec_rows(c)).add_(dg_rec.sum(0));
+        if (projected) {
+          // dW_hr += dy^T m over the chunk's steps, each block its rows (columns of y).
+          const auto [p0, p1] = column_share(blocks, c, HS);
+          if (p1 > p0) {
+            const Tensor m = workspace.narrow(0, first_time, n).select(1, m_plane).reshape({rows, H});
+            grad_w_hr.narrow(0, p0, p1 - p0)
+                .addmm_(dgy.view({chunk * B, HS}).narrow(0, 0, rows).narrow(1, p0, p1 - p0).t(), m);
+          }
+        }
       });
       const int64_t r0 = rows * team.index / team.members, r1 = rows * (team.index + 1) / team.members;
       if (r1 > r0) {
@@ -715,10 +824,30 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
         at::mm_out(dx, dgx_rows.narrow(0, r0, r1 - r0), w_ih);
       }
     };
+    // Projection, before step k's pointwise pass (k = -1: after the loop, dh_0): dy_t from step
+    // k + 1's shares, each block its columns (projection_step.h).
+    auto carry_projected = [&](int64_t c, int64_t k, int64_t row) {
+      const auto [p0, p1] = column_share(blocks, c, HS);
+      ProjectionCarryArgs<T_> a{};
+      a.carried = ptr<T_>(dstate[0]);
+      a.shares = ptr<T_>(dh_share_planes[(T - k) % 2]);  // what step k + 1 wrote (see read)
+      a.share_count = k == T - 1 ? 0 : blocks.count();
+      a.grad_output = k >= 0 ? ptr<T_>(grad_y) + order.time(k) * out_plane : nullptr;
+      a.step_grad = k >= 0 ? ptr<T_>(dgy) + row * HS : nullptr;
+      a.lengths = sequence.data;
+      a.time = k >= 0 ? order.time(k) : -1;
+      a.next_time = k < T - 1 ? order.time(k + 1) : -1;
+      a.batch = B;
+      a.width = HS;
+      a.col_begin = p0;
+      a.col_end = p1;
+      run_projection_pass(input, a);
+    };
     run_team(blocks.count(), /*aten_state=*/true, [&](const TeamMember& team) {
       team.for_each_block([&](int64_t c) {
         rec_matrix[c].prepare();
         if (geo.enabled) ctx_matrix[c].prepare();
+        if (projected) proj_matrix[c].prepare();
       });
       int64_t chunk_first_time = 0, chunk_end = T;  // the current chunk ends before step chunk_end
       for (int64_t k = T - 1; k >= 0; --k) {
@@ -732,15 +861,21 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
         auto hidden_share = [&](int64_t c) {
           const Operand dg{dgh, row * R + blocks.rec_row0(c), rows, blocks.rec_rows(c), R};
           if (shares) {
-            if (rows > 0) multiply(rec_matrix[c], dg, {written(k)[c], 0, rows, H, H});
+            if (rows > 0) multiply(rec_matrix[c], dg, {written(k)[c], 0, rows, HS, HS});
             if (rows < B) written(k)[c].narrow(0, rows, B - rows).zero_();
           } else if (rows > 0) {
-            multiply(rec_matrix[c], dg, {dstate[0], 0, rows, H, H}, /*accumulate=*/true);
+            multiply(rec_matrix[c], dg, {dstate[0], 0, rows, HS, HS}, /*accumulate=*/true);
           }
         };
+        if (projected) {
+          team.for_each_block([&](int64_t c) { carry_projected(c, k, row); });
+          if (!team.sync()) return;
+        }
         team.for_each_block([&](int64_t c) {
           const int64_t j0 = blocks.first(c), j1 = j0 + blocks.width(c);
-          if (shares) {
+          if (projected) {
+            multiply(proj_matrix[c], {dstate[0], 0, B, HS, HS}, {dm, j0, B, j1 - j0, H});
+          } else if (shares) {
             // dh_t of this block's units: its direct part plus every block's share from step t+1.
             if constexpr (kCpuType<T_>) {
               T_* dh = ptr<T_>(dstate[0]);
@@ -754,14 +889,22 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
           }
           BackwardStepArgs<T_> args{};
           args.saved = ptr<T_>(workspace) + t * planes * plane;
-          args.prev[0] = k == 0 ? ptr<T_>(init[0]) : ptr<T_>(output) + order.time(k - 1) * plane;
-          args.next[0] = ptr<T_>(output) + t * plane;
+          if (projected) {
+            // The cell's h is m_t; its gradient dm already holds all of dL/dy_t.
+            args.prev[0] = k == 0 ? ptr<T_>(zero_plane) : extra_state(k - 1, S);
+            args.next[0] = extra_state(k, S);
+            args.grad_output = ptr<T_>(zero_plane);
+          } else {
+            args.prev[0] = k == 0 ? ptr<T_>(init[0]) : ptr<T_>(output) + order.time(k - 1) * plane;
+            args.next[0] = ptr<T_>(output) + t * plane;
+            args.grad_output = ptr<T_>(grad_y) + t * plane;
+          }
           for (int s = 1; s < S; ++s) {
             args.prev[s] = k == 0 ? ptr<T_>(init[s]) : extra_state(k - 1, s);
             args.next[s] = extra_state(k, s);
           }
-          args.grad_output = ptr<T_>(grad_y) + t * plane;
           for (int s = 0; s < S; ++s) args.dstate[s] = ptr<T_>(dstate[s]);
+          if (projected) args.dstate[0] = ptr<T_>(dm);
           args.lengths = sequence.data;
           args.time = t;
           args.dxg = gate_view<T_>(ptr<T_>(dgx) + row * GH, GH, blocks, c);
@@ -836,9 +979,10 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
           chunk_end = k;
         }
       }
+      if (projected && T > 0) team.for_each_block([&](int64_t c) { carry_projected(c, -1, 0); });
     });
   });
-  if (shares && T > 0) {
+  if (shares && !projected && T > 0) {
     for (const auto& share : dh_shares[(T - 1) % 2]) dstate[0].add_(share);
   }
 
@@ -850,6 +994,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   const Tensor grad_b_rec_plain = rec_alias ? result.grad_bias_ih.clone() : blocks.unpermute_rec_rows(grad_b_rec);
   result.grad_weight_hh = grad_w_rec.narrow(0, 0, GH);
   result.grad_bias_hh = grad_b_rec_plain.narrow(0, 0, GH);
+  result.grad_weight_hr = projected ? grad_w_hr : at::empty({0}, opts);
   if (geo.enabled) {
     // The parts of the stacked weight and bias become separate outputs (outputs must not alias).
     auto rows = [&](const Tensor& t, int64_t group) { return t.narrow(0, GH + group * D, D).clone(); };
@@ -891,10 +1036,12 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   template RecurrentForward recurrent_forward<CELL>(const Tensor&, const std::vector<Tensor>&, const Tensor&,    \
                                                     const Tensor&, const std::optional<Tensor>&,                 \
                                                     const std::optional<Tensor>&, const std::optional<Tensor>&, \
-                                                    bool, bool, const AttentionConfig*);                         \
+                                                    const std::optional<Tensor>&, bool, bool,                    \
+                                                    const AttentionConfig*);                                     \
   template RecurrentBackward recurrent_backward<CELL>(const Tensor&, const std::vector<Tensor>&, const Tensor&,  \
                                                       const std::vector<Tensor>&, const Tensor&, const Tensor&,  \
-                                                      const Tensor&, const Tensor&, const std::optional<Tensor>&, \
+                                                      const std::optional<Tensor>&, const Tensor&, const Tensor&, \
+                                                      const std::optional<Tensor>&,                               \
                                                       bool, const AttentionConfig*,                               \
                                                       const AttentionSaved*);
 RNNATTN_FOR_EACH_CELL(RNNATTN_INSTANTIATE_ENGINE)

@@ -33,8 +33,8 @@ struct AttentionSaved {
 };
 
 struct RecurrentForward {
-  at::Tensor output;                     // (T, B, H)
-  std::vector<at::Tensor> final_states;  // kStates tensors of (B, H)
+  at::Tensor output;                     // (T, B, H), or (T, B, P) with a projection
+  std::vector<at::Tensor> final_states;  // kStates tensors of (B, H) (h: (B, P) with a projection)
   at::Tensor workspace;                  // (T, planes, B, H) when training, else empty
   // Attention cell only.
   at::Tensor context;              // (T, B, D)
@@ -46,25 +46,31 @@ struct RecurrentBackward {
   at::Tensor grad_input;
   std::vector<at::Tensor> grad_initial_states;
   at::Tensor grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh;
+  at::Tensor grad_weight_hr;  // with a projection, else empty
   // Attention cell only (grad_memory empty for self memory; the past slots' gradients (P, B, D)).
   at::Tensor grad_weight_q, grad_bias_q, grad_weight_k, grad_bias_k, grad_weight_v, grad_bias_v, grad_weight_c,
       grad_memory, grad_past_keys, grad_past_values;
 };
 
-// Workspace planes per step: the cell's saved activations plus its states other than h.
+// Workspace planes per step: the cell's saved activations plus its states other than h, and with a
+// projection the cell's unprojected output m_t (dW_hr reads it).
 template <class Cell>
-constexpr int workspace_planes() {
-  return Cell::kSaved + Cell::kStates - 1;
+constexpr int workspace_planes(bool projected = false) {
+  return Cell::kSaved + Cell::kStates - 1 + (projected ? 1 : 0);
 }
 
 // Arguments are checked by the caller (csrc/ops); the engine trusts shapes, dtypes and devices.
 // `lengths` (B,) int64 on the input's device, values in [1, T]: variable lengths (SPEC); rows past
 // their length are held, their outputs zero, their final states those after their last valid step.
+// `weight_hr` (P, H): the LSTM projection (torch.nn's proj_size): the state h and the output are
+// y_t = W_hr m_t, m_t the cell's own output; weight_hh (and the attention's recurrent-side
+// weights) then have P columns.
 template <class Cell>
 RecurrentForward recurrent_forward(const at::Tensor& input, const std::vector<at::Tensor>& initial_states,
                                    const at::Tensor& weight_ih, const at::Tensor& weight_hh,
                                    const std::optional<at::Tensor>& bias_ih,
                                    const std::optional<at::Tensor>& bias_hh,
+                                   const std::optional<at::Tensor>& weight_hr,
                                    const std::optional<at::Tensor>& lengths, bool reverse, bool training,
                                    const AttentionConfig* attention = nullptr);
 
@@ -72,6 +78,7 @@ template <class Cell>
 RecurrentBackward recurrent_backward(const at::Tensor& grad_output, const std::vector<at::Tensor>& grad_final_states,
                                      const at::Tensor& input, const std::vector<at::Tensor>& initial_states,
                                      const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                                     const std::optional<at::Tensor>& weight_hr,
                                      const at::Tensor& output, const at::Tensor& workspace,
                                      const std::optional<at::Tensor>& lengths, bool reverse,
                                      const AttentionConfig* attention = nullptr,

@@ -55,16 +55,26 @@ void check_sequence_lengths(const char* op, const LayerShape& shape, const Tenso
 
 LayerShape check_layer_forward(const char* op, int gates, const Tensor& input, const std::vector<NamedTensor>& states,
                                const Tensor& weight_ih, const Tensor& weight_hh, const std::optional<Tensor>& bias_ih,
-                               const std::optional<Tensor>& bias_hh) {
+                               const std::optional<Tensor>& bias_hh, const std::optional<Tensor>& weight_hr) {
   TORCH_CHECK_VALUE(input.defined(), op, ": input must be a tensor, got None");
   TORCH_CHECK_VALUE(input.dim() == 3, op, ": input must be 3-D (T, B, I), got shape ", input.sizes());
   check_dtype_supported(op, input);
-  TORCH_CHECK_VALUE(weight_hh.dim() == 2, op, ": weight_hh must be 2-D (", gates, "*H, H), got shape ",
-                    weight_hh.sizes());
-  const int64_t H = weight_hh.size(1);
-  const LayerShape shape{input.size(0), input.size(1), input.size(2), H};
-  TORCH_CHECK_VALUE(H > 0, op, ": hidden size (weight_hh.size(1)) must be positive, got ", H);
-  check_shape(op, "weight_hh", weight_hh, {gates * H, H}, "(G*H, H)");
+  int64_t H = 0, P = 0;
+  if (weight_hr) {
+    TORCH_CHECK_VALUE(weight_hr->dim() == 2, op, ": weight_hr must be 2-D (P, H), got shape ", weight_hr->sizes());
+    P = weight_hr->size(0);
+    H = weight_hr->size(1);
+    TORCH_CHECK_VALUE(P > 0 && H > 0, op, ": weight_hr must have shape (P, H) with P, H > 0, got ", weight_hr->sizes());
+    check_same_kind(op, "weight_hr", *weight_hr, input);
+    check_shape(op, "weight_hh", weight_hh, {gates * H, P}, "(G*H, P) with (P, H) = weight_hr.shape");
+  } else {
+    TORCH_CHECK_VALUE(weight_hh.dim() == 2, op, ": weight_hh must be 2-D (", gates, "*H, H), got shape ",
+                      weight_hh.sizes());
+    H = P = weight_hh.size(1);
+    TORCH_CHECK_VALUE(H > 0, op, ": hidden size (weight_hh.size(1)) must be positive, got ", H);
+    check_shape(op, "weight_hh", weight_hh, {gates * H, H}, "(G*H, H)");
+  }
+  const LayerShape shape{input.size(0), input.size(1), input.size(2), H, P};
   check_same_kind(op, "weight_hh", weight_hh, input);
   check_shape(op, "weight_ih", weight_ih, {gates * H, shape.input_size}, "(G*H, I)");
   check_same_kind(op, "weight_ih", weight_ih, input);
@@ -76,25 +86,31 @@ LayerShape check_layer_forward(const char* op, int gates, const Tensor& input, c
     check_shape(op, "bias_hh", *bias_hh, {gates * H}, "(G*H,)");
     check_same_kind(op, "bias_hh", *bias_hh, input);
   }
-  for (const auto& s : states) {
-    check_shape(op, s.name, s.tensor, {shape.batch, H}, "(B, H)");
-    check_same_kind(op, s.name, s.tensor, input);
+  for (size_t i = 0; i < states.size(); ++i) {
+    const bool h = i == 0;  // the projection's P is the width of h alone
+    check_shape(op, states[i].name, states[i].tensor, {shape.batch, h ? P : H}, h && weight_hr ? "(B, P)" : "(B, H)");
+    check_same_kind(op, states[i].name, states[i].tensor, input);
   }
   return shape;
 }
 
 LayerShape check_layer_backward(const char* op, int gates, int workspace_planes, const Tensor& grad_output,
-                          const std::vector<NamedTensor>& grad_states, const Tensor& input,
-                          const std::vector<NamedTensor>& states, const Tensor& weight_ih, const Tensor& weight_hh,
-                          const Tensor& output, const Tensor& workspace) {
-  const LayerShape s = check_layer_forward(op, gates, input, states, weight_ih, weight_hh, std::nullopt, std::nullopt);
-  check_shape(op, "output", output, {s.steps, s.batch, s.hidden_size}, "(T, B, H)");
+                                const std::vector<NamedTensor>& grad_states, const Tensor& input,
+                                const std::vector<NamedTensor>& states, const Tensor& weight_ih,
+                                const Tensor& weight_hh, const std::optional<Tensor>& weight_hr,
+                                const Tensor& output, const Tensor& workspace) {
+  const LayerShape s =
+      check_layer_forward(op, gates, input, states, weight_ih, weight_hh, std::nullopt, std::nullopt, weight_hr);
+  const char* out_meaning = weight_hr ? "(T, B, P)" : "(T, B, H)";
+  check_shape(op, "output", output, {s.steps, s.batch, s.state_size}, out_meaning);
   check_same_kind(op, "output", output, input);
-  check_shape(op, "grad_output", grad_output, {s.steps, s.batch, s.hidden_size}, "(T, B, H)");
+  check_shape(op, "grad_output", grad_output, {s.steps, s.batch, s.state_size}, out_meaning);
   check_same_kind(op, "grad_output", grad_output, input);
-  for (const auto& g : grad_states) {
-    check_shape(op, g.name, g.tensor, {s.batch, s.hidden_size}, "(B, H)");
-    check_same_kind(op, g.name, g.tensor, input);
+  for (size_t i = 0; i < grad_states.size(); ++i) {
+    const bool h = i == 0;
+    check_shape(op, grad_states[i].name, grad_states[i].tensor, {s.batch, h ? s.state_size : s.hidden_size},
+                h && weight_hr ? "(B, P)" : "(B, H)");
+    check_same_kind(op, grad_states[i].name, grad_states[i].tensor, input);
   }
   const std::vector<int64_t> expected{s.steps, workspace_planes, s.batch, s.hidden_size};
   TORCH_CHECK_VALUE(workspace.sizes() == at::IntArrayRef(expected) || (workspace.numel() == 0 && s.steps * s.batch == 0),
@@ -108,16 +124,18 @@ LayerShape check_layer_backward(const char* op, int gates, int workspace_planes,
 
 void check_attention(const char* op, int gates, const LayerShape& shape, const Tensor& input,
                      const AttentionConfig& a) {
-  const int64_t H = shape.hidden_size;
+  // The query, and the self memory's keys and values, read h: its width is the projection's P.
+  const int64_t H = shape.hidden_size, HS = shape.state_size;
+  const bool projected = HS != H;  // only for the messages: P = H reads the same
   TORCH_CHECK_VALUE(a.weight_q.dim() == 2, op, ": weight_q must be 2-D (D, H), got shape ", a.weight_q.sizes());
   const int64_t D = a.weight_q.size(0);
   TORCH_CHECK_VALUE(D > 0, op, ": the attention width D = weight_q.size(0) must be positive, got ", D);
-  check_shape(op, "weight_q", a.weight_q, {D, H}, "(D, H)");
+  check_shape(op, "weight_q", a.weight_q, {D, HS}, projected ? "(D, P)" : "(D, H)");
   check_same_kind(op, "weight_q", a.weight_q, input);
   TORCH_CHECK_VALUE(a.num_heads >= 1, op, ": num_heads must be >= 1, got ", a.num_heads);
   TORCH_CHECK_VALUE(D % a.num_heads == 0, op, ": num_heads must divide the attention width D = ", D, ", got num_heads = ",
                     a.num_heads);
-  int64_t M = H;
+  int64_t M = HS;
   if (a.memory) {
     const Tensor& memory = *a.memory;
     TORCH_CHECK_VALUE(memory.dim() == 3, op, ": memory must be 3-D (S, B, M), got shape ", memory.sizes());
@@ -137,9 +155,10 @@ void check_attention(const char* op, int gates, const LayerShape& shape, const T
     TORCH_CHECK_VALUE(!a.memory_lengths, op, ": memory_lengths needs an external memory, got memory=None");
     TORCH_CHECK_VALUE(!a.window || *a.window >= 1, op, ": window must be >= 1 or None (unbounded), got ", *a.window);
   }
-  check_shape(op, "weight_k", a.weight_k, {D, M}, a.memory ? "(D, M) with M = memory.size(2)" : "(D, H)");
+  const char* self_meaning = projected ? "(D, P)" : "(D, H)";
+  check_shape(op, "weight_k", a.weight_k, {D, M}, a.memory ? "(D, M) with M = memory.size(2)" : self_meaning);
   check_same_kind(op, "weight_k", a.weight_k, input);
-  check_shape(op, "weight_v", a.weight_v, {D, M}, a.memory ? "(D, M) with M = memory.size(2)" : "(D, H)");
+  check_shape(op, "weight_v", a.weight_v, {D, M}, a.memory ? "(D, M) with M = memory.size(2)" : self_meaning);
   check_same_kind(op, "weight_v", a.weight_v, input);
   check_shape(op, "weight_c", a.weight_c, {gates * H, D}, "(G*H, D)");
   check_same_kind(op, "weight_c", a.weight_c, input);

@@ -19,14 +19,17 @@ struct NamedTensor {
 
 struct LayerShape {
   int64_t steps, batch, input_size, hidden_size;
+  int64_t state_size;  // width of h and the output: the projection's P, else hidden_size
 };
 
 // Checks input (T, B, I), states (B, H), weight_ih (G*H, I), weight_hh (G*H, H), biases (G*H),
-// common dtype and device; returns the sizes.
+// common dtype and device; returns the sizes. With weight_hr (P, H) (the LSTM projection), h (the
+// first state) is (B, P) and weight_hh (G*H, P).
 LayerShape check_layer_forward(const char* op, int gates, const at::Tensor& input,
                                const std::vector<NamedTensor>& states, const at::Tensor& weight_ih,
                                const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
-                               const std::optional<at::Tensor>& bias_hh);
+                               const std::optional<at::Tensor>& bias_hh,
+                               const std::optional<at::Tensor>& weight_hr = std::nullopt);
 
 // Checks the variable lengths, when given: (B,) int64 on the device of input, values in [1, T].
 void check_sequence_lengths(const char* op, const LayerShape& shape, const at::Tensor& input,
@@ -35,12 +38,13 @@ void check_sequence_lengths(const char* op, const LayerShape& shape, const at::T
 // Checks what backward adds: gradients of the outputs, the forward's output and its workspace;
 // returns the sizes.
 LayerShape check_layer_backward(const char* op, int gates, int workspace_planes, const at::Tensor& grad_output,
-                          const std::vector<NamedTensor>& grad_states, const at::Tensor& input,
-                          const std::vector<NamedTensor>& states, const at::Tensor& weight_ih,
-                          const at::Tensor& weight_hh, const at::Tensor& output, const at::Tensor& workspace);
+                                const std::vector<NamedTensor>& grad_states, const at::Tensor& input,
+                                const std::vector<NamedTensor>& states, const at::Tensor& weight_ih,
+                                const at::Tensor& weight_hh, const std::optional<at::Tensor>& weight_hr,
+                                const at::Tensor& output, const at::Tensor& workspace);
 
 // Checks the attention cell's parameters against the layer: weight_q (D, H), weight_k and weight_v
-// (D, M), biases (D,), weight_c (G*H, D), num_heads dividing D, window >= 1 (self memory only),
+// (D, M) (self memory: M = H; H is the projection's P with one), biases (D,), weight_c (G*H, D), num_heads dividing D, window >= 1 (self memory only),
 // memory (S, B, M) with S >= 1 and memory_lengths (B,) int64 in [1, S] on the device of memory.
 void check_attention(const char* op, int gates, const LayerShape& shape, const at::Tensor& input,
                      const AttentionConfig& attention);

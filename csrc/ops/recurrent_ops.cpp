@@ -24,31 +24,32 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward(const Tensor& input, con
                                                         const Tensor& weight_ih, const Tensor& weight_hh,
                                                         const std::optional<Tensor>& bias_ih,
                                                         const std::optional<Tensor>& bias_hh,
+                                                        const std::optional<Tensor>& weight_hr,
                                                         const std::optional<Tensor>& lengths, bool reverse,
                                                         bool training) {
   const auto op = op_name<LstmCell>("_forward");
   const LayerShape shape = check_layer_forward(op.c_str(), LstmCell::kGates, input, {{"h0", h0}, {"c0", c0}},
-                                               weight_ih, weight_hh, bias_ih, bias_hh);
+                                               weight_ih, weight_hh, bias_ih, bias_hh, weight_hr);
   check_sequence_lengths(op.c_str(), shape, input, lengths);
-  auto r = recurrent_forward<LstmCell>(input, {h0, c0}, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse,
-                                       training);
+  auto r = recurrent_forward<LstmCell>(input, {h0, c0}, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths,
+                                       reverse, training);
   return {r.output, r.final_states[0], r.final_states[1], r.workspace};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& input, const Tensor& h0,
-    const Tensor& c0, const Tensor& weight_ih, const Tensor& weight_hh, const Tensor& output, const Tensor& workspace,
-    const std::optional<Tensor>& lengths, bool reverse) {
+    const Tensor& c0, const Tensor& weight_ih, const Tensor& weight_hh, const std::optional<Tensor>& weight_hr,
+    const Tensor& output, const Tensor& workspace, const std::optional<Tensor>& lengths, bool reverse) {
   const auto op = op_name<LstmCell>("_backward");
   const LayerShape shape =
-      check_layer_backward(op.c_str(), LstmCell::kGates, workspace_planes<LstmCell>(), grad_output,
-                           {{"grad_h_n", grad_h_n}, {"grad_c_n", grad_c_n}}, input, {{"h0", h0}, {"c0", c0}},
-                           weight_ih, weight_hh, output, workspace);
+      check_layer_backward(op.c_str(), LstmCell::kGates, workspace_planes<LstmCell>(weight_hr.has_value()),
+                           grad_output, {{"grad_h_n", grad_h_n}, {"grad_c_n", grad_c_n}}, input,
+                           {{"h0", h0}, {"c0", c0}}, weight_ih, weight_hh, weight_hr, output, workspace);
   check_sequence_lengths(op.c_str(), shape, input, lengths);
   auto r = recurrent_backward<LstmCell>(grad_output, {grad_h_n, grad_c_n}, input, {h0, c0}, weight_ih, weight_hh,
-                                        output, workspace, lengths, reverse);
+                                        weight_hr, output, workspace, lengths, reverse);
   return {r.grad_input,     r.grad_initial_states[0], r.grad_initial_states[1], r.grad_weight_ih,
-          r.grad_weight_hh, r.grad_bias_ih,           r.grad_bias_hh};
+          r.grad_weight_hh, r.grad_bias_ih,           r.grad_bias_hh,           r.grad_weight_hr};
 }
 
 // Cells whose only state is h (GRU, Elman RNNs).
@@ -63,7 +64,8 @@ std::tuple<Tensor, Tensor, Tensor> single_state_forward(const Tensor& input, con
   const LayerShape shape =
       check_layer_forward(op.c_str(), Cell::kGates, input, {{"h0", h0}}, weight_ih, weight_hh, bias_ih, bias_hh);
   check_sequence_lengths(op.c_str(), shape, input, lengths);
-  auto r = recurrent_forward<Cell>(input, {h0}, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse, training);
+  auto r = recurrent_forward<Cell>(input, {h0}, weight_ih, weight_hh, bias_ih, bias_hh, std::nullopt, lengths, reverse,
+                                   training);
   return {r.output, r.final_states[0], r.workspace};
 }
 
@@ -75,10 +77,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> single_state_backward
   const auto op = op_name<Cell>("_backward");
   const LayerShape shape =
       check_layer_backward(op.c_str(), Cell::kGates, workspace_planes<Cell>(), grad_output, {{"grad_h_n", grad_h_n}},
-                           input, {{"h0", h0}}, weight_ih, weight_hh, output, workspace);
+                           input, {{"h0", h0}}, weight_ih, weight_hh, std::nullopt, output, workspace);
   check_sequence_lengths(op.c_str(), shape, input, lengths);
-  auto r = recurrent_backward<Cell>(grad_output, {grad_h_n}, input, {h0}, weight_ih, weight_hh, output, workspace,
-                                    lengths, reverse);
+  auto r = recurrent_backward<Cell>(grad_output, {grad_h_n}, input, {h0}, weight_ih, weight_hh, std::nullopt, output,
+                                    workspace, lengths, reverse);
   return {r.grad_input, r.grad_initial_states[0], r.grad_weight_ih, r.grad_weight_hh, r.grad_bias_ih, r.grad_bias_hh};
 }
 

@@ -14,6 +14,10 @@
 // (T, B, heads, slots), else an empty tensor). Streaming self memory: `past_keys`, `past_values`
 // (P, B, D) are the keys and values of the P slots before the first step, oldest first (the
 // previous chunk's last window - 1 states); their gradients are the backward's last outputs.
+//
+// LSTM only: `weight_hr` (P, H) or None, torch.nn's proj_size: the output and h (h0, h_n) are
+// y_t = W_hr m_t (P wide), weight_hh and the attention's recurrent-side weights read them (P
+// columns); its gradient is the backward's last output (empty without a projection).
 #include <torch/library.h>
 
 #include <string>
@@ -24,6 +28,7 @@ namespace {
 struct CellSignature {
   const char* name;
   std::vector<std::string> states;  // initial states; finals are "<s>_n", their gradients "grad_<s>_n"
+  bool projection = false;          // takes weight_hr (torch.nn's proj_size)
 };
 
 std::string join(const std::vector<std::string>& parts, const std::string& prefix, const std::string& suffix) {
@@ -42,23 +47,27 @@ std::vector<std::string> finals(const CellSignature& cell) {
 
 TORCH_LIBRARY(rnnattn, m) {
   const std::vector<CellSignature> cells{
-      {"lstm", {"h0", "c0"}}, {"gru", {"h0"}}, {"rnn_tanh", {"h0"}}, {"rnn_relu", {"h0"}}};
+      {"lstm", {"h0", "c0"}, true}, {"gru", {"h0"}}, {"rnn_tanh", {"h0"}}, {"rnn_relu", {"h0"}}};
   for (const auto& cell : cells) {
     const std::string name(cell.name), states = join(cell.states, "Tensor ", ""),
                       grad_states = join(cell.states, "Tensor grad_", ""), final_outputs = join(finals(cell), "Tensor ", ""),
                       grad_finals = join(finals(cell), "Tensor grad_", "");
+    const std::string weight_hr = cell.projection ? "Tensor? weight_hr, " : "",
+                      grad_weight_hr = cell.projection ? ", Tensor grad_weight_hr" : "";
     m.def((name + "_forward(Tensor input, " + states +
-           "Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor? lengths, bool reverse, "
-           "bool training) "
+           "Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, " + weight_hr +
+           "Tensor? lengths, bool reverse, bool training) "
            "-> (Tensor output, " + final_outputs + "Tensor workspace)")
               .c_str());
     m.def((name + "_backward(Tensor grad_output, " + grad_finals + "Tensor input, " + states +
-           "Tensor weight_ih, Tensor weight_hh, Tensor output, Tensor workspace, Tensor? lengths, bool reverse) "
+           "Tensor weight_ih, Tensor weight_hh, " + weight_hr +
+           "Tensor output, Tensor workspace, Tensor? lengths, bool reverse) "
            "-> (Tensor grad_input, " + grad_states +
-           "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, Tensor grad_bias_hh)")
+           "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, Tensor grad_bias_hh" + grad_weight_hr +
+           ")")
               .c_str());
     m.def((name + "_attn_forward(Tensor input, " + states +
-           "Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, "
+           "Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, " + weight_hr +
            "Tensor weight_q, Tensor? bias_q, Tensor weight_k, Tensor? bias_k, Tensor weight_v, Tensor? bias_v, "
            "Tensor weight_c, Tensor? memory, Tensor? memory_lengths, Tensor? lengths, Tensor? past_keys, "
            "Tensor? past_values, int num_heads, int? window, bool reverse, bool training, bool need_weights) "
@@ -67,7 +76,8 @@ TORCH_LIBRARY(rnnattn, m) {
               .c_str());
     m.def((name + "_attn_backward(Tensor grad_output, " + grad_finals + "Tensor? grad_context, Tensor input, " +
            states +
-           "Tensor weight_ih, Tensor weight_hh, Tensor weight_q, Tensor weight_k, Tensor weight_v, Tensor weight_c, "
+           "Tensor weight_ih, Tensor weight_hh, " + weight_hr +
+           "Tensor weight_q, Tensor weight_k, Tensor weight_v, Tensor weight_c, "
            "Tensor? memory, Tensor? memory_lengths, Tensor? lengths, Tensor? past_keys, Tensor? past_values, "
            "Tensor output, Tensor context, Tensor workspace, "
            "Tensor attention_workspace, int num_heads, int? window, bool reverse) -> (Tensor grad_input, " +
@@ -75,7 +85,7 @@ TORCH_LIBRARY(rnnattn, m) {
            "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, Tensor grad_bias_hh, "
            "Tensor grad_weight_q, Tensor grad_bias_q, Tensor grad_weight_k, Tensor grad_bias_k, "
            "Tensor grad_weight_v, Tensor grad_bias_v, Tensor grad_weight_c, Tensor grad_memory, "
-           "Tensor grad_past_keys, Tensor grad_past_values)")
+           "Tensor grad_past_keys, Tensor grad_past_values" + grad_weight_hr + ")")
               .c_str());
   }
 }

@@ -30,6 +30,16 @@ def _check_cell(function: str, cell: str, states: Sequence[Tensor]) -> None:
                          f"tensor(s), got {len(states)}")
 
 
+def _projection_args(function: str, cell: str, weight_hr: Tensor | None) -> tuple[Tensor | None, ...]:
+    """weight_hr as the op takes it: an argument of the projected cells' ops only."""
+    if cell in _ops.PROJECTED_CELLS:
+        return (weight_hr,)
+    if weight_hr is not None:
+        raise ValueError(f"rnnattn_ext.functional.{function}: weight_hr (a projection) is defined for "
+                         f"{_ops.PROJECTED_CELLS} only, got cell {cell!r}")
+    return ()
+
+
 def needs_workspace(*tensors: Tensor | None) -> bool:
     """True when autograd will differentiate through the op: it must then save activations."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -45,17 +55,21 @@ def layer(
     bias_hh: Tensor | None = None,
     reverse: bool = False,
     lengths: Tensor | None = None,
+    weight_hr: Tensor | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """One recurrent layer, one direction.
 
     input (T, B, I); states: (B, H) tensors, ``[h0, c0]`` for "lstm", ``[h0]`` otherwise;
     lengths: optional (B,) int64 on the input's device, values in [1, T] (SPEC "Variable lengths":
-    row b stops after step lengths[b]; its later outputs are zero).
+    row b stops after step lengths[b]; its later outputs are zero); weight_hr: "lstm" only, the
+    projection (P, H) of torch.nn's proj_size (h0 and the output are then P wide, weight_hh (4H, P)).
     Returns the output (T, B, H) and the final states.
     """
     _check_cell("layer", cell, states)
-    training = needs_workspace(input, *states, weight_ih, weight_hh, bias_ih, bias_hh)
-    result = _ops.forward_op(cell)(input, *states, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse, training)
+    projection = _projection_args("layer", cell, weight_hr)
+    training = needs_workspace(input, *states, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
+    result = _ops.forward_op(cell)(input, *states, weight_ih, weight_hh, bias_ih, bias_hh, *projection, lengths,
+                                   reverse, training)
     return result[0], list(result[1:-1])
 
 
@@ -73,7 +87,8 @@ def stack(
     """A stack of layers as in torch.nn: time-major ``input`` (T, B, I).
 
     states: one (num_layers * D, B, H) tensor per cell state; weights: for each layer and
-    direction (index ``layer * D + direction``) the tuple ``(w_ih, w_hh, b_ih, b_hh)``; lengths as
+    direction (index ``layer * D + direction``) the tuple ``(w_ih, w_hh, b_ih, b_hh)``, or with a
+    projection ``(w_ih, w_hh, b_ih, b_hh, w_hr)`` (torch.nn's order; h is then P wide); lengths as
     in ``layer``, for every layer and direction.
     Returns the last layer's output (T, B, D * H) and the final states, each (num_layers * D, B, H).
     """
@@ -84,9 +99,10 @@ def stack(
         outputs = []
         for direction in range(directions):
             index = layer_index * directions + direction
-            w_ih, w_hh, b_ih, b_hh = weights[index]
+            w_ih, w_hh, b_ih, b_hh, *w_hr = weights[index]
             y, last = layer(
-                cell, x, [s[index] for s in states], w_ih, w_hh, b_ih, b_hh, reverse=direction == 1, lengths=lengths
+                cell, x, [s[index] for s in states], w_ih, w_hh, b_ih, b_hh, reverse=direction == 1, lengths=lengths,
+                weight_hr=w_hr[0] if w_hr else None,
             )
             outputs.append(y)
             for collected, state in zip(finals, last):
@@ -97,7 +113,8 @@ def stack(
     return x, [torch.stack(collected, dim=0) for collected in finals]
 
 
-#: per layer and direction: (w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, w_v, b_v, w_c)
+#: per layer and direction: (w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, w_v, b_v, w_c), and with
+#: a projection ("lstm") w_hr last
 AttentionWeights = Sequence[Tensor | None]
 
 
@@ -123,19 +140,23 @@ def attention_layer(
     states, the context vectors (T, B, D) and, with ``need_weights``, the attention weights
     (T, B, num_heads, slots) (else None). ``lengths`` as in ``layer``: a row attends only at its
     valid steps (zero context after them), and its self memory holds only its valid states.
-    ``past_keys``, ``past_values`` (P, B, D): streaming, the keys and values of the self memory's P
-    slots before the first step (oldest first), as ``memory_slots`` computes them.
+    ``past_keys``, ``past_values`` (S, B, D): streaming, the keys and values of the self memory's S
+    slots before the first step (oldest first), as ``carried_slots`` computes them. A twelfth
+    weight w_hr (P, H) is the LSTM projection: h, the query's and the self memory's input, is then
+    P wide.
     """
     _check_cell("attention_layer", cell, states)
-    if len(weights) != 11:
+    if len(weights) not in (11, 12):
         raise ValueError(
             "rnnattn_ext.functional.attention_layer: weights must be (w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, "
-            f"w_v, b_v, w_c), got {len(weights)} entries"
+            f"w_v, b_v, w_c[, w_hr]), got {len(weights)} entries"
         )
+    base, attention = list(weights[:4]), list(weights[4:11])
+    projection = _projection_args("attention_layer", cell, weights[11] if len(weights) == 12 else None)
     training = needs_workspace(input, *states, *weights, memory, past_keys, past_values)
     result = _ops.attention_forward_op(cell)(
-        input, *states, *weights, memory, memory_lengths, lengths, past_keys, past_values, num_heads, window, reverse,
-        training, need_weights
+        input, *states, *base, *projection, *attention, memory, memory_lengths, lengths, past_keys, past_values,
+        num_heads, window, reverse, training, need_weights
     )
     num_states = _num_states(cell)
     output, finals = result[0], list(result[1 : 1 + num_states])

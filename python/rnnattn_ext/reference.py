@@ -55,6 +55,11 @@ def _step(cell: str, x, states, weights):
     return cell_update(cell, _linear(x, w_ih, b_ih), _linear(states[0], w_hh, b_hh), states)
 
 
+def _project(states: list[Tensor], weight_hr: Tensor | None) -> list[Tensor]:
+    """LSTM with projection (SPEC): the new h is W_hr h'."""
+    return states if weight_hr is None else [states[0] @ weight_hr.t(), *states[1:]]
+
+
 def _each_row_alone(run_row, steps: int, lengths: Tensor):
     """Variable lengths the obvious way (SPEC "Variable lengths"): row b runs alone over its first
     lengths[b] steps; its time-major results are padded with zeros to ``steps`` and the rows joined.
@@ -80,18 +85,19 @@ def layer(
     bias_hh: Tensor | None = None,
     reverse: bool = False,
     lengths: Tensor | None = None,
+    weight_hr: Tensor | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """One layer, one direction, time-major: the reference of ``functional.layer``."""
     if lengths is not None:
         return _each_row_alone(
             lambda b, n: layer(cell, input[:n, b : b + 1], [s[b : b + 1] for s in states], weight_ih, weight_hh,
-                               bias_ih, bias_hh, reverse),
+                               bias_ih, bias_hh, reverse, weight_hr=weight_hr),
             input.shape[0], lengths)
     states = list(states)
     steps = range(input.shape[0] - 1, -1, -1) if reverse else range(input.shape[0])
     outputs = [None] * input.shape[0]
     for t in steps:
-        states = _step(cell, input[t], states, (weight_ih, weight_hh, bias_ih, bias_hh))
+        states = _project(_step(cell, input[t], states, (weight_ih, weight_hh, bias_ih, bias_hh)), weight_hr)
         outputs[t] = states[0]
     if outputs:
         output = torch.stack(outputs, dim=0)
@@ -101,7 +107,8 @@ def layer(
 
 
 def stack(cell, input, states, weights, num_layers, bidirectional, lengths=None):
-    """Reference of ``functional.stack`` (no dropout)."""
+    """Reference of ``functional.stack`` (no dropout): weights[layer * D + direction] is
+    (w_ih, w_hh, b_ih, b_hh[, w_hr])."""
     directions = 2 if bidirectional else 1
     finals = [[] for _ in states]
     x = input
@@ -109,8 +116,9 @@ def stack(cell, input, states, weights, num_layers, bidirectional, lengths=None)
         outputs = []
         for direction in range(directions):
             index = layer_index * directions + direction
-            y, last = layer(cell, x, [s[index] for s in states], *weights[index], reverse=direction == 1,
-                            lengths=lengths)
+            w_ih, w_hh, b_ih, b_hh, *w_hr = weights[index]
+            y, last = layer(cell, x, [s[index] for s in states], w_ih, w_hh, b_ih, b_hh, reverse=direction == 1,
+                            lengths=lengths, weight_hr=w_hr[0] if w_hr else None)
             outputs.append(y)
             for collected, state in zip(finals, last):
                 collected.append(state)
@@ -139,6 +147,7 @@ def attention_layer(
     memory_lengths: Tensor | None = None,
     reverse: bool = False,
     lengths: Tensor | None = None,
+    weight_hr: Tensor | None = None,
 ):
     """The attention-augmented cell of SPEC.md over one layer and direction, time-major.
 
@@ -159,7 +168,7 @@ def attention_layer(
             out, finals, context, attention = attention_layer(
                 cell, input[:n, b : b + 1], [s[b : b + 1] for s in states], weight_ih, weight_hh, bias_ih, bias_hh,
                 weight_q, bias_q, weight_k, bias_k, weight_v, bias_v, weight_c, num_heads, window, row_memory,
-                row_memory_lengths, reverse)
+                row_memory_lengths, reverse, weight_hr=weight_hr)
             if memory is None and window is None:  # n slots of the row's own; the most recent last of T
                 attention = torch.cat([attention.new_zeros((*attention.shape[:3], steps - n)), attention], dim=3)
             return out, finals, context, attention
@@ -209,7 +218,7 @@ def attention_layer(
         context = torch.einsum("bhs,bshd->bhd", weights, values).reshape(batch, width)
         attention[t, :, :, slots - weights.shape[-1]:] = weights
         x_term = _linear(input[t], weight_ih, bias_ih) + context @ weight_c.t()
-        states = cell_update(cell, x_term, _linear(h_prev, weight_hh, bias_hh), states)
+        states = _project(cell_update(cell, x_term, _linear(h_prev, weight_hh, bias_hh), states), weight_hr)
         outputs[t] = states[0]
         contexts[t] = context
     if steps:
@@ -223,7 +232,8 @@ def attention_layer(
 def attention_stack(cell, input, states, weights, num_layers, bidirectional, num_heads, window=None, memory=None,
                     memory_lengths=None, lengths=None):
     """Reference of ``functional.attention_stack`` (no dropout): weights[layer * D + direction] is
-    (w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, w_v, b_v, w_c). Returns output, finals, attentions."""
+    (w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, w_v, b_v, w_c[, w_hr]). Returns output, finals,
+    attentions."""
     directions = 2 if bidirectional else 1
     finals = [[] for _ in states]
     attentions = []
@@ -232,10 +242,11 @@ def attention_stack(cell, input, states, weights, num_layers, bidirectional, num
         outputs = []
         for direction in range(directions):
             index = layer_index * directions + direction
-            w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, w_v, b_v, w_c = weights[index]
+            w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, w_v, b_v, w_c, *w_hr = weights[index]
             y, last, _, attention = attention_layer(
                 cell, x, [s[index] for s in states], w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, w_v, b_v, w_c,
-                num_heads, window, memory, memory_lengths, reverse=direction == 1, lengths=lengths)
+                num_heads, window, memory, memory_lengths, reverse=direction == 1, lengths=lengths,
+                weight_hr=w_hr[0] if w_hr else None)
             outputs.append(y)
             attentions.append(attention)
             for collected, state in zip(finals, last):
