@@ -11,10 +11,12 @@ from helpers import assert_close
 
 MODULES = [
     ("lstm", lambda **kw: rnnattn_ext.AttnLSTM(**kw)),
+    ("lstm", lambda **kw: rnnattn_ext.AttnLSTM(proj_size=4, **kw)),
     ("gru", lambda **kw: rnnattn_ext.AttnGRU(**kw)),
     ("rnn_tanh", lambda **kw: rnnattn_ext.AttnRNN(**kw)),
     ("rnn_relu", lambda **kw: rnnattn_ext.AttnRNN(nonlinearity="relu", **kw)),
 ]
+IDS = ["lstm", "lstm_proj", "gru", "rnn_tanh", "rnn_relu"]
 
 
 def _reference_weights(module):
@@ -29,8 +31,9 @@ def _run(cell, make, num_layers, bidirectional, batch_first, batch, steps, with_
     directions = 2 if bidirectional else 1
     x = torch.randn(steps, batch, 5, dtype=torch.float64, requires_grad=True)
     num_states = 2 if cell == "lstm" else 1
-    states = [torch.randn(num_layers * directions, batch, 6, dtype=torch.float64, requires_grad=True)
-              for _ in range(num_states)] if with_hx else None
+    widths = [module.state_size, module.hidden_size][:num_states]  # h is proj_size wide with a projection
+    states = [torch.randn(num_layers * directions, batch, width, dtype=torch.float64, requires_grad=True)
+              for width in widths] if with_hx else None
     memory = torch.randn(4, batch, memory_size, dtype=torch.float64, requires_grad=True) if memory_size else None
     lengths = torch.tensor([4, 2, 1][:batch]) if memory_size else None
 
@@ -43,8 +46,8 @@ def _run(cell, make, num_layers, bidirectional, batch_first, batch, steps, with_
         out = out.transpose(0, 1)
         attentions = [a.transpose(0, 1) for a in attentions]
 
-    ref_states = states if states is not None else [torch.zeros(num_layers * directions, batch, 6,
-                                                                dtype=torch.float64) for _ in range(num_states)]
+    ref_states = states if states is not None else [torch.zeros(num_layers * directions, batch, width,
+                                                                dtype=torch.float64) for width in widths]
     ref_out, ref_finals, ref_att = reference.attention_stack(cell, x, ref_states, _reference_weights(module),
                                                              num_layers, bidirectional, 2, None if memory_size
                                                              else window, memory, lengths)
@@ -67,7 +70,7 @@ def _run(cell, make, num_layers, bidirectional, batch_first, batch, steps, with_
 @pytest.mark.parametrize("batch_first", [False, True], ids=["tbf", "bf"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("num_layers", [1, 2])
-@pytest.mark.parametrize("cell,make", MODULES, ids=[m[0] for m in MODULES])
+@pytest.mark.parametrize("cell,make", MODULES, ids=IDS)
 def test_self_memory_module_matches_reference(cell, make, num_layers, bidirectional, batch_first, batch, steps,
                                                with_hx):
     _run(cell, make, num_layers, bidirectional, batch_first, batch, steps, with_hx, memory_size=None)
@@ -76,9 +79,22 @@ def test_self_memory_module_matches_reference(cell, make, num_layers, bidirectio
 @pytest.mark.parametrize("batch_first", [False, True], ids=["tbf", "bf"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("num_layers", [1, 2])
-@pytest.mark.parametrize("cell,make", MODULES, ids=[m[0] for m in MODULES])
+@pytest.mark.parametrize("cell,make", MODULES, ids=IDS)
 def test_external_memory_module_matches_reference(cell, make, num_layers, bidirectional, batch_first):
     _run(cell, make, num_layers, bidirectional, batch_first, batch=3, steps=5, with_hx=True, memory_size=3)
+
+
+def test_projection_parameter_names_and_shapes():
+    m = rnnattn_ext.AttnLSTM(5, 8, num_layers=2, bidirectional=True, num_heads=2, proj_size=4, window=3)
+    shapes = {n: tuple(p.shape) for n, p in m.named_parameters()}
+    assert m.head_dim == 2  # the attention is as wide as h by default: proj_size
+    assert shapes["weight_hr_l0"] == (4, 8) and shapes["weight_hh_l1_reverse"] == (32, 4)
+    assert shapes["weight_q_l0"] == (4, 4) and shapes["weight_k_l1"] == (4, 4) and shapes["weight_v_l0"] == (4, 4)
+    assert shapes["weight_ih_l1"] == (32, 8) and shapes["weight_c_l0"] == (32, 4)
+    out, (h, c) = m(torch.randn(6, 3, 5))
+    assert out.shape == (6, 3, 8) and h.shape == (4, 3, 4) and c.shape == (4, 3, 8)
+    with pytest.raises(ValueError, match="proj_size is defined for LSTM cells only"):
+        rnnattn_ext.modules.RecurrentBase("gru", 5, 8, proj_size=4)
 
 
 def test_parameter_names_and_shapes():

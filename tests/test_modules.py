@@ -12,6 +12,7 @@ from conftest import device_params
 
 MODULES = {
     "LSTM": (torch.nn.LSTM, rnnattn_ext.LSTM, {}),
+    "LSTM_proj": (torch.nn.LSTM, rnnattn_ext.LSTM, {"proj_size": 3}),
     "GRU": (torch.nn.GRU, rnnattn_ext.GRU, {}),
     "RNN_tanh": (torch.nn.RNN, rnnattn_ext.RNN, {"nonlinearity": "tanh"}),
     "RNN_relu": (torch.nn.RNN, rnnattn_ext.RNN, {"nonlinearity": "relu"}),
@@ -27,10 +28,13 @@ def make_pair(kind, input_size, hidden, device="cpu", dtype=torch.float64, **kwa
 
 
 def random_hx(kind, layers, batch, hidden, unbatched, device, dtype):
-    shape = (layers, hidden) if unbatched else (layers, batch, hidden)
-    h = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
-    if kind == "LSTM":
-        return (h, torch.randn(shape, device=device, dtype=dtype, requires_grad=True))
+    def state(width):
+        shape = (layers, width) if unbatched else (layers, batch, width)
+        return torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+
+    h = state(MODULES[kind][2].get("proj_size", hidden))  # h is proj_size wide with a projection
+    if kind.startswith("LSTM"):
+        return (h, state(hidden))
     return h
 
 
@@ -141,9 +145,15 @@ def test_module_follows_dtype_and_repr(kind):
     assert "3, 5, num_layers=2" in repr(m)
 
 
-def test_lstm_not_yet_supported_features_raise():
-    with pytest.raises(NotImplementedError, match="proj_size"):
-        rnnattn_ext.LSTM(3, 5, proj_size=2)
+def test_proj_size_is_checked():
+    for bad in (5, 6, -1):
+        with pytest.raises(ValueError, match=f"LSTM: proj_size .*got {bad}"):
+            rnnattn_ext.LSTM(3, 5, proj_size=bad)
+    with pytest.raises(TypeError, match="proj_size must be an int"):
+        rnnattn_ext.LSTM(3, 5, proj_size=2.0)
+    m = rnnattn_ext.LSTM(3, 5, proj_size=2)
+    with pytest.raises(ValueError, match=r"c_0 of size \(1, 4, 5\), got \(1, 4, 2\)"):
+        m(torch.randn(6, 4, 3), (torch.zeros(1, 4, 2), torch.zeros(1, 4, 2)))
 
 
 @pytest.mark.parametrize("kind", MODULES)
@@ -177,9 +187,10 @@ def test_bad_arguments_raise_clear_errors(kind):
         m(torch.randn(5, 2, 4))
     with pytest.raises(ValueError, match="2-D .*or 3-D"):
         m(torch.randn(5, 2, 3, 1))
-    bad_h = torch.zeros(1, 3, 4)
-    hx = (bad_h, bad_h) if kind == "LSTM" else bad_h
-    with pytest.raises(ValueError, match="h_0.*\\(1, 2, 4\\).*\\(1, 3, 4\\)"):
+    width = extra.get("proj_size", 4)
+    bad_h = torch.zeros(1, 3, width)
+    hx = (bad_h, torch.zeros(1, 3, 4)) if kind.startswith("LSTM") else bad_h
+    with pytest.raises(ValueError, match=f"h_0.*\\(1, 2, {width}\\).*\\(1, 3, {width}\\)"):
         m(torch.randn(5, 2, 3), hx)
 
 

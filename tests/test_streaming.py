@@ -87,6 +87,7 @@ MODULES = [
     (rnnattn_ext.LSTM, {}), (rnnattn_ext.GRU, {}), (rnnattn_ext.RNN, {"nonlinearity": "relu"}),
     (rnnattn_ext.AttnLSTM, {"num_heads": 2, "window": 3}), (rnnattn_ext.AttnGRU, {"num_heads": 2}),
     (rnnattn_ext.AttnRNN, {"num_heads": 2, "window": 1}), (rnnattn_ext.AttnLSTM, {"num_heads": 2, "memory_size": 5}),
+    (rnnattn_ext.LSTM, {"proj_size": 4}), (rnnattn_ext.AttnLSTM, {"num_heads": 2, "window": 3, "proj_size": 4}),
 ]
 
 

@@ -37,17 +37,20 @@ class AttentionRecurrentBase(RecurrentBase):
     def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, num_heads: int = 1,
                  head_dim: int | None = None, window: int | None = None, memory_size: int | None = None,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, proj_size: int = 0) -> None:
         owner = type(self).__name__
         _positive_int(owner, "num_heads", num_heads)
         _positive_int(owner, "head_dim", head_dim, allow_none=True)
         _positive_int(owner, "window", window, allow_none=True)
         _positive_int(owner, "memory_size", memory_size, allow_none=True)
         if head_dim is None:
-            if not isinstance(hidden_size, int) or hidden_size % num_heads != 0:
-                raise ValueError(f"{owner}: num_heads ({num_heads}) must divide hidden_size ({hidden_size}) when "
+            # The query reads h: by default the attention is as wide as h (proj_size with a projection).
+            state_size = proj_size if isinstance(proj_size, int) and proj_size > 0 else hidden_size
+            size_name = "proj_size" if state_size is proj_size else "hidden_size"
+            if not isinstance(state_size, int) or state_size % num_heads != 0:
+                raise ValueError(f"{owner}: num_heads ({num_heads}) must divide {size_name} ({state_size}) when "
                                  "head_dim is not given")
-            head_dim = hidden_size // num_heads
+            head_dim = state_size // num_heads
         if window is not None and memory_size is not None:
             raise ValueError(f"{owner}: window applies to self memory only; got window={window} with "
                              f"memory_size={memory_size} (an external memory has no window)")
@@ -56,20 +59,20 @@ class AttentionRecurrentBase(RecurrentBase):
         self.head_dim = head_dim
         self.window = window
         self.memory_size = memory_size
-        super().__init__(cell, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0,
-                         device, dtype)
+        super().__init__(cell, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         proj_size, device, dtype)
 
     @property
     def attention_width(self) -> int:
         return self.num_heads * self.head_dim
 
     def _memory_width(self) -> int:
-        return self.memory_size if self.memory_size is not None else self.hidden_size
+        return self.memory_size if self.memory_size is not None else self.state_size
 
     def _extra_parameter_shapes(self, layer: int, suffix: str) -> list[tuple[str, tuple[int, ...]]]:
         width, memory_width = self.attention_width, self._memory_width()
         shapes = []
-        for part, columns in (("q", self.hidden_size), ("k", memory_width), ("v", memory_width)):
+        for part, columns in (("q", self.state_size), ("k", memory_width), ("v", memory_width)):
             shapes.append((f"weight_{part}_l{layer}{suffix}", (width, columns)))
             if self.bias:
                 shapes.append((f"bias_{part}_l{layer}{suffix}", (width,)))
@@ -83,6 +86,8 @@ class AttentionRecurrentBase(RecurrentBase):
             return 1.0 / math.sqrt(self._memory_width())
         if part == "c":
             return 1.0 / math.sqrt(self.attention_width)
+        if part == "q":
+            return 1.0 / math.sqrt(self.state_size)
         return 1.0 / math.sqrt(self.hidden_size)
 
     def extra_repr(self) -> str:
@@ -94,19 +99,11 @@ class AttentionRecurrentBase(RecurrentBase):
         return s
 
     def _attention_weights(self) -> list[tuple[Tensor | None, ...]]:
-        directions = 2 if self.bidirectional else 1
-        weights = []
-        for layer in range(self.num_layers):
-            for direction in range(directions):
-                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-
-                def get(name: str) -> Tensor | None:
-                    return getattr(self, name + suffix, None)
-
-                weights.append((get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"),
-                                get("weight_q"), get("bias_q"), get("weight_k"), get("bias_k"),
-                                get("weight_v"), get("bias_v"), get("weight_c")))
-        return weights
+        """Per layer and direction the weights functional.attention_stack takes (w_hr last, with a
+        projection)."""
+        parts = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_q", "bias_q", "weight_k", "bias_k",
+                 "weight_v", "bias_v", "weight_c") + (("weight_hr",) if self.proj_size > 0 else ())
+        return [self._weights_of(index, parts) for index in range(len(self._all_weights))]
 
     def _memory(self, memory: Tensor | None, memory_lengths, batched: bool, batch: int):
         """memory in the op's layout (S, B, M) and the lengths as int64 (B,), after checking them."""
@@ -219,13 +216,15 @@ class AttentionState(NamedTuple):
 
 
 class AttnLSTM(AttentionRecurrentBase):
-    """LSTM whose cell attends over a memory every step: ``output, (h_n, c_n)``."""
+    """LSTM whose cell attends over a memory every step: ``output, (h_n, c_n)``. ``proj_size`` as in
+    :class:`LSTM`: h is then P wide, and so are the query's and the self memory's inputs
+    (``weight_q``, and for self memory ``weight_k``, ``weight_v``, have P columns)."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
                  bidirectional=False, num_heads=1, head_dim=None, window=None, memory_size=None, device=None,
-                 dtype=None):
+                 dtype=None, proj_size=0):
         super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         num_heads, head_dim, window, memory_size, device, dtype)
+                         num_heads, head_dim, window, memory_size, device, dtype, proj_size)
 
 
 class AttnGRU(AttentionRecurrentBase):

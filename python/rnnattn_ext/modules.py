@@ -83,7 +83,8 @@ class RecurrentBase(nn.Module):
         name = type(self).__name__
         if not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1 or isinstance(dropout, bool):
             raise ValueError(f"{name}: dropout must be a number in [0, 1], got {dropout!r}")
-        for arg, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+        for arg, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers),
+                           ("proj_size", proj_size)):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise TypeError(f"{name}: {arg} must be an int, got {type(value).__name__}")
         if hidden_size <= 0:
@@ -92,10 +93,12 @@ class RecurrentBase(nn.Module):
             raise ValueError(f"{name}: num_layers must be greater than zero, got {num_layers}")
         if input_size < 0:
             raise ValueError(f"{name}: input_size must be non-negative, got {input_size}")
-        if proj_size != 0:
-            raise NotImplementedError(
-                f"{name}: proj_size={proj_size} is not supported yet (planned: LSTM projections); use proj_size=0"
-            )
+        if proj_size < 0:
+            raise ValueError(f"{name}: proj_size must be a positive int, or 0 for no projection, got {proj_size}")
+        if proj_size >= hidden_size:
+            raise ValueError(f"{name}: proj_size must be smaller than hidden_size ({hidden_size}), got {proj_size}")
+        if proj_size > 0 and cell != "lstm":
+            raise ValueError(f"{name}: proj_size is defined for LSTM cells only, got {proj_size} for {cell!r}")
         if dropout > 0 and num_layers == 1:
             warnings.warn(
                 f"{name}: dropout={dropout} has no effect with num_layers=1: dropout is applied between layers",
@@ -116,24 +119,31 @@ class RecurrentBase(nn.Module):
         self._flat_weights_names: list[str] = []
         self._all_weights: list[list[str]] = []
         for layer in range(num_layers):
-            layer_input = input_size if layer == 0 else hidden_size * directions
+            layer_input = input_size if layer == 0 else self.state_size * directions
             for direction in range(directions):
                 suffix = "_reverse" if direction == 1 else ""
                 shapes = [
                     (f"weight_ih_l{layer}{suffix}", (gate_size, layer_input)),
-                    (f"weight_hh_l{layer}{suffix}", (gate_size, hidden_size)),
+                    (f"weight_hh_l{layer}{suffix}", (gate_size, self.state_size)),
                 ]
                 if bias:
                     shapes += [
                         (f"bias_ih_l{layer}{suffix}", (gate_size,)),
                         (f"bias_hh_l{layer}{suffix}", (gate_size,)),
                     ]
+                if proj_size > 0:
+                    shapes.append((f"weight_hr_l{layer}{suffix}", (proj_size, hidden_size)))
                 shapes += self._extra_parameter_shapes(layer, suffix)
                 for param_name, shape in shapes:
                     self.register_parameter(param_name, nn.Parameter(torch.empty(shape, **factory)))
                 self._flat_weights_names.extend(n for n, _ in shapes)
                 self._all_weights.append([n for n, _ in shapes])
         self.reset_parameters()
+
+    @property
+    def state_size(self) -> int:
+        """Width of h and of the output per direction: proj_size with a projection, else hidden_size."""
+        return self.proj_size if self.proj_size > 0 else self.hidden_size
 
     def _extra_parameter_shapes(self, layer: int, suffix: str) -> list[tuple[str, tuple[int, ...]]]:
         """Parameters a subclass adds after the base cell's, per layer and direction."""
@@ -164,16 +174,21 @@ class RecurrentBase(nn.Module):
             s += f", dropout={self.dropout}"
         if self.bidirectional is not False:
             s += f", bidirectional={self.bidirectional}"
+        if self.proj_size != 0:
+            s += f", proj_size={self.proj_size}"
         return s
 
-    def _layer_weights(self) -> list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]:
-        weights = []
-        for names in self._all_weights:
-            params = [getattr(self, n) for n in names]
-            if not self.bias:
-                params += [None, None]
-            weights.append(tuple(params))
-        return weights
+    def _weights_of(self, index: int, parts: tuple[str, ...]) -> tuple[Tensor | None, ...]:
+        """The parameters ``<part>_l{layer}[_reverse]`` of layer and direction ``index`` (None for an
+        absent one: no bias, no projection)."""
+        directions = 2 if self.bidirectional else 1
+        suffix = f"_l{index // directions}" + ("_reverse" if index % directions == 1 else "")
+        return tuple(getattr(self, part + suffix, None) for part in parts)
+
+    def _layer_weights(self) -> list[tuple[Tensor | None, ...]]:
+        """Per layer and direction (w_ih, w_hh, b_ih, b_hh[, w_hr]), as functional.stack takes them."""
+        parts = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") + (("weight_hr",) if self.proj_size > 0 else ())
+        return [self._weights_of(index, parts) for index in range(len(self._all_weights))]
 
     def _num_states(self) -> int:
         return 2 if self.cell == "lstm" else 1
@@ -225,9 +240,11 @@ class RecurrentBase(nn.Module):
         else:
             x = input
         batch = x.shape[1]
-        expected = (self.num_layers * directions, batch, self.hidden_size)
+        # h is state_size wide (proj_size with a projection), c hidden_size.
+        shapes = [(self.num_layers * directions, batch, self.state_size if i == 0 else self.hidden_size)
+                  for i in range(num_states)]
         if hx is None:
-            states = [x.new_zeros(expected) for _ in range(num_states)]
+            states = [x.new_zeros(shape) for shape in shapes]
         else:
             given = list(hx) if isinstance(hx, (tuple, list)) else [hx]
             if num_states == 2 and (not isinstance(hx, (tuple, list)) or len(given) != 2):
@@ -235,7 +252,7 @@ class RecurrentBase(nn.Module):
             if num_states == 1 and isinstance(hx, (tuple, list)):
                 raise TypeError(f"{name}: hx must be a Tensor, got {type(hx).__name__}")
             states = []
-            for state_name, state in zip(("h_0", "c_0"), given):
+            for state_name, state, expected in zip(("h_0", "c_0"), given, shapes):
                 if not isinstance(state, Tensor):
                     raise TypeError(f"{name}: {state_name} must be a Tensor, got {type(state).__name__}")
                 wanted_dim = 3 if batched else 2
@@ -288,7 +305,8 @@ class RecurrentBase(nn.Module):
 
 
 class LSTM(RecurrentBase):
-    """Drop-in for :class:`torch.nn.LSTM`: returns ``output, (h_n, c_n)``."""
+    """Drop-in for :class:`torch.nn.LSTM`: returns ``output, (h_n, c_n)``. With ``proj_size`` P > 0
+    (as torch.nn) h_t = W_hr (o_t * tanh(c_t)): the output and h are P wide (``weight_hr_l{k}``)."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
                  bidirectional=False, proj_size=0, device=None, dtype=None):
