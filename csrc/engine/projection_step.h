@@ -62,4 +62,14 @@ RNNATTN_HD void carry_projected_grad(const ProjectionCarryArgs<T>& a, int64_t b,
   if (a.step_grad != nullptr) a.step_grad[u] = IO::store(active ? v : A(0));
 }
 
+// One element of either pass: the CPU loop and the CUDA kernel are written once for both.
+template <typename T>
+RNNATTN_HD void projection_element(const ProjectionHoldArgs<T>& a, int64_t b, int64_t p) {
+  hold_projected(a, b, p);
+}
+template <typename T>
+RNNATTN_HD void projection_element(const ProjectionCarryArgs<T>& a, int64_t b, int64_t p) {
+  carry_projected_grad(a, b, p);
+}
+
 }  // namespace rnnattn

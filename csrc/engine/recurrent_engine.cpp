@@ -236,34 +236,18 @@ void run_attention(const Tensor& like, const AttentionStepArgs<T>& args) {
 }
 
 // A per-row pass of the projection (projection_step.h) over its columns, on the tensors' device.
-template <typename T>
-void run_projection_pass(const Tensor& like, const ProjectionHoldArgs<T>& args) {
+template <template <typename> class Args, typename T>
+void run_projection_pass(const Tensor& like, const Args<T>& args) {
   if (like.is_cpu()) {
     if constexpr (kCpuType<T>) {
       for (int64_t b = 0; b < args.batch; ++b) {
-        for (int64_t p = args.col_begin; p < args.col_end; ++p) hold_projected(args, b, p);
+        for (int64_t p = args.col_begin; p < args.col_end; ++p) projection_element(args, b, p);
       }
     }
     return;
   }
 #ifdef RNNATTN_WITH_CUDA
-  const cudaError_t err = cuda::launch_hold_projected(args, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "rnnattn: projection kernel failed: ", cudaGetErrorString(err));
-#endif
-}
-
-template <typename T>
-void run_projection_pass(const Tensor& like, const ProjectionCarryArgs<T>& args) {
-  if (like.is_cpu()) {
-    if constexpr (kCpuType<T>) {
-      for (int64_t b = 0; b < args.batch; ++b) {
-        for (int64_t p = args.col_begin; p < args.col_end; ++p) carry_projected_grad(args, b, p);
-      }
-    }
-    return;
-  }
-#ifdef RNNATTN_WITH_CUDA
-  const cudaError_t err = cuda::launch_carry_projected_grad(args, c10::cuda::getCurrentCUDAStream());
+  const cudaError_t err = cuda::launch_projection_pass(args, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "rnnattn: projection kernel failed: ", cudaGetErrorString(err));
 #endif
 }

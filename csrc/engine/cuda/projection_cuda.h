@@ -8,10 +8,8 @@
 
 namespace rnnattn::cuda {
 
-template <typename T>
-cudaError_t launch_hold_projected(const ProjectionHoldArgs<T>& args, cudaStream_t stream);
-
-template <typename T>
-cudaError_t launch_carry_projected_grad(const ProjectionCarryArgs<T>& args, cudaStream_t stream);
+// Either pass over its columns of every row (Args: ProjectionHoldArgs<T> or ProjectionCarryArgs<T>).
+template <class Args>
+cudaError_t launch_projection_pass(const Args& args, cudaStream_t stream);
 
 }  // namespace rnnattn::cuda
