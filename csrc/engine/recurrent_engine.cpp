@@ -52,6 +52,25 @@ T* ptr(const Tensor& t) {
 template <typename T>
 constexpr bool kCpuType = std::is_same_v<T, float> || std::is_same_v<T, double>;
 
+#ifdef RNNATTN_WITH_CUDA
+// Raises for a failed launch of one of our kernels. A GPU the build has no code for is named, with its
+// compute capability and the architectures built, instead of "no kernel image is available".
+void check_launch(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return;
+  if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction) {
+    int device = 0;
+    cudaDeviceProp prop{};
+    if (cudaGetDevice(&device) == cudaSuccess && cudaGetDeviceProperties(&prop, device) == cudaSuccess) {
+      TORCH_CHECK(false, "rnnattn: this build has no CUDA code for ", prop.name, " (cuda:", device,
+                  ", compute capability ", prop.major, ".", prop.minor, "); it was built for the architectures ",
+                  RNNATTN_CUDA_ARCHS, ". Rebuild with RNNATTN_CUDA_ARCHS=\"", prop.major, prop.minor,
+                  "\" (see README, build options); `python -m rnnattn_ext.info` shows what each GPU can run");
+    }
+  }
+  TORCH_CHECK(false, "rnnattn: ", what, " failed: ", cudaGetErrorString(err));
+}
+#endif
+
 // The device passes for each direction of the pointwise work, chosen by overload on the arguments.
 template <class Cell, typename T>
 void cpu_pointwise(const ForwardStepArgs<T>& args) {
@@ -85,7 +104,7 @@ void run_pointwise_block(const Tensor& like, const Args<T>& args) {
   }
 #ifdef RNNATTN_WITH_CUDA
   const cudaError_t err = cuda_pointwise<Cell>(args, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "rnnattn: ", Cell::kName, " pointwise kernel failed: ", cudaGetErrorString(err));
+  check_launch(err, "pointwise kernel");
 #else
   TORCH_CHECK(false, "rnnattn: built without CUDA, cannot run on ", like.device());
 #endif
@@ -203,7 +222,7 @@ void copy_matrix(const Tensor& like, T* dst, int64_t ld_dst, const T* src, int64
 #ifdef RNNATTN_WITH_CUDA
   const cudaError_t err = cudaMemcpy2DAsync(dst, ld_dst * sizeof(T), src, ld_src * sizeof(T), cols * sizeof(T), rows,
                                             cudaMemcpyDeviceToDevice, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "rnnattn: copy failed: ", cudaGetErrorString(err));
+  check_launch(err, "copy");
 #endif
 }
 
@@ -229,7 +248,7 @@ void run_attention(const Tensor& like, const AttentionStepArgs<T>& args) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const cudaError_t err = kBackward ? cuda::launch_attention_backward(args, stream)
                                     : cuda::launch_attention_forward(args, stream);
-  TORCH_CHECK(err == cudaSuccess, "rnnattn: attention kernel failed: ", cudaGetErrorString(err));
+  check_launch(err, "attention kernel");
 #else
   TORCH_CHECK(false, "rnnattn: built without CUDA, cannot run on ", like.device());
 #endif
@@ -248,7 +267,7 @@ void run_projection_pass(const Tensor& like, const Args<T>& args) {
   }
 #ifdef RNNATTN_WITH_CUDA
   const cudaError_t err = cuda::launch_projection_pass(args, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "rnnattn: projection kernel failed: ", cudaGetErrorString(err));
+  check_launch(err, "projection kernel");
 #endif
 }
 

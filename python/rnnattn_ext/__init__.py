@@ -11,5 +11,13 @@ from .modules import GRU, LSTM, RNN
 
 __version__ = "0.1.0"
 
+
+def library_path() -> str:
+    """The compiled library that registers the ``torch.ops.rnnattn`` operators. A process that runs an
+    exported or AOTInductor-compiled model without importing rnnattn_ext loads it with
+    ``torch.ops.load_library(path)`` (the same torch it was built against)."""
+    return _ops._C.__file__
+
+
 __all__ = ["LSTM", "GRU", "RNN", "AttnLSTM", "AttnGRU", "AttnRNN", "AttentionState", "HybridBlock", "functional",
-           "reference", "__version__"]
+           "reference", "library_path", "__version__"]

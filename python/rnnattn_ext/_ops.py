@@ -35,6 +35,11 @@ def _state_shapes(batch: int, num_states: int, hidden: int, state_width: int) ->
     return [(batch, state_width if i == 0 else hidden) for i in range(num_states)]
 
 
+def _contiguous_like(t: Tensor) -> Tensor:
+    """A fake output shaped like t: the ops return contiguous gradients whatever the inputs' strides."""
+    return t.new_empty(t.shape)
+
+
 def _no_gradient(like: Tensor) -> Tensor:
     """What backward returns for an absent optional input (an op output must be a tensor)."""
     return like.new_empty((0,))
@@ -87,16 +92,16 @@ def _register(cell: str) -> None:
         states = args[num_states + 1 : 2 * num_states + 1]
         weight_ih, weight_hh = args[2 * num_states + 1], args[2 * num_states + 2]
         grads = [
-            torch.empty_like(input),
-            *[torch.empty_like(s) for s in states],
-            torch.empty_like(weight_ih),
-            torch.empty_like(weight_hh),
+            _contiguous_like(input),
+            *[_contiguous_like(s) for s in states],
+            _contiguous_like(weight_ih),
+            _contiguous_like(weight_hh),
             weight_hh.new_empty((weight_hh.shape[0],)),
             weight_hh.new_empty((weight_hh.shape[0],)),
         ]
         if projection:
             weight_hr = args[2 * num_states + 3]
-            grads.append(torch.empty_like(weight_hr) if weight_hr is not None else _no_gradient(input))
+            grads.append(_contiguous_like(weight_hr) if weight_hr is not None else _no_gradient(input))
         return tuple(grads)
 
     def setup_context(ctx, inputs, output):
@@ -193,16 +198,16 @@ def _register_attention(cell: str) -> None:
         def vector(w):
             return w.new_empty((w.shape[0],))
         grads = [
-            torch.empty_like(input),
-            *[torch.empty_like(s) for s in states],
-            torch.empty_like(w_ih), torch.empty_like(w_hh), vector(w_hh), vector(w_hh),
-            torch.empty_like(w_q), vector(w_q), torch.empty_like(w_k), vector(w_k), torch.empty_like(w_v), vector(w_v),
-            torch.empty_like(w_c),
-            torch.empty_like(memory) if memory is not None else _no_gradient(input),
-            *[torch.empty_like(p) if p is not None else _no_gradient(input) for p in (past_keys, past_values)],
+            _contiguous_like(input),
+            *[_contiguous_like(s) for s in states],
+            _contiguous_like(w_ih), _contiguous_like(w_hh), vector(w_hh), vector(w_hh),
+            _contiguous_like(w_q), vector(w_q), _contiguous_like(w_k), vector(w_k), _contiguous_like(w_v), vector(w_v),
+            _contiguous_like(w_c),
+            _contiguous_like(memory) if memory is not None else _no_gradient(input),
+            *[_contiguous_like(p) if p is not None else _no_gradient(input) for p in (past_keys, past_values)],
         ]
         if projection:
-            grads.append(torch.empty_like(w_hr) if w_hr is not None else _no_gradient(input))
+            grads.append(_contiguous_like(w_hr) if w_hr is not None else _no_gradient(input))
         return tuple(grads)
 
     def setup_context(ctx, inputs, output):

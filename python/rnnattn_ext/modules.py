@@ -55,7 +55,8 @@ def _checked_lengths(owner: str, lengths, steps: int, batch: int, device: torch.
     if lengths.dim() > 1 or lengths.numel() != batch:  # a scalar serves an unbatched input
         raise ValueError(f"{owner}: lengths must have shape (B,) = ({batch},), got {tuple(lengths.shape)}")
     lengths = lengths.reshape(-1).to(device=device, dtype=torch.int64)
-    if lengths.numel() > 0:
+    # Under torch.compile the values are data the graph must not branch on: the op checks them in C++.
+    if lengths.numel() > 0 and not torch.compiler.is_compiling():
         low, high = int(lengths.min()), int(lengths.max())
         if low < 1 or high > steps:
             raise ValueError(f"{owner}: lengths must lie in [1, T] = [1, {steps}], got values in [{low}, {high}]")

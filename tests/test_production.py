@@ -1,0 +1,201 @@
+"""Production use: torch.compile(fullgraph=True) with dynamic shapes, torch.export, an AOTInductor
+package and a torch.jit.trace module run in fresh processes, DistributedDataParallel (gloo), and
+``python -m rnnattn_ext.info``."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import rnnattn_ext
+from rnnattn_ext import info
+
+MODULES = {
+    "LSTM": lambda: rnnattn_ext.LSTM(5, 8, num_layers=2, bidirectional=True),
+    "LSTM_proj": lambda: rnnattn_ext.LSTM(5, 8, proj_size=3, batch_first=True),
+    "GRU": lambda: rnnattn_ext.GRU(5, 8, num_layers=2),
+    "RNN": lambda: rnnattn_ext.RNN(5, 8, nonlinearity="relu", bidirectional=True),
+    "AttnLSTM": lambda: rnnattn_ext.AttnLSTM(5, 8, num_heads=2, window=3),
+    "AttnGRU_external": lambda: rnnattn_ext.AttnGRU(5, 8, num_heads=2, memory_size=4, bidirectional=True),
+    "AttnRNN": lambda: rnnattn_ext.AttnRNN(5, 8, num_layers=2, num_heads=2),
+    "HybridBlock": lambda: rnnattn_ext.HybridBlock(5, 8, num_heads=2, window=3, cell="lstm"),
+}
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    # Every module instance compiles its own graphs: without a reset the shared forward code objects
+    # would reach Dynamo's recompile limit across the tests of one process.
+    torch._dynamo.reset()
+    yield
+
+
+def _inputs(name, module, steps, batch, lengths=False):
+    """(args, kwargs) of a forward call; the input layout follows the module's batch_first."""
+    shape = (batch, steps, 5) if getattr(module, "batch_first", False) else (steps, batch, 5)
+    kwargs = {}
+    if name == "AttnGRU_external":
+        kwargs = {"memory": torch.randn(6, batch, 4), "memory_lengths": torch.arange(batch) % 6 + 1}
+    if lengths:
+        kwargs["lengths"] = torch.arange(batch) % steps + 1
+    return (torch.randn(shape),), kwargs
+
+
+def _flat(result):
+    out = []
+    for item in result if isinstance(result, (tuple, list)) else (result,):
+        out.extend(_flat(item) if isinstance(item, (tuple, list)) else [item])
+    return out
+
+
+@pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("name", MODULES)
+def test_compile_fullgraph_dynamic_matches_eager(name, lengths):
+    torch.manual_seed(0)
+    module = MODULES[name]().double()
+    compiled = torch.compile(module, fullgraph=True, dynamic=True)
+    for steps, batch in ((7, 3), (4, 5)):  # a second shape: no recompilation for a dynamic T and B
+        args, kwargs = _inputs(name, module, steps, batch, lengths)
+        args = tuple(a.double().requires_grad_() for a in args)
+        kwargs = {k: v.double() if v.is_floating_point() else v for k, v in kwargs.items()}
+        module.train()
+        got, expected = _flat(compiled(*args, **kwargs)), _flat(module(*args, **kwargs))
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+        probes = [torch.randn_like(t) for t in expected]
+        leaves = [*args, *module.parameters()]
+        got_grads = torch.autograd.grad(sum((t * p).sum() for t, p in zip(got, probes)), leaves)
+        expected_grads = torch.autograd.grad(sum((t * p).sum() for t, p in zip(expected, probes)), leaves)
+        for a, b in zip(got_grads, expected_grads):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+        module.eval()
+        with torch.no_grad():
+            for a, b in zip(_flat(compiled(*args, **kwargs)), _flat(module(*args, **kwargs))):
+                torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+def _export(name, module):
+    args, kwargs = _inputs(name, module, 7, 3)
+    steps, batch = torch.export.Dim("T", min=2, max=4096), torch.export.Dim("B", min=2, max=1024)
+    time_dim, batch_dim = (1, 0) if getattr(module, "batch_first", False) else (0, 1)
+    shapes = {"input": {time_dim: steps, batch_dim: batch}}
+    if "memory" in kwargs:
+        shapes.update(memory={1: batch}, memory_lengths={0: batch})
+    with torch.no_grad():
+        return torch.export.export(module, args, kwargs, dynamic_shapes=shapes)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_export_runs_other_shapes(name):
+    torch.manual_seed(1)
+    module = MODULES[name]().eval()
+    program = _export(name, module)
+    args, kwargs = _inputs(name, module, 11, 4)
+    with torch.no_grad():
+        for a, b in zip(_flat(program.module()(*args, **kwargs)), _flat(module(*args, **kwargs))):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def _run_fresh(code: str, tmp_path) -> str:
+    """Runs code in a fresh Python process; returns its stdout (the test fails with its stderr)."""
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+def test_aoti_package_runs_in_a_fresh_process(tmp_path):
+    torch.manual_seed(2)
+    module = MODULES["AttnLSTM"]().eval()
+    package = torch._inductor.aoti_compile_and_package(_export("AttnLSTM", module),
+                                                       package_path=str(tmp_path / "attn_lstm.pt2"))
+    x = torch.randn(9, 4, 5)
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        torch.save(module(x)[0], tmp_path / "expected.pt")
+    # The deployment side loads the compiled library by path, without importing rnnattn_ext.
+    _run_fresh(f"""
+        import torch
+        torch.ops.load_library({rnnattn_ext.library_path()!r})
+        model = torch._inductor.aoti_load_package({package!r})
+        out = model(torch.load("x.pt"))[0]
+        torch.testing.assert_close(out, torch.load("expected.pt"), atol=1e-6, rtol=1e-5)
+    """, tmp_path)
+
+
+def test_jit_trace_saved_and_loaded_in_a_fresh_process(tmp_path):
+    torch.manual_seed(3)
+    module = rnnattn_ext.GRU(5, 8, num_layers=2).eval()
+    x = torch.randn(6, 3, 5)
+    with torch.no_grad():
+        traced = torch.jit.trace(module, (x,))
+        expected = module(x)[0]
+    traced.save(str(tmp_path / "gru.pt"))
+    torch.save((x, expected), tmp_path / "data.pt")
+    _run_fresh("""
+        import torch
+        import rnnattn_ext  # registers the operators the traced graph calls
+        model = torch.jit.load("gru.pt")
+        x, expected = torch.load("data.pt")
+        torch.testing.assert_close(model(x)[0], expected, atol=1e-6, rtol=1e-5)
+    """, tmp_path)
+
+
+def test_ddp_gloo_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
+    torch.manual_seed(4)
+    module = rnnattn_ext.AttnLSTM(5, 8, num_heads=2, window=3).double()
+    torch.save(module.state_dict(), tmp_path / "weights.pt")
+    x = torch.randn(6, 4, 5, dtype=torch.float64)  # two processes: two rows each
+    torch.save(x, tmp_path / "x.pt")
+    out, (h, c) = module(x)
+    # The mean over the batch, as each process's loss is averaged over its rows and DDP averages the ranks.
+    loss = out.square().mean(dim=(0, 2)).mean() + h.sum() / 4
+    expected = torch.autograd.grad(loss, list(module.parameters()))
+    worker = tmp_path / "worker.py"
+    worker.write_text(textwrap.dedent("""
+        import os, sys, torch, torch.distributed as dist
+        import rnnattn_ext
+        rank = int(sys.argv[1])
+        dist.init_process_group("gloo", init_method="file://" + os.path.abspath("rendezvous"), rank=rank,
+                                world_size=2)
+        module = rnnattn_ext.AttnLSTM(5, 8, num_heads=2, window=3).double()
+        module.load_state_dict(torch.load("weights.pt"))
+        ddp = torch.nn.parallel.DistributedDataParallel(module)
+        x = torch.load("x.pt")[:, 2 * rank : 2 * rank + 2]
+        out, (h, c) = ddp(x)
+        loss = out.square().mean(dim=(0, 2)).mean() + h.sum() / 2
+        loss.backward()
+        if rank == 0:
+            torch.save([p.grad for p in module.parameters()], "grads.pt")
+        dist.destroy_process_group()
+    """))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    workers = [subprocess.Popen([sys.executable, str(worker), str(rank)], cwd=tmp_path, env=env,
+                                stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    for w in workers:
+        _, err = w.communicate(timeout=600)
+        assert w.returncode == 0, err[-4000:]
+    got = torch.load(tmp_path / "grads.pt")
+    for (name, _), a, b in zip(module.named_parameters(), got, expected):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_info_reports_the_build(tmp_path):
+    text = _run_fresh("import runpy; runpy.run_module('rnnattn_ext.info', run_name='__main__')", tmp_path)
+    assert f"rnnattn_ext {rnnattn_ext.__version__}" in text
+    assert f"running {torch.__version__}" in text
+    assert "torch.ops.rnnattn.lstm_attn_backward" in text and "operators (16)" in text
+    assert rnnattn_ext.library_path() in text
+    assert ("CUDA kernels: built" in text) == bool(rnnattn_ext._ops._C.cuda_built)
+
+
+def test_gpu_support_rules():
+    built = ["80-real", "86-real", "89-real", "90"]
+    assert info.gpu_supported((8, 0), built) and info.gpu_supported((8, 7), built)  # sm_86 code runs on 8.7
+    assert info.gpu_supported((9, 0), built) and info.gpu_supported((12, 0), built)  # compute_90 PTX
+    assert not info.gpu_supported((7, 5), built)
+    assert not info.gpu_supported((12, 0), ["80-real", "90-real"])
+    assert info.gpu_supported((9, 0), ["90a-real"]) and not info.gpu_supported((10, 0), ["90a"])
