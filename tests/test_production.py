@@ -25,6 +25,19 @@ MODULES = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def private_compile_cache(tmp_path_factory):
+    # Inductor's on-disk caches do not key on our fake implementations: a cache left by another build
+    # of the library could replay stale output layouts. The tests compile into a cache of their own.
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor_cache"))
+    yield
+    if before is None:
+        del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+
+
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     # Every module instance compiles its own graphs: without a reset the shared forward code objects
