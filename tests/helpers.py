@@ -45,6 +45,20 @@ def run_layer(impl, cell, x, states, w_ih, w_hh, b_ih, b_hh, reverse):
     return impl.layer(cell, x, states, w_ih, w_hh, b_ih, b_hh, reverse=reverse)
 
 
+def gradcheck_layer(cell, x, states, weights, lengths=None):
+    """torch.autograd.gradcheck of functional.layer in both directions, over x, the states and the
+    weights (w_ih, w_hh, b_ih, b_hh)."""
+    n = len(states)
+    for reverse in (False, True):
+
+        def fn(x, *rest, reverse=reverse):
+            out, finals = rnnattn_ext.functional.layer(cell, x, list(rest[:n]), *rest[n:], reverse=reverse,
+                                                       lengths=lengths)
+            return (out, *finals)
+
+        assert torch.autograd.gradcheck(fn, (x, *states, *weights))
+
+
 def loss_of(output, finals, weights):
     """A scalar that depends on every output with distinct random weights per element."""
     total = (output * weights[0]).sum()
@@ -77,7 +91,7 @@ def assert_accuracy_rule(ours, eager, exact, what=""):
     assert ours_error <= 2 * eager_error + slack, f"{what}: error {ours_error:.3g} vs eager {eager_error:.3g}"
 
 
-__all__ = ["rnnattn_ext", "layer_args", "attention_args", "proj", "op_weights", "run_layer", "loss_of", "grads", "assert_close",
+__all__ = ["rnnattn_ext", "layer_args", "attention_args", "proj", "op_weights", "run_layer", "gradcheck_layer", "loss_of", "grads", "assert_close",
            "assert_accuracy_rule", "rms", "CELLS"]
 
 
@@ -86,7 +100,8 @@ ATTENTION_NAMES = ("weight_q", "bias_q", "weight_k", "bias_k", "weight_v", "bias
 
 def attention_args(cell, steps, batch, input_size, hidden, num_heads, head_dim, memory_slots=None, memory_width=5,
                    dtype=torch.float64, device="cpu", bias=True, requires_grad=True, generator=None):
-    """Layer arguments plus the attention cell's: returns (x, states, weights (11-tuple), memory or None).
+    """Layer arguments plus the attention cell's: returns (x, states, weights (11-tuple), memory or
+    None).
     weights = (w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, w_v, b_v, w_c)."""
     x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, steps, batch, input_size, hidden, dtype, device, bias,
                                                    requires_grad, generator=generator)

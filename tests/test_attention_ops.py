@@ -134,8 +134,8 @@ def test_opcheck_forward(cell, memory, device):
         x, states, weights, mem, lengths = _op_args(cell, device, memory, training, 2)
         window = None if memory else 2
         torch.library.opcheck(_ops.attention_forward_op(cell),
-                              (x, *states, *op_weights(cell, weights), mem, lengths, None, None, None, 2, window, False, training,
-                               need_weights))
+                              (x, *states, *op_weights(cell, weights), mem, lengths, None, None, None, 2, window, False,
+                               training, need_weights))
 
 
 @pytest.mark.parametrize("device", device_params())
@@ -144,7 +144,8 @@ def test_opcheck_forward(cell, memory, device):
 def test_opcheck_backward(cell, memory, device):
     x, states, weights, mem, lengths = _op_args(cell, device, memory, False, 3)
     window = None if memory else 2
-    result = _ops.attention_forward_op(cell)(x, *states, *op_weights(cell, weights), mem, lengths, None, None, None, 2, window, True, True, False)
+    result = _ops.attention_forward_op(cell)(x, *states, *op_weights(cell, weights), mem, lengths, None, None, None, 2,
+                                             window, True, True, False)
     ns = NUM_STATES[cell]
     out, finals, ctx = result[0], result[1 : 1 + ns], result[1 + ns]
     workspace, attention_workspace = result[-2], result[-1]
@@ -152,16 +153,18 @@ def test_opcheck_backward(cell, memory, device):
     for grad_context in (torch.randn_like(ctx), None):
         torch.library.opcheck(
             _ops.attention_backward_op(cell),
-            (torch.randn_like(out), *[torch.randn_like(f) for f in finals], grad_context, x, *states, w_ih, w_hh, *proj(cell), w_q,
-             w_k, w_v, w_c, mem, lengths, None, None, None, out, ctx, workspace, attention_workspace, 2, window, True),
+            (torch.randn_like(out), *[torch.randn_like(f) for f in finals], grad_context, x, *states, w_ih, w_hh,
+             *proj(cell), w_q, w_k, w_v, w_c, mem, lengths, None, None, None, out, ctx, workspace, attention_workspace, 2,
+             window, True),
         )
 
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_inference_saves_nothing_and_matches_training(cell):
     x, states, weights, mem, lengths = _op_args(cell, "cpu", None, False, 4)
-    infer = _ops.attention_forward_op(cell)(x, *states, *op_weights(cell, weights), mem, lengths, None, None, None, 2, 3, False, False, False)
-    train = _ops.attention_forward_op(cell)(x, *states, *op_weights(cell, weights), mem, lengths, None, None, None, 2, 3, False, True, False)
+    args = (x, *states, *op_weights(cell, weights), mem, lengths, None, None, None, 2, 3, False)
+    infer = _ops.attention_forward_op(cell)(*args, False, False)
+    train = _ops.attention_forward_op(cell)(*args, True, False)
     assert infer[-1].numel() == 0 and infer[-2].numel() == 0 and infer[-3].numel() == 0
     for a, b in zip(infer[:-2], train[:-2]):
         assert torch.equal(a, b)

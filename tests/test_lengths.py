@@ -7,7 +7,8 @@ import torch
 from rnnattn_ext import _ops, functional, reference
 
 from conftest import device_params
-from helpers import CELLS, NUM_STATES, assert_accuracy_rule, assert_close, attention_args, grads, layer_args, loss_of, op_weights, proj
+from helpers import (CELLS, NUM_STATES, assert_accuracy_rule, assert_close, attention_args, gradcheck_layer, grads,
+                     layer_args, loss_of, op_weights, proj)
 
 TOLERANCES = {torch.float64: (1e-10, 1e-9), torch.float32: (2e-5, 1e-4)}
 
@@ -91,15 +92,7 @@ def test_long_batch_with_lengths_float32(cell, reverse, order):
 def test_gradcheck_with_lengths(cell, device):
     gen = torch.Generator().manual_seed(13)
     x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, 4, 3, 3, 4, torch.float64, device, generator=gen)
-    lengths = _lengths([2, 4, 1], device)
-    n = len(states)
-    for reverse in (False, True):
-
-        def fn(x, *rest, reverse=reverse):
-            out, finals = functional.layer(cell, x, list(rest[:n]), *rest[n:], reverse=reverse, lengths=lengths)
-            return (out, *finals)
-
-        assert torch.autograd.gradcheck(fn, (x, *states, w_ih, w_hh, b_ih, b_hh))
+    gradcheck_layer(cell, x, states, (w_ih, w_hh, b_ih, b_hh), _lengths([2, 4, 1], device))
 
 
 @pytest.mark.parametrize("device", device_params())
@@ -110,15 +103,15 @@ def test_opcheck_with_lengths(cell, device):
                                                    generator=gen)
     lengths = _lengths([5, 2, 1], device)
     for reverse in (False, True):
-        torch.library.opcheck(_ops.forward_op(cell), (x, *states, w_ih, w_hh, b_ih, b_hh, *proj(cell), lengths, reverse,
-                                                               True))
+        forward_args = (x, *states, w_ih, w_hh, b_ih, b_hh, *proj(cell), lengths, reverse, True)
+        torch.library.opcheck(_ops.forward_op(cell), forward_args)
         with torch.no_grad():
-            out, *finals, workspace = _ops.forward_op(cell)(x, *states, w_ih, w_hh, b_ih, b_hh, *proj(cell), lengths,
-                                                            reverse, True)
+            out, *finals, workspace = _ops.forward_op(cell)(*forward_args)
         plain = [t.detach() for t in (x, *states, w_ih, w_hh)]
         torch.library.opcheck(
             _ops.backward_op(cell),
-            (torch.randn_like(out), *[torch.randn_like(f) for f in finals], *plain, *proj(cell), out, workspace, lengths, reverse),
+            (torch.randn_like(out), *[torch.randn_like(f) for f in finals], *plain, *proj(cell), out, workspace,
+             lengths, reverse),
         )
 
 
@@ -208,4 +201,5 @@ def test_attention_gradcheck_and_opcheck_with_lengths(cell, memory, device):
 
         assert torch.autograd.gradcheck(fn, (x, *states, *weights, *([mem] if memory else [])))
         torch.library.opcheck(_ops.attention_forward_op(cell),
-                              (x, *states, *op_weights(cell, weights), mem, mem_lengths, lengths, None, None, 2, window, reverse, True, True))
+                              (x, *states, *op_weights(cell, weights), mem, mem_lengths, lengths, None, None, 2, window,
+                               reverse, True, True))

@@ -6,7 +6,8 @@ import torch
 from rnnattn_ext import _ops, functional, reference
 
 from conftest import device_params
-from helpers import CELLS, NUM_STATES, assert_accuracy_rule, assert_close, grads, layer_args, loss_of, proj
+from helpers import (CELLS, NUM_STATES, assert_accuracy_rule, assert_close, gradcheck_layer, grads, layer_args, loss_of,
+                     proj)
 
 TOLERANCES = {torch.float64: (1e-10, 1e-9), torch.float32: (2e-5, 1e-4)}
 
@@ -103,16 +104,7 @@ def test_long_batch_runs_in_chunks(cell, dtype, reverse):
 def test_gradcheck(cell, device):
     gen = torch.Generator().manual_seed(3)
     x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, 4, 2, 3, 5, torch.float64, device, generator=gen)
-    n = len(states)
-
-    for reverse in (False, True):
-
-        def fn(x, *rest, reverse=reverse):
-            st, (wi, wh, bi, bh) = list(rest[:n]), rest[n:]
-            out, finals = functional.layer(cell, x, st, wi, wh, bi, bh, reverse=reverse)
-            return (out, *finals)
-
-        assert torch.autograd.gradcheck(fn, (x, *states, w_ih, w_hh, b_ih, b_hh))
+    gradcheck_layer(cell, x, states, (w_ih, w_hh, b_ih, b_hh))
 
 
 @pytest.mark.parametrize("device", device_params())
@@ -122,8 +114,10 @@ def test_opcheck_forward(cell, device):
     for training, requires_grad in ((True, True), (False, False)):
         x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, 5, 3, 4, 6, torch.float64, device,
                                                        requires_grad=requires_grad, generator=gen)
-        torch.library.opcheck(_ops.forward_op(cell), (x, *states, w_ih, w_hh, b_ih, b_hh, *proj(cell), None, False, training))
-        torch.library.opcheck(_ops.forward_op(cell), (x, *states, w_ih, w_hh, None, None, *proj(cell), None, True, training))
+        torch.library.opcheck(_ops.forward_op(cell),
+                              (x, *states, w_ih, w_hh, b_ih, b_hh, *proj(cell), None, False, training))
+        torch.library.opcheck(_ops.forward_op(cell),
+                              (x, *states, w_ih, w_hh, None, None, *proj(cell), None, True, training))
 
 
 @pytest.mark.parametrize("device", device_params())
@@ -136,7 +130,8 @@ def test_opcheck_backward(cell, device):
     grad_out = torch.randn_like(out)
     grad_finals = [torch.randn_like(f) for f in finals]
     torch.library.opcheck(
-        _ops.backward_op(cell), (grad_out, *grad_finals, x, *states, w_ih, w_hh, *proj(cell), out, workspace, None, False)
+        _ops.backward_op(cell),
+        (grad_out, *grad_finals, x, *states, w_ih, w_hh, *proj(cell), out, workspace, None, False),
     )
 
 

@@ -146,7 +146,8 @@ def test_opcheck(device):
         x, states, weights = projected_args(gen, 5, 3, 4, 6, 4, device=device, requires_grad=training)
         w_ih, w_hh, b_ih, b_hh, w_hr = weights
         lengths = torch.tensor([5, 2, 4], device=device)
-        torch.library.opcheck(_ops.forward_op("lstm"), (x, *states, w_ih, w_hh, b_ih, b_hh, w_hr, None, False, training))
+        torch.library.opcheck(_ops.forward_op("lstm"),
+                              (x, *states, w_ih, w_hh, b_ih, b_hh, w_hr, None, False, training))
         torch.library.opcheck(_ops.forward_op("lstm"), (x, *states, w_ih, w_hh, None, None, w_hr, lengths, True,
                                                         training))
     plain = [t.detach() for t in (x, *states, w_ih, w_hh, w_hr)]

@@ -66,7 +66,8 @@ def test_past_slots_gradcheck_and_opcheck(cell, device):
 
         assert torch.autograd.gradcheck(fn, (x, *states, *weights, past_k, past_v))
         torch.library.opcheck(_ops.attention_forward_op(cell),
-                              (x, *states, *op_weights(cell, weights), None, None, None, past_k, past_v, 2, window, False, True, True))
+                              (x, *states, *op_weights(cell, weights), None, None, None, past_k, past_v, 2, window,
+                               False, True, True))
 
 
 def test_past_slots_errors_name_the_argument():

@@ -508,11 +508,16 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   const Tensor seq_lengths = lengths_arg ? lengths_arg->contiguous() : Tensor();
   const SequenceLengths sequence{seq_lengths.defined() ? seq_lengths.data_ptr<int64_t>() : nullptr, T, reverse};
   const std::vector<int64_t> running = running_rows(seq_lengths, T, geo.enabled);
+  // m_t after forward step k (projection): a workspace plane when training, else a ping-pong buffer.
+  auto m_after = [&](int64_t k) -> Operand {
+    if (training) return Operand{workspace, (order.time(k) * planes + m_plane) * plane, B, H, H};
+    return Operand{ping_pong[2 * (S - 1) + (k % 2)], 0, B, H, H};
+  };
 
   dispatch_dtype(input, [&](auto* type_tag) {
     using T_ = std::remove_pointer_t<decltype(type_tag)>;
     auto extra_state = [&](int64_t k, int s) -> T_* {
-      // State s (>= 1) after forward step k; s = kStates: m_t of a projected cell.
+      // State s (>= 1) after forward step k.
       if (training) return ptr<T_>(workspace) + (order.time(k) * planes + Cell::kSaved + s - 1) * plane;
       return ptr<T_>(ping_pong[2 * (s - 1) + (k % 2)]);
     };
@@ -548,8 +553,8 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
           args.hproj = GateView<const T_>{ptr<T_>(hproj[c]), blocks.rec_rows(c), blocks.width(c)};
           if (geo.enabled) args.cproj = GateView<const T_>{ptr<T_>(cproj[c]), blocks.rows(c), blocks.width(c)};
           if (projected) {
-            args.prev[0] = k == 0 ? ptr<T_>(m_initial) : extra_state(k - 1, S);
-            args.next[0] = extra_state(k, S);
+            args.prev[0] = k == 0 ? ptr<T_>(m_initial) : m_after(k - 1).template data<T_>();
+            args.next[0] = m_after(k).template data<T_>();
           } else {
             args.prev[0] = h_prev.data<T_>();
             args.next[0] = ptr<T_>(output) + t * plane;
@@ -615,9 +620,9 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
             const auto [p0, p1] = column_share(blocks, c, HS);
             if (p1 == p0) return;
             if (rows > 0) {
-              multiply(proj_matrix[c], {training ? workspace : ping_pong[2 * (S - 1) + (k % 2)],
-                                        training ? (t * planes + m_plane) * plane : 0, rows, H, H},
-                       {output, t * out_plane + p0, rows, p1 - p0, HS});
+              Operand m = m_after(k);
+              m.rows = rows;
+              multiply(proj_matrix[c], m, {output, t * out_plane + p0, rows, p1 - p0, HS});
             }
             if (sequence.data != nullptr) {
               ProjectionHoldArgs<T_> hold{ptr<T_>(output) + t * out_plane, h_prev.data<T_>(), sequence.data, t, B, HS,
