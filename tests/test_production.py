@@ -183,6 +183,7 @@ def test_ddp_gloo_two_processes_equal_one_process_on_the_combined_batch(tmp_path
         loss.backward()
         if rank == 0:
             torch.save([p.grad for p in module.parameters()], "grads.pt")
+        dist.barrier()  # neither rank tears gloo down while the other still uses it
         dist.destroy_process_group()
     """))
     env = dict(os.environ, OMP_NUM_THREADS="1")
