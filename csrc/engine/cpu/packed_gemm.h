@@ -30,6 +30,8 @@ using PackedGemmFn = void (*)(const float* a, int64_t rows, int64_t lda, const P
   /* out[r][c] = bias[c] + sum_j a[r * lda + j] * M[c][j] for r < rows, c < m.n (bias may be null). */   \
   void gemm_packed(const float* a, int64_t rows, int64_t lda, const PackedMatrix& m, const float* bias,  \
                    float* out, int64_t ldo);                                                              \
+  PackedMatrix pack_matrix(const float* m, int64_t n, int64_t k, int64_t stride_n, int64_t stride_k,       \
+                           float* storage);                                                               \
   }
 RNNATTN_DECLARE_CPU_GEMM(baseline)
 RNNATTN_DECLARE_CPU_GEMM(avx2)

@@ -7,30 +7,8 @@
 namespace rnnattn::cpu {
 
 PackedMatrix pack_matrix(const float* m, int64_t n, int64_t k, int64_t stride_n, int64_t stride_k, float* storage) {
-  PackedMatrix out;
-  out.n = n;
-  out.k = k;
-  out.panels = storage;
-  const int64_t panels = (n + kPanelWidth - 1) / kPanelWidth;
-  for (int64_t p = 0; p < panels; ++p) {
-    float* panel = storage + p * k * kPanelWidth;
-    const int64_t width = std::min<int64_t>(kPanelWidth, n - p * kPanelWidth);
-    if (width < kPanelWidth) std::fill(panel, panel + k * kPanelWidth, 0.f);
-    const float* first_row = m + p * kPanelWidth * stride_n;
-    if (stride_n == 1) {
-      // M^T stored row-major (a transposed view): a panel row is contiguous in memory.
-      for (int64_t j = 0; j < k; ++j) {
-        for (int64_t i = 0; i < width; ++i) panel[j * kPanelWidth + i] = first_row[j * stride_k + i];
-      }
-    } else {
-      // Row by row, reading along each row of M.
-      for (int64_t i = 0; i < width; ++i) {
-        const float* row = first_row + i * stride_n;
-        for (int64_t j = 0; j < k; ++j) panel[j * kPanelWidth + i] = row[j * stride_k];
-      }
-    }
-  }
-  return out;
+  return has_avx2_fma() ? avx2::pack_matrix(m, n, k, stride_n, stride_k, storage)
+                        : baseline::pack_matrix(m, n, k, stride_n, stride_k, storage);
 }
 
 PackedGemmFn gemm_packed_fn() {
