@@ -165,16 +165,18 @@ struct Operand {
 // packing runs in parallel and lands in that core's cache.
 struct BlockMatrix {
   bool packed = false;
-  Tensor source;             // M
-  float* storage = nullptr;  // packed: room for the panels
-  cpu::PackedMatrix panels;  // packed, after prepare()
-  Tensor transposed;         // ATen: M^T (k x n)
-  Tensor bias;               // (n) or undefined
+  Tensor source;                      // packed: M, or the matrix whose rows row_index picks
+  const int64_t* row_index = nullptr;  // packed: row i of M is source's row row_index[i] (null: row i)
+  int64_t n = 0;                       // packed: rows of M
+  float* storage = nullptr;            // packed: room for the panels
+  cpu::PackedMatrix panels;            // packed, after prepare()
+  Tensor transposed;                   // ATen: M^T (k x n)
+  Tensor bias;                         // (n) or undefined
 
   void prepare() {
     if (packed) {
-      panels = cpu::pack_matrix(ptr<float>(source), source.size(0), source.size(1), source.stride(0),
-                                source.stride(1), storage);
+      panels = cpu::pack_matrix(ptr<float>(source), row_index, n, source.size(1), source.stride(0), source.stride(1),
+                                storage);
     }
   }
 };
@@ -185,10 +187,37 @@ BlockMatrix block_matrix(const Tensor& m, const std::optional<Tensor>& bias, boo
   if (bias) result.bias = bias->contiguous();
   if (packed) {
     result.source = m;
+    result.n = m.size(0);
     result.storage = scratch.floats(cpu::PackedMatrix::floats_needed(m.size(0), m.size(1)));
   } else {
     result.transposed = m.t();
   }
+  return result;
+}
+
+// Rows [first, first + count) of M's rows permuted by `order` (unit_blocks.h; undefined: M's own order).
+struct PermutedRows {
+  const Tensor& m;
+  const Tensor& order;
+  int64_t first, count;
+};
+
+// The block's rows of a weight in block order. Packing reads them through the permutation from the
+// caller's weight: no permuted copy of the whole weight is made (a copy costs as much as a packing,
+// which matters to short calls such as one streaming step).
+BlockMatrix block_matrix(const PermutedRows& rows, const std::optional<Tensor>& bias, bool packed,
+                         CallScratch& scratch) {
+  if (!rows.order.defined()) return block_matrix(rows.m.narrow(0, rows.first, rows.count), bias, packed, scratch);
+  if (!packed) {
+    return block_matrix(rows.m.index_select(0, rows.order.narrow(0, rows.first, rows.count)), bias, packed, scratch);
+  }
+  BlockMatrix result;
+  result.packed = true;
+  if (bias) result.bias = bias->contiguous();
+  result.source = rows.m;
+  result.row_index = rows.order.data_ptr<int64_t>() + rows.first;
+  result.n = rows.count;
+  result.storage = scratch.floats(cpu::PackedMatrix::floats_needed(rows.count, rows.m.size(1)));
   return result;
 }
 
@@ -422,12 +451,11 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   CallScratch temp(input);  // the call's temporary buffers
 
   const Tensor x = input.contiguous().view({T * B, I});
-  const Tensor w_ih = blocks.permute_rows(weight_ih_arg.detach());
+  const Tensor w_ih = weight_ih_arg.detach();
   const std::optional<Tensor> b_ih =
       bias_ih ? std::optional<Tensor>(blocks.permute_rows(bias_ih->detach())) : std::nullopt;
   // Per step and block: h_{t-1} @ W_rec^T (+ b_rec), W_rec = W_hh (+ the attention rows).
-  auto [w_rec_plain, b_rec_plain] = recurrent_side(weight_hh_arg, bias_hh, attention, geo.self_memory);
-  const Tensor w_rec = blocks.permute_rec_rows(w_rec_plain).contiguous();
+  auto [w_rec, b_rec_plain] = recurrent_side(weight_hh_arg, bias_hh, attention, geo.self_memory);
   const std::optional<Tensor> b_rec =
       b_rec_plain ? std::optional<Tensor>(blocks.permute_rec_rows(*b_rec_plain)) : std::nullopt;
   const bool packed = uses_packed_gemm(input);
@@ -440,7 +468,7 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   };
   std::vector<BlockMatrix> ih_matrix, rec_matrix, ctx_matrix, proj_matrix;
   std::vector<Tensor> xproj, hproj, cproj;
-  const Tensor w_c = geo.enabled ? blocks.permute_rows(attention->weight_c.detach()).contiguous() : Tensor();
+  const Tensor w_c = geo.enabled ? attention->weight_c.detach() : Tensor();
   const Tensor w_hr = projected ? weight_hr->detach().contiguous() : Tensor();
   for (int64_t c = 0; c < blocks.count(); ++c) {
     if (projected) {
@@ -448,15 +476,16 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
       const auto [p0, p1] = column_share(blocks, c, HS);
       proj_matrix.push_back(block_matrix(w_hr.narrow(0, p0, p1 - p0), std::nullopt, packed, temp));
     }
-    ih_matrix.push_back(block_matrix(w_ih.narrow(0, blocks.row0(c), blocks.rows(c)),
+    ih_matrix.push_back(block_matrix(PermutedRows{w_ih, blocks.order, blocks.row0(c), blocks.rows(c)},
                                      rows_of(b_ih, blocks.row0(c), blocks.rows(c)), ih_packed, temp));
     xproj.push_back(temp.empty({chunk * B, blocks.rows(c)}));
-    rec_matrix.push_back(block_matrix(w_rec.narrow(0, blocks.rec_row0(c), blocks.rec_rows(c)),
+    rec_matrix.push_back(block_matrix(PermutedRows{w_rec, blocks.rec_order, blocks.rec_row0(c), blocks.rec_rows(c)},
                                       rows_of(b_rec, blocks.rec_row0(c), blocks.rec_rows(c)), packed, temp));
     hproj.push_back(temp.empty({B, blocks.rec_rows(c)}));
     if (geo.enabled) {
       // Per step and block: ctx_t @ W_c^T, the block's gate rows.
-      ctx_matrix.push_back(block_matrix(w_c.narrow(0, blocks.row0(c), blocks.rows(c)), std::nullopt, packed, temp));
+      ctx_matrix.push_back(block_matrix(PermutedRows{w_c, blocks.order, blocks.row0(c), blocks.rows(c)},
+                                        std::nullopt, packed, temp));
       cproj.push_back(temp.empty({B, blocks.rows(c)}));
     }
   }

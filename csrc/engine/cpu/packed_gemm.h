@@ -18,9 +18,10 @@ struct PackedMatrix {
   static int64_t floats_needed(int64_t n, int64_t k) { return (n + kPanelWidth - 1) / kPanelWidth * k * kPanelWidth; }
 };
 
-// Packs M (n x k), whose element (i, j) is at m[i * stride_n + j * stride_k], into `storage`
-// (PackedMatrix::floats_needed(n, k) floats).
-PackedMatrix pack_matrix(const float* m, int64_t n, int64_t k, int64_t stride_n, int64_t stride_k, float* storage);
+// Packs M (n x k), whose element (i, j) is at m[r * stride_n + j * stride_k] with r = row_index[i]
+// (r = i when row_index is null), into `storage` (PackedMatrix::floats_needed(n, k) floats).
+PackedMatrix pack_matrix(const float* m, const int64_t* row_index, int64_t n, int64_t k, int64_t stride_n,
+                         int64_t stride_k, float* storage);
 
 using PackedGemmFn = void (*)(const float* a, int64_t rows, int64_t lda, const PackedMatrix& m, const float* bias,
                               float* out, int64_t ldo);
@@ -30,8 +31,8 @@ using PackedGemmFn = void (*)(const float* a, int64_t rows, int64_t lda, const P
   /* out[r][c] = bias[c] + sum_j a[r * lda + j] * M[c][j] for r < rows, c < m.n (bias may be null). */   \
   void gemm_packed(const float* a, int64_t rows, int64_t lda, const PackedMatrix& m, const float* bias,  \
                    float* out, int64_t ldo);                                                              \
-  PackedMatrix pack_matrix(const float* m, int64_t n, int64_t k, int64_t stride_n, int64_t stride_k,       \
-                           float* storage);                                                               \
+  PackedMatrix pack_matrix(const float* m, const int64_t* row_index, int64_t n, int64_t k, int64_t stride_n, \
+                           int64_t stride_k, float* storage);                                             \
   }
 RNNATTN_DECLARE_CPU_GEMM(baseline)
 RNNATTN_DECLARE_CPU_GEMM(avx2)

@@ -94,11 +94,11 @@ void block(int rows, int panels, const float* a, int64_t lda, const float* panel
 }
 
 #if defined(__AVX2__)
-// The 8 x 8 tile at src (row stride ld) transposed into dst (row stride ld_dst): eight loads, 24
-// shuffles and eight stores instead of 64 scalar moves.
-inline void transpose_tile8(const float* src, int64_t ld, float* dst, int64_t ld_dst) {
+// Columns [col, col + 8) of the eight rows `rows` transposed into dst (row stride ld_dst): eight
+// loads, 24 shuffles and eight stores instead of 64 scalar moves.
+inline void transpose_tile8(const float* const* rows, int64_t col, float* dst, int64_t ld_dst) {
   __m256 r[8], t[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ld);
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(rows[i] + col);
   for (int i = 0; i < 8; i += 2) {
     t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
     t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
@@ -118,7 +118,8 @@ inline void transpose_tile8(const float* src, int64_t ld, float* dst, int64_t ld
 
 }  // namespace
 
-PackedMatrix pack_matrix(const float* m, int64_t n, int64_t k, int64_t stride_n, int64_t stride_k, float* storage) {
+PackedMatrix pack_matrix(const float* m, const int64_t* row_index, int64_t n, int64_t k, int64_t stride_n,
+                         int64_t stride_k, float* storage) {
   PackedMatrix out;
   out.n = n;
   out.k = k;
@@ -128,29 +129,22 @@ PackedMatrix pack_matrix(const float* m, int64_t n, int64_t k, int64_t stride_n,
     float* panel = storage + p * k * kPanelWidth;
     const int64_t width = std::min<int64_t>(kPanelWidth, n - p * kPanelWidth);
     if (width < kPanelWidth) std::fill(panel, panel + k * kPanelWidth, 0.f);
-    const float* first_row = m + p * kPanelWidth * stride_n;
-    if (stride_n == 1) {
-      // M^T stored row-major (a transposed view): a panel row is contiguous in memory.
-      for (int64_t j = 0; j < k; ++j) {
-        for (int64_t i = 0; i < width; ++i) panel[j * kPanelWidth + i] = first_row[j * stride_k + i];
-      }
-      continue;
+    const float* rows[kPanelWidth];
+    for (int64_t i = 0; i < width; ++i) {
+      const int64_t r = p * kPanelWidth + i;
+      rows[i] = m + (row_index != nullptr ? row_index[r] : r) * stride_n;
     }
     int64_t done = 0;  // columns of M packed by whole tiles
 #if defined(__AVX2__)
     if (stride_k == 1 && width == kPanelWidth) {
-      // Row-major M, the usual case: 8 x 8 tiles transposed in registers.
+      // Rows contiguous in memory, the usual case: 8 x 8 tiles transposed in registers.
       for (; done + 8 <= k; done += 8) {
-        for (int64_t i = 0; i < kPanelWidth; i += 8) {
-          transpose_tile8(first_row + i * stride_n + done, stride_n, panel + done * kPanelWidth + i, kPanelWidth);
-        }
+        for (int64_t i = 0; i < kPanelWidth; i += 8) transpose_tile8(rows + i, done, panel + done * kPanelWidth + i, kPanelWidth);
       }
     }
 #endif
-    // Row by row, reading along each row of M.
-    for (int64_t i = 0; i < width; ++i) {
-      const float* row = first_row + i * stride_n;
-      for (int64_t j = done; j < k; ++j) panel[j * kPanelWidth + i] = row[j * stride_k];
+    for (int64_t j = done; j < k; ++j) {
+      for (int64_t i = 0; i < width; ++i) panel[j * kPanelWidth + i] = rows[i][j * stride_k];
     }
   }
   return out;
