@@ -1,0 +1,96 @@
+"""Single-step latency of streaming inference: one time step at a time at batch 1, carrying the state,
+as a real-time application runs a recurrent model. Ours is ``module.stream(x_t, state)``; the peer is
+torch.nn's cell module (LSTMCell, GRUCell, RNNCell) with the same weights, on the same device.
+
+Each timed run feeds ``--steps`` consecutive steps; the table gives the median per-step time and the
+ratio torch.nn / ours (> 1: we are faster).
+
+    python benchmarks/bench_step.py
+    python benchmarks/bench_step.py --device cuda --shapes 1x256x256
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import (check_common, common_parser, device_line, interleaved_median_ms,  # noqa: E402
+                          machine_info, write_results)
+
+import rnnattn_ext  # noqa: E402
+
+DEFAULT_SHAPES = [(1, 256, 256)]  # B, I, H
+CELLS = {
+    "lstm": (torch.nn.LSTMCell, rnnattn_ext.LSTM, {}),
+    "gru": (torch.nn.GRUCell, rnnattn_ext.GRU, {}),
+    "rnn_tanh": (torch.nn.RNNCell, rnnattn_ext.RNN, {"nonlinearity": "tanh"}),
+}
+
+
+def bench_cell(cell, shape, device, dtype, steps, repeats, warmup):
+    """One row: the per-step time of our streaming step and of torch.nn's cell, same weights."""
+    cell_cls, our_cls, kwargs = CELLS[cell]
+    batch, input_size, hidden = shape
+    torch.manual_seed(0)
+    ours = our_cls(input_size, hidden, **kwargs).to(device=device, dtype=dtype).eval()
+    peer = cell_cls(input_size, hidden, **kwargs).to(device=device, dtype=dtype).eval()
+    with torch.no_grad():  # the cell's parameters have the names of layer 0 without the suffix
+        for name, parameter in peer.named_parameters():
+            parameter.copy_(getattr(ours, name + "_l0"))
+    xs = torch.randn(steps, batch, input_size, device=device, dtype=dtype)
+
+    def run_ours():
+        with torch.no_grad():
+            state = None
+            for t in range(steps):
+                _, state = ours.stream(xs[t : t + 1], state)
+
+    def run_peer():
+        with torch.no_grad():
+            state = None
+            for t in range(steps):
+                state = peer(xs[t], state)
+
+    times = interleaved_median_ms({"torch.nn": run_peer, "rnnattn_ext": run_ours}, device, repeats, warmup)
+    return {
+        "cell": cell, "B": batch, "I": input_size, "H": hidden, "mode": "stream step", "steps": steps,
+        "peer": cell_cls.__name__, "torch_nn_us": times["torch.nn"] * 1e3 / steps,
+        "rnnattn_us": times["rnnattn_ext"] * 1e3 / steps, "ratio": times["torch.nn"] / times["rnnattn_ext"],
+    }
+
+
+def markdown_table(rows, info, device, dtype) -> str:
+    lines = [
+        device_line(info, device, dtype),
+        "",
+        "| cell | B×I×H | torch.nn cell | torch.nn µs/step | rnnattn_ext `stream` µs/step | speed-up |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['cell']} | {r['B']}×{r['I']}×{r['H']} | {r['peer']} | {r['torch_nn_us']:.1f} | "
+                     f"{r['rnnattn_us']:.1f} | {r['ratio']:.2f}× |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = common_parser(__doc__, list(CELLS), ",".join(CELLS), "B×I×H list, e.g. 1x256x256", warmup=2)
+    parser.add_argument("--steps", type=int, default=64, help="consecutive steps per timed run")
+    args = parser.parse_args(argv)
+    dtype, shapes, cells = check_common(parser, args, list(CELLS), DEFAULT_SHAPES)
+    repeats = args.repeats or 15
+    info = machine_info(args.device)
+    rows = []
+    for cell in cells:
+        for shape in shapes:
+            r = bench_cell(cell, shape, args.device, dtype, args.steps, repeats, args.warmup)
+            rows.append(r)
+            print(f"{cell:9s} {r['B']}x{r['I']}x{r['H']:<5d} stream step  {r['peer']} {r['torch_nn_us']:8.1f} us  "
+                  f"ours {r['rnnattn_us']:8.1f} us  {r['ratio']:.2f}x", flush=True)
+    write_results(args, "step", info, repeats, rows, markdown_table(rows, info, args.device, args.dtype))
+
+
+if __name__ == "__main__":
+    main()
