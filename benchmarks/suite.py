@@ -92,9 +92,13 @@ def _drop_device_line(table: str) -> str:
     return table.split("\n", 2)[2]
 
 
-def plot(runs: list[dict], path: str) -> None:
-    """One panel per device and dtype: every row's speed-up over its peer, log scale, 1x marked."""
-    import matplotlib
+def plot(runs: list[dict], path: str) -> bool:
+    """One panel per device and dtype: every row's speed-up over its peer, log scale, 1x marked.
+    False (and no file) when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -121,6 +125,7 @@ def plot(runs: list[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def _bars(run: dict) -> list[tuple[str, float, str]]:
@@ -167,10 +172,10 @@ def main(argv=None):
     table = markdown(runs)
     with open(stem + ".md", "w") as f:
         f.write(table + "\n")
-    plot(runs, stem + ".png")
+    plotted = plot(runs, stem + ".png")
     print()
     print(table)
-    print(f"\nwrote {stem}.json, {stem}.md, {stem}.png")
+    print(f"\nwrote {stem}.json, {stem}.md" + (f", {stem}.png" if plotted else " (no plot: matplotlib is not installed)"))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Sets everything up (scripts/setup.sh) and runs the recurrent-layer benchmark against torch.nn.
-# Extra arguments go to benchmarks/bench_recurrent.py (e.g. --device cuda --dtype bfloat16).
+# Sets everything up (scripts/setup.sh) and runs the whole speed suite (benchmarks/suite.py): every
+# cell against its peer on the CPU and, when visible, the GPU; JSON, markdown and PNG under
+# benchmarks/results/. Extra arguments go to the suite (e.g. --devices cuda --name suite_h100).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec "${RNNATTN_VENV:-.venv}/bin/python" benchmarks/bench_recurrent.py "$@"
+exec "${RNNATTN_VENV:-.venv}/bin/python" benchmarks/suite.py "$@"

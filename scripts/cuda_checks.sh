@@ -31,10 +31,6 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
 fi
 
 if [ -z "${RNNATTN_SKIP_BENCH:-}" ]; then
-  for dtype in float32 bfloat16; do
-    echo "== benchmark cuda $dtype"
-    "$python" benchmarks/bench_recurrent.py --device cuda --dtype "$dtype" --out "$out" | tail -30
-    echo "== attention cell benchmark cuda $dtype"
-    "$python" benchmarks/bench_attention.py --device cuda --dtype "$dtype" --cells lstm,gru --out "$out" | tail -8
-  done
+  echo "== speed suite, cuda float32 and bfloat16"
+  "$python" benchmarks/suite.py --devices cuda --out "$out" --name suite_cuda | tail -60
 fi
