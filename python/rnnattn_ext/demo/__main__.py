@@ -155,8 +155,10 @@ def main(argv=None) -> dict:
     summary = {
         "rnnattn_ext": __version__, "torch": torch.__version__, "python": platform.python_version(),
         "device": str(device), "cpu_threads": torch.get_num_threads(), "config": asdict(config),
-        "corpus": {"source": f"the .py files of the Python {platform.python_version()} standard library", "train_chars": corpus.train.numel(), "train_files": len(corpus.train_files),
-                   "held_out_chars": corpus.held_out.numel(), "held_out_files": [os.path.relpath(p, corpus.root) for p in corpus.held_out_files],
+        "corpus": {"source": f"the .py files of the Python {platform.python_version()} standard library",
+                   "train_chars": corpus.train.numel(), "train_files": len(corpus.train_files),
+                   "held_out_chars": corpus.held_out.numel(),
+                   "held_out_files": [os.path.relpath(p, corpus.root) for p in corpus.held_out_files],
                    "final_eval_chars": final_windows[:, 1:].numel()},
         "equal_time_seconds": common_seconds, "models": results, "best": best,
         "sample": {"model": best, "prompt": args.prompt, "temperature": args.temperature, "text": sample,
