@@ -58,6 +58,9 @@ LayerShape check_layer_forward(const char* op, int gates, const Tensor& input, c
                                const std::optional<Tensor>& bias_hh, const std::optional<Tensor>& weight_hr) {
   TORCH_CHECK_VALUE(input.defined(), op, ": input must be a tensor, got None");
   TORCH_CHECK_VALUE(input.dim() == 3, op, ": input must be 3-D (T, B, I), got shape ", input.sizes());
+  // As torch.nn: a sequence has at least one step (B = 0 is fine: an empty batch).
+  TORCH_CHECK_VALUE(input.size(0) >= 1, op, ": input must have at least one time step (T >= 1), got shape ",
+                    input.sizes());
   check_dtype_supported(op, input);
   int64_t H = 0, P = 0;
   if (weight_hr) {
@@ -119,7 +122,8 @@ LayerShape check_layer_backward(const char* op, int gates, int workspace_planes,
                     workspace.numel() == 0 ? " (empty: the forward ran with training=False, which saves nothing "
                                              "for backward; run it with training=True)"
                                            : "");
-  check_same_kind(op, "workspace", workspace, input);  return s;
+  check_same_kind(op, "workspace", workspace, input);
+  return s;
 }
 
 void check_attention(const char* op, int gates, const LayerShape& shape, const Tensor& input,
@@ -133,8 +137,8 @@ void check_attention(const char* op, int gates, const LayerShape& shape, const T
   check_shape(op, "weight_q", a.weight_q, {D, HS}, projected ? "(D, P)" : "(D, H)");
   check_same_kind(op, "weight_q", a.weight_q, input);
   TORCH_CHECK_VALUE(a.num_heads >= 1, op, ": num_heads must be >= 1, got ", a.num_heads);
-  TORCH_CHECK_VALUE(D % a.num_heads == 0, op, ": num_heads must divide the attention width D = ", D, ", got num_heads = ",
-                    a.num_heads);
+  TORCH_CHECK_VALUE(D % a.num_heads == 0, op, ": num_heads must divide the attention width D = weight_q.size(0) = ", D,
+                    ", got num_heads = ", a.num_heads);
   int64_t M = HS;
   if (a.memory) {
     const Tensor& memory = *a.memory;

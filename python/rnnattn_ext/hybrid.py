@@ -96,9 +96,7 @@ class HybridBlock(nn.Module):
 
         q, k, v = heads(self.query(seq)), heads(self.key(seq)), heads(self.value(seq))
         mask = causal_window_mask(steps, self.window, seq.device)
-        if steps == 0:
-            attended = q
-        elif mask is None:
+        if mask is None:
             attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
