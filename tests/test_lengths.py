@@ -149,19 +149,23 @@ def test_lengths_errors_name_the_argument():
 
 # ---- the attention-augmented cell ----
 
-ATTENTION_CASES = [(None, None), (None, 1), (None, 3), (4, None)]  # (memory slots or self, window)
+# (memory slots or self, window, external memory lengths): an external memory with and without its
+# own lengths (without them, a reverse row that starts late once skipped memory slots).
+ATTENTION_CASES = [(None, None, None), (None, 1, None), (None, 3, None), (4, None, [2, 4, 1, 3, 4, 1]),
+                   (4, None, None)]
 
 
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-@pytest.mark.parametrize("memory,window", ATTENTION_CASES, ids=["self", "self-w1", "self-w3", "external"])
+@pytest.mark.parametrize("memory,window,memory_lengths", ATTENTION_CASES,
+                         ids=["self", "self-w1", "self-w3", "external", "external-all-slots"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_attention_with_lengths_matches_reference(cell, memory, window, reverse, device):
+def test_attention_with_lengths_matches_reference(cell, memory, window, memory_lengths, reverse, device):
     gen = torch.Generator().manual_seed(16)
     batch = len(LENGTHS_7)
     x, states, weights, mem = attention_args(cell, 7, batch, 3, 8, 2, 4, memory, device=device, generator=gen)
     lengths = _lengths(LENGTHS_7, device)
-    mem_lengths = _lengths([2, 4, 1, 3, 4, 1], device) if memory else None
+    mem_lengths = _lengths(memory_lengths, device) if memory_lengths else None
     out, finals, context, attention = functional.attention_layer(
         cell, x, states, weights, 2, window, mem, mem_lengths, reverse=reverse, need_weights=True, lengths=lengths)
     ref = reference.attention_layer(cell, x, states, *weights, 2, window, mem, mem_lengths, reverse=reverse,

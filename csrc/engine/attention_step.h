@@ -26,8 +26,9 @@ struct AttentionStepArgs {
   const T* keys;
   const T* values;
   int64_t slot_stride, row_stride;
-  int64_t first_slot, end_slot;  // self memory: every row reads slots [first_slot, end_slot)
-  const int64_t* lengths;        // external memory: row b reads slots [0, lengths[b]); nullptr for self memory
+  bool self_memory;              // the slots are the cell's past states (else an external memory)
+  int64_t first_slot, end_slot;  // every row reads slots [first_slot, end_slot) (external: [0, S))...
+  const int64_t* lengths;        // ...except with an external memory's lengths: row b reads [0, lengths[b])
   // Variable lengths (SPEC): row b attends only at its valid steps (time < sequence_lengths[b]; the
   // others read no slot and get a zero context). Self memory in reverse also starts each row's memory
   // at its own first step: slot steps - sequence_lengths[b] holds its h_0.
@@ -81,13 +82,13 @@ RNNATTN_HD A dot(const T* x, const T* y, int64_t n) {
 // The slots row b reads.
 template <typename T>
 RNNATTN_HD void slot_range(const AttentionStepArgs<T>& a, int64_t b, int64_t& first, int64_t& end) {
-  first = a.lengths != nullptr ? 0 : a.first_slot;
+  first = a.first_slot;
   end = a.lengths != nullptr ? a.lengths[b] : a.end_slot;
   if (a.sequence_lengths != nullptr) {
     const int64_t valid = a.sequence_lengths[b];
     if (a.time >= valid) {
       first = end = 0;
-    } else if (a.lengths == nullptr && a.reverse && first < a.steps - valid) {
+    } else if (a.self_memory && a.reverse && first < a.steps - valid) {
       first = a.steps - valid;
     }
   }
@@ -151,7 +152,7 @@ RNNATTN_HD void attend_forward(const AttentionStepArgs<T>& a, int64_t b, int64_t
   const A* p = softmax_weights<T, A>(a, q, b, h, first, end);
   combine_slots(a, a.values, b, col, p, first, end, a.context + b * a.context_stride + col);
   if (a.weights != nullptr) {
-    const int64_t offset = a.lengths != nullptr ? 0 : a.weight_slots - (end - first);
+    const int64_t offset = a.self_memory ? a.weight_slots - (end - first) : 0;
     T* w = a.weights + (b * a.heads + h) * a.weight_slots + offset;
     for (int64_t i = 0; i < end - first; ++i) w[i] = IO::store(p[i]);
   }

@@ -408,6 +408,7 @@ AttentionStepArgs<T> attention_step_args(const AttentionGeometry& g, const UnitB
   a.scratch_slots = std::max<int64_t>(1, g.read_slots);
   a.slot_stride = batch * g.width;
   a.row_stride = g.width;
+  a.self_memory = g.self_memory;
   a.first_slot = g.self_memory ? g.first_slot(k) : 0;
   a.end_slot = g.self_memory ? g.new_slot(k) + 1 : g.slots;
   a.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
