@@ -52,12 +52,15 @@ RNNATTN_HD ExpParts exp_parts(float x) {
   return parts;
 }
 
-// Comparisons with NaN are false, so the clamps below pass a NaN through unchanged.
+// Comparisons with NaN are false, so the clamps below pass a NaN through unchanged. Past the float
+// range the result is +inf, as expf's: sigmoid(-inf) is then exactly 0, and 0 * inf stays NaN
+// downstream as it does in torch.
 RNNATTN_HD float fast_exp(float x) {
-  x = x < -87.3f ? -87.3f : x;
-  x = x > 88.3f ? 88.3f : x;
-  const ExpParts e = exp_parts(x);
-  return (e.m + 1.f) * e.scale;
+  float clamped = x < -87.3f ? -87.3f : x;
+  clamped = clamped > 88.3f ? 88.3f : clamped;
+  const ExpParts e = exp_parts(clamped);
+  const float value = (e.m + 1.f) * e.scale;
+  return x > 88.7228394f ? INFINITY : value;
 }
 
 // e^x - 1 for x <= 0, accurate near 0: 2^n m + (2^n - 1).
