@@ -20,15 +20,12 @@ echo "== build (architectures $RNNATTN_CUDA_ARCHS)"
 echo "== tests"
 "$python" -m pytest -q tests 2>&1 | tee "$out/tests.log" | tail -5
 
-if command -v compute-sanitizer >/dev/null 2>&1; then
-  for tool in memcheck racecheck; do
-    echo "== compute-sanitizer --tool $tool (CUDA tests)"
-    compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all \
-      "$python" -m pytest -q -x -p no:cacheprovider tests/test_cuda.py -k "not accuracy" \
-      >"$out/sanitizer_$tool.log" 2>&1
-    echo "exit $? ; $(grep -E 'ERROR SUMMARY|passed|failed' "$out/sanitizer_$tool.log" | tail -3 | tr '\n' ' ')"
-  done
-fi
+echo "== compute-sanitizer (memcheck, racecheck) over the CUDA tests"
+PYTHON="$python" bash scripts/cuda_sanitizer.sh "$out"
+
+echo "== fuzzing on the GPU (20,000 cases)"
+RNNATTN_FUZZ_DEVICE=cuda RNNATTN_FUZZ_EXAMPLES=20000 "$python" -m pytest -q -p no:cacheprovider tests/test_fuzz.py \
+  2>&1 | tail -3
 
 if [ -z "${RNNATTN_SKIP_BENCH:-}" ]; then
   echo "== speed suite, cuda float32 and bfloat16"

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Runs the CUDA tests under compute-sanitizer, memcheck and racecheck (and initcheck and synccheck
+# with --all), and writes a summary: one line per tool with its exit status, error summary and the
+# tests' pass/fail line. Needs a GPU, compute-sanitizer and an installed build.
+#
+#   bash scripts/cuda_sanitizer.sh [OUT_DIR] [--all]      (default OUT_DIR: sanitizer_out)
+#
+# The tests run are those of the `cuda` marker outside the accuracy sweeps (long under the sanitizer).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-sanitizer_out}"
+tools="memcheck racecheck"
+if [ "${2:-}" = "--all" ]; then tools="memcheck racecheck initcheck synccheck"; fi
+python="${PYTHON:-python3}"
+mkdir -p "$out"
+if ! command -v compute-sanitizer >/dev/null 2>&1; then
+  echo "compute-sanitizer is not on PATH (it ships with the CUDA toolkit, in bin/)" >&2
+  exit 2
+fi
+if ! "$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "no CUDA device is visible" >&2
+  exit 2
+fi
+summary="$out/sanitizer_summary.txt"
+{
+  echo "compute-sanitizer over the CUDA tests ($(date -u '+%Y-%m-%d %H:%M UTC'))"
+  "$python" -c "import torch; print('GPU', torch.cuda.get_device_name(), '| torch', torch.__version__, '| CUDA', torch.version.cuda)"
+} >"$summary"
+status=0
+for tool in $tools; do
+  log="$out/sanitizer_$tool.log"
+  compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all \
+    "$python" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py tests/test_bad_inputs.py \
+    tests/test_determinism.py -k "not accuracy" >"$log" 2>&1
+  code=$?
+  [ $code -eq 0 ] || status=1
+  echo "$tool: exit $code | $(grep -E 'ERROR SUMMARY' "$log" | tail -1) | $(grep -E '[0-9]+ (passed|failed)' "$log" | tail -1)" >>"$summary"
+done
+cat "$summary"
+exit $status
