@@ -203,16 +203,19 @@ def test_thread_count_does_not_change_results(threads):
 
 @pytest.mark.parametrize("memory", [None, 3], ids=["self", "external"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_empty_time_and_batch(cell, memory):
-    for steps, batch in ((0, 3), (4, 0)):
-        x, states, weights, mem = attention_args(cell, steps, batch, 4, 6, 2, 2, memory)
-        out, finals, ctx, att = functional.attention_layer(cell, x, states, weights, 2, None, mem, need_weights=True)
-        assert out.shape == (steps, batch, 6) and ctx.shape == (steps, batch, 4)
-        for f, s in zip(finals, states):
-            assert torch.equal(f, s)
-        loss = out.sum() + ctx.sum() + sum(f.sum() for f in finals)
-        loss.backward()
-        assert x.grad.shape == x.shape
+def test_empty_batch_works_and_empty_time_is_refused(cell, memory):
+    # As torch.nn: an empty batch gives empty results, a sequence of no steps is an error.
+    x, states, weights, mem = attention_args(cell, 4, 0, 4, 6, 2, 2, memory)
+    out, finals, ctx, att = functional.attention_layer(cell, x, states, weights, 2, None, mem, need_weights=True)
+    assert out.shape == (4, 0, 6) and ctx.shape == (4, 0, 4)
+    for f, s in zip(finals, states):
+        assert torch.equal(f, s)
+    loss = out.sum() + ctx.sum() + sum(f.sum() for f in finals)
+    loss.backward()
+    assert x.grad.shape == x.shape
+    x, states, weights, mem = attention_args(cell, 0, 3, 4, 6, 2, 2, memory)
+    with pytest.raises(ValueError, match=r"input must have at least one time step \(T >= 1\)"):
+        functional.attention_layer(cell, x, states, weights, 2, None, mem)
 
 
 def test_context_gradient_alone_reaches_every_weight():

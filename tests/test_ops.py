@@ -182,14 +182,11 @@ def test_non_contiguous_inputs(cell, device):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_empty_sequence_and_batch(cell):
+def test_empty_sequence_is_refused_and_empty_batch_works(cell):
+    # As torch.nn: "Expected sequence length to be larger than 0" for T = 0; B = 0 gives empty results.
     x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, 0, 2, 3, 4, requires_grad=True)
-    out, finals = functional.layer(cell, x, states, w_ih, w_hh, b_ih, b_hh)
-    assert out.shape == (0, 2, 4)
-    for f, s in zip(finals, states):
-        assert torch.equal(f, s)
-    (out.sum() + sum(f.sum() for f in finals)).backward()
-    assert torch.equal(states[0].grad, torch.ones_like(states[0]))
+    with pytest.raises(ValueError, match=r"input must have at least one time step \(T >= 1\), got shape \[0, 2, 3\]"):
+        functional.layer(cell, x, states, w_ih, w_hh, b_ih, b_hh)
     x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, 3, 0, 3, 4, requires_grad=True)
     out, finals = functional.layer(cell, x, states, w_ih, w_hh, b_ih, b_hh)
     assert out.shape == (3, 0, 4)
