@@ -49,7 +49,9 @@ def run_device(device: str, dtype: torch.dtype, quick: bool, progress) -> dict:
     repeats = {"recurrent": 1 if quick else 7 if cpu else 20, "attention": 1 if quick else 5 if cpu else 10,
                "step": 1 if quick else 15}
     warmup = 0 if quick else 1
-    recurrent_shapes = QUICK["recurrent"] if quick else bench_recurrent.DEFAULT_SHAPES + ([] if cpu else CUDA_EXTRA_SHAPES)
+    recurrent_shapes = bench_recurrent.DEFAULT_SHAPES + ([] if cpu else CUDA_EXTRA_SHAPES)
+    if quick:
+        recurrent_shapes = QUICK["recurrent"]
     sections = {"recurrent": [], "attention": [], "step": []}
     for cell in RECURRENT_CELLS:
         for shape in recurrent_shapes:
@@ -175,7 +177,8 @@ def main(argv=None):
     plotted = plot(runs, stem + ".png")
     print()
     print(table)
-    print(f"\nwrote {stem}.json, {stem}.md" + (f", {stem}.png" if plotted else " (no plot: matplotlib is not installed)"))
+    plot_note = f", {stem}.png" if plotted else " (no plot: matplotlib is not installed)"
+    print(f"\nwrote {stem}.json, {stem}.md{plot_note}")
 
 
 if __name__ == "__main__":

@@ -224,7 +224,8 @@ def test_an_argument_on_another_device_is_named(cell, attention, projected, back
 
 # Modules: what a user passes wrongly, and what the message says.
 MODULE_CASES = [
-    ("LSTM", lambda: torch.randn(4, 3, 6), {}, ValueError, r"input.size\(-1\) must be equal to input_size. Expected 5, got 6"),
+    ("LSTM", lambda: torch.randn(4, 3, 6), {}, ValueError,
+     r"input.size\(-1\) must be equal to input_size. Expected 5, got 6"),
     ("LSTM", lambda: torch.randn(4, 3, 5, 1), {}, ValueError, "expected input to be 2-D .* or 3-D .*, got 4-D"),
     ("LSTM", lambda: torch.randn(0, 3, 5), {}, ValueError, r"at least one time step \(T >= 1"),
     ("LSTM", lambda: torch.randn(4, 3, 5), {"hx": (torch.zeros(1, 2, 8), torch.zeros(1, 3, 8))}, ValueError,

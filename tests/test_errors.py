@@ -54,7 +54,8 @@ def _attention_op_args(cell="gru", memory=None):
 
 
 @pytest.mark.parametrize("change,error,match", [
-    (lambda a: a.update(heads=3), ValueError, "num_heads must divide the attention width D = weight_q.size\\(0\\) = 4, got num_heads = 3"),
+    (lambda a: a.update(heads=3), ValueError,
+     "num_heads must divide the attention width D = weight_q.size\\(0\\) = 4, got num_heads = 3"),
     (lambda a: a.update(heads=0), ValueError, "num_heads must be >= 1, got 0"),
     (lambda a: a.update(window=0), ValueError, "window must be >= 1 or None \\(unbounded\\), got 0"),
     (lambda a: a["weights"].__setitem__(4, torch.zeros(4, 5, dtype=torch.float64)), ValueError,

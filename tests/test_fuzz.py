@@ -83,7 +83,8 @@ def build(case):
         leaves["weight_q"], leaves["weight_k"] = rand(D, HS, scale=2 * HS ** -0.5), rand(D, M, scale=2 * M ** -0.5)
         leaves["weight_v"], leaves["weight_c"] = rand(D, M, scale=M ** -0.5), rand(G * H, D, scale=D ** -0.5)
         if case["bias"]:
-            leaves["bias_q"], leaves["bias_k"], leaves["bias_v"] = rand(D, scale=0.5), rand(D, scale=0.5), rand(D, scale=0.5)
+            for name in ("bias_q", "bias_k", "bias_v"):
+                leaves[name] = rand(D, scale=0.5)
         if case["attention"] == "external":
             leaves["memory"] = rand(case["memory_slots"], B, M)
     return leaves

@@ -45,7 +45,8 @@ def test_no_memory_growth_over_10000_training_calls():
     numbers = run("""
         models = [rnnattn_ext.LSTM(6, 12, num_layers=2, bidirectional=True), rnnattn_ext.GRU(6, 12),
                   rnnattn_ext.RNN(6, 12, nonlinearity="relu"), rnnattn_ext.LSTM(6, 12, proj_size=5),
-                  rnnattn_ext.AttnLSTM(6, 12, num_heads=2, window=3), rnnattn_ext.AttnGRU(6, 12, num_heads=2, memory_size=4)]
+                  rnnattn_ext.AttnLSTM(6, 12, num_heads=2, window=3),
+                  rnnattn_ext.AttnGRU(6, 12, num_heads=2, memory_size=4)]
         x = torch.randn(7, 3, 6, requires_grad=True)
         memory = torch.randn(5, 3, 4, requires_grad=True)
         lengths = torch.tensor([7, 2, 5])
@@ -91,7 +92,8 @@ def test_100000_steps_of_inference_in_memory_linear_in_t(module):
     # Inference keeps the output (and the attention cell's keys and values: one slot per step), not
     # per-step activations: the peak grows with T at a few output-sized buffers.
     numbers = run(f"""
-        make = {{"LSTM": lambda: rnnattn_ext.LSTM(8, 16), "AttnLSTM": lambda: rnnattn_ext.AttnLSTM(8, 16, num_heads=2, window=16)}}
+        make = {{"LSTM": lambda: rnnattn_ext.LSTM(8, 16),
+                 "AttnLSTM": lambda: rnnattn_ext.AttnLSTM(8, 16, num_heads=2, window=16)}}
         model = make["{module}"]()
         with torch.no_grad():
             model(torch.randn(100, 1, 8))
@@ -110,7 +112,8 @@ def test_100000_steps_of_inference_in_memory_linear_in_t(module):
 @pytest.mark.parametrize("module", ["GRU", "AttnLSTM"])
 def test_streaming_100000_steps_in_constant_memory(module):
     numbers = run(f"""
-        make = {{"GRU": lambda: rnnattn_ext.GRU(8, 16), "AttnLSTM": lambda: rnnattn_ext.AttnLSTM(8, 16, num_heads=2, window=16)}}
+        make = {{"GRU": lambda: rnnattn_ext.GRU(8, 16),
+                 "AttnLSTM": lambda: rnnattn_ext.AttnLSTM(8, 16, num_heads=2, window=16)}}
         model = make["{module}"]()
         chunk = torch.randn(1000, 1, 8)
         state = None

@@ -139,7 +139,9 @@ PackedMatrix pack_matrix(const float* m, const int64_t* row_index, int64_t n, in
     if (stride_k == 1 && width == kPanelWidth) {
       // Rows contiguous in memory, the usual case: 8 x 8 tiles transposed in registers.
       for (; done + 8 <= k; done += 8) {
-        for (int64_t i = 0; i < kPanelWidth; i += 8) transpose_tile8(rows + i, done, panel + done * kPanelWidth + i, kPanelWidth);
+        for (int64_t i = 0; i < kPanelWidth; i += 8) {
+          transpose_tile8(rows + i, done, panel + done * kPanelWidth + i, kPanelWidth);
+        }
       }
     }
 #endif

@@ -120,10 +120,12 @@ def main(argv=None) -> dict:
     check_dependencies()
     device = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)
-    print(f"rnnattn_ext {__version__}, torch {torch.__version__}, device {device}, {torch.get_num_threads()} CPU threads")
+    print(f"rnnattn_ext {__version__}, torch {torch.__version__}, device {device}, "
+          f"{torch.get_num_threads()} CPU threads")
     corpus = data.load_corpus(config.seed, config.max_chars)
     print(f"text: {corpus.train.numel():,} training characters from {len(corpus.train_files)} files, "
-          f"{corpus.held_out.numel():,} held-out characters from {len(corpus.held_out_files)} other files of {corpus.root}")
+          f"{corpus.held_out.numel():,} held-out characters from {len(corpus.held_out_files)} other files of "
+          f"{corpus.root}")
     print(f"{config.steps} steps of {config.batch} x {config.seq_len} characters per model", flush=True)
 
     histories, models = {}, {}
@@ -175,8 +177,8 @@ def main(argv=None) -> dict:
           f"held-out bits/char after {common_seconds:.0f} s | tokens/s |")
     print("|---|---:|---:|---:|---:|")
     for kind, r in results.items():
-        print(f"| {r['label']} | {r['parameters']:,} | {r['held_out_bpc']:.3f} | {r['held_out_bpc_at_equal_time']:.3f} | "
-              f"{r['tokens_per_second']:,.0f} |")
+        print(f"| {r['label']} | {r['parameters']:,} | {r['held_out_bpc']:.3f} | "
+              f"{r['held_out_bpc_at_equal_time']:.3f} | {r['tokens_per_second']:,.0f} |")
     print(f"\n(held-out: {final_windows[:, 1:].numel():,} characters of files no model trained on; the equal-time "
           f"column reads each model's learning curve, measured on {min(config.eval_windows, final_windows.shape[0])} "
           f"windows, at the training time of the fastest)")

@@ -85,7 +85,8 @@ def save_checkpoint(path: str, model: CharModel, optimizer, step: int, history: 
 def load_checkpoint(path: str, model: CharModel, optimizer, config: Config) -> tuple[int, History]:
     saved = torch.load(path, map_location=model.head.weight.device, weights_only=False)
     shape_keys = ("batch", "seq_len", "embed", "hidden", "layers", "heads", "head_dim", "window", "seed")
-    different = {k: (saved["config"][k], getattr(config, k)) for k in shape_keys if saved["config"][k] != getattr(config, k)}
+    different = {k: (saved["config"][k], getattr(config, k)) for k in shape_keys
+                 if saved["config"][k] != getattr(config, k)}
     if different:
         raise ValueError(f"rnnattn_ext.demo: checkpoint {path} was trained with other settings "
                          f"(saved, now): {different}; use the same settings or another --out folder")
