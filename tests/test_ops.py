@@ -205,3 +205,25 @@ def test_bitwise_deterministic(cell):
         results.append([out, *finals, *grads(out.square().sum(), inputs)])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+# A one-step float32 call at up to 4 rows multiplies each weight once, reading it in place instead
+# of packing it (csrc/engine/cpu/packed_gemm.h, gemm_rows); 5 rows go back to packing. Widths with
+# tails (H = 13: 4-row groups and 8-lane runs both partial; 70: two unequal blocks with 2 threads),
+# and a transposed weight, which cannot be read in place.
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("hidden", [13, 70])
+@pytest.mark.parametrize("cell", CELLS)
+def test_single_step_matches_reference(cell, hidden, batch, transposed):
+    gen = torch.Generator().manual_seed(hidden + batch)
+    x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, 1, batch, 11, hidden, torch.float32, generator=gen,
+                                                   requires_grad=False)
+    if transposed:
+        w_ih, w_hh = w_ih.t().contiguous().t(), w_hh.t().contiguous().t()
+    out, finals = functional.layer(cell, x, states, w_ih, w_hh, b_ih, b_hh)
+    ref_out, ref_finals = reference.layer(cell, x.double(), [s.double() for s in states], w_ih.double(),
+                                          w_hh.double(), b_ih.double(), b_hh.double())
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-6, rtol=1e-5)
+    for f, rf in zip(finals, ref_finals):
+        torch.testing.assert_close(f.double(), rf, atol=2e-6, rtol=1e-5)

@@ -160,39 +160,61 @@ struct Operand {
   Tensor view() const { return base.as_strided({rows, cols}, {ld, 1}, base.storage_offset() + offset); }
 };
 
+// How a block's constant matrix enters its products: through ATen (double, CUDA), packed into panels
+// for our CPU kernel (float, used many times), or read in place by our CPU kernel (float, used
+// once at a few rows: one streaming step, where packing would cost more than the product).
+enum class MatrixForm { aten, packed, in_place };
+
+// The form of a float CPU matrix used `uses` times at `rows` rows each (ATen for the rest).
+MatrixForm matrix_form(bool packed_gemm, int64_t uses, int64_t rows) {
+  if (!packed_gemm) return MatrixForm::aten;
+  return uses == 1 && rows <= cpu::kRowsGemmMaxRows ? MatrixForm::in_place : MatrixForm::packed;
+}
+
 // One block's constant right-hand side M (n x k) of the per-step products out = a @ M^T (+ bias).
 // The packed form is filled by prepare(), which the block's own thread calls inside the team: the
 // packing runs in parallel and lands in that core's cache.
 struct BlockMatrix {
-  bool packed = false;
-  Tensor source;                      // packed: M, or the matrix whose rows row_index picks
-  const int64_t* row_index = nullptr;  // packed: row i of M is source's row row_index[i] (null: row i)
-  int64_t n = 0;                       // packed: rows of M
+  MatrixForm form = MatrixForm::aten;
+  Tensor source;                       // packed, in place: M, or the matrix whose rows row_index picks
+  const int64_t* row_index = nullptr;  // row i of M is source's row row_index[i] (null: row i)
+  int64_t n = 0;                       // rows of M
   float* storage = nullptr;            // packed: room for the panels
   cpu::PackedMatrix panels;            // packed, after prepare()
   Tensor transposed;                   // ATen: M^T (k x n)
   Tensor bias;                         // (n) or undefined
 
   void prepare() {
-    if (packed) {
+    if (form == MatrixForm::packed) {
       panels = cpu::pack_matrix(ptr<float>(source), row_index, n, source.size(1), source.stride(0), source.stride(1),
                                 storage);
     }
   }
 };
 
-BlockMatrix block_matrix(const Tensor& m, const std::optional<Tensor>& bias, bool packed, CallScratch& scratch) {
+// `rows` rows of M from `source`: rows [0, rows) or, with row_index, those it names.
+BlockMatrix block_matrix(const Tensor& source, const int64_t* row_index, int64_t rows,
+                         const std::optional<Tensor>& bias, MatrixForm form, CallScratch& scratch) {
   BlockMatrix result;
-  result.packed = packed;
+  // Reading in place needs contiguous rows; a strided weight is packed instead.
+  result.form = form == MatrixForm::in_place && source.stride(1) != 1 ? MatrixForm::packed : form;
   if (bias) result.bias = bias->contiguous();
-  if (packed) {
-    result.source = m;
-    result.n = m.size(0);
-    result.storage = scratch.floats(cpu::PackedMatrix::floats_needed(m.size(0), m.size(1)));
-  } else {
-    result.transposed = m.t();
+  result.n = rows;
+  if (result.form == MatrixForm::aten) {
+    TORCH_INTERNAL_ASSERT(row_index == nullptr);
+    result.transposed = source.narrow(0, 0, rows).t();
+    return result;
+  }
+  result.source = source;
+  result.row_index = row_index;
+  if (result.form == MatrixForm::packed) {
+    result.storage = scratch.floats(cpu::PackedMatrix::floats_needed(rows, source.size(1)));
   }
   return result;
+}
+
+BlockMatrix block_matrix(const Tensor& m, const std::optional<Tensor>& bias, MatrixForm form, CallScratch& scratch) {
+  return block_matrix(m, nullptr, m.size(0), bias, form, scratch);
 }
 
 // Rows [first, first + count) of M's rows permuted by `order` (unit_blocks.h; undefined: M's own order).
@@ -202,31 +224,30 @@ struct PermutedRows {
   int64_t first, count;
 };
 
-// The block's rows of a weight in block order. Packing reads them through the permutation from the
-// caller's weight: no permuted copy of the whole weight is made (a copy costs as much as a packing,
-// which matters to short calls such as one streaming step).
-BlockMatrix block_matrix(const PermutedRows& rows, const std::optional<Tensor>& bias, bool packed,
+// The block's rows of a weight in block order. Our kernels read them through the permutation from
+// the caller's weight: no permuted copy of the whole weight is made (a copy costs as much as a
+// packing, which matters to short calls such as one streaming step).
+BlockMatrix block_matrix(const PermutedRows& rows, const std::optional<Tensor>& bias, MatrixForm form,
                          CallScratch& scratch) {
-  if (!rows.order.defined()) return block_matrix(rows.m.narrow(0, rows.first, rows.count), bias, packed, scratch);
-  if (!packed) {
-    return block_matrix(rows.m.index_select(0, rows.order.narrow(0, rows.first, rows.count)), bias, packed, scratch);
+  if (!rows.order.defined()) return block_matrix(rows.m.narrow(0, rows.first, rows.count), bias, form, scratch);
+  if (form == MatrixForm::aten) {
+    return block_matrix(rows.m.index_select(0, rows.order.narrow(0, rows.first, rows.count)), bias, form, scratch);
   }
-  BlockMatrix result;
-  result.packed = true;
-  if (bias) result.bias = bias->contiguous();
-  result.source = rows.m;
-  result.row_index = rows.order.data_ptr<int64_t>() + rows.first;
-  result.n = rows.count;
-  result.storage = scratch.floats(cpu::PackedMatrix::floats_needed(rows.count, rows.m.size(1)));
-  return result;
+  return block_matrix(rows.m, rows.order.data_ptr<int64_t>() + rows.first, rows.count, bias, form, scratch);
 }
 
 // out = a @ M^T (+ bias), or out += a @ M^T with accumulate (ATen path only).
 void multiply(const BlockMatrix& m, const Operand& a, const Operand& out, bool accumulate = false) {
-  if (m.packed) {
+  const float* bias = m.form != MatrixForm::aten && m.bias.defined() ? ptr<float>(m.bias) : nullptr;
+  if (m.form == MatrixForm::packed) {
     TORCH_INTERNAL_ASSERT(!accumulate);
-    cpu::gemm_packed_fn()(a.data<float>(), a.rows, a.ld, m.panels,
-                          m.bias.defined() ? ptr<float>(m.bias) : nullptr, out.data<float>(), out.ld);
+    cpu::gemm_packed_fn()(a.data<float>(), a.rows, a.ld, m.panels, bias, out.data<float>(), out.ld);
+    return;
+  }
+  if (m.form == MatrixForm::in_place) {
+    TORCH_INTERNAL_ASSERT(!accumulate);
+    const cpu::RowsMatrix rows{ptr<float>(m.source), m.row_index, m.n, m.source.size(1), m.source.stride(0)};
+    cpu::gemm_rows_fn()(a.data<float>(), a.rows, a.ld, rows, bias, out.data<float>(), out.ld);
     return;
   }
   Tensor result = out.view();
@@ -460,10 +481,14 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   const std::optional<Tensor> b_rec =
       b_rec_plain ? std::optional<Tensor>(blocks.permute_rec_rows(*b_rec_plain)) : std::nullopt;
   const bool packed = uses_packed_gemm(input);
+  // The per-step matrices (W_rec, W_c, W_hr): one product of B rows per step.
+  const MatrixForm step_form = matrix_form(packed, T, B);
   // The input projection (b_ih folded in), a chunk of steps at a time, each block its own gate rows.
-  // A single block projects with ATen, which uses every thread.
+  // A single block projects with ATen, which uses every thread (except for a product too small to
+  // be worth packing or threading).
   const int64_t chunk = chunk_steps(input, T, B, GH, kForwardChunkBytes);
-  const bool ih_packed = packed && blocks.count() > 1;
+  MatrixForm ih_form = matrix_form(packed, (T + chunk - 1) / chunk, chunk * B);
+  if (ih_form == MatrixForm::packed && blocks.count() == 1) ih_form = MatrixForm::aten;
   auto rows_of = [](const std::optional<Tensor>& t, int64_t first, int64_t count) {
     return t ? std::optional<Tensor>(t->narrow(0, first, count)) : std::nullopt;
   };
@@ -475,18 +500,18 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
     if (projected) {
       // Per step and block: its columns of y_t = m_t @ W_hr^T (every unit of m_t).
       const auto [p0, p1] = column_share(blocks, c, HS);
-      proj_matrix.push_back(block_matrix(w_hr.narrow(0, p0, p1 - p0), std::nullopt, packed, temp));
+      proj_matrix.push_back(block_matrix(w_hr.narrow(0, p0, p1 - p0), std::nullopt, step_form, temp));
     }
     ih_matrix.push_back(block_matrix(PermutedRows{w_ih, blocks.order, blocks.row0(c), blocks.rows(c)},
-                                     rows_of(b_ih, blocks.row0(c), blocks.rows(c)), ih_packed, temp));
+                                     rows_of(b_ih, blocks.row0(c), blocks.rows(c)), ih_form, temp));
     xproj.push_back(temp.empty({chunk * B, blocks.rows(c)}));
     rec_matrix.push_back(block_matrix(PermutedRows{w_rec, blocks.rec_order, blocks.rec_row0(c), blocks.rec_rows(c)},
-                                      rows_of(b_rec, blocks.rec_row0(c), blocks.rec_rows(c)), packed, temp));
+                                      rows_of(b_rec, blocks.rec_row0(c), blocks.rec_rows(c)), step_form, temp));
     hproj.push_back(temp.empty({B, blocks.rec_rows(c)}));
     if (geo.enabled) {
       // Per step and block: ctx_t @ W_c^T, the block's gate rows.
       ctx_matrix.push_back(block_matrix(PermutedRows{w_c, blocks.order, blocks.row0(c), blocks.rows(c)},
-                                        std::nullopt, packed, temp));
+                                        std::nullopt, step_form, temp));
       cproj.push_back(temp.empty({B, blocks.rows(c)}));
     }
   }
@@ -743,6 +768,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   // and the blocks add them up (in block order: deterministic) at the next step. Likewise the
   // shares of dctx_t = dxg_t @ W_c. A projection always uses shares (projection_step.h).
   const bool packed = uses_packed_gemm(input);
+  const MatrixForm form = packed ? MatrixForm::packed : MatrixForm::aten;
   const bool shares = packed || blocks.count() > 1 || projected;
   // dh shares by step parity: a step reads the list the step after it wrote (zeros at first), one
   // (blocks, B, HS) buffer per parity.
@@ -763,15 +789,15 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   for (int64_t c = 0; c < blocks.count(); ++c) {
     // share_c = dg_rec_c @ W_rec_c: M = W_rec_c^T (HS x rec_rows(c)).
     rec_matrix.push_back(
-        block_matrix(w_rec.narrow(0, blocks.rec_row0(c), blocks.rec_rows(c)).t(), std::nullopt, packed, temp));
+        block_matrix(w_rec.narrow(0, blocks.rec_row0(c), blocks.rec_rows(c)).t(), std::nullopt, form, temp));
     if (projected) {
       // dm of block c's units: M = W_hr[:, units]^T (width(c) x HS).
       proj_matrix.push_back(
-          block_matrix(w_hr.narrow(1, blocks.first(c), blocks.width(c)).t(), std::nullopt, packed, temp));
+          block_matrix(w_hr.narrow(1, blocks.first(c), blocks.width(c)).t(), std::nullopt, form, temp));
     }
     if (geo.enabled) {
       // dctx share_c = dxg_c @ W_c_c: M = W_c_c^T (D x rows(c)).
-      ctx_matrix.push_back(block_matrix(w_c.narrow(0, blocks.row0(c), blocks.rows(c)).t(), std::nullopt, packed, temp));
+      ctx_matrix.push_back(block_matrix(w_c.narrow(0, blocks.row0(c), blocks.rows(c)).t(), std::nullopt, form, temp));
       dctx_share.push_back(temp.empty({B, D}));
     }
   }

@@ -26,6 +26,21 @@ PackedMatrix pack_matrix(const float* m, const int64_t* row_index, int64_t n, in
 using PackedGemmFn = void (*)(const float* a, int64_t rows, int64_t lda, const PackedMatrix& m, const float* bias,
                               float* out, int64_t ldo);
 
+// M (n x k) read in place: row i at rows + row_index[i] * stride (row_index null: row i), each row
+// contiguous. For a product used once at a few rows (a single step), where packing M would cost more
+// than the product itself.
+struct RowsMatrix {
+  const float* rows = nullptr;
+  const int64_t* row_index = nullptr;
+  int64_t n = 0, k = 0, stride = 0;
+};
+
+// The most rows of `a` that gemm_rows is meant for: it reads M once per pair of rows.
+constexpr int64_t kRowsGemmMaxRows = 4;
+
+using RowsGemmFn = void (*)(const float* a, int64_t rows, int64_t lda, const RowsMatrix& m, const float* bias,
+                            float* out, int64_t ldo);
+
 #define RNNATTN_DECLARE_CPU_GEMM(ns)                                                                      \
   namespace ns {                                                                                          \
   /* out[r][c] = bias[c] + sum_j a[r * lda + j] * M[c][j] for r < rows, c < m.n (bias may be null). */   \
@@ -33,11 +48,15 @@ using PackedGemmFn = void (*)(const float* a, int64_t rows, int64_t lda, const P
                    float* out, int64_t ldo);                                                              \
   PackedMatrix pack_matrix(const float* m, const int64_t* row_index, int64_t n, int64_t k, int64_t stride_n, \
                            int64_t stride_k, float* storage);                                             \
+  /* The same product with M read in place (RowsMatrix). */                                              \
+  void gemm_rows(const float* a, int64_t rows, int64_t lda, const RowsMatrix& m, const float* bias,      \
+                 float* out, int64_t ldo);                                                                \
   }
 RNNATTN_DECLARE_CPU_GEMM(baseline)
 RNNATTN_DECLARE_CPU_GEMM(avx2)
 #undef RNNATTN_DECLARE_CPU_GEMM
 
 PackedGemmFn gemm_packed_fn();
+RowsGemmFn gemm_rows_fn();
 
 }  // namespace rnnattn::cpu

@@ -12,6 +12,11 @@ PackedMatrix pack_matrix(const float* m, const int64_t* row_index, int64_t n, in
                         : baseline::pack_matrix(m, row_index, n, k, stride_n, stride_k, storage);
 }
 
+RowsGemmFn gemm_rows_fn() {
+  static const RowsGemmFn fn = has_avx2_fma() ? &avx2::gemm_rows : &baseline::gemm_rows;
+  return fn;
+}
+
 PackedGemmFn gemm_packed_fn() {
   static const PackedGemmFn fn = has_avx2_fma() ? &avx2::gemm_packed : &baseline::gemm_packed;
   return fn;

@@ -116,7 +116,57 @@ inline void transpose_tile8(const float* const* rows, int64_t col, float* dst, i
 }
 #endif
 
+// Dot products of kRows rows of a with four rows of M (a row may repeat: its sums are then unused),
+// into sums[r][c]; eight lanes per accumulator, reduced at the end.
+template <int kRows>
+void dot_rows(const float* a, int64_t lda, const float* const* m_rows, int64_t k, float sums[][4]) {
+  vec8 acc[kRows][4] = {};
+  int64_t j = 0;
+  for (; j + 8 <= k; j += 8) {
+    vec8 w[4];
+    for (int c = 0; c < 4; ++c) w[c] = load8(m_rows[c] + j);
+    for (int r = 0; r < kRows; ++r) {
+      const vec8 x = load8(a + r * lda + j);
+      for (int c = 0; c < 4; ++c) acc[r][c] += x * w[c];
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    for (int c = 0; c < 4; ++c) {
+      float lanes[8];
+      store8(lanes, acc[r][c]);
+      float total = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+      for (int64_t t = j; t < k; ++t) total += a[r * lda + t] * m_rows[c][t];
+      sums[r][c] = total;
+    }
+  }
+}
+
 }  // namespace
+
+void gemm_rows(const float* a, int64_t rows, int64_t lda, const RowsMatrix& m, const float* bias, float* out,
+               int64_t ldo) {
+  for (int64_t c0 = 0; c0 < m.n; c0 += 4) {
+    const int count = static_cast<int>(std::min<int64_t>(4, m.n - c0));
+    const float* m_rows[4];
+    for (int c = 0; c < 4; ++c) {
+      const int64_t i = c0 + std::min(c, count - 1);
+      m_rows[c] = m.rows + (m.row_index != nullptr ? m.row_index[i] : i) * m.stride;
+    }
+    // Two rows of a per pass: 8 accumulators, 4 weight vectors and the broadcast fit 16 AVX registers.
+    for (int64_t r = 0; r < rows; r += 2) {
+      float sums[2][4];
+      const int pair = static_cast<int>(std::min<int64_t>(2, rows - r));
+      if (pair == 2) {
+        dot_rows<2>(a + r * lda, lda, m_rows, m.k, sums);
+      } else {
+        dot_rows<1>(a + r * lda, lda, m_rows, m.k, sums);
+      }
+      for (int q = 0; q < pair; ++q) {
+        for (int c = 0; c < count; ++c) out[(r + q) * ldo + c0 + c] = sums[q][c] + (bias ? bias[c0 + c] : 0.f);
+      }
+    }
+  }
+}
 
 PackedMatrix pack_matrix(const float* m, const int64_t* row_index, int64_t n, int64_t k, int64_t stride_n,
                          int64_t stride_k, float* storage) {
