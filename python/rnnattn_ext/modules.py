@@ -184,7 +184,11 @@ class RecurrentBase(nn.Module):
         absent one: no bias, no projection)."""
         directions = 2 if self.bidirectional else 1
         suffix = f"_l{index // directions}" + ("_reverse" if index % directions == 1 else "")
-        return tuple(getattr(self, part + suffix, None) for part in parts)
+        # Straight from the parameter dict (nn.Module.__getattr__ is slow next to a short call);
+        # getattr for anything else, such as a parametrized weight.
+        parameters = self._parameters
+        return tuple(parameters[name] if name in parameters else getattr(self, name, None)
+                     for name in (part + suffix for part in parts))
 
     def _layer_weights(self) -> list[tuple[Tensor | None, ...]]:
         """Per layer and direction (w_ih, w_hh, b_ih, b_hh[, w_hr]), as functional.stack takes them."""
