@@ -1,7 +1,14 @@
+import os
+
 import pytest
 import torch
 
-import rnnattn_ext  # noqa: F401  (registers the ops)
+# Small layers get one CPU block per thread, as large ones do by default, so that the tests' small
+# sizes run the multi-block paths (the library's default keeps small layers on fewer blocks: see
+# min_block_weights in csrc/engine/unit_blocks.cpp; test_threads.py checks the default too).
+os.environ.setdefault("RNNATTN_CPU_MIN_BLOCK_WEIGHTS", "1")
+
+import rnnattn_ext  # noqa: E402,F401  (registers the ops)
 
 CUDA_AVAILABLE = torch.cuda.is_available()
 

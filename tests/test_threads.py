@@ -1,5 +1,10 @@
 """Results must not depend on the number of CPU threads (GEMM and pointwise parallelism)."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -40,3 +45,33 @@ def test_any_number_of_threads(cell, threads, dtype, restore_threads):
         ref_loss = (ref_out * weight).sum() + sum(f.sum() for f in ref_finals)
         for a, b in zip(grads(loss, inputs), grads(ref_loss, inputs)):
             assert_close(a, b, atol * 10, rtol * 10, "gradient")
+
+
+def test_default_block_sizes_match_reference():
+    # The library's default split (small layers on fewer blocks than threads), which the rest of the
+    # suite overrides (conftest.py), in a process of its own: every cell, one step and several, sizes
+    # on both sides of the bounds, 2 threads.
+    script = textwrap.dedent("""
+        import torch
+        from rnnattn_ext import functional, reference
+        torch.set_num_threads(2)
+        gen = torch.Generator().manual_seed(3)
+        for cell, gates in (("lstm", 4), ("gru", 3), ("rnn_tanh", 1), ("rnn_relu", 1)):
+            for hidden in (64, 128, 300):
+                for steps in (1, 9):
+                    x = torch.rand(steps, 3, 20, generator=gen) - 0.5
+                    states = [torch.rand(3, hidden, generator=gen) - 0.5 for _ in range(2 if cell == "lstm" else 1)]
+                    k = hidden ** -0.5
+                    w = [(torch.rand(gates * hidden, n, generator=gen) - 0.5) * k for n in (20, hidden)]
+                    b = [(torch.rand(gates * hidden, generator=gen) - 0.5) * k for _ in range(2)]
+                    out, finals = functional.layer(cell, x, states, *w, *b)
+                    ref, ref_finals = reference.layer(cell, x.double(), [s.double() for s in states],
+                                                      *[t.double() for t in w + b])
+                    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+                    for f, rf in zip(finals, ref_finals):
+                        torch.testing.assert_close(f.double(), rf, atol=2e-5, rtol=1e-4)
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "RNNATTN_CPU_MIN_BLOCK_WEIGHTS"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr

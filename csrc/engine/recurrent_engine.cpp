@@ -469,7 +469,7 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   const auto opts = input.options();
   const AttentionGeometry geo = attention_geometry(attention, T);
   const int64_t D = geo.width;
-  const UnitBlocks blocks = make_unit_blocks(G, H, input, geo.groups(), geo.heads, geo.head_dim);
+  const UnitBlocks blocks = make_unit_blocks(G, H, HS, T, input, geo.groups(), geo.heads, geo.head_dim);
   CallScratch temp(input);  // the call's temporary buffers
 
   const Tensor x = input.contiguous().view({T * B, I});
@@ -748,7 +748,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   const int64_t plane = B * H, out_plane = B * HS;
   const AttentionGeometry geo = attention_geometry(attention, T);
   const int64_t D = geo.width, slot_size = B * D;
-  const UnitBlocks blocks = make_unit_blocks(G, H, input, geo.groups(), geo.heads, geo.head_dim);
+  const UnitBlocks blocks = make_unit_blocks(G, H, HS, T, input, geo.groups(), geo.heads, geo.head_dim);
   CallScratch temp(input);  // the call's temporary buffers
   const int64_t R = blocks.rec_total();  // recurrent-side rows
   const std::vector<int64_t> running = running_rows(seq_lengths, T, geo.enabled);

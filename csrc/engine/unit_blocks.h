@@ -51,9 +51,10 @@ struct UnitBlocks {
   }
 };
 
-// Blocks for `gates` gates of `hidden` units (and, for the attention cell, `groups` groups of
-// `heads` heads of `head_dim` rows): one per CPU thread when the units are many enough, else one.
-UnitBlocks make_unit_blocks(int gates, int64_t hidden, const at::Tensor& like, int64_t groups = 0,
-                            int64_t heads = 0, int64_t head_dim = 0);
+// Blocks for `gates` gates of `hidden` units whose state is `state_width` wide (and, for the
+// attention cell, `groups` groups of `heads` heads of `head_dim` rows), for a call of `steps` steps:
+// one per CPU thread when each block's share of a step's product is large enough, else fewer.
+UnitBlocks make_unit_blocks(int gates, int64_t hidden, int64_t state_width, int64_t steps, const at::Tensor& like,
+                            int64_t groups = 0, int64_t heads = 0, int64_t head_dim = 0);
 
 }  // namespace rnnattn
