@@ -21,7 +21,7 @@ int64_t min_block_weights() {
   static const int64_t value = [] {
     const char* text = std::getenv("RNNATTN_CPU_MIN_BLOCK_WEIGHTS");
     const long long parsed = text != nullptr ? std::atoll(text) : 0;
-    return parsed > 0 ? static_cast<int64_t>(parsed) : int64_t{16384};
+    return parsed > 0 ? static_cast<int64_t>(std::min(parsed, 1LL << 40)) : int64_t{16384};  // bounded: * 16 fits
   }();
   return value;
 }
