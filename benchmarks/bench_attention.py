@@ -88,6 +88,13 @@ def bench_shape(cell, shape, heads, device, dtype, repeats, warmup, modes):
     return rows
 
 
+def progress_line(r) -> str:
+    """One row as the run prints it."""
+    return (f"{r['cell']:8s} {r['B']}x{r['T']}x{r['I']}x{r['H']} D{r['D']} w{r['window']} {r['mode']:17s} "
+            f"eager {r['eager_ms']:8.2f} ms  ours {r['ours_ms']:7.2f} ms  plain {r['plain_ms']:7.2f} ms  "
+            f"{r['speedup_vs_eager']:.1f}x vs eager, {r['cost_vs_plain']:.2f}x plain")
+
+
 def markdown_table(rows, info, device, dtype) -> str:
     lines = [
         device_line(info, device, dtype),
@@ -120,9 +127,7 @@ def main(argv=None):
             for r in bench_shape(cell, shape, args.heads, args.device, dtype, repeats, args.warmup,
                                  args.modes.split(",")):
                 rows.append(r)
-                print(f"{cell:8s} {r['B']}x{r['T']}x{r['I']}x{r['H']} D{r['D']} w{r['window']} {r['mode']:17s} "
-                      f"eager {r['eager_ms']:8.2f} ms  ours {r['ours_ms']:7.2f} ms  plain {r['plain_ms']:7.2f} ms  "
-                      f"{r['speedup_vs_eager']:.1f}x vs eager, {r['cost_vs_plain']:.2f}x plain", flush=True)
+                print(progress_line(r), flush=True)
     write_results(args, "attention", info, repeats, rows, markdown_table(rows, info, args.device, args.dtype))
 
 

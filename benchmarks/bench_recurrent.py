@@ -64,6 +64,12 @@ def bench_pair(cell, shape, device, dtype, repeats, warmup):
     return rows
 
 
+def progress_line(r) -> str:
+    """One row as the run prints it."""
+    return (f"{r['cell']:9s} {r['B']}x{r['T']}x{r['I']}x{r['H']:<5d} {r['mode']:17s} "
+            f"torch.nn {r['torch_nn_ms']:9.2f} ms  ours {r['rnnattn_ms']:9.2f} ms  {r['ratio']:.2f}x")
+
+
 def markdown_table(rows, info, device, dtype) -> str:
     peer = "cuDNN (torch.nn)" if device == "cuda" else "torch.nn"
     lines = [
@@ -92,9 +98,7 @@ def main(argv=None):
         for shape in shapes:
             rows.extend(bench_pair(cell, shape, args.device, dtype, repeats, args.warmup))
             for r in rows[-2:]:
-                print(f"{r['cell']:9s} {r['B']}x{r['T']}x{r['I']}x{r['H']:<5d} {r['mode']:17s} "
-                      f"torch.nn {r['torch_nn_ms']:9.2f} ms  ours {r['rnnattn_ms']:9.2f} ms  {r['ratio']:.2f}x",
-                      flush=True)
+                print(progress_line(r), flush=True)
     write_results(args, "recurrent", info, repeats, rows, markdown_table(rows, info, args.device, args.dtype))
 
 

@@ -62,6 +62,12 @@ def bench_cell(cell, shape, device, dtype, steps, repeats, warmup):
     }
 
 
+def progress_line(r) -> str:
+    """One row as the run prints it."""
+    return (f"{r['cell']:9s} {r['B']}x{r['I']}x{r['H']:<5d} stream step  {r['peer']} {r['torch_nn_us']:8.1f} us  "
+            f"ours {r['rnnattn_us']:8.1f} us  {r['ratio']:.2f}x")
+
+
 def markdown_table(rows, info, device, dtype) -> str:
     lines = [
         device_line(info, device, dtype),
@@ -87,8 +93,7 @@ def main(argv=None):
         for shape in shapes:
             r = bench_cell(cell, shape, args.device, dtype, args.steps, repeats, args.warmup)
             rows.append(r)
-            print(f"{cell:9s} {r['B']}x{r['I']}x{r['H']:<5d} stream step  {r['peer']} {r['torch_nn_us']:8.1f} us  "
-                  f"ours {r['rnnattn_us']:8.1f} us  {r['ratio']:.2f}x", flush=True)
+            print(progress_line(r), flush=True)
     write_results(args, "step", info, repeats, rows, markdown_table(rows, info, args.device, args.dtype))
 
 

@@ -58,22 +58,19 @@ def run_device(device: str, dtype: torch.dtype, quick: bool, progress) -> dict:
             rows = bench_recurrent.bench_pair(cell, shape, device, dtype, repeats["recurrent"], warmup)
             sections["recurrent"].extend(rows)
             for r in rows:
-                progress(f"{device} {dtype} {cell:9s} {'x'.join(map(str, shape)):15s} {r['mode']:17s} "
-                         f"torch.nn {r['torch_nn_ms']:9.2f} ms  ours {r['rnnattn_ms']:9.2f} ms  {r['ratio']:.2f}x")
+                progress(f"{device} {dtype} {bench_recurrent.progress_line(r)}")
     for cell in ATTENTION_CELLS:
         for shape in QUICK["attention"] if quick else bench_attention.DEFAULT_SHAPES:
             rows = bench_attention.bench_shape(cell, shape, 4, device, dtype, repeats["attention"], warmup,
                                                ["forward", "forward+backward"])
             sections["attention"].extend(rows)
             for r in rows:
-                progress(f"{device} {dtype} attn {cell:4s} {'x'.join(map(str, shape)):18s} {r['mode']:17s} "
-                         f"eager {r['eager_ms']:8.2f} ms  ours {r['ours_ms']:7.2f} ms  plain {r['plain_ms']:7.2f} ms")
+                progress(f"{device} {dtype} attention {bench_attention.progress_line(r)}")
     for cell in STEP_CELLS:
         for shape in QUICK["step"] if quick else bench_step.DEFAULT_SHAPES:
             r = bench_step.bench_cell(cell, shape, device, dtype, 8 if quick else 64, repeats["step"], warmup)
             sections["step"].append(r)
-            progress(f"{device} {dtype} step {cell:9s} {r['peer']} {r['torch_nn_us']:8.1f} us/step  "
-                     f"ours {r['rnnattn_us']:8.1f} us/step  {r['ratio']:.2f}x")
+            progress(f"{device} {dtype} {bench_step.progress_line(r)}")
     return {"device": device, "dtype": str(dtype).removeprefix("torch."), "repeats": repeats,
             "machine": machine_info(device), "sections": sections}
 

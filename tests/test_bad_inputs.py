@@ -11,6 +11,7 @@ import re
 import pytest
 import torch
 
+import rnnattn_ext
 from rnnattn_ext import _ops
 
 from conftest import device_params
@@ -49,12 +50,10 @@ def _forward_args(cell, device, attention=None, projected=False, batch=B):
                 args["weight_v"] = args["weight_v"][:, :P].contiguous()
         args["memory"] = memory
         args["memory_lengths"] = (torch.arange(batch, device=device) % S + 1) if attention == "external" else None
-        width = P if projected else H
         args["past_keys"] = args["past_values"] = None
         if attention == "self":  # a streamed call: two slots before the first step
             args["past_keys"] = torch.rand(2, batch, HEADS * HEAD_DIM, device=device)
             args["past_values"] = torch.rand(2, batch, HEADS * HEAD_DIM, device=device)
-        del width
         args.update(num_heads=HEADS, window=3 if attention == "self" else None, need_weights=True)
     return args
 
@@ -246,11 +245,11 @@ MODULE_CASES = [
     ("AttnLSTM_self", lambda: torch.randn(4, 3, 5), {"memory": torch.randn(2, 3, 8)}, ValueError, "memory"),
 ]
 MODULES = {
-    "LSTM": lambda: __import__("rnnattn_ext").LSTM(5, 8),
-    "GRU": lambda: __import__("rnnattn_ext").GRU(5, 8),
-    "RNN": lambda: __import__("rnnattn_ext").RNN(5, 8),
-    "AttnGRU": lambda: __import__("rnnattn_ext").AttnGRU(5, 8, num_heads=2, memory_size=6),
-    "AttnLSTM_self": lambda: __import__("rnnattn_ext").AttnLSTM(5, 8, num_heads=2, window=3),
+    "LSTM": lambda: rnnattn_ext.LSTM(5, 8),
+    "GRU": lambda: rnnattn_ext.GRU(5, 8),
+    "RNN": lambda: rnnattn_ext.RNN(5, 8),
+    "AttnGRU": lambda: rnnattn_ext.AttnGRU(5, 8, num_heads=2, memory_size=6),
+    "AttnLSTM_self": lambda: rnnattn_ext.AttnLSTM(5, 8, num_heads=2, window=3),
 }
 
 
@@ -263,8 +262,6 @@ def test_module_bad_inputs(module, make_input, kwargs, error, match):
 
 @pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
 def test_module_empty_batch_matches_torch_nn(name):
-    import rnnattn_ext
-
     ref = getattr(torch.nn, name)(5, 8, num_layers=2, bidirectional=True)
     ours = getattr(rnnattn_ext, name)(5, 8, num_layers=2, bidirectional=True)
     ours.load_state_dict(ref.state_dict())

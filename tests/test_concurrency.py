@@ -39,8 +39,6 @@ def _run(model_name, model, job):
     with torch.no_grad():
         if model_name == "attn_gru":
             return model(x, memory=memory)[0]
-        if model_name == "hybrid":
-            return model(x, lengths=lengths)[0]
         return model(x, lengths=lengths)[0]
 
 

@@ -12,7 +12,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/statm"),
                                 reason="process memory is read from /proc/self/statm (Linux only)")
@@ -31,6 +30,12 @@ PRELUDE = textwrap.dedent("""
 
     def peak():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    LONG_SEQUENCE_MODELS = {
+        "LSTM": lambda: rnnattn_ext.LSTM(8, 16),
+        "GRU": lambda: rnnattn_ext.GRU(8, 16),
+        "AttnLSTM": lambda: rnnattn_ext.AttnLSTM(8, 16, num_heads=2, window=16),
+    }
 """)
 
 
@@ -92,9 +97,7 @@ def test_100000_steps_of_inference_in_memory_linear_in_t(module):
     # Inference keeps the output (and the attention cell's keys and values: one slot per step), not
     # per-step activations: the peak grows with T at a few output-sized buffers.
     numbers = run(f"""
-        make = {{"LSTM": lambda: rnnattn_ext.LSTM(8, 16),
-                 "AttnLSTM": lambda: rnnattn_ext.AttnLSTM(8, 16, num_heads=2, window=16)}}
-        model = make["{module}"]()
+        model = LONG_SEQUENCE_MODELS["{module}"]()
         with torch.no_grad():
             model(torch.randn(100, 1, 8))
             before = peak()
@@ -112,9 +115,7 @@ def test_100000_steps_of_inference_in_memory_linear_in_t(module):
 @pytest.mark.parametrize("module", ["GRU", "AttnLSTM"])
 def test_streaming_100000_steps_in_constant_memory(module):
     numbers = run(f"""
-        make = {{"GRU": lambda: rnnattn_ext.GRU(8, 16),
-                 "AttnLSTM": lambda: rnnattn_ext.AttnLSTM(8, 16, num_heads=2, window=16)}}
-        model = make["{module}"]()
+        model = LONG_SEQUENCE_MODELS["{module}"]()
         chunk = torch.randn(1000, 1, 8)
         state = None
         with torch.no_grad():

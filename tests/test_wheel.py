@@ -11,7 +11,6 @@ import zipfile
 import pytest
 import torch
 
-import rnnattn_ext
 from rnnattn_ext import info
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -199,7 +199,7 @@ class AttentionRecurrentBase(RecurrentBase):
             x = y
             if self.dropout > 0.0 and self.training and layer < self.num_layers - 1:
                 x = torch.nn.functional.dropout(x, p=self.dropout, training=True)
-        output, finals = self._finish(x, [functional._stacked(f) for f in finals], prepared)
+        output, finals = self._finish(x, [functional.stacked_states(f) for f in finals], prepared)
         carried = (keys, values) if memory is None else (None, None)
         return output, AttentionState(finals[0], finals[1] if self.cell == "lstm" else None, *carried)
 

@@ -110,10 +110,10 @@ def stack(
         x = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
         if dropout > 0.0 and training and layer_index < num_layers - 1:
             x = F.dropout(x, p=dropout, training=True)
-    return x, [_stacked(collected) for collected in finals]
+    return x, [stacked_states(collected) for collected in finals]
 
 
-def _stacked(states: list[Tensor]) -> Tensor:
+def stacked_states(states: list[Tensor]) -> Tensor:
     """The final states of every layer and direction, (num_layers * D, B, H)."""
     return states[0].unsqueeze(0) if len(states) == 1 else torch.stack(states, dim=0)
 
@@ -209,7 +209,7 @@ def attention_stack(
         x = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
         if dropout > 0.0 and training and layer_index < num_layers - 1:
             x = F.dropout(x, p=dropout, training=True)
-    return x, [_stacked(collected) for collected in finals], attentions if need_weights else None
+    return x, [stacked_states(collected) for collected in finals], attentions if need_weights else None
 
 
 def carried_slots(

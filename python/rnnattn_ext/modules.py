@@ -236,9 +236,6 @@ class RecurrentBase(nn.Module):
             raise ValueError(f"{name}: input.size(-1) must be equal to input_size. Expected {self.input_size}, "
                              f"got {input.shape[-1]}")
         batched = input.dim() == 3
-        if input.shape[1 if batched and self.batch_first and packed is None else 0] == 0:
-            raise ValueError(f"{name}: input must have at least one time step (T >= 1, as torch.nn), got input of "
-                             f"shape {tuple(input.shape)}")
         directions = 2 if self.bidirectional else 1
         num_states = self._num_states()
         if not batched:
@@ -247,6 +244,9 @@ class RecurrentBase(nn.Module):
             x = input.transpose(0, 1)
         else:
             x = input
+        if x.shape[0] == 0:
+            raise ValueError(f"{name}: input must have at least one time step (T >= 1, as torch.nn), got input of "
+                             f"shape {tuple(input.shape)}")
         batch = x.shape[1]
         # h is state_size wide (proj_size with a projection), c hidden_size.
         shapes = [(self.num_layers * directions, batch, self.state_size if i == 0 else self.hidden_size)

@@ -129,15 +129,15 @@ def train(kind: str, config: Config, corpus: data.Corpus, device: torch.device, 
         history.train_seconds += time.perf_counter() - started
         history.train_bpc.append(float(loss.detach()))
         step += 1
+        postfix = {"train_bpc": f"{history.train_bpc[-1]:.3f}",
+                   "tok_s": f"{step * tokens / max(history.train_seconds, 1e-9):,.0f}"}
         if step % config.eval_every == 0 or step == config.steps:
             bpc = held_out_bpc(model, eval_windows, device, config.batch)
             history.eval_points.append((step, history.train_seconds, bpc))
             save_checkpoint(path, model, optimizer, step, history, config)
-            bar.set_postfix(train_bpc=f"{history.train_bpc[-1]:.3f}", held_out_bpc=f"{bpc:.3f}",
-                            tok_s=f"{step * tokens / max(history.train_seconds, 1e-9):,.0f}")
+            bar.set_postfix(postfix, held_out_bpc=f"{bpc:.3f}")
         elif step % 5 == 0:
-            bar.set_postfix(train_bpc=f"{history.train_bpc[-1]:.3f}",
-                            tok_s=f"{step * tokens / max(history.train_seconds, 1e-9):,.0f}")
+            bar.set_postfix(postfix)
         bar.update(1)
     bar.close()
     return model, history
