@@ -40,10 +40,25 @@ enable_language(CUDA)
 find_package(CUDAToolkit REQUIRED)
 
 _rnnattn_torch_library(_c10_cuda c10_cuda)
+_rnnattn_torch_library(_torch_cuda torch_cuda)
 add_library(rnnattn_torch_cuda INTERFACE)
-# The .cpp files that talk to CUDA include only c10/cuda headers (cuda_runtime_api.h).
+# The .cpp files that talk to CUDA include c10/cuda headers and ATen's cuBLAS wrappers (the cuBLAS
+# headers come with torch's own nvidia packages when the toolkit lacks them).
 target_include_directories(rnnattn_torch_cuda SYSTEM INTERFACE ${CUDAToolkit_INCLUDE_DIRS}
                            ${RNNATTN_TORCH_NVIDIA_INCLUDES})
-target_link_libraries(rnnattn_torch_cuda INTERFACE ${_c10_cuda})
+# cuBLAS, called directly for the per-step products: the library torch itself loads (same soname),
+# from torch's nvidia packages or the toolkit.
+string(REPLACE "/include" "/lib" _nvidia_libs "${RNNATTN_TORCH_NVIDIA_INCLUDES}")
+find_library(RNNATTN_CUBLAS NAMES cublas libcublas.so.${CUDAToolkit_VERSION_MAJOR}
+             PATHS ${_nvidia_libs} ${CUDAToolkit_LIBRARY_DIR} NO_DEFAULT_PATH)
+if(NOT RNNATTN_CUBLAS)
+  find_library(RNNATTN_CUBLAS NAMES cublas libcublas.so.${CUDAToolkit_VERSION_MAJOR})
+endif()
+if(NOT RNNATTN_CUBLAS)
+  message(FATAL_ERROR "rnnattn_ext: no libcublas found beside torch (${_nvidia_libs}) or in the CUDA toolkit "
+                      "(${CUDAToolkit_LIBRARY_DIR}); install the CUDA toolkit's cuBLAS, or build without CUDA "
+                      "(RNNATTN_CUDA=OFF)")
+endif()
+target_link_libraries(rnnattn_torch_cuda INTERFACE ${_c10_cuda} ${_torch_cuda} ${RNNATTN_CUBLAS})
 message(STATUS "rnnattn_ext: CUDA kernels ON: nvcc ${CMAKE_CUDA_COMPILER_VERSION}, torch built with CUDA "
                "${RNNATTN_TORCH_CUDA}, architectures ${CMAKE_CUDA_ARCHITECTURES}")

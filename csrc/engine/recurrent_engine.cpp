@@ -21,6 +21,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "engine/cuda/attention_cuda.h"
+#include "engine/cuda/cublas_multiply.h"
 #include "engine/cuda/pointwise_cuda.h"
 #include "engine/cuda/projection_cuda.h"
 #endif
@@ -157,6 +158,7 @@ struct Operand {
   T* data() const {
     return ptr<T>(base) + offset;
   }
+  void* address() const { return static_cast<char*>(base.data_ptr()) + offset * base.element_size(); }
   Tensor view() const { return base.as_strided({rows, cols}, {ld, 1}, base.storage_offset() + offset); }
 };
 
@@ -236,6 +238,23 @@ BlockMatrix block_matrix(const PermutedRows& rows, const std::optional<Tensor>& 
   return block_matrix(rows.m, rows.order.data_ptr<int64_t>() + rows.first, rows.count, bias, form, scratch);
 }
 
+#ifdef RNNATTN_WITH_CUDA
+// out = a @ M^T (or += with accumulate) as one direct cuBLAS call (cuda/cublas_multiply.h), for a
+// product without bias on the GPU. False if neither M's rows nor its columns are contiguous (ATen
+// then does it).
+bool cuda_multiply(const BlockMatrix& m, const Operand& a, const Operand& out, bool accumulate) {
+  const Tensor& mt = m.transposed;  // M^T: k x n, column j = row j of M
+  const int64_t k = mt.size(0), n = mt.size(1);
+  const bool by_rows = mt.stride(0) == 1 && mt.stride(1) >= k;     // the forward's weights
+  const bool by_columns = mt.stride(1) == 1 && mt.stride(0) >= n;  // the backward's (M = W^T)
+  if (m.bias.defined() || k == 0 || !(by_rows || by_columns)) return false;
+  if (a.rows == 0 || n == 0) return true;
+  cuda::multiply_nt(mt.scalar_type(), a.rows, n, k, a.address(), a.ld, mt.const_data_ptr(),
+                    by_rows ? mt.stride(1) : mt.stride(0), by_rows, accumulate, out.address(), out.ld);
+  return true;
+}
+#endif
+
 // out = a @ M^T (+ bias), or out += a @ M^T with accumulate (ATen path only).
 void multiply(const BlockMatrix& m, const Operand& a, const Operand& out, bool accumulate = false) {
   const float* bias = m.form != MatrixForm::aten && m.bias.defined() ? ptr<float>(m.bias) : nullptr;
@@ -250,6 +269,9 @@ void multiply(const BlockMatrix& m, const Operand& a, const Operand& out, bool a
     cpu::gemm_rows_fn()(a.data<float>(), a.rows, a.ld, rows, bias, out.data<float>(), out.ld);
     return;
   }
+#ifdef RNNATTN_WITH_CUDA
+  if (out.base.is_cuda() && cuda_multiply(m, a, out, accumulate)) return;
+#endif
   Tensor result = out.view();
   if (accumulate) {
     result.addmm_(a.view(), m.transposed);
@@ -480,6 +502,10 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   auto [w_rec, b_rec_plain] = recurrent_side(weight_hh_arg, bias_hh, attention, geo.self_memory);
   const std::optional<Tensor> b_rec =
       b_rec_plain ? std::optional<Tensor>(blocks.permute_rec_rows(*b_rec_plain)) : std::nullopt;
+  // On the GPU the pointwise pass adds the recurrent bias, so that each step's product is a bare
+  // cuBLAS call (cuda_multiply). The attention cell keeps it in the product: its query, key and value
+  // rows are read from there.
+  const Tensor rec_bias = input.is_cuda() && !geo.enabled && b_rec ? b_rec->contiguous() : Tensor();
   const bool packed = uses_packed_gemm(input);
   // The per-step matrices (W_rec, W_c, W_hr): one product of B rows per step.
   const MatrixForm step_form = matrix_form(packed, T, B);
@@ -506,7 +532,9 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
                                      rows_of(b_ih, blocks.row0(c), blocks.rows(c)), ih_form, temp));
     xproj.push_back(temp.empty({chunk * B, blocks.rows(c)}));
     rec_matrix.push_back(block_matrix(PermutedRows{w_rec, blocks.rec_order, blocks.rec_row0(c), blocks.rec_rows(c)},
-                                      rows_of(b_rec, blocks.rec_row0(c), blocks.rec_rows(c)), step_form, temp));
+                                      rec_bias.defined() ? std::nullopt
+                                                         : rows_of(b_rec, blocks.rec_row0(c), blocks.rec_rows(c)),
+                                      step_form, temp));
     hproj.push_back(temp.empty({B, blocks.rec_rows(c)}));
     if (geo.enabled) {
       // Per step and block: ctx_t @ W_c^T, the block's gate rows.
@@ -606,6 +634,9 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
           args.xproj = GateView<const T_>{ptr<T_>(xproj[c]) + (t - chunk_first_time) * B * blocks.rows(c),
                                           blocks.rows(c), blocks.width(c)};
           args.hproj = GateView<const T_>{ptr<T_>(hproj[c]), blocks.rec_rows(c), blocks.width(c)};
+          if (rec_bias.defined()) {
+            args.hbias = GateView<const T_>{ptr<T_>(rec_bias) + blocks.rec_row0(c), 0, blocks.width(c)};
+          }
           if (geo.enabled) args.cproj = GateView<const T_>{ptr<T_>(cproj[c]), blocks.rows(c), blocks.width(c)};
           if (projected) {
             args.prev[0] = k == 0 ? ptr<T_>(m_initial) : m_after(k - 1).template data<T_>();

@@ -44,9 +44,12 @@ struct GateView {
 template <typename T>
 struct ForwardStepArgs {
   GateView<const T> xproj;      // W_ih x_t + b_ih
-  GateView<const T> hproj;      // W_hh h_{t-1} + b_hh
+  GateView<const T> hproj;      // W_hh h_{t-1} + b_hh, or without b_hh when hbias is set
+  GateView<const T> hbias;      // b_hh at row 0 (row_stride 0) when the pass adds it (the CUDA path,
+                                // whose per-step product is a bare cuBLAS call); ptr null otherwise.
+                                // Never set together with cproj; the passes dispatch on both once
+                                // (step_extra), not per unit.
   GateView<const T> cproj;      // attention cell: W_c ctx_t, added to the input side; ptr null otherwise
-                                // (the passes dispatch on it once, not per unit)
   const T* prev[kMaxStates];    // states before the step
   T* next[kMaxStates];          // states after the step; next[0] is the output row y_t
   T* saved;                     // activations for backward, or nullptr in inference
@@ -75,6 +78,15 @@ struct BackwardStepArgs {
   int64_t unit_begin, unit_end;
 };
 
+// What a forward pass adds to the pre-activations besides the two projections: a compile-time
+// switch of the loops (forward_unit), chosen once per pass.
+enum class StepExtra { none, context, hidden_bias };
+template <typename T>
+RNNATTN_HD StepExtra step_extra(const ForwardStepArgs<T>& a) {
+  if (a.cproj.ptr != nullptr) return StepExtra::context;
+  return a.hbias.ptr != nullptr ? StepExtra::hidden_bias : StepExtra::none;
+}
+
 // Whether row b takes part in the step (variable lengths), or is held.
 template <class Args>
 RNNATTN_HD bool row_active(const Args& a, int64_t b) {
@@ -94,9 +106,10 @@ struct ScalarIO {
 };
 
 // Pointwise work of unit j of batch row b: the whole cell, from the two projections to the new states.
-// kSave: training, store the activations backward needs; kContext: add cproj (the attention cell).
-// Compile-time switches keep the loops branch-free, so that they vectorize.
-template <class Cell, typename T, bool kSave, bool kContext = false>
+// kSave: training, store the activations backward needs; kExtra: what else to add (cproj, the
+// attention cell's context, or hbias). Compile-time switches keep the loops branch-free, so that
+// they vectorize.
+template <class Cell, typename T, bool kSave, StepExtra kExtra = StepExtra::none>
 RNNATTN_HD void forward_unit(const ForwardStepArgs<T>& a, int64_t b, int64_t j) {
   using IO = ScalarIO<T>;
   using A = typename IO::Acc;
@@ -108,9 +121,12 @@ RNNATTN_UNROLL
     xg[g] = IO::load(a.xproj.at(b, g, local));
     hg[g] = IO::load(a.hproj.at(b, g, local));
   }
-  if constexpr (kContext) {
+  if constexpr (kExtra == StepExtra::context) {
 RNNATTN_UNROLL
     for (int g = 0; g < G; ++g) xg[g] += IO::load(a.cproj.at(b, g, local));
+  } else if constexpr (kExtra == StepExtra::hidden_bias) {
+RNNATTN_UNROLL
+    for (int g = 0; g < G; ++g) hg[g] += IO::load(a.hbias.at(0, g, local));
   }
 RNNATTN_UNROLL
   for (int s = 0; s < S; ++s) prev[s] = IO::load(a.prev[s][u]);

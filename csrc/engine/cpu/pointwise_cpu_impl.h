@@ -8,7 +8,7 @@
 namespace rnnattn::cpu::RNNATTN_CPU_ISA {
 
 // The inner loop runs over the units of one batch row so that it vectorizes.
-template <class Cell, typename T, bool kSave, bool kContext>
+template <class Cell, typename T, bool kSave, StepExtra kExtra>
 void forward_block_impl(const ForwardStepArgs<T>& args) {
   for (int64_t b = 0; b < args.batch; ++b) {
     if (!row_active(args, b)) {
@@ -16,18 +16,22 @@ void forward_block_impl(const ForwardStepArgs<T>& args) {
       continue;
     }
 #pragma GCC ivdep
-    for (int64_t j = args.unit_begin; j < args.unit_end; ++j) forward_unit<Cell, T, kSave, kContext>(args, b, j);
+    for (int64_t j = args.unit_begin; j < args.unit_end; ++j) forward_unit<Cell, T, kSave, kExtra>(args, b, j);
+  }
+}
+
+template <class Cell, typename T, bool kSave>
+void forward_block_saving(const ForwardStepArgs<T>& args) {
+  switch (step_extra(args)) {
+    case StepExtra::context: return forward_block_impl<Cell, T, kSave, StepExtra::context>(args);
+    case StepExtra::hidden_bias: return forward_block_impl<Cell, T, kSave, StepExtra::hidden_bias>(args);
+    case StepExtra::none: return forward_block_impl<Cell, T, kSave, StepExtra::none>(args);
   }
 }
 
 template <class Cell, typename T>
 void forward_block(const ForwardStepArgs<T>& args) {
-  const bool context = args.cproj.ptr != nullptr;
-  if (args.saved != nullptr) {
-    context ? forward_block_impl<Cell, T, true, true>(args) : forward_block_impl<Cell, T, true, false>(args);
-  } else {
-    context ? forward_block_impl<Cell, T, false, true>(args) : forward_block_impl<Cell, T, false, false>(args);
-  }
+  args.saved != nullptr ? forward_block_saving<Cell, T, true>(args) : forward_block_saving<Cell, T, false>(args);
 }
 
 template <class Cell, typename T, bool kHiddenCopy>

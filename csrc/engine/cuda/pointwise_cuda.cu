@@ -14,14 +14,14 @@ namespace {
 constexpr int kThreads = 256;
 
 // One thread per (row, unit) of the block, grid-stride.
-template <class Cell, typename T, bool kSave, bool kContext>
+template <class Cell, typename T, bool kSave, StepExtra kExtra>
 __global__ void forward_step_kernel(const ForwardStepArgs<T> args) {
   const int64_t width = args.unit_end - args.unit_begin, units = args.batch * width;
   for (int64_t u = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; u < units;
        u += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = u / width, j = args.unit_begin + u % width;
     if (row_active(args, b)) {
-      forward_unit<Cell, T, kSave, kContext>(args, b, j);
+      forward_unit<Cell, T, kSave, kExtra>(args, b, j);
     } else {
       hold_forward_unit<Cell, T>(args, b, j);
     }
@@ -47,6 +47,21 @@ unsigned int blocks_for(int64_t units) {
   return static_cast<unsigned int>(std::min<int64_t>(std::max<int64_t>(blocks, 1), 65535));
 }
 
+template <class Cell, typename T, bool kSave>
+void launch_forward_saving(const ForwardStepArgs<T>& args, unsigned int grid, cudaStream_t stream) {
+  switch (step_extra(args)) {
+    case StepExtra::context:
+      forward_step_kernel<Cell, T, kSave, StepExtra::context><<<grid, kThreads, 0, stream>>>(args);
+      break;
+    case StepExtra::hidden_bias:
+      forward_step_kernel<Cell, T, kSave, StepExtra::hidden_bias><<<grid, kThreads, 0, stream>>>(args);
+      break;
+    case StepExtra::none:
+      forward_step_kernel<Cell, T, kSave, StepExtra::none><<<grid, kThreads, 0, stream>>>(args);
+      break;
+  }
+}
+
 }  // namespace
 
 template <class Cell, typename T>
@@ -54,13 +69,10 @@ cudaError_t launch_forward_step(const ForwardStepArgs<T>& args, cudaStream_t str
   const int64_t units = args.batch * (args.unit_end - args.unit_begin);
   if (units == 0) return cudaSuccess;
   const unsigned int grid = blocks_for(units);
-  const bool context = args.cproj.ptr != nullptr;
   if (args.saved != nullptr) {
-    if (context) forward_step_kernel<Cell, T, true, true><<<grid, kThreads, 0, stream>>>(args);
-    else forward_step_kernel<Cell, T, true, false><<<grid, kThreads, 0, stream>>>(args);
+    launch_forward_saving<Cell, T, true>(args, grid, stream);
   } else {
-    if (context) forward_step_kernel<Cell, T, false, true><<<grid, kThreads, 0, stream>>>(args);
-    else forward_step_kernel<Cell, T, false, false><<<grid, kThreads, 0, stream>>>(args);
+    launch_forward_saving<Cell, T, false>(args, grid, stream);
   }
   return cudaGetLastError();
 }
