@@ -42,8 +42,8 @@ find_package(CUDAToolkit REQUIRED)
 _rnnattn_torch_library(_c10_cuda c10_cuda)
 _rnnattn_torch_library(_torch_cuda torch_cuda)
 add_library(rnnattn_torch_cuda INTERFACE)
-# The .cpp files that talk to CUDA include c10/cuda headers and ATen's cuBLAS wrappers (the cuBLAS
-# headers come with torch's own nvidia packages when the toolkit lacks them).
+# The .cpp files that talk to CUDA include c10/cuda headers, cuBLAS and ATen's cuBLAS handle (the
+# cuBLAS headers come with torch's own nvidia packages when the toolkit lacks them).
 target_include_directories(rnnattn_torch_cuda SYSTEM INTERFACE ${CUDAToolkit_INCLUDE_DIRS}
                            ${RNNATTN_TORCH_NVIDIA_INCLUDES})
 # cuBLAS, called directly for the per-step products: the library torch itself loads (same soname),

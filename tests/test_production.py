@@ -112,6 +112,29 @@ def test_export_runs_other_shapes(name):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def _training_flags(program):
+    """The `training` argument of every rnnattn operator call in an exported program."""
+    flags = []
+    for node in program.graph.nodes:
+        if node.op == "call_function" and str(node.target).startswith("rnnattn."):
+            names = [a.name for a in node.target._schema.arguments]
+            flags.append(node.args[names.index("training")] if len(node.args) > names.index("training")
+                         else node.kwargs["training"])
+    return flags
+
+
+@pytest.mark.parametrize("name", ["LSTM", "AttnLSTM"])
+def test_export_without_grad_saves_no_activations(name):
+    # An inference export (under no_grad) must not keep the activation workspace; one with grad
+    # enabled keeps it, so that the exported module can still be trained.
+    module = MODULES[name]().eval()
+    inference = _training_flags(_export(name, module))
+    assert inference and not any(inference), inference
+    args, kwargs = _inputs(name, module, 5, 2)
+    trainable = _training_flags(torch.export.export(module, args, kwargs))
+    assert trainable and all(trainable), trainable
+
+
 def _run_fresh(code: str, tmp_path) -> str:
     """Runs code in a fresh Python process; returns its stdout (the test fails with its stderr)."""
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,

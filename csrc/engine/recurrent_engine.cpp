@@ -255,7 +255,7 @@ bool cuda_multiply(const BlockMatrix& m, const Operand& a, const Operand& out, b
 }
 #endif
 
-// out = a @ M^T (+ bias), or out += a @ M^T with accumulate (ATen path only).
+// out = a @ M^T (+ bias), or out += a @ M^T with accumulate (not for the CPU kernels' forms).
 void multiply(const BlockMatrix& m, const Operand& a, const Operand& out, bool accumulate = false) {
   const float* bias = m.form != MatrixForm::aten && m.bias.defined() ? ptr<float>(m.bias) : nullptr;
   if (m.form == MatrixForm::packed) {

@@ -26,13 +26,15 @@ void multiply_nt(at::ScalarType dtype, int64_t rows, int64_t n, int64_t k, const
   const double alpha64 = 1.0, beta64 = accumulate ? 1.0 : 0.0;
   const float alpha32 = 1.0f, beta32 = accumulate ? 1.0f : 0.0f;
   const bool wide = compute == CUBLAS_COMPUTE_64F;
+  const void* alpha = wide ? static_cast<const void*>(&alpha64) : &alpha32;
+  const void* beta = wide ? static_cast<const void*>(&beta64) : &beta32;
   // cuBLAS is column-major: it computes out^T (n x rows) = M (n x k) @ a^T (k x rows), where a's rows
   // are a^T's columns, and M's rows, read column-major, are the k x n matrix M^T (hence OP_T).
-  const cublasStatus_t status = cublasGemmEx(
-      at::cuda::getCurrentCUDABlasHandle(), m_by_rows ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(rows),
-      static_cast<int>(k), wide ? static_cast<const void*>(&alpha64) : &alpha32, m, type, static_cast<int>(ldm), a,
-      type, static_cast<int>(lda), wide ? static_cast<const void*>(&beta64) : &beta32, out, type,
-      static_cast<int>(ld_out), compute, CUBLAS_GEMM_DEFAULT);
+  const cublasStatus_t status =
+      cublasGemmEx(at::cuda::getCurrentCUDABlasHandle(), m_by_rows ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N,
+                   static_cast<int>(n), static_cast<int>(rows), static_cast<int>(k), alpha, m, type,
+                   static_cast<int>(ldm), a, type, static_cast<int>(lda), beta, out, type, static_cast<int>(ld_out),
+                   compute, CUBLAS_GEMM_DEFAULT);
   TORCH_CHECK(status == CUBLAS_STATUS_SUCCESS, "rnnattn: cuBLAS product failed: ", cublasGetStatusString(status));
 }
 
