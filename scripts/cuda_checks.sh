@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU and torch installed: build in place against that torch, run the
-# whole test suite, the CUDA tests under compute-sanitizer (memcheck and synccheck), and the
+# whole test suite, the CUDA tests under compute-sanitizer (memcheck and racecheck), and the
 # benchmarks against cuDNN. Logs and results go to the folder given as $1 (default: cuda_checks_out).
 #
 #   RNNATTN_CUDA_ARCHS   architectures to build (default: the visible GPU's, e.g. 90)
@@ -23,7 +23,7 @@ parallel=()
 "$python" -c "import xdist" 2>/dev/null && parallel=(-n 8)
 "$python" -m pytest -q "${parallel[@]}" tests 2>&1 | tee "$out/tests.log" | tail -5
 
-echo "== compute-sanitizer (memcheck, synccheck) over the CUDA tests"
+echo "== compute-sanitizer (memcheck, racecheck) over the CUDA tests"
 PYTHON="$python" bash scripts/cuda_sanitizer.sh "$out"
 
 echo "== fuzzing on the GPU (3,000 cases, roughly 10 minutes on an H100 machine)"

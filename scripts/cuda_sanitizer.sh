@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the CUDA tests under compute-sanitizer, memcheck and synccheck (and racecheck and initcheck
+# Runs the CUDA tests under compute-sanitizer, memcheck and racecheck (and synccheck and initcheck
 # with --all), and writes a summary: one line per tool with its error summary and the tests'
 # pass/fail line; the exit status is 1 if any tool found an error. Needs a GPU, compute-sanitizer and
 # an installed build.
@@ -7,15 +7,16 @@
 #   bash scripts/cuda_sanitizer.sh [OUT_DIR] [--all]      (default OUT_DIR: sanitizer_out)
 #
 # The tests run are those of the `cuda` marker outside the accuracy sweeps (long under the sanitizer).
-# racecheck looks at shared memory, which no kernel of ours uses today, and is the slowest tool.
+# racecheck looks at shared memory, which no kernel of ours uses today (it guards future ones), and
+# is the slowest tool.
 # initcheck reports every float16/bfloat16 element that cuBLAS's sm_90 GEMMs wrote as uninitialised
 # (torch.addmm alone does the same: benchmarks/results/cuda_checks_h100.txt); read its 16-bit reports
 # with that in mind.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-sanitizer_out}"
-tools="memcheck synccheck"
-if [ "${2:-}" = "--all" ]; then tools="memcheck synccheck racecheck initcheck"; fi
+tools="memcheck racecheck"
+if [ "${2:-}" = "--all" ]; then tools="memcheck racecheck synccheck initcheck"; fi
 python="${PYTHON:-python3}"
 mkdir -p "$out"
 if ! command -v compute-sanitizer >/dev/null 2>&1; then
