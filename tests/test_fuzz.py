@@ -171,7 +171,7 @@ def test_ops_match_the_references(case):
     if case["cell"] == "rnn_relu" and any(((o > 0) != (e > 0)).any() for o, e in zip(ours[:2], expected[:2])):
         # A pre-activation within rounding of 0 took the other side of relu's kink (16-bit storage
         # rounds it): the derivative there is 1 in one and 0 in the other, both right. The outputs
-        # agreed above; the gradients are compared only where the kink is not straddled.
+        # agreed above; such a case's gradients are not compared.
         hypothesis.event("relu kink straddled: gradients not compared")
         return
     names = list(leaves)
