@@ -18,7 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import (check_common, common_parser, device_line, interleaved_median_ms,  # noqa: E402
+from bench_common import (check_common, common_parser, interleaved_median_ms, results_markdown,  # noqa: E402
                           machine_info, write_results)
 
 from rnnattn_ext import functional, reference  # noqa: E402
@@ -96,19 +96,12 @@ def progress_line(r) -> str:
 
 
 def markdown_table(rows, info, device, dtype) -> str:
-    lines = [
-        device_line(info, device, dtype),
-        "",
-        "| cell | B×T×I×H, D (heads), w | mode | eager ms | ours ms | plain ms | eager / ours | ours / plain |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['cell']} | {r['B']}×{r['T']}×{r['I']}×{r['H']}, {r['D']} ({r['heads']}), {r['window']} | "
-            f"{r['mode']} | {r['eager_ms']:.2f} | {r['ours_ms']:.2f} | {r['plain_ms']:.2f} | "
-            f"{r['speedup_vs_eager']:.1f}× | {r['cost_vs_plain']:.2f}× |"
-        )
-    return "\n".join(lines)
+    columns = ["cell", "B×T×I×H, D (heads), w", "mode", "eager ms", "ours ms", "plain ms", "eager / ours",
+               "ours / plain"]
+    return results_markdown(info, device, dtype, columns, 3, [
+        [r["cell"], f"{r['B']}×{r['T']}×{r['I']}×{r['H']}, {r['D']} ({r['heads']}), {r['window']}", r["mode"],
+         f"{r['eager_ms']:.2f}", f"{r['ours_ms']:.2f}", f"{r['plain_ms']:.2f}", f"{r['speedup_vs_eager']:.1f}×",
+         f"{r['cost_vs_plain']:.2f}×"] for r in rows])
 
 
 def main(argv=None):

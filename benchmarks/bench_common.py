@@ -78,6 +78,15 @@ def device_line(info: dict, device: str, dtype: str) -> str:
             f"torch {info['torch']}, {info['date']}")
 
 
+def results_markdown(info: dict, device: str, dtype: str, columns: list[str], left: int, rows: list[list[str]]) -> str:
+    """A results table under its device line: `columns` the headers (the first `left` left-aligned,
+    the rest numbers, right-aligned), `rows` the cells of each row."""
+    lines = [device_line(info, device, dtype), "", "| " + " | ".join(columns) + " |",
+             "|" + "---|" * left + "---:|" * (len(columns) - left)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
 def common_parser(description: str, cells: list[str], default_cells: str, shapes_help: str,
                   warmup: int) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)

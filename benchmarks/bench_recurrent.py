@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import (check_common, common_parser, device_line, interleaved_median_ms,  # noqa: E402
+from bench_common import (check_common, common_parser, interleaved_median_ms, results_markdown,  # noqa: E402
                           machine_info, write_results)
 
 import rnnattn_ext  # noqa: E402
@@ -72,18 +72,10 @@ def progress_line(r) -> str:
 
 def markdown_table(rows, info, device, dtype) -> str:
     peer = "cuDNN (torch.nn)" if device == "cuda" else "torch.nn"
-    lines = [
-        device_line(info, device, dtype),
-        "",
-        f"| cell | B×T×I×H | mode | {peer} ms | rnnattn_ext ms | speed-up |",
-        "|---|---|---|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['cell']} | {r['B']}×{r['T']}×{r['I']}×{r['H']} | {r['mode']} | {r['torch_nn_ms']:.2f} | "
-            f"{r['rnnattn_ms']:.2f} | {r['ratio']:.2f}× |"
-        )
-    return "\n".join(lines)
+    columns = ["cell", "B×T×I×H", "mode", f"{peer} ms", "rnnattn_ext ms", "speed-up"]
+    return results_markdown(info, device, dtype, columns, 3, [
+        [r["cell"], f"{r['B']}×{r['T']}×{r['I']}×{r['H']}", r["mode"], f"{r['torch_nn_ms']:.2f}",
+         f"{r['rnnattn_ms']:.2f}", f"{r['ratio']:.2f}×"] for r in rows])
 
 
 def main(argv=None):

@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import (check_common, common_parser, device_line, interleaved_median_ms,  # noqa: E402
+from bench_common import (check_common, common_parser, interleaved_median_ms, results_markdown,  # noqa: E402
                           machine_info, write_results)
 
 import rnnattn_ext  # noqa: E402
@@ -69,16 +69,10 @@ def progress_line(r) -> str:
 
 
 def markdown_table(rows, info, device, dtype) -> str:
-    lines = [
-        device_line(info, device, dtype),
-        "",
-        "| cell | B×I×H | torch.nn cell | torch.nn µs/step | rnnattn_ext `stream` µs/step | speed-up |",
-        "|---|---|---|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(f"| {r['cell']} | {r['B']}×{r['I']}×{r['H']} | {r['peer']} | {r['torch_nn_us']:.1f} | "
-                     f"{r['rnnattn_us']:.1f} | {r['ratio']:.2f}× |")
-    return "\n".join(lines)
+    columns = ["cell", "B×I×H", "torch.nn cell", "torch.nn µs/step", "rnnattn_ext `stream` µs/step", "speed-up"]
+    return results_markdown(info, device, dtype, columns, 3, [
+        [r["cell"], f"{r['B']}×{r['I']}×{r['H']}", r["peer"], f"{r['torch_nn_us']:.1f}", f"{r['rnnattn_us']:.1f}",
+         f"{r['ratio']:.2f}×"] for r in rows])
 
 
 def main(argv=None):
