@@ -32,10 +32,14 @@ summary="$out/sanitizer_summary.txt"
   echo "compute-sanitizer over the CUDA tests ($(date -u '+%Y-%m-%d %H:%M UTC'))"
   "$python" -c "import torch; print('GPU', torch.cuda.get_device_name(), '| torch', torch.__version__, '| CUDA', torch.version.cuda)"
 } >"$summary"
-# The tools run at once, each over its own process (racecheck is the slow one).
+# The tools run at once, each over its own processes (racecheck is the slow one); where pytest-xdist
+# is installed each tool spreads the tests over RNNATTN_SANITIZER_WORKERS processes (default 4), which
+# compute-sanitizer follows (--target-processes all).
+parallel=()
+"$python" -c "import xdist" 2>/dev/null && parallel=(-n "${RNNATTN_SANITIZER_WORKERS:-4}")
 for tool in $tools; do
   compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all \
-    "$python" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py tests/test_bad_inputs.py \
+    "$python" -m pytest -q -p no:cacheprovider "${parallel[@]}" -m cuda tests/test_cuda.py tests/test_bad_inputs.py \
     tests/test_determinism.py -k "not accuracy" >"$out/sanitizer_$tool.log" 2>&1 &
 done
 status=0

@@ -4,6 +4,8 @@ plain-PyTorch reference, and nothing may crash.
 
 RNNATTN_FUZZ_EXAMPLES sets the number of cases (default 2000, a CI-sized run; raise it for a longer
 one) and RNNATTN_FUZZ_DEVICE the device (default cpu). Cases are derandomized: a CI run is repeatable.
+RNNATTN_FUZZ_SEED=N draws another, equally repeatable, set of cases: a long run can be split over
+several processes with different seeds.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 EXAMPLES = int(os.environ.get("RNNATTN_FUZZ_EXAMPLES", "2000"))
 DEVICE = os.environ.get("RNNATTN_FUZZ_DEVICE", "cpu")
+SEED = os.environ.get("RNNATTN_FUZZ_SEED")
 GATES = {cell: layout[0] for cell, layout in _ops.CELL_LAYOUTS.items()}
 NUM_STATES = {cell: layout[1] for cell, layout in _ops.CELL_LAYOUTS.items()}
 DTYPES = [torch.float64, torch.float32] + ([torch.float16, torch.bfloat16] if DEVICE.startswith("cuda") else [])
@@ -152,8 +155,9 @@ def run(impl, case, leaves, dtype):
     return [out, *finals, context]
 
 
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=SEED is None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@(hypothesis.seed(int(SEED)) if SEED is not None else (lambda test: test))
 @given(cases())
 def test_ops_match_the_references(case):
     leaves = build(case)
