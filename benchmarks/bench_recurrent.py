@@ -11,8 +11,10 @@ a markdown table and writes JSON and markdown files.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import warnings
 
 import torch
 
@@ -31,6 +33,23 @@ CELLS = {
 }
 
 
+@contextlib.contextmanager
+def cudnn_strict_fp32():
+    """cuDNN with TF32 off. torch lets cuDNN's float32 RNNs multiply in TF32 by default
+    (torch.backends.cudnn.allow_tf32; an error ~5e-4 against float64 where strict float32 gives
+    ~7e-7), while ours, like torch's float32 matmuls, stays in float32: this peer has our numerics."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # newer torch suggests its fp32_precision settings instead
+        saved = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.backends.cudnn.allow_tf32 = saved
+
+
 def bench_pair(cell, shape, device, dtype, repeats, warmup):
     torch_cls, our_cls, kwargs = CELLS[cell]
     batch, steps, input_size, hidden = shape
@@ -40,10 +59,13 @@ def bench_pair(cell, shape, device, dtype, repeats, warmup):
     ours = our_cls(input_size, hidden, **kwargs).to(device=device, dtype=dtype)
     ours.load_state_dict(reference.state_dict())
     x = torch.randn(steps, batch, input_size, device=device, dtype=dtype)
+    # On CUDA in float32, cuDNN twice: as torch runs it by default (TF32) and in strict float32.
+    strict = device == "cuda" and dtype == torch.float32
+    contenders = [("torch.nn", reference), ("rnnattn_ext", ours)] + ([("torch.nn strict", reference)] if strict else [])
     rows = []
     for mode in ("forward", "forward+backward"):
         fns = {}
-        for label, module in (("torch.nn", reference), ("rnnattn_ext", ours)):
+        for label, module in contenders:
             if mode == "forward":
                 def run(module=module):
                     with torch.no_grad():
@@ -54,28 +76,51 @@ def bench_pair(cell, shape, device, dtype, repeats, warmup):
                 def run(module=module, xg=xg):
                     y, _ = module(xg)
                     y.sum().backward()
+            if label == "torch.nn strict":
+                def run(inner=run):
+                    with cudnn_strict_fp32():
+                        inner()
             fns[label] = run
         times = interleaved_median_ms(fns, device, repeats, warmup)
-        rows.append({
+        row = {
             "cell": cell, "B": batch, "T": steps, "I": input_size, "H": hidden, "mode": mode,
             "torch_nn_ms": times["torch.nn"], "rnnattn_ms": times["rnnattn_ext"],
             "ratio": times["torch.nn"] / times["rnnattn_ext"],
-        })
+        }
+        if strict:
+            row["torch_nn_strict_fp32_ms"] = times["torch.nn strict"]
+            row["ratio_strict_fp32"] = times["torch.nn strict"] / times["rnnattn_ext"]
+        rows.append(row)
     return rows
 
 
 def progress_line(r) -> str:
     """One row as the run prints it."""
-    return (f"{r['cell']:9s} {r['B']}x{r['T']}x{r['I']}x{r['H']:<5d} {r['mode']:17s} "
+    line = (f"{r['cell']:9s} {r['B']}x{r['T']}x{r['I']}x{r['H']:<5d} {r['mode']:17s} "
             f"torch.nn {r['torch_nn_ms']:9.2f} ms  ours {r['rnnattn_ms']:9.2f} ms  {r['ratio']:.2f}x")
+    if "ratio_strict_fp32" in r:
+        line += f"  (strict fp32 cuDNN {r['torch_nn_strict_fp32_ms']:.2f} ms, {r['ratio_strict_fp32']:.2f}x)"
+    return line
 
 
 def markdown_table(rows, info, device, dtype) -> str:
     peer = "cuDNN (torch.nn)" if device == "cuda" else "torch.nn"
     columns = ["cell", "B×T×I×H", "mode", f"{peer} ms", "rnnattn_ext ms", "speed-up"]
-    return results_markdown(info, device, dtype, columns, 3, [
-        [r["cell"], f"{r['B']}×{r['T']}×{r['I']}×{r['H']}", r["mode"], f"{r['torch_nn_ms']:.2f}",
-         f"{r['rnnattn_ms']:.2f}", f"{r['ratio']:.2f}×"] for r in rows])
+    strict = any("ratio_strict_fp32" in r for r in rows)
+    if strict:
+        columns += ["cuDNN strict fp32 ms", "speed-up vs strict fp32"]
+    table = []
+    for r in rows:
+        cells = [r["cell"], f"{r['B']}×{r['T']}×{r['I']}×{r['H']}", r["mode"], f"{r['torch_nn_ms']:.2f}",
+                 f"{r['rnnattn_ms']:.2f}", f"{r['ratio']:.2f}×"]
+        if strict:
+            cells += [f"{r['torch_nn_strict_fp32_ms']:.2f}", f"{r['ratio_strict_fp32']:.2f}×"]
+        table.append(cells)
+    text = results_markdown(info, device, dtype, columns, 3, table)
+    if strict:
+        text += ("\n\ncuDNN runs float32 RNNs in TF32 by default (torch.backends.cudnn.allow_tf32); "
+                 "the strict-fp32 columns time it with TF32 off, the numerics ours keep.")
+    return text
 
 
 def main(argv=None):

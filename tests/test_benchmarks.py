@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,3 +42,28 @@ def test_suite_rejects_an_unknown_device(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2 and "unknown device 'tpu'" in result.stderr
+
+
+def test_strict_fp32_peer_switches_tf32_off_and_back():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench_recurrent
+
+    before = torch.backends.cudnn.allow_tf32
+    with bench_recurrent.cudnn_strict_fp32():
+        assert torch.backends.cudnn.allow_tf32 is False
+    assert torch.backends.cudnn.allow_tf32 == before
+
+
+def test_recurrent_table_shows_the_strict_fp32_peer_when_measured():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench_recurrent
+
+    info = {"date": "d", "cpu": "c", "gpu": "g", "cpu_threads": 1, "torch": "t"}
+    row = {"cell": "lstm", "B": 64, "T": 256, "I": 512, "H": 512, "mode": "forward", "torch_nn_ms": 2.0,
+           "rnnattn_ms": 4.0, "ratio": 0.5}
+    plain = bench_recurrent.markdown_table([row], info, "cuda", "bfloat16")
+    assert "strict" not in plain and plain.endswith("| lstm | 64×256×512×512 | forward | 2.00 | 4.00 | 0.50× |")
+    strict = dict(row, torch_nn_strict_fp32_ms=6.0, ratio_strict_fp32=1.5)
+    table = bench_recurrent.markdown_table([strict], info, "cuda", "float32")
+    assert "| lstm | 64×256×512×512 | forward | 2.00 | 4.00 | 0.50× | 6.00 | 1.50× |" in table
+    assert "speed-up vs strict fp32" in table and "TF32" in table

@@ -12,6 +12,13 @@
 // keeps training memory at O(T * B * D) for any window and the statistics in fp32 for 16-bit types.
 // Each (row, head) pass keeps its per-slot numbers in `scratch` (accumulate type, 2 * scratch_slots
 // per pair), so every score is computed once per pass.
+//
+// The step's product h_{t-1} @ W_rec^T holds the attention rows (SlotRows): the query and, for self
+// memory, the new slot's key and value. A forward pass first stages its (row, head)'s share of them
+// into the store (query, keys, values), adding their bias where the product left it out (CUDA); a
+// backward pass ends by writing the new slot's key and value gradients, final once this step has
+// read the slot, back into the product's gradient rows. Each pair moves only its own columns, so
+// staging needs no synchronisation beyond the pair's own.
 #pragma once
 #include <cstdint>
 
@@ -19,12 +26,24 @@
 
 namespace rnnattn {
 
+// The attention rows of the step's product, for the heads a pass covers: column d (of D) of row b
+// and part p (0 query, 1 key, 2 value) at rows[b * row_stride + p * part_stride + d - col0].
+template <typename T>
+struct SlotRows {
+  T* rows;              // nullptr: nothing to stage (forward: read; backward: key and value parts written)
+  int64_t row_stride;
+  int64_t part_stride;
+  int64_t col0;
+  const T* bias;        // forward: added to the rows (bias[p * part_stride + d - col0]), or nullptr
+  int64_t new_slot;     // self memory: the slot of this step's key and value; -1 for an external memory
+};
+
 template <typename T>
 struct AttentionStepArgs {
-  const T* query;
+  T* query;  // the forward stages into query, keys and values; the backward only reads them
   int64_t query_stride;
-  const T* keys;
-  const T* values;
+  T* keys;
+  T* values;
   int64_t slot_stride, row_stride;
   bool self_memory;              // the slots are the cell's past states (else an external memory)
   int64_t first_slot, end_slot;  // every row reads slots [first_slot, end_slot) (external: [0, S))...
@@ -44,6 +63,7 @@ struct AttentionStepArgs {
   double scale;                  // 1 / sqrt(head_dim)
   void* scratch;                 // ScalarIO<T>::Acc, 2 * scratch_slots per (row, head) pair
   int64_t scratch_slots;         // at least the number of slots any row reads
+  SlotRows<T> staged;            // the product's attention rows (see SlotRows)
   // Backward only.
   const T* grad_context;
   int64_t grad_context_stride;
@@ -52,6 +72,40 @@ struct AttentionStepArgs {
   T* grad_keys;  // accumulated (+=): a slot is read by several steps
   T* grad_values;
 };
+
+// The parts of the product a (row, head) pair stages: the query, and the new slot's key and value.
+template <typename T>
+RNNATTN_HD int64_t staged_elements(const AttentionStepArgs<T>& a) {
+  return a.staged.rows == nullptr ? 0 : (a.staged.new_slot >= 0 ? 3 : 1) * a.head_dim;
+}
+
+// Forward: element i < staged_elements(a) of row b, head h, from the product (plus bias) to the store.
+template <typename T>
+RNNATTN_HD void stage_element(const AttentionStepArgs<T>& a, int64_t b, int64_t h, int64_t i) {
+  using IO = ScalarIO<T>;
+  using A = typename IO::Acc;
+  const int64_t part = i / a.head_dim, d = h * a.head_dim + i % a.head_dim;
+  const int64_t at = part * a.staged.part_stride + d - a.staged.col0;
+  A v = IO::load(a.staged.rows[b * a.staged.row_stride + at]);
+  if (a.staged.bias != nullptr) v += IO::load(a.staged.bias[at]);
+  T* to = part == 0 ? a.query + b * a.query_stride
+                    : (part == 1 ? a.keys : a.values) + a.staged.new_slot * a.slot_stride + b * a.row_stride;
+  to[d] = IO::store(v);
+}
+
+template <typename T>
+RNNATTN_HD int64_t unstaged_elements(const AttentionStepArgs<T>& a) {
+  return a.staged.rows == nullptr || a.staged.new_slot < 0 ? 0 : 2 * a.head_dim;
+}
+
+// Backward: element i < unstaged_elements(a) of row b, head h: the new slot's key (i < head_dim) or
+// value gradient, into the product's gradient rows.
+template <typename T>
+RNNATTN_HD void unstage_element(const AttentionStepArgs<T>& a, int64_t b, int64_t h, int64_t i) {
+  const int64_t part = 1 + i / a.head_dim, d = h * a.head_dim + i % a.head_dim;
+  const T* from = (part == 1 ? a.grad_keys : a.grad_values) + a.staged.new_slot * a.slot_stride + b * a.row_stride;
+  a.staged.rows[b * a.staged.row_stride + part * a.staged.part_stride + d - a.staged.col0] = from[d];
+}
 
 namespace attention_detail {
 

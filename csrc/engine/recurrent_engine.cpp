@@ -282,22 +282,6 @@ void multiply(const BlockMatrix& m, const Operand& a, const Operand& out, bool a
   }
 }
 
-// dst (rows x cols, leading dimension ld_dst) = src (ld_src), on the tensors' device.
-template <typename T>
-void copy_matrix(const Tensor& like, T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t rows,
-                 int64_t cols) {
-  if (rows == 0 || cols == 0) return;
-  if (like.is_cpu()) {
-    for (int64_t r = 0; r < rows; ++r) std::copy(src + r * ld_src, src + r * ld_src + cols, dst + r * ld_dst);
-    return;
-  }
-#ifdef RNNATTN_WITH_CUDA
-  const cudaError_t err = cudaMemcpy2DAsync(dst, ld_dst * sizeof(T), src, ld_src * sizeof(T), cols * sizeof(T), rows,
-                                            cudaMemcpyDeviceToDevice, c10::cuda::getCurrentCUDAStream());
-  check_launch(err, "copy");
-#endif
-}
-
 // The attention stage for the heads the arguments name, every batch row, on the tensors' device.
 template <bool kBackward, typename T>
 void run_attention(const Tensor& like, const AttentionStepArgs<T>& args) {
@@ -307,7 +291,9 @@ void run_attention(const Tensor& like, const AttentionStepArgs<T>& args) {
         for (int64_t h = args.head_begin; h < args.head_end; ++h) {
           if constexpr (kBackward) {
             attend_backward(args, b, h);
+            for (int64_t i = 0; i < unstaged_elements(args); ++i) unstage_element(args, b, h, i);
           } else {
+            for (int64_t i = 0; i < staged_elements(args); ++i) stage_element(args, b, h, i);
             attend_forward(args, b, h);
           }
         }
@@ -502,10 +488,9 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   auto [w_rec, b_rec_plain] = recurrent_side(weight_hh_arg, bias_hh, attention, geo.self_memory);
   const std::optional<Tensor> b_rec =
       b_rec_plain ? std::optional<Tensor>(blocks.permute_rec_rows(*b_rec_plain)) : std::nullopt;
-  // On the GPU the pointwise pass adds the recurrent bias, so that each step's product is a bare
-  // cuBLAS call (cuda_multiply). The attention cell keeps it in the product: its query, key and value
-  // rows are read from there.
-  const Tensor rec_bias = input.is_cuda() && !geo.enabled && b_rec ? b_rec->contiguous() : Tensor();
+  // On the GPU the pointwise pass adds the recurrent bias (and the attention stage that of the
+  // query, key and value rows), so that each step's product is a bare cuBLAS call (cuda_multiply).
+  const Tensor rec_bias = input.is_cuda() && b_rec ? b_rec->contiguous() : Tensor();
   const bool packed = uses_packed_gemm(input);
   // The per-step matrices (W_rec, W_c, W_hr): one product of B rows per step.
   const MatrixForm step_form = matrix_form(packed, T, B);
@@ -670,17 +655,12 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
             return;
           }
           if (blocks.cols(c) == 0) return;
-          // The block's heads: their query (and new slot) from the GEMM, then the attention stage.
-          const int64_t ld = blocks.rec_rows(c), col = blocks.col0(c), n = blocks.cols(c);
-          const T_* rec = ptr<T_>(hproj[c]) + blocks.rows(c);
-          T_* q = queries + (training ? k : 0) * slot_size;
-          copy_matrix(input, q + col, D, rec, ld, B, n);
-          if (geo.self_memory) {
-            copy_matrix(input, keys + geo.new_slot(k) * slot_size + col, D, rec + n, ld, B, n);
-            copy_matrix(input, values + geo.new_slot(k) * slot_size + col, D, rec + 2 * n, ld, B, n);
-          }
+          // The block's heads: their query (and new slot) staged from the GEMM, then the attention.
           AttentionStepArgs<T_> a = attention_step_args<T_>(geo, blocks, c, B, k, lengths, scratch, sequence);
-          a.query = q;
+          a.staged = SlotRows<T_>{ptr<T_>(hproj[c]) + blocks.rows(c), blocks.rec_rows(c), blocks.cols(c), blocks.col0(c),
+                                  rec_bias.defined() ? ptr<T_>(rec_bias) + blocks.rec_row0(c) + blocks.rows(c) : nullptr,
+                                  geo.self_memory ? geo.new_slot(k) : -1};
+          a.query = queries + (training ? k : 0) * slot_size;
           a.query_stride = D;
           a.keys = keys;
           a.values = values;
@@ -871,9 +851,9 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
     auto extra_state = [&](int64_t k, int s) -> const T_* {
       return ptr<T_>(workspace) + (order.time(k) * planes + Cell::kSaved + s - 1) * plane;
     };
-    const T_* queries = geo.enabled ? ptr<T_>(memory_store) : nullptr;
-    const T_* keys = geo.enabled ? queries + T * slot_size : nullptr;
-    const T_* values = geo.enabled ? keys + geo.slots * slot_size : nullptr;
+    T_* queries = geo.enabled ? ptr<T_>(memory_store) : nullptr;  // read only (the forward's staging)
+    T_* keys = geo.enabled ? queries + T * slot_size : nullptr;
+    T_* values = geo.enabled ? keys + geo.slots * slot_size : nullptr;
     // The list of dh shares step k writes (step k - 1 reads it).
     auto written = [&](int64_t k) -> std::vector<Tensor>& { return dh_shares[(T - 1 - k) % 2]; };
     auto read = [&](int64_t k) -> std::vector<Tensor>& { return dh_shares[(T - k) % 2]; };
@@ -1042,8 +1022,11 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
               }
               // The block's heads: query gradient into its recurrent-side rows, key and value
               // gradients into the slots.
+              // Step k's slot (h before step k) is read by no earlier step: its key and value
+              // gradients are final after this pass, which writes them to the recurrent-side rows.
               T_* rec = ptr<T_>(dgh) + row * R + blocks.rec_row0(c) + blocks.rows(c);
               AttentionStepArgs<T_> a = attention_step_args<T_>(geo, blocks, c, B, k, lengths, scratch, sequence);
+              a.staged = SlotRows<T_>{rec, R, n, col, nullptr, geo.self_memory ? geo.new_slot(k) : -1};
               a.query = queries + k * slot_size;
               a.query_stride = D;
               a.keys = keys;
@@ -1055,13 +1038,6 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
               a.grad_keys = ptr<T_>(grad_keys);
               a.grad_values = ptr<T_>(grad_values);
               run_attention<true>(input, a);
-              if (geo.self_memory) {
-                // Step k's slot (h before step k) is read by no earlier step: its key and value
-                // gradients are final.
-                const int64_t slot = geo.new_slot(k);
-                copy_matrix(input, rec + n, R, ptr<T_>(grad_keys) + slot * slot_size + col, D, B, n);
-                copy_matrix(input, rec + 2 * n, R, ptr<T_>(grad_values) + slot * slot_size + col, D, B, n);
-              }
             }
             hidden_share(c);
           });

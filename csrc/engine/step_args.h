@@ -47,8 +47,7 @@ struct ForwardStepArgs {
   GateView<const T> hproj;      // W_hh h_{t-1} + b_hh, or without b_hh when hbias is set
   GateView<const T> hbias;      // b_hh at row 0 (row_stride 0) when the pass adds it (the CUDA path,
                                 // whose per-step product is a bare cuBLAS call); ptr null otherwise.
-                                // Never set together with cproj; the passes dispatch on both once
-                                // (step_extra), not per unit.
+                                // The passes dispatch on it and cproj once (step_extra), not per unit.
   GateView<const T> cproj;      // attention cell: W_c ctx_t, added to the input side; ptr null otherwise
   const T* prev[kMaxStates];    // states before the step
   T* next[kMaxStates];          // states after the step; next[0] is the output row y_t
@@ -80,11 +79,18 @@ struct BackwardStepArgs {
 
 // What a forward pass adds to the pre-activations besides the two projections: a compile-time
 // switch of the loops (forward_unit), chosen once per pass.
-enum class StepExtra { none, context, hidden_bias };
+enum class StepExtra { none, context, hidden_bias, context_and_hidden_bias };
 template <typename T>
 RNNATTN_HD StepExtra step_extra(const ForwardStepArgs<T>& a) {
-  if (a.cproj.ptr != nullptr) return StepExtra::context;
-  return a.hbias.ptr != nullptr ? StepExtra::hidden_bias : StepExtra::none;
+  const bool context = a.cproj.ptr != nullptr, bias = a.hbias.ptr != nullptr;
+  if (context) return bias ? StepExtra::context_and_hidden_bias : StepExtra::context;
+  return bias ? StepExtra::hidden_bias : StepExtra::none;
+}
+constexpr bool adds_context(StepExtra e) {
+  return e == StepExtra::context || e == StepExtra::context_and_hidden_bias;
+}
+constexpr bool adds_hidden_bias(StepExtra e) {
+  return e == StepExtra::hidden_bias || e == StepExtra::context_and_hidden_bias;
 }
 
 // Whether row b takes part in the step (variable lengths), or is held.
@@ -121,10 +127,11 @@ RNNATTN_UNROLL
     xg[g] = IO::load(a.xproj.at(b, g, local));
     hg[g] = IO::load(a.hproj.at(b, g, local));
   }
-  if constexpr (kExtra == StepExtra::context) {
+  if constexpr (adds_context(kExtra)) {
 RNNATTN_UNROLL
     for (int g = 0; g < G; ++g) xg[g] += IO::load(a.cproj.at(b, g, local));
-  } else if constexpr (kExtra == StepExtra::hidden_bias) {
+  }
+  if constexpr (adds_hidden_bias(kExtra)) {
 RNNATTN_UNROLL
     for (int g = 0; g < G; ++g) hg[g] += IO::load(a.hbias.at(0, g, local));
   }

@@ -25,6 +25,8 @@ void forward_block_saving(const ForwardStepArgs<T>& args) {
   switch (step_extra(args)) {
     case StepExtra::context: return forward_block_impl<Cell, T, kSave, StepExtra::context>(args);
     case StepExtra::hidden_bias: return forward_block_impl<Cell, T, kSave, StepExtra::hidden_bias>(args);
+    case StepExtra::context_and_hidden_bias:
+      return forward_block_impl<Cell, T, kSave, StepExtra::context_and_hidden_bias>(args);
     case StepExtra::none: return forward_block_impl<Cell, T, kSave, StepExtra::none>(args);
   }
 }

@@ -56,6 +56,9 @@ void launch_forward_saving(const ForwardStepArgs<T>& args, unsigned int grid, cu
     case StepExtra::hidden_bias:
       forward_step_kernel<Cell, T, kSave, StepExtra::hidden_bias><<<grid, kThreads, 0, stream>>>(args);
       break;
+    case StepExtra::context_and_hidden_bias:
+      forward_step_kernel<Cell, T, kSave, StepExtra::context_and_hidden_bias><<<grid, kThreads, 0, stream>>>(args);
+      break;
     case StepExtra::none:
       forward_step_kernel<Cell, T, kSave, StepExtra::none><<<grid, kThreads, 0, stream>>>(args);
       break;
