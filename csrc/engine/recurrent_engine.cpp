@@ -1021,9 +1021,8 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
                 grad_ctx = ptr<T_>(dctx_share[0]);
               }
               // The block's heads: query gradient into its recurrent-side rows, key and value
-              // gradients into the slots.
-              // Step k's slot (h before step k) is read by no earlier step: its key and value
-              // gradients are final after this pass, which writes them to the recurrent-side rows.
+              // gradients into the slots. Step k's slot (h before step k) is read by no earlier
+              // step: its gradients are final after this pass, which writes them to those rows too.
               T_* rec = ptr<T_>(dgh) + row * R + blocks.rec_row0(c) + blocks.rows(c);
               AttentionStepArgs<T_> a = attention_step_args<T_>(geo, blocks, c, B, k, lengths, scratch, sequence);
               a.staged = SlotRows<T_>{rec, R, n, col, nullptr, geo.self_memory ? geo.new_slot(k) : -1};
