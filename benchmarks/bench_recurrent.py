@@ -33,21 +33,25 @@ CELLS = {
 }
 
 
+def _set_cudnn_tf32(allowed: bool) -> bool:
+    """Sets torch.backends.cudnn.allow_tf32; returns the value it had."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # newer torch suggests its fp32_precision settings instead
+        previous = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = allowed
+    return previous
+
+
 @contextlib.contextmanager
 def cudnn_strict_fp32():
     """cuDNN with TF32 off. torch lets cuDNN's float32 RNNs multiply in TF32 by default
     (torch.backends.cudnn.allow_tf32; an error ~5e-4 against float64 where strict float32 gives
     ~7e-7), while ours, like torch's float32 matmuls, stays in float32: this peer has our numerics."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # newer torch suggests its fp32_precision settings instead
-        saved = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = False
+    previous = _set_cudnn_tf32(False)
     try:
         yield
     finally:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.backends.cudnn.allow_tf32 = saved
+        _set_cudnn_tf32(previous)
 
 
 def bench_pair(cell, shape, device, dtype, repeats, warmup):

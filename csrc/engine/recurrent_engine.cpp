@@ -424,11 +424,17 @@ std::vector<int64_t> running_rows(const Tensor& lengths, int64_t steps, bool att
   return rows;
 }
 
+// The attention stage's arguments for block c at forward step k; query: that step's queries (B, D),
+// keys, values: the slot store.
 template <typename T>
 AttentionStepArgs<T> attention_step_args(const AttentionGeometry& g, const UnitBlocks& blocks, int64_t c,
                                          int64_t batch, int64_t k, const Tensor& lengths, const Tensor& scratch,
-                                         const SequenceLengths& sequence) {
+                                         const SequenceLengths& sequence, T* query, T* keys, T* values) {
   AttentionStepArgs<T> a{};
+  a.query = query;
+  a.query_stride = g.width;
+  a.keys = keys;
+  a.values = values;
   a.sequence_lengths = sequence.data;
   a.steps = sequence.steps;
   a.reverse = sequence.reverse;
@@ -656,14 +662,11 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
           }
           if (blocks.cols(c) == 0) return;
           // The block's heads: their query (and new slot) staged from the GEMM, then the attention.
-          AttentionStepArgs<T_> a = attention_step_args<T_>(geo, blocks, c, B, k, lengths, scratch, sequence);
+          AttentionStepArgs<T_> a = attention_step_args<T_>(geo, blocks, c, B, k, lengths, scratch, sequence,
+                                                            queries + (training ? k : 0) * slot_size, keys, values);
           a.staged = SlotRows<T_>{ptr<T_>(hproj[c]) + blocks.rows(c), blocks.rec_rows(c), blocks.cols(c), blocks.col0(c),
                                   rec_bias.defined() ? ptr<T_>(rec_bias) + blocks.rec_row0(c) + blocks.rows(c) : nullptr,
                                   geo.self_memory ? geo.new_slot(k) : -1};
-          a.query = queries + (training ? k : 0) * slot_size;
-          a.query_stride = D;
-          a.keys = keys;
-          a.values = values;
           a.context = ptr<T_>(context) + t * slot_size;
           a.context_stride = D;
           a.weights = attention->need_weights ? ptr<T_>(weights) + t * B * geo.heads * geo.weight_slots : nullptr;
@@ -1024,12 +1027,9 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
               // gradients into the slots. Step k's slot (h before step k) is read by no earlier
               // step: its gradients are final after this pass, which writes them to those rows too.
               T_* rec = ptr<T_>(dgh) + row * R + blocks.rec_row0(c) + blocks.rows(c);
-              AttentionStepArgs<T_> a = attention_step_args<T_>(geo, blocks, c, B, k, lengths, scratch, sequence);
+              AttentionStepArgs<T_> a = attention_step_args<T_>(geo, blocks, c, B, k, lengths, scratch, sequence,
+                                                                queries + k * slot_size, keys, values);
               a.staged = SlotRows<T_>{rec, R, n, col, nullptr, geo.self_memory ? geo.new_slot(k) : -1};
-              a.query = queries + k * slot_size;
-              a.query_stride = D;
-              a.keys = keys;
-              a.values = values;
               a.grad_context = grad_ctx;
               a.grad_context_stride = D;
               a.grad_query = rec - col;  // column d of the block's heads at rec[d - col]

@@ -15,6 +15,7 @@
 // otherwise it is held: its states pass through unchanged and it gets no gradient of its own.
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 #include "cells/cell_math.h"
 
@@ -85,6 +86,18 @@ RNNATTN_HD StepExtra step_extra(const ForwardStepArgs<T>& a) {
   const bool context = a.cproj.ptr != nullptr, bias = a.hbias.ptr != nullptr;
   if (context) return bias ? StepExtra::context_and_hidden_bias : StepExtra::context;
   return bias ? StepExtra::hidden_bias : StepExtra::none;
+}
+// Calls f(std::integral_constant<StepExtra, E>{}) for the pass's E: the one place that turns the
+// run-time choice into the loops' compile-time switch (CPU passes and CUDA launches alike).
+template <typename T, class F>
+inline void dispatch_step_extra(const ForwardStepArgs<T>& a, F&& f) {
+  switch (step_extra(a)) {
+    case StepExtra::none: return f(std::integral_constant<StepExtra, StepExtra::none>{});
+    case StepExtra::context: return f(std::integral_constant<StepExtra, StepExtra::context>{});
+    case StepExtra::hidden_bias: return f(std::integral_constant<StepExtra, StepExtra::hidden_bias>{});
+    case StepExtra::context_and_hidden_bias:
+      return f(std::integral_constant<StepExtra, StepExtra::context_and_hidden_bias>{});
+  }
 }
 constexpr bool adds_context(StepExtra e) {
   return e == StepExtra::context || e == StepExtra::context_and_hidden_bias;

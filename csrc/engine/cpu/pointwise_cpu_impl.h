@@ -22,13 +22,7 @@ void forward_block_impl(const ForwardStepArgs<T>& args) {
 
 template <class Cell, typename T, bool kSave>
 void forward_block_saving(const ForwardStepArgs<T>& args) {
-  switch (step_extra(args)) {
-    case StepExtra::context: return forward_block_impl<Cell, T, kSave, StepExtra::context>(args);
-    case StepExtra::hidden_bias: return forward_block_impl<Cell, T, kSave, StepExtra::hidden_bias>(args);
-    case StepExtra::context_and_hidden_bias:
-      return forward_block_impl<Cell, T, kSave, StepExtra::context_and_hidden_bias>(args);
-    case StepExtra::none: return forward_block_impl<Cell, T, kSave, StepExtra::none>(args);
-  }
+  dispatch_step_extra(args, [&](auto extra) { forward_block_impl<Cell, T, kSave, decltype(extra)::value>(args); });
 }
 
 template <class Cell, typename T>

@@ -49,20 +49,9 @@ unsigned int blocks_for(int64_t units) {
 
 template <class Cell, typename T, bool kSave>
 void launch_forward_saving(const ForwardStepArgs<T>& args, unsigned int grid, cudaStream_t stream) {
-  switch (step_extra(args)) {
-    case StepExtra::context:
-      forward_step_kernel<Cell, T, kSave, StepExtra::context><<<grid, kThreads, 0, stream>>>(args);
-      break;
-    case StepExtra::hidden_bias:
-      forward_step_kernel<Cell, T, kSave, StepExtra::hidden_bias><<<grid, kThreads, 0, stream>>>(args);
-      break;
-    case StepExtra::context_and_hidden_bias:
-      forward_step_kernel<Cell, T, kSave, StepExtra::context_and_hidden_bias><<<grid, kThreads, 0, stream>>>(args);
-      break;
-    case StepExtra::none:
-      forward_step_kernel<Cell, T, kSave, StepExtra::none><<<grid, kThreads, 0, stream>>>(args);
-      break;
-  }
+  dispatch_step_extra(args, [&](auto extra) {
+    forward_step_kernel<Cell, T, kSave, decltype(extra)::value><<<grid, kThreads, 0, stream>>>(args);
+  });
 }
 
 }  // namespace
