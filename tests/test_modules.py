@@ -145,6 +145,24 @@ def test_module_follows_dtype_and_repr(kind):
     assert "3, 5, num_layers=2" in repr(m)
 
 
+@pytest.mark.parametrize("kind", MODULES)
+def test_torch_nn_module_attributes(kind):
+    # What code written against torch.nn reads or calls: mode, _flat_weights, flatten_parameters().
+    torch.manual_seed(0)
+    theirs, ours = make_pair(kind, 3, 5, num_layers=2, bidirectional=True)
+    assert ours.mode == theirs.mode
+    assert ours._flat_weights_names == theirs._flat_weights_names
+    assert len(ours._flat_weights) == len(theirs._flat_weights)
+    for a, b in zip(ours._flat_weights, theirs._flat_weights):
+        assert a is not None and torch.equal(a, b)
+    assert ours._flat_weights[0] is ours.weight_ih_l0
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    before = flat(ours(x))
+    assert ours.flatten_parameters() is None
+    for a, b in zip(flat(ours(x)), before):
+        assert torch.equal(a, b)
+
+
 def test_proj_size_is_checked():
     for bad in (5, 6, -1):
         with pytest.raises(ValueError, match=f"LSTM: proj_size .*got {bad}"):

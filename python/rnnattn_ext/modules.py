@@ -163,6 +163,20 @@ class RecurrentBase(nn.Module):
     def all_weights(self) -> list[list[nn.Parameter]]:
         return [[getattr(self, name) for name in names] for names in self._all_weights]
 
+    @property
+    def mode(self) -> str:
+        """torch.nn's name of the cell: 'LSTM', 'GRU', 'RNN_TANH' or 'RNN_RELU'."""
+        return self.cell.upper()
+
+    @property
+    def _flat_weights(self) -> list[Tensor | None]:
+        """Every parameter in torch.nn's flat order (``_flat_weights_names``), as torch.nn's modules list them."""
+        return [getattr(self, name, None) for name in self._flat_weights_names]
+
+    def flatten_parameters(self) -> None:
+        """Kept for code written against torch.nn (which calls it before cuDNN runs): nothing to do here,
+        the ops read every weight where it is, on every device, so there is no flat buffer to rebuild."""
+
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
         if self.num_layers != 1:
