@@ -75,3 +75,22 @@ def test_default_block_sizes_match_reference():
     env = {k: v for k, v in os.environ.items() if k != "RNNATTN_CPU_MIN_BLOCK_WEIGHTS"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
+
+
+def test_many_shapes_in_turn_on_one_thread(restore_threads):
+    # Each thread keeps the block split of its last few shapes (unit_blocks.cpp): more shapes than it
+    # keeps, in turn and twice over, with their row orders reused and rebuilt, give the reference's numbers.
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(21)
+    cases = [(cell, hidden) for hidden in (40, 72, 104, 136) for cell in CELLS]  # 12 splits (gates, hidden)
+    layers = {case: layer_args(case[0], 3, 2, 5, case[1], torch.float32, generator=gen, requires_grad=False)
+              for case in cases}
+    for _ in range(2):
+        for case in cases:
+            x, states, *weights = layers[case]
+            out, finals = functional.layer(case[0], x, states, *weights)
+            ref, ref_finals = reference.layer(case[0], x.double(), [s.double() for s in states],
+                                              *[w.double() for w in weights])
+            assert_close(out, ref.float(), 2e-5, 1e-4, f"output {case}")
+            for f, rf in zip(finals, ref_finals):
+                assert_close(f, rf.float(), 2e-5, 1e-4, f"final state {case}")

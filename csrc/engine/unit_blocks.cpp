@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 
 namespace rnnattn {
@@ -15,17 +16,18 @@ constexpr int64_t kMinUnitsPerBlock = 32;
 // A block must also carry enough of each step's product (floats of the recurrent-side weight) to pay
 // for the barrier it adds to every step, and a one-step call enough to pay for starting the threads
 // at all: below that, fewer blocks are faster (on a 2-core x86 CPU a 64-unit Elman RNN over 256
-// steps ran 1.8x faster on one thread than on two, and a one-step LSTM of 256 units 10% faster).
-// RNNATTN_CPU_MIN_BLOCK_WEIGHTS overrides the per-step bound (the one-step bound is 16 times it).
+// steps ran 1.8x faster on one thread than on two; one step of a 128-unit LSTM 8% faster, one of a
+// 256-unit LSTM 11% slower). RNNATTN_CPU_MIN_BLOCK_WEIGHTS overrides the per-step bound (the
+// one-step bound is 4 times it).
 int64_t min_block_weights() {
   static const int64_t value = [] {
     const char* text = std::getenv("RNNATTN_CPU_MIN_BLOCK_WEIGHTS");
     const long long parsed = text != nullptr ? std::atoll(text) : 0;
-    return parsed > 0 ? static_cast<int64_t>(std::min(parsed, 1LL << 40)) : int64_t{16384};  // bounded: * 16 fits
+    return parsed > 0 ? static_cast<int64_t>(std::min(parsed, 1LL << 40)) : int64_t{16384};  // bounded: * 4 fits
   }();
   return value;
 }
-constexpr int64_t kOneStepFactor = 16;
+constexpr int64_t kOneStepFactor = 4;
 
 at::Tensor to_index(const std::vector<int64_t>& order) {
   return at::tensor(order, at::TensorOptions().dtype(at::kLong));
@@ -35,22 +37,13 @@ at::Tensor inverse_of(const at::Tensor& order) {
   return at::empty_like(order).index_copy_(0, order, at::arange(order.numel(), at::kLong));
 }
 
-}  // namespace
-
-UnitBlocks make_unit_blocks(int gates, int64_t hidden, int64_t state_width, int64_t steps, const at::Tensor& like,
-                            int64_t groups, int64_t heads, int64_t head_dim) {
+// The blocks of `count` threads, their row orders included (the part worth caching).
+UnitBlocks blocks_for(int gates, int64_t hidden, int64_t groups, int64_t heads, int64_t head_dim, int64_t count) {
   UnitBlocks blocks;
   blocks.gates = gates;
   blocks.hidden = hidden;
   blocks.groups = groups;
   blocks.head_dim = head_dim;
-  int64_t count = 1;
-  if (like.is_cpu() && !at::in_parallel_region()) {
-    const int64_t weights = (gates * hidden + groups * heads * head_dim) * std::max<int64_t>(1, state_width);
-    const int64_t per_block = min_block_weights() * (steps == 1 ? kOneStepFactor : 1);
-    count = std::min<int64_t>({at::get_num_threads(), hidden / kMinUnitsPerBlock, weights / per_block});
-    count = std::max<int64_t>(1, count);
-  }
   for (int64_t c = 0; c < count; ++c) {
     // Block edges on multiples of 8 units keep the vectorized loops aligned.
     blocks.begin.push_back(c == 0 ? 0 : (hidden * c / count) / 8 * 8);
@@ -84,6 +77,34 @@ UnitBlocks make_unit_blocks(int gates, int64_t hidden, int64_t state_width, int6
     blocks.rec_inverse = groups > 0 ? inverse_of(blocks.rec_order) : blocks.inverse;
   }
   return blocks;
+}
+
+}  // namespace
+
+UnitBlocks make_unit_blocks(int gates, int64_t hidden, int64_t state_width, int64_t steps, const at::Tensor& like,
+                            int64_t groups, int64_t heads, int64_t head_dim) {
+  int64_t count = 1;
+  if (like.is_cpu() && !at::in_parallel_region()) {
+    const int64_t weights = (gates * hidden + groups * heads * head_dim) * std::max<int64_t>(1, state_width);
+    const int64_t per_block = min_block_weights() * (steps == 1 ? kOneStepFactor : 1);
+    count = std::min<int64_t>({at::get_num_threads(), hidden / kMinUnitsPerBlock, weights / per_block});
+    count = std::max<int64_t>(1, count);
+  }
+  // The row orders cost several small tensor ops, as much as a whole one-step call of a small layer:
+  // each thread keeps the blocks of its last few shapes (they are never written once made).
+  struct Cached {
+    std::array<int64_t, 6> key;
+    UnitBlocks blocks;
+  };
+  thread_local std::vector<Cached> cache;
+  const std::array<int64_t, 6> key{gates, hidden, groups, heads, head_dim, count};
+  for (const Cached& entry : cache) {
+    if (entry.key == key) return entry.blocks;
+  }
+  constexpr size_t kCachedShapes = 8;
+  if (cache.size() == kCachedShapes) cache.erase(cache.begin());
+  cache.push_back({key, blocks_for(gates, hidden, groups, heads, head_dim, count)});
+  return cache.back().blocks;
 }
 
 }  // namespace rnnattn
