@@ -466,6 +466,9 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
                                    const std::optional<Tensor>& weight_hr, const std::optional<Tensor>& lengths_arg,
                                    bool reverse, bool training, const AttentionConfig* attention) {
   constexpr int S = Cell::kStates, G = Cell::kGates;
+  // The ops run below autograd: the engine's own ATen calls skip the autograd and view-tracking
+  // kernels, which at one step cost about as much as the call's whole set-up.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   // With a projection the cell's own output m_t is not a state: its plane follows the others. The
   // engine assumes that h reaches the next step only through the gates (true of the LSTM alone).
   const bool projected = weight_hr.has_value();
@@ -738,6 +741,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
                                      const Tensor& workspace_arg, const std::optional<Tensor>& lengths_arg,
                                      bool reverse, const AttentionConfig* attention, const AttentionSaved* saved) {
   constexpr int S = Cell::kStates, G = Cell::kGates;
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in the forward
   const bool projected = weight_hr.has_value();
   const int planes = workspace_planes<Cell>(projected), m_plane = workspace_planes<Cell>();
 #ifdef RNNATTN_WITH_CUDA
