@@ -3,7 +3,9 @@ as a real-time application runs a recurrent model. Ours is ``module.stream(x_t, 
 torch.nn's cell module (LSTMCell, GRUCell, RNNCell) with the same weights, on the same device.
 
 Each timed run feeds ``--steps`` consecutive steps; the table gives the median per-step time and the
-ratio torch.nn / ours (> 1: we are faster).
+ratio torch.nn / ours (> 1: we are faster), under ``torch.no_grad()`` and under
+``torch.inference_mode()`` (where autograd is skipped entirely: our operator then skips its Python
+autograd layer, and torch.nn's cell its autograd bookkeeping).
 
     python benchmarks/bench_step.py
     python benchmarks/bench_step.py --device cuda --shapes 1x256x256
@@ -42,37 +44,42 @@ def bench_cell(cell, shape, device, dtype, steps, repeats, warmup):
             parameter.copy_(getattr(ours, name + "_l0"))
     xs = torch.randn(steps, batch, input_size, device=device, dtype=dtype)
 
-    def run_ours():
-        with torch.no_grad():
-            state = None
-            for t in range(steps):
-                _, state = ours.stream(xs[t : t + 1], state)
+    def stepper(module, ours_stream, grad_mode):
+        def run():
+            with grad_mode():
+                state = None
+                for t in range(steps):
+                    if ours_stream:
+                        _, state = module.stream(xs[t : t + 1], state)
+                    else:
+                        state = module(xs[t], state)
+        return run
 
-    def run_peer():
-        with torch.no_grad():
-            state = None
-            for t in range(steps):
-                state = peer(xs[t], state)
-
-    times = interleaved_median_ms({"torch.nn": run_peer, "rnnattn_ext": run_ours}, device, repeats, warmup)
-    return {
-        "cell": cell, "B": batch, "I": input_size, "H": hidden, "mode": "stream step", "steps": steps,
-        "peer": cell_cls.__name__, "torch_nn_us": times["torch.nn"] * 1e3 / steps,
-        "rnnattn_us": times["rnnattn_ext"] * 1e3 / steps, "ratio": times["torch.nn"] / times["rnnattn_ext"],
-    }
+    times = {}
+    for mode, grad_mode in (("", torch.no_grad), ("inference_", torch.inference_mode)):
+        measured = interleaved_median_ms({"torch.nn": stepper(peer, False, grad_mode),
+                                          "rnnattn_ext": stepper(ours, True, grad_mode)}, device, repeats, warmup)
+        times[mode + "torch_nn_us"] = measured["torch.nn"] * 1e3 / steps
+        times[mode + "rnnattn_us"] = measured["rnnattn_ext"] * 1e3 / steps
+        times[mode + "ratio"] = measured["torch.nn"] / measured["rnnattn_ext"]
+    return {"cell": cell, "B": batch, "I": input_size, "H": hidden, "mode": "stream step", "steps": steps,
+            "peer": cell_cls.__name__, **times}
 
 
 def progress_line(r) -> str:
     """One row as the run prints it."""
     return (f"{r['cell']:9s} {r['B']}x{r['I']}x{r['H']:<5d} stream step  {r['peer']} {r['torch_nn_us']:8.1f} us  "
-            f"ours {r['rnnattn_us']:8.1f} us  {r['ratio']:.2f}x")
+            f"ours {r['rnnattn_us']:8.1f} us  {r['ratio']:.2f}x  (inference_mode: {r['inference_torch_nn_us']:.1f} / "
+            f"{r['inference_rnnattn_us']:.1f} us, {r['inference_ratio']:.2f}x)")
 
 
 def markdown_table(rows, info, device, dtype) -> str:
-    columns = ["cell", "B×I×H", "torch.nn cell", "torch.nn µs/step", "rnnattn_ext `stream` µs/step", "speed-up"]
+    columns = ["cell", "B×I×H", "torch.nn cell", "torch.nn µs/step", "rnnattn_ext `stream` µs/step", "speed-up",
+               "inference_mode: torch.nn µs/step", "inference_mode: ours µs/step", "inference_mode: speed-up"]
     return results_markdown(info, device, dtype, columns, 3, [
         [r["cell"], f"{r['B']}×{r['I']}×{r['H']}", r["peer"], f"{r['torch_nn_us']:.1f}", f"{r['rnnattn_us']:.1f}",
-         f"{r['ratio']:.2f}×"] for r in rows])
+         f"{r['ratio']:.2f}×", f"{r['inference_torch_nn_us']:.1f}", f"{r['inference_rnnattn_us']:.1f}",
+         f"{r['inference_ratio']:.2f}×"] for r in rows])
 
 
 def main(argv=None):

@@ -29,9 +29,10 @@ def test_suite_quick_writes_json_markdown_and_plot(tmp_path):
     assert {r["peer"] for r in sections["step"]} == {"LSTMCell", "GRUCell", "RNNCell"}
     for row in sections["recurrent"] + sections["step"]:
         assert row["ratio"] > 0
+    assert all(row["inference_ratio"] > 0 and row["inference_rnnattn_us"] > 0 for row in sections["step"])
     assert runs[0]["machine"]["torch"]
     table = (tmp_path / "quick.md").read_text()
-    assert "| lstm | 2×8×16×16 | forward |" in table and "LSTMCell" in table
+    assert "| lstm | 2×8×16×16 | forward |" in table and "LSTMCell" in table and "inference_mode: speed-up" in table
     assert (tmp_path / "quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
