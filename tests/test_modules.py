@@ -163,6 +163,30 @@ def test_torch_nn_module_attributes(kind):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("with_hx", [False, True], ids=["no_hx", "hx"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time_major", "batch_first"])
+@pytest.mark.parametrize("kind", MODULES)
+def test_one_layer_short_path_equals_the_stack(kind, batch_first, with_hx):
+    # One layer in one direction takes a short path (RecurrentBase._run_one_layer): the general
+    # path's numbers, bitwise, and gradients that reach every input.
+    torch.manual_seed(0)
+    _, ours = make_pair(kind, 3, 5, batch_first=batch_first)
+    x = torch.randn((2, 4, 3) if batch_first else (4, 2, 3), dtype=torch.float64, requires_grad=True)
+    hx = random_hx(kind, 1, 2, 5, False, "cpu", torch.float64) if with_hx else None
+    got = flat(ours(x, hx))
+    states = [] if hx is None else list(hx) if isinstance(hx, tuple) else [hx]
+    if hx is None:
+        widths = [ours.state_size, ours.hidden_size][: 2 if kind.startswith("LSTM") else 1]
+        states = [torch.zeros(1, 2, w, dtype=torch.float64) for w in widths]
+    time_major = x.transpose(0, 1) if batch_first else x
+    out, finals = rnnattn_ext.functional.stack(ours.cell, time_major, states, ours._layer_weights(), 1, False)
+    expected = [out.transpose(0, 1) if batch_first else out, *finals]
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    leaves = [x, *(states if with_hx else []), *ours.parameters()]
+    assert all(g is not None for g in torch.autograd.grad(sum(t.sum() for t in got), leaves))
+
+
 def test_proj_size_is_checked():
     for bad in (5, 6, -1):
         with pytest.raises(ValueError, match=f"LSTM: proj_size .*got {bad}"):

