@@ -44,21 +44,22 @@ def bench_cell(cell, shape, device, dtype, steps, repeats, warmup):
             parameter.copy_(getattr(ours, name + "_l0"))
     xs = torch.randn(steps, batch, input_size, device=device, dtype=dtype)
 
-    def stepper(module, ours_stream, grad_mode):
-        def run():
-            with grad_mode():
-                state = None
-                for t in range(steps):
-                    if ours_stream:
-                        _, state = module.stream(xs[t : t + 1], state)
-                    else:
-                        state = module(xs[t], state)
-        return run
+    def run_ours(grad_mode):
+        with grad_mode():
+            state = None
+            for t in range(steps):
+                _, state = ours.stream(xs[t : t + 1], state)
+
+    def run_peer(grad_mode):
+        with grad_mode():
+            state = None
+            for t in range(steps):
+                state = peer(xs[t], state)
 
     times = {}
     for mode, grad_mode in (("", torch.no_grad), ("inference_", torch.inference_mode)):
-        measured = interleaved_median_ms({"torch.nn": stepper(peer, False, grad_mode),
-                                          "rnnattn_ext": stepper(ours, True, grad_mode)}, device, repeats, warmup)
+        measured = interleaved_median_ms({"torch.nn": lambda: run_peer(grad_mode),
+                                          "rnnattn_ext": lambda: run_ours(grad_mode)}, device, repeats, warmup)
         times[mode + "torch_nn_us"] = measured["torch.nn"] * 1e3 / steps
         times[mode + "rnnattn_us"] = measured["rnnattn_ext"] * 1e3 / steps
         times[mode + "ratio"] = measured["torch.nn"] / measured["rnnattn_ext"]

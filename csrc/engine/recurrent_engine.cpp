@@ -372,12 +372,12 @@ AttentionGeometry attention_geometry(const AttentionConfig* attention, int64_t s
 std::pair<Tensor, std::optional<Tensor>> recurrent_side(const Tensor& weight_hh, const std::optional<Tensor>& bias_hh,
                                                         const AttentionConfig* attention, bool self_memory) {
   if (attention == nullptr) {
-    return {weight_hh.detach(), bias_hh ? std::optional<Tensor>(bias_hh->detach()) : std::nullopt};
+    return {weight_hh, bias_hh};
   }
-  std::vector<Tensor> weights{weight_hh.detach(), attention->weight_q.detach()};
+  std::vector<Tensor> weights{weight_hh, attention->weight_q};
   std::vector<std::optional<Tensor>> biases{bias_hh, attention->bias_q};
   if (self_memory) {
-    weights.insert(weights.end(), {attention->weight_k.detach(), attention->weight_v.detach()});
+    weights.insert(weights.end(), {attention->weight_k, attention->weight_v});
     biases.insert(biases.end(), {attention->bias_k, attention->bias_v});
   }
   const Tensor weight = at::cat(weights, 0);
@@ -385,7 +385,7 @@ std::pair<Tensor, std::optional<Tensor>> recurrent_side(const Tensor& weight_hh,
   std::vector<Tensor> parts;
   for (size_t i = 0; i < weights.size(); ++i) {
     any_bias = any_bias || biases[i].has_value();
-    parts.push_back(biases[i] ? biases[i]->detach() : at::zeros({weights[i].size(0)}, weight.options()));
+    parts.push_back(biases[i] ? *biases[i] : at::zeros({weights[i].size(0)}, weight.options()));
   }
   return {weight, any_bias ? std::optional<Tensor>(at::cat(parts, 0)) : std::nullopt};
 }
@@ -466,8 +466,9 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
                                    const std::optional<Tensor>& weight_hr, const std::optional<Tensor>& lengths_arg,
                                    bool reverse, bool training, const AttentionConfig* attention) {
   constexpr int S = Cell::kStates, G = Cell::kGates;
-  // The ops run below autograd: the engine's own ATen calls skip the autograd and view-tracking
-  // kernels, which at one step cost about as much as the call's whole set-up.
+  // The ops run below autograd: the engine's own ATen calls record no history (so the arguments need
+  // no detach) and skip the autograd and view-tracking kernels, which at one step cost about as much
+  // as the call's whole set-up.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   // With a projection the cell's own output m_t is not a state: its plane follows the others. The
   // engine assumes that h reaches the next step only through the gates (true of the LSTM alone).
@@ -478,8 +479,7 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   const c10::cuda::OptionalCUDAGuard guard(input_arg.is_cuda() ? std::optional<c10::Device>(input_arg.device())
                                                                : std::nullopt);
 #endif
-  // Plain (non-differentiable) views: the engine's own ATen calls must not record autograd history.
-  const Tensor input = input_arg.detach();
+  const Tensor input = input_arg;
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
   // H units per gate; HS the width of the state h and the output (P with a projection, else H).
   const int64_t GH = weight_hh_arg.size(0), H = GH / G, HS = weight_hh_arg.size(1);
@@ -490,9 +490,9 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   CallScratch temp(input);  // the call's temporary buffers
 
   const Tensor x = input.contiguous().view({T * B, I});
-  const Tensor w_ih = weight_ih_arg.detach();
+  const Tensor w_ih = weight_ih_arg;
   const std::optional<Tensor> b_ih =
-      bias_ih ? std::optional<Tensor>(blocks.permute_rows(bias_ih->detach())) : std::nullopt;
+      bias_ih ? std::optional<Tensor>(blocks.permute_rows(*bias_ih)) : std::nullopt;
   // Per step and block: h_{t-1} @ W_rec^T (+ b_rec), W_rec = W_hh (+ the attention rows).
   auto [w_rec, b_rec_plain] = recurrent_side(weight_hh_arg, bias_hh, attention, geo.self_memory);
   const std::optional<Tensor> b_rec =
@@ -514,8 +514,8 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   };
   std::vector<BlockMatrix> ih_matrix, rec_matrix, ctx_matrix, proj_matrix;
   std::vector<Tensor> xproj, hproj, cproj;
-  const Tensor w_c = geo.enabled ? attention->weight_c.detach() : Tensor();
-  const Tensor w_hr = projected ? weight_hr->detach().contiguous() : Tensor();
+  const Tensor w_c = geo.enabled ? attention->weight_c : Tensor();
+  const Tensor w_hr = projected ? weight_hr->contiguous() : Tensor();
   for (int64_t c = 0; c < blocks.count(); ++c) {
     if (projected) {
       // Per step and block: its columns of y_t = m_t @ W_hr^T (every unit of m_t).
@@ -540,7 +540,7 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   Tensor output = at::empty({T, B, HS}, opts);
   Tensor workspace = training ? at::empty({T, planes, B, H}, opts) : at::empty({0}, opts);
   std::vector<Tensor> init;
-  for (const auto& s : initial_states) init.push_back(s.detach().contiguous());
+  for (const auto& s : initial_states) init.push_back(s.contiguous());
   // Inference keeps the states other than h (and m_t) in two alternating buffers instead of the
   // workspace.
   std::vector<Tensor> ping_pong;
@@ -564,16 +564,16 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
         memory_store.narrow(0, (query_steps + geo.slots) * slot_size, geo.slots * slot_size).view({geo.slots * B, D});
     if (geo.past > 0) {
       // Streaming: the slots before this call's first step, as given.
-      keys.narrow(0, 0, geo.past * B).copy_(attention->past_keys->detach().reshape({geo.past * B, D}));
-      values.narrow(0, 0, geo.past * B).copy_(attention->past_values->detach().reshape({geo.past * B, D}));
+      keys.narrow(0, 0, geo.past * B).copy_(attention->past_keys->reshape({geo.past * B, D}));
+      values.narrow(0, 0, geo.past * B).copy_(attention->past_values->reshape({geo.past * B, D}));
     }
     if (!geo.self_memory) {
       // External memory: every key and value once, before the loop.
-      const Tensor memory = attention->memory->detach().contiguous();
+      const Tensor memory = attention->memory->contiguous();
       const Tensor m = memory.view({geo.slots * B, memory.size(2)});
-      const Tensor wk = attention->weight_k.detach(), wv = attention->weight_v.detach();
-      if (attention->bias_k) at::addmm_out(keys, attention->bias_k->detach(), m, wk.t()); else at::mm_out(keys, m, wk.t());
-      if (attention->bias_v) at::addmm_out(values, attention->bias_v->detach(), m, wv.t()); else at::mm_out(values, m, wv.t());
+      const Tensor wk = attention->weight_k, wv = attention->weight_v;
+      if (attention->bias_k) at::addmm_out(keys, *attention->bias_k, m, wk.t()); else at::mm_out(keys, m, wk.t());
+      if (attention->bias_v) at::addmm_out(values, *attention->bias_v, m, wv.t()); else at::mm_out(values, m, wv.t());
       if (attention->memory_lengths) lengths = attention->memory_lengths->contiguous();
     }
     context = at::empty({T, B, D}, opts);
@@ -748,8 +748,8 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   const c10::cuda::OptionalCUDAGuard guard(input_arg.is_cuda() ? std::optional<c10::Device>(input_arg.device())
                                                                : std::nullopt);
 #endif
-  const Tensor input = input_arg.detach();
-  const Tensor workspace = workspace_arg.detach().contiguous();
+  const Tensor input = input_arg;
+  const Tensor workspace = workspace_arg.contiguous();
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
   const Tensor seq_lengths = lengths_arg ? lengths_arg->contiguous() : Tensor();
   const SequenceLengths sequence{seq_lengths.defined() ? seq_lengths.data_ptr<int64_t>() : nullptr, T, reverse};
@@ -757,10 +757,10 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   // reverse, a row's first valid step started from h_0, which the forward carried through the padded
   // steps and then zeroed there: put it back.
   const Tensor output = seq_lengths.defined() && reverse
-                            ? at::where(padded_steps(seq_lengths, T), initial_states[0].detach().unsqueeze(0),
-                                        output_arg.detach())
+                            ? at::where(padded_steps(seq_lengths, T), initial_states[0].unsqueeze(0),
+                                        output_arg)
                                   .contiguous()
-                            : output_arg.detach().contiguous();
+                            : output_arg.contiguous();
   const int64_t GH = weight_hh_arg.size(0), H = GH / G, HS = weight_hh_arg.size(1);  // as in the forward
   const auto opts = input.options();
   const int64_t plane = B * H, out_plane = B * HS;
@@ -771,17 +771,17 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   const int64_t R = blocks.rec_total();  // recurrent-side rows
   const std::vector<int64_t> running = running_rows(seq_lengths, T, geo.enabled);
 
-  const Tensor w_ih = blocks.permute_rows(weight_ih_arg.detach()).contiguous();
+  const Tensor w_ih = blocks.permute_rows(weight_ih_arg).contiguous();
   const Tensor w_rec =
       blocks.permute_rec_rows(recurrent_side(weight_hh_arg, std::nullopt, attention, geo.self_memory).first)
           .contiguous();
-  const Tensor w_c = geo.enabled ? blocks.permute_rows(attention->weight_c.detach()).contiguous() : Tensor();
-  const Tensor grad_y = grad_output.detach().contiguous();
+  const Tensor w_c = geo.enabled ? blocks.permute_rows(attention->weight_c).contiguous() : Tensor();
+  const Tensor grad_y = grad_output.contiguous();
   std::vector<Tensor> init;
-  for (const auto& s : initial_states) init.push_back(s.detach().contiguous());
+  for (const auto& s : initial_states) init.push_back(s.contiguous());
   // Carried state gradients, updated in place step by step (they end as the initial states' gradients).
   std::vector<Tensor> dstate;
-  for (const auto& g : grad_final_states) dstate.push_back(g.detach().contiguous().clone());
+  for (const auto& g : grad_final_states) dstate.push_back(g.contiguous().clone());
   // With several blocks, each block's share of dh_{t-1} = dg_rec_t @ W_rec goes to its own buffer
   // and the blocks add them up (in block order: deterministic) at the next step. Likewise the
   // shares of dctx_t = dxg_t @ W_c. A projection always uses shares (projection_step.h).
@@ -801,7 +801,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   // Projection: dm_t = dy_t @ W_hr, each block its units, into dm (the pointwise pass's dh_t, whose
   // own grad_output is then a zero plane); the m before the first step, which no row reads.
   std::vector<BlockMatrix> rec_matrix, ctx_matrix, proj_matrix;
-  const Tensor w_hr = projected ? weight_hr->detach().contiguous() : Tensor();
+  const Tensor w_hr = projected ? weight_hr->contiguous() : Tensor();
   const Tensor dm = projected ? temp.empty({B, H}) : Tensor();
   const Tensor zero_plane = projected ? temp.zeros({B, H}) : Tensor();
   for (int64_t c = 0; c < blocks.count(); ++c) {
@@ -837,18 +837,18 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   Tensor grad_w_rec = at::zeros({R, HS}, opts), grad_b_rec = rec_alias ? Tensor() : at::zeros({R}, opts);
   Tensor grad_w_hr = projected ? at::zeros({HS, H}, opts) : Tensor();
   Tensor grad_w_c = geo.enabled ? at::zeros({GH, D}, opts) : Tensor();
-  const Tensor context = geo.enabled ? saved->context.detach().contiguous().view({T * B, D}) : Tensor();
+  const Tensor context = geo.enabled ? saved->context.contiguous().view({T * B, D}) : Tensor();
 
   // Attention: the saved queries, keys and values, the gradients of the keys and values (summed
   // over the steps that read each slot), and dctx of the current step.
   Tensor memory_store, grad_keys, grad_values, dctx, grad_context, lengths;
   const Tensor scratch = attention_scratch(geo, B, input);
   if (geo.enabled) {
-    memory_store = saved->workspace.detach().contiguous();
+    memory_store = saved->workspace.contiguous();
     grad_keys = at::zeros({geo.slots, B, D}, opts);
     grad_values = at::zeros({geo.slots, B, D}, opts);
     if (input.is_cpu()) dctx = temp.empty({B, D});  // CUDA reads its one block's share in place
-    if (saved->grad_context.defined()) grad_context = saved->grad_context.detach().contiguous();
+    if (saved->grad_context.defined()) grad_context = saved->grad_context.contiguous();
     if (attention->memory_lengths) lengths = attention->memory_lengths->contiguous();
   }
   const StepOrder order{T, reverse};
@@ -1088,7 +1088,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
       result.grad_past_values = past ? grad_values.narrow(0, 0, geo.past).clone() : at::empty({0}, opts);
     } else {
       // External memory: k_s = W_k m_s + b_k for every slot once, so its gradients are one GEMM each.
-      const Tensor memory = attention->memory->detach().contiguous();
+      const Tensor memory = attention->memory->contiguous();
       const int64_t M = memory.size(2);
       const Tensor m = memory.view({geo.slots * B, M});
       const Tensor dk = grad_keys.view({geo.slots * B, D}), dv = grad_values.view({geo.slots * B, D});
@@ -1097,7 +1097,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
       result.grad_weight_v = dv.t().mm(m);
       result.grad_bias_v = dv.sum(0);
       result.grad_memory =
-          dk.mm(attention->weight_k.detach()).addmm_(dv, attention->weight_v.detach()).view({geo.slots, B, M});
+          dk.mm(attention->weight_k).addmm_(dv, attention->weight_v).view({geo.slots, B, M});
       result.grad_past_keys = at::empty({0}, opts);
       result.grad_past_values = at::empty({0}, opts);
     }

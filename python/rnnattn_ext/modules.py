@@ -212,6 +212,10 @@ class RecurrentBase(nn.Module):
     def _num_states(self) -> int:
         return 2 if self.cell == "lstm" else 1
 
+    def _state_widths(self) -> tuple[int, ...]:
+        """Width of each state: h is state_size wide (proj_size with a projection), c hidden_size."""
+        return (self.state_size, self.hidden_size)[: self._num_states()]
+
     def _run(self, input: Tensor | PackedSequence, hx: Tensor | tuple[Tensor, ...] | None, lengths=None):
         if lengths is None and self.num_layers == 1 and not self.bidirectional and type(input) is Tensor:
             result = self._run_one_layer(input, hx)
@@ -239,14 +243,14 @@ class RecurrentBase(nn.Module):
             return None
         x = input.transpose(0, 1) if self.batch_first else input
         steps, batch = x.shape[0], x.shape[1]
-        widths = (self.state_size, self.hidden_size)[: self._num_states()]
         if steps == 0:
             return None
+        widths = self._state_widths()
         if hx is None:
             states = [x.new_zeros((batch, width)) for width in widths]
         else:
-            given = hx if isinstance(hx, (tuple, list)) and len(widths) == 2 else (hx,) if len(widths) == 1 else ()
-            if len(given) != len(widths):
+            given = hx if len(widths) == 2 else (hx,)  # LSTM: (h_0, c_0); the others: h_0
+            if not isinstance(given, (tuple, list)) or len(given) != len(widths):
                 return None
             states = []
             for state, width in zip(given, widths):
@@ -293,9 +297,7 @@ class RecurrentBase(nn.Module):
             raise ValueError(f"{name}: input must have at least one time step (T >= 1, as torch.nn), got input of "
                              f"shape {tuple(input.shape)}")
         batch = x.shape[1]
-        # h is state_size wide (proj_size with a projection), c hidden_size.
-        shapes = [(self.num_layers * directions, batch, self.state_size if i == 0 else self.hidden_size)
-                  for i in range(num_states)]
+        shapes = [(self.num_layers * directions, batch, width) for width in self._state_widths()]
         if hx is None:
             states = [x.new_zeros(shape) for shape in shapes]
         else:
