@@ -15,7 +15,7 @@
 
 #include <string>
 
-#include "cells/all_cells.h"
+#include "ops/op_names.h"
 
 namespace rnnattn {
 namespace {
@@ -35,14 +35,8 @@ void autocast_forward(const c10::OperatorHandle& op, c10::DispatchKeySet keys, t
 
 template <c10::DeviceType kDevice>
 void register_autocast(torch::Library& m) {
-  for (const char* cell : {
-#define RNNATTN_CELL_NAME(CELL) CELL::kName,
-           RNNATTN_FOR_EACH_CELL(RNNATTN_CELL_NAME)
-#undef RNNATTN_CELL_NAME
-       }) {
-    for (const char* op : {"_forward", "_attn_forward"}) {
-      m.impl((std::string(cell) + op).c_str(), torch::CppFunction::makeFromBoxedFunction<&autocast_forward<kDevice>>());
-    }
+  for (const std::string& name : forward_op_names()) {
+    m.impl(name.c_str(), torch::CppFunction::makeFromBoxedFunction<&autocast_forward<kDevice>>());
   }
 }
 

@@ -1,5 +1,7 @@
 // Every op schema of the library, in one place. Implementations are registered per device in
-// csrc/ops/*_ops.cpp; fake (meta) and autograd implementations in python/rnnattn_ext/_ops.py.
+// csrc/ops/*_ops.cpp, autograd in csrc/ops/autograd_ops.cpp (which pairs each forward op with its backward
+// op by the argument names below: keep `grad_<name>` for gradients), fake (meta) implementations in
+// python/rnnattn_ext/_ops.py.
 //
 // Conventions: time-major input (T, B, I); states (B, H); weights with torch.nn's shapes and gate
 // order; `reverse` runs the layer from t = T-1 down to 0 (the second direction of a bidirectional

@@ -3,7 +3,7 @@
 ``import rnnattn_ext`` loads the compiled library, which registers the ``torch.ops.rnnattn`` operators.
 """
 
-from . import _ops  # noqa: F401  (loads the library, registers fake and autograd implementations)
+from . import _ops  # noqa: F401  (loads the library, registers the fake implementations)
 from . import functional, reference
 from .attention_modules import AttentionState, AttnGRU, AttnLSTM, AttnRNN
 from .hybrid import HybridBlock

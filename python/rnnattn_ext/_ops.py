@@ -1,7 +1,8 @@
-"""Fake (meta) and autograd implementations of the torch.ops.rnnattn operators.
+"""Fake (meta) implementations of the torch.ops.rnnattn operators.
 
-The schemas live in csrc/ops/schemas.cpp, the CPU and CUDA kernels in csrc. Backward of every
-forward op is its registered ``*_backward`` op, so torch.compile and torch.export see no Python-only code.
+The schemas live in csrc/ops/schemas.cpp, the CPU and CUDA kernels and the autograd of every op
+(csrc/ops/autograd_ops.cpp: a forward op's backward is its registered ``*_backward`` op) in csrc, so
+torch.compile and torch.export see no Python-only code, and a call costs no Python beyond its own.
 """
 
 from __future__ import annotations
@@ -104,49 +105,8 @@ def _register(cell: str) -> None:
             grads.append(_contiguous_like(weight_hr) if weight_hr is not None else _no_gradient(input))
         return tuple(grads)
 
-    def setup_context(ctx, inputs, output):
-        input = inputs[0]
-        states = inputs[1 : 1 + num_states]
-        (w_ih, w_hh, b_ih, b_hh, w_hr), (lengths, reverse, _training) = unpack_weights(inputs[1 + num_states :])
-        out, workspace = output[0], output[-1]
-        ctx.save_for_backward(input, *states, w_ih, w_hh, w_hr, out, workspace, lengths)
-        ctx.reverse = reverse
-        ctx.has_bias = (b_ih is not None, b_hh is not None)
-
-    def backward(ctx, grad_output, *grads):
-        grad_finals = grads[:num_states]  # the workspace's gradient (last) is ignored
-        saved = ctx.saved_tensors
-        input = saved[0]
-        states = saved[1 : 1 + num_states]
-        weight_ih, weight_hh, weight_hr, out, workspace, lengths = saved[1 + num_states :]
-        grad_finals = [g if g is not None else torch.zeros_like(s) for g, s in zip(grad_finals, states)]
-        if grad_output is None:
-            grad_output = torch.zeros_like(out)
-        projection_args = (weight_hr,) if projection else ()
-        result = backward_op(cell)(
-            grad_output, *grad_finals, input, *states, weight_ih, weight_hh, *projection_args, out, workspace,
-            lengths, ctx.reverse
-        )
-        grad_input = result[0]
-        grad_states = result[1 : 1 + num_states]
-        grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = result[1 + num_states : 5 + num_states]
-        grad_projection = (result[-1] if weight_hr is not None else None,) if projection else ()
-        return (
-            grad_input,
-            *grad_states,
-            grad_w_ih,
-            grad_w_hh,
-            grad_b_ih if ctx.has_bias[0] else None,
-            grad_b_hh if ctx.has_bias[1] else None,
-            *grad_projection,
-            None,
-            None,
-            None,
-        )
-
     torch.library.register_fake(fwd_name)(fake_forward)
     torch.library.register_fake(bwd_name)(fake_backward)
-    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 
 
 def _register_attention(cell: str) -> None:
@@ -210,53 +170,8 @@ def _register_attention(cell: str) -> None:
             grads.append(_contiguous_like(w_hr) if w_hr is not None else _no_gradient(input))
         return tuple(grads)
 
-    def setup_context(ctx, inputs, output):
-        input, states, weights, w_hr, (memory, memory_lengths, lengths, past_keys, past_values, num_heads, window,
-                                       reverse, _training, _need) = unpack(inputs)
-        w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, w_v, b_v, w_c = weights
-        out, context, workspace, attention_workspace = output[0], output[1 + num_states], output[-2], output[-1]
-        ctx.save_for_backward(input, *states, w_ih, w_hh, w_hr, w_q, w_k, w_v, w_c, memory, memory_lengths, lengths,
-                              past_keys, past_values, out, context, workspace, attention_workspace)
-        # The attention weights are for inspection: they carry no gradient (the context does).
-        ctx.mark_non_differentiable(output[2 + num_states], workspace, attention_workspace)
-        ctx.options = (num_heads, window, reverse)
-        ctx.has_bias = tuple(b is not None for b in (b_ih, b_hh, b_q, b_k, b_v))
-
-    def backward(ctx, grad_output, *grads):
-        grad_finals = grads[:num_states]
-        grad_context = grads[num_states]  # the attention weights, workspaces: not differentiable
-        saved = ctx.saved_tensors
-        input, states = saved[0], saved[1 : 1 + num_states]
-        (w_ih, w_hh, w_hr, w_q, w_k, w_v, w_c, memory, memory_lengths, lengths, past_keys, past_values, out, context,
-         workspace, attention_workspace) = saved[1 + num_states :]
-        grad_finals = [g if g is not None else torch.zeros_like(s) for g, s in zip(grad_finals, states)]
-        if grad_output is None:
-            grad_output = torch.zeros_like(out)
-        num_heads, window, reverse = ctx.options
-        projection_args = (w_hr,) if projection else ()
-        result = attention_backward_op(cell)(
-            grad_output, *grad_finals, grad_context, input, *states, w_ih, w_hh, *projection_args, w_q, w_k, w_v, w_c,
-            memory, memory_lengths, lengths, past_keys, past_values, out, context, workspace, attention_workspace,
-            num_heads, window, reverse,
-        )
-        grad_input, grad_states = result[0], result[1 : 1 + num_states]
-        (g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_q, g_b_q, g_w_k, g_b_k, g_w_v, g_b_v, g_w_c, g_memory, g_past_keys,
-         g_past_values) = result[1 + num_states : 15 + num_states]
-        grad_projection = (result[-1] if w_hr is not None else None,) if projection else ()
-        has = ctx.has_bias
-        return (
-            grad_input, *grad_states,
-            g_w_ih, g_w_hh, g_b_ih if has[0] else None, g_b_hh if has[1] else None, *grad_projection,
-            g_w_q, g_b_q if has[2] else None, g_w_k, g_b_k if has[3] else None, g_w_v, g_b_v if has[4] else None,
-            g_w_c, g_memory if memory is not None else None,
-            None, None,
-            g_past_keys if past_keys is not None else None, g_past_values if past_values is not None else None,
-            None, None, None, None, None,
-        )
-
     torch.library.register_fake(fwd_name)(fake_forward)
     torch.library.register_fake(bwd_name)(fake_backward)
-    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 
 
 for _cell in CELLS:
