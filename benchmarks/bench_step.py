@@ -4,8 +4,8 @@ torch.nn's cell module (LSTMCell, GRUCell, RNNCell) with the same weights, on th
 
 Each timed run feeds ``--steps`` consecutive steps; the table gives the median per-step time and the
 ratio torch.nn / ours (> 1: we are faster), under ``torch.no_grad()`` and under
-``torch.inference_mode()`` (where autograd is skipped entirely: our operator then skips its Python
-autograd layer, and torch.nn's cell its autograd bookkeeping).
+``torch.inference_mode()`` (where autograd is skipped entirely, for both: the difference from
+``no_grad`` is autograd's bookkeeping per call).
 
     python benchmarks/bench_step.py
     python benchmarks/bench_step.py --device cuda --shapes 1x256x256
