@@ -1,7 +1,8 @@
 """Functional form of the recurrent layers over ``torch.ops.rnnattn``.
 
 ``layer`` runs one layer in one direction; ``stack`` runs a whole (multi-layer, optionally
-bidirectional) recurrent network the way ``torch.nn.RNN/LSTM/GRU`` do, time-major.
+bidirectional) recurrent network the way ``torch.nn.RNN/LSTM/GRU`` do, time-major. On the CPU,
+bfloat16 and float16 layers compute in float32 and return their results in their own dtype.
 """
 
 from __future__ import annotations
@@ -40,6 +41,30 @@ def _projection_args(function: str, cell: str, weight_hr: Tensor | None) -> tupl
     return ()
 
 
+#: CPU kernels compute in float32 or float64: bfloat16 and float16 tensors go through float32 there
+#: (SPEC: reduced precision computes in fp32) and the results come back in their dtype (autograd casts
+#: the gradients back too), as torch.nn's CPU layers take those dtypes.
+_CPU_REDUCED = (torch.bfloat16, torch.float16)
+
+
+def _cpu_reduced_dtype(input: Tensor) -> torch.dtype | None:
+    """The input's dtype when the op must compute it in float32 (reduced precision on the CPU), else None
+    (also inside CPU autocast, whose rule for the ops casts reduced-precision arguments up itself)."""
+    if input.dtype not in _CPU_REDUCED or input.device.type != "cpu":
+        return None
+    return None if torch.is_autocast_enabled("cpu") else input.dtype
+
+
+def _upcast(function: str, reduced: torch.dtype, **tensors: Tensor | None) -> list[Tensor | None]:
+    """The named tensors (None for an absent one) in float32; each must have the input's dtype, as
+    the op requires of them."""
+    for name, t in tensors.items():
+        if t is not None and t.dtype != reduced:
+            raise TypeError(f"rnnattn_ext.functional.{function}: {name} must have the dtype of input ({reduced}), "
+                            f"got {t.dtype}")
+    return [None if t is None else t.float() for t in tensors.values()]
+
+
 def needs_workspace(*tensors: Tensor | None) -> bool:
     """True when autograd will differentiate through the op: it must then save activations."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -68,8 +93,16 @@ def layer(
     _check_cell("layer", cell, states)
     projection = _projection_args("layer", cell, weight_hr)
     training = needs_workspace(input, *states, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
+    reduced = _cpu_reduced_dtype(input)
+    if reduced is not None:
+        input, *states = _upcast("layer", reduced, input=input, **{f"states[{i}]": s for i, s in enumerate(states)})
+        weight_ih, weight_hh, bias_ih, bias_hh, *projection = _upcast(
+            "layer", reduced, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
+            **({"weight_hr": projection[0]} if projection else {}))
     result = _ops.forward_op(cell)(input, *states, weight_ih, weight_hh, bias_ih, bias_hh, *projection, lengths,
                                    reverse, training)
+    if reduced is not None:
+        return result[0].to(reduced), [f.to(reduced) for f in result[1:-1]]
     return result[0], list(result[1:-1])
 
 
@@ -159,6 +192,15 @@ def attention_layer(
     base, attention = list(weights[:4]), list(weights[4:11])
     projection = _projection_args("attention_layer", cell, weights[11] if len(weights) == 12 else None)
     training = needs_workspace(input, *states, *weights, memory, past_keys, past_values)
+    reduced = _cpu_reduced_dtype(input)
+    if reduced is not None:
+        input, *states = _upcast("attention_layer", reduced, input=input,
+                                 **{f"states[{i}]": s for i, s in enumerate(states)})
+        upcast_weights = _upcast("attention_layer", reduced, **{f"weights[{i}]": w for i, w in enumerate(weights)})
+        base, attention = upcast_weights[:4], upcast_weights[4:11]
+        projection = _projection_args("attention_layer", cell, upcast_weights[11] if len(weights) == 12 else None)
+        memory, past_keys, past_values = _upcast("attention_layer", reduced, memory=memory, past_keys=past_keys,
+                                                 past_values=past_values)
     result = _ops.attention_forward_op(cell)(
         input, *states, *base, *projection, *attention, memory, memory_lengths, lengths, past_keys, past_values,
         num_heads, window, reverse, training, need_weights
@@ -166,6 +208,9 @@ def attention_layer(
     num_states = _num_states(cell)
     output, finals = result[0], list(result[1 : 1 + num_states])
     context, attention = result[1 + num_states], result[2 + num_states]
+    if reduced is not None:
+        output, context, attention = output.to(reduced), context.to(reduced), attention.to(reduced)
+        finals = [f.to(reduced) for f in finals]
     return output, finals, context, attention if need_weights else None
 
 

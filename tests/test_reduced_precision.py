@@ -1,0 +1,133 @@
+"""bfloat16 and float16 on the CPU: the layers take them as torch.nn's do, compute in float32 (SPEC:
+reduced precision computes in fp32; the CPU kernels are float32/float64) and return outputs and
+gradients in the tensors' own dtype. Accuracy by the SPEC's rule: against float64 on the same
+(rounded) values, our error at most twice that of torch.nn (or the eager reference) in that dtype."""
+
+import pytest
+import torch
+
+import rnnattn_ext
+from rnnattn_ext import functional, reference
+
+from helpers import assert_accuracy_rule, attention_args
+
+DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="f16")]
+MODULES = {
+    "LSTM": (lambda: rnnattn_ext.LSTM(6, 8, num_layers=2, bidirectional=True),
+             lambda: torch.nn.LSTM(6, 8, num_layers=2, bidirectional=True)),
+    "LSTM_proj": (lambda: rnnattn_ext.LSTM(6, 8, proj_size=3, batch_first=True),
+                  lambda: torch.nn.LSTM(6, 8, proj_size=3, batch_first=True)),
+    "GRU": (lambda: rnnattn_ext.GRU(6, 8, num_layers=2), lambda: torch.nn.GRU(6, 8, num_layers=2)),
+    "RNN_relu": (lambda: rnnattn_ext.RNN(6, 8, nonlinearity="relu"),
+                 lambda: torch.nn.RNN(6, 8, nonlinearity="relu")),
+}
+
+
+def _run(module, x):
+    """Outputs and the gradients of x and of every parameter, for a fixed random loss."""
+    x = x.detach().requires_grad_()
+    output, state = module(x)
+    outputs = [output, *(state if isinstance(state, tuple) else (state,))]
+    gen = torch.Generator().manual_seed(5)
+    probes = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in outputs]
+    loss = sum((o.double() * p).sum() for o, p in zip(outputs, probes))
+    return [o.detach() for o in outputs], torch.autograd.grad(loss, [x, *module.parameters()])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", MODULES)
+def test_module_matches_torch_nn_by_the_accuracy_rule(name, dtype):
+    torch.manual_seed(0)
+    make_ours, make_theirs = MODULES[name]
+    ours = make_ours().to(dtype)
+    theirs = make_theirs().to(dtype)
+    theirs.load_state_dict(ours.state_dict())
+    exact = make_ours().double()
+    exact.load_state_dict(ours.state_dict())  # the rounded weights, exactly
+    x = torch.randn(7, 3, 6).to(dtype)
+    got, got_grads = _run(ours, x)
+    eager, eager_grads = _run(theirs, x)
+    truth, truth_grads = _run(exact, x.double())
+    for i, (a, b, e) in enumerate(zip(got, eager, truth)):
+        assert a.dtype == dtype
+        assert_accuracy_rule(a, b, e, f"output {i}")
+    names = ["input"] + [n for n, _ in ours.named_parameters()]
+    for n, a, b, e in zip(names, got_grads, eager_grads, truth_grads):
+        assert a.dtype == dtype, n
+        assert_accuracy_rule(a, b, e, f"gradient of {n}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("memory_slots", [None, 4], ids=["self", "external"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_attention_layer_matches_the_eager_reference_by_the_accuracy_rule(cell, memory_slots, dtype):
+    gen = torch.Generator().manual_seed(2)
+    x, states, weights, memory = attention_args(cell, 6, 3, 5, 8, num_heads=2, head_dim=4, memory_slots=memory_slots,
+                                                dtype=dtype, generator=gen)
+    window = 3 if memory is None else None
+
+    def run(impl, tensors):
+        x, *rest = tensors
+        ns = len(states)
+        weights, mem = rest[ns : ns + 11], rest[-1] if memory is not None else None
+        if impl is functional:
+            out, finals, context, _ = functional.attention_layer(cell, x, rest[:ns], weights, 2, window, mem)
+        else:
+            out, finals, context, _ = reference.attention_layer(cell, x, rest[:ns], *weights, 2, window, mem)
+        outputs = [out, *finals, context]
+        probes = [torch.randn(o.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+                  for o in outputs]
+        loss = sum((o.double() * p).sum() for o, p in zip(outputs, probes))
+        leaves = [t for t in tensors if t is not None]
+        return [o.detach() for o in outputs] + list(torch.autograd.grad(loss, leaves))
+
+    tensors = [x, *states, *weights] + ([memory] if memory is not None else [])
+    got = run(functional, tensors)
+    eager = run(reference, tensors)
+    truth = run(reference, [None if t is None else t.detach().double().requires_grad_() for t in tensors])
+    for i, (a, b, e) in enumerate(zip(got, eager, truth)):
+        assert a.dtype == dtype, i
+        assert_accuracy_rule(a, b, e, f"result {i}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_module_and_streaming_in_reduced_precision(dtype):
+    torch.manual_seed(1)
+    module = rnnattn_ext.AttnGRU(5, 8, num_heads=2, head_dim=4, window=3).to(dtype)
+    x = torch.randn(6, 2, 5).to(dtype)
+    whole, h = module(x)
+    assert whole.dtype == h.dtype == dtype
+    state, chunks = None, []
+    for chunk in x.split(2):
+        y, state = module.stream(chunk, state)
+        chunks.append(y)
+    # Each chunk's results pass through the dtype before the next call reads them: equal to rounding.
+    torch.testing.assert_close(torch.cat(chunks), whole, atol=4 * torch.finfo(dtype).eps, rtol=4 * torch.finfo(dtype).eps)
+
+
+def test_the_ops_themselves_still_take_float32_or_float64_on_the_cpu():
+    x = torch.randn(3, 2, 4, dtype=torch.bfloat16)
+    h = torch.zeros(2, 5, dtype=torch.bfloat16)
+    w_ih, w_hh = torch.randn(15, 4, dtype=torch.bfloat16), torch.randn(15, 5, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="input must be float32 or float64 on the CPU, got BFloat16"):
+        torch.ops.rnnattn.gru_forward(x, h, w_ih, w_hh, None, None, None, False, False)
+
+
+@pytest.mark.parametrize("input_dtype,module_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16),
+                                                     (torch.float16, torch.bfloat16)])
+@pytest.mark.parametrize("make", [lambda: rnnattn_ext.GRU(4, 5), lambda: rnnattn_ext.LSTM(4, 5, num_layers=2),
+                                  lambda: rnnattn_ext.AttnLSTM(4, 5, num_heads=1)], ids=["GRU", "LSTM2", "AttnLSTM"])
+def test_an_input_of_another_dtype_is_refused(make, input_dtype, module_dtype):
+    module = make().to(module_dtype)
+    with pytest.raises(TypeError, match="must have the dtype of input"):
+        module(torch.randn(3, 2, 4, dtype=input_dtype))
+
+
+def test_compiles_without_graph_breaks():
+    torch.manual_seed(3)
+    module = rnnattn_ext.LSTM(4, 5, num_layers=2).to(torch.bfloat16)
+    x = torch.randn(6, 2, 4, dtype=torch.bfloat16)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    got, expected = compiled(x), module(x)
+    torch.testing.assert_close(got[0], expected[0], atol=0, rtol=0)
+    torch.testing.assert_close(got[1][1], expected[1][1], atol=0, rtol=0)
