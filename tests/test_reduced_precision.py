@@ -102,7 +102,8 @@ def test_attention_module_and_streaming_in_reduced_precision(dtype):
         y, state = module.stream(chunk, state)
         chunks.append(y)
     # Each chunk's results pass through the dtype before the next call reads them: equal to rounding.
-    torch.testing.assert_close(torch.cat(chunks), whole, atol=4 * torch.finfo(dtype).eps, rtol=4 * torch.finfo(dtype).eps)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(torch.cat(chunks), whole, atol=4 * eps, rtol=4 * eps)
 
 
 def test_the_ops_themselves_still_take_float32_or_float64_on_the_cpu():

@@ -166,7 +166,9 @@ struct OpGradient : public torch::autograd::Function<OpGradient> {
     const auto arguments = stack.end() - static_cast<std::ptrdiff_t>(plan.num_arguments);
     variable_list saved;
     saved.reserve(plan.saved_arguments.size() + plan.saved_outputs.size());
-    for (size_t k : plan.saved_arguments) saved.push_back(arguments[k].isTensor() ? arguments[k].toTensor() : at::Tensor());
+    for (size_t k : plan.saved_arguments) {
+      saved.push_back(arguments[k].isTensor() ? arguments[k].toTensor() : at::Tensor());  // None: undefined
+    }
     for (size_t k : plan.saved_values) ctx->saved_data[plan.argument_names[k]] = arguments[k];
     ctx->saved_data[kOpKey] = plan.forward_name;
     ctx->saved_data[kGradientArgumentsKey] = call->gradient_arguments;
