@@ -466,9 +466,10 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
                                    const std::optional<Tensor>& weight_hr, const std::optional<Tensor>& lengths_arg,
                                    bool reverse, bool training, const AttentionConfig* attention) {
   constexpr int S = Cell::kStates, G = Cell::kGates;
-  // The ops run below autograd: the engine's own ATen calls record no history (so the arguments need
-  // no detach) and skip the autograd and view-tracking kernels, which at one step cost about as much
-  // as the call's whole set-up.
+  // Below autograd: the engine's own ATen calls record no history (so the arguments need no detach)
+  // and skip the autograd and view-tracking kernels, which at one step cost about as much as the
+  // call's whole set-up. Calls through the dispatcher are there already (ops/autograd_ops.cpp); the
+  // guard, one thread-local write, keeps the engine correct for any other caller.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   // With a projection the cell's own output m_t is not a state: its plane follows the others. The
   // engine assumes that h reaches the next step only through the gates (true of the LSTM alone).

@@ -196,9 +196,9 @@ def attention_layer(
     if reduced is not None:
         input, *states = _upcast("attention_layer", reduced, input=input,
                                  **{f"states[{i}]": s for i, s in enumerate(states)})
-        upcast_weights = _upcast("attention_layer", reduced, **{f"weights[{i}]": w for i, w in enumerate(weights)})
-        base, attention = upcast_weights[:4], upcast_weights[4:11]
-        projection = _projection_args("attention_layer", cell, upcast_weights[11] if len(weights) == 12 else None)
+        weights = _upcast("attention_layer", reduced, **{f"weights[{i}]": w for i, w in enumerate(weights)})
+        base, attention = weights[:4], weights[4:11]
+        projection = _projection_args("attention_layer", cell, weights[11] if len(weights) == 12 else None)
         memory, past_keys, past_values = _upcast("attention_layer", reduced, memory=memory, past_keys=past_keys,
                                                  past_values=past_values)
     result = _ops.attention_forward_op(cell)(
