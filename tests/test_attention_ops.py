@@ -13,8 +13,10 @@ TOLERANCES = {torch.float64: (1e-10, 1e-9)}
 
 
 def _compare(cell, dtype, device, steps, batch, hidden, heads, head_dim, window=None, memory_slots=None,
-             padded=False, reverse=False, bias=True, seed=0):
+             padded=False, reverse=False, bias=True, seed=0, sequence_lengths=None):
     gen = torch.Generator().manual_seed(seed)
+    if sequence_lengths is not None:
+        sequence_lengths = torch.tensor(sequence_lengths, device=device)
     x, states, weights, memory = attention_args(cell, steps, batch, 5, hidden, heads, head_dim, memory_slots,
                                                 dtype=dtype, device=device, bias=bias, generator=gen)
     lengths = None
@@ -37,11 +39,12 @@ def _compare(cell, dtype, device, steps, batch, hidden, heads, head_dim, window=
         memory_ = rest[-1]
         if impl == "ours":
             out, finals, ctx, att = functional.attention_layer(cell, x_, states_, weights_, heads, window, memory_,
-                                                               lengths, reverse=reverse, need_weights=True)
+                                                               lengths, reverse=reverse, need_weights=True,
+                                                               lengths=sequence_lengths)
         else:
             out, finals, ctx, att = reference.attention_layer(cell, x_, states_, *weights_, num_heads=heads,
                                                               window=window, memory=memory_, memory_lengths=lengths,
-                                                              reverse=reverse)
+                                                              reverse=reverse, lengths=sequence_lengths)
         if probes is None:
             probes = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in (out, *finals, ctx)]
         loss = sum((t * p.to(t)).sum() for t, p in zip((out, *finals, ctx), probes))
@@ -79,6 +82,20 @@ def test_long_batch_runs_in_chunks(cell, memory_slots, dtype):
 def test_self_memory_matches_reference(cell, window, heads, dtype):
     # H = 64: two blocks of units (and of heads) on a 2-thread CPU.
     _compare(cell, dtype, "cpu", steps=40, batch=3, hidden=64, heads=heads, head_dim=4, window=window)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("memory_slots,window", [(None, None), (None, 5), (9, None)],
+                         ids=["self", "self-w5", "external"])
+@pytest.mark.parametrize("head_dim", [8, 40])
+@pytest.mark.parametrize("cell", CELLS)
+def test_vector_attention_matches_reference(cell, head_dim, memory_slots, window, reverse):
+    # float32 with head_dim a multiple of 8 takes the CPU's vector attention passes (cpu/attention_cpu.h):
+    # 13 steps read 1 to 13 slots (their 4-slot, 8-lane and odd-slot tails), 40 columns are a chunk of
+    # 32 and one of 8; two heads over two threads; rows of 1 to 13 steps, one padded memory row.
+    _compare(cell, torch.float32, "cpu", steps=13, batch=4, hidden=64, heads=2, head_dim=head_dim, window=window,
+             memory_slots=memory_slots, padded=memory_slots is not None, reverse=reverse,
+             sequence_lengths=[13, 9, 1, 12])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])

@@ -51,10 +51,11 @@ def test_non_finite_values_propagate_as_in_torch_nn(name, bad, where):
     _same_up_to_nan(outputs[1][1], outputs[0][1], "input gradient")
 
 
+@pytest.mark.parametrize("head_dim", [2, 8], ids=["scalar", "vector"])  # the CPU's two attention passes
 @pytest.mark.parametrize("bad", list(BAD))
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_non_finite_values_in_the_attention_cell_as_in_the_eager_reference(cell, bad):
-    x, states, weights, _ = attention_args(cell, 6, 3, 4, 8, 2, 2, dtype=torch.float32, requires_grad=False)
+def test_non_finite_values_in_the_attention_cell_as_in_the_eager_reference(cell, bad, head_dim):
+    x, states, weights, _ = attention_args(cell, 6, 3, 4, 8, 2, head_dim, dtype=torch.float32, requires_grad=False)
     x = x.clone()
     x[2, 1, 0] = BAD[bad]
     ours = functional.attention_layer(cell, x, states, weights, 2, 3)

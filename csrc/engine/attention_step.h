@@ -1,8 +1,9 @@
 // The attention stage of one step of the attention-augmented cell (SPEC "The attention-augmented
 // cell"), for one batch row and one head: scaled dot-product scores over the row's memory slots,
-// softmax, context; and its backward. The CPU loops run these per (row, head); the CUDA kernels
-// (cuda/attention_cuda.cu) spread the same sums over a warp and share the staging and slot-range
-// helpers. Free of torch.
+// softmax, context; and its backward. The CPU loops run these per (row, head) (for float with a
+// head_dim that is a multiple of 8, cpu/attention_cpu.h runs the same steps in vectors); the CUDA
+// kernels (cuda/attention_cuda.cu) spread the same sums over a warp and share the staging and
+// slot-range helpers. Free of torch.
 //
 // Layouts (D = heads * head_dim; column d of head h is h * head_dim + d):
 //   query, grad_query, context, grad_context: row b at ptr + b * stride;

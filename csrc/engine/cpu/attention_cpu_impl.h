@@ -1,0 +1,208 @@
+// The vector attention passes of attention_cpu.h, written with GCC vector extensions so that one
+// source compiles to AVX2+FMA (8-float registers) and to baseline SSE2 (pairs of 4-float registers).
+// Included by one .cpp per instruction set, which defines RNNATTN_CPU_ISA.
+//
+// Per (row, head) the steps are those of attention_step.h: scores, softmax, context; backward
+// recomputes the softmax, then dp_s = g . v_s, dscore_s = p_s (dp_s - g . ctx) * scale, the query
+// gradient and the slots' key and value gradients. Dot products keep 8 partial sums per slot (four
+// slots at a time, so that the FMAs do not wait on each other), combined in a fixed order: results
+// are deterministic run to run. e^x is the pointwise passes' polynomial (math::fast_exp).
+#pragma once
+#include <cstring>
+
+#include "engine/cpu/attention_cpu.h"
+
+namespace rnnattn::cpu::RNNATTN_CPU_ISA {
+namespace {
+
+typedef float vec8 __attribute__((vector_size(32)));
+
+inline __attribute__((always_inline)) vec8 load8(const float* p) {
+  vec8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline __attribute__((always_inline)) void store8(float* p, vec8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline __attribute__((always_inline)) vec8 broadcast(float s) { return vec8{s, s, s, s, s, s, s, s}; }
+
+inline __attribute__((always_inline)) float lane_sum(vec8 v) {
+  float l[8];
+  store8(l, v);
+  return ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
+}
+
+// One (row, head) pair's view of the slot store: slot s's head columns at base + s * stride.
+struct SlotColumns {
+  const float* base;
+  int64_t stride;
+  const float* at(int64_t s) const { return base + s * stride; }
+};
+
+// out[s - first] = scale * (x . rows[s]) for s in [first, end); n (a multiple of 8) columns.
+void dot_slots(const float* x, SlotColumns rows, int64_t n, float scale, int64_t first, int64_t end, float* out) {
+  int64_t s = first;
+  for (; s + 4 <= end; s += 4) {
+    vec8 acc[4] = {};
+    for (int64_t d = 0; d < n; d += 8) {
+      const vec8 xv = load8(x + d);
+      for (int i = 0; i < 4; ++i) acc[i] += xv * load8(rows.at(s + i) + d);
+    }
+    for (int i = 0; i < 4; ++i) out[s + i - first] = lane_sum(acc[i]) * scale;
+  }
+  for (; s < end; ++s) {
+    vec8 acc = {};
+    for (int64_t d = 0; d < n; d += 8) acc += load8(x + d) * load8(rows.at(s) + d);
+    out[s - first] = lane_sum(acc) * scale;
+  }
+}
+
+// The sum of p[0, count) in 8 lanes.
+float sum_lanes(const float* p, int64_t count) {
+  vec8 acc = {};
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) acc += load8(p + i);
+  float total = lane_sum(acc);
+  for (; i < count; ++i) total += p[i];
+  return total;
+}
+
+// Softmax over the scores p[0, count), in place. NaN scores are skipped by the maximum (as the
+// scalar code's) and make every weight NaN through the denominator.
+void softmax_in_place(float* p, int64_t count) {
+  float max_score = -INFINITY;
+  for (int64_t i = 0; i < count; ++i) max_score = p[i] > max_score ? p[i] : max_score;
+  for (int64_t i = 0; i < count; ++i) {
+    const float x = p[i] - max_score;
+    // Below -87.3 (e^x under the normal floats) the weight is 0, as expf's would all but be.
+    p[i] = x < -87.3f ? 0.f : math::fast_exp(x);
+  }
+  const float inv = 1.f / sum_lanes(p, count);
+  for (int64_t i = 0; i < count; ++i) p[i] *= inv;
+}
+
+// out[d] = sum over s in [first, end) of coef[s - first] * rows[s][d], d < n (a multiple of 8),
+// kVecs vectors of columns at a time; two sets of sums (even and odd slots) halve the wait on
+// each FMA's result, added at the end.
+template <int kVecs>
+void combine_chunk(SlotColumns rows, const float* coef, int64_t first, int64_t end, float* out) {
+  vec8 even[kVecs] = {}, odd[kVecs] = {};
+  int64_t s = first;
+  for (; s + 2 <= end; s += 2) {
+    const vec8 c0 = broadcast(coef[s - first]), c1 = broadcast(coef[s + 1 - first]);
+    const float* r0 = rows.at(s);
+    const float* r1 = rows.at(s + 1);
+    for (int v = 0; v < kVecs; ++v) {
+      even[v] += c0 * load8(r0 + 8 * v);
+      odd[v] += c1 * load8(r1 + 8 * v);
+    }
+  }
+  if (s < end) {
+    const vec8 c0 = broadcast(coef[s - first]);
+    for (int v = 0; v < kVecs; ++v) even[v] += c0 * load8(rows.at(s) + 8 * v);
+  }
+  for (int v = 0; v < kVecs; ++v) store8(out + 8 * v, even[v] + odd[v]);
+}
+
+void combine(SlotColumns rows, int64_t n, const float* coef, int64_t first, int64_t end, float* out) {
+  for (int64_t d = 0; d < n; d += 32) {
+    const SlotColumns part{rows.base + d, rows.stride};
+    switch ((n - d < 32 ? n - d : 32) / 8) {
+      case 1: combine_chunk<1>(part, coef, first, end, out + d); break;
+      case 2: combine_chunk<2>(part, coef, first, end, out + d); break;
+      case 3: combine_chunk<3>(part, coef, first, end, out + d); break;
+      default: combine_chunk<4>(part, coef, first, end, out + d); break;
+    }
+  }
+}
+
+// The pair's softmax weights over its slots [first, end), in its scratch; returns them.
+float* weights_of(const AttentionStepArgs<float>& a, const float* q, SlotColumns keys, int64_t b, int64_t h,
+                  int64_t first, int64_t end) {
+  float* p = static_cast<float*>(a.scratch) + (b * a.heads + h) * 2 * a.scratch_slots;
+  if (end <= first) return p;
+  dot_slots(q, keys, a.head_dim, static_cast<float>(a.scale), first, end, p);
+  softmax_in_place(p, end - first);
+  return p;
+}
+
+void attend_forward_vec(const AttentionStepArgs<float>& a, int64_t b, int64_t h) {
+  const int64_t col = h * a.head_dim, n = a.head_dim;
+  const float* q = a.query + b * a.query_stride + col;
+  const SlotColumns keys{a.keys + b * a.row_stride + col, a.slot_stride};
+  const SlotColumns values{a.values + b * a.row_stride + col, a.slot_stride};
+  int64_t first, end;
+  attention_detail::slot_range(a, b, first, end);
+  const float* p = weights_of(a, q, keys, b, h, first, end);
+  float* context = a.context + b * a.context_stride + col;
+  if (end <= first) {
+    std::memset(context, 0, n * sizeof(float));  // a held row: no slots, a zero context
+  } else {
+    combine(values, n, p, first, end, context);
+  }
+  if (a.weights != nullptr) {
+    const int64_t offset = a.self_memory ? a.weight_slots - (end - first) : 0;
+    float* w = a.weights + (b * a.heads + h) * a.weight_slots + offset;
+    for (int64_t i = 0; i < end - first; ++i) w[i] = p[i];
+  }
+}
+
+void attend_backward_vec(const AttentionStepArgs<float>& a, int64_t b, int64_t h) {
+  const int64_t col = h * a.head_dim, n = a.head_dim;
+  const float* q = a.query + b * a.query_stride + col;
+  const float* g = a.grad_context + b * a.grad_context_stride + col;
+  const SlotColumns keys{a.keys + b * a.row_stride + col, a.slot_stride};
+  const SlotColumns values{a.values + b * a.row_stride + col, a.slot_stride};
+  int64_t first, end;
+  attention_detail::slot_range(a, b, first, end);
+  float* grad_query = a.grad_query + b * a.grad_query_stride + col;
+  if (end <= first) {
+    std::memset(grad_query, 0, n * sizeof(float));
+    return;
+  }
+  const float* p = weights_of(a, q, keys, b, h, first, end);
+  const int64_t count = end - first;
+  float* dscore = static_cast<float*>(a.scratch) + (b * a.heads + h) * 2 * a.scratch_slots + a.scratch_slots;
+  dot_slots(g, values, n, 1.f, first, end, dscore);  // dp_s
+  vec8 acc = {};
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) acc += load8(p + i) * load8(dscore + i);
+  float g_dot_ctx = lane_sum(acc);
+  for (; i < count; ++i) g_dot_ctx += p[i] * dscore[i];
+  const float scale = static_cast<float>(a.scale);
+  for (i = 0; i < count; ++i) dscore[i] = p[i] * (dscore[i] - g_dot_ctx) * scale;
+  combine(keys, n, dscore, first, end, grad_query);
+  for (int64_t s = first; s < end; ++s) {
+    const int64_t at = s * a.slot_stride + b * a.row_stride + col;
+    const vec8 ds = broadcast(dscore[s - first]), weight = broadcast(p[s - first]);
+    float* dk = a.grad_keys + at;
+    float* dv = a.grad_values + at;
+    for (int64_t d = 0; d < n; d += 8) {
+      store8(dk + d, load8(dk + d) + ds * load8(q + d));
+      store8(dv + d, load8(dv + d) + weight * load8(g + d));
+    }
+  }
+}
+
+}  // namespace
+
+void attention_forward_pass(const AttentionStepArgs<float>& args) {
+  for (int64_t b = 0; b < args.batch; ++b) {
+    for (int64_t h = args.head_begin; h < args.head_end; ++h) {
+      for (int64_t i = 0; i < staged_elements(args); ++i) stage_element(args, b, h, i);
+      attend_forward_vec(args, b, h);
+    }
+  }
+}
+
+void attention_backward_pass(const AttentionStepArgs<float>& args) {
+  for (int64_t b = 0; b < args.batch; ++b) {
+    for (int64_t h = args.head_begin; h < args.head_end; ++h) {
+      attend_backward_vec(args, b, h);
+      for (int64_t i = 0; i < unstaged_elements(args); ++i) unstage_element(args, b, h, i);
+    }
+  }
+}
+
+}  // namespace rnnattn::cpu::RNNATTN_CPU_ISA
