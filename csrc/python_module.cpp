@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "cells/all_cells.h"
+#include "engine/cpu/pointwise_cpu.h"
 #include "engine/recurrent_engine.h"
 
 namespace py = pybind11;
@@ -31,6 +32,8 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "rnnattn_ext compiled library: registers the torch.ops.rnnattn operators";
   m.def("cell_layouts", &cell_layouts);
   m.attr("built_with_torch") = RNNATTN_TORCH_VERSION;
+  m.def("cpu_kernels", [] { return ::rnnattn::cpu::has_avx2_fma() ? "avx2" : "baseline"; },
+        "Which build of the CPU kernels runs: avx2 (AVX2+FMA) or baseline (any x86-64)");
 #ifdef RNNATTN_WITH_CUDA
   m.attr("cuda_built") = true;
   m.attr("cuda_version") = RNNATTN_CUDA_VERSION;

@@ -226,6 +226,7 @@ def test_info_reports_the_build(tmp_path):
     assert f"running {torch.__version__}" in text
     assert "torch.ops.rnnattn.lstm_attn_backward" in text and "operators (16)" in text
     assert rnnattn_ext.library_path() in text
+    assert f"CPU kernels: {rnnattn_ext._ops._C.cpu_kernels()}" in text
     assert ("CUDA kernels: built" in text) == bool(rnnattn_ext._ops._C.cuda_built)
 
 

@@ -23,6 +23,7 @@ RNNATTN_DECLARE_CPU_POINTWISE(baseline)
 RNNATTN_DECLARE_CPU_POINTWISE(avx2)
 #undef RNNATTN_DECLARE_CPU_POINTWISE
 
+// Whether the CPU kernels run their AVX2+FMA build (decided once per process).
 bool has_avx2_fma();
 
 template <class Cell, typename T>
