@@ -11,21 +11,10 @@
 #include <cstring>
 
 #include "engine/cpu/attention_cpu.h"
+#include "engine/cpu/vector8.h"
 
 namespace rnnattn::cpu::RNNATTN_CPU_ISA {
 namespace {
-
-typedef float vec8 __attribute__((vector_size(32)));
-
-inline __attribute__((always_inline)) vec8 load8(const float* p) {
-  vec8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline __attribute__((always_inline)) void store8(float* p, vec8 v) { std::memcpy(p, &v, sizeof(v)); }
-
-inline __attribute__((always_inline)) vec8 broadcast(float s) { return vec8{s, s, s, s, s, s, s, s}; }
 
 inline __attribute__((always_inline)) float lane_sum(vec8 v) {
   float l[8];
@@ -90,7 +79,7 @@ void combine_chunk(SlotColumns rows, const float* coef, int64_t first, int64_t e
   vec8 even[kVecs] = {}, odd[kVecs] = {};
   int64_t s = first;
   for (; s + 2 <= end; s += 2) {
-    const vec8 c0 = broadcast(coef[s - first]), c1 = broadcast(coef[s + 1 - first]);
+    const vec8 c0 = broadcast8(coef[s - first]), c1 = broadcast8(coef[s + 1 - first]);
     const float* r0 = rows.at(s);
     const float* r1 = rows.at(s + 1);
     for (int v = 0; v < kVecs; ++v) {
@@ -99,7 +88,7 @@ void combine_chunk(SlotColumns rows, const float* coef, int64_t first, int64_t e
     }
   }
   if (s < end) {
-    const vec8 c0 = broadcast(coef[s - first]);
+    const vec8 c0 = broadcast8(coef[s - first]);
     for (int v = 0; v < kVecs; ++v) even[v] += c0 * load8(rows.at(s) + 8 * v);
   }
   for (int v = 0; v < kVecs; ++v) store8(out + 8 * v, even[v] + odd[v]);
@@ -175,7 +164,7 @@ void attend_backward_vec(const AttentionStepArgs<float>& a, int64_t b, int64_t h
   combine(keys, n, dscore, first, end, grad_query);
   for (int64_t s = first; s < end; ++s) {
     const int64_t at = s * a.slot_stride + b * a.row_stride + col;
-    const vec8 ds = broadcast(dscore[s - first]), weight = broadcast(p[s - first]);
+    const vec8 ds = broadcast8(dscore[s - first]), weight = broadcast8(p[s - first]);
     float* dk = a.grad_keys + at;
     float* dv = a.grad_values + at;
     for (int64_t d = 0; d < n; d += 8) {

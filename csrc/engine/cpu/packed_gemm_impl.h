@@ -9,19 +9,10 @@
 #endif
 
 #include "engine/cpu/packed_gemm.h"
+#include "engine/cpu/vector8.h"
 
 namespace rnnattn::cpu::RNNATTN_CPU_ISA {
 namespace {
-
-typedef float vec8 __attribute__((vector_size(32)));
-
-inline __attribute__((always_inline)) vec8 load8(const float* p) {
-  vec8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline __attribute__((always_inline)) void store8(float* p, vec8 v) { std::memcpy(p, &v, sizeof(v)); }
 
 // kRows rows of a times kPanels adjacent 16-wide panels (width columns of them are real): the
 // 2 * kRows * kPanels accumulators live in registers across k. An FMA waits ~4 cycles for its
@@ -49,7 +40,7 @@ void block_kernel(const float* a, int64_t lda, const float* panels, int64_t pane
     }
     for (int r = 0; r < kRows; ++r) {
       const float s = a[r * lda + j];
-      const vec8 x = {s, s, s, s, s, s, s, s};
+      const vec8 x = broadcast8(s);
       for (int v = 0; v < kVecs; ++v) acc[r][v] += x * w[v];
     }
   }

@@ -1,0 +1,24 @@
+// 8-float vectors (GCC vector extensions) for the CPU kernels compiled once per instruction set:
+// one AVX register in the avx2 build, a pair of SSE registers in the baseline one. Included by the
+// kernels' *_impl.h headers, inside the namespace their .cpp names by RNNATTN_CPU_ISA, so that each
+// build has its own copy.
+#pragma once
+#include <cstring>
+
+namespace rnnattn::cpu::RNNATTN_CPU_ISA {
+namespace {
+
+typedef float vec8 __attribute__((vector_size(32)));
+
+inline __attribute__((always_inline)) vec8 load8(const float* p) {
+  vec8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline __attribute__((always_inline)) void store8(float* p, vec8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline __attribute__((always_inline)) vec8 broadcast8(float s) { return vec8{s, s, s, s, s, s, s, s}; }
+
+}  // namespace
+}  // namespace rnnattn::cpu::RNNATTN_CPU_ISA
