@@ -16,12 +16,6 @@
 namespace rnnattn::cpu::RNNATTN_CPU_ISA {
 namespace {
 
-inline __attribute__((always_inline)) float lane_sum(vec8 v) {
-  float l[8];
-  store8(l, v);
-  return ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
-}
-
 // One (row, head) pair's view of the slot store: slot s's head columns at base + s * stride.
 struct SlotColumns {
   const float* base;
@@ -38,12 +32,12 @@ void dot_slots(const float* x, SlotColumns rows, int64_t n, float scale, int64_t
       const vec8 xv = load8(x + d);
       for (int i = 0; i < 4; ++i) acc[i] += xv * load8(rows.at(s + i) + d);
     }
-    for (int i = 0; i < 4; ++i) out[s + i - first] = lane_sum(acc[i]) * scale;
+    for (int i = 0; i < 4; ++i) out[s + i - first] = sum8(acc[i]) * scale;
   }
   for (; s < end; ++s) {
     vec8 acc = {};
     for (int64_t d = 0; d < n; d += 8) acc += load8(x + d) * load8(rows.at(s) + d);
-    out[s - first] = lane_sum(acc) * scale;
+    out[s - first] = sum8(acc) * scale;
   }
 }
 
@@ -52,7 +46,7 @@ float sum_lanes(const float* p, int64_t count) {
   vec8 acc = {};
   int64_t i = 0;
   for (; i + 8 <= count; i += 8) acc += load8(p + i);
-  float total = lane_sum(acc);
+  float total = sum8(acc);
   for (; i < count; ++i) total += p[i];
   return total;
 }
@@ -157,7 +151,7 @@ void attend_backward_vec(const AttentionStepArgs<float>& a, int64_t b, int64_t h
   vec8 acc = {};
   int64_t i = 0;
   for (; i + 8 <= count; i += 8) acc += load8(p + i) * load8(dscore + i);
-  float g_dot_ctx = lane_sum(acc);
+  float g_dot_ctx = sum8(acc);
   for (; i < count; ++i) g_dot_ctx += p[i] * dscore[i];
   const float scale = static_cast<float>(a.scale);
   for (i = 0; i < count; ++i) dscore[i] = p[i] * (dscore[i] - g_dot_ctx) * scale;

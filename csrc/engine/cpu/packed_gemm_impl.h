@@ -123,9 +123,7 @@ void dot_rows(const float* a, int64_t lda, const float* const* m_rows, int64_t k
   }
   for (int r = 0; r < kRows; ++r) {
     for (int c = 0; c < 4; ++c) {
-      float lanes[8];
-      store8(lanes, acc[r][c]);
-      float total = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+      float total = sum8(acc[r][c]);
       for (int64_t t = j; t < k; ++t) total += a[r * lda + t] * m_rows[c][t];
       sums[r][c] = total;
     }

@@ -20,5 +20,12 @@ inline __attribute__((always_inline)) void store8(float* p, vec8 v) { std::memcp
 
 inline __attribute__((always_inline)) vec8 broadcast8(float s) { return vec8{s, s, s, s, s, s, s, s}; }
 
+// The sum of the eight lanes, always added in this order (results stay the same run to run).
+inline __attribute__((always_inline)) float sum8(vec8 v) {
+  float l[8];
+  store8(l, v);
+  return ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
+}
+
 }  // namespace
 }  // namespace rnnattn::cpu::RNNATTN_CPU_ISA
