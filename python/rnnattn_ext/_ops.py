@@ -46,20 +46,26 @@ def _no_gradient(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
 
+# The op handles, looked up once: a one-step call is bound by such Python steps.
+_OP_HANDLES = {name: getattr(torch.ops.rnnattn, name).default
+               for cell in CELLS for name in (f"{cell}_forward", f"{cell}_backward", f"{cell}_attn_forward",
+                                              f"{cell}_attn_backward")}
+
+
 def forward_op(cell: str):
-    return getattr(torch.ops.rnnattn, f"{cell}_forward").default
+    return _OP_HANDLES[f"{cell}_forward"]
 
 
 def backward_op(cell: str):
-    return getattr(torch.ops.rnnattn, f"{cell}_backward").default
+    return _OP_HANDLES[f"{cell}_backward"]
 
 
 def attention_forward_op(cell: str):
-    return getattr(torch.ops.rnnattn, f"{cell}_attn_forward").default
+    return _OP_HANDLES[f"{cell}_attn_forward"]
 
 
 def attention_backward_op(cell: str):
-    return getattr(torch.ops.rnnattn, f"{cell}_attn_backward").default
+    return _OP_HANDLES[f"{cell}_attn_backward"]
 
 
 def _register(cell: str) -> None:

@@ -7,6 +7,7 @@ They are not subclasses of torch.nn.RNNBase on purpose: torch.compile breaks the
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
@@ -19,6 +20,15 @@ from torch.nn.utils.rnn import PackedSequence
 from . import functional
 
 _GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+_LAYER_PARTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+_PROJECTED_LAYER_PARTS = _LAYER_PARTS + ("weight_hr",)
+
+
+@functools.lru_cache(maxsize=None)
+def _parameter_names(layer: int, reverse: bool, parts: tuple[str, ...]) -> tuple[str, ...]:
+    """``<part>_l{layer}[_reverse]`` for each part: made once, as a one-step call is bound by such steps."""
+    suffix = f"_l{layer}" + ("_reverse" if reverse else "")
+    return tuple(part + suffix for part in parts)
 
 
 class _Prepared(NamedTuple):
@@ -197,16 +207,19 @@ class RecurrentBase(nn.Module):
         """The parameters ``<part>_l{layer}[_reverse]`` of layer and direction ``index`` (None for an
         absent one: no bias, no projection)."""
         directions = 2 if self.bidirectional else 1
-        suffix = f"_l{index // directions}" + ("_reverse" if index % directions == 1 else "")
+        names = _parameter_names(index // directions, index % directions == 1, parts)
         # Straight from the parameter dict (nn.Module.__getattr__ is slow next to a short call);
         # getattr for anything else, such as a parametrized weight.
         parameters = self._parameters
-        return tuple(parameters[name] if name in parameters else getattr(self, name, None)
-                     for name in (part + suffix for part in parts))
+        return tuple([parameters[name] if name in parameters else getattr(self, name, None) for name in names])
+
+    def _layer_parts(self) -> tuple[str, ...]:
+        """The parameters of one layer and direction, in the order functional.stack takes them."""
+        return _PROJECTED_LAYER_PARTS if self.proj_size > 0 else _LAYER_PARTS
 
     def _layer_weights(self) -> list[tuple[Tensor | None, ...]]:
         """Per layer and direction (w_ih, w_hh, b_ih, b_hh[, w_hr]), as functional.stack takes them."""
-        parts = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") + (("weight_hr",) if self.proj_size > 0 else ())
+        parts = self._layer_parts()
         return [self._weights_of(index, parts) for index in range(len(self._all_weights))]
 
     def _num_states(self) -> int:
@@ -257,7 +270,7 @@ class RecurrentBase(nn.Module):
                 if type(state) is not Tensor or state.shape != (1, batch, width):
                     return None
                 states.append(state[0])
-        w_ih, w_hh, b_ih, b_hh, *w_hr = self._layer_weights()[0]
+        w_ih, w_hh, b_ih, b_hh, *w_hr = self._weights_of(0, self._layer_parts())
         output, finals = functional.layer(self.cell, x, states, w_ih, w_hh, b_ih, b_hh,
                                           weight_hr=w_hr[0] if w_hr else None)
         return output.transpose(0, 1) if self.batch_first else output, [f.unsqueeze(0) for f in finals]
