@@ -189,18 +189,16 @@ def attention_layer(
             "rnnattn_ext.functional.attention_layer: weights must be (w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, "
             f"w_v, b_v, w_c[, w_hr]), got {len(weights)} entries"
         )
-    base, attention = list(weights[:4]), list(weights[4:11])
-    projection = _projection_args("attention_layer", cell, weights[11] if len(weights) == 12 else None)
     training = needs_workspace(input, *states, *weights, memory, past_keys, past_values)
     reduced = _cpu_reduced_dtype(input)
     if reduced is not None:
         input, *states = _upcast("attention_layer", reduced, input=input,
                                  **{f"states[{i}]": s for i, s in enumerate(states)})
         weights = _upcast("attention_layer", reduced, **{f"weights[{i}]": w for i, w in enumerate(weights)})
-        base, attention = weights[:4], weights[4:11]
-        projection = _projection_args("attention_layer", cell, weights[11] if len(weights) == 12 else None)
         memory, past_keys, past_values = _upcast("attention_layer", reduced, memory=memory, past_keys=past_keys,
                                                  past_values=past_values)
+    base, attention = list(weights[:4]), list(weights[4:11])
+    projection = _projection_args("attention_layer", cell, weights[11] if len(weights) == 12 else None)
     result = _ops.attention_forward_op(cell)(
         input, *states, *base, *projection, *attention, memory, memory_lengths, lengths, past_keys, past_values,
         num_heads, window, reverse, training, need_weights

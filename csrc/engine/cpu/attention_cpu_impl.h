@@ -144,10 +144,11 @@ void attend_backward_vec(const AttentionStepArgs<float>& a, int64_t b, int64_t h
     std::memset(grad_query, 0, n * sizeof(float));
     return;
   }
-  const float* p = weights_of(a, q, keys, b, h, first, end);
+  float* p = weights_of(a, q, keys, b, h, first, end);
   const int64_t count = end - first;
-  float* dscore = static_cast<float*>(a.scratch) + (b * a.heads + h) * 2 * a.scratch_slots + a.scratch_slots;
+  float* dscore = p + a.scratch_slots;  // the pair's second scratch row
   dot_slots(g, values, n, 1.f, first, end, dscore);  // dp_s
+  // g . ctx = sum_s p_s dp_s
   vec8 acc = {};
   int64_t i = 0;
   for (; i + 8 <= count; i += 8) acc += load8(p + i) * load8(dscore + i);
