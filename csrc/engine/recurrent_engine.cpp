@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cstring>
 #include <string_view>
 #include <type_traits>
 
@@ -112,6 +113,18 @@ void run_pointwise_block(const Tensor& like, const Args<T>& args) {
 #endif
 }
 
+// A fresh (rows, cols) copy of plane `index` of the contiguous t, read as planes of rows * cols
+// elements (the final states: an op's outputs must not alias each other). On the CPU a memcpy: a
+// select and a clone are two dispatcher calls, a noticeable part of a one-step call.
+Tensor plane_copy(const Tensor& t, int64_t index, int64_t rows, int64_t cols) {
+  const int64_t size = rows * cols;
+  if (!t.is_cpu()) return t.view({-1}).narrow(0, index * size, size).view({rows, cols}).clone();
+  Tensor copy = at::empty({rows, cols}, t.options());
+  const int64_t bytes = size * static_cast<int64_t>(t.element_size());
+  std::memcpy(copy.data_ptr(), static_cast<const char*>(t.const_data_ptr()) + index * bytes, bytes);
+  return copy;
+}
+
 // Step order: the forward direction visits t = 0..T-1, the reverse one t = T-1..0.
 struct StepOrder {
   int64_t steps;
@@ -179,64 +192,88 @@ MatrixForm matrix_form(bool packed_gemm, int64_t uses, int64_t rows) {
 // packing runs in parallel and lands in that core's cache.
 struct BlockMatrix {
   MatrixForm form = MatrixForm::aten;
-  Tensor source;                       // packed, in place: M, or the matrix whose rows row_index picks
-  const int64_t* row_index = nullptr;  // row i of M is source's row row_index[i] (null: row i)
-  int64_t n = 0;                       // rows of M
-  float* storage = nullptr;            // packed: room for the panels
-  cpu::PackedMatrix panels;            // packed, after prepare()
-  Tensor transposed;                   // ATen: M^T (k x n)
-  Tensor bias;                         // (n) or undefined
+  int64_t n = 0;  // rows of M
+  // Our CPU kernels' forms (packed, in place) read the caller's tensors through raw pointers: row i
+  // of M at rows + r * stride_n with r = row_index[i] (null: r = i), its elements stride_k apart.
+  const float* rows = nullptr;
+  const int64_t* row_index = nullptr;
+  int64_t k = 0, stride_n = 0, stride_k = 1;
+  float* storage = nullptr;     // packed: room for the panels
+  cpu::PackedMatrix panels;     // packed, after prepare()
+  const float* bias = nullptr;  // bias of M's row i at bias[i], or null
+  const float* bias_source = nullptr;  // with row_index: the bias of row r at bias_source[r], which
+  float* bias_gathered = nullptr;      // prepare() gathers into bias_gathered (= bias) in M's order
+  Tensor kept;                         // a contiguous copy the pointers read, when one was needed
+  // ATen's form (double, CUDA): M^T (k x n) and the bias (n) or undefined.
+  Tensor transposed;
+  Tensor aten_bias;
 
   void prepare() {
-    if (form == MatrixForm::packed) {
-      panels = cpu::pack_matrix(ptr<float>(source), row_index, n, source.size(1), source.stride(0), source.stride(1),
-                                storage);
+    if (bias_gathered != nullptr) {
+      for (int64_t i = 0; i < n; ++i) bias_gathered[i] = bias_source[row_index[i]];
     }
+    if (form == MatrixForm::packed) panels = cpu::pack_matrix(rows, row_index, n, k, stride_n, stride_k, storage);
   }
 };
 
-// `rows` rows of M from `source`: rows [0, rows) or, with row_index, those it names.
-BlockMatrix block_matrix(const Tensor& source, const int64_t* row_index, int64_t rows,
-                         const std::optional<Tensor>& bias, MatrixForm form, CallScratch& scratch) {
-  BlockMatrix result;
-  // Reading in place needs contiguous rows; a strided weight is packed instead.
-  result.form = form == MatrixForm::in_place && source.stride(1) != 1 ? MatrixForm::packed : form;
-  if (bias) result.bias = bias->contiguous();
-  result.n = rows;
-  if (result.form == MatrixForm::aten) {
-    TORCH_INTERNAL_ASSERT(row_index == nullptr);
-    result.transposed = source.narrow(0, 0, rows).t();
-    return result;
-  }
-  result.source = source;
-  result.row_index = row_index;
-  if (result.form == MatrixForm::packed) {
-    result.storage = scratch.floats(cpu::PackedMatrix::floats_needed(rows, source.size(1)));
-  }
-  return result;
-}
-
-BlockMatrix block_matrix(const Tensor& m, const std::optional<Tensor>& bias, MatrixForm form, CallScratch& scratch) {
-  return block_matrix(m, nullptr, m.size(0), bias, form, scratch);
-}
-
-// Rows [first, first + count) of M's rows permuted by `order` (unit_blocks.h; undefined: M's own order).
+// Rows [first, first + count) of M's rows permuted by `order` (unit_blocks.h; undefined: M's own
+// order), and likewise of its bias (same row order as M).
 struct PermutedRows {
   const Tensor& m;
   const Tensor& order;
   int64_t first, count;
 };
 
-// The block's rows of a weight in block order. Our kernels read them through the permutation from
-// the caller's weight: no permuted copy of the whole weight is made (a copy costs as much as a
-// packing, which matters to short calls such as one streaming step).
+// The block's rows of a weight in block order. Our kernels read them, and the bias, through the
+// permutation from the caller's tensors: no permuted copy and no view is made (each costs a
+// dispatcher call, which matters to short calls such as one streaming step).
 BlockMatrix block_matrix(const PermutedRows& rows, const std::optional<Tensor>& bias, MatrixForm form,
                          CallScratch& scratch) {
-  if (!rows.order.defined()) return block_matrix(rows.m.narrow(0, rows.first, rows.count), bias, form, scratch);
-  if (form == MatrixForm::aten) {
-    return block_matrix(rows.m.index_select(0, rows.order.narrow(0, rows.first, rows.count)), bias, form, scratch);
+  BlockMatrix result;
+  const Tensor& m = rows.m;
+  // Reading in place needs contiguous rows; a strided weight is packed instead.
+  result.form = form == MatrixForm::in_place && m.stride(1) != 1 ? MatrixForm::packed : form;
+  result.n = rows.count;
+  if (result.form == MatrixForm::aten) {
+    const bool whole = !rows.order.defined() && rows.first == 0 && rows.count == m.size(0);
+    const Tensor pick = rows.order.defined() ? rows.order.narrow(0, rows.first, rows.count) : Tensor();
+    auto select = [&](const Tensor& t) {
+      return whole ? t : pick.defined() ? t.index_select(0, pick) : t.narrow(0, rows.first, rows.count);
+    };
+    result.transposed = select(m).t();
+    if (bias) result.aten_bias = select(*bias).contiguous();
+    return result;
   }
-  return block_matrix(rows.m, rows.order.data_ptr<int64_t>() + rows.first, rows.count, bias, form, scratch);
+  const int64_t* index = rows.order.defined() ? rows.order.const_data_ptr<int64_t>() + rows.first : nullptr;
+  result.row_index = index;
+  result.k = m.size(1);
+  result.stride_n = m.stride(0);
+  result.stride_k = m.stride(1);
+  result.rows = m.const_data_ptr<float>() + (index != nullptr ? 0 : rows.first * m.stride(0));
+  if (bias) {
+    const float* source = bias->const_data_ptr<float>();
+    if (bias->stride(0) != 1) {
+      result.kept = bias->contiguous();
+      source = result.kept.const_data_ptr<float>();
+    }
+    if (index != nullptr) {
+      result.bias_source = source;
+      result.bias_gathered = scratch.floats(rows.count);
+      result.bias = result.bias_gathered;
+    } else {
+      result.bias = source + rows.first;
+    }
+  }
+  if (result.form == MatrixForm::packed) {
+    result.storage = scratch.floats(cpu::PackedMatrix::floats_needed(rows.count, result.k));
+  }
+  return result;
+}
+
+// All of M's rows, in its own order.
+BlockMatrix block_matrix(const Tensor& m, const std::optional<Tensor>& bias, MatrixForm form, CallScratch& scratch) {
+  const Tensor own_order;
+  return block_matrix(PermutedRows{m, own_order, 0, m.size(0)}, bias, form, scratch);
 }
 
 #ifdef RNNATTN_WITH_CUDA
@@ -248,7 +285,7 @@ bool cuda_multiply(const BlockMatrix& m, const Operand& a, const Operand& out, b
   const int64_t k = mt.size(0), n = mt.size(1);
   const bool by_rows = mt.stride(0) == 1 && mt.stride(1) >= k;     // the forward's weights
   const bool by_columns = mt.stride(1) == 1 && mt.stride(0) >= n;  // the backward's (M = W^T)
-  if (m.bias.defined() || k == 0 || !(by_rows || by_columns)) return false;
+  if (m.aten_bias.defined() || k == 0 || !(by_rows || by_columns)) return false;
   if (a.rows == 0 || n == 0) return true;
   cuda::multiply_nt(mt.scalar_type(), a.rows, n, k, a.address(), a.ld, mt.const_data_ptr(),
                     by_rows ? mt.stride(1) : mt.stride(0), by_rows, accumulate, out.address(), out.ld);
@@ -258,16 +295,15 @@ bool cuda_multiply(const BlockMatrix& m, const Operand& a, const Operand& out, b
 
 // out = a @ M^T (+ bias), or out += a @ M^T with accumulate (not for the CPU kernels' forms).
 void multiply(const BlockMatrix& m, const Operand& a, const Operand& out, bool accumulate = false) {
-  const float* bias = m.form != MatrixForm::aten && m.bias.defined() ? ptr<float>(m.bias) : nullptr;
   if (m.form == MatrixForm::packed) {
     TORCH_INTERNAL_ASSERT(!accumulate);
-    cpu::gemm_packed_fn()(a.data<float>(), a.rows, a.ld, m.panels, bias, out.data<float>(), out.ld);
+    cpu::gemm_packed_fn()(a.data<float>(), a.rows, a.ld, m.panels, m.bias, out.data<float>(), out.ld);
     return;
   }
   if (m.form == MatrixForm::in_place) {
     TORCH_INTERNAL_ASSERT(!accumulate);
-    const cpu::RowsMatrix rows{ptr<float>(m.source), m.row_index, m.n, m.source.size(1), m.source.stride(0)};
-    cpu::gemm_rows_fn()(a.data<float>(), a.rows, a.ld, rows, bias, out.data<float>(), out.ld);
+    const cpu::RowsMatrix rows{m.rows, m.row_index, m.n, m.k, m.stride_n};
+    cpu::gemm_rows_fn()(a.data<float>(), a.rows, a.ld, rows, m.bias, out.data<float>(), out.ld);
     return;
   }
 #ifdef RNNATTN_WITH_CUDA
@@ -276,8 +312,8 @@ void multiply(const BlockMatrix& m, const Operand& a, const Operand& out, bool a
   Tensor result = out.view();
   if (accumulate) {
     result.addmm_(a.view(), m.transposed);
-  } else if (m.bias.defined()) {
-    at::addmm_out(result, m.bias, a.view(), m.transposed);
+  } else if (m.aten_bias.defined()) {
+    at::addmm_out(result, m.aten_bias, a.view(), m.transposed);
   } else {
     at::mm_out(result, a.view(), m.transposed);
   }
@@ -499,17 +535,15 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   const UnitBlocks blocks = make_unit_blocks(G, H, HS, T, input, geo.groups(), geo.heads, geo.head_dim);
   CallScratch temp(input);  // the call's temporary buffers
 
-  const Tensor x = input.contiguous().view({T * B, I});
-  const Tensor w_ih = weight_ih_arg;
-  const std::optional<Tensor> b_ih =
-      bias_ih ? std::optional<Tensor>(blocks.permute_rows(*bias_ih)) : std::nullopt;
-  // Per step and block: h_{t-1} @ W_rec^T (+ b_rec), W_rec = W_hh (+ the attention rows).
-  auto [w_rec, b_rec_plain] = recurrent_side(weight_hh_arg, bias_hh, attention, geo.self_memory);
-  const std::optional<Tensor> b_rec =
-      b_rec_plain ? std::optional<Tensor>(blocks.permute_rec_rows(*b_rec_plain)) : std::nullopt;
+  // (T, B, I) read as (T * B, I) through Operands: no view is made.
+  const Tensor x = input.contiguous();
+  const Tensor& w_ih = weight_ih_arg;
+  // Per step and block: h_{t-1} @ W_rec^T (+ b_rec), W_rec = W_hh (+ the attention rows). Weights and
+  // biases stay in torch.nn's row order: each block reads its rows through the blocks' row orders.
+  auto [w_rec, b_rec] = recurrent_side(weight_hh_arg, bias_hh, attention, geo.self_memory);
   // On the GPU the pointwise pass adds the recurrent bias (and the attention stage that of the
   // query, key and value rows), so that each step's product is a bare cuBLAS call (cuda_multiply).
-  const Tensor rec_bias = input.is_cuda() && b_rec ? b_rec->contiguous() : Tensor();
+  const Tensor rec_bias = input.is_cuda() && b_rec ? blocks.permute_rec_rows(*b_rec).contiguous() : Tensor();
   const bool packed = uses_packed_gemm(input);
   // The per-step matrices (W_rec, W_c, W_hr): one product of B rows per step.
   const MatrixForm step_form = matrix_form(packed, T, B);
@@ -519,26 +553,22 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   const int64_t chunk = chunk_steps(input, T, B, GH, kForwardChunkBytes);
   MatrixForm ih_form = matrix_form(packed, (T + chunk - 1) / chunk, chunk * B);
   if (ih_form == MatrixForm::packed && blocks.count() == 1) ih_form = MatrixForm::aten;
-  auto rows_of = [](const std::optional<Tensor>& t, int64_t first, int64_t count) {
-    return t ? std::optional<Tensor>(t->narrow(0, first, count)) : std::nullopt;
-  };
   std::vector<BlockMatrix> ih_matrix, rec_matrix, ctx_matrix, proj_matrix;
   std::vector<Tensor> xproj, hproj, cproj;
   const Tensor w_c = geo.enabled ? attention->weight_c : Tensor();
   const Tensor w_hr = projected ? weight_hr->contiguous() : Tensor();
+  const Tensor own_order;  // W_hr's columns are shared out in its own row order
   for (int64_t c = 0; c < blocks.count(); ++c) {
     if (projected) {
       // Per step and block: its columns of y_t = m_t @ W_hr^T (every unit of m_t).
       const auto [p0, p1] = column_share(blocks, c, HS);
-      proj_matrix.push_back(block_matrix(w_hr.narrow(0, p0, p1 - p0), std::nullopt, step_form, temp));
+      proj_matrix.push_back(block_matrix(PermutedRows{w_hr, own_order, p0, p1 - p0}, std::nullopt, step_form, temp));
     }
-    ih_matrix.push_back(block_matrix(PermutedRows{w_ih, blocks.order, blocks.row0(c), blocks.rows(c)},
-                                     rows_of(b_ih, blocks.row0(c), blocks.rows(c)), ih_form, temp));
+    ih_matrix.push_back(
+        block_matrix(PermutedRows{w_ih, blocks.order, blocks.row0(c), blocks.rows(c)}, bias_ih, ih_form, temp));
     xproj.push_back(temp.empty({chunk * B, blocks.rows(c)}));
     rec_matrix.push_back(block_matrix(PermutedRows{w_rec, blocks.rec_order, blocks.rec_row0(c), blocks.rec_rows(c)},
-                                      rec_bias.defined() ? std::nullopt
-                                                         : rows_of(b_rec, blocks.rec_row0(c), blocks.rec_rows(c)),
-                                      step_form, temp));
+                                      rec_bias.defined() ? std::nullopt : b_rec, step_form, temp));
     hproj.push_back(temp.empty({B, blocks.rec_rows(c)}));
     if (geo.enabled) {
       // Per step and block: ctx_t @ W_c^T, the block's gate rows.
@@ -725,9 +755,9 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
     for (const auto& s : init) result.final_states.push_back(s.clone());
   } else {
     const int64_t last = order.time(T - 1);
-    result.final_states.push_back(output.select(0, last).clone());
+    result.final_states.push_back(plane_copy(output, last, B, HS));
     for (int s = 1; s < S; ++s) {
-      result.final_states.push_back(training ? workspace.select(0, last).select(0, Cell::kSaved + s - 1).clone()
+      result.final_states.push_back(training ? plane_copy(workspace, last * planes + Cell::kSaved + s - 1, B, H)
                                              : ping_pong[2 * (s - 1) + ((T - 1) % 2)]);
     }
     // Held rows carried their state through the output: the final states above are those after each
