@@ -227,3 +227,29 @@ def test_single_step_matches_reference(cell, hidden, batch, transposed):
     torch.testing.assert_close(out.double(), ref_out, atol=2e-6, rtol=1e-5)
     for f, rf in zip(finals, ref_finals):
         torch.testing.assert_close(f.double(), rf, atol=2e-6, rtol=1e-5)
+
+
+# The CPU kernels read each thread's bias rows in place through its row order (gathered once per
+# call when the rows are permuted, i.e. with more than one thread): a strided bias must give the
+# same bits as a contiguous one, in a one-step call (weights read in place) and a longer one (packed).
+@pytest.mark.parametrize("steps", [1, 6])
+@pytest.mark.parametrize("cell", CELLS)
+def test_strided_biases_give_the_same_bits(cell, steps):
+    gen = torch.Generator().manual_seed(steps)
+    x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, steps, 2, 32, 256, torch.float32, generator=gen,
+                                                   requires_grad=False)
+
+    def strided(t):
+        wide = torch.zeros(2 * t.numel())
+        wide[::2] = t
+        return wide[::2]
+
+    out, finals = functional.layer(cell, x, states, w_ih, w_hh, strided(b_ih), strided(b_hh))
+    want_out, want_finals = functional.layer(cell, x, states, w_ih, w_hh, b_ih, b_hh)
+    assert not strided(b_ih).is_contiguous()
+    assert torch.equal(out, want_out)
+    for f, want in zip(finals, want_finals):
+        assert torch.equal(f, want)
+    ref_out, _ = reference.layer(cell, x.double(), [s.double() for s in states], w_ih.double(), w_hh.double(),
+                                 b_ih.double(), b_hh.double())
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)

@@ -198,12 +198,12 @@ struct BlockMatrix {
   const float* rows = nullptr;
   const int64_t* row_index = nullptr;
   int64_t k = 0, stride_n = 0, stride_k = 1;
-  float* storage = nullptr;     // packed: room for the panels
-  cpu::PackedMatrix panels;     // packed, after prepare()
-  const float* bias = nullptr;  // bias of M's row i at bias[i], or null
-  const float* bias_source = nullptr;  // with row_index: the bias of row r at bias_source[r], which
-  float* bias_gathered = nullptr;      // prepare() gathers into bias_gathered (= bias) in M's order
-  Tensor kept;                         // a contiguous copy the pointers read, when one was needed
+  float* storage = nullptr;            // packed: room for the panels
+  cpu::PackedMatrix panels;            // packed, after prepare()
+  const float* bias = nullptr;         // bias of M's row i at bias[i], or null
+  const float* bias_source = nullptr;  // with row_index: the caller's bias (row r at bias_source[r]),
+  float* bias_gathered = nullptr;      // which prepare() gathers here in M's row order (bias points here)
+  Tensor kept;                         // a contiguous copy of a strided bias, which the pointers read
   // ATen's form (double, CUDA): M^T (k x n) and the bias (n) or undefined.
   Tensor transposed;
   Tensor aten_bias;
