@@ -121,3 +121,13 @@ def attention_args(cell, steps, batch, input_size, hidden, num_heads, head_dim, 
     w_c = rand(GATES[cell] * hidden, width, s=1 / width**0.5)
     memory = None if memory_slots is None else rand(memory_slots, batch, mem_width, s=1.0)
     return x, states, (w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, w_v, b_v, w_c), memory
+
+
+def strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a non-contiguous layout: a transposed copy transposed back for 2-D and
+    more, every other element of a twice-as-long buffer for 1-D."""
+    if t.dim() >= 2:
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+    wide = torch.zeros(2 * t.numel(), dtype=t.dtype, device=t.device)
+    wide[::2] = t
+    return wide[::2]

@@ -15,7 +15,7 @@ import rnnattn_ext
 from rnnattn_ext import _ops
 
 from conftest import device_params
-from helpers import NUM_STATES, attention_args, layer_args, op_weights
+from helpers import NUM_STATES, attention_args, layer_args, op_weights, strided
 
 T, B, I, H, P, HEADS, HEAD_DIM, S = 4, 3, 5, 6, 4, 2, 2, 3
 STATE_NAMES = ("h0", "c0")
@@ -139,16 +139,6 @@ def test_every_tensor_argument_is_checked(cell, attention, projected, backward):
     assert checked >= 6
 
 
-def _strided(t: torch.Tensor) -> torch.Tensor:
-    """The same values in a non-contiguous layout: a transposed copy transposed back for 2-D and
-    more, every other element of a twice-as-long buffer for 1-D."""
-    if t.dim() >= 2:
-        return t.transpose(0, 1).contiguous().transpose(0, 1)
-    wide = torch.zeros(2 * t.numel(), dtype=t.dtype, device=t.device)
-    wide[::2] = t
-    return wide[::2]
-
-
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
 @pytest.mark.parametrize("cell,attention,projected", CONFIGS, ids=CONFIG_IDS)
 def test_non_contiguous_arguments_work(cell, attention, projected, backward):
@@ -158,9 +148,9 @@ def test_non_contiguous_arguments_work(cell, attention, projected, backward):
     valid = _valid(cell, attention, projected, backward)
     expected = _call(op, valid)
     for name in _tensor_arguments(op, valid):
-        strided = _strided(valid[name])
-        assert not strided.is_contiguous() or strided.numel() <= 1
-        for got, want in zip(_call(op, dict(valid, **{name: strided})), expected):
+        strided_arg = strided(valid[name])
+        assert not strided_arg.is_contiguous() or strided_arg.numel() <= 1
+        for got, want in zip(_call(op, dict(valid, **{name: strided_arg})), expected):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 

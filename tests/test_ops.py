@@ -7,7 +7,7 @@ from rnnattn_ext import _ops, functional, reference
 
 from conftest import device_params
 from helpers import (CELLS, NUM_STATES, assert_accuracy_rule, assert_close, gradcheck_layer, grads, layer_args, loss_of,
-                     proj)
+                     proj, strided)
 
 TOLERANCES = {torch.float64: (1e-10, 1e-9), torch.float32: (2e-5, 1e-4)}
 
@@ -238,11 +238,6 @@ def test_strided_biases_give_the_same_bits(cell, steps):
     gen = torch.Generator().manual_seed(steps)
     x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, steps, 2, 32, 256, torch.float32, generator=gen,
                                                    requires_grad=False)
-
-    def strided(t):
-        wide = torch.zeros(2 * t.numel())
-        wide[::2] = t
-        return wide[::2]
 
     out, finals = functional.layer(cell, x, states, w_ih, w_hh, strided(b_ih), strided(b_hh))
     want_out, want_finals = functional.layer(cell, x, states, w_ih, w_hh, b_ih, b_hh)

@@ -201,17 +201,12 @@ struct BlockMatrix {
   float* storage = nullptr;            // packed: room for the panels
   cpu::PackedMatrix panels;            // packed, after prepare()
   const float* bias = nullptr;         // bias of M's row i at bias[i], or null
-  const float* bias_source = nullptr;  // with row_index: the caller's bias (row r at bias_source[r]),
-  float* bias_gathered = nullptr;      // which prepare() gathers here in M's row order (bias points here)
-  Tensor kept;                         // a contiguous copy of a strided bias, which the pointers read
+  Tensor kept;                         // a contiguous copy of a strided bias, which bias reads
   // ATen's form (double, CUDA): M^T (k x n) and the bias (n) or undefined.
   Tensor transposed;
   Tensor aten_bias;
 
   void prepare() {
-    if (bias_gathered != nullptr) {
-      for (int64_t i = 0; i < n; ++i) bias_gathered[i] = bias_source[row_index[i]];
-    }
     if (form == MatrixForm::packed) panels = cpu::pack_matrix(rows, row_index, n, k, stride_n, stride_k, storage);
   }
 };
@@ -257,9 +252,10 @@ BlockMatrix block_matrix(const PermutedRows& rows, const std::optional<Tensor>& 
       source = result.kept.const_data_ptr<float>();
     }
     if (index != nullptr) {
-      result.bias_source = source;
-      result.bias_gathered = scratch.floats(rows.count);
-      result.bias = result.bias_gathered;
+      // A block's few hundred bias values, gathered into its order: the kernels add them per row.
+      float* gathered = scratch.floats(rows.count);
+      for (int64_t i = 0; i < rows.count; ++i) gathered[i] = source[index[i]];
+      result.bias = gathered;
     } else {
       result.bias = source + rows.first;
     }
