@@ -7,7 +7,8 @@ import torch
 from rnnattn_ext import _ops, functional, reference
 
 from conftest import device_params
-from helpers import CELLS, NUM_STATES, assert_accuracy_rule, assert_close, attention_args, grads, op_weights, proj
+from helpers import (CELLS, NUM_STATES, assert_accuracy_rule, assert_close, attention_args, grads, op_weights, proj,
+                     strided)
 
 TOLERANCES = {torch.float64: (1e-10, 1e-9)}
 
@@ -202,6 +203,32 @@ def test_bitwise_deterministic(cell, memory):
     first, second = run(), run()
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+# The CPU kernels read the recurrent side (W_hh, W_q, W_k, W_v and their biases) where each tensor
+# lies, through a table of row addresses: strided parts and a mix of present and absent biases must
+# give the bits of contiguous parts with zero biases, in a one-step call (weights read in place) and
+# a longer one (packed), over two threads' blocks (hidden 256) and one.
+@pytest.mark.parametrize("hidden", [32, 256])
+@pytest.mark.parametrize("steps", [1, 6])
+@pytest.mark.parametrize("cell", CELLS)
+def test_strided_parts_and_missing_biases_give_the_same_bits(cell, steps, hidden):
+    gen = torch.Generator().manual_seed(steps)
+    x, states, weights, _ = attention_args(cell, steps, 2, 16, hidden, 4, 8, dtype=torch.float32,
+                                           requires_grad=False, generator=gen)
+    w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, w_v, b_v, w_c = weights
+    b_q = torch.zeros_like(b_q)  # given as None below
+    b_v = torch.zeros_like(b_v)
+    given = (w_ih, strided(w_hh), b_ih, strided(b_hh), strided(w_q), None, w_k, strided(b_k), strided(w_v), None, w_c)
+    want = (w_ih, w_hh, b_ih, b_hh, w_q, b_q, w_k, b_k, w_v, b_v, w_c)
+    assert not given[1].is_contiguous() and not given[4].is_contiguous()
+    out, finals, ctx, _ = functional.attention_layer(cell, x, states, given, 4, 3)
+    want_out, want_finals, want_ctx, _ = functional.attention_layer(cell, x, states, want, 4, 3)
+    for a, b in zip([out, *finals, ctx], [want_out, *want_finals, want_ctx]):
+        assert torch.equal(a, b)
+    ref = reference.attention_layer(cell, x.double(), [s.double() for s in states], *[w.double() for w in want],
+                                    num_heads=4, window=3)
+    assert_close(out.double(), ref[0], 1e-5, 1e-5, "output")
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -82,18 +82,28 @@ RNNATTN_HD int64_t staged_elements(const AttentionStepArgs<T>& a) {
   return a.staged.rows == nullptr ? 0 : (a.staged.new_slot >= 0 ? 3 : 1) * a.head_dim;
 }
 
+// Where part p (0 query, 1 key, 2 value) of row b's staged rows starts, relative to column d of
+// D: its offset in a product row (and in the bias), and the store row it goes to (index it with d).
+template <typename T>
+RNNATTN_HD int64_t staged_offset(const AttentionStepArgs<T>& a, int64_t part, int64_t d) {
+  return part * a.staged.part_stride + d - a.staged.col0;
+}
+template <typename T>
+RNNATTN_HD T* staged_destination(const AttentionStepArgs<T>& a, int64_t b, int64_t part) {
+  return part == 0 ? a.query + b * a.query_stride
+                   : (part == 1 ? a.keys : a.values) + a.staged.new_slot * a.slot_stride + b * a.row_stride;
+}
+
 // Forward: element i < staged_elements(a) of row b, head h, from the product (plus bias) to the store.
 template <typename T>
 RNNATTN_HD void stage_element(const AttentionStepArgs<T>& a, int64_t b, int64_t h, int64_t i) {
   using IO = ScalarIO<T>;
   using A = typename IO::Acc;
   const int64_t part = i / a.head_dim, d = h * a.head_dim + i % a.head_dim;
-  const int64_t at = part * a.staged.part_stride + d - a.staged.col0;
+  const int64_t at = staged_offset(a, part, d);
   A v = IO::load(a.staged.rows[b * a.staged.row_stride + at]);
   if (a.staged.bias != nullptr) v += IO::load(a.staged.bias[at]);
-  T* to = part == 0 ? a.query + b * a.query_stride
-                    : (part == 1 ? a.keys : a.values) + a.staged.new_slot * a.slot_stride + b * a.row_stride;
-  to[d] = IO::store(v);
+  staged_destination(a, b, part)[d] = IO::store(v);
 }
 
 template <typename T>
@@ -107,7 +117,7 @@ template <typename T>
 RNNATTN_HD void unstage_element(const AttentionStepArgs<T>& a, int64_t b, int64_t h, int64_t i) {
   const int64_t part = 1 + i / a.head_dim, d = h * a.head_dim + i % a.head_dim;
   const T* from = (part == 1 ? a.grad_keys : a.grad_values) + a.staged.new_slot * a.slot_stride + b * a.row_stride;
-  a.staged.rows[b * a.staged.row_stride + part * a.staged.part_stride + d - a.staged.col0] = from[d];
+  a.staged.rows[b * a.staged.row_stride + staged_offset(a, part, d)] = from[d];
 }
 
 namespace attention_detail {

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <string_view>
 #include <type_traits>
@@ -194,42 +195,61 @@ struct BlockMatrix {
   MatrixForm form = MatrixForm::aten;
   int64_t n = 0;  // rows of M
   // Our CPU kernels' forms (packed, in place) read the caller's tensors through raw pointers: row i
-  // of M at rows + r * stride_n with r = row_index[i] (null: r = i), its elements stride_k apart.
-  const float* rows = nullptr;
-  const int64_t* row_index = nullptr;
-  int64_t k = 0, stride_n = 0, stride_k = 1;
+  // of M at rows[i], its elements stride_k apart; the bias of row i at bias[i] (or none).
+  const float* const* rows = nullptr;
+  int64_t k = 0, stride_k = 1;
   float* storage = nullptr;            // packed: room for the panels
   cpu::PackedMatrix panels;            // packed, after prepare()
-  const float* bias = nullptr;         // bias of M's row i at bias[i], or null
-  Tensor kept;                         // a contiguous copy of a strided bias, which bias reads
+  const float* bias = nullptr;
   // ATen's form (double, CUDA): M^T (k x n) and the bias (n) or undefined.
   Tensor transposed;
   Tensor aten_bias;
 
   void prepare() {
-    if (form == MatrixForm::packed) panels = cpu::pack_matrix(rows, row_index, n, k, stride_n, stride_k, storage);
+    if (form == MatrixForm::packed) panels = cpu::pack_matrix(rows, n, k, stride_k, storage);
   }
 };
 
-// Rows [first, first + count) of M's rows permuted by `order` (unit_blocks.h; undefined: M's own
-// order), and likewise of its bias (same row order as M).
+// Rows [first, first + count) of M permuted by `order` (unit_blocks.h; undefined: M's own order),
+// and likewise of its bias. M is `parts` stacked (each with M's columns): one tensor for most
+// matrices, W_hh, W_q[, W_k, W_v] for the attention cell's recurrent side. `biases` is empty (no
+// bias) or one per part (an absent one reads as zeros).
 struct PermutedRows {
-  const Tensor& m;
+  c10::ArrayRef<Tensor> parts;
+  c10::ArrayRef<std::optional<Tensor>> biases;
   const Tensor& order;
   int64_t first, count;
 };
 
-// The block's rows of a weight in block order. Our kernels read them, and the bias, through the
-// permutation from the caller's tensors: no permuted copy and no view is made (each costs a
-// dispatcher call, which matters to short calls such as one streaming step).
-BlockMatrix block_matrix(const PermutedRows& rows, const std::optional<Tensor>& bias, MatrixForm form,
-                         CallScratch& scratch) {
+// The parts stacked into one tensor, and their biases (absent ones as zeros) or none.
+Tensor stacked(c10::ArrayRef<Tensor> parts) { return parts.size() == 1 ? parts[0] : at::cat(parts, 0); }
+std::optional<Tensor> stacked_bias(c10::ArrayRef<Tensor> parts, c10::ArrayRef<std::optional<Tensor>> biases) {
+  if (biases.empty()) return std::nullopt;
+  if (biases.size() == 1) return biases[0];
+  bool any = false;
+  std::vector<Tensor> pieces;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    any = any || biases[i].has_value();
+    pieces.push_back(biases[i] ? *biases[i] : at::zeros({parts[i].size(0)}, parts[i].options()));
+  }
+  return any ? std::optional<Tensor>(at::cat(pieces, 0)) : std::nullopt;
+}
+
+// The block's rows of a weight in block order. Our kernels read them, and the bias, through a table
+// of row addresses into the caller's tensors: no permuted or stacked copy and no view is made (each
+// costs a dispatcher call, which matters to short calls such as one streaming step, and a stacked
+// copy of the attention cell's weights costs as much as its streaming step).
+BlockMatrix block_matrix(const PermutedRows& rows, MatrixForm form, CallScratch& scratch) {
   BlockMatrix result;
-  const Tensor& m = rows.m;
-  // Reading in place needs contiguous rows; a strided weight is packed instead.
-  result.form = form == MatrixForm::in_place && m.stride(1) != 1 ? MatrixForm::packed : form;
+  const Tensor& first_part = rows.parts[0];
   result.n = rows.count;
+  // Reading in place needs contiguous rows; a strided weight is packed instead.
+  bool unit_stride = true;
+  for (const Tensor& part : rows.parts) unit_stride = unit_stride && part.stride(1) == 1;
+  result.form = form == MatrixForm::in_place && !unit_stride ? MatrixForm::packed : form;
   if (result.form == MatrixForm::aten) {
+    const Tensor m = stacked(rows.parts);
+    const std::optional<Tensor> bias = stacked_bias(rows.parts, rows.biases);
     const bool whole = !rows.order.defined() && rows.first == 0 && rows.count == m.size(0);
     const Tensor pick = rows.order.defined() ? rows.order.narrow(0, rows.first, rows.count) : Tensor();
     auto select = [&](const Tensor& t) {
@@ -239,37 +259,59 @@ BlockMatrix block_matrix(const PermutedRows& rows, const std::optional<Tensor>& 
     if (bias) result.aten_bias = select(*bias).contiguous();
     return result;
   }
+  // Several parts share one column stride (the engine gives them unit strides).
+  TORCH_INTERNAL_ASSERT(rows.parts.size() == 1 || unit_stride);
+  result.k = first_part.size(1);
+  result.stride_k = first_part.stride(1);
   const int64_t* index = rows.order.defined() ? rows.order.const_data_ptr<int64_t>() + rows.first : nullptr;
-  result.row_index = index;
-  result.k = m.size(1);
-  result.stride_n = m.stride(0);
-  result.stride_k = m.stride(1);
-  result.rows = m.const_data_ptr<float>() + (index != nullptr ? 0 : rows.first * m.stride(0));
-  if (bias) {
-    const float* source = bias->const_data_ptr<float>();
-    if (bias->stride(0) != 1) {
-      result.kept = bias->contiguous();
-      source = result.kept.const_data_ptr<float>();
-    }
-    if (index != nullptr) {
-      // A block's few hundred bias values, gathered into its order: the kernels add them per row.
-      float* gathered = scratch.floats(rows.count);
-      for (int64_t i = 0; i < rows.count; ++i) gathered[i] = source[index[i]];
-      result.bias = gathered;
-    } else {
-      result.bias = source + rows.first;
-    }
+  // Each part's rows, row stride and bias, read once (a tensor's accessors check on every call).
+  struct Part {
+    int64_t size, stride;  // rows, row stride
+    const float* data;
+    const float* bias;
+    int64_t bias_stride;
+  };
+  constexpr size_t kMaxParts = 4;  // W_hh, W_q, W_k, W_v
+  TORCH_INTERNAL_ASSERT(rows.parts.size() <= kMaxParts);
+  std::array<Part, kMaxParts> parts{};
+  bool any_bias = false;
+  int64_t total = 0;
+  for (size_t p = 0; p < rows.parts.size(); ++p) {
+    const Tensor& t = rows.parts[p];
+    total += t.size(0);
+    const std::optional<Tensor>* b = rows.biases.empty() ? nullptr : &rows.biases[p];
+    const bool has_bias = b != nullptr && b->has_value();
+    any_bias = any_bias || has_bias;
+    parts[p] = {t.size(0), t.stride(0), t.const_data_ptr<float>(), has_bias ? (*b)->const_data_ptr<float>() : nullptr,
+                has_bias ? (*b)->stride(0) : 0};
   }
+  const float** addresses = scratch.row_addresses(rows.count);
+  float* bias = any_bias ? scratch.floats(rows.count) : nullptr;
+  for (int64_t i = 0; i < rows.count; ++i) {
+    int64_t r = index != nullptr ? index[i] : rows.first + i;  // row of M, then of its part
+    TORCH_INTERNAL_ASSERT(r >= 0 && r < total);
+    const Part* part = parts.data();
+    while (r >= part->size) r -= (part++)->size;
+    addresses[i] = part->data + r * part->stride;
+    if (bias != nullptr) bias[i] = part->bias != nullptr ? part->bias[r * part->bias_stride] : 0.f;
+  }
+  result.rows = addresses;
+  result.bias = bias;
   if (result.form == MatrixForm::packed) {
     result.storage = scratch.floats(cpu::PackedMatrix::floats_needed(rows.count, result.k));
   }
   return result;
 }
 
+// A one-part matrix's bias as PermutedRows::biases.
+c10::ArrayRef<std::optional<Tensor>> bias_list(const std::optional<Tensor>& bias) {
+  return bias ? c10::ArrayRef<std::optional<Tensor>>(bias) : c10::ArrayRef<std::optional<Tensor>>();
+}
+
 // All of M's rows, in its own order.
 BlockMatrix block_matrix(const Tensor& m, const std::optional<Tensor>& bias, MatrixForm form, CallScratch& scratch) {
   const Tensor own_order;
-  return block_matrix(PermutedRows{m, own_order, 0, m.size(0)}, bias, form, scratch);
+  return block_matrix(PermutedRows{m, bias_list(bias), own_order, 0, m.size(0)}, form, scratch);
 }
 
 #ifdef RNNATTN_WITH_CUDA
@@ -298,7 +340,7 @@ void multiply(const BlockMatrix& m, const Operand& a, const Operand& out, bool a
   }
   if (m.form == MatrixForm::in_place) {
     TORCH_INTERNAL_ASSERT(!accumulate);
-    const cpu::RowsMatrix rows{m.rows, m.row_index, m.n, m.k, m.stride_n};
+    const cpu::RowsMatrix rows{m.rows, m.n, m.k};
     cpu::gemm_rows_fn()(a.data<float>(), a.rows, a.ld, rows, m.bias, out.data<float>(), out.ld);
     return;
   }
@@ -406,27 +448,33 @@ AttentionGeometry attention_geometry(const AttentionConfig* attention, int64_t s
   return g;
 }
 
-// The stacked recurrent-side weight: W_hh, then W_q, then (self memory) W_k and W_v; its bias
-// likewise (absent parts as zeros), or none when every part is absent.
-std::pair<Tensor, std::optional<Tensor>> recurrent_side(const Tensor& weight_hh, const std::optional<Tensor>& bias_hh,
-                                                        const AttentionConfig* attention, bool self_memory) {
-  if (attention == nullptr) {
-    return {weight_hh, bias_hh};
+// The recurrent-side weight W_rec in parts: W_hh, then W_q, then (self memory) W_k and W_v, and
+// their biases (empty when no part has one). Our CPU kernels read the parts where they are; ATen and
+// cuBLAS multiply by them stacked (`stacked`).
+struct RecurrentSide {
+  std::vector<Tensor> weights;
+  std::vector<std::optional<Tensor>> biases;
+};
+
+RecurrentSide recurrent_side(const Tensor& weight_hh, const std::optional<Tensor>& bias_hh,
+                             const AttentionConfig* attention, bool self_memory) {
+  RecurrentSide side{{weight_hh}, {bias_hh}};
+  if (attention != nullptr) {
+    side.weights.insert(side.weights.end(), {attention->weight_q});
+    side.biases.insert(side.biases.end(), {attention->bias_q});
+    if (self_memory) {
+      side.weights.insert(side.weights.end(), {attention->weight_k, attention->weight_v});
+      side.biases.insert(side.biases.end(), {attention->bias_k, attention->bias_v});
+    }
+    // Stacked parts share one column stride in our kernels: a rare strided part is copied.
+    for (Tensor& w : side.weights) {
+      if (w.stride(1) != 1) w = w.contiguous();
+    }
   }
-  std::vector<Tensor> weights{weight_hh, attention->weight_q};
-  std::vector<std::optional<Tensor>> biases{bias_hh, attention->bias_q};
-  if (self_memory) {
-    weights.insert(weights.end(), {attention->weight_k, attention->weight_v});
-    biases.insert(biases.end(), {attention->bias_k, attention->bias_v});
-  }
-  const Tensor weight = at::cat(weights, 0);
   bool any_bias = false;
-  std::vector<Tensor> parts;
-  for (size_t i = 0; i < weights.size(); ++i) {
-    any_bias = any_bias || biases[i].has_value();
-    parts.push_back(biases[i] ? *biases[i] : at::zeros({weights[i].size(0)}, weight.options()));
-  }
-  return {weight, any_bias ? std::optional<Tensor>(at::cat(parts, 0)) : std::nullopt};
+  for (const auto& b : side.biases) any_bias = any_bias || b.has_value();
+  if (!any_bias) side.biases.clear();
+  return side;
 }
 
 // Per-slot numbers of the attention passes, in the accumulate type: 2 * read_slots per (row, head).
@@ -536,10 +584,11 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   const Tensor& w_ih = weight_ih_arg;
   // Per step and block: h_{t-1} @ W_rec^T (+ b_rec), W_rec = W_hh (+ the attention rows). Weights and
   // biases stay in torch.nn's row order: each block reads its rows through the blocks' row orders.
-  auto [w_rec, b_rec] = recurrent_side(weight_hh_arg, bias_hh, attention, geo.self_memory);
+  const RecurrentSide w_rec = recurrent_side(weight_hh_arg, bias_hh, attention, geo.self_memory);
   // On the GPU the pointwise pass adds the recurrent bias (and the attention stage that of the
   // query, key and value rows), so that each step's product is a bare cuBLAS call (cuda_multiply).
-  const Tensor rec_bias = input.is_cuda() && b_rec ? blocks.permute_rec_rows(*b_rec).contiguous() : Tensor();
+  const std::optional<Tensor> b_rec = input.is_cuda() ? stacked_bias(w_rec.weights, w_rec.biases) : std::nullopt;
+  const Tensor rec_bias = b_rec ? blocks.permute_rec_rows(*b_rec).contiguous() : Tensor();
   const bool packed = uses_packed_gemm(input);
   // The per-step matrices (W_rec, W_c, W_hr): one product of B rows per step.
   const MatrixForm step_form = matrix_form(packed, T, B);
@@ -558,18 +607,22 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
     if (projected) {
       // Per step and block: its columns of y_t = m_t @ W_hr^T (every unit of m_t).
       const auto [p0, p1] = column_share(blocks, c, HS);
-      proj_matrix.push_back(block_matrix(PermutedRows{w_hr, own_order, p0, p1 - p0}, std::nullopt, step_form, temp));
+      proj_matrix.push_back(block_matrix(PermutedRows{w_hr, {}, own_order, p0, p1 - p0}, step_form, temp));
     }
-    ih_matrix.push_back(
-        block_matrix(PermutedRows{w_ih, blocks.order, blocks.row0(c), blocks.rows(c)}, bias_ih, ih_form, temp));
+    ih_matrix.push_back(block_matrix(
+        PermutedRows{w_ih, bias_list(bias_ih), blocks.order, blocks.row0(c), blocks.rows(c)}, ih_form, temp));
     xproj.push_back(temp.empty({chunk * B, blocks.rows(c)}));
-    rec_matrix.push_back(block_matrix(PermutedRows{w_rec, blocks.rec_order, blocks.rec_row0(c), blocks.rec_rows(c)},
-                                      rec_bias.defined() ? std::nullopt : b_rec, step_form, temp));
+    // (on the GPU without its bias, which the pointwise pass adds)
+    const c10::ArrayRef<std::optional<Tensor>> rec_biases = input.is_cuda() ? c10::ArrayRef<std::optional<Tensor>>()
+                                                                            : w_rec.biases;
+    rec_matrix.push_back(block_matrix(
+        PermutedRows{w_rec.weights, rec_biases, blocks.rec_order, blocks.rec_row0(c), blocks.rec_rows(c)}, step_form,
+        temp));
     hproj.push_back(temp.empty({B, blocks.rec_rows(c)}));
     if (geo.enabled) {
       // Per step and block: ctx_t @ W_c^T, the block's gate rows.
-      ctx_matrix.push_back(block_matrix(PermutedRows{w_c, blocks.order, blocks.row0(c), blocks.rows(c)},
-                                        std::nullopt, step_form, temp));
+      ctx_matrix.push_back(
+          block_matrix(PermutedRows{w_c, {}, blocks.order, blocks.row0(c), blocks.rows(c)}, step_form, temp));
       cproj.push_back(temp.empty({B, blocks.rows(c)}));
     }
   }
@@ -810,7 +863,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
 
   const Tensor w_ih = blocks.permute_rows(weight_ih_arg).contiguous();
   const Tensor w_rec =
-      blocks.permute_rec_rows(recurrent_side(weight_hh_arg, std::nullopt, attention, geo.self_memory).first)
+      blocks.permute_rec_rows(stacked(recurrent_side(weight_hh_arg, std::nullopt, attention, geo.self_memory).weights))
           .contiguous();
   const Tensor w_c = geo.enabled ? blocks.permute_rows(attention->weight_c).contiguous() : Tensor();
   const Tensor grad_y = grad_output.contiguous();

@@ -23,6 +23,8 @@ class CallScratch {
   at::Tensor zeros(at::IntArrayRef sizes);
   // count floats for the packed GEMM's panels (CPU).
   float* floats(int64_t count);
+  // count row addresses of a matrix our CPU kernels read (cpu/packed_gemm.h).
+  const float** row_addresses(int64_t count);
 
  private:
   void* take(int64_t bytes);

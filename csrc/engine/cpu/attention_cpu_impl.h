@@ -4,7 +4,7 @@
 //
 // Per (row, head) the steps are those of attention_step.h: scores, softmax, context; backward
 // recomputes the softmax, then dp_s = g . v_s, dscore_s = p_s (dp_s - g . ctx) * scale, the query
-// gradient and the slots' key and value gradients. Dot products keep 8 partial sums per slot (four
+// gradient and the slots' key and value gradients. Dot products keep 8 partial sums per slot (eight
 // slots at a time, so that the FMAs do not wait on each other), combined in a fixed order: results
 // are deterministic run to run. e^x is the pointwise passes' polynomial (math::fast_exp).
 #pragma once
@@ -23,21 +23,43 @@ struct SlotColumns {
   const float* at(int64_t s) const { return base + s * stride; }
 };
 
-// out[s - first] = scale * (x . rows[s]) for s in [first, end); n (a multiple of 8) columns.
+// Lane i of the result: the sum of v[i]'s eight lanes, added in the same order for every i, as
+// pairwise sums of adjacent lanes (the shuffles are what AVX's horizontal adds do, here for any ISA).
+inline vec8 sum8_each(const vec8 v[8]) {
+  typedef int lanes8 __attribute__((vector_size(32)));
+  // [a01, a23, b01, b23 | a45, a67, b45, b67] (aij: lanes i + j of a)
+  auto pairs = [](vec8 a, vec8 b) {
+    return __builtin_shuffle(a, b, lanes8{0, 2, 8, 10, 4, 6, 12, 14}) +
+           __builtin_shuffle(a, b, lanes8{1, 3, 9, 11, 5, 7, 13, 15});
+  };
+  // [v0 0123, v1 0123, v2 0123, v3 0123 | v0 4567, ...], likewise for v4..v7
+  const vec8 low = pairs(pairs(v[0], v[1]), pairs(v[2], v[3]));
+  const vec8 high = pairs(pairs(v[4], v[5]), pairs(v[6], v[7]));
+  return __builtin_shuffle(low, high, lanes8{0, 1, 2, 3, 8, 9, 10, 11}) +
+         __builtin_shuffle(low, high, lanes8{4, 5, 6, 7, 12, 13, 14, 15});
+}
+
+// out[s - first] = scale * (x . rows[s]) for s in [first, end); n (a multiple of 8) columns. Eight
+// slots at a time, each with its own 8-lane sums; a last group of fewer slots repeats its last one,
+// so that every score is added up the same way wherever its slot falls.
 void dot_slots(const float* x, SlotColumns rows, int64_t n, float scale, int64_t first, int64_t end, float* out) {
-  int64_t s = first;
-  for (; s + 4 <= end; s += 4) {
-    vec8 acc[4] = {};
+  for (int64_t s = first; s < end; s += 8) {
+    const int64_t count = end - s < 8 ? end - s : 8;
+    const float* row[8];
+    for (int i = 0; i < 8; ++i) row[i] = rows.at(s + (i < count ? i : count - 1));
+    vec8 acc[8] = {};
     for (int64_t d = 0; d < n; d += 8) {
       const vec8 xv = load8(x + d);
-      for (int i = 0; i < 4; ++i) acc[i] += xv * load8(rows.at(s + i) + d);
+      for (int i = 0; i < 8; ++i) acc[i] += xv * load8(row[i] + d);
     }
-    for (int i = 0; i < 4; ++i) out[s + i - first] = sum8(acc[i]) * scale;
-  }
-  for (; s < end; ++s) {
-    vec8 acc = {};
-    for (int64_t d = 0; d < n; d += 8) acc += load8(x + d) * load8(rows.at(s) + d);
-    out[s - first] = sum8(acc) * scale;
+    const vec8 scores = sum8_each(acc) * broadcast8(scale);
+    if (count == 8) {
+      store8(out + s - first, scores);
+    } else {
+      float lanes[8];
+      store8(lanes, scores);
+      std::memcpy(out + s - first, lanes, count * sizeof(float));
+    }
   }
 }
 
@@ -110,6 +132,20 @@ float* weights_of(const AttentionStepArgs<float>& a, const float* q, SlotColumns
   return p;
 }
 
+// stage_element for the pair's every element, eight columns at a time.
+void stage_vec(const AttentionStepArgs<float>& a, int64_t b, int64_t h) {
+  if (a.staged.rows == nullptr) return;
+  const int64_t parts = a.staged.new_slot >= 0 ? 3 : 1, col = h * a.head_dim;
+  for (int64_t part = 0; part < parts; ++part) {
+    const int64_t at = staged_offset(a, part, col);
+    const float* from = a.staged.rows + b * a.staged.row_stride + at;
+    float* to = staged_destination(a, b, part) + col;
+    for (int64_t d = 0; d < a.head_dim; d += 8) {
+      store8(to + d, a.staged.bias != nullptr ? load8(from + d) + load8(a.staged.bias + at + d) : load8(from + d));
+    }
+  }
+}
+
 void attend_forward_vec(const AttentionStepArgs<float>& a, int64_t b, int64_t h) {
   const int64_t col = h * a.head_dim, n = a.head_dim;
   const float* q = a.query + b * a.query_stride + col;
@@ -174,7 +210,7 @@ void attend_backward_vec(const AttentionStepArgs<float>& a, int64_t b, int64_t h
 void attention_forward_pass(const AttentionStepArgs<float>& args) {
   for (int64_t b = 0; b < args.batch; ++b) {
     for (int64_t h = args.head_begin; h < args.head_end; ++h) {
-      for (int64_t i = 0; i < staged_elements(args); ++i) stage_element(args, b, h, i);
+      stage_vec(args, b, h);
       attend_forward_vec(args, b, h);
     }
   }

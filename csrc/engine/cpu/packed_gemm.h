@@ -18,21 +18,19 @@ struct PackedMatrix {
   static int64_t floats_needed(int64_t n, int64_t k) { return (n + kPanelWidth - 1) / kPanelWidth * k * kPanelWidth; }
 };
 
-// Packs M (n x k), whose element (i, j) is at m[r * stride_n + j * stride_k] with r = row_index[i]
-// (r = i when row_index is null), into `storage` (PackedMatrix::floats_needed(n, k) floats).
-PackedMatrix pack_matrix(const float* m, const int64_t* row_index, int64_t n, int64_t k, int64_t stride_n,
-                         int64_t stride_k, float* storage);
+// Packs M (n x k), whose element (i, j) is at rows[i][j * stride_k], into `storage`
+// (PackedMatrix::floats_needed(n, k) floats). A table of row addresses lets M's rows be a permutation
+// of one tensor's rows or come from several tensors (the attention cell's W_hh, W_q, W_k, W_v).
+PackedMatrix pack_matrix(const float* const* rows, int64_t n, int64_t k, int64_t stride_k, float* storage);
 
 using PackedGemmFn = void (*)(const float* a, int64_t rows, int64_t lda, const PackedMatrix& m, const float* bias,
                               float* out, int64_t ldo);
 
-// M (n x k) read in place: row i at rows + row_index[i] * stride (row_index null: row i), each row
-// contiguous. For a product used once at a few rows (a single step), where packing M would cost more
-// than the product itself.
+// M (n x k) read in place: row i contiguous at rows[i]. For a product used once at a few rows (a
+// single step), where packing M would cost more than the product itself.
 struct RowsMatrix {
-  const float* rows = nullptr;
-  const int64_t* row_index = nullptr;
-  int64_t n = 0, k = 0, stride = 0;
+  const float* const* rows = nullptr;
+  int64_t n = 0, k = 0;
 };
 
 // The most rows of `a` that gemm_rows is meant for: it reads M once per pair of rows.
@@ -46,8 +44,7 @@ using RowsGemmFn = void (*)(const float* a, int64_t rows, int64_t lda, const Row
   /* out[r][c] = bias[c] + sum_j a[r * lda + j] * M[c][j] for r < rows, c < m.n (bias may be null). */   \
   void gemm_packed(const float* a, int64_t rows, int64_t lda, const PackedMatrix& m, const float* bias,  \
                    float* out, int64_t ldo);                                                              \
-  PackedMatrix pack_matrix(const float* m, const int64_t* row_index, int64_t n, int64_t k, int64_t stride_n, \
-                           int64_t stride_k, float* storage);                                             \
+  PackedMatrix pack_matrix(const float* const* rows, int64_t n, int64_t k, int64_t stride_k, float* storage); \
   /* The same product with M read in place (RowsMatrix). */                                              \
   void gemm_rows(const float* a, int64_t rows, int64_t lda, const RowsMatrix& m, const float* bias,      \
                  float* out, int64_t ldo);                                                                \

@@ -6,10 +6,9 @@
 
 namespace rnnattn::cpu {
 
-PackedMatrix pack_matrix(const float* m, const int64_t* row_index, int64_t n, int64_t k, int64_t stride_n,
-                         int64_t stride_k, float* storage) {
-  return has_avx2_fma() ? avx2::pack_matrix(m, row_index, n, k, stride_n, stride_k, storage)
-                        : baseline::pack_matrix(m, row_index, n, k, stride_n, stride_k, storage);
+PackedMatrix pack_matrix(const float* const* rows, int64_t n, int64_t k, int64_t stride_k, float* storage) {
+  return has_avx2_fma() ? avx2::pack_matrix(rows, n, k, stride_k, storage)
+                        : baseline::pack_matrix(rows, n, k, stride_k, storage);
 }
 
 RowsGemmFn gemm_rows_fn() {

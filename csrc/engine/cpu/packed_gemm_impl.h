@@ -137,10 +137,7 @@ void gemm_rows(const float* a, int64_t rows, int64_t lda, const RowsMatrix& m, c
   for (int64_t c0 = 0; c0 < m.n; c0 += 4) {
     const int count = static_cast<int>(std::min<int64_t>(4, m.n - c0));
     const float* m_rows[4];
-    for (int c = 0; c < 4; ++c) {
-      const int64_t i = c0 + std::min(c, count - 1);
-      m_rows[c] = m.rows + (m.row_index != nullptr ? m.row_index[i] : i) * m.stride;
-    }
+    for (int c = 0; c < 4; ++c) m_rows[c] = m.rows[c0 + std::min(c, count - 1)];
     // Two rows of a per pass: 8 accumulators, 4 weight vectors and the broadcast fit 16 AVX registers.
     for (int64_t r = 0; r < rows; r += 2) {
       float sums[2][4];
@@ -157,8 +154,7 @@ void gemm_rows(const float* a, int64_t rows, int64_t lda, const RowsMatrix& m, c
   }
 }
 
-PackedMatrix pack_matrix(const float* m, const int64_t* row_index, int64_t n, int64_t k, int64_t stride_n,
-                         int64_t stride_k, float* storage) {
+PackedMatrix pack_matrix(const float* const* m_rows, int64_t n, int64_t k, int64_t stride_k, float* storage) {
   PackedMatrix out;
   out.n = n;
   out.k = k;
@@ -168,11 +164,7 @@ PackedMatrix pack_matrix(const float* m, const int64_t* row_index, int64_t n, in
     float* panel = storage + p * k * kPanelWidth;
     const int64_t width = std::min<int64_t>(kPanelWidth, n - p * kPanelWidth);
     if (width < kPanelWidth) std::fill(panel, panel + k * kPanelWidth, 0.f);
-    const float* rows[kPanelWidth];
-    for (int64_t i = 0; i < width; ++i) {
-      const int64_t r = p * kPanelWidth + i;
-      rows[i] = m + (row_index != nullptr ? row_index[r] : r) * stride_n;
-    }
+    const float* const* rows = m_rows + p * kPanelWidth;
     int64_t done = 0;  // columns of M packed by whole tiles
 #if defined(__AVX2__)
     if (stride_k == 1 && width == kPanelWidth) {
