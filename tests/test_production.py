@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -64,6 +65,15 @@ def _flat(result):
     return out
 
 
+def _assert_no_warning_about_the_library(caught):
+    """Tracing our modules must not warn (Dynamo names the file and line it objects to)."""
+    package = os.path.dirname(rnnattn_ext.__file__)
+    ours = [f for f in os.listdir(package) if f.endswith(".py")]
+    for w in caught:
+        text = str(w.message)
+        assert not str(w.filename).startswith(package) and not any(f"{f}:" in text for f in ours), text
+
+
 @pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
 @pytest.mark.parametrize("name", MODULES)
 def test_compile_fullgraph_dynamic_matches_eager(name, lengths):
@@ -75,7 +85,11 @@ def test_compile_fullgraph_dynamic_matches_eager(name, lengths):
         args = tuple(a.double().requires_grad_() for a in args)
         kwargs = {k: v.double() if v.is_floating_point() else v for k, v in kwargs.items()}
         module.train()
-        got, expected = _flat(compiled(*args, **kwargs)), _flat(module(*args, **kwargs))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = _flat(compiled(*args, **kwargs))
+        _assert_no_warning_about_the_library(caught)
+        expected = _flat(module(*args, **kwargs))
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
         probes = [torch.randn_like(t) for t in expected]

@@ -24,11 +24,21 @@ _LAYER_PARTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 _PROJECTED_LAYER_PARTS = _LAYER_PARTS + ("weight_hr",)
 
 
-@functools.lru_cache(maxsize=None)
-def _parameter_names(layer: int, reverse: bool, parts: tuple[str, ...]) -> tuple[str, ...]:
-    """``<part>_l{layer}[_reverse]`` for each part: made once, as a one-step call is bound by such steps."""
+def _make_parameter_names(layer: int, reverse: bool, parts: tuple[str, ...]) -> tuple[str, ...]:
     suffix = f"_l{layer}" + ("_reverse" if reverse else "")
     return tuple(part + suffix for part in parts)
+
+
+_cached_parameter_names = functools.lru_cache(maxsize=None)(_make_parameter_names)
+
+
+def _parameter_names(layer: int, reverse: bool, parts: tuple[str, ...]) -> tuple[str, ...]:
+    """``<part>_l{layer}[_reverse]`` for each part: made once in eager mode, as a one-step call is
+    bound by such steps. Dynamo traces the plain function (it would warn about the cache, whose
+    result it cannot guard on)."""
+    if torch.compiler.is_compiling():
+        return _make_parameter_names(layer, reverse, parts)
+    return _cached_parameter_names(layer, reverse, parts)
 
 
 class _Prepared(NamedTuple):
