@@ -285,18 +285,38 @@ BlockMatrix block_matrix(const PermutedRows& rows, MatrixForm form, CallScratch&
     parts[p] = {t.size(0), t.stride(0), t.const_data_ptr<float>(), has_bias ? (*b)->const_data_ptr<float>() : nullptr,
                 has_bias ? (*b)->stride(0) : 0};
   }
-  const float** addresses = scratch.row_addresses(rows.count);
-  float* bias = any_bias ? scratch.floats(rows.count) : nullptr;
-  for (int64_t i = 0; i < rows.count; ++i) {
-    int64_t r = index != nullptr ? index[i] : rows.first + i;  // row of M, then of its part
+  TORCH_INTERNAL_ASSERT(index != nullptr || (rows.first >= 0 && rows.first + rows.count <= total));
+  auto row_of_m = [&](int64_t i) {
+    const int64_t r = index != nullptr ? index[i] : rows.first + i;
     TORCH_INTERNAL_ASSERT(r >= 0 && r < total);
-    const Part* part = parts.data();
-    while (r >= part->size) r -= (part++)->size;
-    addresses[i] = part->data + r * part->stride;
-    if (bias != nullptr) bias[i] = part->bias != nullptr ? part->bias[r * part->bias_stride] : 0.f;
+    return r;
+  };
+  const float** addresses = scratch.row_addresses(rows.count);
+  const Part& only = parts[0];
+  const bool bias_in_place = !any_bias || (index == nullptr && only.bias_stride == 1);
+  if (rows.parts.size() == 1 && bias_in_place) {
+    // One tensor, its bias (if any) read in place: a tight loop (a one-step call makes the
+    // addresses of a few thousand rows, and its whole op call is ~100k instructions).
+    if (index == nullptr) {
+      const float* row = only.data + rows.first * only.stride;
+      for (int64_t i = 0; i < rows.count; ++i, row += only.stride) addresses[i] = row;
+    } else {
+      for (int64_t i = 0; i < rows.count; ++i) addresses[i] = only.data + row_of_m(i) * only.stride;
+    }
+    result.bias = any_bias ? only.bias + rows.first : nullptr;
+  } else {
+    // Rows found part by part, and the bias gathered into M's row order (a block's few hundred values).
+    float* bias = any_bias ? scratch.floats(rows.count) : nullptr;
+    for (int64_t i = 0; i < rows.count; ++i) {
+      int64_t r = row_of_m(i);  // row of M, then of its part
+      const Part* part = parts.data();
+      while (r >= part->size) r -= (part++)->size;
+      addresses[i] = part->data + r * part->stride;
+      if (bias != nullptr) bias[i] = part->bias != nullptr ? part->bias[r * part->bias_stride] : 0.f;
+    }
+    result.bias = bias;
   }
   result.rows = addresses;
-  result.bias = bias;
   if (result.form == MatrixForm::packed) {
     result.storage = scratch.floats(cpu::PackedMatrix::floats_needed(rows.count, result.k));
   }
