@@ -287,9 +287,9 @@ BlockMatrix block_matrix(const PermutedRows& rows, MatrixForm form, CallScratch&
   }
   TORCH_INTERNAL_ASSERT(index != nullptr || (rows.first >= 0 && rows.first + rows.count <= total));
   auto row_of_m = [&](int64_t i) {
-    const int64_t r = index != nullptr ? index[i] : rows.first + i;
-    TORCH_INTERNAL_ASSERT(r >= 0 && r < total);
-    return r;
+    if (index == nullptr) return rows.first + i;  // in range: checked above
+    TORCH_INTERNAL_ASSERT(index[i] >= 0 && index[i] < total);
+    return index[i];
   };
   const float** addresses = scratch.row_addresses(rows.count);
   const Part& only = parts[0];
@@ -609,6 +609,8 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   // query, key and value rows), so that each step's product is a bare cuBLAS call (cuda_multiply).
   const std::optional<Tensor> b_rec = input.is_cuda() ? stacked_bias(w_rec.weights, w_rec.biases) : std::nullopt;
   const Tensor rec_bias = b_rec ? blocks.permute_rec_rows(*b_rec).contiguous() : Tensor();
+  const c10::ArrayRef<std::optional<Tensor>> rec_biases =
+      input.is_cuda() ? c10::ArrayRef<std::optional<Tensor>>() : c10::ArrayRef<std::optional<Tensor>>(w_rec.biases);
   const bool packed = uses_packed_gemm(input);
   // The per-step matrices (W_rec, W_c, W_hr): one product of B rows per step.
   const MatrixForm step_form = matrix_form(packed, T, B);
@@ -632,9 +634,6 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
     ih_matrix.push_back(block_matrix(
         PermutedRows{w_ih, bias_list(bias_ih), blocks.order, blocks.row0(c), blocks.rows(c)}, ih_form, temp));
     xproj.push_back(temp.empty({chunk * B, blocks.rows(c)}));
-    // (on the GPU without its bias, which the pointwise pass adds)
-    const c10::ArrayRef<std::optional<Tensor>> rec_biases = input.is_cuda() ? c10::ArrayRef<std::optional<Tensor>>()
-                                                                            : w_rec.biases;
     rec_matrix.push_back(block_matrix(
         PermutedRows{w_rec.weights, rec_biases, blocks.rec_order, blocks.rec_row0(c), blocks.rec_rows(c)}, step_form,
         temp));
