@@ -58,3 +58,12 @@ target_include_directories(rnnattn_torch SYSTEM INTERFACE "${_torch_include}"
                            "${_torch_include}/torch/csrc/api/include")
 target_compile_definitions(rnnattn_torch INTERFACE _GLIBCXX_USE_CXX11_ABI=${_torch_cxx11_abi})
 target_link_libraries(rnnattn_torch INTERFACE ${_c10} ${_torch_cpu})
+
+# torch's Python bindings: rnnattn_ext._C.run_one_layer takes and returns Python tensors. Their
+# headers are written against the pybind11 that torch ships in its include directory, so the module
+# compiles against that copy (RNNATTN_TORCH_INCLUDE goes before pybind11's own headers); the
+# pybind11 package supplies the CMake functions.
+set(RNNATTN_TORCH_INCLUDE "${_torch_include}")
+_rnnattn_torch_library(_torch_python torch_python)
+add_library(rnnattn_torch_python INTERFACE)
+target_link_libraries(rnnattn_torch_python INTERFACE rnnattn_torch ${_torch_python})

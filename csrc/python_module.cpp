@@ -1,5 +1,6 @@
 // The Python extension module rnnattn_ext._C. Loading it registers the ops (static initializers
-// in csrc/ops); it also reports how the library was built.
+// in csrc/ops); it also reports how the library was built, and runs the modules' one-layer call
+// (python_layer_call.cpp).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -10,6 +11,7 @@
 #include "cells/all_cells.h"
 #include "engine/cpu/pointwise_cpu.h"
 #include "engine/recurrent_engine.h"
+#include "python_layer_call.h"
 
 namespace py = pybind11;
 
@@ -34,6 +36,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("built_with_torch") = RNNATTN_TORCH_VERSION;
   m.def("cpu_kernels", [] { return ::rnnattn::cpu::has_avx2_fma() ? "avx2" : "baseline"; },
         "Which build of the CPU kernels runs: avx2 (AVX2+FMA) or baseline (any x86-64)");
+  ::rnnattn::define_layer_call(m);
 #ifdef RNNATTN_WITH_CUDA
   m.attr("cuda_built") = true;
   m.attr("cuda_version") = RNNATTN_CUDA_VERSION;

@@ -184,3 +184,8 @@ for _cell in CELLS:
     _register(_cell)
     _register_attention(_cell)
 
+
+
+#: The modules' one-layer call through a cell's forward op without Python around it: (output, [finals])
+#: or None for a call the general path must take (csrc/python_layer_call.cpp).
+run_one_layer = _C.run_one_layer

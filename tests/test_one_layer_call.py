@@ -1,0 +1,179 @@
+"""The modules' one-layer call in C++ (``_ops.run_one_layer``, csrc/python_layer_call.cpp): for a
+one-layer, one-direction module with a batched tensor it gives what the functional layer gives, bit
+for bit, forward and gradients; it hands back (None) whatever the general path must take, and that
+path then runs it; errors raised by the op keep their Python type and message; __torch_function__
+and __torch_dispatch__ see what they would see through torch.ops."""
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import rnnattn_ext
+from rnnattn_ext import _ops, functional
+
+from conftest import device_params
+
+MODULES = {
+    "lstm": lambda: rnnattn_ext.LSTM(5, 7),
+    "lstm_proj": lambda: rnnattn_ext.LSTM(5, 7, proj_size=3),
+    "gru": lambda: rnnattn_ext.GRU(5, 7),
+    "rnn_tanh": lambda: rnnattn_ext.RNN(5, 7),
+    "rnn_relu_no_bias": lambda: rnnattn_ext.RNN(5, 7, nonlinearity="relu", bias=False),
+}
+
+
+def _module(name, device, dtype=torch.float64, batch_first=False):
+    torch.manual_seed(0)
+    module = MODULES[name]().to(device=device, dtype=dtype)
+    module.batch_first = batch_first
+    return module
+
+
+def _states(module, batch, device, dtype):
+    widths = module._state_widths()
+    states = [torch.randn(1, batch, w, device=device, dtype=dtype) for w in widths]
+    return tuple(states) if len(states) == 2 else states[0]
+
+
+def _call_args(module, x, hx):
+    return (module.cell, x, hx, module.input_size, module._state_widths(), module.batch_first,
+            module._weights_of(0, module._layer_parts()))
+
+
+def _through_functional(module, x, hx):
+    """What the module's one-layer call computes, through functional.layer (torch.ops)."""
+    xt = x.transpose(0, 1) if module.batch_first else x
+    if hx is None:
+        states = [xt.new_zeros(xt.shape[1], width) for width in module._state_widths()]
+    else:
+        states = [s[0] for s in (hx if isinstance(hx, tuple) else (hx,))]
+    w_ih, w_hh, b_ih, b_hh, *w_hr = module._weights_of(0, module._layer_parts())
+    output, finals = functional.layer(module.cell, xt, states, w_ih, w_hh, b_ih, b_hh,
+                                      weight_hr=w_hr[0] if w_hr else None)
+    return output.transpose(0, 1) if module.batch_first else output, [f.unsqueeze(0) for f in finals]
+
+
+def _flat(result):
+    output, finals = result
+    return [output, *(finals if isinstance(finals, (tuple, list)) else [finals])]
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("name", sorted(MODULES))
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("with_hx", [False, True])
+def test_gives_the_functional_layers_bits_forward_and_backward(device, name, batch_first, with_hx):
+    module = _module(name, device, batch_first=batch_first)
+    x = torch.randn(4, 3, 5, dtype=torch.float64, device=device)
+    if batch_first:
+        x = x.transpose(0, 1).contiguous()
+    hx = _states(module, 3, device, torch.float64) if with_hx else None
+    assert _ops.run_one_layer(*_call_args(module, x, hx)) is not None, "the one-layer call was not taken"
+
+    def run(call):
+        inputs = [x.detach().requires_grad_()]
+        if hx is not None:
+            inputs += [s.detach().requires_grad_() for s in (hx if isinstance(hx, tuple) else (hx,))]
+        given = None if hx is None else (tuple(inputs[1:]) if isinstance(hx, tuple) else inputs[1])
+        module.zero_grad()
+        outputs = _flat(call(inputs[0], given))
+        torch.manual_seed(1)
+        sum(((o * torch.randn_like(o)).sum() for o in outputs)).backward()
+        grads = [t.grad for t in inputs] + [p.grad for p in module.parameters()]
+        return [o.detach() for o in outputs], grads
+
+    ours, ours_grads = run(lambda xi, h: module(xi, h))
+    expected, expected_grads = run(lambda xi, h: _through_functional(module, xi, h))
+    for a, b in zip(ours + ours_grads, expected + expected_grads):
+        assert a.shape == b.shape and torch.equal(a, b)
+
+
+def test_hands_back_what_the_general_path_must_take():
+    module = _module("lstm", "cpu", dtype=torch.float32)
+    x = torch.randn(4, 3, 5)
+    hx = _states(module, 3, "cpu", torch.float32)
+    cases = {
+        "unbatched input": (x[:, 0], None),
+        "no time step": (x[:0], None),
+        "another input width": (torch.randn(4, 3, 6), None),
+        "h_0 alone for an LSTM": (x, hx[0]),
+        "three states": (x, (*hx, hx[0])),
+        "h_0 of another batch": (x, (hx[0][:, :2], hx[1])),
+        "2-D h_0": (x, (hx[0][0], hx[1])),
+        "bfloat16 on the CPU": (x.bfloat16(), None),
+    }
+    for what, (inp, given) in cases.items():
+        assert _ops.run_one_layer(*_call_args(module, inp, given)) is None, what
+
+    class Subclass(torch.Tensor):
+        pass
+
+    assert _ops.run_one_layer(*_call_args(module, x.as_subclass(Subclass), None)) is None
+
+    class Recording(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Recording() as mode:
+        assert _ops.run_one_layer(*_call_args(module, x, None)) is None
+        output, _ = module(x)
+    assert torch.ops.rnnattn.lstm_forward.default in mode.calls
+    torch.testing.assert_close(output, module(x)[0], rtol=0, atol=0)
+
+
+def test_the_general_path_runs_what_it_hands_back():
+    module = _module("gru", "cpu", dtype=torch.float32)
+    x = torch.randn(4, 3, 5)
+    output, h_n = module(x[:, 0])  # unbatched
+    expected, expected_h = module(x[:, :1])
+    torch.testing.assert_close(output, expected[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(h_n, expected_h[:, 0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="expected h_0 of size"):
+        module(x, torch.zeros(1, 2, 7))
+    half = module.to(torch.bfloat16)(x.bfloat16())[0]
+    assert half.dtype == torch.bfloat16
+
+
+def test_the_ops_errors_keep_their_type_and_message():
+    module = _module("gru", "cpu", dtype=torch.float32)
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    with pytest.raises(TypeError) as through_functional:
+        _through_functional(module, x, None)
+    with pytest.raises(TypeError) as through_module:
+        module(x)
+    assert str(through_module.value) == str(through_functional.value)
+    assert "weight_" in str(through_module.value) and "dtype" in str(through_module.value)
+
+
+def test_dispatch_modes_see_the_op():
+    module = _module("rnn_tanh", "cpu", dtype=torch.float32)
+    x = torch.randn(4, 3, 5)
+
+    class Recording(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Recording() as mode:
+        output, _ = module(x)
+    assert torch.ops.rnnattn.rnn_tanh_forward.default in mode.calls
+    torch.testing.assert_close(output, module(x)[0], rtol=0, atol=0)
+
+
+def test_jit_trace_records_the_op():
+    module = _module("lstm", "cpu", dtype=torch.float32).eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(module, (torch.randn(4, 3, 5),))
+        assert "rnnattn::lstm_forward" in str(traced.graph)
+        other = torch.randn(6, 2, 5)
+        torch.testing.assert_close(traced(other)[0], module(other)[0], rtol=0, atol=0)
