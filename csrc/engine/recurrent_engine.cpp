@@ -293,17 +293,34 @@ BlockMatrix block_matrix(const PermutedRows& rows, MatrixForm form, CallScratch&
   };
   const float** addresses = scratch.row_addresses(rows.count);
   const Part& only = parts[0];
-  const bool bias_in_place = !any_bias || (index == nullptr && only.bias_stride == 1);
-  if (rows.parts.size() == 1 && bias_in_place) {
-    // One tensor, its bias (if any) read in place: a tight loop (a one-step call makes the
-    // addresses of a few thousand rows, and its whole op call is ~100k instructions).
+  if (rows.parts.size() == 1) {
+    // One tensor: tight loops (a one-step call makes the addresses of a few thousand rows, and its
+    // whole op call is ~100k instructions). Its bias is read in place when it can be.
     if (index == nullptr) {
       const float* row = only.data + rows.first * only.stride;
       for (int64_t i = 0; i < rows.count; ++i, row += only.stride) addresses[i] = row;
     } else {
-      for (int64_t i = 0; i < rows.count; ++i) addresses[i] = only.data + row_of_m(i) * only.stride;
+      bool out_of_range = false;  // checked once, after the loop: a branch per row costs as much as the row
+      for (int64_t i = 0; i < rows.count; ++i) {
+        out_of_range |= index[i] < 0 || index[i] >= total;
+        addresses[i] = only.data + index[i] * only.stride;
+      }
+      TORCH_INTERNAL_ASSERT(!out_of_range, "rnnattn: a row order names a row outside the matrix");
     }
-    result.bias = any_bias ? only.bias + rows.first : nullptr;
+    if (!any_bias) {
+      result.bias = nullptr;
+    } else if (index == nullptr && only.bias_stride == 1) {
+      result.bias = only.bias + rows.first;
+    } else {
+      float* bias = scratch.floats(rows.count);
+      const int64_t step = only.bias_stride;  // rows checked above
+      if (index == nullptr) {
+        for (int64_t i = 0; i < rows.count; ++i) bias[i] = only.bias[(rows.first + i) * step];
+      } else {
+        for (int64_t i = 0; i < rows.count; ++i) bias[i] = only.bias[index[i] * step];
+      }
+      result.bias = bias;
+    }
   } else {
     // Rows found part by part, and the bias gathered into M's row order (a block's few hundred values).
     float* bias = any_bias ? scratch.floats(rows.count) : nullptr;
