@@ -1,4 +1,5 @@
-"""Fake (meta) implementations of the torch.ops.rnnattn operators.
+"""Fake (meta) implementations of the torch.ops.rnnattn operators, and the handles the Python side calls
+them through.
 
 The schemas live in csrc/ops/schemas.cpp, the CPU and CUDA kernels and the autograd of every op
 (csrc/ops/autograd_ops.cpp: a forward op's backward is its registered ``*_backward`` op) in csrc, so
@@ -183,8 +184,6 @@ def _register_attention(cell: str) -> None:
 for _cell in CELLS:
     _register(_cell)
     _register_attention(_cell)
-
-
 
 #: The modules' one-layer call through a cell's forward op without Python around it: (output, [finals])
 #: or None for a call the general path must take (csrc/python_layer_call.cpp).
