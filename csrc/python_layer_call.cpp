@@ -1,9 +1,11 @@
 // The modules' common call in C++: one layer, one direction, a batched tensor and an hx of the
-// expected shapes (RecurrentBase._run_one_layer in python/rnnattn_ext/modules.py). It calls the
-// cell's forward op through the dispatcher, as torch.ops does, so autograd, autocast, every device,
-// __torch_dispatch__ modes and the op's own checks and errors apply unchanged. What it saves is
-// Python: at a streaming step (T = 1) the states' select and unsqueeze, the functional layer's
-// checks and torch.ops' argument parsing cost about as much as the op itself.
+// expected shapes (RecurrentBase._run_one_layer in python/rnnattn_ext/modules.py, and
+// AttentionRecurrentBase._run_attention_layer in attention_modules.py, whose streaming call also
+// gets the self memory's slots to carry). It calls the cell's forward op through the dispatcher, as
+// torch.ops does, so autograd, autocast, every device, __torch_dispatch__ modes and the op's own
+// checks and errors apply unchanged. What it saves is Python: at a streaming step (T = 1) the
+// states' select and unsqueeze, the functional layer's checks and torch.ops' argument parsing cost
+// about as much as the op itself.
 //
 // Anything else returns None, and the module takes its general Python path, which explains bad
 // arguments in its own errors: a __torch_function__ mode or a Tensor subclass (torch.ops would
@@ -15,12 +17,19 @@
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/zeros.h>
+#include <pybind11/stl.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 
+#include <optional>
 #include <string>
+#include <tuple>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace py = pybind11;
@@ -28,7 +37,11 @@ namespace py = pybind11;
 namespace {
 
 // Where a forward op's argument comes from, read once per op from its schema's argument names.
-enum class Source { input, state, weight, optional_weight, absent, reverse, training };
+enum class Source {
+  input, state, weight, optional_weight, absent, reverse, training,
+  // The attention ops' (absent from the base ops' schemas).
+  memory, memory_lengths, past_keys, past_values, num_heads, window, need_weights
+};
 
 struct ForwardOp {
   c10::OperatorHandle handle;
@@ -37,30 +50,36 @@ struct ForwardOp {
 };
 
 Source source_of(const c10::Argument& argument) {
+  static const std::unordered_map<std::string, Source> named{
+      {"input", Source::input},         {"h0", Source::state},
+      {"c0", Source::state},            {"lengths", Source::absent},
+      {"reverse", Source::reverse},     {"training", Source::training},
+      {"memory", Source::memory},       {"memory_lengths", Source::memory_lengths},
+      {"past_keys", Source::past_keys}, {"past_values", Source::past_values},
+      {"num_heads", Source::num_heads}, {"window", Source::window},
+      {"need_weights", Source::need_weights}};
   const std::string& name = argument.name();
-  if (name == "input") return Source::input;
-  if (name == "h0" || name == "c0") return Source::state;
   if (name.rfind("weight_", 0) == 0 || name.rfind("bias_", 0) == 0) {
     return argument.type()->kind() == c10::TypeKind::OptionalType ? Source::optional_weight : Source::weight;
   }
-  if (name == "lengths") return Source::absent;
-  if (name == "reverse") return Source::reverse;
-  TORCH_INTERNAL_ASSERT(name == "training", "rnnattn: unexpected argument ", name, " of a forward op");
-  return Source::training;
+  const auto found = named.find(name);
+  TORCH_INTERNAL_ASSERT(found != named.end(), "rnnattn: unexpected argument ", name, " of a forward op");
+  return found->second;
 }
 
-// The caller holds the GIL, which guards the table.
-const ForwardOp& forward_op(const std::string& cell) {
+// The op rnnattn::<name> (a cell's "<cell>_forward" or "<cell>_attn_forward"). The caller holds the
+// GIL, which guards the table.
+const ForwardOp& forward_op(const std::string& name) {
   static std::unordered_map<std::string, ForwardOp> ops;
-  auto found = ops.find(cell);
+  auto found = ops.find(name);
   if (found != ops.end()) return found->second;
-  const std::string name = "rnnattn::" + cell + "_forward";
-  ForwardOp op{c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), ""), {}, 0};
+  const std::string qualified = "rnnattn::" + name;
+  ForwardOp op{c10::Dispatcher::singleton().findSchemaOrThrow(qualified.c_str(), ""), {}, 0};
   for (const auto& argument : op.handle.schema().arguments()) {
     op.arguments.push_back(source_of(argument));
     if (op.arguments.back() == Source::state) ++op.states;
   }
-  return ops.emplace(cell, std::move(op)).first->second;
+  return ops.emplace(name, std::move(op)).first->second;
 }
 
 // A plain tensor (or Parameter), whose call torch.ops would not hand to a __torch_function__.
@@ -76,25 +95,46 @@ bool reduced_on_cpu(const at::Tensor& input) {
 
 py::object wrap(at::Tensor tensor) { return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(tensor))); }
 
-// (output, [final states]) with the module's layouts (output batch-first if asked, each final
-// state (1, B, width)), or None when the general path must take the call.
-py::object run_one_layer(const std::string& cell, py::handle input_object, py::handle hx, int64_t input_size,
-                         const std::vector<int64_t>& widths, bool batch_first, const py::tuple& weights) {
-  HANDLE_TH_ERRORS
-  if (at::impl::torch_function_mode_enabled() || torch::jit::tracer::isTracing()) return py::none();
+// A tensor argument that may be None: false when it is something else than None or a plain tensor.
+bool optional_plain(py::handle object, std::optional<at::Tensor>& out) {
+  if (object.is_none()) return true;
+  const at::Tensor* tensor = plain_tensor(object);
+  if (tensor == nullptr) return false;
+  out = *tensor;
+  return true;
+}
+
+// The attention op's own arguments (AttentionRecurrentBase._run_attention_layer).
+struct AttentionArguments {
+  int64_t num_heads = 1;
+  std::optional<int64_t> window;
+  std::optional<at::Tensor> memory, memory_lengths, past_keys, past_values;
+};
+
+// One call of a forward op, its arguments taken from the module's Python objects.
+struct LayerCall {
+  at::Tensor x;  // time-major
+  std::vector<at::Tensor> states;
+  std::vector<const at::Tensor*> weights;  // in the op's schema order; nullptr: absent (None)
+};
+
+// The call's input, states and weights, or nothing when the general path must take it.
+std::optional<LayerCall> layer_call(const ForwardOp& op, py::handle input_object, py::handle hx, int64_t input_size,
+                                    const std::vector<int64_t>& widths, bool batch_first, const py::tuple& weights) {
+  if (at::impl::torch_function_mode_enabled() || torch::jit::tracer::isTracing()) return std::nullopt;
   const at::Tensor* input = plain_tensor(input_object);
   if (input == nullptr || input->dim() != 3 || input->size(2) != input_size || reduced_on_cpu(*input)) {
-    return py::none();
+    return std::nullopt;
   }
-  const ForwardOp& op = forward_op(cell);
-  TORCH_INTERNAL_ASSERT(op.states == widths.size(), "rnnattn: ", cell, " takes ", op.states, " states");
-  const at::Tensor x = batch_first ? input->transpose(0, 1) : *input;
-  const int64_t batch = x.size(1);
-  if (x.size(0) == 0) return py::none();
+  TORCH_INTERNAL_ASSERT(op.states == widths.size(), "rnnattn: ", op.handle.schema().name(), " takes ", op.states,
+                        " states");
+  LayerCall call;
+  call.x = batch_first ? input->transpose(0, 1) : *input;
+  const int64_t batch = call.x.size(1);
+  if (call.x.size(0) == 0) return std::nullopt;
 
-  std::vector<at::Tensor> states;
   if (hx.is_none()) {
-    for (const int64_t width : widths) states.push_back(at::zeros({batch, width}, x.options()));
+    for (const int64_t width : widths) call.states.push_back(at::zeros({batch, width}, call.x.options()));
   } else {
     // LSTM: a (h_0, c_0) tuple or list; the one-state cells: h_0 itself.
     std::vector<py::handle> given;
@@ -103,64 +143,175 @@ py::object run_one_layer(const std::string& cell, py::handle input_object, py::h
     } else if (py::isinstance<py::tuple>(hx) || py::isinstance<py::list>(hx)) {
       for (py::handle state : py::reinterpret_borrow<py::sequence>(hx)) given.push_back(state);
     }
-    if (given.size() != widths.size()) return py::none();
+    if (given.size() != widths.size()) return std::nullopt;
     for (size_t i = 0; i < given.size(); ++i) {
       const at::Tensor* state = plain_tensor(given[i]);
       if (state == nullptr || state->dim() != 3 || state->size(0) != 1 || state->size(1) != batch ||
           state->size(2) != widths[i]) {
-        return py::none();
+        return std::nullopt;
       }
-      states.push_back(state->select(0, 0));
+      call.states.push_back(state->select(0, 0));
     }
   }
 
-  std::vector<const at::Tensor*> weight_tensors;  // nullptr: absent (None)
   for (py::handle weight : weights) {
     const at::Tensor* tensor = weight.is_none() ? nullptr : plain_tensor(weight);
-    if (tensor == nullptr && !weight.is_none()) return py::none();
-    weight_tensors.push_back(tensor);
+    if (tensor == nullptr && !weight.is_none()) return std::nullopt;
+    call.weights.push_back(tensor);
   }
+  return call;
+}
 
-  // Activations are kept for backward only when autograd will differentiate (functional.needs_workspace).
-  bool training = false;
-  if (at::GradMode::is_enabled()) {
-    training = x.requires_grad();
-    for (const auto& s : states) training = training || s.requires_grad();
-    for (const auto* w : weight_tensors) training = training || (w != nullptr && w->requires_grad());
+// Activations are kept for backward only when autograd will differentiate (functional.needs_workspace).
+bool needs_workspace(const LayerCall& call, const AttentionArguments* attention) {
+  if (!at::GradMode::is_enabled()) return false;
+  bool any = call.x.requires_grad();
+  for (const auto& s : call.states) any = any || s.requires_grad();
+  for (const auto* w : call.weights) any = any || (w != nullptr && w->requires_grad());
+  if (attention != nullptr) {
+    for (const auto* t : {&attention->memory, &attention->past_keys, &attention->past_values}) {
+      any = any || (t->has_value() && (*t)->requires_grad());
+    }
   }
+  return any;
+}
 
-  torch::jit::Stack stack;
+// Runs the op on the call's arguments; false (nothing run) when a required weight is None, which the
+// general path explains. The op's outputs are left on the stack.
+bool call_op(const ForwardOp& op, const LayerCall& call, const AttentionArguments* attention,
+             torch::jit::Stack& stack) {
+  const bool training = needs_workspace(call, attention);
+  auto optional = [&stack](const std::optional<at::Tensor>& t) {
+    if (t) stack.emplace_back(*t); else stack.emplace_back();
+  };
   stack.reserve(op.arguments.size());
   size_t next_state = 0, next_weight = 0;
   for (const Source source : op.arguments) {
+    TORCH_INTERNAL_ASSERT(attention != nullptr || source <= Source::training, "rnnattn: ",
+                          op.handle.schema().name(), " needs the attention arguments");
     switch (source) {
-      case Source::input: stack.emplace_back(x); break;
-      case Source::state: stack.emplace_back(states[next_state++]); break;
+      case Source::input: stack.emplace_back(call.x); break;
+      case Source::state: stack.emplace_back(call.states[next_state++]); break;
       case Source::weight:
       case Source::optional_weight: {
-        const at::Tensor* w = next_weight < weight_tensors.size() ? weight_tensors[next_weight] : nullptr;
+        const at::Tensor* w = next_weight < call.weights.size() ? call.weights[next_weight] : nullptr;
         ++next_weight;
-        if (w == nullptr && source == Source::weight) return py::none();  // the general path explains it
+        if (w == nullptr && source == Source::weight) return false;
         if (w == nullptr) stack.emplace_back(); else stack.emplace_back(*w);
         break;
       }
       case Source::absent: stack.emplace_back(); break;
       case Source::reverse: stack.emplace_back(false); break;
       case Source::training: stack.emplace_back(training); break;
+      case Source::memory: optional(attention->memory); break;
+      case Source::memory_lengths: optional(attention->memory_lengths); break;
+      case Source::past_keys: optional(attention->past_keys); break;
+      case Source::past_values: optional(attention->past_values); break;
+      case Source::num_heads: stack.emplace_back(attention->num_heads); break;
+      case Source::window:
+        if (attention->window) stack.emplace_back(*attention->window); else stack.emplace_back();
+        break;
+      case Source::need_weights: stack.emplace_back(false); break;
     }
   }
-  TORCH_INTERNAL_ASSERT(next_weight >= weight_tensors.size(), "rnnattn: ", cell, "_forward got ",
-                        weight_tensors.size(), " weights, its schema has ", next_weight);
-  {
-    // As torch.ops: other Python threads run while the op does.
-    py::gil_scoped_release no_gil;
-    op.handle.callBoxed(stack);
-  }
-  // Outputs: output, the final states, workspace.
+  TORCH_INTERNAL_ASSERT(next_weight >= call.weights.size(), "rnnattn: ", op.handle.schema().name(), " got ",
+                        call.weights.size(), " weights, its schema has ", next_weight);
+  // As torch.ops: other Python threads run while the op does.
+  py::gil_scoped_release no_gil;
+  op.handle.callBoxed(stack);
+  return true;
+}
+
+// The op's output (stack[0]) in the module's layout, and its final states (the next op.states
+// outputs) each as (1, B, width).
+std::pair<at::Tensor, py::list> layer_results(const ForwardOp& op, torch::jit::Stack& stack, bool batch_first) {
   at::Tensor output = std::move(stack[0]).toTensor();
   py::list finals;
   for (size_t i = 1; i <= op.states; ++i) finals.append(wrap(stack[i].toTensor().unsqueeze(0)));
-  return py::make_tuple(wrap(batch_first ? output.transpose(0, 1) : std::move(output)), finals);
+  return {batch_first ? output.transpose(0, 1) : std::move(output), finals};
+}
+
+// (output, [final states]) with the module's layouts (output batch-first if asked, each final
+// state (1, B, width)), or None when the general path must take the call.
+py::object run_one_layer(const std::string& cell, py::handle input, py::handle hx, int64_t input_size,
+                         const std::vector<int64_t>& widths, bool batch_first, const py::tuple& weights) {
+  HANDLE_TH_ERRORS
+  const ForwardOp& op = forward_op(cell + "_forward");
+  const std::optional<LayerCall> call = layer_call(op, input, hx, input_size, widths, batch_first, weights);
+  torch::jit::Stack stack;
+  if (!call || !call_op(op, *call, nullptr, stack)) return py::none();
+  auto [output, finals] = layer_results(op, stack, batch_first);
+  return py::make_tuple(wrap(std::move(output)), finals);
+  END_HANDLE_TH_ERRORS_PYBIND
+}
+
+// Streaming self memory: the keys and values the next call takes as past_keys/past_values, as
+// functional.carried_slots computes them (the window - 1 most recent slots, all with no window,
+// oldest first; nothing with window 1). This call's slots were the past ones, then h_0 and the
+// outputs but the last; only the new slots' keys and values are computed, once each.
+std::pair<py::object, py::object> carried_slots(const at::Tensor& h0, const at::Tensor& output,
+                                                const py::tuple& weights, size_t key_index,
+                                                const AttentionArguments& attention) {
+  const std::optional<int64_t> wanted = attention.window ? std::optional<int64_t>(*attention.window - 1) : std::nullopt;
+  if (wanted == 0) return {py::none(), py::none()};
+  const int64_t steps = output.size(0);
+  const int64_t fresh = wanted ? std::min(steps, *wanted) : steps;  // the new slots carried
+  at::Tensor states;
+  if (fresh < steps) {
+    states = output.narrow(0, steps - 1 - fresh, fresh);
+  } else {
+    states = steps == 1 ? h0.unsqueeze(0) : at::cat({h0.unsqueeze(0), output.narrow(0, 0, steps - 1)}, 0);
+  }
+  auto weight = [&](size_t i) { return THPVariable_Unpack(weights[i].ptr()); };
+  auto bias = [&](size_t i) {
+    return weights[i].is_none() ? std::optional<at::Tensor>() : std::optional<at::Tensor>(weight(i));
+  };
+  // layer_call has checked that every weight is a plain tensor or None.
+  at::Tensor keys = at::linear(states, weight(key_index), bias(key_index + 1));
+  at::Tensor values = at::linear(states, weight(key_index + 2), bias(key_index + 3));
+  if (attention.past_keys) {
+    const at::Tensor& past_k = *attention.past_keys;
+    const at::Tensor& past_v = *attention.past_values;
+    const int64_t past = past_k.size(0);
+    const int64_t kept = wanted ? std::min(past, *wanted - fresh) : past;
+    if (kept > 0) {
+      keys = at::cat({past_k.narrow(0, past - kept, kept), keys}, 0);
+      values = at::cat({past_v.narrow(0, past - kept, kept), values}, 0);
+    }
+  }
+  return {wrap(std::move(keys)), wrap(std::move(values))};
+}
+
+// The attention modules' one-layer call: (output, [final states], keys, values), keys and values
+// the self memory's slots to carry (carried_slots) when carry_slots is set, else None; or None when the general
+// path must take the call. `weights` are in the op's schema order (with weight_hr, None when
+// absent, for the LSTM).
+py::object run_attention_layer(const std::string& cell, py::handle input, py::handle hx, int64_t input_size,
+                               const std::vector<int64_t>& widths, bool batch_first, const py::tuple& weights,
+                               int64_t num_heads, std::optional<int64_t> window, py::handle memory,
+                               py::handle memory_lengths, py::handle past_keys, py::handle past_values,
+                               bool carry_slots) {
+  HANDLE_TH_ERRORS
+  const ForwardOp& op = forward_op(cell + "_attn_forward");
+  const std::optional<LayerCall> call = layer_call(op, input, hx, input_size, widths, batch_first, weights);
+  if (!call) return py::none();
+  AttentionArguments attention{num_heads, window, {}, {}, {}, {}};
+  if (!optional_plain(memory, attention.memory) || !optional_plain(memory_lengths, attention.memory_lengths) ||
+      !optional_plain(past_keys, attention.past_keys) || !optional_plain(past_values, attention.past_values)) {
+    return py::none();
+  }
+  torch::jit::Stack stack;
+  if (!call_op(op, *call, &attention, stack)) return py::none();
+  const at::Tensor output = stack[0].toTensor();  // time-major
+  auto [result, finals] = layer_results(op, stack, batch_first);
+  py::object keys = py::none(), values = py::none();
+  if (carry_slots && !attention.memory) {  // an external memory carries nothing
+    // w_k, b_k, w_v, b_v are the fifth- to second-last weights (w_c is the last).
+    TORCH_INTERNAL_ASSERT(weights.size() >= 11, "rnnattn: an attention layer has at least 11 weights");
+    const size_t key_index = weights.size() - 5;
+    std::tie(keys, values) = carried_slots(call->states[0], output, weights, key_index, attention);
+  }
+  return py::make_tuple(wrap(std::move(result)), finals, keys, values);
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
@@ -173,6 +324,12 @@ void define_layer_call(py::module_& module) {
              py::arg("input_size"), py::arg("widths"), py::arg("batch_first"), py::arg("weights"),
              "A one-layer, one-direction module call through the cell's forward op: (output, [finals]), or "
              "None when the module's general path must take it (see csrc/python_layer_call.cpp)");
+  module.def("run_attention_layer", &run_attention_layer, py::arg("cell"), py::arg("input"), py::arg("hx"),
+             py::arg("input_size"), py::arg("widths"), py::arg("batch_first"), py::arg("weights"),
+             py::arg("num_heads"), py::arg("window"), py::arg("memory"), py::arg("memory_lengths"),
+             py::arg("past_keys"), py::arg("past_values"), py::arg("carry_slots"),
+             "The attention modules' one-layer call through the cell's attention forward op: (output, [finals], "
+             "keys, values), or None when the module's general path must take it");
 }
 
 }  // namespace rnnattn

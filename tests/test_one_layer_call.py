@@ -177,3 +177,184 @@ def test_jit_trace_records_the_op():
         assert "rnnattn::lstm_forward" in str(traced.graph)
         other = torch.randn(6, 2, 5)
         torch.testing.assert_close(traced(other)[0], module(other)[0], rtol=0, atol=0)
+
+
+# The attention modules' one-layer call (``_ops.run_attention_layer``): forward and streaming.
+
+ATTENTION_MODULES = {
+    "attn_lstm_window3": lambda: rnnattn_ext.AttnLSTM(5, 8, num_heads=2, head_dim=3, window=3),
+    "attn_lstm_proj_unbounded": lambda: rnnattn_ext.AttnLSTM(5, 8, num_heads=2, head_dim=3, proj_size=4),
+    "attn_gru_window1": lambda: rnnattn_ext.AttnGRU(5, 8, num_heads=1, head_dim=4, window=1),
+    "attn_rnn_relu_no_bias_memory": lambda: rnnattn_ext.AttnRNN(5, 8, nonlinearity="relu", bias=False, num_heads=2,
+                                                                head_dim=3, memory_size=6),
+    "attn_gru_memory": lambda: rnnattn_ext.AttnGRU(5, 8, num_heads=2, head_dim=2, memory_size=6),
+}
+
+
+def _attention_module(name, device, dtype=torch.float64, batch_first=False):
+    torch.manual_seed(0)
+    module = ATTENTION_MODULES[name]().to(device=device, dtype=dtype)
+    module.batch_first = batch_first
+    return module
+
+
+def _memory_args(module, batch, device, dtype):
+    """memory (in the module's layout) and memory_lengths for an external-memory module, else None."""
+    if module.memory_size is None:
+        return None, None
+    memory = torch.randn(4, batch, module.memory_size, device=device, dtype=dtype)
+    if module.batch_first:
+        memory = memory.transpose(0, 1).contiguous()
+    return memory, torch.tensor([4, 2, 3][:batch], device=device)
+
+
+def _attention_run(module, call, leaves):
+    """Outputs of call(*leaves) (detached) and the gradients of a random projection of them with
+    respect to the leaves and the module's parameters."""
+    for leaf in leaves:
+        leaf.grad = None
+    module.zero_grad()
+    outputs = [o for o in call(*leaves) if o is not None]
+    torch.manual_seed(1)
+    sum(((o * torch.randn_like(o)).sum() for o in outputs)).backward()
+    grads = [t.grad for t in leaves] + [p.grad for p in module.parameters()]
+    return [o.detach() for o in outputs], grads
+
+
+def _assert_same_bits(ours, expected):
+    assert len(ours) == len(expected)
+    for a, b in zip(ours, expected):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.shape == b.shape and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("name", sorted(ATTENTION_MODULES))
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("with_hx", [False, True])
+def test_attention_forward_gives_the_general_paths_bits(device, name, batch_first, with_hx, monkeypatch):
+    module = _attention_module(name, device, batch_first=batch_first)
+    x = torch.randn(3, 5, 5, dtype=torch.float64, device=device)  # (B, T, I) or (T, B, I): 3 is B only batch-first
+    x = x if batch_first else x.transpose(0, 1).contiguous()
+    hx = _states(module, 3, device, torch.float64) if with_hx else None
+    memory, memory_lengths = _memory_args(module, 3, device, torch.float64)
+    leaves = [x.clone().requires_grad_()]
+    if hx is not None:
+        leaves += [s.clone().requires_grad_() for s in (hx if isinstance(hx, tuple) else (hx,))]
+    if memory is not None:
+        leaves.append(memory.clone().requires_grad_())
+
+    def call(*args):
+        xi, rest = args[0], list(args[1:])
+        mem = rest.pop() if memory is not None else None
+        given = None if hx is None else (tuple(rest) if isinstance(hx, tuple) else rest[0])
+        output, state = module(xi, given, memory=mem, memory_lengths=memory_lengths)
+        return [output, *(state if isinstance(state, tuple) else (state,))]
+
+    assert module._run_attention_layer(x, hx, memory, memory_lengths) is not None, "the C++ call was not taken"
+    ours = _attention_run(module, call, leaves)
+    monkeypatch.setattr(_ops, "run_attention_layer", lambda *args, **kwargs: None)
+    expected = _attention_run(module, call, leaves)
+    _assert_same_bits(ours[0] + ours[1], expected[0] + expected[1])
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("name", sorted(ATTENTION_MODULES))
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_attention_stream_gives_the_general_paths_bits(device, name, batch_first, monkeypatch):
+    """Chunks of 2, 1 and 3 steps (the carried slots grow, are cut to the window and run through the
+    next chunk), with gradients flowing back through the carried states and slots."""
+    module = _attention_module(name, device, batch_first=batch_first)
+    x = torch.randn(6, 2, 5, dtype=torch.float64, device=device)
+    memory, memory_lengths = _memory_args(module, 2, device, torch.float64)
+    time_dim = 1 if batch_first else 0
+    x = x.transpose(0, 1).contiguous() if batch_first else x
+    leaves = [x.clone().requires_grad_()] + ([memory.clone().requires_grad_()] if memory is not None else [])
+
+    def call(xi, *mem):
+        outputs, state = [], None
+        for chunk in (xi.narrow(time_dim, 0, 2), xi.narrow(time_dim, 2, 1), xi.narrow(time_dim, 3, 3)):
+            output, state = module.stream(chunk, state, memory=mem[0] if mem else None, memory_lengths=memory_lengths)
+            outputs.append(output)
+        carried = [t for slots in (state.keys or []) + (state.values or []) if slots is not None for t in [slots]]
+        return [*outputs, state.h, state.c, *carried]
+
+    assert module._run_attention_layer(x, None, memory, memory_lengths,
+                                       carry_slots=module.memory_size is None) is not None
+    ours = _attention_run(module, call, leaves)
+    monkeypatch.setattr(_ops, "run_attention_layer", lambda *args, **kwargs: None)
+    expected = _attention_run(module, call, leaves)
+    _assert_same_bits(ours[0] + ours[1], expected[0] + expected[1])
+
+
+def test_attention_stream_carries_what_the_general_path_carries(monkeypatch):
+    # One step at a time in inference, window 3: the carried slots' layout, count and values.
+    torch.manual_seed(0)
+    module = rnnattn_ext.AttnLSTM(5, 8, num_heads=2, head_dim=3, window=3).eval()
+    x = torch.randn(7, 2, 5)
+
+    def steps():
+        results, state = [], None
+        with torch.no_grad():
+            for t in range(7):
+                output, state = module.stream(x[t : t + 1], state)
+                results.append([output, state.h, state.c, *state.keys, *state.values])
+                assert len(state.keys) == 1 and state.keys[0].shape == (min(t + 1, 2), 2, 6)
+        return results
+
+    assert module._run_attention_layer(x[:1], None, None, None, carry_slots=True) is not None
+    ours = steps()
+    monkeypatch.setattr(_ops, "run_attention_layer", lambda *args, **kwargs: None)
+    for step_ours, step_general in zip(ours, steps()):
+        _assert_same_bits(step_ours, step_general)
+
+
+def test_attention_call_hands_back_what_the_general_path_must_take():
+    module = _attention_module("attn_lstm_window3", "cpu", dtype=torch.float32)
+    x = torch.randn(4, 3, 5)
+    hx = _states(module, 3, "cpu", torch.float32)
+    cases = {
+        "unbatched input": (x[:, 0], None),
+        "no time step": (x[:0], None),
+        "another input width": (torch.randn(4, 3, 6), None),
+        "h_0 alone for an LSTM": (x, hx[0]),
+        "h_0 of another batch": (x, (hx[0][:, :2], hx[1])),
+        "bfloat16 on the CPU": (x.bfloat16(), None),
+    }
+    for what, (inp, given) in cases.items():
+        assert module._run_attention_layer(inp, given, None, None) is None, what
+
+    class Subclass(torch.Tensor):
+        pass
+
+    assert module._run_attention_layer(x.as_subclass(Subclass), None, None, None) is None
+    past = torch.randn(2, 3, 6)
+    assert module._run_attention_layer(x, None, None, None, past.as_subclass(Subclass), past) is None
+    for other in (rnnattn_ext.AttnGRU(5, 8, num_layers=2, num_heads=2, head_dim=3),
+                  rnnattn_ext.AttnGRU(5, 8, bidirectional=True, num_heads=2, head_dim=3)):
+        assert other._run_attention_layer(x, None, None, None) is None
+    # need_weights and lengths take the general path; they still give the one-layer call's output.
+    output, _ = module(x)
+    for kwargs in ({"need_weights": True}, {"lengths": torch.tensor([4, 4, 4])}):
+        torch.testing.assert_close(module(x, **kwargs)[0], output, rtol=0, atol=0)
+
+
+def test_attention_errors_keep_their_type_and_message(monkeypatch):
+    module = _attention_module("attn_gru_memory", "cpu", dtype=torch.float32)
+    x = torch.randn(4, 3, 5)
+    bad = {
+        "memory of another batch": {"memory": torch.randn(4, 2, 6)},
+        "no memory": {},
+        "memory of another dtype": {"memory": torch.randn(4, 3, 6, dtype=torch.float64)},
+    }
+    messages = {}
+    for what, kwargs in bad.items():
+        with pytest.raises((ValueError, TypeError, RuntimeError)) as raised:
+            module(x, **kwargs)
+        messages[what] = (type(raised.value), str(raised.value))
+    monkeypatch.setattr(_ops, "run_attention_layer", lambda *args, **kwargs: None)
+    for what, kwargs in bad.items():
+        with pytest.raises((ValueError, TypeError, RuntimeError)) as raised:
+            module(x, **kwargs)
+        assert messages[what] == (type(raised.value), str(raised.value)), what

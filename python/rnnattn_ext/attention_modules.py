@@ -17,8 +17,14 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
-from . import functional
+from . import _ops, functional
 from .modules import _GATES, RecurrentBase
+
+# One layer's parameters in the attention forward op's argument order (weight_hr: the LSTM's
+# projection, None without one).
+_OP_PARTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_q", "bias_q", "weight_k", "bias_k", "weight_v",
+             "bias_v", "weight_c")
+_LSTM_OP_PARTS = _OP_PARTS[:4] + ("weight_hr",) + _OP_PARTS[4:]
 
 
 def _positive_int(owner: str, name: str, value, allow_none: bool = False) -> None:
@@ -145,6 +151,11 @@ class AttentionRecurrentBase(RecurrentBase):
         for PackedSequence input). Variable lengths come as a PackedSequence input or as ``lengths``
         (B,): a row stops after its last valid step, attends over its valid states only, and its
         later outputs are zero."""
+        if lengths is None and not need_weights:
+            one_layer = self._run_attention_layer(input, hx, memory, memory_lengths)
+            if one_layer is not None:
+                output, finals, _, _ = one_layer
+                return output, ((finals[0], finals[1]) if self.cell == "lstm" else finals[0])
         prepared = self._prepare(input, hx, lengths)
         x = prepared.x
         memory, memory_lengths = self._memory(memory, memory_lengths, prepared.batched, x.shape[1])
@@ -166,6 +177,23 @@ class AttentionRecurrentBase(RecurrentBase):
         return output, state, attentions
 
 
+    def _run_attention_layer(self, input: Tensor, hx, memory: Tensor | None, memory_lengths,
+                             past_keys: Tensor | None = None, past_values: Tensor | None = None,
+                             carry_slots: bool = False):
+        """One layer, one direction and a batched tensor in C++ (``_C.run_attention_layer``, as
+        ``RecurrentBase._run_one_layer``): ``(output, [finals], keys, values)``, keys and values the
+        self memory's slots to carry (``functional.carried_slots``) with ``carry_slots``. None for
+        anything else, which the general path takes, and where bad input gets its errors."""
+        if (self.num_layers != 1 or self.bidirectional or type(input) is not Tensor or input.dim() != 3
+                or input.shape[2] != self.input_size or input.shape[1 if self.batch_first else 0] == 0
+                or torch.compiler.is_compiling()):
+            return None
+        memory, memory_lengths = self._memory(memory, memory_lengths, True, input.shape[0 if self.batch_first else 1])
+        parts = _LSTM_OP_PARTS if self.cell == "lstm" else _OP_PARTS
+        return _ops.run_attention_layer(self.cell, input, hx, self.input_size, self._state_widths(), self.batch_first,
+                                        self._weights_of(0, parts), self.num_heads, self.window, memory,
+                                        memory_lengths, past_keys, past_values, carry_slots)
+
     def stream(self, input: Tensor, state: AttentionState | None = None, memory: Tensor | None = None,
                memory_lengths=None):
         """Runs one chunk of a sequence (one step or more) and returns ``(output, state)``: chunk by
@@ -179,6 +207,16 @@ class AttentionRecurrentBase(RecurrentBase):
             raise TypeError(f"{name}: state must be an AttentionState (from a previous stream call) or None, got "
                             f"{type(state).__name__}")
         hx = None if state is None else ((state.h, state.c) if self.cell == "lstm" else state.h)
+        self_memory = self.memory_size is None
+        if self.num_layers == 1:
+            past_k = None if state is None or state.keys is None else state.keys[0]
+            past_v = None if state is None or state.values is None else state.values[0]
+            one_layer = self._run_attention_layer(input, hx, memory, memory_lengths, past_k, past_v,
+                                                  carry_slots=self_memory)
+            if one_layer is not None:
+                output, finals, keys, values = one_layer
+                carried = ([keys], [values]) if self_memory else (None, None)
+                return output, AttentionState(finals[0], finals[1] if self.cell == "lstm" else None, *carried)
         prepared = self._prepare(input, hx)
         memory, memory_lengths = self._memory(memory, memory_lengths, prepared.batched, prepared.x.shape[1])
         x, finals = prepared.x, [[] for _ in prepared.states]
@@ -190,7 +228,7 @@ class AttentionRecurrentBase(RecurrentBase):
             y, last, _, _ = functional.attention_layer(
                 self.cell, x, initial, weights, self.num_heads, self.window, memory, memory_lengths,
                 past_keys=past_k, past_values=past_v)
-            if memory is None:
+            if self_memory:
                 k, v = functional.carried_slots(initial[0], y, weights, self.window, past_k, past_v)
                 keys.append(k)
                 values.append(v)
@@ -200,7 +238,7 @@ class AttentionRecurrentBase(RecurrentBase):
             if self.dropout > 0.0 and self.training and layer < self.num_layers - 1:
                 x = torch.nn.functional.dropout(x, p=self.dropout, training=True)
         output, finals = self._finish(x, [functional.stacked_states(f) for f in finals], prepared)
-        carried = (keys, values) if memory is None else (None, None)
+        carried = (keys, values) if self_memory else (None, None)
         return output, AttentionState(finals[0], finals[1] if self.cell == "lstm" else None, *carried)
 
 
