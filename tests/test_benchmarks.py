@@ -68,3 +68,18 @@ def test_recurrent_table_shows_the_strict_fp32_peer_when_measured():
     table = bench_recurrent.markdown_table([strict], info, "cuda", "float32")
     assert "| lstm | 64×256×512×512 | forward | 2.00 | 4.00 | 0.50× | 6.00 | 1.50× |" in table
     assert "speed-up vs strict fp32" in table and "TF32" in table
+
+
+def test_attention_step_benchmark_writes_its_rows(tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_attention_step.py"), "--shapes", "1x8x8x4x3",
+         "--steps", "3", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path), "--name", "quick"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "quick.json") as f:
+        rows = json.load(f)["rows"]
+    assert [r["cell"] for r in rows] == ["lstm", "gru"]
+    for row in rows:
+        assert row["attention_us"] > 0 and row["plain_us"] > 0 and row["inference_cost_vs_plain"] > 0
+    assert "| lstm | 1×8×8, 4 (4), 3 |" in (tmp_path / "quick.md").read_text()

@@ -1,0 +1,98 @@
+"""Single-step latency of the attention-augmented modules' streaming inference: one time step at a
+time at batch 1 (``module.stream(x_t, state)``, the state carrying the self memory's recent slots),
+against our plain module of the same size streaming the same steps, on the same device.
+
+There is no torch.nn peer; the table gives both per-step times and their ratio attention / plain
+(what the attention costs a streaming step), under ``torch.no_grad()`` and ``torch.inference_mode()``.
+
+    python benchmarks/bench_attention_step.py
+    python benchmarks/bench_attention_step.py --shapes 1x256x256x64x64 --cells lstm
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import (check_common, common_parser, interleaved_median_ms, results_markdown,  # noqa: E402
+                          machine_info, write_results)
+
+import rnnattn_ext  # noqa: E402
+
+HEADS = 4
+DEFAULT_SHAPES = [(1, 256, 256, 64, 64)]  # B, I, H, D (= 4 heads x head_dim), window
+CELLS = {
+    "lstm": (rnnattn_ext.AttnLSTM, rnnattn_ext.LSTM),
+    "gru": (rnnattn_ext.AttnGRU, rnnattn_ext.GRU),
+}
+
+
+def bench_cell(cell, shape, device, dtype, steps, repeats, warmup):
+    """One row: per-step times of the attention module's stream and of the plain module's."""
+    attn_cls, plain_cls = CELLS[cell]
+    batch, input_size, hidden, width, window = shape
+    torch.manual_seed(0)
+    attn = attn_cls(input_size, hidden, num_heads=HEADS, head_dim=width // HEADS, window=window)
+    plain = plain_cls(input_size, hidden)
+    attn, plain = (m.to(device=device, dtype=dtype).eval() for m in (attn, plain))
+    xs = torch.randn(steps, batch, input_size, device=device, dtype=dtype)
+
+    def run(module, grad_mode):
+        with grad_mode():
+            state = None
+            for t in range(steps):
+                _, state = module.stream(xs[t : t + 1], state)
+
+    times = {}
+    for mode, grad_mode in (("", torch.no_grad), ("inference_", torch.inference_mode)):
+        measured = interleaved_median_ms({"attention": lambda: run(attn, grad_mode),
+                                          "plain": lambda: run(plain, grad_mode)}, device, repeats, warmup)
+        times[mode + "attention_us"] = measured["attention"] * 1e3 / steps
+        times[mode + "plain_us"] = measured["plain"] * 1e3 / steps
+        times[mode + "cost_vs_plain"] = measured["attention"] / measured["plain"]
+    return {"cell": cell, "B": batch, "I": input_size, "H": hidden, "D": width, "heads": HEADS, "window": window,
+            "mode": "stream step", "steps": steps, **times}
+
+
+def progress_line(r) -> str:
+    return (f"{r['cell']:5s} {r['B']}x{r['I']}x{r['H']} D{r['D']} w{r['window']} stream step  attention "
+            f"{r['attention_us']:8.1f} us  plain {r['plain_us']:8.1f} us  {r['cost_vs_plain']:.2f}x plain  "
+            f"(inference_mode: {r['inference_attention_us']:.1f} / {r['inference_plain_us']:.1f} us, "
+            f"{r['inference_cost_vs_plain']:.2f}x)")
+
+
+def markdown_table(rows, info, device, dtype) -> str:
+    columns = ["cell", "B×I×H, D (heads), w", "attention `stream` µs/step", "plain `stream` µs/step",
+               "attention / plain", "inference_mode: attention µs/step", "inference_mode: plain µs/step",
+               "inference_mode: attention / plain"]
+    return results_markdown(info, device, dtype, columns, 2, [
+        [r["cell"], f"{r['B']}×{r['I']}×{r['H']}, {r['D']} ({r['heads']}), {r['window']}", f"{r['attention_us']:.1f}",
+         f"{r['plain_us']:.1f}", f"{r['cost_vs_plain']:.2f}×", f"{r['inference_attention_us']:.1f}",
+         f"{r['inference_plain_us']:.1f}", f"{r['inference_cost_vs_plain']:.2f}×"] for r in rows])
+
+
+def main(argv=None):
+    parser = common_parser(__doc__, list(CELLS), ",".join(CELLS), "B×I×H×D×window list, e.g. 1x256x256x64x64",
+                           warmup=2)
+    parser.add_argument("--steps", type=int, default=64, help="consecutive steps per timed run")
+    args = parser.parse_args(argv)
+    dtype, shapes, cells = check_common(parser, args, list(CELLS), DEFAULT_SHAPES)
+    for shape in shapes:
+        if len(shape) != 5 or shape[3] % HEADS != 0:
+            parser.error(f"--shapes: each shape is B×I×H×D×window with D a multiple of {HEADS}, got {shape}")
+    repeats = args.repeats or 15
+    info = machine_info(args.device)
+    rows = []
+    for cell in cells:
+        for shape in shapes:
+            r = bench_cell(cell, shape, args.device, dtype, args.steps, repeats, args.warmup)
+            rows.append(r)
+            print(progress_line(r), flush=True)
+    write_results(args, "attention_step", info, repeats, rows, markdown_table(rows, info, args.device, args.dtype))
+
+
+if __name__ == "__main__":
+    main()
