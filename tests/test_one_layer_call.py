@@ -358,3 +358,27 @@ def test_attention_errors_keep_their_type_and_message(monkeypatch):
         with pytest.raises((ValueError, TypeError, RuntimeError)) as raised:
             module(x, **kwargs)
         assert messages[what] == (type(raised.value), str(raised.value)), what
+
+
+def test_attention_call_under_modes_and_jit_trace():
+    module = _attention_module("attn_lstm_window3", "cpu", dtype=torch.float32).eval()
+    x = torch.randn(4, 3, 5)
+
+    class Recording(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Recording() as mode:
+        output, _ = module(x)
+    assert torch.ops.rnnattn.lstm_attn_forward.default in mode.calls
+    torch.testing.assert_close(output, module(x)[0], rtol=0, atol=0)
+    with torch.no_grad():
+        traced = torch.jit.trace(module, (x,))
+        assert "rnnattn::lstm_attn_forward" in str(traced.graph)
+        other = torch.randn(6, 2, 5)
+        torch.testing.assert_close(traced(other)[0], module(other)[0], rtol=0, atol=0)

@@ -176,7 +176,6 @@ class AttentionRecurrentBase(RecurrentBase):
             attentions = [a.transpose(0, 1) for a in attentions]
         return output, state, attentions
 
-
     def _run_attention_layer(self, input: Tensor, hx, memory: Tensor | None, memory_lengths,
                              past_keys: Tensor | None = None, past_values: Tensor | None = None,
                              carry_slots: bool = False):
