@@ -1,11 +1,11 @@
-// The modules' common call in C++: one layer, one direction, a batched tensor and an hx of the
-// expected shapes (RecurrentBase._run_one_layer in python/rnnattn_ext/modules.py, and
-// AttentionRecurrentBase._run_attention_layer in attention_modules.py, whose streaming call also
-// gets the self memory's slots to carry). It calls the cell's forward op through the dispatcher, as
-// torch.ops does, so autograd, autocast, every device, __torch_dispatch__ modes and the op's own
-// checks and errors apply unchanged. What it saves is Python: at a streaming step (T = 1) the
-// states' select and unsqueeze, the functional layer's checks and torch.ops' argument parsing cost
-// about as much as the op itself.
+// The modules' common call in C++: one direction, a batched tensor and an hx of the expected shapes
+// (RecurrentBase._run_layers in python/rnnattn_ext/modules.py: every layer, when no dropout runs
+// between them; AttentionRecurrentBase._run_attention_layer in attention_modules.py: one layer, and
+// for a streaming call also the self memory's slots to carry). It calls the cell's forward op
+// through the dispatcher, as torch.ops does, so autograd, autocast, every device, __torch_dispatch__
+// modes and the op's own checks and errors apply unchanged. What it saves is Python: at a streaming
+// step (T = 1) the states' select and unsqueeze, the functional layer's checks and torch.ops'
+// argument parsing cost about as much as the op itself.
 //
 // Anything else returns None, and the module takes its general Python path, which explains bad
 // arguments in its own errors: a __torch_function__ mode or a Tensor subclass (torch.ops would
@@ -47,6 +47,7 @@ struct ForwardOp {
   c10::OperatorHandle handle;
   std::vector<Source> arguments;  // in schema order
   size_t states = 0;
+  std::vector<bool> required_weight;  // per weight argument (weight_*, bias_*), in schema order
 };
 
 Source source_of(const c10::Argument& argument) {
@@ -74,10 +75,14 @@ const ForwardOp& forward_op(const std::string& name) {
   auto found = ops.find(name);
   if (found != ops.end()) return found->second;
   const std::string qualified = "rnnattn::" + name;
-  ForwardOp op{c10::Dispatcher::singleton().findSchemaOrThrow(qualified.c_str(), ""), {}, 0};
+  ForwardOp op{c10::Dispatcher::singleton().findSchemaOrThrow(qualified.c_str(), ""), {}, 0, {}};
   for (const auto& argument : op.handle.schema().arguments()) {
-    op.arguments.push_back(source_of(argument));
-    if (op.arguments.back() == Source::state) ++op.states;
+    const Source source = source_of(argument);
+    op.arguments.push_back(source);
+    if (source == Source::state) ++op.states;
+    if (source == Source::weight || source == Source::optional_weight) {
+      op.required_weight.push_back(source == Source::weight);
+    }
   }
   return ops.emplace(name, std::move(op)).first->second;
 }
@@ -111,16 +116,20 @@ struct AttentionArguments {
   std::optional<at::Tensor> memory, memory_lengths, past_keys, past_values;
 };
 
-// One call of a forward op, its arguments taken from the module's Python objects.
-struct LayerCall {
+// A module call's arguments, taken from its Python objects: the input, hx and every layer's weights.
+struct LayersCall {
   at::Tensor x;  // time-major
-  std::vector<at::Tensor> states;
-  std::vector<const at::Tensor*> weights;  // in the op's schema order; nullptr: absent (None)
+  std::vector<at::Tensor> states;  // hx's (layers, B, width) tensors; empty: zeros
+  std::vector<at::Tensor> zeros;   // hx None: one (B, width) zero tensor per state, for every layer
+  std::vector<std::vector<const at::Tensor*>> weights;  // per layer, in the op's schema order; nullptr: None
+  int64_t layers() const { return static_cast<int64_t>(weights.size()); }
+  at::Tensor state(size_t s, int64_t layer) const { return states.empty() ? zeros[s] : states[s].select(0, layer); }
 };
 
 // The call's input, states and weights, or nothing when the general path must take it.
-std::optional<LayerCall> layer_call(const ForwardOp& op, py::handle input_object, py::handle hx, int64_t input_size,
-                                    const std::vector<int64_t>& widths, bool batch_first, const py::tuple& weights) {
+std::optional<LayersCall> layers_call(const ForwardOp& op, py::handle input_object, py::handle hx, int64_t input_size,
+                                      const std::vector<int64_t>& widths, bool batch_first,
+                                      const py::sequence& layer_weights) {
   if (at::impl::torch_function_mode_enabled() || torch::jit::tracer::isTracing()) return std::nullopt;
   const at::Tensor* input = plain_tensor(input_object);
   if (input == nullptr || input->dim() != 3 || input->size(2) != input_size || reduced_on_cpu(*input)) {
@@ -128,13 +137,28 @@ std::optional<LayerCall> layer_call(const ForwardOp& op, py::handle input_object
   }
   TORCH_INTERNAL_ASSERT(op.states == widths.size(), "rnnattn: ", op.handle.schema().name(), " takes ", op.states,
                         " states");
-  LayerCall call;
+  LayersCall call;
   call.x = batch_first ? input->transpose(0, 1) : *input;
-  const int64_t batch = call.x.size(1);
-  if (call.x.size(0) == 0) return std::nullopt;
+  const int64_t batch = call.x.size(1), layers = static_cast<int64_t>(py::len(layer_weights));
+  if (call.x.size(0) == 0 || layers == 0) return std::nullopt;
+
+  for (py::handle weights : layer_weights) {
+    std::vector<const at::Tensor*> tensors;
+    for (py::handle weight : py::reinterpret_borrow<py::sequence>(weights)) {
+      const at::Tensor* tensor = weight.is_none() ? nullptr : plain_tensor(weight);
+      if (tensor == nullptr && !weight.is_none()) return std::nullopt;
+      tensors.push_back(tensor);
+    }
+    // A required weight given as None: the general path explains it.
+    if (tensors.size() > op.required_weight.size()) return std::nullopt;
+    for (size_t i = 0; i < op.required_weight.size(); ++i) {
+      if (op.required_weight[i] && (i >= tensors.size() || tensors[i] == nullptr)) return std::nullopt;
+    }
+    call.weights.push_back(std::move(tensors));
+  }
 
   if (hx.is_none()) {
-    for (const int64_t width : widths) call.states.push_back(at::zeros({batch, width}, call.x.options()));
+    for (const int64_t width : widths) call.zeros.push_back(at::zeros({batch, width}, call.x.options()));
   } else {
     // LSTM: a (h_0, c_0) tuple or list; the one-state cells: h_0 itself.
     std::vector<py::handle> given;
@@ -146,28 +170,23 @@ std::optional<LayerCall> layer_call(const ForwardOp& op, py::handle input_object
     if (given.size() != widths.size()) return std::nullopt;
     for (size_t i = 0; i < given.size(); ++i) {
       const at::Tensor* state = plain_tensor(given[i]);
-      if (state == nullptr || state->dim() != 3 || state->size(0) != 1 || state->size(1) != batch ||
+      if (state == nullptr || state->dim() != 3 || state->size(0) != layers || state->size(1) != batch ||
           state->size(2) != widths[i]) {
         return std::nullopt;
       }
-      call.states.push_back(state->select(0, 0));
+      call.states.push_back(*state);
     }
-  }
-
-  for (py::handle weight : weights) {
-    const at::Tensor* tensor = weight.is_none() ? nullptr : plain_tensor(weight);
-    if (tensor == nullptr && !weight.is_none()) return std::nullopt;
-    call.weights.push_back(tensor);
   }
   return call;
 }
 
 // Activations are kept for backward only when autograd will differentiate (functional.needs_workspace).
-bool needs_workspace(const LayerCall& call, const AttentionArguments* attention) {
+bool needs_workspace(const at::Tensor& x, const std::vector<at::Tensor>& states,
+                     const std::vector<const at::Tensor*>& weights, const AttentionArguments* attention) {
   if (!at::GradMode::is_enabled()) return false;
-  bool any = call.x.requires_grad();
-  for (const auto& s : call.states) any = any || s.requires_grad();
-  for (const auto* w : call.weights) any = any || (w != nullptr && w->requires_grad());
+  bool any = x.requires_grad();
+  for (const auto& s : states) any = any || s.requires_grad();
+  for (const auto* w : weights) any = any || (w != nullptr && w->requires_grad());
   if (attention != nullptr) {
     for (const auto* t : {&attention->memory, &attention->past_keys, &attention->past_values}) {
       any = any || (t->has_value() && (*t)->requires_grad());
@@ -176,27 +195,28 @@ bool needs_workspace(const LayerCall& call, const AttentionArguments* attention)
   return any;
 }
 
-// Runs the op on the call's arguments; false (nothing run) when a required weight is None, which the
-// general path explains. The op's outputs are left on the stack.
-bool call_op(const ForwardOp& op, const LayerCall& call, const AttentionArguments* attention,
+// Runs the op on one layer's arguments (layers_call has checked its weights); its outputs are left
+// on the stack.
+void call_op(const ForwardOp& op, const at::Tensor& x, const std::vector<at::Tensor>& states,
+             const std::vector<const at::Tensor*>& weights, const AttentionArguments* attention,
              torch::jit::Stack& stack) {
-  const bool training = needs_workspace(call, attention);
+  const bool training = needs_workspace(x, states, weights, attention);
   auto optional = [&stack](const std::optional<at::Tensor>& t) {
     if (t) stack.emplace_back(*t); else stack.emplace_back();
   };
+  stack.clear();
   stack.reserve(op.arguments.size());
   size_t next_state = 0, next_weight = 0;
   for (const Source source : op.arguments) {
     TORCH_INTERNAL_ASSERT(attention != nullptr || source <= Source::training, "rnnattn: ",
                           op.handle.schema().name(), " needs the attention arguments");
     switch (source) {
-      case Source::input: stack.emplace_back(call.x); break;
-      case Source::state: stack.emplace_back(call.states[next_state++]); break;
+      case Source::input: stack.emplace_back(x); break;
+      case Source::state: stack.emplace_back(states[next_state++]); break;
       case Source::weight:
       case Source::optional_weight: {
-        const at::Tensor* w = next_weight < call.weights.size() ? call.weights[next_weight] : nullptr;
+        const at::Tensor* w = next_weight < weights.size() ? weights[next_weight] : nullptr;
         ++next_weight;
-        if (w == nullptr && source == Source::weight) return false;
         if (w == nullptr) stack.emplace_back(); else stack.emplace_back(*w);
         break;
       }
@@ -214,34 +234,47 @@ bool call_op(const ForwardOp& op, const LayerCall& call, const AttentionArgument
       case Source::need_weights: stack.emplace_back(false); break;
     }
   }
-  TORCH_INTERNAL_ASSERT(next_weight >= call.weights.size(), "rnnattn: ", op.handle.schema().name(), " got ",
-                        call.weights.size(), " weights, its schema has ", next_weight);
   // As torch.ops: other Python threads run while the op does.
   py::gil_scoped_release no_gil;
   op.handle.callBoxed(stack);
-  return true;
 }
 
-// The op's output (stack[0]) in the module's layout, and its final states (the next op.states
-// outputs) each as (1, B, width).
-std::pair<at::Tensor, py::list> layer_results(const ForwardOp& op, torch::jit::Stack& stack, bool batch_first) {
-  at::Tensor output = std::move(stack[0]).toTensor();
-  py::list finals;
-  for (size_t i = 1; i <= op.states; ++i) finals.append(wrap(stack[i].toTensor().unsqueeze(0)));
-  return {batch_first ? output.transpose(0, 1) : std::move(output), finals};
+// Runs every layer (each one's output the next one's input); returns the last layer's output
+// (time-major) and per state the final states of every layer, (layers, B, width).
+std::pair<at::Tensor, std::vector<at::Tensor>> run_each_layer(const ForwardOp& op, const LayersCall& call,
+                                                              const AttentionArguments* attention) {
+  torch::jit::Stack stack;
+  at::Tensor x = call.x;
+  std::vector<std::vector<at::Tensor>> finals(op.states);
+  for (int64_t layer = 0; layer < call.layers(); ++layer) {
+    std::vector<at::Tensor> states;
+    for (size_t s = 0; s < op.states; ++s) states.push_back(call.state(s, layer));
+    call_op(op, x, states, call.weights[layer], attention, stack);
+    x = stack[0].toTensor();
+    for (size_t s = 0; s < op.states; ++s) finals[s].push_back(stack[1 + s].toTensor());
+  }
+  std::vector<at::Tensor> stacked;  // as functional.stacked_states
+  for (auto& f : finals) stacked.push_back(f.size() == 1 ? f[0].unsqueeze(0) : at::stack(f, 0));
+  return {x, stacked};
+}
+
+py::list wrap_all(std::vector<at::Tensor> tensors) {
+  py::list list;
+  for (auto& t : tensors) list.append(wrap(std::move(t)));
+  return list;
 }
 
 // (output, [final states]) with the module's layouts (output batch-first if asked, each final
-// state (1, B, width)), or None when the general path must take the call.
-py::object run_one_layer(const std::string& cell, py::handle input, py::handle hx, int64_t input_size,
-                         const std::vector<int64_t>& widths, bool batch_first, const py::tuple& weights) {
+// state (layers, B, width)), or None when the general path must take the call. `layer_weights`:
+// per layer the op's weights in its schema order.
+py::object run_layers(const std::string& cell, py::handle input, py::handle hx, int64_t input_size,
+                      const std::vector<int64_t>& widths, bool batch_first, const py::sequence& layer_weights) {
   HANDLE_TH_ERRORS
   const ForwardOp& op = forward_op(cell + "_forward");
-  const std::optional<LayerCall> call = layer_call(op, input, hx, input_size, widths, batch_first, weights);
-  torch::jit::Stack stack;
-  if (!call || !call_op(op, *call, nullptr, stack)) return py::none();
-  auto [output, finals] = layer_results(op, stack, batch_first);
-  return py::make_tuple(wrap(std::move(output)), finals);
+  const std::optional<LayersCall> call = layers_call(op, input, hx, input_size, widths, batch_first, layer_weights);
+  if (!call) return py::none();
+  auto [output, finals] = run_each_layer(op, *call, nullptr);
+  return py::make_tuple(wrap(batch_first ? output.transpose(0, 1) : std::move(output)), wrap_all(std::move(finals)));
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
@@ -293,25 +326,24 @@ py::object run_attention_layer(const std::string& cell, py::handle input, py::ha
                                bool carry_slots) {
   HANDLE_TH_ERRORS
   const ForwardOp& op = forward_op(cell + "_attn_forward");
-  const std::optional<LayerCall> call = layer_call(op, input, hx, input_size, widths, batch_first, weights);
+  const std::optional<LayersCall> call =
+      layers_call(op, input, hx, input_size, widths, batch_first, py::make_tuple(weights));
   if (!call) return py::none();
   AttentionArguments attention{num_heads, window, {}, {}, {}, {}};
   if (!optional_plain(memory, attention.memory) || !optional_plain(memory_lengths, attention.memory_lengths) ||
       !optional_plain(past_keys, attention.past_keys) || !optional_plain(past_values, attention.past_values)) {
     return py::none();
   }
-  torch::jit::Stack stack;
-  if (!call_op(op, *call, &attention, stack)) return py::none();
-  const at::Tensor output = stack[0].toTensor();  // time-major
-  auto [result, finals] = layer_results(op, stack, batch_first);
+  auto [output, finals] = run_each_layer(op, *call, &attention);  // output time-major
   py::object keys = py::none(), values = py::none();
   if (carry_slots && !attention.memory) {  // an external memory carries nothing
     // w_k, b_k, w_v, b_v are the fifth- to second-last weights (w_c is the last).
     TORCH_INTERNAL_ASSERT(weights.size() >= 11, "rnnattn: an attention layer has at least 11 weights");
     const size_t key_index = weights.size() - 5;
-    std::tie(keys, values) = carried_slots(call->states[0], output, weights, key_index, attention);
+    std::tie(keys, values) = carried_slots(call->state(0, 0), output, weights, key_index, attention);
   }
-  return py::make_tuple(wrap(std::move(result)), finals, keys, values);
+  return py::make_tuple(wrap(batch_first ? output.transpose(0, 1) : output), wrap_all(std::move(finals)), keys,
+                        values);
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
@@ -320,9 +352,9 @@ py::object run_attention_layer(const std::string& cell, py::handle input, py::ha
 namespace rnnattn {
 
 void define_layer_call(py::module_& module) {
-  module.def("run_one_layer", &run_one_layer, py::arg("cell"), py::arg("input"), py::arg("hx"),
-             py::arg("input_size"), py::arg("widths"), py::arg("batch_first"), py::arg("weights"),
-             "A one-layer, one-direction module call through the cell's forward op: (output, [finals]), or "
+  module.def("run_layers", &run_layers, py::arg("cell"), py::arg("input"), py::arg("hx"), py::arg("input_size"),
+             py::arg("widths"), py::arg("batch_first"), py::arg("layer_weights"),
+             "A one-direction module call through the cell's forward op, layer by layer: (output, [finals]), or "
              "None when the module's general path must take it (see csrc/python_layer_call.cpp)");
   module.def("run_attention_layer", &run_attention_layer, py::arg("cell"), py::arg("input"), py::arg("hx"),
              py::arg("input_size"), py::arg("widths"), py::arg("batch_first"), py::arg("weights"),

@@ -167,7 +167,7 @@ def test_torch_nn_module_attributes(kind):
 @pytest.mark.parametrize("batch_first", [False, True], ids=["time_major", "batch_first"])
 @pytest.mark.parametrize("kind", MODULES)
 def test_one_layer_short_path_equals_the_stack(kind, batch_first, with_hx):
-    # One layer in one direction takes a short path (RecurrentBase._run_one_layer): the general
+    # One layer in one direction takes a short path (RecurrentBase._run_layers): the general
     # path's numbers, bitwise, and gradients that reach every input.
     torch.manual_seed(0)
     _, ours = make_pair(kind, 3, 5, batch_first=batch_first)

@@ -1,6 +1,6 @@
-"""The modules' one-layer call in C++ (``_ops.run_one_layer``, csrc/python_layer_call.cpp): for a
-one-layer, one-direction module with a batched tensor it gives what the functional layer gives, bit
-for bit, forward and gradients; it hands back (None) whatever the general path must take, and that
+"""The modules' calls in C++ (``_ops.run_layers``, ``_ops.run_attention_layer``,
+csrc/python_layer_call.cpp): for a one-direction module with a batched tensor it gives what the
+functional layers give, bit for bit, forward and gradients, one layer or several; it hands back (None) whatever the general path must take, and that
 path then runs it; errors raised by the op keep their Python type and message; __torch_function__
 and __torch_dispatch__ see what they would see through torch.ops."""
 
@@ -38,7 +38,7 @@ def _states(module, batch, device, dtype):
 
 def _call_args(module, x, hx):
     return (module.cell, x, hx, module.input_size, module._state_widths(), module.batch_first,
-            module._weights_of(0, module._layer_parts()))
+            module._layer_weights())
 
 
 def _through_functional(module, x, hx):
@@ -69,7 +69,7 @@ def test_gives_the_functional_layers_bits_forward_and_backward(device, name, bat
     if batch_first:
         x = x.transpose(0, 1).contiguous()
     hx = _states(module, 3, device, torch.float64) if with_hx else None
-    assert _ops.run_one_layer(*_call_args(module, x, hx)) is not None, "the one-layer call was not taken"
+    assert _ops.run_layers(*_call_args(module, x, hx)) is not None, "the one-layer call was not taken"
 
     def run(call):
         inputs = [x.detach().requires_grad_()]
@@ -89,6 +89,50 @@ def test_gives_the_functional_layers_bits_forward_and_backward(device, name, bat
         assert a.shape == b.shape and torch.equal(a, b)
 
 
+STACKED_MODULES = {
+    "lstm_proj_2": lambda: rnnattn_ext.LSTM(5, 7, num_layers=2, proj_size=3),
+    "gru_3_dropout": lambda: rnnattn_ext.GRU(5, 7, num_layers=3, dropout=0.5),  # run in eval: no dropout
+    "rnn_relu_2_no_bias": lambda: rnnattn_ext.RNN(5, 7, num_layers=2, nonlinearity="relu", bias=False),
+}
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("name", sorted(STACKED_MODULES))
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("with_hx", [False, True])
+def test_stacked_layers_give_the_general_paths_bits(device, name, batch_first, with_hx, monkeypatch):
+    torch.manual_seed(0)
+    module = STACKED_MODULES[name]().to(device=device, dtype=torch.float64).eval()
+    module.batch_first = batch_first
+    x = torch.randn(4, 3, 5, dtype=torch.float64, device=device)  # T=4, B=3
+    x = x.transpose(0, 1).contiguous() if batch_first else x
+    widths = module._state_widths()
+    hx = [torch.randn(module.num_layers, 3, w, dtype=torch.float64, device=device) for w in widths]
+    leaves = [x.clone().requires_grad_()] + ([h.clone().requires_grad_() for h in hx] if with_hx else [])
+
+    def call(xi, *states):
+        given = None if not states else (tuple(states) if len(states) == 2 else states[0])
+        return _flat(module(xi, given))
+
+    assert _ops.run_layers(*_call_args(module, x, None)) is not None, "the C++ call was not taken"
+    ours = _attention_run(module, call, leaves)
+    monkeypatch.setattr(_ops, "run_layers", lambda *args, **kwargs: None)
+    expected = _attention_run(module, call, leaves)
+    _assert_same_bits(ours[0] + ours[1], expected[0] + expected[1])
+
+
+def test_stacked_layers_with_dropout_in_training_take_the_general_path(monkeypatch):
+    calls = []
+    monkeypatch.setattr(_ops, "run_layers", lambda *args, **kwargs: calls.append(args) or None)
+    module = rnnattn_ext.GRU(5, 7, num_layers=2, dropout=0.5)
+    x = torch.randn(4, 3, 5)
+    module.train()(x)
+    assert calls == []
+    module.eval()(x)
+    rnnattn_ext.GRU(5, 7, num_layers=2).train()(x)  # no dropout: the C++ call in training too
+    assert len(calls) == 2
+
+
 def test_hands_back_what_the_general_path_must_take():
     module = _module("lstm", "cpu", dtype=torch.float32)
     x = torch.randn(4, 3, 5)
@@ -101,15 +145,16 @@ def test_hands_back_what_the_general_path_must_take():
         "three states": (x, (*hx, hx[0])),
         "h_0 of another batch": (x, (hx[0][:, :2], hx[1])),
         "2-D h_0": (x, (hx[0][0], hx[1])),
+        "h_0 of two layers for one": (x, (hx[0].expand(2, 3, 7), hx[1].expand(2, 3, 7))),
         "bfloat16 on the CPU": (x.bfloat16(), None),
     }
     for what, (inp, given) in cases.items():
-        assert _ops.run_one_layer(*_call_args(module, inp, given)) is None, what
+        assert _ops.run_layers(*_call_args(module, inp, given)) is None, what
 
     class Subclass(torch.Tensor):
         pass
 
-    assert _ops.run_one_layer(*_call_args(module, x.as_subclass(Subclass), None)) is None
+    assert _ops.run_layers(*_call_args(module, x.as_subclass(Subclass), None)) is None
 
     class Recording(TorchFunctionMode):
         def __init__(self):
@@ -121,7 +166,7 @@ def test_hands_back_what_the_general_path_must_take():
             return func(*args, **(kwargs or {}))
 
     with Recording() as mode:
-        assert _ops.run_one_layer(*_call_args(module, x, None)) is None
+        assert _ops.run_layers(*_call_args(module, x, None)) is None
         output, _ = module(x)
     assert torch.ops.rnnattn.lstm_forward.default in mode.calls
     torch.testing.assert_close(output, module(x)[0], rtol=0, atol=0)

@@ -180,7 +180,7 @@ class AttentionRecurrentBase(RecurrentBase):
                              past_keys: Tensor | None = None, past_values: Tensor | None = None,
                              carry_slots: bool = False):
         """One layer, one direction and a batched tensor in C++ (``_C.run_attention_layer``, as
-        ``RecurrentBase._run_one_layer``): ``(output, [finals], keys, values)``, keys and values the
+        ``RecurrentBase._run_layers``): ``(output, [finals], keys, values)``, keys and values the
         self memory's slots to carry (``functional.carried_slots``) with ``carry_slots``. None for
         anything else, which the general path takes, and where bad input gets its errors."""
         if (self.num_layers != 1 or self.bidirectional or type(input) is not Tensor or input.dim() != 3

@@ -240,8 +240,9 @@ class RecurrentBase(nn.Module):
         return (self.state_size, self.hidden_size)[: self._num_states()]
 
     def _run(self, input: Tensor | PackedSequence, hx: Tensor | tuple[Tensor, ...] | None, lengths=None):
-        if lengths is None and self.num_layers == 1 and not self.bidirectional and type(input) is Tensor:
-            result = self._run_one_layer(input, hx)
+        if (lengths is None and not self.bidirectional and type(input) is Tensor
+                and (self.num_layers == 1 or self.dropout == 0.0 or not self.training)):
+            result = self._run_layers(input, hx)
             if result is not None:
                 return result
         prepared = self._prepare(input, hx, lengths)
@@ -258,15 +259,16 @@ class RecurrentBase(nn.Module):
         )
         return self._finish(output, finals, prepared)
 
-    def _run_one_layer(self, input: Tensor, hx) -> tuple[Tensor, list[Tensor]] | None:
-        """The common case of one layer, one direction, a batched tensor and a well-formed ``hx``, in
-        C++ (``_C.run_one_layer``: the same op, without the Python around it, which costs a streaming
-        step about as much as the op). None for anything else, which the general path takes, and where
-        bad arguments get their errors; also while Dynamo traces, as it cannot see into that call."""
+    def _run_layers(self, input: Tensor, hx) -> tuple[Tensor, list[Tensor]] | None:
+        """The common case of one direction, a batched tensor, a well-formed ``hx`` and no dropout
+        between layers, in C++ (``_C.run_layers``: the same op layer by layer, without the Python
+        around it, which costs a streaming step about as much as the op). None for anything else,
+        which the general path takes, and where bad arguments get their errors; also while Dynamo
+        traces, as it cannot see into that call."""
         if torch.compiler.is_compiling():
             return None
-        return _ops.run_one_layer(self.cell, input, hx, self.input_size, self._state_widths(),
-                                  self.batch_first, self._weights_of(0, self._layer_parts()))
+        return _ops.run_layers(self.cell, input, hx, self.input_size, self._state_widths(), self.batch_first,
+                               self._layer_weights())
 
     def _prepare(self, input: Tensor | PackedSequence, hx: Tensor | tuple[Tensor, ...] | None,
                  lengths=None) -> _Prepared:
