@@ -1,5 +1,5 @@
 // The Python extension module rnnattn_ext._C. Loading it registers the ops (static initializers
-// in csrc/ops); it also reports how the library was built, and runs the modules' one-layer call
+// in csrc/ops); it also reports how the library was built, and runs the modules' calls
 // (python_layer_call.cpp).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>

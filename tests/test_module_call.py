@@ -69,7 +69,7 @@ def test_gives_the_functional_layers_bits_forward_and_backward(device, name, bat
     if batch_first:
         x = x.transpose(0, 1).contiguous()
     hx = _states(module, 3, device, torch.float64) if with_hx else None
-    assert _ops.run_layers(*_call_args(module, x, hx)) is not None, "the one-layer call was not taken"
+    assert _ops.run_layers(*_call_args(module, x, hx)) is not None, "the C++ call was not taken"
 
     def run(call):
         inputs = [x.detach().requires_grad_()]
@@ -133,20 +133,27 @@ def test_stacked_layers_with_dropout_in_training_take_the_general_path(monkeypat
     assert len(calls) == 2
 
 
+def _calls_to_hand_back(x, hx):
+    """(input, hx) of an LSTM-like module's calls that the C++ call leaves to the general path."""
+    return {
+        "unbatched input": (x[:, 0], None),
+        "no time step": (x[:0], None),
+        "another input width": (torch.randn(4, 3, 6), None),
+        "h_0 alone for an LSTM": (x, hx[0]),
+        "h_0 of another batch": (x, (hx[0][:, :2], hx[1])),
+        "bfloat16 on the CPU": (x.bfloat16(), None),
+    }
+
+
 def test_hands_back_what_the_general_path_must_take():
     module = _module("lstm", "cpu", dtype=torch.float32)
     x = torch.randn(4, 3, 5)
     hx = _states(module, 3, "cpu", torch.float32)
     cases = {
-        "unbatched input": (x[:, 0], None),
-        "no time step": (x[:0], None),
-        "another input width": (torch.randn(4, 3, 6), None),
-        "h_0 alone for an LSTM": (x, hx[0]),
+        **_calls_to_hand_back(x, hx),
         "three states": (x, (*hx, hx[0])),
-        "h_0 of another batch": (x, (hx[0][:, :2], hx[1])),
         "2-D h_0": (x, (hx[0][0], hx[1])),
         "h_0 of two layers for one": (x, (hx[0].expand(2, 3, 7), hx[1].expand(2, 3, 7))),
-        "bfloat16 on the CPU": (x.bfloat16(), None),
     }
     for what, (inp, given) in cases.items():
         assert _ops.run_layers(*_call_args(module, inp, given)) is None, what
@@ -196,30 +203,43 @@ def test_the_ops_errors_keep_their_type_and_message():
     assert "weight_" in str(through_module.value) and "dtype" in str(through_module.value)
 
 
-def test_dispatch_modes_see_the_op():
-    module = _module("rnn_tanh", "cpu", dtype=torch.float32)
+class _RecordingDispatch(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+# A module of each C++ call and the op it runs.
+CALL_CASES = {
+    "rnn_tanh": (lambda: _module("rnn_tanh", "cpu", dtype=torch.float32), "rnn_tanh_forward"),
+    "lstm": (lambda: _module("lstm", "cpu", dtype=torch.float32), "lstm_forward"),
+    "gru_2_layers": (lambda: rnnattn_ext.GRU(5, 7, num_layers=2), "gru_forward"),
+    "attn_lstm": (lambda: _attention_module("attn_lstm_window3", "cpu", dtype=torch.float32), "lstm_attn_forward"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CALL_CASES))
+def test_dispatch_modes_see_the_op(name):
+    make, op = CALL_CASES[name]
+    module = make().eval()
     x = torch.randn(4, 3, 5)
-
-    class Recording(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls.append(func)
-            return func(*args, **(kwargs or {}))
-
-    with Recording() as mode:
+    with _RecordingDispatch() as mode:
         output, _ = module(x)
-    assert torch.ops.rnnattn.rnn_tanh_forward.default in mode.calls
+    assert getattr(torch.ops.rnnattn, op).default in mode.calls
     torch.testing.assert_close(output, module(x)[0], rtol=0, atol=0)
 
 
-def test_jit_trace_records_the_op():
-    module = _module("lstm", "cpu", dtype=torch.float32).eval()
+@pytest.mark.parametrize("name", sorted(CALL_CASES))
+def test_jit_trace_records_the_op(name):
+    make, op = CALL_CASES[name]
+    module = make().eval()
     with torch.no_grad():
         traced = torch.jit.trace(module, (torch.randn(4, 3, 5),))
-        assert "rnnattn::lstm_forward" in str(traced.graph)
+        assert f"rnnattn::{op}" in str(traced.graph)
         other = torch.randn(6, 2, 5)
         torch.testing.assert_close(traced(other)[0], module(other)[0], rtol=0, atol=0)
 
@@ -359,14 +379,7 @@ def test_attention_call_hands_back_what_the_general_path_must_take():
     module = _attention_module("attn_lstm_window3", "cpu", dtype=torch.float32)
     x = torch.randn(4, 3, 5)
     hx = _states(module, 3, "cpu", torch.float32)
-    cases = {
-        "unbatched input": (x[:, 0], None),
-        "no time step": (x[:0], None),
-        "another input width": (torch.randn(4, 3, 6), None),
-        "h_0 alone for an LSTM": (x, hx[0]),
-        "h_0 of another batch": (x, (hx[0][:, :2], hx[1])),
-        "bfloat16 on the CPU": (x.bfloat16(), None),
-    }
+    cases = _calls_to_hand_back(x, hx)
     for what, (inp, given) in cases.items():
         assert module._run_attention_layer(inp, given, None, None) is None, what
 
@@ -404,26 +417,3 @@ def test_attention_errors_keep_their_type_and_message(monkeypatch):
             module(x, **kwargs)
         assert messages[what] == (type(raised.value), str(raised.value)), what
 
-
-def test_attention_call_under_modes_and_jit_trace():
-    module = _attention_module("attn_lstm_window3", "cpu", dtype=torch.float32).eval()
-    x = torch.randn(4, 3, 5)
-
-    class Recording(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls.append(func)
-            return func(*args, **(kwargs or {}))
-
-    with Recording() as mode:
-        output, _ = module(x)
-    assert torch.ops.rnnattn.lstm_attn_forward.default in mode.calls
-    torch.testing.assert_close(output, module(x)[0], rtol=0, atol=0)
-    with torch.no_grad():
-        traced = torch.jit.trace(module, (x,))
-        assert "rnnattn::lstm_attn_forward" in str(traced.graph)
-        other = torch.randn(6, 2, 5)
-        torch.testing.assert_close(traced(other)[0], module(other)[0], rtol=0, atol=0)
