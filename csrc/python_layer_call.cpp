@@ -1,7 +1,7 @@
 // The modules' common call in C++: one direction, a batched tensor and an hx of the expected shapes
 // (RecurrentBase._run_layers in python/rnnattn_ext/modules.py: every layer, when no dropout runs
-// between them; AttentionRecurrentBase._run_attention_layer in attention_modules.py: one layer, and
-// for a streaming call also the self memory's slots to carry). It calls the cell's forward op
+// between them; AttentionRecurrentBase._run_attention_layers in attention_modules.py likewise, for a
+// streaming call also with each layer's self-memory slots to carry). It calls the cell's forward op
 // through the dispatcher, as torch.ops does, so autograd, autocast, every device, __torch_dispatch__
 // modes and the op's own checks and errors apply unchanged. What it saves is Python: at a streaming
 // step (T = 1) the states' select and unsqueeze, the functional layer's checks and torch.ops'
@@ -25,6 +25,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 
+#include <functional>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -109,7 +110,7 @@ bool optional_plain(py::handle object, std::optional<at::Tensor>& out) {
   return true;
 }
 
-// The attention op's own arguments (AttentionRecurrentBase._run_attention_layer).
+// The attention op's own arguments for one layer (AttentionRecurrentBase._run_attention_layers).
 struct AttentionArguments {
   int64_t num_heads = 1;
   std::optional<int64_t> window;
@@ -239,19 +240,22 @@ void call_op(const ForwardOp& op, const at::Tensor& x, const std::vector<at::Ten
   op.handle.callBoxed(stack);
 }
 
-// Runs every layer (each one's output the next one's input); returns the last layer's output
+// Runs every layer (each one's output the next one's input; attention: each layer's own arguments,
+// and after_layer sees each layer's time-major output); returns the last layer's output
 // (time-major) and per state the final states of every layer, (layers, B, width).
-std::pair<at::Tensor, std::vector<at::Tensor>> run_each_layer(const ForwardOp& op, const LayersCall& call,
-                                                              const AttentionArguments* attention) {
+std::pair<at::Tensor, std::vector<at::Tensor>> run_each_layer(
+    const ForwardOp& op, const LayersCall& call, const std::vector<AttentionArguments>* attention = nullptr,
+    const std::function<void(int64_t, const at::Tensor&)>& after_layer = {}) {
   torch::jit::Stack stack;
   at::Tensor x = call.x;
   std::vector<std::vector<at::Tensor>> finals(op.states);
   for (int64_t layer = 0; layer < call.layers(); ++layer) {
     std::vector<at::Tensor> states;
     for (size_t s = 0; s < op.states; ++s) states.push_back(call.state(s, layer));
-    call_op(op, x, states, call.weights[layer], attention, stack);
+    call_op(op, x, states, call.weights[layer], attention ? &(*attention)[layer] : nullptr, stack);
     x = stack[0].toTensor();
     for (size_t s = 0; s < op.states; ++s) finals[s].push_back(stack[1 + s].toTensor());
+    if (after_layer) after_layer(layer, x);
   }
   std::vector<at::Tensor> stacked;  // as functional.stacked_states
   for (auto& f : finals) stacked.push_back(f.size() == 1 ? f[0].unsqueeze(0) : at::stack(f, 0));
@@ -283,7 +287,7 @@ py::object run_layers(const std::string& cell, py::handle input, py::handle hx, 
 // oldest first; nothing with window 1). This call's slots were the past ones, then h_0 and the
 // outputs but the last; only the new slots' keys and values are computed, once each.
 std::pair<py::object, py::object> carried_slots(const at::Tensor& h0, const at::Tensor& output,
-                                                const py::tuple& weights, size_t key_index,
+                                                const py::sequence& weights, size_t key_index,
                                                 const AttentionArguments& attention) {
   const std::optional<int64_t> wanted = attention.window ? std::optional<int64_t>(*attention.window - 1) : std::nullopt;
   if (wanted == 0) return {py::none(), py::none()};
@@ -315,35 +319,48 @@ std::pair<py::object, py::object> carried_slots(const at::Tensor& h0, const at::
   return {wrap(std::move(keys)), wrap(std::move(values))};
 }
 
-// The attention modules' one-layer call: (output, [final states], keys, values), keys and values
-// the self memory's slots to carry (carried_slots) when carry_slots is set, else None; or None when the general
-// path must take the call. `weights` are in the op's schema order (with weight_hr, None when
-// absent, for the LSTM).
-py::object run_attention_layer(const std::string& cell, py::handle input, py::handle hx, int64_t input_size,
-                               const std::vector<int64_t>& widths, bool batch_first, const py::tuple& weights,
-                               int64_t num_heads, std::optional<int64_t> window, py::handle memory,
-                               py::handle memory_lengths, py::handle past_keys, py::handle past_values,
-                               bool carry_slots) {
+// The attention modules' call (one direction, no dropout between layers): (output, [final states],
+// keys, values), keys and values per layer the self memory's slots to carry (carried_slots) when
+// carry_slots is set, else None; or None when the general path must take the call.
+// `layer_weights`: per layer the op's weights in its schema order (with weight_hr, None when absent,
+// for the LSTM); `past_keys`, `past_values`: None or per layer a tensor or None.
+py::object run_attention_layers(const std::string& cell, py::handle input, py::handle hx, int64_t input_size,
+                                const std::vector<int64_t>& widths, bool batch_first,
+                                const py::sequence& layer_weights, int64_t num_heads, std::optional<int64_t> window,
+                                py::handle memory, py::handle memory_lengths, py::handle past_keys,
+                                py::handle past_values, bool carry_slots) {
   HANDLE_TH_ERRORS
   const ForwardOp& op = forward_op(cell + "_attn_forward");
-  const std::optional<LayersCall> call =
-      layers_call(op, input, hx, input_size, widths, batch_first, py::make_tuple(weights));
+  const std::optional<LayersCall> call = layers_call(op, input, hx, input_size, widths, batch_first, layer_weights);
   if (!call) return py::none();
-  AttentionArguments attention{num_heads, window, {}, {}, {}, {}};
-  if (!optional_plain(memory, attention.memory) || !optional_plain(memory_lengths, attention.memory_lengths) ||
-      !optional_plain(past_keys, attention.past_keys) || !optional_plain(past_values, attention.past_values)) {
-    return py::none();
+  std::vector<AttentionArguments> attention(call->layers(), AttentionArguments{num_heads, window, {}, {}, {}, {}});
+  for (auto& a : attention) {
+    if (!optional_plain(memory, a.memory) || !optional_plain(memory_lengths, a.memory_lengths)) return py::none();
   }
-  auto [output, finals] = run_each_layer(op, *call, &attention);  // output time-major
-  py::object keys = py::none(), values = py::none();
-  if (carry_slots && !attention.memory) {  // an external memory carries nothing
+  // Each layer's past slots: a list as long as the stack (the general path indexes it per layer).
+  for (auto [given, slot] : {std::pair{past_keys, &AttentionArguments::past_keys},
+                             std::pair{past_values, &AttentionArguments::past_values}}) {
+    if (given.is_none()) continue;
+    if (!py::isinstance<py::list>(given) && !py::isinstance<py::tuple>(given)) return py::none();
+    const auto per_layer = py::reinterpret_borrow<py::sequence>(given);
+    if (static_cast<int64_t>(py::len(per_layer)) != call->layers()) return py::none();
+    for (int64_t layer = 0; layer < call->layers(); ++layer) {
+      if (!optional_plain(per_layer[layer], attention[layer].*slot)) return py::none();
+    }
+  }
+  const bool carry = carry_slots && !attention[0].memory;  // an external memory carries nothing
+  py::list keys, values;
+  auto [output, finals] = run_each_layer(op, *call, &attention, [&](int64_t layer, const at::Tensor& y) {
+    if (!carry) return;
     // w_k, b_k, w_v, b_v are the fifth- to second-last weights (w_c is the last).
-    TORCH_INTERNAL_ASSERT(weights.size() >= 11, "rnnattn: an attention layer has at least 11 weights");
-    const size_t key_index = weights.size() - 5;
-    std::tie(keys, values) = carried_slots(call->state(0, 0), output, weights, key_index, attention);
-  }
-  return py::make_tuple(wrap(batch_first ? output.transpose(0, 1) : output), wrap_all(std::move(finals)), keys,
-                        values);
+    const auto weights = py::reinterpret_borrow<py::sequence>(layer_weights[layer]);
+    TORCH_INTERNAL_ASSERT(py::len(weights) >= 11, "rnnattn: an attention layer has at least 11 weights");
+    auto [k, v] = carried_slots(call->state(0, layer), y, weights, py::len(weights) - 5, attention[layer]);
+    keys.append(k);
+    values.append(v);
+  });
+  return py::make_tuple(wrap(batch_first ? output.transpose(0, 1) : output), wrap_all(std::move(finals)),
+                        carry ? py::object(keys) : py::none(), carry ? py::object(values) : py::none());
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
@@ -356,12 +373,12 @@ void define_layer_call(py::module_& module) {
              py::arg("widths"), py::arg("batch_first"), py::arg("layer_weights"),
              "A one-direction module call through the cell's forward op, layer by layer: (output, [finals]), or "
              "None when the module's general path must take it (see csrc/python_layer_call.cpp)");
-  module.def("run_attention_layer", &run_attention_layer, py::arg("cell"), py::arg("input"), py::arg("hx"),
-             py::arg("input_size"), py::arg("widths"), py::arg("batch_first"), py::arg("weights"),
+  module.def("run_attention_layers", &run_attention_layers, py::arg("cell"), py::arg("input"), py::arg("hx"),
+             py::arg("input_size"), py::arg("widths"), py::arg("batch_first"), py::arg("layer_weights"),
              py::arg("num_heads"), py::arg("window"), py::arg("memory"), py::arg("memory_lengths"),
              py::arg("past_keys"), py::arg("past_values"), py::arg("carry_slots"),
-             "The attention modules' one-layer call through the cell's attention forward op: (output, [finals], "
-             "keys, values), or None when the module's general path must take it");
+             "The attention modules' call through the cell's attention forward op, layer by layer: (output, "
+             "[finals], keys, values), or None when the module's general path must take it");
 }
 
 }  // namespace rnnattn

@@ -1,4 +1,4 @@
-// rnnattn_ext._C.run_layers and run_attention_layer: the modules' calls without the Python steps around the op
+// rnnattn_ext._C.run_layers and run_attention_layers: the modules' calls without the Python steps around the op
 // (python_layer_call.cpp).
 #pragma once
 #include <pybind11/pybind11.h>

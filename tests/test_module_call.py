@@ -1,4 +1,4 @@
-"""The modules' calls in C++ (``_ops.run_layers``, ``_ops.run_attention_layer``,
+"""The modules' calls in C++ (``_ops.run_layers``, ``_ops.run_attention_layers``,
 csrc/python_layer_call.cpp): for a one-direction module with a batched tensor it gives what the
 functional layers give, bit for bit, forward and gradients, one layer or several; it hands back (None) whatever the general path must take, and that
 path then runs it; errors raised by the op keep their Python type and message; __torch_function__
@@ -32,7 +32,7 @@ def _module(name, device, dtype=torch.float64, batch_first=False):
 
 def _states(module, batch, device, dtype):
     widths = module._state_widths()
-    states = [torch.randn(1, batch, w, device=device, dtype=dtype) for w in widths]
+    states = [torch.randn(module.num_layers, batch, w, device=device, dtype=dtype) for w in widths]
     return tuple(states) if len(states) == 2 else states[0]
 
 
@@ -244,7 +244,7 @@ def test_jit_trace_records_the_op(name):
         torch.testing.assert_close(traced(other)[0], module(other)[0], rtol=0, atol=0)
 
 
-# The attention modules' one-layer call (``_ops.run_attention_layer``): forward and streaming.
+# The attention modules' call (``_ops.run_attention_layers``): forward and streaming.
 
 ATTENTION_MODULES = {
     "attn_lstm_window3": lambda: rnnattn_ext.AttnLSTM(5, 8, num_heads=2, head_dim=3, window=3),
@@ -253,6 +253,9 @@ ATTENTION_MODULES = {
     "attn_rnn_relu_no_bias_memory": lambda: rnnattn_ext.AttnRNN(5, 8, nonlinearity="relu", bias=False, num_heads=2,
                                                                 head_dim=3, memory_size=6),
     "attn_gru_memory": lambda: rnnattn_ext.AttnGRU(5, 8, num_heads=2, head_dim=2, memory_size=6),
+    "attn_lstm_2_layers_window2": lambda: rnnattn_ext.AttnLSTM(5, 8, num_layers=2, num_heads=2, head_dim=3, window=2),
+    "attn_gru_2_layers_memory_dropout_eval": lambda: rnnattn_ext.AttnGRU(5, 8, num_layers=2, dropout=0.5, num_heads=2,
+                                                                         head_dim=2, memory_size=6).eval(),
 }
 
 
@@ -317,9 +320,9 @@ def test_attention_forward_gives_the_general_paths_bits(device, name, batch_firs
         output, state = module(xi, given, memory=mem, memory_lengths=memory_lengths)
         return [output, *(state if isinstance(state, tuple) else (state,))]
 
-    assert module._run_attention_layer(x, hx, memory, memory_lengths) is not None, "the C++ call was not taken"
+    assert module._run_attention_layers(x, hx, memory, memory_lengths) is not None, "the C++ call was not taken"
     ours = _attention_run(module, call, leaves)
-    monkeypatch.setattr(_ops, "run_attention_layer", lambda *args, **kwargs: None)
+    monkeypatch.setattr(_ops, "run_attention_layers", lambda *args, **kwargs: None)
     expected = _attention_run(module, call, leaves)
     _assert_same_bits(ours[0] + ours[1], expected[0] + expected[1])
 
@@ -345,10 +348,10 @@ def test_attention_stream_gives_the_general_paths_bits(device, name, batch_first
         carried = [t for slots in (state.keys or []) + (state.values or []) if slots is not None for t in [slots]]
         return [*outputs, state.h, state.c, *carried]
 
-    assert module._run_attention_layer(x, None, memory, memory_lengths,
+    assert module._run_attention_layers(x, None, memory, memory_lengths,
                                        carry_slots=module.memory_size is None) is not None
     ours = _attention_run(module, call, leaves)
-    monkeypatch.setattr(_ops, "run_attention_layer", lambda *args, **kwargs: None)
+    monkeypatch.setattr(_ops, "run_attention_layers", lambda *args, **kwargs: None)
     expected = _attention_run(module, call, leaves)
     _assert_same_bits(ours[0] + ours[1], expected[0] + expected[1])
 
@@ -368,9 +371,9 @@ def test_attention_stream_carries_what_the_general_path_carries(monkeypatch):
                 assert len(state.keys) == 1 and state.keys[0].shape == (min(t + 1, 2), 2, 6)
         return results
 
-    assert module._run_attention_layer(x[:1], None, None, None, carry_slots=True) is not None
+    assert module._run_attention_layers(x[:1], None, None, None, carry_slots=True) is not None
     ours = steps()
-    monkeypatch.setattr(_ops, "run_attention_layer", lambda *args, **kwargs: None)
+    monkeypatch.setattr(_ops, "run_attention_layers", lambda *args, **kwargs: None)
     for step_ours, step_general in zip(ours, steps()):
         _assert_same_bits(step_ours, step_general)
 
@@ -381,18 +384,18 @@ def test_attention_call_hands_back_what_the_general_path_must_take():
     hx = _states(module, 3, "cpu", torch.float32)
     cases = _calls_to_hand_back(x, hx)
     for what, (inp, given) in cases.items():
-        assert module._run_attention_layer(inp, given, None, None) is None, what
+        assert module._run_attention_layers(inp, given, None, None) is None, what
 
     class Subclass(torch.Tensor):
         pass
 
-    assert module._run_attention_layer(x.as_subclass(Subclass), None, None, None) is None
+    assert module._run_attention_layers(x.as_subclass(Subclass), None, None, None) is None
     past = torch.randn(2, 3, 6)
-    assert module._run_attention_layer(x, None, None, None, past.as_subclass(Subclass), past) is None
-    for other in (rnnattn_ext.AttnGRU(5, 8, num_layers=2, num_heads=2, head_dim=3),
+    assert module._run_attention_layers(x, None, None, None, [past.as_subclass(Subclass)], [past]) is None
+    for other in (rnnattn_ext.AttnGRU(5, 8, num_layers=2, dropout=0.5, num_heads=2, head_dim=3).train(),
                   rnnattn_ext.AttnGRU(5, 8, bidirectional=True, num_heads=2, head_dim=3)):
-        assert other._run_attention_layer(x, None, None, None) is None
-    # need_weights and lengths take the general path; they still give the one-layer call's output.
+        assert other._run_attention_layers(x, None, None, None) is None
+    # need_weights and lengths take the general path; they still give the C++ call's output.
     output, _ = module(x)
     for kwargs in ({"need_weights": True}, {"lengths": torch.tensor([4, 4, 4])}):
         torch.testing.assert_close(module(x, **kwargs)[0], output, rtol=0, atol=0)
@@ -411,7 +414,7 @@ def test_attention_errors_keep_their_type_and_message(monkeypatch):
         with pytest.raises((ValueError, TypeError, RuntimeError)) as raised:
             module(x, **kwargs)
         messages[what] = (type(raised.value), str(raised.value))
-    monkeypatch.setattr(_ops, "run_attention_layer", lambda *args, **kwargs: None)
+    monkeypatch.setattr(_ops, "run_attention_layers", lambda *args, **kwargs: None)
     for what, kwargs in bad.items():
         with pytest.raises((ValueError, TypeError, RuntimeError)) as raised:
             module(x, **kwargs)

@@ -188,5 +188,5 @@ for _cell in CELLS:
 #: The modules' call through a cell's forward op, layer by layer, without Python around it:
 #: (output, [finals]) or None for a call the general path must take (csrc/python_layer_call.cpp).
 run_layers = _C.run_layers
-#: The attention modules' one-layer call, likewise: (output, [finals], keys, values) or None.
-run_attention_layer = _C.run_attention_layer
+#: The attention modules' call, likewise: (output, [finals], keys, values) or None.
+run_attention_layers = _C.run_attention_layers

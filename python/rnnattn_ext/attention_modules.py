@@ -152,9 +152,9 @@ class AttentionRecurrentBase(RecurrentBase):
         (B,): a row stops after its last valid step, attends over its valid states only, and its
         later outputs are zero."""
         if lengths is None and not need_weights:
-            one_layer = self._run_attention_layer(input, hx, memory, memory_lengths)
-            if one_layer is not None:
-                output, finals, _, _ = one_layer
+            in_cpp = self._run_attention_layers(input, hx, memory, memory_lengths)
+            if in_cpp is not None:
+                output, finals, _, _ = in_cpp
                 return output, ((finals[0], finals[1]) if self.cell == "lstm" else finals[0])
         prepared = self._prepare(input, hx, lengths)
         x = prepared.x
@@ -176,22 +176,24 @@ class AttentionRecurrentBase(RecurrentBase):
             attentions = [a.transpose(0, 1) for a in attentions]
         return output, state, attentions
 
-    def _run_attention_layer(self, input: Tensor, hx, memory: Tensor | None, memory_lengths,
-                             past_keys: Tensor | None = None, past_values: Tensor | None = None,
-                             carry_slots: bool = False):
-        """One layer, one direction and a batched tensor in C++ (``_C.run_attention_layer``, as
-        ``RecurrentBase._run_layers``): ``(output, [finals], keys, values)``, keys and values the
-        self memory's slots to carry (``functional.carried_slots``) with ``carry_slots``. None for
-        anything else, which the general path takes, and where bad input gets its errors."""
-        if (self.num_layers != 1 or self.bidirectional or type(input) is not Tensor or input.dim() != 3
-                or input.shape[2] != self.input_size or input.shape[1 if self.batch_first else 0] == 0
-                or torch.compiler.is_compiling()):
+    def _run_attention_layers(self, input: Tensor, hx, memory: Tensor | None, memory_lengths,
+                              past_keys: list | None = None, past_values: list | None = None,
+                              carry_slots: bool = False):
+        """One direction, a batched tensor and no dropout between layers in C++
+        (``_C.run_attention_layers``, as ``RecurrentBase._run_layers``): ``(output, [finals], keys,
+        values)``, keys and values per layer the self memory's slots to carry
+        (``functional.carried_slots``) with ``carry_slots``, else None. None for anything else, which
+        the general path takes, and where bad input gets its errors."""
+        if (self.bidirectional or (self.num_layers > 1 and self.dropout > 0.0 and self.training)
+                or type(input) is not Tensor or input.dim() != 3 or input.shape[2] != self.input_size
+                or input.shape[1 if self.batch_first else 0] == 0 or torch.compiler.is_compiling()):
             return None
         memory, memory_lengths = self._memory(memory, memory_lengths, True, input.shape[0 if self.batch_first else 1])
         parts = _LSTM_OP_PARTS if self.cell == "lstm" else _OP_PARTS
-        return _ops.run_attention_layer(self.cell, input, hx, self.input_size, self._state_widths(), self.batch_first,
-                                        self._weights_of(0, parts), self.num_heads, self.window, memory,
-                                        memory_lengths, past_keys, past_values, carry_slots)
+        layer_weights = [self._weights_of(layer, parts) for layer in range(self.num_layers)]
+        return _ops.run_attention_layers(self.cell, input, hx, self.input_size, self._state_widths(),
+                                         self.batch_first, layer_weights, self.num_heads, self.window, memory,
+                                         memory_lengths, past_keys, past_values, carry_slots)
 
     def stream(self, input: Tensor, state: AttentionState | None = None, memory: Tensor | None = None,
                memory_lengths=None):
@@ -207,15 +209,12 @@ class AttentionRecurrentBase(RecurrentBase):
                             f"{type(state).__name__}")
         hx = None if state is None else ((state.h, state.c) if self.cell == "lstm" else state.h)
         self_memory = self.memory_size is None
-        if self.num_layers == 1:
-            past_k = None if state is None or state.keys is None else state.keys[0]
-            past_v = None if state is None or state.values is None else state.values[0]
-            one_layer = self._run_attention_layer(input, hx, memory, memory_lengths, past_k, past_v,
-                                                  carry_slots=self_memory)
-            if one_layer is not None:
-                output, finals, keys, values = one_layer
-                carried = ([keys], [values]) if self_memory else (None, None)
-                return output, AttentionState(finals[0], finals[1] if self.cell == "lstm" else None, *carried)
+        in_cpp = self._run_attention_layers(input, hx, memory, memory_lengths, None if state is None else state.keys,
+                                            None if state is None else state.values, carry_slots=self_memory)
+        if in_cpp is not None:
+            output, finals, keys, values = in_cpp
+            carried = (keys, values) if self_memory else (None, None)
+            return output, AttentionState(finals[0], finals[1] if self.cell == "lstm" else None, *carried)
         prepared = self._prepare(input, hx)
         memory, memory_lengths = self._memory(memory, memory_lengths, prepared.batched, prepared.x.shape[1])
         x, finals = prepared.x, [[] for _ in prepared.states]
