@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import (check_common, common_parser, interleaved_median_ms, results_markdown,  # noqa: E402
-                          machine_info, write_results)
+                          machine_info, rows_of, write_results)
+from bench_step import stream_steps  # noqa: E402
 
 import rnnattn_ext  # noqa: E402
 
@@ -40,16 +41,10 @@ def bench_cell(cell, shape, device, dtype, steps, repeats, warmup):
     attn, plain = (m.to(device=device, dtype=dtype).eval() for m in (attn, plain))
     xs = torch.randn(steps, batch, input_size, device=device, dtype=dtype)
 
-    def run(module, grad_mode):
-        with grad_mode():
-            state = None
-            for t in range(steps):
-                _, state = module.stream(xs[t : t + 1], state)
-
     times = {}
     for mode, grad_mode in (("", torch.no_grad), ("inference_", torch.inference_mode)):
-        measured = interleaved_median_ms({"attention": lambda: run(attn, grad_mode),
-                                          "plain": lambda: run(plain, grad_mode)}, device, repeats, warmup)
+        measured = interleaved_median_ms({"attention": lambda: stream_steps(attn, xs, grad_mode),
+                                          "plain": lambda: stream_steps(plain, xs, grad_mode)}, device, repeats, warmup)
         times[mode + "attention_us"] = measured["attention"] * 1e3 / steps
         times[mode + "plain_us"] = measured["plain"] * 1e3 / steps
         times[mode + "cost_vs_plain"] = measured["attention"] / measured["plain"]
@@ -85,12 +80,8 @@ def main(argv=None):
             parser.error(f"--shapes: each shape is B×I×H×D×window with D a multiple of {HEADS}, got {shape}")
     repeats = args.repeats or 15
     info = machine_info(args.device)
-    rows = []
-    for cell in cells:
-        for shape in shapes:
-            r = bench_cell(cell, shape, args.device, dtype, args.steps, repeats, args.warmup)
-            rows.append(r)
-            print(progress_line(r), flush=True)
+    rows = rows_of(cells, shapes, lambda cell, shape: bench_cell(cell, shape, args.device, dtype, args.steps, repeats,
+                                                                  args.warmup), progress_line)
     write_results(args, "attention_step", info, repeats, rows, markdown_table(rows, info, args.device, args.dtype))
 
 

@@ -115,6 +115,17 @@ def check_common(parser: argparse.ArgumentParser, args: argparse.Namespace, cell
     return getattr(torch, args.dtype), shapes, chosen
 
 
+def rows_of(cells, shapes, bench, progress_line) -> list:
+    """bench(cell, shape) for every cell and shape, each row printed as it comes."""
+    rows = []
+    for cell in cells:
+        for shape in shapes:
+            row = bench(cell, shape)
+            rows.append(row)
+            print(progress_line(row), flush=True)
+    return rows
+
+
 def write_results(args: argparse.Namespace, benchmark: str, info: dict, repeats: int, rows: list, table: str):
     """Prints the table and writes <stem>.json and <stem>.md under --out."""
     print()

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import (check_common, common_parser, interleaved_median_ms, results_markdown,  # noqa: E402
-                          machine_info, write_results)
+                          machine_info, rows_of, write_results)
 
 import rnnattn_ext  # noqa: E402
 
@@ -30,6 +30,14 @@ CELLS = {
     "gru": (torch.nn.GRUCell, rnnattn_ext.GRU, {}),
     "rnn_tanh": (torch.nn.RNNCell, rnnattn_ext.RNN, {"nonlinearity": "tanh"}),
 }
+
+
+def stream_steps(module, xs, grad_mode) -> None:
+    """Streams xs (T, B, I) through module.stream one step at a time, carrying the state."""
+    with grad_mode():
+        state = None
+        for t in range(xs.shape[0]):
+            _, state = module.stream(xs[t : t + 1], state)
 
 
 def bench_cell(cell, shape, device, dtype, steps, repeats, warmup):
@@ -44,12 +52,6 @@ def bench_cell(cell, shape, device, dtype, steps, repeats, warmup):
             parameter.copy_(getattr(ours, name + "_l0"))
     xs = torch.randn(steps, batch, input_size, device=device, dtype=dtype)
 
-    def run_ours(grad_mode):
-        with grad_mode():
-            state = None
-            for t in range(steps):
-                _, state = ours.stream(xs[t : t + 1], state)
-
     def run_peer(grad_mode):
         with grad_mode():
             state = None
@@ -59,7 +61,7 @@ def bench_cell(cell, shape, device, dtype, steps, repeats, warmup):
     times = {}
     for mode, grad_mode in (("", torch.no_grad), ("inference_", torch.inference_mode)):
         measured = interleaved_median_ms({"torch.nn": lambda: run_peer(grad_mode),
-                                          "rnnattn_ext": lambda: run_ours(grad_mode)}, device, repeats, warmup)
+                                          "rnnattn_ext": lambda: stream_steps(ours, xs, grad_mode)}, device, repeats, warmup)
         times[mode + "torch_nn_us"] = measured["torch.nn"] * 1e3 / steps
         times[mode + "rnnattn_us"] = measured["rnnattn_ext"] * 1e3 / steps
         times[mode + "ratio"] = measured["torch.nn"] / measured["rnnattn_ext"]
@@ -90,12 +92,8 @@ def main(argv=None):
     dtype, shapes, cells = check_common(parser, args, list(CELLS), DEFAULT_SHAPES)
     repeats = args.repeats or 15
     info = machine_info(args.device)
-    rows = []
-    for cell in cells:
-        for shape in shapes:
-            r = bench_cell(cell, shape, args.device, dtype, args.steps, repeats, args.warmup)
-            rows.append(r)
-            print(progress_line(r), flush=True)
+    rows = rows_of(cells, shapes, lambda cell, shape: bench_cell(cell, shape, args.device, dtype, args.steps, repeats,
+                                                                  args.warmup), progress_line)
     write_results(args, "step", info, repeats, rows, markdown_table(rows, info, args.device, args.dtype))
 
 

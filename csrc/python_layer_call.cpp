@@ -333,10 +333,11 @@ py::object run_attention_layers(const std::string& cell, py::handle input, py::h
   const ForwardOp& op = forward_op(cell + "_attn_forward");
   const std::optional<LayersCall> call = layers_call(op, input, hx, input_size, widths, batch_first, layer_weights);
   if (!call) return py::none();
-  std::vector<AttentionArguments> attention(call->layers(), AttentionArguments{num_heads, window, {}, {}, {}, {}});
-  for (auto& a : attention) {
-    if (!optional_plain(memory, a.memory) || !optional_plain(memory_lengths, a.memory_lengths)) return py::none();
+  AttentionArguments shared{num_heads, window, {}, {}, {}, {}};  // every layer attends over the same memory
+  if (!optional_plain(memory, shared.memory) || !optional_plain(memory_lengths, shared.memory_lengths)) {
+    return py::none();
   }
+  std::vector<AttentionArguments> attention(call->layers(), shared);
   // Each layer's past slots: a list as long as the stack (the general path indexes it per layer).
   for (auto [given, slot] : {std::pair{past_keys, &AttentionArguments::past_keys},
                              std::pair{past_values, &AttentionArguments::past_values}}) {

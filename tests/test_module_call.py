@@ -23,9 +23,10 @@ MODULES = {
 }
 
 
-def _module(name, device, dtype=torch.float64, batch_first=False):
+def _module(name, device, dtype=torch.float64, batch_first=False, table=MODULES):
+    """table[name]() (seeded) on device and dtype, time-major or batch-first."""
     torch.manual_seed(0)
-    module = MODULES[name]().to(device=device, dtype=dtype)
+    module = table[name]().to(device=device, dtype=dtype)
     module.batch_first = batch_first
     return module
 
@@ -260,10 +261,7 @@ ATTENTION_MODULES = {
 
 
 def _attention_module(name, device, dtype=torch.float64, batch_first=False):
-    torch.manual_seed(0)
-    module = ATTENTION_MODULES[name]().to(device=device, dtype=dtype)
-    module.batch_first = batch_first
-    return module
+    return _module(name, device, dtype, batch_first, table=ATTENTION_MODULES)
 
 
 def _memory_args(module, batch, device, dtype):
