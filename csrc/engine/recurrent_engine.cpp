@@ -188,9 +188,67 @@ MatrixForm matrix_form(bool packed_gemm, int64_t uses, int64_t rows) {
   return uses == 1 && rows <= cpu::kRowsGemmMaxRows ? MatrixForm::in_place : MatrixForm::packed;
 }
 
+// The row addresses (and the gathered bias) of our CPU kernels' forms: rows [first, first + count)
+// of `parts` stacked, permuted by `index` (or none). Filled by the block's own thread.
+struct RowTable {
+  // One part (a tensor) of M: its rows, row stride, data and bias (or none).
+  struct Part {
+    int64_t size = 0, stride = 0;
+    const float* data = nullptr;
+    const float* bias = nullptr;
+    int64_t bias_stride = 0;
+  };
+  static constexpr size_t kMaxParts = 4;  // W_hh, W_q, W_k, W_v
+  std::array<Part, kMaxParts> parts{};
+  size_t part_count = 0;
+  int64_t total = 0;  // rows of M
+  const int64_t* index = nullptr;
+  int64_t first = 0, count = 0;
+  const float** addresses = nullptr;
+  float* bias = nullptr;  // where the bias is gathered, or null: none or read in place
+
+  void fill() const {
+    const Part& only = parts[0];
+    if (part_count == 1) {
+      // One tensor: tight loops (a one-step call makes the addresses of a few thousand rows, and its
+      // whole op call is ~100k instructions).
+      if (index == nullptr) {
+        const float* row = only.data + first * only.stride;  // in range: block_matrix checked
+        for (int64_t i = 0; i < count; ++i, row += only.stride) addresses[i] = row;
+      } else {
+        bool out_of_range = false;  // checked once, after the loop: a branch per row costs as much as the row
+        for (int64_t i = 0; i < count; ++i) {
+          out_of_range |= index[i] < 0 || index[i] >= total;
+          addresses[i] = only.data + index[i] * only.stride;
+        }
+        TORCH_INTERNAL_ASSERT(!out_of_range, "rnnattn: a row order names a row outside the matrix");
+      }
+      if (bias != nullptr) {
+        const int64_t step = only.bias_stride;  // rows checked above
+        if (index == nullptr) {
+          for (int64_t i = 0; i < count; ++i) bias[i] = only.bias[(first + i) * step];
+        } else {
+          for (int64_t i = 0; i < count; ++i) bias[i] = only.bias[index[i] * step];
+        }
+      }
+      return;
+    }
+    // Rows found part by part, and the bias gathered into M's row order (a block's few hundred values).
+    for (int64_t i = 0; i < count; ++i) {
+      int64_t r = index == nullptr ? first + i : index[i];  // row of M, then of its part
+      TORCH_INTERNAL_ASSERT(r >= 0 && r < total, "rnnattn: a row order names a row outside the matrix");
+      const Part* part = parts.data();
+      while (r >= part->size) r -= (part++)->size;
+      addresses[i] = part->data + r * part->stride;
+      if (bias != nullptr) bias[i] = part->bias != nullptr ? part->bias[r * part->bias_stride] : 0.f;
+    }
+  }
+};
+
 // One block's constant right-hand side M (n x k) of the per-step products out = a @ M^T (+ bias).
-// The packed form is filled by prepare(), which the block's own thread calls inside the team: the
-// packing runs in parallel and lands in that core's cache.
+// Our CPU kernels' forms are made ready by prepare(), which the block's own thread calls inside the
+// team: the row table is filled (and the packed form packed) in parallel, and the panels land in
+// that core's cache.
 struct BlockMatrix {
   MatrixForm form = MatrixForm::aten;
   int64_t n = 0;  // rows of M
@@ -198,6 +256,7 @@ struct BlockMatrix {
   // of M at rows[i], its elements stride_k apart; the bias of row i at bias[i] (or none).
   const float* const* rows = nullptr;
   int64_t k = 0, stride_k = 1;
+  RowTable table;                      // fills rows (and bias, when gathered)
   float* storage = nullptr;            // packed: room for the panels
   cpu::PackedMatrix panels;            // packed, after prepare()
   const float* bias = nullptr;
@@ -206,6 +265,8 @@ struct BlockMatrix {
   Tensor aten_bias;
 
   void prepare() {
+    if (form == MatrixForm::aten) return;
+    table.fill();
     if (form == MatrixForm::packed) panels = cpu::pack_matrix(rows, n, k, stride_k, storage);
   }
 };
@@ -261,79 +322,37 @@ BlockMatrix block_matrix(const PermutedRows& rows, MatrixForm form, CallScratch&
   }
   // Several parts share one column stride (the engine gives them unit strides).
   TORCH_INTERNAL_ASSERT(rows.parts.size() == 1 || unit_stride);
+  TORCH_INTERNAL_ASSERT(rows.parts.size() <= RowTable::kMaxParts);
   result.k = first_part.size(1);
   result.stride_k = first_part.stride(1);
-  const int64_t* index = rows.order.defined() ? rows.order.const_data_ptr<int64_t>() + rows.first : nullptr;
-  // Each part's rows, row stride and bias, read once (a tensor's accessors check on every call).
-  struct Part {
-    int64_t size, stride;  // rows, row stride
-    const float* data;
-    const float* bias;
-    int64_t bias_stride;
-  };
-  constexpr size_t kMaxParts = 4;  // W_hh, W_q, W_k, W_v
-  TORCH_INTERNAL_ASSERT(rows.parts.size() <= kMaxParts);
-  std::array<Part, kMaxParts> parts{};
+  // Each part's rows, row stride and bias, read once here (a tensor's accessors check on every call).
+  RowTable& table = result.table;
+  table.part_count = rows.parts.size();
   bool any_bias = false;
-  int64_t total = 0;
   for (size_t p = 0; p < rows.parts.size(); ++p) {
     const Tensor& t = rows.parts[p];
-    total += t.size(0);
+    table.total += t.size(0);
     const std::optional<Tensor>* b = rows.biases.empty() ? nullptr : &rows.biases[p];
     const bool has_bias = b != nullptr && b->has_value();
     any_bias = any_bias || has_bias;
-    parts[p] = {t.size(0), t.stride(0), t.const_data_ptr<float>(), has_bias ? (*b)->const_data_ptr<float>() : nullptr,
-                has_bias ? (*b)->stride(0) : 0};
+    table.parts[p] = {t.size(0), t.stride(0), t.const_data_ptr<float>(),
+                      has_bias ? (*b)->const_data_ptr<float>() : nullptr, has_bias ? (*b)->stride(0) : 0};
   }
-  TORCH_INTERNAL_ASSERT(index != nullptr || (rows.first >= 0 && rows.first + rows.count <= total));
-  auto row_of_m = [&](int64_t i) {
-    if (index == nullptr) return rows.first + i;  // in range: checked above
-    TORCH_INTERNAL_ASSERT(index[i] >= 0 && index[i] < total);
-    return index[i];
-  };
-  const float** addresses = scratch.row_addresses(rows.count);
-  const Part& only = parts[0];
-  if (rows.parts.size() == 1) {
-    // One tensor: tight loops (a one-step call makes the addresses of a few thousand rows, and its
-    // whole op call is ~100k instructions). Its bias is read in place when it can be.
-    if (index == nullptr) {
-      const float* row = only.data + rows.first * only.stride;
-      for (int64_t i = 0; i < rows.count; ++i, row += only.stride) addresses[i] = row;
-    } else {
-      bool out_of_range = false;  // checked once, after the loop: a branch per row costs as much as the row
-      for (int64_t i = 0; i < rows.count; ++i) {
-        out_of_range |= index[i] < 0 || index[i] >= total;
-        addresses[i] = only.data + index[i] * only.stride;
-      }
-      TORCH_INTERNAL_ASSERT(!out_of_range, "rnnattn: a row order names a row outside the matrix");
-    }
-    if (!any_bias) {
-      result.bias = nullptr;
-    } else if (index == nullptr && only.bias_stride == 1) {
-      result.bias = only.bias + rows.first;
-    } else {
-      float* bias = scratch.floats(rows.count);
-      const int64_t step = only.bias_stride;  // rows checked above
-      if (index == nullptr) {
-        for (int64_t i = 0; i < rows.count; ++i) bias[i] = only.bias[(rows.first + i) * step];
-      } else {
-        for (int64_t i = 0; i < rows.count; ++i) bias[i] = only.bias[index[i] * step];
-      }
-      result.bias = bias;
-    }
+  table.index = rows.order.defined() ? rows.order.const_data_ptr<int64_t>() + rows.first : nullptr;
+  TORCH_INTERNAL_ASSERT(table.index != nullptr || (rows.first >= 0 && rows.first + rows.count <= table.total));
+  table.first = rows.first;
+  table.count = rows.count;
+  table.addresses = scratch.row_addresses(rows.count);
+  result.rows = table.addresses;
+  const RowTable::Part& only = table.parts[0];
+  if (!any_bias) {
+    result.bias = nullptr;
+  } else if (table.part_count == 1 && table.index == nullptr && only.bias_stride == 1) {
+    result.bias = only.bias + rows.first;  // read in place
   } else {
-    // Rows found part by part, and the bias gathered into M's row order (a block's few hundred values).
-    float* bias = any_bias ? scratch.floats(rows.count) : nullptr;
-    for (int64_t i = 0; i < rows.count; ++i) {
-      int64_t r = row_of_m(i);  // row of M, then of its part
-      const Part* part = parts.data();
-      while (r >= part->size) r -= (part++)->size;
-      addresses[i] = part->data + r * part->stride;
-      if (bias != nullptr) bias[i] = part->bias != nullptr ? part->bias[r * part->bias_stride] : 0.f;
-    }
-    result.bias = bias;
+    table.bias = scratch.floats(rows.count);
+    result.bias = table.bias;
   }
-  result.rows = addresses;
   if (result.form == MatrixForm::packed) {
     result.storage = scratch.floats(cpu::PackedMatrix::floats_needed(rows.count, result.k));
   }

@@ -108,10 +108,15 @@ inline void transpose_tile8(const float* const* rows, int64_t col, float* dst, i
 #endif
 
 // Dot products of kRows rows of a with four rows of M (a row may repeat: its sums are then unused),
-// into sums[r][c]; eight lanes per accumulator, reduced at the end.
+// into sums[r][c]; eight lanes per accumulator, reduced at the end, then the columns past the last
+// multiple of 8 added in order. The accumulators stay in registers: every loop over them has
+// constant bounds.
 template <int kRows>
 void dot_rows(const float* a, int64_t lda, const float* const* m_rows, int64_t k, float sums[][4]) {
-  vec8 acc[kRows][4] = {};
+  vec8 acc[kRows][4];
+  for (int r = 0; r < kRows; ++r) {
+    for (int c = 0; c < 4; ++c) acc[r][c] = vec8{};
+  }
   int64_t j = 0;
   for (; j + 8 <= k; j += 8) {
     vec8 w[4];
@@ -122,10 +127,11 @@ void dot_rows(const float* a, int64_t lda, const float* const* m_rows, int64_t k
     }
   }
   for (int r = 0; r < kRows; ++r) {
-    for (int c = 0; c < 4; ++c) {
-      float total = sum8(acc[r][c]);
-      for (int64_t t = j; t < k; ++t) total += a[r * lda + t] * m_rows[c][t];
-      sums[r][c] = total;
+    for (int c = 0; c < 4; ++c) sums[r][c] = sum8(acc[r][c]);
+  }
+  for (; j < k; ++j) {
+    for (int r = 0; r < kRows; ++r) {
+      for (int c = 0; c < 4; ++c) sums[r][c] += a[r * lda + j] * m_rows[c][j];
     }
   }
 }

@@ -20,11 +20,16 @@ inline __attribute__((always_inline)) void store8(float* p, vec8 v) { std::memcp
 
 inline __attribute__((always_inline)) vec8 broadcast8(float s) { return vec8{s, s, s, s, s, s, s, s}; }
 
-// The sum of the eight lanes, always added in this order (results stay the same run to run).
+// The sum of the eight lanes, always added in this order (results stay the same run to run), in
+// registers: the halves added as 4-lane vectors, then their lanes (a store and scalar reloads of an
+// accumulator stall on store forwarding, which costs a one-row product a quarter of its time).
 inline __attribute__((always_inline)) float sum8(vec8 v) {
-  float l[8];
-  store8(l, v);
-  return ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
+  typedef float vec4 __attribute__((vector_size(16)));
+  vec4 low, high;
+  std::memcpy(&low, &v, sizeof(low));
+  std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof(low), sizeof(high));
+  const vec4 pairs = low + high;  // lanes 0+4, 1+5, 2+6, 3+7
+  return (pairs[0] + pairs[1]) + (pairs[2] + pairs[3]);
 }
 
 }  // namespace
