@@ -227,7 +227,8 @@ MODULE_CASES = [
     ("GRU", lambda: torch.randn(4, 3, 5), {"lengths": [1, 2]}, ValueError, r"lengths must have shape \(B,\) = \(3,\)"),
     ("RNN", lambda: torch.randn(4, 3, 5), {"lengths": torch.tensor([1.0, 2.0, 3.0])}, TypeError,
      "lengths must hold integers, got torch.float32"),
-    ("RNN", lambda: torch.randn(4, 3, 5).double(), {}, TypeError, "dtype of input"),
+    ("RNN", lambda: torch.randn(4, 3, 5).double(), {}, TypeError,
+     r"RNN: input must have the parameters' dtype \(torch.float32\), got torch.float64"),
     ("AttnGRU", lambda: torch.randn(4, 3, 5), {"memory": torch.randn(2, 3, 7)}, ValueError, "memory"),
     ("AttnGRU", lambda: torch.randn(4, 3, 5), {}, ValueError, "memory"),
     ("AttnGRU", lambda: torch.randn(4, 3, 5), {"memory": torch.randn(2, 3, 6), "memory_lengths": [1, 3, 1]},
@@ -248,6 +249,49 @@ MODULES = {
 def test_module_bad_inputs(module, make_input, kwargs, error, match):
     with pytest.raises(error, match=match):
         MODULES[module]()(make_input(), **kwargs)
+
+
+# A parameter that no longer fits (replaced by hand, loaded from elsewhere): the module's error names
+# it, not the op's argument it became; through the C++ layer call (one direction) and the general
+# path (bidirectional), forward and stream.
+PARAMETER_CASES = [
+    (lambda: rnnattn_ext.LSTM(5, 8, num_layers=2), "weight_hh_l1", torch.randn(32, 7), ValueError,
+     r"LSTM: parameter weight_hh_l1 must have shape \(32, 8\), got \(32, 7\)"),
+    (lambda: rnnattn_ext.GRU(5, 8, num_layers=2, bidirectional=True), "bias_ih_l1_reverse", torch.randn(23), ValueError,
+     r"GRU: parameter bias_ih_l1_reverse must have shape \(24,\), got \(23,\)"),
+    (lambda: rnnattn_ext.RNN(5, 8, num_layers=3), "weight_ih_l2", torch.randn(8, 8, dtype=torch.float64), TypeError,
+     r"RNN: parameter weight_ih_l2 must have the input's dtype \(torch.float32\), got torch.float64"),
+    (lambda: rnnattn_ext.LSTM(5, 8, proj_size=4, bidirectional=True), "weight_hr_l0_reverse",
+     torch.randn(4, 8, dtype=torch.float64), TypeError, r"LSTM: parameter weight_hr_l0_reverse must have the input's dtype"),
+    (lambda: rnnattn_ext.AttnLSTM(5, 8, num_layers=2, num_heads=2, head_dim=3, window=3), "weight_k_l1",
+     torch.randn(6, 7), ValueError, r"AttnLSTM: parameter weight_k_l1 must have shape \(6, 8\), got \(6, 7\)"),
+    (lambda: rnnattn_ext.AttnGRU(5, 8, num_heads=2, memory_size=6, bidirectional=True), "weight_c_l0_reverse",
+     torch.randn(24, 8, dtype=torch.float64), TypeError, r"AttnGRU: parameter weight_c_l0_reverse must have the input's dtype"),
+]
+
+
+# stream is for unidirectional modules only.
+PARAMETER_CALLS = [(call, case) for case in PARAMETER_CASES for call in ("forward", "stream")
+                   if call == "forward" or "reverse" not in case[1]]
+
+
+@pytest.mark.parametrize("call,case", PARAMETER_CALLS, ids=[f"{c[1][1]}-{c[0]}" for c in PARAMETER_CALLS])
+def test_module_names_the_parameter_that_does_not_fit(call, case):
+    make, name, value, error, match = case
+    module = make()
+    setattr(module, name, torch.nn.Parameter(value))
+    kwargs = {"memory": torch.randn(2, 3, 6)} if getattr(module, "memory_size", None) else {}
+    run = module if call == "forward" else module.stream
+    with pytest.raises(error, match=match) as caught:
+        run(torch.randn(4, 3, 5), **kwargs)
+    assert "rnnattn." in str(caught.value.__cause__)  # the op's own error stays in the chain
+
+
+def test_module_error_not_about_a_parameter_stays_as_it_was():
+    module = rnnattn_ext.GRU(5, 8, num_layers=2)
+    with pytest.raises(ValueError, match=r"expected h_0 of size \(2, 3, 8\), got \(2, 2, 8\)") as caught:
+        module(torch.randn(4, 3, 5), torch.zeros(2, 2, 8))
+    assert caught.value.__cause__ is None
 
 
 @pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])

@@ -247,3 +247,11 @@ def test_no_warnings_in_plain_use():
         m = rnnattn_ext.LSTM(3, 4, num_layers=2)
         out, (h, c) = m(torch.randn(5, 2, 3))
         out.sum().backward()
+
+
+def test_functional_stack_names_a_missing_weight():
+    ours = rnnattn_ext.GRU(5, 8, num_layers=2)
+    weights = ours._layer_weights()
+    weights[1] = (weights[1][0], None, *weights[1][2:])
+    with pytest.raises(TypeError, match=r"stack: weights\[1\] must hold w_ih and w_hh, got None"):
+        rnnattn_ext.functional.stack("gru", torch.randn(4, 3, 5), [torch.zeros(2, 3, 8)], weights, 2, False)

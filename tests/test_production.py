@@ -194,6 +194,21 @@ def test_jit_trace_saved_and_loaded_in_a_fresh_process(tmp_path):
     """, tmp_path)
 
 
+@pytest.mark.parametrize("make", [lambda: rnnattn_ext.LSTM(5, 8), lambda: rnnattn_ext.AttnGRU(5, 8, num_heads=2),
+                                  lambda: nn_sequential_with(rnnattn_ext.HybridBlock(5, 8, num_heads=2))],
+                         ids=["LSTM", "AttnGRU", "HybridBlock-inside"])
+def test_jit_script_says_what_to_use_instead(make):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script itself is deprecated
+        with pytest.raises(RuntimeError, match="cannot be compiled by torch.jit.script.*torch.jit.trace, torch.compile "
+                                               "and torch.export"):
+            torch.jit.script(make())
+
+
+def nn_sequential_with(module):
+    return torch.nn.Sequential(torch.nn.Identity(), module)
+
+
 def test_ddp_gloo_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
     torch.manual_seed(4)
     module = rnnattn_ext.AttnLSTM(5, 8, num_heads=2, window=3).double()

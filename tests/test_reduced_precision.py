@@ -120,7 +120,7 @@ def test_the_ops_themselves_still_take_float32_or_float64_on_the_cpu():
                                   lambda: rnnattn_ext.AttnLSTM(4, 5, num_heads=1)], ids=["GRU", "LSTM2", "AttnLSTM"])
 def test_an_input_of_another_dtype_is_refused(make, input_dtype, module_dtype):
     module = make().to(module_dtype)
-    with pytest.raises(TypeError, match="must have the dtype of input"):
+    with pytest.raises(TypeError, match=rf"input must have the parameters' dtype \({module_dtype}\), got {input_dtype}"):
         module(torch.randn(3, 2, 4, dtype=input_dtype))
 
 

@@ -132,3 +132,13 @@ def test_stream_refuses_what_it_cannot_continue():
         rnnattn_ext.LSTM(3, 4, bidirectional=True).stream(torch.randn(2, 1, 3))
     with pytest.raises(TypeError, match="state must be an AttentionState"):
         rnnattn_ext.AttnLSTM(3, 4).stream(torch.randn(2, 1, 3), (torch.zeros(1, 1, 4), torch.zeros(1, 1, 4)))
+
+
+def test_carried_slots_needs_both_past_keys_and_values():
+    x, states, weights, _ = attention_args("gru", 2, 3, 4, 6, 2, 3, generator=torch.Generator().manual_seed(1))
+    y, _, _, _ = functional.attention_layer("gru", x, states, weights, 2, 3)
+    keys, values = functional.carried_slots(states[0], y, weights, 3)
+    with pytest.raises(ValueError, match="past_keys and past_values come together"):
+        functional.carried_slots(states[0], y, weights, 3, past_keys=keys)
+    with pytest.raises(TypeError, match="weights must hold w_k and w_v"):
+        functional.carried_slots(states[0], y, [*weights[:6], None, *weights[7:]], 3)

@@ -70,6 +70,8 @@ def test_wheel_installs_into_a_fresh_environment_and_runs(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         [metadata] = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
         assert "Requires-Dist: torch>=2.11" in archive.read(metadata).decode()
+        # PEP 561: type checkers read the package's annotations.
+        assert "rnnattn_ext/py.typed" in archive.namelist()
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     smoke = subprocess.run([python, "-c", SMOKE], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)

@@ -77,7 +77,7 @@ class AttentionRecurrentBase(RecurrentBase):
 
     def _extra_parameter_shapes(self, layer: int, suffix: str) -> list[tuple[str, tuple[int, ...]]]:
         width, memory_width = self.attention_width, self._memory_width()
-        shapes = []
+        shapes: list[tuple[str, tuple[int, ...]]] = []
         for part, columns in (("q", self.state_size), ("k", memory_width), ("v", memory_width)):
             shapes.append((f"weight_{part}_l{layer}{suffix}", (width, columns)))
             if self.bias:
@@ -151,6 +151,9 @@ class AttentionRecurrentBase(RecurrentBase):
         for PackedSequence input). Variable lengths come as a PackedSequence input or as ``lengths``
         (B,): a row stops after its last valid step, attends over its valid states only, and its
         later outputs are zero."""
+        return self._naming_faults(self._forward_unnamed, input, hx, memory, memory_lengths, need_weights, lengths)
+
+    def _forward_unnamed(self, input, hx, memory, memory_lengths, need_weights, lengths):
         if lengths is None and not need_weights:
             in_cpp = self._run_attention_layers(input, hx, memory, memory_lengths)
             if in_cpp is not None:
@@ -202,6 +205,9 @@ class AttentionRecurrentBase(RecurrentBase):
         carries the cell's states and, for self memory, each layer's most recent ``window - 1`` slots'
         keys and values (all of them when ``window`` is None: that memory grows with the sequence).
         Unidirectional modules only."""
+        return self._naming_faults(self._stream_unnamed, input, state, memory, memory_lengths)
+
+    def _stream_unnamed(self, input, state, memory, memory_lengths):
         self._check_streamable(input)
         name = type(self).__name__
         if state is not None and not isinstance(state, AttentionState):

@@ -8,6 +8,7 @@ bfloat16 and float16 layers compute in float32 and return their results in their
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,9 +56,9 @@ def _cpu_reduced_dtype(input: Tensor) -> torch.dtype | None:
     return None if torch.is_autocast_enabled("cpu") else input.dtype
 
 
-def _upcast(function: str, reduced: torch.dtype, **tensors: Tensor | None) -> list[Tensor | None]:
+def _upcast(function: str, reduced: torch.dtype, **tensors: Tensor | None) -> list[Any]:
     """The named tensors (None for an absent one) in float32; each must have the input's dtype, as
-    the op requires of them."""
+    the op requires of them. (Any: each caller knows which of its tensors may be None.)"""
     for name, t in tensors.items():
         if t is not None and t.dtype != reduced:
             raise TypeError(f"rnnattn_ext.functional.{function}: {name} must have the dtype of input ({reduced}), "
@@ -96,9 +97,10 @@ def layer(
     reduced = _cpu_reduced_dtype(input)
     if reduced is not None:
         input, *states = _upcast("layer", reduced, input=input, **{f"states[{i}]": s for i, s in enumerate(states)})
-        weight_ih, weight_hh, bias_ih, bias_hh, *projection = _upcast(
+        weight_ih, weight_hh, bias_ih, bias_hh, *upcast_projection = _upcast(
             "layer", reduced, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
             **({"weight_hr": projection[0]} if projection else {}))
+        projection = tuple(upcast_projection)
     result = _ops.forward_op(cell)(input, *states, weight_ih, weight_hh, bias_ih, bias_hh, *projection, lengths,
                                    reverse, training)
     if reduced is not None:
@@ -133,6 +135,8 @@ def stack(
         for direction in range(directions):
             index = layer_index * directions + direction
             w_ih, w_hh, b_ih, b_hh, *w_hr = weights[index]
+            if w_ih is None or w_hh is None:
+                raise TypeError(f"rnnattn_ext.functional.stack: weights[{index}] must hold w_ih and w_hh, got None")
             y, last = layer(
                 cell, x, [s[index] for s in states], w_ih, w_hh, b_ih, b_hh, reverse=direction == 1, lengths=lengths,
                 weight_hr=w_hr[0] if w_hr else None,
@@ -273,6 +277,11 @@ def carried_slots(
     are computed, once each.
     """
     w_k, b_k, w_v, b_v = weights[6], weights[7], weights[8], weights[9]
+    if w_k is None or w_v is None:
+        raise TypeError("rnnattn_ext.functional.carried_slots: weights must hold w_k and w_v, got None")
+    if (past_keys is None) != (past_values is None):
+        raise ValueError("rnnattn_ext.functional.carried_slots: past_keys and past_values come together, got one "
+                         "of them")
     wanted = None if window is None else window - 1
     if wanted == 0:
         return None, None
@@ -280,7 +289,7 @@ def carried_slots(
     if wanted is not None:
         states = states[-wanted:]
     keys, values = F.linear(states, w_k, b_k), F.linear(states, w_v, b_v)
-    if past_keys is not None:
+    if past_keys is not None and past_values is not None:
         keys, values = torch.cat([past_keys, keys], dim=0), torch.cat([past_values, values], dim=0)
         if wanted is not None:
             keys, values = keys[-wanted:], values[-wanted:]

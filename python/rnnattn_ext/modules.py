@@ -11,7 +11,7 @@ import functools
 import math
 import numbers
 import warnings
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +49,11 @@ class _Prepared(NamedTuple):
     batched: bool
     lengths: Tensor | None  # (B,) int64 on x's device
     packed: PackedSequence | None  # the PackedSequence input, whose layout the output takes
+
+    @overload
+    def packed_order(self, t: Tensor, dim: int) -> Tensor: ...
+    @overload
+    def packed_order(self, t: None, dim: int) -> None: ...
 
     def packed_order(self, t: Tensor | None, dim: int) -> Tensor | None:
         """A per-row tensor in the caller's batch order, reordered as x's rows are (longest first for
@@ -135,31 +140,65 @@ class RecurrentBase(nn.Module):
         self.bidirectional = bidirectional
         self.proj_size = proj_size
         factory = {"device": device, "dtype": dtype}
-        gate_size = _GATES[cell] * hidden_size
-        directions = 2 if bidirectional else 1
         self._flat_weights_names: list[str] = []
         self._all_weights: list[list[str]] = []
-        for layer in range(num_layers):
-            layer_input = input_size if layer == 0 else self.state_size * directions
+        for shapes in self._parameter_shapes():
+            for param_name, shape in shapes:
+                self.register_parameter(param_name, nn.Parameter(torch.empty(shape, **factory)))
+            self._flat_weights_names.extend(n for n, _ in shapes)
+            self._all_weights.append([n for n, _ in shapes])
+        self.reset_parameters()
+
+    def _parameter_shapes(self) -> list[list[tuple[str, tuple[int, ...]]]]:
+        """Per layer and direction, in torch.nn's order, each parameter's name and shape."""
+        gate_size = _GATES[self.cell] * self.hidden_size
+        directions = 2 if self.bidirectional else 1
+        result = []
+        for layer in range(self.num_layers):
+            layer_input = self.input_size if layer == 0 else self.state_size * directions
             for direction in range(directions):
                 suffix = "_reverse" if direction == 1 else ""
-                shapes = [
+                shapes: list[tuple[str, tuple[int, ...]]] = [
                     (f"weight_ih_l{layer}{suffix}", (gate_size, layer_input)),
                     (f"weight_hh_l{layer}{suffix}", (gate_size, self.state_size)),
                 ]
-                if bias:
+                if self.bias:
                     shapes += [
                         (f"bias_ih_l{layer}{suffix}", (gate_size,)),
                         (f"bias_hh_l{layer}{suffix}", (gate_size,)),
                     ]
-                if proj_size > 0:
-                    shapes.append((f"weight_hr_l{layer}{suffix}", (proj_size, hidden_size)))
-                shapes += self._extra_parameter_shapes(layer, suffix)
-                for param_name, shape in shapes:
-                    self.register_parameter(param_name, nn.Parameter(torch.empty(shape, **factory)))
-                self._flat_weights_names.extend(n for n, _ in shapes)
-                self._all_weights.append([n for n, _ in shapes])
-        self.reset_parameters()
+                if self.proj_size > 0:
+                    shapes.append((f"weight_hr_l{layer}{suffix}", (self.proj_size, self.hidden_size)))
+                result.append(shapes + self._extra_parameter_shapes(layer, suffix))
+        return result
+
+    def _parameter_fault(self, input, error_type: type[Exception]) -> Exception | None:
+        """An op names the argument it rejects (``weight_hh``), not the parameter it came from: after
+        an error, the parameter that does not fit the module (shape) or the input (dtype outside
+        autocast, device), named, as an error of the op's error type; the input, when every parameter
+        has one dtype or device and the input another; None if everything fits."""
+        like = input.data if isinstance(input, PackedSequence) else input
+        if not isinstance(like, Tensor):
+            return None
+        owner = type(self).__name__
+        named = [(name, shape, getattr(self, name, None)) for shapes in self._parameter_shapes()
+                 for name, shape in shapes]
+        for name, shape, value in named:
+            if not isinstance(value, Tensor):
+                return error_type(f"{owner}: parameter {name} must be a Tensor, got {type(value).__name__}")
+            if tuple(value.shape) != shape:
+                return error_type(f"{owner}: parameter {name} must have shape {shape}, got {tuple(value.shape)}")
+        checks: list[tuple[str, object]] = [("device", like.device)]
+        if like.is_floating_point() and not torch.is_autocast_enabled(like.device.type):
+            checks.append(("dtype", like.dtype))
+        for attribute, wanted in checks:
+            odd = [(name, getattr(value, attribute)) for name, _, value in named if getattr(value, attribute) != wanted]
+            if odd and len(odd) < len(named):
+                name, got = odd[0]
+                return error_type(f"{owner}: parameter {name} must have the input's {attribute} ({wanted}), got {got}")
+            if odd and len({got for _, got in odd}) == 1:
+                return error_type(f"{owner}: input must have the parameters' {attribute} ({odd[0][1]}), got {wanted}")
+        return None
 
     @property
     def state_size(self) -> int:
@@ -192,6 +231,13 @@ class RecurrentBase(nn.Module):
     def _flat_weights(self) -> list[Tensor | None]:
         """Every parameter in torch.nn's flat order (``_flat_weights_names``), as torch.nn's modules list them."""
         return [getattr(self, name, None) for name in self._flat_weights_names]
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before it compiles anything: a clear error
+        # here instead of TorchScript's complaint about some line of Python it cannot compile.
+        raise RuntimeError(f"{type(self).__name__} cannot be compiled by torch.jit.script (its forward is Python "
+                           "that TorchScript does not support); torch.jit.trace, torch.compile and torch.export "
+                           "all take it")
 
     def flatten_parameters(self) -> None:
         """Kept for code written against torch.nn (which calls it before cuDNN runs): nothing to do here,
@@ -239,7 +285,21 @@ class RecurrentBase(nn.Module):
         """Width of each state: h is state_size wide (proj_size with a projection), c hidden_size."""
         return (self.state_size, self.hidden_size)[: self._num_states()]
 
+    def _naming_faults(self, run, input, *args):
+        """run(input, *args), its error about a parameter re-raised naming the parameter
+        (_parameter_fault). Free until something fails."""
+        try:
+            return run(input, *args)
+        except (TypeError, ValueError, RuntimeError) as error:
+            fault = self._parameter_fault(input, type(error))
+            if fault is None:
+                raise
+            raise fault from error
+
     def _run(self, input: Tensor | PackedSequence, hx: Tensor | tuple[Tensor, ...] | None, lengths=None):
+        return self._naming_faults(self._run_unnamed, input, hx, lengths)
+
+    def _run_unnamed(self, input: Tensor | PackedSequence, hx: Tensor | tuple[Tensor, ...] | None, lengths=None):
         if (lengths is None and not self.bidirectional and type(input) is Tensor
                 and (self.num_layers == 1 or self.dropout == 0.0 or not self.training)):
             result = self._run_layers(input, hx)
@@ -355,8 +415,9 @@ class RecurrentBase(nn.Module):
     def _finish(self, output: Tensor, finals: list[Tensor], prepared: _Prepared):
         """The time-major output and final states in the caller's layout (a PackedSequence for one)."""
         if prepared.packed is not None:
-            like = prepared.packed
-            data, _ = torch.ops.aten._pack_padded_sequence(output, prepared.lengths.cpu(), False)
+            like, lengths = prepared.packed, prepared.lengths
+            assert lengths is not None  # _prepare takes a PackedSequence's lengths from it
+            data, _ = torch.ops.aten._pack_padded_sequence(output, lengths.cpu(), False)
             finals = [prepared.caller_order(f, 1) for f in finals]
             return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices), finals
         if not prepared.batched:

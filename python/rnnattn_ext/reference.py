@@ -95,10 +95,12 @@ def layer(
             input.shape[0], lengths)
     states = list(states)
     steps = range(input.shape[0] - 1, -1, -1) if reverse else range(input.shape[0])
-    outputs = [None] * input.shape[0]
+    outputs: list[Tensor] = []  # in step order
     for t in steps:
         states = _project(_step(cell, input[t], states, (weight_ih, weight_hh, bias_ih, bias_hh)), weight_hr)
-        outputs[t] = states[0]
+        outputs.append(states[0])
+    if reverse:
+        outputs.reverse()
     if outputs:
         output = torch.stack(outputs, dim=0)
     else:
@@ -181,8 +183,8 @@ def attention_layer(
     scale = head_dim ** -0.5
     states = list(states)
     order = range(steps - 1, -1, -1) if reverse else range(steps)
-    outputs = [None] * steps
-    contexts = [None] * steps
+    outputs: list[Tensor] = []  # in step order
+    contexts: list[Tensor] = []
     if memory is not None:
         slots = memory.shape[0]
     else:
@@ -200,7 +202,8 @@ def attention_layer(
             (batch,), memory.shape[0], device=memory.device)
         valid = positions.unsqueeze(0) < lengths.unsqueeze(1)  # (B, S)
     else:
-        past_keys, past_values = [], []  # each slot's key and value, computed once
+        past_keys: list[Tensor] = []  # each slot's key and value, computed once
+        past_values: list[Tensor] = []
 
     for t in order:
         h_prev = states[0]
@@ -219,8 +222,11 @@ def attention_layer(
         attention[t, :, :, slots - weights.shape[-1]:] = weights
         x_term = _linear(input[t], weight_ih, bias_ih) + context @ weight_c.t()
         states = _project(cell_update(cell, x_term, _linear(h_prev, weight_hh, bias_hh), states), weight_hr)
-        outputs[t] = states[0]
-        contexts[t] = context
+        outputs.append(states[0])
+        contexts.append(context)
+    if reverse:
+        outputs.reverse()
+        contexts.reverse()
     if steps:
         output, context_out = torch.stack(outputs), torch.stack(contexts)
     else:

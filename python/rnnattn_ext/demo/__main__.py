@@ -135,7 +135,7 @@ def main(argv=None) -> dict:
     final_windows = data.evaluation_windows(corpus.held_out, config.seq_len, config.final_eval_windows)
     tokens = config.batch * config.seq_len
     common_seconds = min(h.train_seconds for h in histories.values())
-    results = {}
+    results: dict[str, dict] = {}
     for kind, history in histories.items():
         results[kind] = {
             "label": LABELS[kind],

@@ -30,7 +30,7 @@ class Corpus:
 def standard_library_sources(root: str | None = None) -> list[str]:
     """The .py files of the standard library (not site-packages), sorted by path."""
     root = root or sysconfig.get_paths()["stdlib"]
-    found = []
+    found: list[str] = []
     for folder, subfolders, files in os.walk(root):
         subfolders[:] = sorted(d for d in subfolders if d not in ("site-packages", "__pycache__"))
         found.extend(os.path.join(folder, f) for f in files if f.endswith(".py"))

@@ -20,6 +20,7 @@ class CharModel(nn.Module):
             raise ValueError(f"rnnattn_ext.demo: model kind must be one of {KINDS}, got {kind!r}")
         self.kind = kind
         self.embed = nn.Embedding(vocab, embed)
+        self.core: nn.Module
         if kind == "attn_lstm":
             self.core = AttnLSTM(embed, hidden, num_layers=layers, num_heads=heads, head_dim=head_dim, window=window,
                                  batch_first=True)
@@ -34,9 +35,9 @@ class CharModel(nn.Module):
         output, _ = self.core(self.embed(codes))
         return self.head(output)
 
-    def streaming_core(self) -> nn.Module:
+    def streaming_core(self) -> LSTM | AttnLSTM:
         """A module with ``stream``: ours, or for torch.nn.LSTM our drop-in LSTM with its weights."""
-        if hasattr(self.core, "stream"):
+        if isinstance(self.core, (LSTM, AttnLSTM)):
             return self.core
         twin = LSTM(self.core.input_size, self.core.hidden_size, num_layers=self.core.num_layers, batch_first=True)
         twin.load_state_dict(self.core.state_dict())

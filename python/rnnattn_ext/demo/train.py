@@ -93,7 +93,7 @@ def load_checkpoint(path: str, model: CharModel, optimizer, config: Config) -> t
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     history = History(**saved["history"])
-    history.eval_points = [tuple(p) for p in history.eval_points]
+    history.eval_points = [(int(step), float(seconds), float(bpc)) for step, seconds, bpc in history.eval_points]
     return saved["step"], history
 
 
