@@ -4,8 +4,10 @@
 // streaming call also with each layer's self-memory slots to carry). It calls the cell's forward op
 // through the dispatcher, as torch.ops does, so autograd, autocast, every device, __torch_dispatch__
 // modes and the op's own checks and errors apply unchanged. What it saves is Python: at a streaming
-// step (T = 1) the states' select and unsqueeze, the functional layer's checks and torch.ops'
-// argument parsing cost about as much as the op itself.
+// step (T = 1) the states' select and unsqueeze, the functional layer's checks, torch.ops' argument
+// parsing and gathering each layer's parameters cost about as much as the op itself. The
+// parameters are read here, at every call, from the module by the names it works out once
+// (RecurrentBase._layer_call).
 //
 // Anything else returns None, and the module takes its general Python path, which explains bad
 // arguments in its own errors: a __torch_function__ mode or a Tensor subclass (torch.ops would
@@ -122,15 +124,37 @@ struct LayersCall {
   at::Tensor x;  // time-major
   std::vector<at::Tensor> states;  // hx's (layers, B, width) tensors; empty: zeros
   std::vector<at::Tensor> zeros;   // hx None: one (B, width) zero tensor per state, for every layer
-  std::vector<std::vector<const at::Tensor*>> weights;  // per layer, in the op's schema order; nullptr: None
+  std::vector<std::vector<at::Tensor>> weights;  // per layer, in the op's schema order; undefined: None
   int64_t layers() const { return static_cast<int64_t>(weights.size()); }
   at::Tensor state(size_t s, int64_t layer) const { return states.empty() ? zeros[s] : states[s].select(0, layer); }
 };
 
-// The call's input, states and weights, or nothing when the general path must take it.
+// The module's parameter `name` as its attribute gives it: from its _parameters dict (`parameters`),
+// else by getattr (a parametrized weight); false when it is neither a plain tensor nor None.
+bool module_parameter(py::handle module, py::handle parameters, py::handle name, at::Tensor& out) {
+  py::handle found = PyDict_GetItemWithError(parameters.ptr(), name.ptr());  // borrowed
+  if (found.ptr() == nullptr && PyErr_Occurred()) throw py::error_already_set();
+  py::object attribute;
+  if (found.ptr() == nullptr) {
+    attribute = py::getattr(module, name, py::none());
+    found = attribute;
+  }
+  if (found.is_none()) {
+    out = at::Tensor();
+    return true;
+  }
+  const at::Tensor* tensor = plain_tensor(found);
+  if (tensor == nullptr) return false;
+  out = *tensor;  // a reference of our own: the module may drop its parameter while the op runs
+  return true;
+}
+
+// The call's input, states and weights, or nothing when the general path must take it. The weights
+// are the module's parameters named, per layer, by `layer_names` in the op's schema order (None for
+// one the module does not have: no bias, no projection).
 std::optional<LayersCall> layers_call(const ForwardOp& op, py::handle input_object, py::handle hx, int64_t input_size,
-                                      const std::vector<int64_t>& widths, bool batch_first,
-                                      const py::sequence& layer_weights) {
+                                      const std::vector<int64_t>& widths, bool batch_first, py::handle module,
+                                      const py::sequence& layer_names) {
   if (at::impl::torch_function_mode_enabled() || torch::jit::tracer::isTracing()) return std::nullopt;
   const at::Tensor* input = plain_tensor(input_object);
   if (input == nullptr || input->dim() != 3 || input->size(2) != input_size || reduced_on_cpu(*input)) {
@@ -140,20 +164,20 @@ std::optional<LayersCall> layers_call(const ForwardOp& op, py::handle input_obje
                         " states");
   LayersCall call;
   call.x = batch_first ? input->transpose(0, 1) : *input;
-  const int64_t batch = call.x.size(1), layers = static_cast<int64_t>(py::len(layer_weights));
+  const int64_t batch = call.x.size(1), layers = static_cast<int64_t>(py::len(layer_names));
   if (call.x.size(0) == 0 || layers == 0) return std::nullopt;
 
-  for (py::handle weights : layer_weights) {
-    std::vector<const at::Tensor*> tensors;
-    for (py::handle weight : py::reinterpret_borrow<py::sequence>(weights)) {
-      const at::Tensor* tensor = weight.is_none() ? nullptr : plain_tensor(weight);
-      if (tensor == nullptr && !weight.is_none()) return std::nullopt;
-      tensors.push_back(tensor);
+  const py::object parameters = module.attr("_parameters");
+  for (py::handle names : layer_names) {
+    std::vector<at::Tensor> tensors;
+    for (py::handle name : py::reinterpret_borrow<py::sequence>(names)) {
+      tensors.emplace_back();
+      if (!name.is_none() && !module_parameter(module, parameters, name, tensors.back())) return std::nullopt;
     }
-    // A required weight given as None: the general path explains it.
+    // A required weight missing: the general path explains it.
     if (tensors.size() > op.required_weight.size()) return std::nullopt;
     for (size_t i = 0; i < op.required_weight.size(); ++i) {
-      if (op.required_weight[i] && (i >= tensors.size() || tensors[i] == nullptr)) return std::nullopt;
+      if (op.required_weight[i] && (i >= tensors.size() || !tensors[i].defined())) return std::nullopt;
     }
     call.weights.push_back(std::move(tensors));
   }
@@ -183,11 +207,11 @@ std::optional<LayersCall> layers_call(const ForwardOp& op, py::handle input_obje
 
 // Activations are kept for backward only when autograd will differentiate (functional.needs_workspace).
 bool needs_workspace(const at::Tensor& x, const std::vector<at::Tensor>& states,
-                     const std::vector<const at::Tensor*>& weights, const AttentionArguments* attention) {
+                     const std::vector<at::Tensor>& weights, const AttentionArguments* attention) {
   if (!at::GradMode::is_enabled()) return false;
   bool any = x.requires_grad();
   for (const auto& s : states) any = any || s.requires_grad();
-  for (const auto* w : weights) any = any || (w != nullptr && w->requires_grad());
+  for (const auto& w : weights) any = any || (w.defined() && w.requires_grad());
   if (attention != nullptr) {
     for (const auto* t : {&attention->memory, &attention->past_keys, &attention->past_values}) {
       any = any || (t->has_value() && (*t)->requires_grad());
@@ -199,7 +223,7 @@ bool needs_workspace(const at::Tensor& x, const std::vector<at::Tensor>& states,
 // Runs the op on one layer's arguments (layers_call has checked its weights); its outputs are left
 // on the stack.
 void call_op(const ForwardOp& op, const at::Tensor& x, const std::vector<at::Tensor>& states,
-             const std::vector<const at::Tensor*>& weights, const AttentionArguments* attention,
+             const std::vector<at::Tensor>& weights, const AttentionArguments* attention,
              torch::jit::Stack& stack) {
   const bool training = needs_workspace(x, states, weights, attention);
   auto optional = [&stack](const std::optional<at::Tensor>& t) {
@@ -216,9 +240,9 @@ void call_op(const ForwardOp& op, const at::Tensor& x, const std::vector<at::Ten
       case Source::state: stack.emplace_back(states[next_state++]); break;
       case Source::weight:
       case Source::optional_weight: {
-        const at::Tensor* w = next_weight < weights.size() ? weights[next_weight] : nullptr;
+        const at::Tensor* w = next_weight < weights.size() ? &weights[next_weight] : nullptr;
         ++next_weight;
-        if (w == nullptr) stack.emplace_back(); else stack.emplace_back(*w);
+        if (w == nullptr || !w->defined()) stack.emplace_back(); else stack.emplace_back(*w);
         break;
       }
       case Source::absent: stack.emplace_back(); break;
@@ -269,13 +293,15 @@ py::list wrap_all(std::vector<at::Tensor> tensors) {
 }
 
 // (output, [final states]) with the module's layouts (output batch-first if asked, each final
-// state (layers, B, width)), or None when the general path must take the call. `layer_weights`:
-// per layer the op's weights in its schema order.
+// state (layers, B, width)), or None when the general path must take the call. The weights are
+// `module`'s parameters named by `layer_names` (layers_call).
 py::object run_layers(const std::string& cell, py::handle input, py::handle hx, int64_t input_size,
-                      const std::vector<int64_t>& widths, bool batch_first, const py::sequence& layer_weights) {
+                      const std::vector<int64_t>& widths, bool batch_first, py::handle module,
+                      const py::sequence& layer_names) {
   HANDLE_TH_ERRORS
   const ForwardOp& op = forward_op(cell + "_forward");
-  const std::optional<LayersCall> call = layers_call(op, input, hx, input_size, widths, batch_first, layer_weights);
+  const std::optional<LayersCall> call =
+      layers_call(op, input, hx, input_size, widths, batch_first, module, layer_names);
   if (!call) return py::none();
   auto [output, finals] = run_each_layer(op, *call, nullptr);
   return py::make_tuple(wrap(batch_first ? output.transpose(0, 1) : std::move(output)), wrap_all(std::move(finals)));
@@ -287,7 +313,7 @@ py::object run_layers(const std::string& cell, py::handle input, py::handle hx, 
 // oldest first; nothing with window 1). This call's slots were the past ones, then h_0 and the
 // outputs but the last; only the new slots' keys and values are computed, once each.
 std::pair<py::object, py::object> carried_slots(const at::Tensor& h0, const at::Tensor& output,
-                                                const py::sequence& weights, size_t key_index,
+                                                const std::vector<at::Tensor>& weights, size_t key_index,
                                                 const AttentionArguments& attention) {
   const std::optional<int64_t> wanted = attention.window ? std::optional<int64_t>(*attention.window - 1) : std::nullopt;
   if (wanted == 0) return {py::none(), py::none()};
@@ -299,13 +325,12 @@ std::pair<py::object, py::object> carried_slots(const at::Tensor& h0, const at::
   } else {
     states = steps == 1 ? h0.unsqueeze(0) : at::cat({h0.unsqueeze(0), output.narrow(0, 0, steps - 1)}, 0);
   }
-  auto weight = [&](size_t i) { return THPVariable_Unpack(weights[i].ptr()); };
   auto bias = [&](size_t i) {
-    return weights[i].is_none() ? std::optional<at::Tensor>() : std::optional<at::Tensor>(weight(i));
+    return weights[i].defined() ? std::optional<at::Tensor>(weights[i]) : std::optional<at::Tensor>();
   };
-  // layer_call has checked that every weight is a plain tensor or None.
-  at::Tensor keys = at::linear(states, weight(key_index), bias(key_index + 1));
-  at::Tensor values = at::linear(states, weight(key_index + 2), bias(key_index + 3));
+  // layers_call has checked that the required weights are there.
+  at::Tensor keys = at::linear(states, weights[key_index], bias(key_index + 1));
+  at::Tensor values = at::linear(states, weights[key_index + 2], bias(key_index + 3));
   if (attention.past_keys) {
     const at::Tensor& past_k = *attention.past_keys;
     const at::Tensor& past_v = *attention.past_values;
@@ -322,16 +347,17 @@ std::pair<py::object, py::object> carried_slots(const at::Tensor& h0, const at::
 // The attention modules' call (one direction, no dropout between layers): (output, [final states],
 // keys, values), keys and values per layer the self memory's slots to carry (carried_slots) when
 // carry_slots is set, else None; or None when the general path must take the call.
-// `layer_weights`: per layer the op's weights in its schema order (with weight_hr, None when absent,
-// for the LSTM); `past_keys`, `past_values`: None or per layer a tensor or None.
+// The weights are `module`'s parameters named by `layer_names` (layers_call; the LSTM's include
+// weight_hr, None without a projection); `past_keys`, `past_values`: None or per layer a tensor or None.
 py::object run_attention_layers(const std::string& cell, py::handle input, py::handle hx, int64_t input_size,
-                                const std::vector<int64_t>& widths, bool batch_first,
-                                const py::sequence& layer_weights, int64_t num_heads, std::optional<int64_t> window,
+                                const std::vector<int64_t>& widths, bool batch_first, py::handle module,
+                                const py::sequence& layer_names, int64_t num_heads, std::optional<int64_t> window,
                                 py::handle memory, py::handle memory_lengths, py::handle past_keys,
                                 py::handle past_values, bool carry_slots) {
   HANDLE_TH_ERRORS
   const ForwardOp& op = forward_op(cell + "_attn_forward");
-  const std::optional<LayersCall> call = layers_call(op, input, hx, input_size, widths, batch_first, layer_weights);
+  const std::optional<LayersCall> call =
+      layers_call(op, input, hx, input_size, widths, batch_first, module, layer_names);
   if (!call) return py::none();
   AttentionArguments shared{num_heads, window, {}, {}, {}, {}};  // every layer attends over the same memory
   if (!optional_plain(memory, shared.memory) || !optional_plain(memory_lengths, shared.memory_lengths)) {
@@ -354,9 +380,9 @@ py::object run_attention_layers(const std::string& cell, py::handle input, py::h
   auto [output, finals] = run_each_layer(op, *call, &attention, [&](int64_t layer, const at::Tensor& y) {
     if (!carry) return;
     // w_k, b_k, w_v, b_v are the fifth- to second-last weights (w_c is the last).
-    const auto weights = py::reinterpret_borrow<py::sequence>(layer_weights[layer]);
-    TORCH_INTERNAL_ASSERT(py::len(weights) >= 11, "rnnattn: an attention layer has at least 11 weights");
-    auto [k, v] = carried_slots(call->state(0, layer), y, weights, py::len(weights) - 5, attention[layer]);
+    const std::vector<at::Tensor>& weights = call->weights[layer];
+    TORCH_INTERNAL_ASSERT(weights.size() >= 11, "rnnattn: an attention layer has at least 11 weights");
+    auto [k, v] = carried_slots(call->state(0, layer), y, weights, weights.size() - 5, attention[layer]);
     keys.append(k);
     values.append(v);
   });
@@ -371,12 +397,12 @@ namespace rnnattn {
 
 void define_layer_call(py::module_& module) {
   module.def("run_layers", &run_layers, py::arg("cell"), py::arg("input"), py::arg("hx"), py::arg("input_size"),
-             py::arg("widths"), py::arg("batch_first"), py::arg("layer_weights"),
+             py::arg("widths"), py::arg("batch_first"), py::arg("module"), py::arg("layer_names"),
              "A one-direction module call through the cell's forward op, layer by layer: (output, [finals]), or "
              "None when the module's general path must take it (see csrc/python_layer_call.cpp)");
   module.def("run_attention_layers", &run_attention_layers, py::arg("cell"), py::arg("input"), py::arg("hx"),
-             py::arg("input_size"), py::arg("widths"), py::arg("batch_first"), py::arg("layer_weights"),
-             py::arg("num_heads"), py::arg("window"), py::arg("memory"), py::arg("memory_lengths"),
+             py::arg("input_size"), py::arg("widths"), py::arg("batch_first"), py::arg("module"),
+             py::arg("layer_names"), py::arg("num_heads"), py::arg("window"), py::arg("memory"), py::arg("memory_lengths"),
              py::arg("past_keys"), py::arg("past_values"), py::arg("carry_slots"),
              "The attention modules' call through the cell's attention forward op, layer by layer: (output, "
              "[finals], keys, values), or None when the module's general path must take it");

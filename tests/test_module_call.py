@@ -38,8 +38,8 @@ def _states(module, batch, device, dtype):
 
 
 def _call_args(module, x, hx):
-    return (module.cell, x, hx, module.input_size, module._state_widths(), module.batch_first,
-            module._layer_weights())
+    call = module._layer_call()
+    return (module.cell, x, hx, module.input_size, call.widths, module.batch_first, module, call.names)
 
 
 def _through_functional(module, x, hx):
@@ -120,6 +120,57 @@ def test_stacked_layers_give_the_general_paths_bits(device, name, batch_first, w
     monkeypatch.setattr(_ops, "run_layers", lambda *args, **kwargs: None)
     expected = _attention_run(module, call, leaves)
     _assert_same_bits(ours[0] + ours[1], expected[0] + expected[1])
+
+
+def _general_path_bits(module, x, monkeypatch, leaves=()):
+    """The module's output and its parameters' (and leaves') gradients through the C++ call, then
+    through the general path."""
+    def run():
+        module.zero_grad()
+        for leaf in leaves:
+            leaf.grad = None
+        output, _ = module(x)
+        output.square().sum().backward()
+        return [output.detach()] + [p.grad.clone() for p in module.parameters()] + [t.grad.clone() for t in leaves]
+
+    with monkeypatch.context() as patch:
+        ours = run()
+        patch.setattr(_ops, "run_layers", lambda *args, **kwargs: None)
+        patch.setattr(_ops, "run_attention_layers", lambda *args, **kwargs: None)
+        expected = run()
+    return ours, expected
+
+
+def test_parametrized_weights_are_read_through_the_parametrization(monkeypatch):
+    # weight_norm replaces weight_hh_l1 by a property computed from two parameters of its own: the
+    # C++ call reads the module's attribute, and the gradients reach those parameters.
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    module = rnnattn_ext.LSTM(5, 7, num_layers=2).double()
+    parametrizations.weight_norm(module, "weight_hh_l1")
+    assert "weight_hh_l1" not in module._parameters
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    assert _ops.run_layers(*_call_args(module, x, None)) is not None, "the C++ call was not taken"
+    ours, expected = _general_path_bits(module, x, monkeypatch)
+    _assert_same_bits(ours, expected)
+    assert module.parametrizations.weight_hh_l1.original1.grad is not None
+
+
+@pytest.mark.parametrize("make", [lambda: rnnattn_ext.GRU(5, 7, num_layers=2),
+                                  lambda: rnnattn_ext.AttnGRU(5, 7, num_layers=2, num_heads=1, window=2)],
+                         ids=["GRU", "AttnGRU"])
+def test_a_parameter_replaced_after_a_call_is_the_one_used(make, monkeypatch):
+    # The module works out its parameters' names once; the tensors are read at every call.
+    torch.manual_seed(0)
+    module = make().double()
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    before, _ = module(x)
+    module.weight_hh_l1 = torch.nn.Parameter(torch.randn_like(module.weight_hh_l1))
+    module.bias_ih_l0 = torch.nn.Parameter(torch.randn_like(module.bias_ih_l0))
+    ours, expected = _general_path_bits(module, x, monkeypatch)
+    _assert_same_bits(ours, expected)
+    assert not torch.equal(ours[0], before.detach())
 
 
 def test_stacked_layers_with_dropout_in_training_take_the_general_path(monkeypatch):

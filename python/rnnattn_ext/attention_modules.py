@@ -104,6 +104,9 @@ class AttentionRecurrentBase(RecurrentBase):
             s += f", memory_size={self.memory_size}"
         return s
 
+    def _op_parts(self) -> tuple[str, ...]:
+        return _LSTM_OP_PARTS if self.cell == "lstm" else _OP_PARTS
+
     def _attention_weights(self) -> list[tuple[Tensor | None, ...]]:
         """Per layer and direction the weights functional.attention_stack takes (w_hr last, with a
         projection)."""
@@ -151,14 +154,18 @@ class AttentionRecurrentBase(RecurrentBase):
         for PackedSequence input). Variable lengths come as a PackedSequence input or as ``lengths``
         (B,): a row stops after its last valid step, attends over its valid states only, and its
         later outputs are zero."""
-        return self._naming_faults(self._forward_unnamed, input, hx, memory, memory_lengths, need_weights, lengths)
+        try:  # free until something fails
+            if lengths is None and not need_weights:
+                in_cpp = self._run_attention_layers(input, hx, memory, memory_lengths)
+                if in_cpp is not None:
+                    output, finals, _, _ = in_cpp
+                    return output, ((finals[0], finals[1]) if self.cell == "lstm" else finals[0])
+            return self._forward_general(input, hx, memory, memory_lengths, need_weights, lengths)
+        except (TypeError, ValueError, RuntimeError) as error:
+            self._raise_parameter_fault(error, input)
+            raise
 
-    def _forward_unnamed(self, input, hx, memory, memory_lengths, need_weights, lengths):
-        if lengths is None and not need_weights:
-            in_cpp = self._run_attention_layers(input, hx, memory, memory_lengths)
-            if in_cpp is not None:
-                output, finals, _, _ = in_cpp
-                return output, ((finals[0], finals[1]) if self.cell == "lstm" else finals[0])
+    def _forward_general(self, input, hx, memory, memory_lengths, need_weights, lengths):
         prepared = self._prepare(input, hx, lengths)
         x = prepared.x
         memory, memory_lengths = self._memory(memory, memory_lengths, prepared.batched, x.shape[1])
@@ -179,7 +186,7 @@ class AttentionRecurrentBase(RecurrentBase):
             attentions = [a.transpose(0, 1) for a in attentions]
         return output, state, attentions
 
-    def _run_attention_layers(self, input: Tensor, hx, memory: Tensor | None, memory_lengths,
+    def _run_attention_layers(self, input: Tensor | PackedSequence, hx, memory: Tensor | None, memory_lengths,
                               past_keys: list | None = None, past_values: list | None = None,
                               carry_slots: bool = False):
         """One direction, a batched tensor and no dropout between layers in C++
@@ -192,11 +199,10 @@ class AttentionRecurrentBase(RecurrentBase):
                 or input.shape[1 if self.batch_first else 0] == 0 or torch.compiler.is_compiling()):
             return None
         memory, memory_lengths = self._memory(memory, memory_lengths, True, input.shape[0 if self.batch_first else 1])
-        parts = _LSTM_OP_PARTS if self.cell == "lstm" else _OP_PARTS
-        layer_weights = [self._weights_of(layer, parts) for layer in range(self.num_layers)]
-        return _ops.run_attention_layers(self.cell, input, hx, self.input_size, self._state_widths(),
-                                         self.batch_first, layer_weights, self.num_heads, self.window, memory,
-                                         memory_lengths, past_keys, past_values, carry_slots)
+        call = self._layer_call()
+        return _ops.run_attention_layers(self.cell, input, hx, self.input_size, call.widths, self.batch_first, self,
+                                         call.names, self.num_heads, self.window, memory, memory_lengths, past_keys,
+                                         past_values, carry_slots)
 
     def stream(self, input: Tensor, state: AttentionState | None = None, memory: Tensor | None = None,
                memory_lengths=None):
@@ -205,22 +211,27 @@ class AttentionRecurrentBase(RecurrentBase):
         carries the cell's states and, for self memory, each layer's most recent ``window - 1`` slots'
         keys and values (all of them when ``window`` is None: that memory grows with the sequence).
         Unidirectional modules only."""
-        return self._naming_faults(self._stream_unnamed, input, state, memory, memory_lengths)
-
-    def _stream_unnamed(self, input, state, memory, memory_lengths):
         self._check_streamable(input)
-        name = type(self).__name__
         if state is not None and not isinstance(state, AttentionState):
-            raise TypeError(f"{name}: state must be an AttentionState (from a previous stream call) or None, got "
-                            f"{type(state).__name__}")
+            raise TypeError(f"{type(self).__name__}: state must be an AttentionState (from a previous stream call) or "
+                            f"None, got {type(state).__name__}")
         hx = None if state is None else ((state.h, state.c) if self.cell == "lstm" else state.h)
         self_memory = self.memory_size is None
-        in_cpp = self._run_attention_layers(input, hx, memory, memory_lengths, None if state is None else state.keys,
-                                            None if state is None else state.values, carry_slots=self_memory)
-        if in_cpp is not None:
-            output, finals, keys, values = in_cpp
-            carried = (keys, values) if self_memory else (None, None)
-            return output, AttentionState(finals[0], finals[1] if self.cell == "lstm" else None, *carried)
+        try:  # free until something fails
+            in_cpp = self._run_attention_layers(input, hx, memory, memory_lengths,
+                                                None if state is None else state.keys,
+                                                None if state is None else state.values, carry_slots=self_memory)
+            if in_cpp is not None:
+                output, finals, keys, values = in_cpp
+                carried = (keys, values) if self_memory else (None, None)
+                return output, AttentionState(finals[0], finals[1] if self.cell == "lstm" else None, *carried)
+            return self._stream_general(input, state, hx, memory, memory_lengths)
+        except (TypeError, ValueError, RuntimeError) as error:
+            self._raise_parameter_fault(error, input)
+            raise
+
+    def _stream_general(self, input, state, hx, memory, memory_lengths):
+        self_memory = self.memory_size is None
         prepared = self._prepare(input, hx)
         memory, memory_lengths = self._memory(memory, memory_lengths, prepared.batched, prepared.x.shape[1])
         x, finals = prepared.x, [[] for _ in prepared.states]

@@ -41,6 +41,14 @@ def _parameter_names(layer: int, reverse: bool, parts: tuple[str, ...]) -> tuple
     return _cached_parameter_names(layer, reverse, parts)
 
 
+class _LayerCall(NamedTuple):
+    """What the C++ layer call (``_C.run_layers``) takes from a module besides the call's arguments:
+    fixed by the module's configuration, so worked out once (``RecurrentBase._layer_call``)."""
+
+    widths: tuple[int, ...]  # each state's width
+    names: list[tuple[str | None, ...]]  # per layer its parameters in the op's order; None: the module has none
+
+
 class _Prepared(NamedTuple):
     """A module's input in the ops' terms."""
 
@@ -278,6 +286,22 @@ class RecurrentBase(nn.Module):
         parts = self._layer_parts()
         return [self._weights_of(index, parts) for index in range(len(self._all_weights))]
 
+    def _op_parts(self) -> tuple[str, ...]:
+        """One layer's parameters in the forward op's argument order."""
+        return self._layer_parts()
+
+    def _layer_call(self) -> _LayerCall:
+        """The module's _LayerCall, made on first use (it depends on the configuration only)."""
+        call = self.__dict__.get("_layer_call_made")
+        if call is None:
+            present = set(self._flat_weights_names)
+            names = [tuple(name if name in present else None for name in _make_parameter_names(layer, False,
+                                                                                             self._op_parts()))
+                     for layer in range(self.num_layers)]
+            call = _LayerCall(self._state_widths(), names)
+            self.__dict__["_layer_call_made"] = call  # a plain attribute, not a submodule or parameter
+        return call
+
     def _num_states(self) -> int:
         return 2 if self.cell == "lstm" else 1
 
@@ -285,26 +309,26 @@ class RecurrentBase(nn.Module):
         """Width of each state: h is state_size wide (proj_size with a projection), c hidden_size."""
         return (self.state_size, self.hidden_size)[: self._num_states()]
 
-    def _naming_faults(self, run, input, *args):
-        """run(input, *args), its error about a parameter re-raised naming the parameter
-        (_parameter_fault). Free until something fails."""
-        try:
-            return run(input, *args)
-        except (TypeError, ValueError, RuntimeError) as error:
-            fault = self._parameter_fault(input, type(error))
-            if fault is None:
-                raise
+    def _raise_parameter_fault(self, error: Exception, input) -> None:
+        """After `error`, the error naming the parameter that does not fit (_parameter_fault), raised
+        from it; nothing if there is none (the caller then re-raises `error` as it was)."""
+        fault = self._parameter_fault(input, type(error))
+        if fault is not None:
             raise fault from error
 
     def _run(self, input: Tensor | PackedSequence, hx: Tensor | tuple[Tensor, ...] | None, lengths=None):
-        return self._naming_faults(self._run_unnamed, input, hx, lengths)
+        try:  # free until something fails
+            if (lengths is None and not self.bidirectional and type(input) is Tensor
+                    and (self.num_layers == 1 or self.dropout == 0.0 or not self.training)):
+                result = self._run_layers(input, hx)
+                if result is not None:
+                    return result
+            return self._run_general(input, hx, lengths)
+        except (TypeError, ValueError, RuntimeError) as error:
+            self._raise_parameter_fault(error, input)
+            raise
 
-    def _run_unnamed(self, input: Tensor | PackedSequence, hx: Tensor | tuple[Tensor, ...] | None, lengths=None):
-        if (lengths is None and not self.bidirectional and type(input) is Tensor
-                and (self.num_layers == 1 or self.dropout == 0.0 or not self.training)):
-            result = self._run_layers(input, hx)
-            if result is not None:
-                return result
+    def _run_general(self, input: Tensor | PackedSequence, hx: Tensor | tuple[Tensor, ...] | None, lengths=None):
         prepared = self._prepare(input, hx, lengths)
         output, finals = functional.stack(
             self.cell,
@@ -327,8 +351,8 @@ class RecurrentBase(nn.Module):
         traces, as it cannot see into that call."""
         if torch.compiler.is_compiling():
             return None
-        return _ops.run_layers(self.cell, input, hx, self.input_size, self._state_widths(), self.batch_first,
-                               self._layer_weights())
+        call = self._layer_call()
+        return _ops.run_layers(self.cell, input, hx, self.input_size, call.widths, self.batch_first, self, call.names)
 
     def _prepare(self, input: Tensor | PackedSequence, hx: Tensor | tuple[Tensor, ...] | None,
                  lengths=None) -> _Prepared:
