@@ -262,11 +262,13 @@ PARAMETER_CASES = [
     (lambda: rnnattn_ext.RNN(5, 8, num_layers=3), "weight_ih_l2", torch.randn(8, 8, dtype=torch.float64), TypeError,
      r"RNN: parameter weight_ih_l2 must have the input's dtype \(torch.float32\), got torch.float64"),
     (lambda: rnnattn_ext.LSTM(5, 8, proj_size=4, bidirectional=True), "weight_hr_l0_reverse",
-     torch.randn(4, 8, dtype=torch.float64), TypeError, r"LSTM: parameter weight_hr_l0_reverse must have the input's dtype"),
+     torch.randn(4, 8, dtype=torch.float64), TypeError,
+     r"LSTM: parameter weight_hr_l0_reverse must have the input's dtype"),
     (lambda: rnnattn_ext.AttnLSTM(5, 8, num_layers=2, num_heads=2, head_dim=3, window=3), "weight_k_l1",
      torch.randn(6, 7), ValueError, r"AttnLSTM: parameter weight_k_l1 must have shape \(6, 8\), got \(6, 7\)"),
     (lambda: rnnattn_ext.AttnGRU(5, 8, num_heads=2, memory_size=6, bidirectional=True), "weight_c_l0_reverse",
-     torch.randn(24, 8, dtype=torch.float64), TypeError, r"AttnGRU: parameter weight_c_l0_reverse must have the input's dtype"),
+     torch.randn(24, 8, dtype=torch.float64), TypeError,
+     r"AttnGRU: parameter weight_c_l0_reverse must have the input's dtype"),
 ]
 
 

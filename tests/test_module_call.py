@@ -472,3 +472,29 @@ def test_attention_errors_keep_their_type_and_message(monkeypatch):
             module(x, **kwargs)
         assert messages[what] == (type(raised.value), str(raised.value)), what
 
+
+
+@pytest.mark.parametrize("make", [lambda: rnnattn_ext.LSTM(5, 7, num_layers=2),
+                                  lambda: rnnattn_ext.AttnGRU(5, 7, num_heads=1, window=3)], ids=["LSTM", "AttnGRU"])
+def test_functional_call_runs_on_the_tensors_it_is_given(make, monkeypatch):
+    # torch.func.functional_call swaps the tensors into the module's _parameters for the call: the
+    # C++ call must read those, and the gradients must reach them.
+    torch.manual_seed(0)
+    module = make().double()
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    given = {name: (p.detach() * 1.5).requires_grad_() for name, p in module.named_parameters()}
+    taken = []
+    for name in ("run_layers", "run_attention_layers"):
+        call = getattr(_ops, name)
+        monkeypatch.setattr(_ops, name, lambda *args, call=call, **kwargs: taken.append(call(*args, **kwargs))
+                            or taken[-1])
+    output, _ = torch.func.functional_call(module, given, (x,))
+    assert len(taken) == 1 and taken[0] is not None, "the C++ call was not taken"
+    output.sum().backward()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.mul_(1.5)
+    expected, _ = module(x)
+    torch.testing.assert_close(output, expected, rtol=0, atol=0)
+    assert all(t.grad is not None for t in given.values())
+    assert all(p.grad is None for p in module.parameters())

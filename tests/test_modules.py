@@ -8,7 +8,6 @@ import torch
 
 import rnnattn_ext
 
-from conftest import device_params
 
 MODULES = {
     "LSTM": (torch.nn.LSTM, rnnattn_ext.LSTM, {}),

@@ -183,8 +183,8 @@ class RecurrentBase(nn.Module):
     def _parameter_fault(self, input, error_type: type[Exception]) -> Exception | None:
         """An op names the argument it rejects (``weight_hh``), not the parameter it came from: after
         an error, the parameter that does not fit the module (shape) or the input (dtype outside
-        autocast, device), named, as an error of the op's error type; the input, when every parameter
-        has one dtype or device and the input another; None if everything fits."""
+        autocast, device), named, as an error_type; the input, when every parameter has one dtype or
+        device and the input another; None if everything fits."""
         like = input.data if isinstance(input, PackedSequence) else input
         if not isinstance(like, Tensor):
             return None
@@ -311,8 +311,11 @@ class RecurrentBase(nn.Module):
 
     def _raise_parameter_fault(self, error: Exception, input) -> None:
         """After `error`, the error naming the parameter that does not fit (_parameter_fault), raised
-        from it; nothing if there is none (the caller then re-raises `error` as it was)."""
-        fault = self._parameter_fault(input, type(error))
+        from it as the builtin class of `error` (TypeError, ValueError, else RuntimeError); nothing if
+        there is none (the caller then re-raises `error` as it was)."""
+        kind = (TypeError if isinstance(error, TypeError)
+                else ValueError if isinstance(error, ValueError) else RuntimeError)
+        fault = self._parameter_fault(input, kind)
         if fault is not None:
             raise fault from error
 
