@@ -7,7 +7,6 @@ They are not subclasses of torch.nn.RNNBase on purpose: torch.compile breaks the
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 import warnings
@@ -24,21 +23,10 @@ _LAYER_PARTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 _PROJECTED_LAYER_PARTS = _LAYER_PARTS + ("weight_hr",)
 
 
-def _make_parameter_names(layer: int, reverse: bool, parts: tuple[str, ...]) -> tuple[str, ...]:
+def _parameter_names(layer: int, reverse: bool, parts: tuple[str, ...]) -> tuple[str, ...]:
+    """``<part>_l{layer}[_reverse]`` for each part."""
     suffix = f"_l{layer}" + ("_reverse" if reverse else "")
     return tuple(part + suffix for part in parts)
-
-
-_cached_parameter_names = functools.lru_cache(maxsize=None)(_make_parameter_names)
-
-
-def _parameter_names(layer: int, reverse: bool, parts: tuple[str, ...]) -> tuple[str, ...]:
-    """``<part>_l{layer}[_reverse]`` for each part: made once in eager mode, as a one-step call is
-    bound by such steps. Dynamo traces the plain function (it would warn about the cache, whose
-    result it cannot guard on)."""
-    if torch.compiler.is_compiling():
-        return _make_parameter_names(layer, reverse, parts)
-    return _cached_parameter_names(layer, reverse, parts)
 
 
 class _LayerCall(NamedTuple):
@@ -272,8 +260,8 @@ class RecurrentBase(nn.Module):
         absent one: no bias, no projection)."""
         directions = 2 if self.bidirectional else 1
         names = _parameter_names(index // directions, index % directions == 1, parts)
-        # Straight from the parameter dict (nn.Module.__getattr__ is slow next to a short call);
-        # getattr for anything else, such as a parametrized weight.
+        # Straight from the parameter dict (nn.Module.__getattr__ is slow); getattr for anything
+        # else, such as a parametrized weight.
         parameters = self._parameters
         return tuple([parameters[name] if name in parameters else getattr(self, name, None) for name in names])
 
@@ -295,8 +283,8 @@ class RecurrentBase(nn.Module):
         call = self.__dict__.get("_layer_call_made")
         if call is None:
             present = set(self._flat_weights_names)
-            names = [tuple(name if name in present else None for name in _make_parameter_names(layer, False,
-                                                                                             self._op_parts()))
+            names = [tuple(name if name in present else None
+                           for name in _parameter_names(layer, False, self._op_parts()))
                      for layer in range(self.num_layers)]
             call = _LayerCall(self._state_widths(), names)
             self.__dict__["_layer_call_made"] = call  # a plain attribute, not a submodule or parameter
