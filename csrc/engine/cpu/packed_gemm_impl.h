@@ -107,32 +107,45 @@ inline void transpose_tile8(const float* const* rows, int64_t col, float* dst, i
 }
 #endif
 
-// Dot products of kRows rows of a with four rows of M (a row may repeat: its sums are then unused),
+// Dot products of kRows rows of a with kCols rows of M (a row may repeat: its sums are then unused),
 // into sums[r][c]; eight lanes per accumulator, reduced at the end, then the columns past the last
-// multiple of 8 added in order. The accumulators stay in registers: every loop over them has
-// constant bounds.
-template <int kRows>
-void dot_rows(const float* a, int64_t lda, const float* const* m_rows, int64_t k, float sums[][4]) {
-  vec8 acc[kRows][4];
+// multiple of 8 added in order. The kRows * kCols accumulators stay in registers (every loop over
+// them has constant bounds) and the weights are read straight into the FMAs, so a pass keeps eight
+// of them in flight: an FMA waits ~4 cycles for its accumulator.
+template <int kRows, int kCols>
+void dot_rows(const float* a, int64_t lda, const float* const* m_rows, int64_t k, float sums[][kCols]) {
+  vec8 acc[kRows][kCols];
   for (int r = 0; r < kRows; ++r) {
-    for (int c = 0; c < 4; ++c) acc[r][c] = vec8{};
+    for (int c = 0; c < kCols; ++c) acc[r][c] = vec8{};
   }
   int64_t j = 0;
   for (; j + 8 <= k; j += 8) {
-    vec8 w[4];
-    for (int c = 0; c < 4; ++c) w[c] = load8(m_rows[c] + j);
     for (int r = 0; r < kRows; ++r) {
       const vec8 x = load8(a + r * lda + j);
-      for (int c = 0; c < 4; ++c) acc[r][c] += x * w[c];
+      for (int c = 0; c < kCols; ++c) acc[r][c] += x * load8(m_rows[c] + j);
     }
   }
   for (int r = 0; r < kRows; ++r) {
-    for (int c = 0; c < 4; ++c) sums[r][c] = sum8(acc[r][c]);
+    for (int c = 0; c < kCols; ++c) sums[r][c] = sum8(acc[r][c]);
   }
   for (; j < k; ++j) {
     for (int r = 0; r < kRows; ++r) {
-      for (int c = 0; c < 4; ++c) sums[r][c] += a[r * lda + j] * m_rows[c][j];
+      for (int c = 0; c < kCols; ++c) sums[r][c] += a[r * lda + j] * m_rows[c][j];
     }
+  }
+}
+
+// out[r][c0 + c] for c < count of kRows rows of a and M's rows c0.. (kCols at a time).
+template <int kRows, int kCols>
+void rows_pass(const float* a, int64_t lda, const RowsMatrix& m, int64_t c0, const float* bias, float* out,
+               int64_t ldo) {
+  const int count = static_cast<int>(std::min<int64_t>(kCols, m.n - c0));
+  const float* m_rows[kCols];
+  for (int c = 0; c < kCols; ++c) m_rows[c] = m.rows[c0 + std::min(c, count - 1)];
+  float sums[kRows][kCols];
+  dot_rows<kRows, kCols>(a, lda, m_rows, m.k, sums);
+  for (int r = 0; r < kRows; ++r) {
+    for (int c = 0; c < count; ++c) out[r * ldo + c0 + c] = sums[r][c] + (bias ? bias[c0 + c] : 0.f);
   }
 }
 
@@ -140,21 +153,18 @@ void dot_rows(const float* a, int64_t lda, const float* const* m_rows, int64_t k
 
 void gemm_rows(const float* a, int64_t rows, int64_t lda, const RowsMatrix& m, const float* bias, float* out,
                int64_t ldo) {
+  if (rows == 1) {
+    // One row of a (a batch-1 step): eight rows of M per pass.
+    for (int64_t c0 = 0; c0 < m.n; c0 += 8) rows_pass<1, 8>(a, lda, m, c0, bias, out, ldo);
+    return;
+  }
   for (int64_t c0 = 0; c0 < m.n; c0 += 4) {
-    const int count = static_cast<int>(std::min<int64_t>(4, m.n - c0));
-    const float* m_rows[4];
-    for (int c = 0; c < 4; ++c) m_rows[c] = m.rows[c0 + std::min(c, count - 1)];
-    // Two rows of a per pass: 8 accumulators, 4 weight vectors and the broadcast fit 16 AVX registers.
+    // Two rows of a per pass (four rows of M): eight accumulators again.
     for (int64_t r = 0; r < rows; r += 2) {
-      float sums[2][4];
-      const int pair = static_cast<int>(std::min<int64_t>(2, rows - r));
-      if (pair == 2) {
-        dot_rows<2>(a + r * lda, lda, m_rows, m.k, sums);
+      if (rows - r >= 2) {
+        rows_pass<2, 4>(a + r * lda, lda, m, c0, bias, out + r * ldo, ldo);
       } else {
-        dot_rows<1>(a + r * lda, lda, m_rows, m.k, sums);
-      }
-      for (int q = 0; q < pair; ++q) {
-        for (int c = 0; c < count; ++c) out[(r + q) * ldo + c0 + c] = sums[q][c] + (bias ? bias[c0 + c] : 0.f);
+        rows_pass<1, 4>(a + r * lda, lda, m, c0, bias, out + r * ldo, ldo);
       }
     }
   }
