@@ -1,6 +1,8 @@
 """The modules' calls in C++ (``_ops.run_layers``, ``_ops.run_attention_layers``,
 csrc/python_layer_call.cpp): for a one-direction module with a batched tensor it gives what the
-functional layers give, bit for bit, forward and gradients, one layer or several; it hands back (None) whatever the general path must take, and that
+functional layers give, bit for bit, forward and gradients, one layer or several (but for the slots a float32
+stream carries without gradients, which the engine's own one-step product computes: the same to
+rounding); it hands back (None) whatever the general path must take, and that
 path then runs it; errors raised by the op keep their Python type and message; __torch_function__
 and __torch_dispatch__ see what they would see through torch.ops."""
 
@@ -408,25 +410,56 @@ def test_attention_stream_gives_the_general_paths_bits(device, name, batch_first
     _assert_same_bits(ours[0] + ours[1], expected[0] + expected[1])
 
 
+def _stream_chunks(module, x, chunks, memory=None, memory_lengths=None):
+    """Streams x (time-major) chunk by chunk under no_grad: per chunk [output, h, c, keys..., values...]."""
+    results, state, start = [], None, 0
+    with torch.no_grad():
+        for size in chunks:
+            output, state = module.stream(x[start : start + size], state, memory=memory, memory_lengths=memory_lengths)
+            start += size
+            carried = [t for slots in (state.keys or []) + (state.values or []) if slots is not None for t in [slots]]
+            results.append([output, state.h, state.c, *carried])
+    return results
+
+
 def test_attention_stream_carries_what_the_general_path_carries(monkeypatch):
-    # One step at a time in inference, window 3: the carried slots' layout, count and values.
+    # One step at a time in inference, float32, window 3: the carried slots' layout and count, and
+    # their values, which the C++ call writes with the engine's own one-step product (the general
+    # path's torch.nn.functional.linear sums in another order: the same to rounding).
     torch.manual_seed(0)
     module = rnnattn_ext.AttnLSTM(5, 8, num_heads=2, head_dim=3, window=3).eval()
     x = torch.randn(7, 2, 5)
-
-    def steps():
-        results, state = [], None
-        with torch.no_grad():
-            for t in range(7):
-                output, state = module.stream(x[t : t + 1], state)
-                results.append([output, state.h, state.c, *state.keys, *state.values])
-                assert len(state.keys) == 1 and state.keys[0].shape == (min(t + 1, 2), 2, 6)
-        return results
-
     assert module._run_attention_layers(x[:1], None, None, None, carry_slots=True) is not None
-    ours = steps()
+    ours = _stream_chunks(module, x, [1] * 7)
+    for t, step in enumerate(ours):
+        keys = step[3]
+        assert keys.shape == (min(t + 1, 2), 2, 6) and not keys.requires_grad
+    assert all(torch.equal(a, b) for step_a, step_b in zip(ours, _stream_chunks(module, x, [1] * 7))
+               for a, b in zip(step_a, step_b)), "not the same bits run to run"
     monkeypatch.setattr(_ops, "run_attention_layers", lambda *args, **kwargs: None)
-    for step_ours, step_general in zip(ours, steps()):
+    for step_ours, step_general in zip(ours, _stream_chunks(module, x, [1] * 7)):
+        for a, b in zip(step_ours, step_general):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION_MODULES))
+@pytest.mark.parametrize("batch", [1, 2, 6])
+def test_attention_stream_without_gradients_gives_the_general_paths_bits(name, batch, monkeypatch):
+    """No gradient recorded: the C++ call writes the carried slots straight into their tensors
+    (float64: through ATen's product, as the general path's linear). Chunks of 2, 1 and 3 steps grow
+    the slots, cut them to the window and carry more than a chunk; a batch of 6 is more rows than
+    the one-step product takes."""
+    module = _attention_module(name, "cpu")
+    x = torch.randn(6, batch, 5, dtype=torch.float64)
+    memory, memory_lengths = _memory_args(module, batch, "cpu", torch.float64)
+    if memory_lengths is not None and batch > 3:
+        memory_lengths = torch.full((batch,), 3)
+    assert module._run_attention_layers(x[:1], None, memory, memory_lengths,
+                                       carry_slots=module.memory_size is None) is not None
+    ours = _stream_chunks(module, x, [2, 1, 3], memory, memory_lengths)
+    monkeypatch.setattr(_ops, "run_attention_layers", lambda *args, **kwargs: None)
+    for step_ours, step_general in zip(ours, _stream_chunks(module, x, [2, 1, 3], memory, memory_lengths)):
         _assert_same_bits(step_ours, step_general)
 
 

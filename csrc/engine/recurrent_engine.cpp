@@ -604,6 +604,20 @@ AttentionStepArgs<T> attention_step_args(const AttentionGeometry& g, const UnitB
 
 }  // namespace
 
+void linear_into(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& out) {
+  TORCH_INTERNAL_ASSERT(input.dim() == 2 && out.dim() == 2 && input.stride(1) == 1 && out.stride(1) == 1);
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen form's views and product
+  CallScratch scratch(input);
+  const int64_t rows = input.size(0);
+  // Packing the weight for one product would cost more than the product: a few rows or ATen.
+  const bool in_place = uses_packed_gemm(input) && rows <= cpu::kRowsGemmMaxRows;
+  BlockMatrix m = block_matrix(weight, bias, in_place ? MatrixForm::in_place : MatrixForm::aten, scratch);
+  m.prepare();
+  if (rows == 0) return;
+  multiply(m, Operand{input, 0, rows, input.size(1), input.stride(0)},
+           Operand{out, 0, rows, out.size(1), out.stride(0)});
+}
+
 template <class Cell>
 RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Tensor>& initial_states,
                                    const Tensor& weight_ih_arg, const Tensor& weight_hh_arg,

@@ -84,4 +84,11 @@ RecurrentBackward recurrent_backward(const at::Tensor& grad_output, const std::v
                                      const AttentionConfig* attention = nullptr,
                                      const AttentionSaved* attention_saved = nullptr);
 
+// out = input @ weight^T (+ bias), input (rows, k) and out (rows, n) with unit column strides, as the
+// engine's per-step products compute it: a few float rows on the CPU read the weight in place, the
+// rest goes through ATen. For a small product next to an op call (a streaming call's carried
+// slots), where at::linear's dispatch would cost more than the product. Records no autograd history.
+void linear_into(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                 const at::Tensor& out);
+
 }  // namespace rnnattn
