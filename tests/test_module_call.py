@@ -1,9 +1,9 @@
 """The modules' calls in C++ (``_ops.run_layers``, ``_ops.run_attention_layers``,
 csrc/python_layer_call.cpp): for a one-direction module with a batched tensor it gives what the
-functional layers give, bit for bit, forward and gradients, one layer or several (but for the slots a float32
-stream carries without gradients, which the engine's own one-step product computes: the same to
-rounding); it hands back (None) whatever the general path must take, and that
-path then runs it; errors raised by the op keep their Python type and message; __torch_function__
+functional layers give, bit for bit, forward and gradients, one layer or several (but for the
+slots a float32 stream carries without gradients, which the engine's own one-step product
+computes: the same to rounding); it hands back (None) whatever the general path must take, and
+that path then runs it; errors raised by the op keep their Python type and message; __torch_function__
 and __torch_dispatch__ see what they would see through torch.ops."""
 
 import pytest
