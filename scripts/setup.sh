@@ -23,6 +23,7 @@ if ! command -v nvcc >/dev/null 2>&1; then
 fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 "$venv/bin/python" -m pip install --quiet "${RNNATTN_TORCH:-torch>=2.11,<2.15}" \
-  "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.24" pytest numpy matplotlib tqdm hypothesis mypy
+  "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.24" pytest numpy matplotlib tqdm hypothesis mypy \
+  onnx onnxscript onnxruntime
 "$venv/bin/python" -m pip install --quiet --no-build-isolation --no-deps -e .
 "$venv/bin/python" -c "import torch, rnnattn_ext, rnnattn_ext._ops as o; print('rnnattn_ext', rnnattn_ext.__version__, 'built for torch', o._C.built_with_torch, '| CUDA kernels:', o._C.cuda_architectures or 'not built')"

@@ -136,12 +136,23 @@ def test_state_dict_loads_both_ways(kind, bias):
 
 @pytest.mark.parametrize("kind", MODULES)
 def test_module_follows_dtype_and_repr(kind):
-    _, our_cls, extra = MODULES[kind]
+    torch_cls, our_cls, extra = MODULES[kind]
     m = our_cls(3, 5, num_layers=2, **extra).double()
     assert all(p.dtype == torch.float64 for p in m.parameters())
     out, _ = m(torch.randn(4, 2, 3, dtype=torch.float64))
     assert out.dtype == torch.float64
-    assert "3, 5, num_layers=2" in repr(m)
+    # torch.nn's repr, plus the nonlinearity when it is not the default (torch.nn omits it).
+    relu = ", nonlinearity='relu'" if extra.get("nonlinearity") == "relu" else ""
+    assert repr(m) == repr(torch_cls(3, 5, num_layers=2, **extra))[:-1] + relu + ")"
+
+
+@pytest.mark.parametrize("options", [dict(proj_size=2, num_layers=2, dropout=0.5),
+                                     dict(bias=False, batch_first=True, bidirectional=True, proj_size=1)])
+def test_repr_reads_as_torch_nn(options):
+    # The same arguments in torch.nn's order (LSTM: proj_size right after the sizes).
+    assert repr(rnnattn_ext.LSTM(3, 5, **options)) == repr(torch.nn.LSTM(3, 5, **options))
+    options.pop("proj_size")
+    assert repr(rnnattn_ext.GRU(3, 5, **options)) == repr(torch.nn.GRU(3, 5, **options))
 
 
 @pytest.mark.parametrize("kind", MODULES)

@@ -4,7 +4,7 @@
 """
 
 from . import _ops  # noqa: F401  (loads the library, registers the fake implementations)
-from . import functional, reference
+from . import functional, onnx_export, reference
 from .attention_modules import AttentionState, AttnGRU, AttnLSTM, AttnRNN
 from .hybrid import HybridBlock
 from .modules import GRU, LSTM, RNN
@@ -20,4 +20,4 @@ def library_path() -> str:
 
 
 __all__ = ["LSTM", "GRU", "RNN", "AttnLSTM", "AttnGRU", "AttnRNN", "AttentionState", "HybridBlock", "functional",
-           "reference", "library_path", "__version__"]
+           "onnx_export", "reference", "library_path", "__version__"]
