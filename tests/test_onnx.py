@@ -1,15 +1,18 @@
-"""ONNX export (rnnattn_ext.onnx_export): the base layers become ONNX's LSTM/GRU/RNN operators, and the
-exported model, run by onnxruntime, gives the module's outputs and final states; what ONNX has no
-operator for fails at export with a message that says so."""
+"""ONNX export (rnnattn_ext.onnx_export): the base layers become ONNX's LSTM/GRU/RNN operators; the
+attention-augmented cells and the LSTM projection are unrolled over a static number of steps
+(rnnattn_ext.unrolled, checked here against the ops); the exported models, run by onnxruntime, give
+the modules' outputs and final states; what cannot be exported fails at export saying why."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import pytest
 import torch
 
 import rnnattn_ext
+from rnnattn_ext import _ops, unrolled
 
 onnx = pytest.importorskip("onnx", reason="the ONNX tests need onnx (scripts/setup.sh installs it)")
 pytest.importorskip("onnxscript", reason="the ONNX tests need onnxscript (scripts/setup.sh installs it)")
@@ -177,21 +180,133 @@ def test_given_translation_wins_over_ours():
     torch.testing.assert_close(torch.from_numpy(_run_onnx(program, (x,))[0]), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("make, words", [
-    (lambda: rnnattn_ext.LSTM(4, 5, proj_size=3), ["proj_size > 0", "weight_hr", "(3, 5)", "no projection"]),
-    (lambda: rnnattn_ext.AttnGRU(4, 5, num_heads=2, head_dim=2, window=3),
-     ["gru_attn_forward", "attention-augmented", "torch.export"]),
-    (lambda: rnnattn_ext.AttnLSTM(4, 5, num_heads=1, memory_size=3), ["lstm_attn_forward"]),
-])
-def test_what_onnx_cannot_hold_fails_at_export_saying_why(make, words):
+def _unrolled_cases():
+    for cell, projected, memory, window, lengths, reverse, past in itertools.product(
+            _ops.CELLS, [False, True], [False, True], [None, 1, 3], [False, True], [False, True], [False, True]):
+        if projected and cell not in _ops.PROJECTED_CELLS:
+            continue
+        if (memory and window is not None) or (past and (memory or reverse or lengths)):
+            continue  # no window over external memory; past slots stream one direction without lengths
+        yield cell, projected, memory, window, lengths, reverse, past
+
+
+@pytest.mark.parametrize("cell, projected, memory, window, lengths, reverse, past", list(_unrolled_cases()))
+def test_unrolled_ops_give_the_ops_results(cell, projected, memory, window, lengths, reverse, past):
+    # What the export decomposes into, against the ops themselves in float64: every output, the
+    # attention weights' layout included, for lengths, reversal, windows, external memory with
+    # padded rows and streamed past slots.
+    torch.manual_seed(7)
+    gates, num_states, _ = _ops.CELL_LAYOUTS[cell]
+    steps, batch, inputs, hidden, heads, head_dim = 5, 3, 4, 6, 2, 2
+    width = heads * head_dim
+    state_width = 4 if projected else hidden
+    memory_width = 3 if memory else state_width
+
+    def rand(*shape):
+        return torch.randn(*shape, dtype=torch.float64)
+
+    x = rand(steps, batch, inputs)
+    states = [rand(batch, state_width)] + [rand(batch, hidden) for _ in range(num_states - 1)]
+    base = [rand(gates * hidden, inputs), rand(gates * hidden, state_width), rand(gates * hidden),
+            rand(gates * hidden)]
+    projection = [rand(state_width, hidden) if projected else None] if cell in _ops.PROJECTED_CELLS else []
+    attention = [rand(width, state_width), rand(width), rand(width, memory_width), rand(width),
+                 rand(width, memory_width), rand(width), rand(gates * hidden, width)]
+    extra = [rand(4, batch, memory_width) if memory else None, torch.tensor([4, 2, 1]) if memory else None,
+             torch.tensor([5, 2, 3]) if lengths else None, rand(2, batch, width) if past else None,
+             rand(2, batch, width) if past else None]
+    args = (x, *states, *base, *projection, *attention, *extra, heads, window, reverse, False, True)
+    expected = _ops.attention_forward_op(cell)(*args)
+    got = unrolled.attention_op(cell)(*args)
+    # output, final states, context, attention weights (the workspaces only serve backward)
+    for e, g in zip(expected[: num_states + 3], got[: num_states + 3]):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+    if not memory:
+        base_args = (x, *states, *base, *projection, extra[2], reverse, False)
+        for e, g in zip(_ops.forward_op(cell)(*base_args)[:-1], unrolled.base_op(cell)(*base_args)[:-1]):
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+
+
+ATTENTION_MODELS = {
+    "LSTM_proj": (lambda: rnnattn_ext.LSTM(4, 6, proj_size=3, num_layers=2), False),
+    "AttnLSTM_window": (lambda: rnnattn_ext.AttnLSTM(4, 6, num_heads=2, head_dim=2, window=3, proj_size=4), False),
+    "AttnGRU_external_lengths": (lambda: rnnattn_ext.AttnGRU(4, 6, num_heads=2, head_dim=2, memory_size=3,
+                                                             bidirectional=True), True),
+    "AttnRNN_unbounded": (lambda: rnnattn_ext.AttnRNN(4, 6, num_layers=2, num_heads=1, nonlinearity="relu"), False),
+}
+
+
+class WithMemory(torch.nn.Module):
+    """An attention module over an external memory, with lengths for both."""
+
+    def __init__(self, recurrent):
+        super().__init__()
+        self.recurrent = recurrent
+
+    def forward(self, x, memory, memory_lengths, lengths):
+        return self.recurrent(x, None, memory, memory_lengths, lengths=lengths)
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION_MODELS))
+def test_unrolled_layers_export_and_run_like_the_module(name):
+    torch.manual_seed(8)
+    make, external = ATTENTION_MODELS[name]
     model = make().eval()
-    args: tuple = (torch.randn(5, 2, 4),)
-    if getattr(model, "memory_size", None):
-        args = (args[0], None, torch.randn(3, 2, 3))
-    with pytest.raises(onnx_export.UnsupportedForOnnx) as caught:
-        onnx_export.export(model, args, verbose=False)
-    for word in words:
-        assert word in str(caught.value)
+    x = torch.randn(5, 2, 4)
+    if external:
+        model = WithMemory(model).eval()
+        args: tuple = (x, torch.randn(4, 2, 3), torch.tensor([4, 2]), torch.tensor([5, 3]))
+    else:
+        args = (x,)
+    program = _export(model, args)
+    assert all(n.domain in ("", "ai.onnx") for n in program.model_proto.graph.node)
+    _assert_runs_like(model, program, args)
+
+
+class StreamStep(torch.nn.Module):
+    """One streaming step of a self-memory AttnLSTM, its state as plain tensors."""
+
+    def __init__(self, cell):
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, x, h, c, keys, values):
+        output, state = self.cell.stream(x, rnnattn_ext.AttentionState(h, c, [keys], [values]))
+        return output, state.h, state.c, state.keys[0], state.values[0]
+
+
+def test_streaming_attention_step_exports_and_decodes_like_stream():
+    # Step-by-step decoding: the exported step, fed its own state, follows the module's stream.
+    torch.manual_seed(9)
+    cell = rnnattn_ext.AttnLSTM(4, 6, num_heads=2, head_dim=2, window=4).eval()
+    with torch.no_grad():
+        _, state = cell.stream(torch.randn(3, 2, 4))  # window - 1 = 3 slots carried from here on
+    step = StreamStep(cell).eval()
+    program = _export(step, (torch.randn(1, 2, 4), state.h, state.c, state.keys[0], state.values[0]))
+    carried = [state.h, state.c, state.keys[0], state.values[0]]
+    for _ in range(4):
+        x = torch.randn(1, 2, 4)
+        output, *got = _run_onnx(program, (x, *carried))
+        with torch.no_grad():
+            expected, state = cell.stream(x, state)
+        torch.testing.assert_close(torch.from_numpy(output), expected, rtol=1e-5, atol=1e-5)
+        carried = [torch.from_numpy(g) for g in got]
+        torch.testing.assert_close(carried[0], state.h, rtol=1e-5, atol=1e-5)
+
+
+def test_what_cannot_be_exported_fails_saying_why():
+    model = rnnattn_ext.AttnGRU(4, 5, num_heads=2, head_dim=2, window=3).eval()
+    x = torch.randn(5, 2, 4)
+    # An unrolled loop needs a static number of steps.
+    with pytest.raises(onnx_export.UnsupportedForOnnx, match="static number of steps.*symbolic"):
+        onnx_export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("steps")},), verbose=False)
+    # torch.onnx.export with only the translation table cannot unroll: the message names the way.
+    with pytest.raises(Exception, match="gru_attn_forward.*rnnattn_ext.onnx_export.export"):
+        torch.onnx.export(model, (x,), dynamo=True, verbose=False,
+                          custom_translation_table=onnx_export.translation_table())
+    with pytest.raises(Exception, match="proj_size > 0.*rnnattn_ext.onnx_export.export"):
+        torch.onnx.export(rnnattn_ext.LSTM(4, 5, proj_size=3).eval(), (x,), dynamo=True, verbose=False,
+                          custom_translation_table=onnx_export.translation_table())
 
 
 def test_export_refuses_the_torchscript_exporter():

@@ -1,15 +1,15 @@
-"""ONNX export of the recurrent layers: each base op (``torch.ops.rnnattn.<cell>_forward``, one layer and
+"""ONNX export of the recurrent layers. Each base op (``torch.ops.rnnattn.<cell>_forward``, one layer and
 direction) becomes ONNX's own LSTM, GRU or RNN operator, so an exported model runs in any ONNX runtime
-without this library.
+without this library, for any number of steps. What ONNX has no operator for, the attention-augmented
+cells and the LSTM projection, ``export`` first decomposes into plain torch operations over an
+unrolled time loop (``unrolled``): such a model exports with a static number of steps (one step per
+call for streaming, for example).
 
     onnx_program = rnnattn_ext.onnx_export.export(model, (x,), dynamic_shapes=...)
-    # or, with torch.onnx.export's other options:
+    # base layers only, with torch.onnx.export's own call:
     torch.onnx.export(model, (x,), dynamo=True, custom_translation_table=rnnattn_ext.onnx_export.translation_table())
 
-Needs the ``onnxscript`` package (``pip install onnxscript``; torch's exporter needs it too). What has no
-ONNX operator fails at export with a message that says so: the LSTM projection (``proj_size`` > 0)
-and the attention-augmented cells (AttnLSTM/AttnGRU/AttnRNN; HybridBlock exports, its attention is
-``scaled_dot_product_attention``).
+Needs the ``onnxscript`` package (``pip install onnxscript``; torch's exporter needs it too).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import _ops
+from . import _ops, unrolled
 
 # Gate order of torch.nn (SPEC) -> ONNX's: LSTM i f g o -> i o f c; GRU r z n -> z r h.
 _ONNX_GATE_ORDER = {"lstm": (0, 3, 1, 2), "gru": (1, 0, 2), "rnn_tanh": (0,), "rnn_relu": (0,)}
@@ -27,8 +27,12 @@ _INT32 = 6  # onnx.TensorProto.INT32: ONNX's sequence_lens type
 
 
 class UnsupportedForOnnx(ValueError):
-    """A part of the model that has no ONNX operator (raised while translating; ``export`` raises it
-    itself instead of the exporter's ConversionError around it)."""
+    """What the export cannot express (raised while translating or decomposing; ``export`` raises it
+    itself instead of the exporter's error around it)."""
+
+
+_USE_EXPORT = ("rnnattn_ext.onnx_export.export, which unrolls it over a static number of steps into operators "
+               "ONNX has")
 
 
 def _onnx_opset():
@@ -62,7 +66,8 @@ def _base_translation(cell: str) -> Callable[..., Any]:
         if weight_hr is not None:
             raise UnsupportedForOnnx(
                 f"rnnattn_ext ONNX export: an LSTM with a projection (proj_size > 0, weight_hr of shape "
-                f"{tuple(weight_hr.shape)}) has no ONNX operator (ONNX's LSTM has no projection)")
+                f"{tuple(weight_hr.shape)}) has no ONNX operator (ONNX's LSTM has no projection): export it with "
+                f"{_USE_EXPORT}")
         hidden = int(weight_hh.shape[0]) // gates
         weights = op.Unsqueeze(in_onnx_gate_order(weight_ih), [0])
         recurrent = op.Unsqueeze(in_onnx_gate_order(weight_hh), [0])
@@ -99,13 +104,13 @@ def _base_translation(cell: str) -> Callable[..., Any]:
 
 
 def _attention_translation(cell: str) -> Callable[..., Any]:
-    """The attention-augmented cell has no ONNX operator: exporting one says so, instead of the
-    exporter's generic error."""
+    """The attention-augmented cell has no ONNX operator: ``export`` decomposes it before translating,
+    and a translation reached without that says what to call."""
 
     def refuse(*args, **kwargs):
         raise UnsupportedForOnnx(
             f"rnnattn_ext ONNX export: the attention-augmented {cell} cell (rnnattn::{cell}_attn_forward) has no "
-            "ONNX operator; export such a model with torch.export (and AOTInductor), which keeps the op")
+            f"ONNX operator: export it with {_USE_EXPORT}")
 
     return refuse
 
@@ -119,21 +124,47 @@ def translation_table() -> dict[Any, Callable[..., Any]]:
     return table
 
 
-def export(model: torch.nn.Module, args: tuple, f=None, **kwargs):
-    """``torch.onnx.export(model, args, f, dynamo=True, ...)`` with this library's translations added to
-    ``custom_translation_table`` (a given table's entries win). Returns the ONNXProgram. A model part
-    without an ONNX operator raises UnsupportedForOnnx."""
-    if kwargs.pop("dynamo", True) is not True:
+def decompositions() -> dict[Any, Callable[..., Any]]:
+    """What ``export`` decomposes before translating: every attention op, and the base LSTM op when it
+    has a projection (otherwise it declines, and the op becomes ONNX's LSTM)."""
+    table: dict[Any, Callable[..., Any]] = {}
+    for cell in _ops.CELLS:
+        table[_ops.attention_forward_op(cell)] = unrolled.attention_op(cell)
+    unrolled_lstm = unrolled.base_op("lstm")
+
+    def lstm_if_projected(*args):
+        weight_hr = unrolled.op_weight_hr("lstm", args)
+        return NotImplemented if weight_hr is None else unrolled_lstm(*args)
+
+    table[_ops.forward_op("lstm")] = lstm_if_projected
+    return table
+
+
+def export(model, args: tuple = (), f=None, *, kwargs: dict | None = None, dynamic_shapes=None, **options):
+    """``torch.onnx.export(model, args, f, dynamo=True, ...)`` for models with rnnattn layers: the model
+    (a module, or an ExportedProgram) is exported with ``torch.export`` (``kwargs``, ``dynamic_shapes``),
+    ``decompositions()`` applied, then translated with ``translation_table()`` (entries of a given
+    ``custom_translation_table`` win). Returns the ONNXProgram. What cannot be expressed raises
+    UnsupportedForOnnx."""
+    if options.pop("dynamo", True) is not True:
         raise ValueError("rnnattn_ext.onnx_export.export: dynamo must be True (the TorchScript exporter has no "
                          "translation of the rnnattn ops), got dynamo=False")
     table = translation_table()
-    table.update(kwargs.pop("custom_translation_table", None) or {})
+    table.update(options.pop("custom_translation_table", None) or {})
     try:
-        return torch.onnx.export(model, args, f, dynamo=True, custom_translation_table=table, **kwargs)
+        if isinstance(model, torch.export.ExportedProgram):
+            program = model
+        else:
+            program = torch.export.export(model, tuple(args), kwargs=kwargs, dynamic_shapes=dynamic_shapes,
+                                          strict=False)
+        program = program.run_decompositions(decompositions())
+        return torch.onnx.export(program, f=f, dynamo=True, custom_translation_table=table, **options)
     except Exception as error:
         cause: BaseException | None = error
-        while cause is not None and not isinstance(cause, UnsupportedForOnnx):
+        while cause is not None and not isinstance(cause, (UnsupportedForOnnx, unrolled.StepsNotStatic)):
             cause = cause.__cause__ or cause.__context__
         if cause is None:
             raise
-        raise UnsupportedForOnnx(str(cause)) from error
+        message = str(cause).split("\n\nWhile executing")[0]  # without the graph node torch appends
+        raise UnsupportedForOnnx(f"rnnattn_ext ONNX export: {message}" if isinstance(cause, unrolled.StepsNotStatic)
+                                 else message) from error

@@ -55,7 +55,7 @@ def _step(cell: str, x, states, weights):
     return cell_update(cell, _linear(x, w_ih, b_ih), _linear(states[0], w_hh, b_hh), states)
 
 
-def _project(states: list[Tensor], weight_hr: Tensor | None) -> list[Tensor]:
+def project(states: list[Tensor], weight_hr: Tensor | None) -> list[Tensor]:
     """LSTM with projection (SPEC): the new h is W_hr h'."""
     return states if weight_hr is None else [states[0] @ weight_hr.t(), *states[1:]]
 
@@ -97,7 +97,7 @@ def layer(
     steps = range(input.shape[0] - 1, -1, -1) if reverse else range(input.shape[0])
     outputs: list[Tensor] = []  # in step order
     for t in steps:
-        states = _project(_step(cell, input[t], states, (weight_ih, weight_hh, bias_ih, bias_hh)), weight_hr)
+        states = project(_step(cell, input[t], states, (weight_ih, weight_hh, bias_ih, bias_hh)), weight_hr)
         outputs.append(states[0])
     if reverse:
         outputs.reverse()
@@ -221,7 +221,7 @@ def attention_layer(
         context = torch.einsum("bhs,bshd->bhd", weights, values).reshape(batch, width)
         attention[t, :, :, slots - weights.shape[-1]:] = weights
         x_term = _linear(input[t], weight_ih, bias_ih) + context @ weight_c.t()
-        states = _project(cell_update(cell, x_term, _linear(h_prev, weight_hh, bias_hh), states), weight_hr)
+        states = project(cell_update(cell, x_term, _linear(h_prev, weight_hh, bias_hh), states), weight_hr)
         outputs.append(states[0])
         contexts.append(context)
     if reverse:
