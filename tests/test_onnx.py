@@ -294,6 +294,30 @@ def test_streaming_attention_step_exports_and_decodes_like_stream():
         torch.testing.assert_close(carried[0], state.h, rtol=1e-5, atol=1e-5)
 
 
+class DecoderStep(torch.nn.Module):
+    """One step of an attention decoder over an encoder's outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.decoder = rnnattn_ext.AttnGRU(4, 6, num_heads=2, head_dim=2, memory_size=3)
+
+    def forward(self, x, h, memory, memory_lengths):
+        return self.decoder(x, h, memory, memory_lengths)
+
+
+def test_decoder_step_exports_with_dynamic_memory_length_and_batch():
+    # The unrolled loop needs a static number of steps, not a static memory length or batch size.
+    torch.manual_seed(10)
+    model = DecoderStep().eval()
+    slots, batch = torch.export.Dim("slots", min=1, max=512), torch.export.Dim("batch", min=1, max=512)
+    args = (torch.randn(1, 2, 4), torch.randn(1, 2, 6), torch.randn(5, 2, 3), torch.tensor([5, 3]))
+    program = _export(model, args, dynamic_shapes=({1: batch}, {1: batch}, {0: slots, 1: batch}, {0: batch}))
+    for memory_length, rows in [(5, 2), (9, 3), (2, 1)]:
+        other = (torch.randn(1, rows, 4), torch.randn(1, rows, 6), torch.randn(memory_length, rows, 3),
+                 torch.randint(1, memory_length + 1, (rows,)))
+        _assert_runs_like(model, program, other)
+
+
 def test_what_cannot_be_exported_fails_saying_why():
     model = rnnattn_ext.AttnGRU(4, 5, num_heads=2, head_dim=2, window=3).eval()
     x = torch.randn(5, 2, 4)
