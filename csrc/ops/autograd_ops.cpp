@@ -13,15 +13,26 @@
 //
 // Backward ops: not differentiable (no double backward). Their kernel attaches a node that raises if
 // a second-order gradient reaches them, where torch's fallback would only warn and return zeros.
+//
+// Under torch.func's transforms (grad, vjp, jacrev, vmap over them) torch refuses a C++
+// torch::autograd::Function, so there the graph gets a plain autograd node (TransformedOpGradient),
+// as ATen's own ops do; both nodes run the backward op the same way (call_backward). Neither has a
+// forward-mode gradient: an input carrying a tangent (torch.func.jvp, torch.autograd.forward_ad)
+// raises, where the call would otherwise return a tangent of zeros.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "ops/op_names.h"
@@ -155,6 +166,49 @@ struct PendingCall {
 const char* const kOpKey = "op";
 const char* const kGradientArgumentsKey = "gradient_arguments";
 
+using SavedValues = decltype(AutogradContext::saved_data);
+
+// What backward needs besides tensors: the forward's non-tensor arguments it reads, the op's name and the
+// forward arguments given a gradient.
+void save_values(const GradientPlan& plan, torch::jit::Stack::const_iterator arguments,
+                 std::vector<int64_t> gradient_arguments, SavedValues& saved_data) {
+  for (size_t k : plan.saved_values) saved_data[plan.argument_names[k]] = arguments[static_cast<std::ptrdiff_t>(k)];
+  saved_data[kOpKey] = plan.forward_name;
+  saved_data[kGradientArgumentsKey] = std::move(gradient_arguments);
+}
+
+// Runs the backward op on the gradients of the differentiable outputs (zeros for those that got none),
+// the saved tensors (arguments, then outputs; undefined for an absent optional argument) and values;
+// returns the gradients of the arguments listed under kGradientArgumentsKey, in that order.
+variable_list call_backward(const GradientPlan& plan, const variable_list& saved, const SavedValues& saved_data,
+                            const variable_list& output_gradients) {
+  torch::jit::Stack stack;
+  stack.reserve(plan.backward_arguments.size());
+  for (const auto& source : plan.backward_arguments) {
+    switch (source.kind) {
+      case GradientPlan::Source::kOutputGradient:
+        stack.emplace_back(output_gradients[source.index]);
+        break;
+      case GradientPlan::Source::kSavedTensor:
+        if (saved[source.index].defined()) {
+          stack.emplace_back(saved[source.index]);
+        } else {
+          stack.emplace_back();  // an absent optional argument
+        }
+        break;
+      case GradientPlan::Source::kSavedValue:
+        stack.push_back(saved_data.at(plan.argument_names[source.index]));
+        break;
+    }
+  }
+  plan.backward->callBoxed(&stack);
+  variable_list gradients;
+  for (int64_t k : saved_data.at(kGradientArgumentsKey).toIntVector()) {
+    gradients.push_back(stack[plan.gradient_return[static_cast<size_t>(k)]].toTensor());
+  }
+  return gradients;
+}
+
 struct OpGradient : public torch::autograd::Function<OpGradient> {
   // The backward reads only its saved tensors and values: compiled autograd may trace it.
   static constexpr bool is_traceable = true;
@@ -169,9 +223,7 @@ struct OpGradient : public torch::autograd::Function<OpGradient> {
     for (size_t k : plan.saved_arguments) {
       saved.push_back(arguments[k].isTensor() ? arguments[k].toTensor() : at::Tensor());  // None: undefined
     }
-    for (size_t k : plan.saved_values) ctx->saved_data[plan.argument_names[k]] = arguments[k];
-    ctx->saved_data[kOpKey] = plan.forward_name;
-    ctx->saved_data[kGradientArgumentsKey] = call->gradient_arguments;
+    save_values(plan, arguments, call->gradient_arguments, ctx->saved_data);
     {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
       call->op.redispatchBoxed(call->keys & c10::after_ADInplaceOrView_keyset, &stack);
@@ -187,37 +239,102 @@ struct OpGradient : public torch::autograd::Function<OpGradient> {
 
   static variable_list backward(AutogradContext* ctx, variable_list output_gradients) {
     const GradientPlan& plan = plan_for(ctx->saved_data.at(kOpKey).toStringRef());
-    const variable_list saved = ctx->get_saved_variables();
-    torch::jit::Stack stack;
-    stack.reserve(plan.backward_arguments.size());
-    for (const auto& source : plan.backward_arguments) {
-      switch (source.kind) {
-        case GradientPlan::Source::kOutputGradient:
-          stack.emplace_back(output_gradients[source.index]);
-          break;
-        case GradientPlan::Source::kSavedTensor:
-          if (saved[source.index].defined()) {
-            stack.emplace_back(saved[source.index]);
-          } else {
-            stack.emplace_back();  // an absent optional argument
-          }
-          break;
-        case GradientPlan::Source::kSavedValue:
-          stack.push_back(ctx->saved_data.at(plan.argument_names[source.index]));
-          break;
-      }
-    }
-    plan.backward->callBoxed(&stack);
-    variable_list gradients;
-    for (int64_t k : ctx->saved_data.at(kGradientArgumentsKey).toIntVector()) {
-      gradients.push_back(stack[plan.gradient_return[static_cast<size_t>(k)]].toTensor());
-    }
+    variable_list gradients = call_backward(plan, ctx->get_saved_variables(), ctx->saved_data, output_gradients);
     gradients.emplace_back();  // for the PendingCall argument
     return gradients;
   }
 };
 
+// torch owns autograd nodes by std::shared_ptr up to 2.12 and by c10::intrusive_ptr from 2.13 on.
+constexpr bool kSharedNodes =
+    std::is_same_v<decltype(std::declval<torch::autograd::Node&>().getptr()), std::shared_ptr<torch::autograd::Node>>;
+
+template <typename NodeType, typename... Args>
+auto make_node(Args&&... args) {
+  if constexpr (kSharedNodes) {
+    // deleteNode (found by argument-dependent lookup: it is gone from 2.13's headers) frees a long chain
+    // of nodes without deep recursion.
+    return std::shared_ptr<NodeType>(new NodeType(std::forward<Args>(args)...),
+                                     [](NodeType* node) { deleteNode(node); });
+  } else {
+    return c10::make_intrusive<NodeType>(std::forward<Args>(args)...);
+  }
+}
+
+// The graph node of a call made under a torch.func transform: what OpGradient saves, kept in
+// SavedVariables as ATen's generated nodes keep theirs (they check in-place changes on unpacking).
+struct TransformedOpGradient : public torch::autograd::Node {
+  explicit TransformedOpGradient(const GradientPlan& plan) : plan(plan) {}
+
+  variable_list apply(variable_list&& output_gradients) override {
+    variable_list tensors;
+    tensors.reserve(saved.size());
+    for (auto& s : saved) tensors.push_back(s.unpack(getptr()));
+    for (size_t i = 0; i < output_gradients.size(); ++i) {
+      if (!output_gradients[i].defined()) output_gradients[i] = input_metadata(i).zeros_like();
+    }
+    return call_backward(plan, tensors, saved_data, output_gradients);
+  }
+
+  void release_variables() override {
+    for (auto& s : saved) s.reset_data();
+  }
+
+  std::string name() const override { return plan.forward_name + "_backward"; }
+
+  const GradientPlan& plan;
+  std::vector<torch::autograd::SavedVariable> saved;  // the plan's saved arguments, then outputs
+  SavedValues saved_data;
+};
+
+// torch.func keeps its dynamic-layer keys in the thread's included set while a transform is active
+// (ATen/functorch/DynamicLayer.h says so directly, but its headers need nlohmann/json, which torch does
+// not ship).
+bool under_functorch_transform() {
+  return c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
+}
+
+// Forward-mode gradients: none. An argument with a tangent gets an error, not a silent zero tangent.
+void refuse_tangents(const c10::OperatorHandle& op, const torch::jit::Stack& stack) {
+  const auto& arguments = op.schema().arguments();
+  const auto first = stack.end() - static_cast<std::ptrdiff_t>(arguments.size());
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    const c10::IValue& value = first[static_cast<std::ptrdiff_t>(i)];
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        !(value.isTensor() && value.toTensor().defined() && value.toTensor()._fw_grad(/*level=*/0).defined()),
+        op.schema().name(), ": argument '", arguments[i].name(),
+        "' carries a forward-mode tangent (torch.func.jvp, jacfwd, torch.autograd.forward_ad), and rnnattn_ext's "
+        "ops have reverse-mode gradients only: use torch.func.vjp / jacrev / grad, or rnnattn_ext.reference's "
+        "plain-PyTorch layers, which support forward mode");
+  }
+}
+
+// Under a torch.func transform: the call below autograd, then a TransformedOpGradient as the grad_fn of
+// the differentiable outputs (in their order, as OpGradient's outputs).
+void forward_under_transform(const GradientPlan& plan, const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                             torch::jit::Stack* stack, const std::vector<at::Tensor>& gradient_inputs,
+                             std::vector<int64_t> gradient_arguments) {
+  const auto arguments = stack->end() - static_cast<std::ptrdiff_t>(plan.num_arguments);
+  auto node = make_node<TransformedOpGradient>(plan);
+  node->set_next_edges(torch::autograd::collect_next_edges(gradient_inputs));
+  for (size_t k : plan.saved_arguments) {
+    node->saved.emplace_back(arguments[k].isTensor() ? arguments[k].toTensor() : at::Tensor(), /*is_output=*/false);
+  }
+  save_values(plan, arguments, std::move(gradient_arguments), node->saved_data);
+  {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  const auto returns = stack->end() - static_cast<std::ptrdiff_t>(plan.num_returns);
+  for (size_t k : plan.differentiable_outputs) torch::autograd::set_history(returns[k].toTensor(), node);
+  for (size_t k : plan.saved_outputs) {
+    const bool has_history = position_in(plan.differentiable_outputs, k).has_value();
+    node->saved.emplace_back(returns[k].toTensor(), /*is_output=*/has_history);
+  }
+}
+
 void differentiable_forward(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  refuse_tangents(op, *stack);
   const GradientPlan& plan = plan_for(op.schema().name());
   const auto arguments = stack->end() - static_cast<std::ptrdiff_t>(plan.num_arguments);
   std::vector<at::Tensor> gradient_inputs;
@@ -236,6 +353,10 @@ void differentiable_forward(const c10::OperatorHandle& op, c10::DispatchKeySet k
     op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
     return;
   }
+  if (under_functorch_transform()) {
+    forward_under_transform(plan, op, keys, stack, gradient_inputs, std::move(gradient_arguments));
+    return;
+  }
   PendingCall call{plan, op, keys, *stack, std::move(gradient_arguments)};
   variable_list outputs = OpGradient::apply(at::TensorList(gradient_inputs), &call);
   const auto returns = stack->end() - static_cast<std::ptrdiff_t>(plan.num_returns);
@@ -243,6 +364,7 @@ void differentiable_forward(const c10::OperatorHandle& op, c10::DispatchKeySet k
 }
 
 void not_differentiable(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  refuse_tangents(op, *stack);
   const size_t num_arguments = op.schema().arguments().size();
   std::vector<at::Tensor> needing_grad;
   if (at::GradMode::is_enabled()) {
@@ -255,7 +377,7 @@ void not_differentiable(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
     op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
   }
   if (needing_grad.empty()) return;
-  const auto node = c10::make_intrusive<torch::autograd::Error>(
+  const auto node = make_node<torch::autograd::Error>(
       op.schema().name() +
           " is not differentiable: rnnattn_ext's ops have first-order gradients only (a second-order "
           "gradient, as from torch.autograd.grad(..., create_graph=True) followed by another backward, is not "
