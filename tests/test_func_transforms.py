@@ -167,3 +167,19 @@ def test_forward_mode_tangent_on_a_weight_is_named():
     x, states, w_ih, w_hh, b_ih, b_hh = layer_args("gru", 4, 2, 3, 5, requires_grad=False)
     with forward_ad.dual_level(), pytest.raises(NotImplementedError, match="argument 'weight_hh' carries"):
         functional.layer("gru", x, states, w_ih, forward_ad.make_dual(w_hh, torch.ones_like(w_hh)), b_ih, b_hh)
+
+
+@pytest.mark.parametrize("name", ["LSTM_proj", "AttnGRU_external"])
+def test_compiled_grad_equals_eager(name):
+    module, external = _module(name, "cpu")
+    x, memory = _inputs(external, 2, "cpu")
+    params = {k: v.detach() for k, v in module.named_parameters()}
+
+    def loss(params, x):
+        output, _ = torch.func.functional_call(module, params, (x,), {} if memory is None else {"memory": memory})
+        return output.pow(2).sum()
+
+    compiled = torch.compile(torch.func.grad(loss), fullgraph=True, backend="aot_eager")(params, x)
+    eager = torch.func.grad(loss)(params, x)
+    for k in params:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-12, atol=1e-12, msg=k)

@@ -67,8 +67,14 @@ def _upcast(function: str, reduced: torch.dtype, **tensors: Tensor | None) -> li
 
 
 def needs_workspace(*tensors: Tensor | None) -> bool:
-    """True when autograd will differentiate through the op: it must then save activations."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    """True when autograd will differentiate through the op: it must then save activations. Under
+    torch.compile inside a torch.func transform (grad, vjp) the traced tensors do not show the
+    transform's requires_grad: there the activations are saved whatever they show."""
+    if not torch.is_grad_enabled():
+        return False
+    if torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        return True
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def layer(
