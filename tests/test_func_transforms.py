@@ -183,3 +183,19 @@ def test_compiled_grad_equals_eager(name):
     eager = torch.func.grad(loss)(params, x)
     for k in params:
         torch.testing.assert_close(compiled[k], eager[k], rtol=1e-12, atol=1e-12, msg=k)
+
+
+@pytest.mark.parametrize("name", ["LSTM", "AttnLSTM_window"])
+def test_model_ensemble_by_vmap_over_stacked_parameters(name):
+    """torch.func's ensembling recipe: vmap of functional_call over stack_module_state."""
+    models = [_module(name, "cpu")[0] for _ in range(3)]
+    for k, model in enumerate(models):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * k)
+    params, buffers = torch.func.stack_module_state(models)
+    x, _ = _inputs(False, 2, "cpu")
+    base = models[0]
+    outputs = torch.func.vmap(lambda p, b: torch.func.functional_call(base, (p, b), (x,))[0])(params, buffers)
+    for k, model in enumerate(models):
+        torch.testing.assert_close(outputs[k], model(x)[0], rtol=0, atol=0)
