@@ -1,7 +1,8 @@
 """ONNX export (rnnattn_ext.onnx_export): the base layers become ONNX's LSTM/GRU/RNN operators; the
-attention-augmented cells and the LSTM projection are unrolled over a static number of steps
-(rnnattn_ext.unrolled, checked here against the ops); the exported models, run by onnxruntime, give
-the modules' outputs and final states; what cannot be exported fails at export saying why."""
+attention-augmented cells and the LSTM projection are decomposed into a time loop of plain operators
+(rnnattn_ext.unrolled, checked here against the ops), unrolled for a static number of steps, ONNX's
+Scan for a dynamic one; the exported models, run by onnxruntime, give the modules' outputs and final
+states; what cannot be exported fails at export saying why."""
 
 from __future__ import annotations
 
@@ -190,11 +191,12 @@ def _unrolled_cases():
         yield cell, projected, memory, window, lengths, reverse, past
 
 
+@pytest.mark.parametrize("in_scan", [False, True], ids=["loop", "scan"])
 @pytest.mark.parametrize("cell, projected, memory, window, lengths, reverse, past", list(_unrolled_cases()))
-def test_unrolled_ops_give_the_ops_results(cell, projected, memory, window, lengths, reverse, past):
-    # What the export decomposes into, against the ops themselves in float64: every output, the
-    # attention weights' layout included, for lengths, reversal, windows, external memory with
-    # padded rows and streamed past slots.
+def test_unrolled_ops_give_the_ops_results(cell, projected, memory, window, lengths, reverse, past, in_scan):
+    # What the export decomposes into, in its Python loop (static steps) and in torch's scan (dynamic
+    # steps), against the ops themselves in float64: every output, the attention weights' layout
+    # included, for lengths, reversal, windows, external memory with padded rows and streamed past slots.
     torch.manual_seed(7)
     gates, num_states, _ = _ops.CELL_LAYOUTS[cell]
     steps, batch, inputs, hidden, heads, head_dim = 5, 3, 4, 6, 2, 2
@@ -217,13 +219,16 @@ def test_unrolled_ops_give_the_ops_results(cell, projected, memory, window, leng
              rand(2, batch, width) if past else None]
     args = (x, *states, *base, *projection, *attention, *extra, heads, window, reverse, False, True)
     expected = _ops.attention_forward_op(cell)(*args)
-    got = unrolled.attention_op(cell)(*args)
+    got = unrolled.attention_op(cell, in_scan)(*args)
     # output, final states, context, attention weights (the workspaces only serve backward)
+    assert len(got) == len(expected)
     for e, g in zip(expected[: num_states + 3], got[: num_states + 3]):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
     if not memory:
         base_args = (x, *states, *base, *projection, extra[2], reverse, False)
-        for e, g in zip(_ops.forward_op(cell)(*base_args)[:-1], unrolled.base_op(cell)(*base_args)[:-1]):
+        expected, got = _ops.forward_op(cell)(*base_args), unrolled.base_op(cell, in_scan)(*base_args)
+        assert len(got) == len(expected)
+        for e, g in zip(expected[:-1], got[:-1]):
             torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
 
 
@@ -247,20 +252,39 @@ class WithMemory(torch.nn.Module):
         return self.recurrent(x, None, memory, memory_lengths, lengths=lengths)
 
 
+def _attention_model_args(external, steps, batch, memory_slots=4):
+    x = torch.randn(steps, batch, 4)
+    if not external:
+        return (x,)
+    return (x, torch.randn(memory_slots, batch, 3), torch.randint(1, memory_slots + 1, (batch,)),
+            torch.randint(1, steps + 1, (batch,)))
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static_steps", "dynamic_steps"])
 @pytest.mark.parametrize("name", sorted(ATTENTION_MODELS))
-def test_unrolled_layers_export_and_run_like_the_module(name):
+def test_decomposed_layers_export_and_run_like_the_module(name, dynamic):
+    # A static number of steps unrolls the loop; a dynamic one becomes ONNX's Scan, which then runs
+    # other numbers of steps (and batch sizes, memory lengths) than the exported ones.
     torch.manual_seed(8)
     make, external = ATTENTION_MODELS[name]
     model = make().eval()
-    x = torch.randn(5, 2, 4)
     if external:
         model = WithMemory(model).eval()
-        args: tuple = (x, torch.randn(4, 2, 3), torch.tensor([4, 2]), torch.tensor([5, 3]))
-    else:
-        args = (x,)
-    program = _export(model, args)
+    args = _attention_model_args(external, 5, 2)
+    shapes = None
+    if dynamic:
+        steps, batch = torch.export.Dim("steps", min=1, max=1024), torch.export.Dim("batch", min=1, max=1024)
+        shapes = ({0: steps, 1: batch},)
+        if external:
+            shapes += ({0: torch.export.Dim("slots", min=1, max=1024), 1: batch}, {0: batch}, {0: batch})
+    program = _export(model, args, dynamic_shapes=shapes)
+    node_types = {n.op_type for n in program.model_proto.graph.node}
     assert all(n.domain in ("", "ai.onnx") for n in program.model_proto.graph.node)
+    assert ("Scan" in node_types) == dynamic
     _assert_runs_like(model, program, args)
+    if dynamic:
+        for steps, batch, slots in [(1, 1, 2), (9, 3, 6)]:
+            _assert_runs_like(model, program, _attention_model_args(external, steps, batch, slots))
 
 
 class StreamStep(torch.nn.Module):
@@ -276,13 +300,15 @@ class StreamStep(torch.nn.Module):
 
 
 def test_streaming_attention_step_exports_and_decodes_like_stream():
-    # Step-by-step decoding: the exported step, fed its own state, follows the module's stream.
+    # Step-by-step decoding: the exported step, fed its own state, follows the module's stream. (The
+    # stream's carried slots depend on the chunk's length: a step exports with a static one.)
     torch.manual_seed(9)
     cell = rnnattn_ext.AttnLSTM(4, 6, num_heads=2, head_dim=2, window=4).eval()
     with torch.no_grad():
         _, state = cell.stream(torch.randn(3, 2, 4))  # window - 1 = 3 slots carried from here on
     step = StreamStep(cell).eval()
     program = _export(step, (torch.randn(1, 2, 4), state.h, state.c, state.keys[0], state.values[0]))
+    assert all(p.requires_grad for p in cell.parameters())  # as before the export
     carried = [state.h, state.c, state.keys[0], state.values[0]]
     for _ in range(4):
         x = torch.randn(1, 2, 4)
@@ -306,7 +332,7 @@ class DecoderStep(torch.nn.Module):
 
 
 def test_decoder_step_exports_with_dynamic_memory_length_and_batch():
-    # The unrolled loop needs a static number of steps, not a static memory length or batch size.
+    # One step per call (unrolled), a dynamic memory length and batch size.
     torch.manual_seed(10)
     model = DecoderStep().eval()
     slots, batch = torch.export.Dim("slots", min=1, max=512), torch.export.Dim("batch", min=1, max=512)
@@ -318,13 +344,10 @@ def test_decoder_step_exports_with_dynamic_memory_length_and_batch():
         _assert_runs_like(model, program, other)
 
 
-def test_what_cannot_be_exported_fails_saying_why():
+def test_translation_table_alone_refuses_what_needs_a_decomposition_saying_why():
     model = rnnattn_ext.AttnGRU(4, 5, num_heads=2, head_dim=2, window=3).eval()
     x = torch.randn(5, 2, 4)
-    # An unrolled loop needs a static number of steps.
-    with pytest.raises(onnx_export.UnsupportedForOnnx, match="static number of steps.*symbolic"):
-        onnx_export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("steps")},), verbose=False)
-    # torch.onnx.export with only the translation table cannot unroll: the message names the way.
+    # torch.onnx.export with only the translation table cannot decompose: the message names the way.
     with pytest.raises(Exception, match="gru_attn_forward.*rnnattn_ext.onnx_export.export"):
         torch.onnx.export(model, (x,), dynamo=True, verbose=False,
                           custom_translation_table=onnx_export.translation_table())

@@ -76,7 +76,12 @@ def _assert_no_warning_about_the_library(caught):
 
 @pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
 @pytest.mark.parametrize("name", MODULES)
-def test_compile_fullgraph_dynamic_matches_eager(name, lengths):
+def test_compile_fullgraph_dynamic_matches_eager(name, lengths, request):
+    if name == "HybridBlock" and torch.torch_version.TorchVersion(torch.__version__) < (2, 13):
+        # torch 2.11's compiled float64 backward of scaled_dot_product_attention on the CPU fails
+        # inside torch ("expected scalar type Double but found Float"); 2.13 and 2.14 pass.
+        request.applymarker(pytest.mark.xfail(reason="torch < 2.13: Inductor's float64 CPU SDPA backward",
+                                              strict=False))
     torch.manual_seed(0)
     module = MODULES[name]().double()
     compiled = torch.compile(module, fullgraph=True, dynamic=True)

@@ -1,9 +1,9 @@
 """ONNX export of the recurrent layers. Each base op (``torch.ops.rnnattn.<cell>_forward``, one layer and
 direction) becomes ONNX's own LSTM, GRU or RNN operator, so an exported model runs in any ONNX runtime
 without this library, for any number of steps. What ONNX has no operator for, the attention-augmented
-cells and the LSTM projection, ``export`` first decomposes into plain torch operations over an
-unrolled time loop (``unrolled``): such a model exports with a static number of steps (one step per
-call for streaming, for example).
+cells and the LSTM projection, ``export`` first decomposes into plain torch operations over a time
+loop (``unrolled``): unrolled for a static number of steps (one step per call for streaming, for
+example), ONNX's Scan operator for a dynamic one.
 
     onnx_program = rnnattn_ext.onnx_export.export(model, (x,), dynamic_shapes=...)
     # base layers only, with torch.onnx.export's own call:
@@ -31,8 +31,7 @@ class UnsupportedForOnnx(ValueError):
     itself instead of the exporter's error around it)."""
 
 
-_USE_EXPORT = ("rnnattn_ext.onnx_export.export, which unrolls it over a static number of steps into operators "
-               "ONNX has")
+_USE_EXPORT = "rnnattn_ext.onnx_export.export, which decomposes it into a time loop of operators ONNX has"
 
 
 def _onnx_opset():
@@ -140,6 +139,20 @@ def decompositions() -> dict[Any, Callable[..., Any]]:
     return table
 
 
+def _export_for_inference(model: torch.nn.Module, args: tuple, kwargs, dynamic_shapes):
+    """torch.export of the model with its parameters not requiring grad (restored after): ONNX holds no
+    gradients, and the exporter's passes would otherwise trace a time loop's (scan's) backward too,
+    whose saved sizes a dynamic batch makes symbolic, which scan cannot hold."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    for p in trained:
+        p.requires_grad_(False)
+    try:
+        return torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    finally:
+        for p in trained:
+            p.requires_grad_(True)
+
+
 def export(model, args: tuple = (), f=None, *, kwargs: dict | None = None, dynamic_shapes=None, **options):
     """``torch.onnx.export(model, args, f, dynamo=True, ...)`` for models with rnnattn layers: the model
     (a module, or an ExportedProgram) is exported with ``torch.export`` (``kwargs``, ``dynamic_shapes``),
@@ -155,16 +168,14 @@ def export(model, args: tuple = (), f=None, *, kwargs: dict | None = None, dynam
         if isinstance(model, torch.export.ExportedProgram):
             program = model
         else:
-            program = torch.export.export(model, tuple(args), kwargs=kwargs, dynamic_shapes=dynamic_shapes,
-                                          strict=False)
+            program = _export_for_inference(model, tuple(args), kwargs, dynamic_shapes)
         program = program.run_decompositions(decompositions())
         return torch.onnx.export(program, f=f, dynamo=True, custom_translation_table=table, **options)
     except Exception as error:
         cause: BaseException | None = error
-        while cause is not None and not isinstance(cause, (UnsupportedForOnnx, unrolled.StepsNotStatic)):
+        while cause is not None and not isinstance(cause, UnsupportedForOnnx):
             cause = cause.__cause__ or cause.__context__
         if cause is None:
             raise
         message = str(cause).split("\n\nWhile executing")[0]  # without the graph node torch appends
-        raise UnsupportedForOnnx(f"rnnattn_ext ONNX export: {message}" if isinstance(cause, unrolled.StepsNotStatic)
-                                 else message) from error
+        raise UnsupportedForOnnx(message) from error
