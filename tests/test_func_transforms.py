@@ -47,6 +47,16 @@ def _loss(module, x, memory):
     return output.pow(2).sum()
 
 
+def _functional_loss(module, params, x, memory):
+    """_loss with `params` in place of the module's parameters (torch.func.functional_call)."""
+    output, _ = torch.func.functional_call(module, params, (x,), {} if memory is None else {"memory": memory})
+    return output.pow(2).sum()
+
+
+def _detached_parameters(module):
+    return {k: v.detach() for k, v in module.named_parameters()}
+
+
 def _autograd_gradients(module, x, memory):
     """Parameter and input gradients by torch.autograd, the reference for the transforms."""
     params = dict(module.named_parameters())
@@ -60,13 +70,11 @@ def _autograd_gradients(module, x, memory):
 def test_grad_of_functional_call_equals_autograd(name, device):
     module, external = _module(name, device)
     x, memory = _inputs(external, 2, device)
-    params = {k: v.detach() for k, v in module.named_parameters()}
 
     def loss(params, x):
-        output, _ = torch.func.functional_call(module, params, (x,), {} if memory is None else {"memory": memory})
-        return output.pow(2).sum()
+        return _functional_loss(module, params, x, memory)
 
-    param_grads, input_grad = torch.func.grad(loss, argnums=(0, 1))(params, x)
+    param_grads, input_grad = torch.func.grad(loss, argnums=(0, 1))(_detached_parameters(module), x)
     expected_input, expected_params = _autograd_gradients(module, x, memory)
     torch.testing.assert_close(input_grad, expected_input, rtol=0, atol=0)
     assert param_grads.keys() == expected_params.keys()
@@ -80,12 +88,10 @@ def test_per_sample_gradients_by_vmap_of_grad(name, device):
     """The per-sample-gradient recipe: vmap over the batch of grad over the parameters."""
     module, external = _module(name, device)
     x, memory = _inputs(external, 3, device)
-    params = {k: v.detach() for k, v in module.named_parameters()}
+    params = _detached_parameters(module)
 
     def sample_loss(params, x, memory):  # x (T, I), memory (S, M): one sample, unbatched
-        kwargs = {} if memory is None else {"memory": memory.unsqueeze(1)}
-        output, _ = torch.func.functional_call(module, params, (x.unsqueeze(1),), kwargs)
-        return output.pow(2).sum()
+        return _functional_loss(module, params, x.unsqueeze(1), None if memory is None else memory.unsqueeze(1))
 
     per_sample = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 1, None if memory is None else 1))(
         params, x, memory)
@@ -173,11 +179,10 @@ def test_forward_mode_tangent_on_a_weight_is_named():
 def test_compiled_grad_equals_eager(name):
     module, external = _module(name, "cpu")
     x, memory = _inputs(external, 2, "cpu")
-    params = {k: v.detach() for k, v in module.named_parameters()}
+    params = _detached_parameters(module)
 
     def loss(params, x):
-        output, _ = torch.func.functional_call(module, params, (x,), {} if memory is None else {"memory": memory})
-        return output.pow(2).sum()
+        return _functional_loss(module, params, x, memory)
 
     compiled = torch.compile(torch.func.grad(loss), fullgraph=True, backend="aot_eager")(params, x)
     eager = torch.func.grad(loss)(params, x)
