@@ -1,13 +1,14 @@
 """torch.func over the ops and modules: grad, vjp, jacrev and vmap(grad) (per-sample gradients) give what
-torch.autograd gives, as they do for torch.nn's layers; nested gradients refuse as double backward does;
-forward mode (jvp, jacfwd, torch.autograd.forward_ad) raises instead of returning a zero tangent."""
+torch.autograd gives, as they do for torch.nn's layers; nested gradients refuse as double backward does.
+Forward mode (jvp, jacfwd, torch.autograd.forward_ad) runs the layers as plain torch operations and
+gives torch.nn's tangents; the ops themselves refuse a tangent instead of returning a zero one."""
 
 import pytest
 import torch
 import torch.autograd.forward_ad as forward_ad
 
 import rnnattn_ext
-from rnnattn_ext import functional
+from rnnattn_ext import _ops, functional
 
 from conftest import device_params
 from helpers import CELLS, layer_args
@@ -155,24 +156,56 @@ def test_nested_grad_is_the_double_backward_error(name):
         torch.func.grad(lambda x: inner(x).sum())(x)
 
 
-@pytest.mark.parametrize("name", ["LSTM", "GRU", "AttnLSTM_window"])
-def test_forward_mode_is_refused_not_zero(name):
-    module, _ = _module(name, "cpu")
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_jvp_equals_torch_nn(kind):
+    """Forward mode: the layers run as plain torch operations (rnnattn_ext.unrolled) when a tangent
+    comes in, lengths and both directions included."""
+    torch.manual_seed(0)
+    ours = getattr(rnnattn_ext, kind)(3, 4, num_layers=2, bidirectional=True).double()
+    peer = getattr(torch.nn, kind)(3, 4, num_layers=2, bidirectional=True).double()
+    peer.load_state_dict(ours.state_dict())
     x, _ = _inputs(False, 2, "cpu")
-    tangent = torch.ones_like(x)
-    message = r"argument 'input' carries a forward-mode tangent .* reverse-mode gradients only"
-    with pytest.raises(NotImplementedError, match=message):
-        torch.func.jvp(lambda x: module(x)[0], (x,), (tangent,))
-    with pytest.raises(NotImplementedError, match=message):
-        torch.func.jacfwd(lambda x: module(x)[0])(x)
-    with forward_ad.dual_level(), pytest.raises(NotImplementedError, match=message):
-        module(forward_ad.make_dual(x, tangent))
+    tangent = torch.randn_like(x)
+    output, output_tangent = torch.func.jvp(lambda x: ours(x)[0], (x,), (tangent,))
+    expected, expected_tangent = torch.func.jvp(lambda x: peer(x)[0], (x,), (tangent,))
+    torch.testing.assert_close(output, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(output_tangent, expected_tangent, rtol=1e-10, atol=1e-12)
 
 
-def test_forward_mode_tangent_on_a_weight_is_named():
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_jacfwd_equals_jacrev(name):
+    """Forward mode (plain torch operations) against reverse mode (the ops' backward), for every
+    module configuration, attention included."""
+    module, external = _module(name, "cpu")
+    x, memory = _inputs(external, 2, "cpu", steps=4)
+    lengths = torch.tensor([4, 2])
+
+    def run(x):
+        return _call(module, x, memory)[0] if external else module(x, lengths=lengths)[0]
+
+    torch.testing.assert_close(torch.func.jacfwd(run)(x), torch.func.jacrev(run)(x), rtol=1e-10, atol=1e-12)
+
+
+def test_forward_ad_dual_tensors_through_a_stream():
+    module, _ = _module("AttnLSTM_window", "cpu")
+    x, _ = _inputs(False, 2, "cpu")
+    tangent = torch.randn_like(x)
+    with forward_ad.dual_level():
+        whole = forward_ad.unpack_dual(module(forward_ad.make_dual(x, tangent))[0]).tangent
+        state, chunks = None, []
+        for part, part_tangent in zip(x.split(2), tangent.split(2)):
+            output, state = module.stream(forward_ad.make_dual(part, part_tangent), state)
+            chunks.append(forward_ad.unpack_dual(output).tangent)
+    expected = torch.func.jvp(lambda x: module(x)[0], (x,), (tangent,))[1]
+    torch.testing.assert_close(whole, expected, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat(chunks), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_the_ops_themselves_refuse_a_tangent_naming_the_argument():
     x, states, w_ih, w_hh, b_ih, b_hh = layer_args("gru", 4, 2, 3, 5, requires_grad=False)
     with forward_ad.dual_level(), pytest.raises(NotImplementedError, match="argument 'weight_hh' carries"):
-        functional.layer("gru", x, states, w_ih, forward_ad.make_dual(w_hh, torch.ones_like(w_hh)), b_ih, b_hh)
+        _ops.forward_op("gru")(x, *states, w_ih, forward_ad.make_dual(w_hh, torch.ones_like(w_hh)), b_ih, b_hh,
+                               None, False, False)
 
 
 @pytest.mark.parametrize("name", ["LSTM_proj", "AttnGRU_external"])

@@ -18,7 +18,8 @@
 // torch::autograd::Function, so there the graph gets a plain autograd node (TransformedOpGradient),
 // as ATen's own ops do; both nodes run the backward op the same way (call_backward). Neither has a
 // forward-mode gradient: an input carrying a tangent (torch.func.jvp, torch.autograd.forward_ad)
-// raises, where the call would otherwise return a tangent of zeros.
+// raises, where the call would otherwise return a tangent of zeros (the modules and
+// rnnattn_ext.functional run plain torch operations instead when a tangent comes in).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -304,8 +305,8 @@ void refuse_tangents(const c10::OperatorHandle& op, const torch::jit::Stack& sta
         !(value.isTensor() && value.toTensor().defined() && value.toTensor()._fw_grad(/*level=*/0).defined()),
         op.schema().name(), ": argument '", arguments[i].name(),
         "' carries a forward-mode tangent (torch.func.jvp, jacfwd, torch.autograd.forward_ad), and rnnattn_ext's "
-        "ops have reverse-mode gradients only: use torch.func.vjp / jacrev / grad, or rnnattn_ext.reference's "
-        "plain-PyTorch layers, which support forward mode");
+        "ops have reverse-mode gradients only: call the layer through rnnattn_ext's modules or "
+        "rnnattn_ext.functional, which run it as plain torch operations in forward mode");
   }
 }
 

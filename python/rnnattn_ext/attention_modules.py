@@ -196,7 +196,8 @@ class AttentionRecurrentBase(RecurrentBase):
         the general path takes, and where bad input gets its errors."""
         if (self.bidirectional or (self.num_layers > 1 and self.dropout > 0.0 and self.training)
                 or type(input) is not Tensor or input.dim() != 3 or input.shape[2] != self.input_size
-                or input.shape[1 if self.batch_first else 0] == 0 or torch.compiler.is_compiling()):
+                or input.shape[1 if self.batch_first else 0] == 0 or torch.compiler.is_compiling()
+                or functional.in_forward_mode()):
             return None
         memory, memory_lengths = self._memory(memory, memory_lengths, True, input.shape[0 if self.batch_first else 1])
         call = self._layer_call()

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd import forward_ad
 
-from . import _ops
+from . import _ops, unrolled
 
 CELLS = _ops.CELLS
 
@@ -77,6 +78,19 @@ def needs_workspace(*tensors: Tensor | None) -> bool:
     return any(t is not None and t.requires_grad for t in tensors)
 
 
+def in_forward_mode() -> bool:
+    """Whether a forward-mode level is open (torch.func.jvp, jacfwd, torch.autograd.forward_ad)."""
+    return forward_ad._current_level >= 0
+
+
+def _carries_tangents(*tensors: Tensor | None) -> bool:
+    """Whether a tensor has a forward-mode tangent. The ops have reverse-mode gradients only, so the
+    layer then runs as plain torch operations (``unrolled``: the ops' results to rounding), which
+    torch differentiates in either mode."""
+    return in_forward_mode() and any(t is not None and forward_ad.unpack_dual(t).tangent is not None
+                                     for t in tensors)
+
+
 def layer(
     cell: str,
     input: Tensor,
@@ -107,8 +121,9 @@ def layer(
             "layer", reduced, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
             **({"weight_hr": projection[0]} if projection else {}))
         projection = tuple(upcast_projection)
-    result = _ops.forward_op(cell)(input, *states, weight_ih, weight_hh, bias_ih, bias_hh, *projection, lengths,
-                                   reverse, training)
+    tangents = _carries_tangents(input, *states, weight_ih, weight_hh, bias_ih, bias_hh, *projection)
+    forward = unrolled.base_op(cell) if tangents else _ops.forward_op(cell)
+    result = forward(input, *states, weight_ih, weight_hh, bias_ih, bias_hh, *projection, lengths, reverse, training)
     if reduced is not None:
         return result[0].to(reduced), [f.to(reduced) for f in result[1:-1]]
     return result[0], list(result[1:-1])
@@ -209,7 +224,9 @@ def attention_layer(
                                                  past_values=past_values)
     base, attention = list(weights[:4]), list(weights[4:11])
     projection = _projection_args("attention_layer", cell, weights[11] if len(weights) == 12 else None)
-    result = _ops.attention_forward_op(cell)(
+    tangents = _carries_tangents(input, *states, *weights, memory, past_keys, past_values)
+    forward = unrolled.attention_op(cell) if tangents else _ops.attention_forward_op(cell)
+    result = forward(
         input, *states, *base, *projection, *attention, memory, memory_lengths, lengths, past_keys, past_values,
         num_heads, window, reverse, training, need_weights
     )

@@ -339,8 +339,8 @@ class RecurrentBase(nn.Module):
         between layers, in C++ (``_C.run_layers``: the same op layer by layer, without the Python
         around it, which costs a streaming step about as much as the op). None for anything else,
         which the general path takes, and where bad arguments get their errors; also while Dynamo
-        traces, as it cannot see into that call."""
-        if torch.compiler.is_compiling():
+        traces, as it cannot see into that call, and in forward mode (``functional.layer`` runs it)."""
+        if torch.compiler.is_compiling() or functional.in_forward_mode():
             return None
         call = self._layer_call()
         return _ops.run_layers(self.cell, input, hx, self.input_size, call.widths, self.batch_first, self, call.names)
