@@ -1,11 +1,16 @@
 """The forward ops as plain torch operations, where our ops cannot serve: the ONNX export
 (``onnx_export``) decomposes what ONNX has no operator for (the attention-augmented cells, the LSTM
 projection) into these, and ``functional`` runs them in forward mode (the ops have reverse-mode
-gradients only; torch differentiates these either way). One step function holds the cell, the attention and the lengths; a static
-number of steps runs it in an unrolled Python loop, a symbolic one in torch's ``scan`` (ONNX's Scan
-operator), so exports keep a dynamic time dimension. The self memory is a fixed-width window of
-slots shifted each step (the window, or every slot when unbounded); lengths and external memory are
-masks. Same results as the ops to rounding (tests/test_onnx.py compares them).
+gradients only; torch differentiates these either way). One step function holds the cell, the
+attention and the lengths; a static number of steps runs it in an unrolled Python loop, a symbolic
+one in torch's ``scan`` (ONNX's Scan operator), so exports keep a dynamic time dimension. The self
+memory is a fixed-width window of slots shifted each step (the window, or every slot when
+unbounded); lengths and external memory are masks. Same results as the ops to rounding
+(tests/test_onnx.py compares them).
+
+``reference`` computes the same layers, but as the SPEC's oracle: written for reading, with
+in-place writes and reshapes that neither a scan body nor ONNX can hold, so the two stay apart and
+share only the cell update and the projection.
 """
 
 from __future__ import annotations
