@@ -11,7 +11,7 @@ import rnnattn_ext
 from rnnattn_ext import _ops, functional
 
 from conftest import device_params
-from helpers import CELLS, layer_args
+from helpers import CELLS, attention_args, layer_args
 
 # name -> (factory, whether the forward takes an external memory)
 MODULES = {
@@ -206,6 +206,26 @@ def test_the_ops_themselves_refuse_a_tangent_naming_the_argument():
     with forward_ad.dual_level(), pytest.raises(NotImplementedError, match="argument 'weight_hh' carries"):
         _ops.forward_op("gru")(x, *states, w_ih, forward_ad.make_dual(w_hh, torch.ones_like(w_hh)), b_ih, b_hh,
                                None, False, False)
+
+
+def test_functional_layers_under_jvp_check_their_arguments_as_the_ops_do():
+    """Forward mode runs plain torch operations, which would fail inside with a shape error of their
+    own (or not at all): the op's checks run first and name the argument."""
+    x, states, w_ih, w_hh, b_ih, b_hh = layer_args("lstm", 4, 2, 3, 5, requires_grad=False)
+    tangent = torch.ones_like(x)
+    with pytest.raises(ValueError, match="lstm_forward: weight_ih must have shape"):
+        torch.func.jvp(lambda x: functional.layer("lstm", x, states, w_ih[:, :2], w_hh, b_ih, b_hh)[0], (x,),
+                       (tangent,))
+    with pytest.raises(ValueError, match="lengths"):
+        torch.func.jvp(lambda x: functional.layer("lstm", x, states, w_ih, w_hh, lengths=torch.tensor([5, 1]))[0],
+                       (x,), (tangent,))
+    x, states, weights, memory = attention_args("gru", 4, 2, 3, 5, 2, 2, memory_slots=3, requires_grad=False)
+    with pytest.raises(ValueError, match="gru_attn_forward: .*num_heads"):
+        torch.func.jvp(lambda x: functional.attention_layer("gru", x, states, weights, 3, memory=memory)[0], (x,),
+                       (torch.ones_like(x),))
+    # Well-formed, the same call runs (and gives what jacrev gives).
+    run = lambda x: functional.attention_layer("gru", x, states, weights, 2, memory=memory)[0]  # noqa: E731
+    torch.testing.assert_close(torch.func.jacfwd(run)(x), torch.func.jacrev(run)(x), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["LSTM_proj", "AttnGRU_external"])

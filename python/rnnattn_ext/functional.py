@@ -91,6 +91,15 @@ def _carries_tangents(*tensors: Tensor | None) -> bool:
                                      for t in tensors)
 
 
+def _check_by_op(op, *arguments) -> None:
+    """Runs the op on the arguments' primal values (its result unused) before a call carrying tangents
+    runs ``unrolled``, which has no argument checks of its own: bad arguments then get the op's errors,
+    which name them. The op costs a fraction of what ``unrolled`` does."""
+    primals = [forward_ad.unpack_dual(a).primal if isinstance(a, Tensor) else a for a in arguments]
+    with torch.no_grad():
+        op(*primals)
+
+
 def layer(
     cell: str,
     input: Tensor,
@@ -121,9 +130,12 @@ def layer(
             "layer", reduced, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
             **({"weight_hr": projection[0]} if projection else {}))
         projection = tuple(upcast_projection)
-    tangents = _carries_tangents(input, *states, weight_ih, weight_hh, bias_ih, bias_hh, *projection)
-    forward = unrolled.base_op(cell) if tangents else _ops.forward_op(cell)
-    result = forward(input, *states, weight_ih, weight_hh, bias_ih, bias_hh, *projection, lengths, reverse, training)
+    arguments = (input, *states, weight_ih, weight_hh, bias_ih, bias_hh, *projection, lengths, reverse)
+    if _carries_tangents(input, *states, weight_ih, weight_hh, bias_ih, bias_hh, *projection):
+        _check_by_op(_ops.forward_op(cell), *arguments, False)
+        result = unrolled.base_op(cell)(*arguments, training)
+    else:
+        result = _ops.forward_op(cell)(*arguments, training)
     if reduced is not None:
         return result[0].to(reduced), [f.to(reduced) for f in result[1:-1]]
     return result[0], list(result[1:-1])
@@ -224,12 +236,13 @@ def attention_layer(
                                                  past_values=past_values)
     base, attention = list(weights[:4]), list(weights[4:11])
     projection = _projection_args("attention_layer", cell, weights[11] if len(weights) == 12 else None)
-    tangents = _carries_tangents(input, *states, *weights, memory, past_keys, past_values)
-    forward = unrolled.attention_op(cell) if tangents else _ops.attention_forward_op(cell)
-    result = forward(
-        input, *states, *base, *projection, *attention, memory, memory_lengths, lengths, past_keys, past_values,
-        num_heads, window, reverse, training, need_weights
-    )
+    arguments = (input, *states, *base, *projection, *attention, memory, memory_lengths, lengths, past_keys,
+                 past_values, num_heads, window, reverse)
+    if _carries_tangents(input, *states, *weights, memory, past_keys, past_values):
+        _check_by_op(_ops.attention_forward_op(cell), *arguments, False, need_weights)
+        result = unrolled.attention_op(cell)(*arguments, training, need_weights)
+    else:
+        result = _ops.attention_forward_op(cell)(*arguments, training, need_weights)
     num_states = _num_states(cell)
     output, finals = result[0], list(result[1 : 1 + num_states])
     context, attention = result[1 + num_states], result[2 + num_states]
