@@ -207,17 +207,18 @@ def test_bitwise_deterministic(cell):
         assert torch.equal(a, b)
 
 
-# A one-step float32 call at up to 4 rows multiplies each weight once, reading it in place instead
-# of packing it (csrc/engine/cpu/packed_gemm.h, gemm_rows); 5 rows go back to packing. Widths with
-# tails (H = 13: 4-row groups and 8-lane runs both partial; 70: two unequal blocks with 2 threads),
-# and a transposed weight, which cannot be read in place.
+# A float32 call of up to 4 steps at up to 4 rows reads its weights in place instead of packing them
+# (csrc/engine/cpu/packed_gemm.h, gemm_rows; recurrent_engine.cpp, matrix_form); 5 rows or 5 steps
+# go back to packing. Widths with tails (H = 13: 4-row groups and 8-lane runs both partial; 70: two
+# unequal blocks with 2 threads), and a transposed weight, which cannot be read in place.
 @pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
+@pytest.mark.parametrize("steps", [1, 4, 5])
 @pytest.mark.parametrize("batch", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("hidden", [13, 70])
 @pytest.mark.parametrize("cell", CELLS)
-def test_single_step_matches_reference(cell, hidden, batch, transposed):
-    gen = torch.Generator().manual_seed(hidden + batch)
-    x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, 1, batch, 11, hidden, torch.float32, generator=gen,
+def test_short_calls_match_reference(cell, hidden, batch, steps, transposed):
+    gen = torch.Generator().manual_seed(hidden + batch + steps)
+    x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, steps, batch, 11, hidden, torch.float32, generator=gen,
                                                    requires_grad=False)
     if transposed:
         w_ih, w_hh = w_ih.t().contiguous().t(), w_hh.t().contiguous().t()

@@ -182,11 +182,21 @@ struct Operand {
 // once at a few rows: one streaming step, where packing would cost more than the product).
 enum class MatrixForm { aten, packed, in_place };
 
+// A float CPU matrix used at most this many times at a few rows is read in place: packing it once
+// costs about as much as reading it in place three or four times when it does not fit the core's
+// cache (a streaming chunk of 2-4 steps of LSTM(256) at batch 1-4 took 30-40 µs less in place).
+constexpr int64_t kInPlaceMaxUses = 4;
+
 // The form of a float CPU matrix used `uses` times at `rows` rows each (ATen for the rest).
 MatrixForm matrix_form(bool packed_gemm, int64_t uses, int64_t rows) {
   if (!packed_gemm) return MatrixForm::aten;
-  return uses == 1 && rows <= cpu::kRowsGemmMaxRows ? MatrixForm::in_place : MatrixForm::packed;
+  return uses <= kInPlaceMaxUses && rows <= cpu::kRowsGemmMaxRows ? MatrixForm::in_place : MatrixForm::packed;
 }
+
+// A single block's input projection goes to ATen, which spreads it over every thread, from this many
+// multiply-adds per product up: below it ATen's call (~10 µs on a 2-core x86) costs more than our
+// kernel on one thread (a 5-step chunk of LSTM(8) took 30 µs longer through ATen).
+constexpr int64_t kAtenMinMultiplies = int64_t{1} << 19;
 
 // The row addresses (and the gathered bias) of our CPU kernels' forms: rows [first, first + count)
 // of `parts` stacked, permuted by `index` (or none). Filled by the block's own thread.
@@ -665,11 +675,12 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   // The per-step matrices (W_rec, W_c, W_hr): one product of B rows per step.
   const MatrixForm step_form = matrix_form(packed, T, B);
   // The input projection (b_ih folded in), a chunk of steps at a time, each block its own gate rows.
-  // A single block projects with ATen, which uses every thread (except for a product too small to
-  // be worth packing or threading).
+  // A single block projects a large product with ATen, which uses every thread.
   const int64_t chunk = chunk_steps(input, T, B, GH, kForwardChunkBytes);
   MatrixForm ih_form = matrix_form(packed, (T + chunk - 1) / chunk, chunk * B);
-  if (ih_form == MatrixForm::packed && blocks.count() == 1) ih_form = MatrixForm::aten;
+  if (ih_form == MatrixForm::packed && blocks.count() == 1 && chunk * B * I * GH >= kAtenMinMultiplies) {
+    ih_form = MatrixForm::aten;
+  }
   std::vector<BlockMatrix> ih_matrix, rec_matrix, ctx_matrix, proj_matrix;
   std::vector<Tensor> xproj, hproj, cproj;
   const Tensor w_c = geo.enabled ? attention->weight_c : Tensor();
