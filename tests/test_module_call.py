@@ -92,6 +92,34 @@ def test_gives_the_functional_layers_bits_forward_and_backward(device, name, bat
         assert a.shape == b.shape and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_calls_without_grad_give_plain_tensors(name, grad_mode):
+    """Without grad mode the C++ call makes its views of hx (each layer's states) and of the op's
+    final states (h_n, c_n of one layer) below autograd: the results are the grad-mode call's numbers,
+    plain tensors that a later in-place change or graph takes as any other, and hx (requiring grad
+    here) is left as it was."""
+    module = _module(name, "cpu")
+    x = torch.randn(3, 2, 5, dtype=torch.float64)
+    hx = _states(module, 2, "cpu", torch.float64)
+    leaves = [s.requires_grad_() for s in (hx if isinstance(hx, tuple) else (hx,))]
+    before = [s.detach().clone() for s in leaves]
+    expected = [t.detach() for t in _flat(module(x, hx))]
+    with grad_mode():
+        assert _ops.run_layers(*_call_args(module, x, hx)) is not None, "the C++ call was not taken"
+        got = _flat(module(x, hx))
+        for g in got[1:]:
+            g.add_(0.0)  # an in-place change of a final state, as a streaming loop may make
+    for a, b in zip(got, expected):
+        assert not a.requires_grad and a.shape == b.shape and torch.equal(a, b)
+    for s, b in zip(leaves, before):
+        assert s.requires_grad and torch.equal(s.detach(), b)
+    if grad_mode is torch.no_grad:  # (inference tensors cannot enter a graph)
+        weight = torch.ones(1, dtype=torch.float64, requires_grad=True)
+        (got[1] * weight).sum().backward()
+        assert torch.equal(weight.grad, got[1].sum().reshape(1))
+
+
 STACKED_MODULES = {
     "lstm_proj_2": lambda: rnnattn_ext.LSTM(5, 7, num_layers=2, proj_size=3),
     "gru_3_dropout": lambda: rnnattn_ext.GRU(5, 7, num_layers=3, dropout=0.5),  # run in eval: no dropout
