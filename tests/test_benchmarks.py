@@ -83,3 +83,22 @@ def test_attention_step_benchmark_writes_its_rows(tmp_path):
     for row in rows:
         assert row["attention_us"] > 0 and row["plain_us"] > 0 and row["inference_cost_vs_plain"] > 0
     assert "| lstm | 1×8×8, 4 (4), 3 |" in (tmp_path / "quick.md").read_text()
+
+
+def test_step_benchmark_streams_chunks_against_the_layer_modules(tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_step.py"), "--shapes", "1x8x8", "--steps", "6",
+         "--chunk", "3", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "step_cpu_float32_chunk3.json") as f:
+        rows = json.load(f)["rows"]
+    assert [(r["peer"], r["chunk"]) for r in rows] == [("LSTM", 3), ("GRU", 3), ("RNN", 3)]
+    assert all(r["ratio"] > 0 and r["inference_ratio"] > 0 for r in rows)
+    assert "| lstm | 1×8×8 | 3 | LSTM |" in (tmp_path / "step_cpu_float32_chunk3.md").read_text()
+    rejected = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_step.py"), "--steps", "4", "--chunk", "5",
+         "--out", str(tmp_path)], capture_output=True, text=True, timeout=120,
+    )
+    assert rejected.returncode == 2 and "--chunk must be in [1, --steps = 4], got 5" in rejected.stderr
