@@ -186,12 +186,13 @@ struct Operand {
 
 // How a block's constant matrix enters its products: through ATen (double, CUDA), packed into panels
 // for our CPU kernel (float, used many times), or read in place by our CPU kernel (float, used
-// once at a few rows: one streaming step, where packing would cost more than the product).
+// a few times at a few rows: a streaming step or short chunk, where packing would cost more than
+// it saves).
 enum class MatrixForm { aten, packed, in_place };
 
 // A float CPU matrix used at most this many times at a few rows is read in place: packing it once
 // costs about as much as reading it in place three or four times when it does not fit the core's
-// cache (a streaming chunk of 2-4 steps of LSTM(256) at batch 1-4 took 30-40 µs less in place).
+// cache (a streaming chunk of 2-4 steps of LSTM(256) at batch 1-4 took 30-50 µs less in place).
 constexpr int64_t kInPlaceMaxUses = 4;
 
 // The form of a float CPU matrix used `uses` times at `rows` rows each (ATen for the rest).
