@@ -83,21 +83,25 @@ def in_forward_mode() -> bool:
     return forward_ad._current_level >= 0
 
 
-def _carries_tangents(*tensors: Tensor | None) -> bool:
-    """Whether a tensor has a forward-mode tangent. The ops have reverse-mode gradients only, so the
-    layer then runs as plain torch operations (``unrolled``: the ops' results to rounding), which
-    torch differentiates in either mode."""
-    return in_forward_mode() and any(t is not None and forward_ad.unpack_dual(t).tangent is not None
-                                     for t in tensors)
+def _carries_tangents(*arguments: Any) -> bool:
+    """Whether a tensor among the arguments has a forward-mode tangent."""
+    return in_forward_mode() and any(isinstance(a, Tensor) and forward_ad.unpack_dual(a).tangent is not None
+                                     for a in arguments)
 
 
-def _check_by_op(op, *arguments) -> None:
-    """Runs the op on the arguments' primal values (its result unused) before a call carrying tangents
-    runs ``unrolled``, which has no argument checks of its own: bad arguments then get the op's errors,
-    which name them. The op costs a fraction of what ``unrolled`` does."""
+def _call_op(op, decomposed, arguments: tuple, training: bool, after_training: tuple = ()) -> tuple:
+    """``op(*arguments, training, *after_training)``. The ops have reverse-mode gradients only: when an
+    argument carries a forward-mode tangent the layer runs as ``decomposed`` instead (``unrolled``'s
+    plain torch operations, the op's results to rounding, which torch differentiates in either mode),
+    after the op has run on the primal values (its result unused), as ``unrolled`` has no argument
+    checks of its own: bad arguments then get the op's errors, which name them. The op costs a
+    fraction of what ``unrolled`` does."""
+    if not _carries_tangents(*arguments):
+        return op(*arguments, training, *after_training)
     primals = [forward_ad.unpack_dual(a).primal if isinstance(a, Tensor) else a for a in arguments]
     with torch.no_grad():
-        op(*primals)
+        op(*primals, False, *after_training)
+    return decomposed(*arguments, training, *after_training)
 
 
 def layer(
@@ -131,11 +135,7 @@ def layer(
             **({"weight_hr": projection[0]} if projection else {}))
         projection = tuple(upcast_projection)
     arguments = (input, *states, weight_ih, weight_hh, bias_ih, bias_hh, *projection, lengths, reverse)
-    if _carries_tangents(input, *states, weight_ih, weight_hh, bias_ih, bias_hh, *projection):
-        _check_by_op(_ops.forward_op(cell), *arguments, False)
-        result = unrolled.base_op(cell)(*arguments, training)
-    else:
-        result = _ops.forward_op(cell)(*arguments, training)
+    result = _call_op(_ops.forward_op(cell), unrolled.base_op(cell), arguments, training)
     if reduced is not None:
         return result[0].to(reduced), [f.to(reduced) for f in result[1:-1]]
     return result[0], list(result[1:-1])
@@ -238,11 +238,8 @@ def attention_layer(
     projection = _projection_args("attention_layer", cell, weights[11] if len(weights) == 12 else None)
     arguments = (input, *states, *base, *projection, *attention, memory, memory_lengths, lengths, past_keys,
                  past_values, num_heads, window, reverse)
-    if _carries_tangents(input, *states, *weights, memory, past_keys, past_values):
-        _check_by_op(_ops.attention_forward_op(cell), *arguments, False, need_weights)
-        result = unrolled.attention_op(cell)(*arguments, training, need_weights)
-    else:
-        result = _ops.attention_forward_op(cell)(*arguments, training, need_weights)
+    result = _call_op(_ops.attention_forward_op(cell), unrolled.attention_op(cell), arguments, training,
+                      (need_weights,))
     num_states = _num_states(cell)
     output, finals = result[0], list(result[1 : 1 + num_states])
     context, attention = result[1 + num_states], result[2 + num_states]

@@ -93,8 +93,7 @@ def attention_forward(cell: str, input: Tensor, states: Sequence[Tensor], weight
             count = window if window is not None else past + steps
             kept = past if window is None else min(past, window)
             # Validity as 0/1 in the input's dtype: scan differentiates its carry, which a bool cannot be.
-            valid = (torch.arange(count, device=input.device) >= count - kept).to(input.dtype).expand(batch, count)
-            valid = valid.contiguous()
+            valid = (torch.arange(count, device=input.device) >= count - kept).to(input.dtype).repeat(batch, 1)
             slots = (_slots(past_keys, kept, batch, count, width, input),
                      _slots(past_values, kept, batch, count, width, input), valid)
     all_rows = torch.ones(batch, dtype=torch.bool, device=input.device)
