@@ -37,4 +37,10 @@ tail -q -n 1 "$out"/fuzz_seed*.log
 if [ -z "${RNNATTN_SKIP_BENCH:-}" ]; then
   echo "== speed suite, cuda float32 and bfloat16"
   "$python" benchmarks/suite.py --devices cuda --out "$out" --name suite_cuda | tail -60
+  echo "== CUDA's forward loop, one persistent kernel against a cuBLAS product per step, by batch size"
+  for loop in persistent per_step; do
+    RNNATTN_CUDA_LOOP=$loop "$python" benchmarks/bench_recurrent.py --device cuda --cells lstm,gru,rnn_tanh \
+      --shapes 1x256x256x256,16x128x256x256,64x256x512x512,128x128x512x512,256x64x512x512 \
+      --out "$out" --name "loop_$loop" | tail -30
+  done
 fi

@@ -7,7 +7,7 @@
 #   bash scripts/cuda_sanitizer.sh [OUT_DIR] [--all]      (default OUT_DIR: sanitizer_out)
 #
 # The tests run are those of the `cuda` marker outside the accuracy sweeps (long under the sanitizer).
-# racecheck looks at shared memory, which no kernel of ours uses today (it guards future ones), and
+# racecheck looks at shared memory (the persistent forward loop's weights, staged rows and gates) and
 # is the slowest tool.
 # initcheck reports every float16/bfloat16 element that cuBLAS's sm_90 GEMMs wrote as uninitialised
 # (torch.addmm alone does the same: benchmarks/results/cuda_checks_h100.txt); read its 16-bit reports
@@ -40,7 +40,7 @@ parallel=()
 for tool in $tools; do
   compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all \
     "$python" -m pytest -q -p no:cacheprovider "${parallel[@]}" -m cuda tests/test_cuda.py tests/test_bad_inputs.py \
-    tests/test_determinism.py -k "not accuracy" >"$out/sanitizer_$tool.log" 2>&1 &
+    tests/test_determinism.py tests/test_persistent_loop.py -k "not accuracy" >"$out/sanitizer_$tool.log" 2>&1 &
 done
 status=0
 for tool in $tools; do

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <cstring>
 #include <string_view>
 #include <type_traits>
@@ -26,6 +27,7 @@
 
 #include "engine/cuda/attention_cuda.h"
 #include "engine/cuda/cublas_multiply.h"
+#include "engine/cuda/persistent_cuda.h"
 #include "engine/cuda/pointwise_cuda.h"
 #include "engine/cuda/projection_cuda.h"
 #endif
@@ -73,6 +75,26 @@ void check_launch(cudaError_t err, const char* what) {
     }
   }
   TORCH_CHECK(false, "rnnattn: ", what, " failed: ", cudaGetErrorString(err));
+}
+
+// Batches up to this size run CUDA's forward loop as one persistent kernel by default: a step's
+// product of a few rows is too small to fill the GPU as a cuBLAS call, and a launch per step
+// costs more than the step. Larger batches fill it (to be measured: the persistent kernel's
+// product is a plain one).
+constexpr int64_t kPersistentMaxBatch = 128;
+
+// CUDA's forward loop: RNNATTN_CUDA_LOOP=persistent or per_step forces one (for measurements and
+// tests: a forced persistent loop the device cannot hold raises); unset or auto decides by the batch
+// and falls back to the loop step by step where the device cannot hold the persistent one.
+enum class CudaLoop { per_step, persistent_where_possible, persistent };
+CudaLoop cuda_loop(int64_t batch) {
+  const char* choice = std::getenv("RNNATTN_CUDA_LOOP");
+  const std::string_view loop = choice == nullptr ? "auto" : choice;
+  TORCH_CHECK(loop == "auto" || loop == "persistent" || loop == "per_step",
+              "rnnattn: the environment variable RNNATTN_CUDA_LOOP must be auto, persistent or per_step, got '",
+              loop, "'");
+  if (loop == "persistent") return CudaLoop::persistent;
+  return loop == "auto" && batch <= kPersistentMaxBatch ? CudaLoop::persistent_where_possible : CudaLoop::per_step;
 }
 #endif
 
@@ -620,6 +642,40 @@ AttentionStepArgs<T> attention_step_args(const AttentionGeometry& g, const UnitB
   return a;
 }
 
+template <typename T>
+T* ptr_or_null(const Tensor& t) {
+  return t.defined() ? ptr<T>(t) : nullptr;
+}
+
+// The forward's ForwardLayout: h (or m_t, with a projection) in slot 0, the cell's other states
+// after it; `ping_pong` holds inference's two buffers per slot that is not the output, slots 1.. first.
+template <class Cell, typename T>
+ForwardLayout<T> forward_layout(const Tensor& output, const std::vector<Tensor>& init, const Tensor& m_initial,
+                                const Tensor& workspace, const std::vector<Tensor>& ping_pong, int planes,
+                                int m_plane, bool training, const StepOrder& order, int64_t plane) {
+  constexpr int S = Cell::kStates;
+  const bool projected = m_initial.defined();
+  ForwardLayout<T> layout{};
+  layout.output = ptr<T>(output);
+  layout.workspace = training ? ptr<T>(workspace) : nullptr;
+  layout.planes = planes;
+  layout.training = training;
+  layout.reverse = order.reverse;
+  layout.steps = order.steps;
+  layout.plane = plane;
+  for (int s = 0; s < S; ++s) {
+    layout.initial[s] = s == 0 && projected ? ptr<T>(m_initial) : ptr<T>(init[s]);
+    layout.plane_of[s] = s > 0 ? Cell::kSaved + s - 1 : projected ? m_plane : -1;
+    // Inference buffers: slot s >= 1 at 2 (s - 1), m_t after them at 2 (S - 1).
+    const int buffer = s > 0 ? 2 * (s - 1) : projected ? 2 * (S - 1) : -1;
+    if (!training && buffer >= 0) {
+      layout.alternate[s][0] = ptr_or_null<T>(ping_pong[buffer]);
+      layout.alternate[s][1] = ptr_or_null<T>(ping_pong[buffer + 1]);
+    }
+  }
+  return layout;
+}
+
 }  // namespace
 
 void linear_into(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& out) {
@@ -762,7 +818,14 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   const int64_t plane = B * H, out_plane = B * HS;
   const Tensor seq_lengths = lengths_arg ? lengths_arg->contiguous() : Tensor();
   const SequenceLengths sequence{seq_lengths.defined() ? seq_lengths.data_ptr<int64_t>() : nullptr, T, reverse};
-  const std::vector<int64_t> running = running_rows(seq_lengths, T, geo.enabled);
+  // CUDA without attention or projection may run the whole loop as one kernel (cuda/persistent_cuda.h).
+  bool persistent = false;
+#ifdef RNNATTN_WITH_CUDA
+  const CudaLoop loop_choice = input.is_cuda() ? cuda_loop(B) : CudaLoop::per_step;
+  persistent = loop_choice != CudaLoop::per_step && !geo.enabled && !projected && T > 0 && B > 0;
+#endif
+  // (The persistent loop skips nothing: it needs no running rows, whose lengths are read on the host.)
+  const std::vector<int64_t> running = persistent ? std::vector<int64_t>() : running_rows(seq_lengths, T, geo.enabled);
   // m_t after forward step k (projection): a workspace plane when training, else a ping-pong buffer.
   auto m_after = [&](int64_t k) -> Operand {
     if (training) return Operand{workspace, (order.time(k) * planes + m_plane) * plane, B, H, H};
@@ -771,11 +834,30 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
 
   dispatch_dtype(input, [&](auto* type_tag) {
     using T_ = std::remove_pointer_t<decltype(type_tag)>;
-    auto extra_state = [&](int64_t k, int s) -> T_* {
-      // State s (>= 1) after forward step k.
-      if (training) return ptr<T_>(workspace) + (order.time(k) * planes + Cell::kSaved + s - 1) * plane;
-      return ptr<T_>(ping_pong[2 * (s - 1) + (k % 2)]);
-    };
+    const ForwardLayout<T_> layout =
+        forward_layout<Cell, T_>(output, init, m_initial, workspace, ping_pong, planes, m_plane, training, order, plane);
+#ifdef RNNATTN_WITH_CUDA
+    if (persistent) {
+      const Tensor w_hh = weight_hh_arg.contiguous();
+      PersistentForwardArgs<T_> loop{};
+      loop.step.xproj = GateView<const T_>{ptr<T_>(xproj[0]), GH, H};
+      if (rec_bias.defined()) loop.step.hbias = GateView<const T_>{ptr<T_>(rec_bias), 0, H};
+      loop.step.lengths = sequence.data;
+      loop.step.batch = B;
+      loop.step.hidden = H;
+      loop.layout = layout;
+      loop.weight = ptr<T_>(w_hh);
+      if (cuda::plan_persistent_forward<Cell, T_>(loop)) {
+        multiply(ih_matrix[0], {x, 0, T * B, I, I}, {xproj[0], 0, T * B, GH, GH});
+        check_launch(cuda::launch_persistent_forward<Cell, T_>(loop, c10::cuda::getCurrentCUDAStream()),
+                     "the persistent forward loop");
+        return;
+      }
+      TORCH_CHECK(loop_choice != CudaLoop::persistent, "rnnattn: RNNATTN_CUDA_LOOP=persistent, but this GPU cannot ",
+                  "run the forward loop of batch ", B, " and hidden size ", H, " in ", input.scalar_type(),
+                  " as one kernel (each SM's share of W_hh and 4 rows of h must fit in its shared memory)");
+    }
+#endif
     T_* queries = geo.enabled ? ptr<T_>(memory_store) : nullptr;
     T_* keys = geo.enabled ? queries + query_steps * slot_size : nullptr;
     T_* values = geo.enabled ? keys + geo.slots * slot_size : nullptr;
@@ -810,20 +892,8 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
             args.hbias = GateView<const T_>{ptr<T_>(rec_bias) + blocks.rec_row0(c), 0, blocks.width(c)};
           }
           if (geo.enabled) args.cproj = GateView<const T_>{ptr<T_>(cproj[c]), blocks.rows(c), blocks.width(c)};
-          if (projected) {
-            args.prev[0] = k == 0 ? ptr<T_>(m_initial) : m_after(k - 1).template data<T_>();
-            args.next[0] = m_after(k).template data<T_>();
-          } else {
-            args.prev[0] = h_prev.data<T_>();
-            args.next[0] = ptr<T_>(output) + t * plane;
-          }
-          for (int s = 1; s < S; ++s) {
-            args.prev[s] = k == 0 ? ptr<T_>(init[s]) : extra_state(k - 1, s);
-            args.next[s] = extra_state(k, s);
-          }
-          args.saved = training ? ptr<T_>(workspace) + t * planes * plane : nullptr;
+          layout.template fill<S>(args, k);
           args.lengths = sequence.data;
-          args.time = t;
           args.batch = B;
           args.hidden = H;
           args.unit_begin = blocks.first(c);

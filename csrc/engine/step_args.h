@@ -78,6 +78,44 @@ struct BackwardStepArgs {
   int64_t unit_begin, unit_end;
 };
 
+// Where a forward pass's states and saved activations lie, step by step: one description for the
+// loop over blocks (CPU, and CUDA step by step) and for the CUDA kernel that runs every step itself.
+// State slot 0 is h (the output row y_t), or with a projection m_t; slots 1.. the cell's other states.
+// Training keeps every step's states in the workspace (T, planes, B, H); inference keeps the slots
+// other than the output in two alternating (B, H) buffers.
+template <typename T>
+struct ForwardLayout {
+  T* output;                      // (T, B, H) when slot 0 is the output
+  const T* initial[kMaxStates];   // the states before the first step
+  T* workspace;                   // training only: (T, planes, B, H), step t's saved activations first
+  T* alternate[kMaxStates][2];    // inference only: slot s after step k is alternate[s][k % 2]
+  int plane_of[kMaxStates];       // a slot's plane in a workspace step; -1: the slot is the output
+  int planes;
+  bool training;
+  bool reverse;
+  int64_t steps;
+  int64_t plane;                  // B * H
+
+  RNNATTN_HD int64_t time(int64_t k) const { return reverse ? steps - 1 - k : k; }
+  // State slot s after step k.
+  RNNATTN_HD T* after(int64_t k, int s) const {
+    const int64_t t = time(k);
+    if (plane_of[s] < 0) return output + t * plane;
+    return training ? workspace + (t * planes + plane_of[s]) * plane : alternate[s][k % 2];
+  }
+  RNNATTN_HD const T* before(int64_t k, int s) const { return k == 0 ? initial[s] : after(k - 1, s); }
+  // Step k's states, saved activations and time into a's per-step fields.
+  template <int S>
+  RNNATTN_HD void fill(ForwardStepArgs<T>& a, int64_t k) const {
+    for (int s = 0; s < S; ++s) {
+      a.prev[s] = before(k, s);
+      a.next[s] = after(k, s);
+    }
+    a.time = time(k);
+    a.saved = training ? workspace + a.time * planes * plane : nullptr;
+  }
+};
+
 // What a forward pass adds to the pre-activations besides the two projections: a compile-time
 // switch of the loops (forward_unit), chosen once per pass.
 enum class StepExtra { none, context, hidden_bias, context_and_hidden_bias };
@@ -99,10 +137,10 @@ inline void dispatch_step_extra(const ForwardStepArgs<T>& a, F&& f) {
       return f(std::integral_constant<StepExtra, StepExtra::context_and_hidden_bias>{});
   }
 }
-constexpr bool adds_context(StepExtra e) {
+RNNATTN_HD constexpr bool adds_context(StepExtra e) {
   return e == StepExtra::context || e == StepExtra::context_and_hidden_bias;
 }
-constexpr bool adds_hidden_bias(StepExtra e) {
+RNNATTN_HD constexpr bool adds_hidden_bias(StepExtra e) {
   return e == StepExtra::hidden_bias || e == StepExtra::context_and_hidden_bias;
 }
 
