@@ -1,10 +1,10 @@
-"""CUDA's persistent forward loop: one kernel runs every step (csrc/engine/persistent_forward.h,
-csrc/engine/cuda/persistent_cuda.cu).
+"""CUDA's persistent loops: one kernel runs every step of a layer's forward, one every step of its
+backward (csrc/engine/persistent_forward.h, persistent_backward.h, cuda/persistent_cuda.cu).
 
-Its thread blocks' phases run on the host too (tests/cpp/persistent_forward_check.cpp), so every
-machine checks how the work is shared out and indexed; the kernel itself runs in the CUDA tests,
-forced by RNNATTN_CUDA_LOOP=persistent (which raises where the GPU cannot hold the loop, so a
-passing test did run it) against the loop step by step and the CPU."""
+Their thread blocks' phases run on the host too (tests/cpp/persistent_loop_check.cpp), so every
+machine checks how the work is shared out and indexed; the kernels themselves run in the CUDA tests,
+forced by RNNATTN_CUDA_LOOP=persistent (which raises where the GPU cannot hold a loop, so a passing
+test did run them) against the loop step by step and the CPU."""
 
 import os
 import shutil
@@ -32,10 +32,10 @@ def test_block_phases_match_a_plain_loop(tmp_path):
     compiler = _compiler()
     if compiler is None:
         pytest.skip("no C++ compiler (CXX, c++, g++ or clang++) to build the host check with")
-    program = tmp_path / "persistent_forward_check"
+    program = tmp_path / "persistent_loop_check"
     build = subprocess.run(
         [compiler, "-std=c++17", "-O1", f"-I{ROOT / 'csrc'}", "-o", str(program),
-         str(ROOT / "tests" / "cpp" / "persistent_forward_check.cpp")],
+         str(ROOT / "tests" / "cpp" / "persistent_loop_check.cpp")],
         capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
     run = subprocess.run([str(program)], capture_output=True, text=True, timeout=300)
@@ -63,8 +63,9 @@ def _on(args, device):
 
 
 # (steps, batch, input, hidden): one unit per block and a batch of 1; a last block with fewer units;
-# several units per block (hidden > the SMs); several batch tiles (float64 rows of 700 at batch 120).
-SHAPES = [(4, 1, 3, 1), (6, 3, 5, 13), (5, 9, 8, 300), (3, 120, 6, 700)]
+# several units per block (hidden > the SMs); several batch tiles (on an H100, float64 at batch 120
+# and hidden 301 stages 76 rows of h at a time forward, 16 rows of gate gradients backward).
+SHAPES = [(4, 1, 3, 1), (6, 3, 5, 13), (5, 9, 8, 300), (3, 120, 6, 301)]
 
 
 @pytest.mark.cuda

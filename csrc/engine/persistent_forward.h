@@ -8,7 +8,7 @@
 //
 // This header is the work of one block between barriers, in phases that end where the kernel
 // synchronises its threads; free of CUDA, so that the host compiler runs the same phases thread by
-// thread (tests/cpp/persistent_forward_check.cpp).
+// thread (tests/cpp/persistent_loop_check.cpp).
 #pragma once
 #include <cstdint>
 

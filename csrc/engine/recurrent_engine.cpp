@@ -1017,7 +1017,13 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   const UnitBlocks blocks = make_unit_blocks(G, H, HS, T, input, geo.groups(), geo.heads, geo.head_dim);
   CallScratch temp(input);  // the call's temporary buffers
   const int64_t R = blocks.rec_total();  // recurrent-side rows
-  const std::vector<int64_t> running = running_rows(seq_lengths, T, geo.enabled);
+  // CUDA without attention or projection may run the whole loop as one kernel (cuda/persistent_cuda.h).
+  bool persistent = false;
+#ifdef RNNATTN_WITH_CUDA
+  const CudaLoop loop_choice = input.is_cuda() ? cuda_loop(B) : CudaLoop::per_step;
+  persistent = loop_choice != CudaLoop::per_step && !geo.enabled && !projected && T > 0 && B > 0;
+#endif
+  const std::vector<int64_t> running = persistent ? std::vector<int64_t>() : running_rows(seq_lengths, T, geo.enabled);
 
   const Tensor w_ih = blocks.permute_rows(weight_ih_arg).contiguous();
   const Tensor w_rec =
@@ -1103,9 +1109,9 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
 
   dispatch_dtype(input, [&](auto* type_tag) {
     using T_ = std::remove_pointer_t<decltype(type_tag)>;
-    auto extra_state = [&](int64_t k, int s) -> const T_* {
-      return ptr<T_>(workspace) + (order.time(k) * planes + Cell::kSaved + s - 1) * plane;
-    };
+    // Where the forward left each step's states (with a projection, m_t in slot 0).
+    const ForwardLayout<T_> layout = forward_layout<Cell, T_>(output, init, zero_plane, workspace, {}, planes, m_plane,
+                                                              /*training=*/true, order, plane);
     T_* queries = geo.enabled ? ptr<T_>(memory_store) : nullptr;  // read only (the forward's staging)
     T_* keys = geo.enabled ? queries + T * slot_size : nullptr;
     T_* values = geo.enabled ? keys + geo.slots * slot_size : nullptr;
@@ -1173,6 +1179,31 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
       a.col_end = p1;
       run_projection_pass(input, a);
     };
+#ifdef RNNATTN_WITH_CUDA
+    if (persistent) {
+      const Tensor w_hh = weight_hh_arg.contiguous();
+      PersistentBackwardArgs<T_> loop{};
+      for (int s = 0; s < S; ++s) loop.step.dstate[s] = ptr<T_>(dstate[s]);
+      loop.step.dxg = GateView<T_>{ptr<T_>(dgx), GH, H};
+      if (!rec_alias) loop.step.dhg = GateView<T_>{ptr<T_>(dgh), R, H};
+      loop.step.lengths = sequence.data;
+      loop.step.batch = B;
+      loop.step.hidden = H;
+      loop.layout = layout;
+      loop.grad_output = ptr<T_>(grad_y);
+      loop.weight = ptr<T_>(w_hh);
+      if (cuda::plan_persistent_backward<Cell, T_>(loop)) {
+        check_launch(cuda::launch_persistent_backward<Cell, T_>(loop, c10::cuda::getCurrentCUDAStream()),
+                     "the persistent backward loop");
+        // One chunk of every step on CUDA: its large products.
+        run_team(1, /*aten_state=*/true, [&](const TeamMember& team) { chunk_gradients(team, 0, T, 0); });
+        return;
+      }
+      TORCH_CHECK(loop_choice != CudaLoop::persistent, "rnnattn: RNNATTN_CUDA_LOOP=persistent, but this GPU cannot ",
+                  "run the backward loop of batch ", B, " and hidden size ", H, " in ", input.scalar_type(),
+                  " as one kernel (each SM's share of W_hh and 4 rows of gate gradients must fit in its shared memory)");
+    }
+#endif
     run_team(blocks.count(), /*aten_state=*/true, [&](const TeamMember& team) {
       team.for_each_block([&](int64_t c) {
         rec_matrix[c].prepare();
@@ -1218,25 +1249,12 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
             }
           }
           BackwardStepArgs<T_> args{};
-          args.saved = ptr<T_>(workspace) + t * planes * plane;
-          if (projected) {
-            // The cell's h is m_t; its gradient dm already holds all of dL/dy_t.
-            args.prev[0] = k == 0 ? ptr<T_>(zero_plane) : extra_state(k - 1, S);
-            args.next[0] = extra_state(k, S);
-            args.grad_output = ptr<T_>(zero_plane);
-          } else {
-            args.prev[0] = k == 0 ? ptr<T_>(init[0]) : ptr<T_>(output) + order.time(k - 1) * plane;
-            args.next[0] = ptr<T_>(output) + t * plane;
-            args.grad_output = ptr<T_>(grad_y) + t * plane;
-          }
-          for (int s = 1; s < S; ++s) {
-            args.prev[s] = k == 0 ? ptr<T_>(init[s]) : extra_state(k - 1, s);
-            args.next[s] = extra_state(k, s);
-          }
+          layout.template fill<S>(args, k);
+          // With a projection the cell's h is m_t; its gradient dm already holds all of dL/dy_t.
+          args.grad_output = projected ? ptr<T_>(zero_plane) : ptr<T_>(grad_y) + t * plane;
           for (int s = 0; s < S; ++s) args.dstate[s] = ptr<T_>(dstate[s]);
           if (projected) args.dstate[0] = ptr<T_>(dm);
           args.lengths = sequence.data;
-          args.time = t;
           args.dxg = gate_view<T_>(ptr<T_>(dgx) + row * GH, GH, blocks, c);
           if (!rec_alias) args.dhg = GateView<T_>{ptr<T_>(dgh) + row * R + blocks.rec_row0(c), R, blocks.width(c)};
           args.batch = B;

@@ -114,6 +114,16 @@ struct ForwardLayout {
     a.time = time(k);
     a.saved = training ? workspace + a.time * planes * plane : nullptr;
   }
+  // The same for the backward of step k, which reads what the (training) forward wrote.
+  template <int S>
+  RNNATTN_HD void fill(BackwardStepArgs<T>& a, int64_t k) const {
+    for (int s = 0; s < S; ++s) {
+      a.prev[s] = before(k, s);
+      a.next[s] = after(k, s);
+    }
+    a.time = time(k);
+    a.saved = workspace + a.time * planes * plane;
+  }
 };
 
 // What a forward pass adds to the pre-activations besides the two projections: a compile-time

@@ -1,5 +1,5 @@
-// The persistent forward loop on CUDA: one cooperative launch, a grid-wide barrier per step; each
-// thread block's work between barriers is engine/persistent_forward.h.
+// The persistent forward and backward loops on CUDA: one cooperative launch, a grid-wide barrier per
+// step; each thread block's work between barriers is engine/persistent_forward.h, persistent_backward.h.
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
@@ -35,6 +35,67 @@ __global__ void __launch_bounds__(kThreads) persistent_forward_kernel(const Pers
   }
 }
 
+template <class Cell, typename T>
+__global__ void __launch_bounds__(kThreads) persistent_backward_kernel(const PersistentBackwardArgs<T> args) {
+  extern __shared__ __align__(16) unsigned char shared[];
+  const PersistentBackwardBlock<Cell, T> block(args, blockIdx.x, shared);
+  const int64_t thread = threadIdx.x, threads = blockDim.x, batch = args.step.batch, tile = args.batch_tile;
+  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  block.load_weights(thread, threads);
+  for (int64_t k = args.layout.steps - 1; k >= 0; --k) {
+    block.pointwise(k, thread, threads);
+    grid.sync();  // every block's gate gradients of step k written
+    for (int64_t b0 = 0; b0 < batch; b0 += tile) {
+      const int64_t n = min(tile, batch - b0);
+      block.stage_rows(k, b0, n, thread, threads);
+      __syncthreads();  // the tile (and, first time round, the weights) staged
+      block.multiply_rows(n, thread, threads);
+      __syncthreads();  // the partial sums complete, the tile free for the next
+      block.accumulate_rows(b0, n, thread, threads);
+    }
+    __syncthreads();  // the carried gradient complete before other threads of the block read it
+  }
+}
+
+// The device's limits for a persistent loop; false where it has no cooperative launch.
+struct DeviceLimits {
+  int sms = 0, shared_bytes = 0;
+};
+bool device_limits(DeviceLimits& limits) {
+  int device = 0, cooperative = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&limits.sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&limits.shared_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device) != cudaSuccess) {
+    cudaGetLastError();  // not sticky: leave no error behind for the loop step by step
+    return false;
+  }
+  return cooperative != 0 && limits.sms > 0;
+}
+
+// Whether `blocks` blocks of `kernel` with `bytes` of shared memory each fit on the device at once
+// (the grid-wide barrier needs every block resident).
+template <class Kernel>
+bool all_resident(Kernel kernel, int64_t blocks, int64_t bytes, int sms) {
+  int per_sm = 0;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)) !=
+          cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, static_cast<size_t>(bytes)) !=
+          cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return int64_t(per_sm) * sms >= blocks;
+}
+
+// The batch tile: the whole batch where its rows fit in `free_bytes` (rows of row_bytes, a whole
+// number of the products' row groups), else the most rows that do; 0 where not even one group fits.
+int64_t batch_tile(int64_t batch, int64_t free_bytes, int64_t row_bytes) {
+  const int64_t fitting = free_bytes / row_bytes / kPersistentRowsPerThread * kPersistentRowsPerThread;
+  if (fitting < kPersistentRowsPerThread) return 0;
+  return persistent_tile_rows(batch) <= fitting ? batch : fitting;
+}
+
 // The kernel for the pass's variant: training or inference, with or without the recurrent bias.
 template <class Cell, typename T, class F>
 auto with_kernel(const PersistentForwardArgs<T>& args, F&& f) {
@@ -52,39 +113,18 @@ auto with_kernel(const PersistentForwardArgs<T>& args, F&& f) {
 template <class Cell, typename T>
 bool plan_persistent_forward(PersistentForwardArgs<T>& args) {
   using A = typename ScalarIO<T>::Acc;
-  int device = 0, sms = 0, shared_limit = 0, cooperative = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&shared_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device) != cudaSuccess) {
-    cudaGetLastError();  // not sticky: leave no error behind for the step-by-step loop
-    return false;
-  }
+  DeviceLimits limits;
   const int64_t batch = args.step.batch, hidden = args.step.hidden;
-  if (!cooperative || batch <= 0 || hidden <= 0 || sms <= 0) return false;
+  if (batch <= 0 || hidden <= 0 || !device_limits(limits)) return false;
   // One block per SM at most, each with an equal share of the units.
-  const int64_t units = (hidden + sms - 1) / sms, blocks = (hidden + units - 1) / units;
-  // The largest batch tile (a whole number of the product's row groups) that fits beside the weights.
+  const int64_t units = (hidden + limits.sms - 1) / limits.sms, blocks = (hidden + units - 1) / units;
   const int64_t fixed = persistent_shared_bytes<Cell, T>(batch, hidden, units, 0);
-  const int64_t row_bytes = persistent_padded_width(hidden) * int64_t(sizeof(A));
-  const int64_t fitting = (shared_limit - fixed) / row_bytes / kPersistentRowsPerThread * kPersistentRowsPerThread;
-  if (fitting < kPersistentRowsPerThread) return false;
+  const int64_t tile = batch_tile(batch, limits.shared_bytes - fixed, persistent_padded_width(hidden) * int64_t(sizeof(A)));
+  if (tile == 0) return false;
   args.units = units;
-  args.batch_tile = persistent_tile_rows(batch) <= fitting ? batch : fitting;
-  const int64_t bytes = persistent_shared_bytes<Cell, T>(batch, hidden, units, args.batch_tile);
-  // Every block must be resident at once for the grid-wide barrier.
-  const bool resident = with_kernel<Cell, T>(args, [&](auto kernel) {
-    int per_sm = 0;
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)) !=
-            cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, static_cast<size_t>(bytes)) !=
-            cudaSuccess) {
-      cudaGetLastError();
-      return false;
-    }
-    return int64_t(per_sm) * sms >= blocks;
-  });
-  return resident;
+  args.batch_tile = tile;
+  const int64_t bytes = persistent_shared_bytes<Cell, T>(batch, hidden, units, tile);
+  return with_kernel<Cell, T>(args, [&](auto kernel) { return all_resident(kernel, blocks, bytes, limits.sms); });
 }
 
 template <class Cell, typename T>
@@ -100,9 +140,45 @@ cudaError_t launch_persistent_forward(const PersistentForwardArgs<T>& args, cuda
   });
 }
 
-#define RNNATTN_INSTANTIATE_PERSISTENT_TYPE(CELL, T)                                 \
-  template bool plan_persistent_forward<CELL, T>(PersistentForwardArgs<T>&);         \
-  template cudaError_t launch_persistent_forward<CELL, T>(const PersistentForwardArgs<T>&, cudaStream_t);
+template <class Cell, typename T>
+bool plan_persistent_backward(PersistentBackwardArgs<T>& args) {
+  using A = typename ScalarIO<T>::Acc;
+  DeviceLimits limits;
+  const int64_t batch = args.step.batch, hidden = args.step.hidden;
+  if (batch <= 0 || hidden <= 0 || !device_limits(limits)) return false;
+  const int64_t units = (hidden + limits.sms - 1) / limits.sms, blocks = (hidden + units - 1) / units;
+  const int64_t width = persistent_padded_width(Cell::kGates * hidden);
+  // The partial sums take at most kThreads * kPersistentRowsPerThread values (parts below).
+  const int64_t fixed = (units * width + kThreads * kPersistentRowsPerThread) * int64_t(sizeof(A));
+  const int64_t tile = batch_tile(batch, limits.shared_bytes - fixed, width * int64_t(sizeof(A)));
+  if (tile == 0) return false;
+  // Enough parts of each sum for every thread to have one, each at least 16 quads long.
+  const int64_t groups = (tile + kPersistentRowsPerThread - 1) / kPersistentRowsPerThread;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(kThreads / (units * groups), width / 4 / 16));
+  args.units = units;
+  args.batch_tile = tile;
+  args.parts = parts;
+  const int64_t bytes = persistent_backward_shared_bytes<Cell, T>(hidden, units, tile, parts);
+  return all_resident(persistent_backward_kernel<Cell, T>, blocks, bytes, limits.sms);
+}
+
+template <class Cell, typename T>
+cudaError_t launch_persistent_backward(const PersistentBackwardArgs<T>& args, cudaStream_t stream) {
+  if (args.layout.steps == 0) return cudaSuccess;
+  const int64_t blocks = (args.step.hidden + args.units - 1) / args.units;
+  const int64_t bytes = persistent_backward_shared_bytes<Cell, T>(args.step.hidden, args.units, args.batch_tile, args.parts);
+  PersistentBackwardArgs<T> copy = args;
+  void* parameters[] = {&copy};
+  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(persistent_backward_kernel<Cell, T>),
+                                     dim3(static_cast<unsigned int>(blocks)), dim3(kThreads), parameters,
+                                     static_cast<size_t>(bytes), stream);
+}
+
+#define RNNATTN_INSTANTIATE_PERSISTENT_TYPE(CELL, T)                                                        \
+  template bool plan_persistent_forward<CELL, T>(PersistentForwardArgs<T>&);                                \
+  template cudaError_t launch_persistent_forward<CELL, T>(const PersistentForwardArgs<T>&, cudaStream_t);   \
+  template bool plan_persistent_backward<CELL, T>(PersistentBackwardArgs<T>&);                              \
+  template cudaError_t launch_persistent_backward<CELL, T>(const PersistentBackwardArgs<T>&, cudaStream_t);
 #define RNNATTN_INSTANTIATE_PERSISTENT(CELL)          \
   RNNATTN_INSTANTIATE_PERSISTENT_TYPE(CELL, float)    \
   RNNATTN_INSTANTIATE_PERSISTENT_TYPE(CELL, double)   \

@@ -1,9 +1,10 @@
-// Launcher of the persistent forward loop (engine/persistent_forward.h): one cooperative launch
-// runs every step. Torch-free, like the other launchers; errors are returned, not thrown.
+// Launchers of the persistent forward and backward loops (engine/persistent_forward.h,
+// persistent_backward.h): one cooperative launch runs every step. Torch-free, like the other
+// launchers; errors are returned, not thrown.
 #pragma once
 #include <cuda_runtime_api.h>
 
-#include "engine/persistent_forward.h"
+#include "engine/persistent_backward.h"
 
 namespace rnnattn::cuda {
 
@@ -17,5 +18,13 @@ bool plan_persistent_forward(PersistentForwardArgs<T>& args);
 // Queues the loop planned by plan_persistent_forward on `stream`.
 template <class Cell, typename T>
 cudaError_t launch_persistent_forward(const PersistentForwardArgs<T>& args, cudaStream_t stream);
+
+// The same for the backward loop: fills args.units, .batch_tile and .parts; args.step.batch and
+// .hidden must be set.
+template <class Cell, typename T>
+bool plan_persistent_backward(PersistentBackwardArgs<T>& args);
+
+template <class Cell, typename T>
+cudaError_t launch_persistent_backward(const PersistentBackwardArgs<T>& args, cudaStream_t stream);
 
 }  // namespace rnnattn::cuda
