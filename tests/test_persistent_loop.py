@@ -97,7 +97,7 @@ def test_persistent_loop_matches_the_loop_step_by_step(cell, dtype, monkeypatch)
         with torch.no_grad():
             out, finals = _layer(cell, args, False, None)
         results[loop] = [out, *finals]
-    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
     for got, expected in zip(results["persistent"], results["per_step"]):
         torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
 

@@ -66,12 +66,13 @@ struct PersistentBackwardBlock {
     partials = staged + tile_rows * width;
   }
 
-  // Once: the block's columns of W_hh, as rows; missing units and the padding are zeros.
+  // Once: the block's columns of W_hh, as rows; missing units and the padding are zeros. Threads
+  // next to each other read a row's units next to each other.
   RNNATTN_HD void load_weights(int64_t thread, int64_t threads) const {
-    const int64_t H = args.step.hidden;
-    for (int64_t i = thread; i < args.units * width; i += threads) {
-      const int64_t u = i / width, r = i % width;
-      weights[i] = r < G * H && u < units ? IO::load(args.weight[r * H + first_unit + u]) : A(0);
+    const int64_t H = args.step.hidden, U = args.units;
+    for (int64_t i = thread; i < U * width; i += threads) {
+      const int64_t r = i / U, u = i % U;
+      weights[u * width + r] = r < G * H && u < units ? IO::load(args.weight[r * H + first_unit + u]) : A(0);
     }
   }
 
@@ -113,16 +114,7 @@ struct PersistentBackwardBlock {
       const int64_t u = i % U, first = (i / U) % groups * NB, p = i / (U * groups);
       const int64_t k0 = p * quads / P * 4, k1 = (p + 1) * quads / P * 4;
       A sum[NB] = {};
-      const A* w = weights + u * width;
-      const A* h = staged + first * width;
-      for (int64_t k = k0; k < k1; k += 4) {
-        const Quad<A> wq = load_quad(w + k);
-RNNATTN_UNROLL
-        for (int64_t b = 0; b < NB; ++b) {
-          const Quad<A> hq = load_quad(h + b * width + k);
-          sum[b] += wq.v[0] * hq.v[0] + wq.v[1] * hq.v[1] + wq.v[2] * hq.v[2] + wq.v[3] * hq.v[3];
-        }
-      }
+      add_row_dots(weights + u * width, staged + first * width, width, k0, k1, sum);
 RNNATTN_UNROLL
       for (int64_t b = 0; b < NB; ++b) partials[(p * tile_rows + first + b) * U + u] = sum[b];
     }

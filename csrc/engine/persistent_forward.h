@@ -67,6 +67,20 @@ RNNATTN_HD Quad<A> load_quad(const A* p) {
 #endif
 }
 
+// sum[b] += w[k0, k1) . rows[b][k0, k1) for NB rows `width` apart (k0, k1 multiples of 4), in a
+// fixed order (deterministic).
+template <int64_t NB, typename A>
+RNNATTN_HD void add_row_dots(const A* w, const A* rows, int64_t width, int64_t k0, int64_t k1, A (&sum)[NB]) {
+  for (int64_t k = k0; k < k1; k += 4) {
+    const Quad<A> wq = load_quad(w + k);
+RNNATTN_UNROLL
+    for (int64_t b = 0; b < NB; ++b) {
+      const Quad<A> hq = load_quad(rows + b * width + k);
+      sum[b] += wq.v[0] * hq.v[0] + wq.v[1] * hq.v[1] + wq.v[2] * hq.v[2] + wq.v[3] * hq.v[3];
+    }
+  }
+}
+
 // Block `block`'s phases. Thread `thread` of `threads` does its share of each; a phase reads what
 // the previous phases wrote only after the block's threads have synchronised.
 template <class Cell, typename T, bool kSave, StepExtra kExtra>
@@ -114,22 +128,13 @@ struct PersistentForwardBlock {
   }
 
   // gates[b0 + b, r] = staged row b . weight row r for the n staged rows: a thread takes one weight
-  // row and NB consecutive staged rows, summing over H in a fixed order (deterministic).
+  // row and NB consecutive staged rows.
   RNNATTN_HD void multiply_rows(int64_t b0, int64_t n, int64_t thread, int64_t threads) const {
     const int64_t groups = (n + NB - 1) / NB;
     for (int64_t i = thread; i < rows * groups; i += threads) {
       const int64_t r = i % rows, first = (i / rows) * NB;
       A sum[NB] = {};
-      const A* w = weights + r * width;
-      const A* h = staged + first * width;
-      for (int64_t k = 0; k < width; k += 4) {
-        const Quad<A> wq = load_quad(w + k);
-RNNATTN_UNROLL
-        for (int64_t b = 0; b < NB; ++b) {
-          const Quad<A> hq = load_quad(h + b * width + k);
-          sum[b] += wq.v[0] * hq.v[0] + wq.v[1] * hq.v[1] + wq.v[2] * hq.v[2] + wq.v[3] * hq.v[3];
-        }
-      }
+      add_row_dots(weights + r * width, staged + first * width, width, 0, width, sum);
 RNNATTN_UNROLL
       for (int64_t b = 0; b < NB; ++b) {
         if (first + b < n) gates[(b0 + first + b) * rows + r] = IO::store(sum[b]);

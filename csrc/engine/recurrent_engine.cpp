@@ -77,13 +77,13 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(false, "rnnattn: ", what, " failed: ", cudaGetErrorString(err));
 }
 
-// Batches up to this size run CUDA's forward loop as one persistent kernel by default: a step's
-// product of a few rows is too small to fill the GPU as a cuBLAS call, and a launch per step
-// costs more than the step. Larger batches fill it (to be measured: the persistent kernel's
-// product is a plain one).
+// Batches up to this size run CUDA's time loops (forward and backward) as one persistent kernel
+// each by default: a step's product of a few rows is too small to fill the GPU as a cuBLAS call,
+// and the launches of a step cost more than its work. Larger batches fill it (the bound is a guess
+// until measured on a GPU: the persistent kernels' products are plain ones).
 constexpr int64_t kPersistentMaxBatch = 128;
 
-// CUDA's forward loop: RNNATTN_CUDA_LOOP=persistent or per_step forces one (for measurements and
+// CUDA's time loop: RNNATTN_CUDA_LOOP=persistent or per_step forces one (for measurements and
 // tests: a forced persistent loop the device cannot hold raises); unset or auto decides by the batch
 // and falls back to the loop step by step where the device cannot hold the persistent one.
 enum class CudaLoop { per_step, persistent_where_possible, persistent };
@@ -95,6 +95,13 @@ CudaLoop cuda_loop(int64_t batch) {
               loop, "'");
   if (loop == "persistent") return CudaLoop::persistent;
   return loop == "auto" && batch <= kPersistentMaxBatch ? CudaLoop::persistent_where_possible : CudaLoop::per_step;
+}
+
+// The loop a call tries: the persistent ones cover layers without attention or projection.
+CudaLoop cuda_loop(const at::Tensor& input, bool attention_or_projection, int64_t steps, int64_t batch) {
+  if (!input.is_cuda()) return CudaLoop::per_step;
+  const CudaLoop choice = cuda_loop(batch);  // checks the variable on every CUDA call
+  return attention_or_projection || steps == 0 || batch == 0 ? CudaLoop::per_step : choice;
 }
 #endif
 
@@ -821,8 +828,8 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   // CUDA without attention or projection may run the whole loop as one kernel (cuda/persistent_cuda.h).
   bool persistent = false;
 #ifdef RNNATTN_WITH_CUDA
-  const CudaLoop loop_choice = input.is_cuda() ? cuda_loop(B) : CudaLoop::per_step;
-  persistent = loop_choice != CudaLoop::per_step && !geo.enabled && !projected && T > 0 && B > 0;
+  const CudaLoop loop_choice = cuda_loop(input, geo.enabled || projected, T, B);
+  persistent = loop_choice != CudaLoop::per_step;
 #endif
   // (The persistent loop skips nothing: it needs no running rows, whose lengths are read on the host.)
   const std::vector<int64_t> running = persistent ? std::vector<int64_t>() : running_rows(seq_lengths, T, geo.enabled);
@@ -1020,8 +1027,8 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   // CUDA without attention or projection may run the whole loop as one kernel (cuda/persistent_cuda.h).
   bool persistent = false;
 #ifdef RNNATTN_WITH_CUDA
-  const CudaLoop loop_choice = input.is_cuda() ? cuda_loop(B) : CudaLoop::per_step;
-  persistent = loop_choice != CudaLoop::per_step && !geo.enabled && !projected && T > 0 && B > 0;
+  const CudaLoop loop_choice = cuda_loop(input, geo.enabled || projected, T, B);
+  persistent = loop_choice != CudaLoop::per_step;
 #endif
   const std::vector<int64_t> running = persistent ? std::vector<int64_t>() : running_rows(seq_lengths, T, geo.enabled);
 

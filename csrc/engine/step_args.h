@@ -104,25 +104,16 @@ struct ForwardLayout {
     return training ? workspace + (t * planes + plane_of[s]) * plane : alternate[s][k % 2];
   }
   RNNATTN_HD const T* before(int64_t k, int s) const { return k == 0 ? initial[s] : after(k - 1, s); }
-  // Step k's states, saved activations and time into a's per-step fields.
-  template <int S>
-  RNNATTN_HD void fill(ForwardStepArgs<T>& a, int64_t k) const {
+  // Step k's states, saved activations and time into a's per-step fields (ForwardStepArgs, or
+  // BackwardStepArgs, which read what the training forward wrote).
+  template <int S, class StepArgs>
+  RNNATTN_HD void fill(StepArgs& a, int64_t k) const {
     for (int s = 0; s < S; ++s) {
       a.prev[s] = before(k, s);
       a.next[s] = after(k, s);
     }
     a.time = time(k);
     a.saved = training ? workspace + a.time * planes * plane : nullptr;
-  }
-  // The same for the backward of step k, which reads what the (training) forward wrote.
-  template <int S>
-  RNNATTN_HD void fill(BackwardStepArgs<T>& a, int64_t k) const {
-    for (int s = 0; s < S; ++s) {
-      a.prev[s] = before(k, s);
-      a.next[s] = after(k, s);
-    }
-    a.time = time(k);
-    a.saved = workspace + a.time * planes * plane;
   }
 };
 
