@@ -64,7 +64,7 @@ def _on(args, device):
 
 # (steps, batch, input, hidden): one unit per block and a batch of 1; a last block with fewer units;
 # several units per block (hidden > the SMs); several batch tiles (on an H100, float64 at batch 120
-# and hidden 301 stages 76 rows of h at a time forward, 16 rows of gate gradients backward).
+# and hidden 301 stages 76 rows of h at a time forward, 20 rows of gate gradients backward).
 SHAPES = [(4, 1, 3, 1), (6, 3, 5, 13), (5, 9, 8, 300), (3, 120, 6, 301)]
 
 
