@@ -29,6 +29,9 @@ struct PersistentForwardArgs {
   int64_t batch_tile;       // rows of h_{t-1} staged in shared memory at a time
 };
 
+// Thread blocks of a loop whose blocks own `units` hidden units each (the last may own fewer).
+RNNATTN_HD int64_t persistent_blocks(int64_t hidden, int64_t units) { return (hidden + units - 1) / units; }
+
 // Shared memory of one block, in the accumulate type A: the block's weight rows (G*U rows of
 // padded_width), a tile of h_{t-1} rows, then the block's gate pre-activations of every row in T.
 RNNATTN_HD int64_t persistent_padded_width(int64_t hidden) {

@@ -76,6 +76,7 @@ void check_launch(cudaError_t err, const char* what) {
   }
   TORCH_CHECK(false, "rnnattn: ", what, " failed: ", cudaGetErrorString(err));
 }
+#endif
 
 // Batches up to this size run CUDA's time loops (forward and backward) as one persistent kernel
 // each by default: a step's product of a few rows is too small to fill the GPU as a cuBLAS call,
@@ -103,7 +104,6 @@ CudaLoop cuda_loop(const at::Tensor& input, bool attention_or_projection, int64_
   const CudaLoop choice = cuda_loop(batch);  // checks the variable on every CUDA call
   return attention_or_projection || steps == 0 || batch == 0 ? CudaLoop::per_step : choice;
 }
-#endif
 
 // The device passes for each direction of the pointwise work, chosen by overload on the arguments.
 template <class Cell, typename T>
@@ -826,11 +826,8 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   const Tensor seq_lengths = lengths_arg ? lengths_arg->contiguous() : Tensor();
   const SequenceLengths sequence{seq_lengths.defined() ? seq_lengths.data_ptr<int64_t>() : nullptr, T, reverse};
   // CUDA without attention or projection may run the whole loop as one kernel (cuda/persistent_cuda.h).
-  bool persistent = false;
-#ifdef RNNATTN_WITH_CUDA
-  const CudaLoop loop_choice = cuda_loop(input, geo.enabled || projected, T, B);
-  persistent = loop_choice != CudaLoop::per_step;
-#endif
+  [[maybe_unused]] const CudaLoop loop_choice = cuda_loop(input, geo.enabled || projected, T, B);
+  const bool persistent = loop_choice != CudaLoop::per_step;
   // (The persistent loop skips nothing: it needs no running rows, whose lengths are read on the host.)
   const std::vector<int64_t> running = persistent ? std::vector<int64_t>() : running_rows(seq_lengths, T, geo.enabled);
   // m_t after forward step k (projection): a workspace plane when training, else a ping-pong buffer.
@@ -1025,11 +1022,8 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   CallScratch temp(input);  // the call's temporary buffers
   const int64_t R = blocks.rec_total();  // recurrent-side rows
   // CUDA without attention or projection may run the whole loop as one kernel (cuda/persistent_cuda.h).
-  bool persistent = false;
-#ifdef RNNATTN_WITH_CUDA
-  const CudaLoop loop_choice = cuda_loop(input, geo.enabled || projected, T, B);
-  persistent = loop_choice != CudaLoop::per_step;
-#endif
+  [[maybe_unused]] const CudaLoop loop_choice = cuda_loop(input, geo.enabled || projected, T, B);
+  const bool persistent = loop_choice != CudaLoop::per_step;
   const std::vector<int64_t> running = persistent ? std::vector<int64_t>() : running_rows(seq_lengths, T, geo.enabled);
 
   const Tensor w_ih = blocks.permute_rows(weight_ih_arg).contiguous();

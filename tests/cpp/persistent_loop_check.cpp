@@ -24,6 +24,23 @@ struct Case {
   bool training, reverse, lengths, bias;
 };
 
+template <typename T>
+std::vector<T> random_values(size_t n, std::mt19937& rng) {
+  std::uniform_real_distribution<double> uniform(-1.0, 1.0);
+  std::vector<T> v(n);
+  for (auto& x : v) x = T(uniform(rng));
+  return v;
+}
+
+// Each row's length in [1, steps] when the case has lengths, else steps.
+std::vector<int64_t> random_lengths(const Case& c, std::mt19937& rng) {
+  std::vector<int64_t> lengths(c.batch, c.steps);
+  if (c.lengths) {
+    for (auto& l : lengths) l = 1 + int64_t(rng() % uint64_t(c.steps));
+  }
+  return lengths;
+}
+
 // One forward pass's buffers and their layout.
 template <class Cell, typename T>
 struct Pass {
@@ -92,7 +109,7 @@ void emulated_kernel(const Case& c, const ForwardStepArgs<T>& base, const std::v
   args.units = c.units;
   args.batch_tile = c.tile;
   using Block = PersistentForwardBlock<Cell, T, kSave, kExtra>;
-  const int64_t blocks = (c.hidden + c.units - 1) / c.units;
+  const int64_t blocks = persistent_blocks(c.hidden, c.units);
   const int64_t bytes = persistent_shared_bytes<Cell, T>(c.batch, c.hidden, c.units, c.tile);
   std::vector<std::vector<double>> shared(blocks, std::vector<double>(bytes / sizeof(double) + 1, -7.0));
   std::vector<std::unique_ptr<Block>> block;
@@ -132,19 +149,11 @@ template <class Cell, typename T, bool kSave, StepExtra kExtra>
 double compare(const Case& c, std::mt19937& rng) {
   constexpr int G = Cell::kGates, S = Cell::kStates;
   const int64_t B = c.batch, H = c.hidden;
-  std::uniform_real_distribution<double> uniform(-1.0, 1.0);
-  auto random = [&](int64_t n) {
-    std::vector<T> v(n);
-    for (auto& x : v) x = T(uniform(rng));
-    return v;
-  };
-  const std::vector<T> xproj = random(c.steps * B * G * H), weight = random(G * H * H), bias = random(G * H);
+  const std::vector<T> xproj = random_values<T>(c.steps * B * G * H, rng), weight = random_values<T>(G * H * H, rng),
+                       bias = random_values<T>(G * H, rng);
   std::vector<T> initial[kMaxStates];
-  for (int s = 0; s < S; ++s) initial[s] = random(B * H);
-  std::vector<int64_t> lengths(B, c.steps);
-  if (c.lengths) {
-    for (auto& l : lengths) l = 1 + int64_t(rng() % uint64_t(c.steps));
-  }
+  for (int s = 0; s < S; ++s) initial[s] = random_values<T>(B * H, rng);
+  const std::vector<int64_t> lengths = random_lengths(c, rng);
   ForwardStepArgs<T> base{};
   base.xproj = GateView<const T>{xproj.data(), G * H, H};
   if (kExtra == StepExtra::hidden_bias) base.hbias = GateView<const T>{bias.data(), 0, H};
@@ -167,38 +176,26 @@ double compare(const Case& c, std::mt19937& rng) {
 // state gradients.
 template <class Cell, typename T>
 double compare_backward(const Case& c, std::mt19937& rng) {
-  constexpr int G = Cell::kGates, S = Cell::kStates, planes = Cell::kSaved + Cell::kStates - 1;
+  constexpr int G = Cell::kGates, S = Cell::kStates;
   const int64_t B = c.batch, H = c.hidden, GH = G * H, plane = B * H;
   const bool separate = Cell::kSeparateHiddenGrad;
-  std::uniform_real_distribution<double> uniform(-1.0, 1.0);
-  auto random = [&](int64_t n) {
-    std::vector<T> v(n);
-    for (auto& x : v) x = T(uniform(rng));
-    return v;
-  };
-  std::vector<T> output = random(c.steps * plane), workspace = random(c.steps * planes * plane);
-  const std::vector<T> grad_output = random(c.steps * plane), weight = random(GH * H);
+  const std::vector<T> grad_output = random_values<T>(c.steps * plane, rng), weight = random_values<T>(GH * H, rng);
   std::vector<T> initial[kMaxStates], carried[kMaxStates];
   for (int s = 0; s < S; ++s) {
-    initial[s] = random(plane);
-    carried[s] = random(plane);
+    initial[s] = random_values<T>(plane, rng);
+    carried[s] = random_values<T>(plane, rng);
   }
-  std::vector<int64_t> lengths(B, c.steps);
-  if (c.lengths) {
-    for (auto& l : lengths) l = 1 + int64_t(rng() % uint64_t(c.steps));
+  const std::vector<int64_t> lengths = random_lengths(c, rng);
+  // A training forward's buffers, random: both loops read the same.
+  Case training = c;
+  training.training = true;
+  Pass<Cell, T> forward(training, initial);
+  // Written in place: the layout points into these buffers.
+  for (std::vector<T>* buffer : {&forward.output, &forward.workspace}) {
+    const std::vector<T> values = random_values<T>(buffer->size(), rng);
+    std::copy(values.begin(), values.end(), buffer->begin());
   }
-  ForwardLayout<T> layout{};
-  layout.output = output.data();
-  layout.workspace = workspace.data();
-  layout.planes = planes;
-  layout.training = true;
-  layout.reverse = c.reverse;
-  layout.steps = c.steps;
-  layout.plane = plane;
-  for (int s = 0; s < S; ++s) {
-    layout.initial[s] = initial[s].data();
-    layout.plane_of[s] = s == 0 ? -1 : Cell::kSaved + s - 1;
-  }
+  const ForwardLayout<T>& layout = forward.layout;
   // What each loop writes: gate gradients and the carried state gradients.
   struct Written {
     std::vector<T> dxg, dhg, dstate[kMaxStates];
@@ -256,7 +253,7 @@ double compare_backward(const Case& c, std::mt19937& rng) {
   args.batch_tile = c.tile;
   args.parts = c.parts;
   using Block = PersistentBackwardBlock<Cell, T>;
-  const int64_t blocks = (H + c.units - 1) / c.units;
+  const int64_t blocks = persistent_blocks(H, c.units);
   const int64_t bytes = persistent_backward_shared_bytes<Cell, T>(H, c.units, c.tile, c.parts);
   std::vector<std::vector<double>> shared(blocks, std::vector<double>(bytes / sizeof(double) + 1, -7.0));
   std::vector<std::unique_ptr<Block>> block;

@@ -57,20 +57,26 @@ __global__ void __launch_bounds__(kThreads) persistent_backward_kernel(const Per
   }
 }
 
-// The device's limits for a persistent loop; false where it has no cooperative launch.
-struct DeviceLimits {
-  int sms = 0, shared_bytes = 0;
+// How a persistent loop shares the units out on the current device: one block per SM at most,
+// each with an equal share. False where the device has no cooperative launch or there is no work.
+struct UnitSplit {
+  int sms = 0, shared_bytes = 0;  // the device's SMs and opt-in shared memory per block
+  int64_t units = 0, blocks = 0;
 };
-bool device_limits(DeviceLimits& limits) {
+bool split_units(int64_t batch, int64_t hidden, UnitSplit& split) {
   int device = 0, cooperative = 0;
+  if (batch <= 0 || hidden <= 0) return false;
   if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&limits.sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&limits.shared_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&split.sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&split.shared_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
       cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device) != cudaSuccess) {
     cudaGetLastError();  // not sticky: leave no error behind for the loop step by step
     return false;
   }
-  return cooperative != 0 && limits.sms > 0;
+  if (cooperative == 0 || split.sms <= 0) return false;
+  split.units = (hidden + split.sms - 1) / split.sms;
+  split.blocks = persistent_blocks(hidden, split.units);
+  return true;
 }
 
 // Whether `blocks` blocks of `kernel` with `bytes` of shared memory each fit on the device at once
@@ -113,24 +119,22 @@ auto with_kernel(const PersistentForwardArgs<T>& args, F&& f) {
 template <class Cell, typename T>
 bool plan_persistent_forward(PersistentForwardArgs<T>& args) {
   using A = typename ScalarIO<T>::Acc;
-  DeviceLimits limits;
   const int64_t batch = args.step.batch, hidden = args.step.hidden;
-  if (batch <= 0 || hidden <= 0 || !device_limits(limits)) return false;
-  // One block per SM at most, each with an equal share of the units.
-  const int64_t units = (hidden + limits.sms - 1) / limits.sms, blocks = (hidden + units - 1) / units;
-  const int64_t fixed = persistent_shared_bytes<Cell, T>(batch, hidden, units, 0);
-  const int64_t tile = batch_tile(batch, limits.shared_bytes - fixed, persistent_padded_width(hidden) * int64_t(sizeof(A)));
+  UnitSplit split;
+  if (!split_units(batch, hidden, split)) return false;
+  const int64_t fixed = persistent_shared_bytes<Cell, T>(batch, hidden, split.units, 0);
+  const int64_t tile = batch_tile(batch, split.shared_bytes - fixed, persistent_padded_width(hidden) * int64_t(sizeof(A)));
   if (tile == 0) return false;
-  args.units = units;
+  args.units = split.units;
   args.batch_tile = tile;
-  const int64_t bytes = persistent_shared_bytes<Cell, T>(batch, hidden, units, tile);
-  return with_kernel<Cell, T>(args, [&](auto kernel) { return all_resident(kernel, blocks, bytes, limits.sms); });
+  const int64_t bytes = persistent_shared_bytes<Cell, T>(batch, hidden, split.units, tile);
+  return with_kernel<Cell, T>(args, [&](auto kernel) { return all_resident(kernel, split.blocks, bytes, split.sms); });
 }
 
 template <class Cell, typename T>
 cudaError_t launch_persistent_forward(const PersistentForwardArgs<T>& args, cudaStream_t stream) {
   if (args.layout.steps == 0) return cudaSuccess;
-  const int64_t blocks = (args.step.hidden + args.units - 1) / args.units;
+  const int64_t blocks = persistent_blocks(args.step.hidden, args.units);
   const int64_t bytes = persistent_shared_bytes<Cell, T>(args.step.batch, args.step.hidden, args.units, args.batch_tile);
   PersistentForwardArgs<T> copy = args;
   void* parameters[] = {&copy};
@@ -143,14 +147,14 @@ cudaError_t launch_persistent_forward(const PersistentForwardArgs<T>& args, cuda
 template <class Cell, typename T>
 bool plan_persistent_backward(PersistentBackwardArgs<T>& args) {
   using A = typename ScalarIO<T>::Acc;
-  DeviceLimits limits;
   const int64_t batch = args.step.batch, hidden = args.step.hidden;
-  if (batch <= 0 || hidden <= 0 || !device_limits(limits)) return false;
-  const int64_t units = (hidden + limits.sms - 1) / limits.sms, blocks = (hidden + units - 1) / units;
+  UnitSplit split;
+  if (!split_units(batch, hidden, split)) return false;
+  const int64_t units = split.units;
   const int64_t width = persistent_padded_width(Cell::kGates * hidden);
   // The partial sums take at most kThreads * kPersistentRowsPerThread values (parts below).
   const int64_t fixed = (units * width + kThreads * kPersistentRowsPerThread) * int64_t(sizeof(A));
-  const int64_t tile = batch_tile(batch, limits.shared_bytes - fixed, width * int64_t(sizeof(A)));
+  const int64_t tile = batch_tile(batch, split.shared_bytes - fixed, width * int64_t(sizeof(A)));
   if (tile == 0) return false;
   // Enough parts of each sum for every thread to have one, each at least 16 quads long.
   const int64_t groups = (tile + kPersistentRowsPerThread - 1) / kPersistentRowsPerThread;
@@ -159,13 +163,13 @@ bool plan_persistent_backward(PersistentBackwardArgs<T>& args) {
   args.batch_tile = tile;
   args.parts = parts;
   const int64_t bytes = persistent_backward_shared_bytes<Cell, T>(hidden, units, tile, parts);
-  return all_resident(persistent_backward_kernel<Cell, T>, blocks, bytes, limits.sms);
+  return all_resident(persistent_backward_kernel<Cell, T>, split.blocks, bytes, split.sms);
 }
 
 template <class Cell, typename T>
 cudaError_t launch_persistent_backward(const PersistentBackwardArgs<T>& args, cudaStream_t stream) {
   if (args.layout.steps == 0) return cudaSuccess;
-  const int64_t blocks = (args.step.hidden + args.units - 1) / args.units;
+  const int64_t blocks = persistent_blocks(args.step.hidden, args.units);
   const int64_t bytes = persistent_backward_shared_bytes<Cell, T>(args.step.hidden, args.units, args.batch_tile, args.parts);
   PersistentBackwardArgs<T> copy = args;
   void* parameters[] = {&copy};
