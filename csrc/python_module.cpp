@@ -9,7 +9,7 @@
 #include <tuple>
 
 #include "cells/all_cells.h"
-#include "engine/cpu/pointwise_cpu.h"
+#include "engine/cpu/kernel_isa.h"
 #include "engine/recurrent_engine.h"
 #include "python_layer_call.h"
 
@@ -34,8 +34,9 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "rnnattn_ext compiled library: registers the torch.ops.rnnattn operators";
   m.def("cell_layouts", &cell_layouts);
   m.attr("built_with_torch") = RNNATTN_TORCH_VERSION;
-  m.def("cpu_kernels", [] { return ::rnnattn::cpu::has_avx2_fma() ? "avx2" : "baseline"; },
-        "Which build of the CPU kernels runs: avx2 (AVX2+FMA) or baseline (any x86-64)");
+  m.def("cpu_kernels", [] { return ::rnnattn::cpu::kernel_isa_name(::rnnattn::cpu::kernel_isa()); },
+        "Which build of the CPU kernels runs: avx512 (the packed GEMM's AVX-512 build, the others' AVX2+FMA "
+        "one), avx2 (AVX2+FMA) or baseline (any x86-64); RNNATTN_CPU_KERNELS picks one");
   ::rnnattn::define_layer_call(m);
 #ifdef RNNATTN_WITH_CUDA
   m.attr("cuda_built") = true;

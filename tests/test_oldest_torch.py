@@ -55,7 +55,7 @@ def test_sources_compile_against_the_oldest_accepted_torch(tmp_path):
              "-isystem", str(include), "-isystem", str(include / "torch" / "csrc" / "api" / "include"),
              "-isystem", sysconfig.get_paths()["include"], "-isystem", pybind11.get_include()]
     if os.uname().machine in ("x86_64", "AMD64"):
-        flags += ["-mavx2", "-mfma"]  # the AVX2 kernels' own flags; harmless for the others
+        flags += ["-mavx2", "-mfma", "-mavx512f"]  # the AVX kernels' own flags; harmless for the others
 
     def compile_one(source: Path):
         result = subprocess.run([compiler, *flags, str(source)], capture_output=True, text=True, timeout=600)

@@ -1,10 +1,10 @@
 """How this rnnattn_ext was built and what it can run on: ``python -m rnnattn_ext.info``.
 
 Prints the library version, the torch it was built against and the running one, whether the CUDA
-kernels were built (and for which architectures), which build of the CPU kernels runs (avx2, or
-baseline on CPUs without AVX2 and FMA or with RNNATTN_CPU_BASELINE=1), every visible GPU with its
-compute capability and whether the build can run on it, the path of the compiled library and the
-registered operators.
+kernels were built (and for which architectures), which build of the CPU kernels runs (avx512, avx2
+or baseline: the best the CPU supports, or the one RNNATTN_CPU_KERNELS names), every visible GPU
+with its compute capability and whether the build can run on it, the path of the compiled library
+and the registered operators.
 """
 
 from __future__ import annotations

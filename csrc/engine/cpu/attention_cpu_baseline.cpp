@@ -2,7 +2,7 @@
 #define RNNATTN_CPU_ISA baseline
 #include "engine/cpu/attention_cpu_impl.h"
 
-#include "engine/cpu/pointwise_cpu.h"
+#include "engine/cpu/kernel_isa.h"
 
 namespace rnnattn::cpu {
 

@@ -2,7 +2,7 @@
 // packed once per call into panels of 16 columns, so that every step streams the weights in the
 // order the register-blocked kernel reads them and nothing is re-packed per step (MKL re-packs its
 // operands on every call, which dominates at the small batch sizes of a recurrent step).
-// Torch-free; compiled per instruction set like the pointwise loops.
+// Torch-free; compiled per instruction set like the pointwise loops, and for AVX-512 too.
 #pragma once
 #include <cstdint>
 
@@ -51,6 +51,7 @@ using RowsGemmFn = void (*)(const float* a, int64_t rows, int64_t lda, const Row
   }
 RNNATTN_DECLARE_CPU_GEMM(baseline)
 RNNATTN_DECLARE_CPU_GEMM(avx2)
+RNNATTN_DECLARE_CPU_GEMM(avx512)
 #undef RNNATTN_DECLARE_CPU_GEMM
 
 PackedGemmFn gemm_packed_fn();

@@ -1,11 +1,14 @@
-// The packed GEMM for any CPU, and what both instruction sets share.
+// The packed GEMM for any CPU, and the run-time choice between its builds.
 #define RNNATTN_CPU_ISA baseline
 #include "engine/cpu/packed_gemm_impl.h"
 
-#include "engine/cpu/pointwise_cpu.h"
+#include "engine/cpu/kernel_isa.h"
 
 namespace rnnattn::cpu {
 
+// The AVX-512 choice packs and reads M in place with the AVX2 build: packing is moves, and the
+// in-place product (a few rows) is bound by reading M, which 32-byte loads did faster; its sums also
+// stay bitwise those of the AVX2 build (GCC's AVX-512 code for their tails rounded differently).
 PackedMatrix pack_matrix(const float* const* rows, int64_t n, int64_t k, int64_t stride_k, float* storage) {
   return has_avx2_fma() ? avx2::pack_matrix(rows, n, k, stride_k, storage)
                         : baseline::pack_matrix(rows, n, k, stride_k, storage);
@@ -17,7 +20,9 @@ RowsGemmFn gemm_rows_fn() {
 }
 
 PackedGemmFn gemm_packed_fn() {
-  static const PackedGemmFn fn = has_avx2_fma() ? &avx2::gemm_packed : &baseline::gemm_packed;
+  static const PackedGemmFn fn = kernel_isa() == KernelIsa::avx512 ? &avx512::gemm_packed
+                                 : kernel_isa() == KernelIsa::avx2 ? &avx2::gemm_packed
+                                                                   : &baseline::gemm_packed;
   return fn;
 }
 

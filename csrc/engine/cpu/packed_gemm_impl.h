@@ -1,9 +1,12 @@
 // The register-blocked kernel of packed_gemm.h, written with GCC vector extensions so that one source
-// compiles to AVX2+FMA (8-float registers) and to baseline SSE2 (pairs of 4-float registers).
-// Included by one .cpp per instruction set, which defines RNNATTN_CPU_ISA.
+// compiles to AVX2+FMA (8-float registers), to baseline SSE2 (pairs of 4-float registers) and, for
+// the products of several rows, to AVX-512 (a panel in one 16-float register). Included by one .cpp
+// per instruction set, which defines RNNATTN_CPU_ISA.
 #pragma once
 #include <algorithm>
+#include <array>
 #include <cstring>
+#include <utility>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -55,33 +58,95 @@ void block_kernel(const float* a, int64_t lda, const float* panels, int64_t pane
   }
 }
 
-// At most 6 rows per block: 12 accumulators + 2 weight vectors + 1 broadcast fit 16 AVX registers.
-constexpr int kMaxRows = 6;
-
-// The panels one call takes for a block of `rows` rows: enough accumulators in flight.
+// The panels a call of the 8-float kernel takes for a block of `rows` rows: enough accumulators in
+// flight (at most 6 rows: 12 accumulators + 2 weight vectors + 1 broadcast fit 16 AVX registers).
 constexpr int panels_for(int rows) { return rows >= 4 ? 1 : rows >= 2 ? 2 : 4; }
+
+#if defined(__AVX512F__)
+typedef float vec16 __attribute__((vector_size(64)));
+
+// block_kernel with each panel in one 16-float register: the same sums in the same order (one FMA
+// per element and k, from the bias), so both kernels' results are bitwise equal. With 32 registers
+// a block holds up to 14 rows x 2 panels of accumulators, each weight load feeding 14 FMAs.
+template <int kRows, int kPanels>
+void wide_block_kernel(const float* a, int64_t lda, const float* panels, int64_t panel_stride, int64_t k,
+                       const float* bias, float* out, int64_t ldo, int64_t width) {
+  vec16 acc[kRows][kPanels];
+  vec16 start[kPanels] = {};
+  if (bias != nullptr) {
+    float padded[kPanels * 16] = {};
+    std::memcpy(padded, bias, width * sizeof(float));
+    std::memcpy(start, padded, sizeof(start));
+  }
+  for (int r = 0; r < kRows; ++r) {
+    for (int p = 0; p < kPanels; ++p) acc[r][p] = start[p];
+  }
+  for (int64_t j = 0; j < k; ++j) {
+    vec16 w[kPanels];
+    for (int p = 0; p < kPanels; ++p) std::memcpy(&w[p], panels + p * panel_stride + j * kPanelWidth, sizeof(vec16));
+    for (int r = 0; r < kRows; ++r) {
+      const float s = a[r * lda + j];
+      const vec16 x = {s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s};
+      for (int p = 0; p < kPanels; ++p) acc[r][p] += x * w[p];
+    }
+  }
+  for (int r = 0; r < kRows; ++r) std::memcpy(out + r * ldo, acc[r], width * sizeof(float));
+}
+
+constexpr int kMaxRows = 14;
+// Blocks of 1-3 rows take the 8-float kernel: they are bound by reading the weights from L2, which
+// 32-byte loads did faster (one core's half of LSTM(256)'s W_hh at 3 rows: 9 µs, 13 with 64-byte
+// loads); from 4 rows on the 16-float kernel did 1.4-1.6x the 8-float one's multiply-adds per second.
+constexpr int kWideMinRows = 4;
+static_assert(kWideMinRows <= 7, "block_of runs the 8-float kernel for at most 6 rows");
+// 4-6 rows x 4 panels, 7-14 rows x 2 panels: 16-28 accumulators.
+constexpr int wide_panels_for(int rows) { return rows >= 7 ? 2 : 4; }
+#else
+constexpr int kMaxRows = 6;
+#endif
+
+// The panels one block of `rows` rows takes (a multiple of 16 columns).
+constexpr int block_panels(int rows) {
+#if defined(__AVX512F__)
+  if (rows >= kWideMinRows) return wide_panels_for(rows);
+#endif
+  return panels_for(rows);
+}
+
+template <int kRows, int kPanels>
+void block_of(const float* a, int64_t lda, const float* panel, int64_t panel_stride, int64_t k, const float* bias,
+              float* out, int64_t ldo, int64_t width) {
+#if defined(__AVX512F__)
+  if constexpr (kRows >= kWideMinRows) {
+    return wide_block_kernel<kRows, kPanels>(a, lda, panel, panel_stride, k, bias, out, ldo, width);
+  }
+#endif
+  if constexpr (kRows <= 6) block_kernel<kRows, kPanels>(a, lda, panel, panel_stride, k, bias, out, ldo, width);
+}
 
 template <int kRows>
 void row_block(int panels, const float* a, int64_t lda, const float* panel, int64_t panel_stride, int64_t k,
                const float* bias, float* out, int64_t ldo, int64_t width) {
   switch (panels) {
-    case 1: return block_kernel<kRows, 1>(a, lda, panel, panel_stride, k, bias, out, ldo, width);
-    case 2: return block_kernel<kRows, 2>(a, lda, panel, panel_stride, k, bias, out, ldo, width);
-    case 3: return block_kernel<kRows, 3>(a, lda, panel, panel_stride, k, bias, out, ldo, width);
-    default: return block_kernel<kRows, 4>(a, lda, panel, panel_stride, k, bias, out, ldo, width);
+    case 1: return block_of<kRows, 1>(a, lda, panel, panel_stride, k, bias, out, ldo, width);
+    case 2: return block_of<kRows, 2>(a, lda, panel, panel_stride, k, bias, out, ldo, width);
+    case 3: return block_of<kRows, 3>(a, lda, panel, panel_stride, k, bias, out, ldo, width);
+    default: return block_of<kRows, 4>(a, lda, panel, panel_stride, k, bias, out, ldo, width);
   }
 }
 
+using RowBlockFn = void (*)(int, const float*, int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t,
+                            int64_t);
+template <int... kIndex>
+constexpr std::array<RowBlockFn, sizeof...(kIndex)> row_block_table(std::integer_sequence<int, kIndex...>) {
+  return {&row_block<kIndex + 1>...};
+}
+// row_block<r> at index r - 1, for 1 <= r <= kMaxRows.
+constexpr auto kRowBlocks = row_block_table(std::make_integer_sequence<int, kMaxRows>{});
+
 void block(int rows, int panels, const float* a, int64_t lda, const float* panel, int64_t panel_stride, int64_t k,
            const float* bias, float* out, int64_t ldo, int64_t width) {
-  switch (rows) {
-    case 1: return row_block<1>(panels, a, lda, panel, panel_stride, k, bias, out, ldo, width);
-    case 2: return row_block<2>(panels, a, lda, panel, panel_stride, k, bias, out, ldo, width);
-    case 3: return row_block<3>(panels, a, lda, panel, panel_stride, k, bias, out, ldo, width);
-    case 4: return row_block<4>(panels, a, lda, panel, panel_stride, k, bias, out, ldo, width);
-    case 5: return row_block<5>(panels, a, lda, panel, panel_stride, k, bias, out, ldo, width);
-    default: return row_block<6>(panels, a, lda, panel, panel_stride, k, bias, out, ldo, width);
-  }
+  kRowBlocks[rows - 1](panels, a, lda, panel, panel_stride, k, bias, out, ldo, width);
 }
 
 #if defined(__AVX2__)
@@ -207,7 +272,7 @@ void gemm_packed(const float* a, int64_t rows, int64_t lda, const PackedMatrix& 
   // Rows split evenly into blocks of at most kMaxRows (7 rows: 4 + 3, not 6 + 1).
   const int64_t row_blocks = (rows + kMaxRows - 1) / kMaxRows;
   const int smallest = static_cast<int>(rows / row_blocks);
-  const int group = panels_for(smallest);
+  const int group = block_panels(smallest);
   // Panel groups outside, rows inside: a group's panels stay in cache while every row block uses them.
   for (int64_t p = 0; p < panels; p += group) {
     const int count = static_cast<int>(std::min<int64_t>(group, panels - p));

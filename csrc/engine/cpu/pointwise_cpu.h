@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 
+#include "engine/cpu/kernel_isa.h"
 #include "engine/step_args.h"
 
 namespace rnnattn::cpu {
@@ -23,8 +24,6 @@ RNNATTN_DECLARE_CPU_POINTWISE(baseline)
 RNNATTN_DECLARE_CPU_POINTWISE(avx2)
 #undef RNNATTN_DECLARE_CPU_POINTWISE
 
-// Whether the CPU kernels run their AVX2+FMA build (decided once per process).
-bool has_avx2_fma();
 
 template <class Cell, typename T>
 ForwardBlockFn<T> forward_block_fn() {
