@@ -165,3 +165,28 @@ def test_gradients_flow_on_each_device(device):
     out, finals = call()
     grads = torch.autograd.grad(out.sum() + finals[1].sum(), [x, w_hh, b_hh])
     assert all(g.device.type == device and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("attention", [False, True], ids=["base", "attention"])
+def test_gradients_outlive_the_next_call(cell, attention):
+    """The backward accumulates permuted gradients in the calling thread's scratch (several blocks of
+    units: conftest lets any layer split); what it returns must be fresh tensors, untouched by the
+    next call."""
+    def grads_of(seed):
+        torch.manual_seed(seed)
+        if attention:
+            x, states, weights, memory = attention_args(cell, 5, 3, 4, 72, num_heads=2, head_dim=8, memory_slots=None)
+            inputs = [x, *states, *weights]
+            out = functional.attention_layer(cell, x, states, weights, num_heads=2, window=3)[0]
+        else:
+            x, states, *weights = layer_args(cell, 5, 3, 4, 72)
+            inputs = [x, *states, *weights]
+            out = functional.layer(cell, x, states, *weights)[0]
+        return torch.autograd.grad((out * out).sum(), inputs)
+
+    first = grads_of(0)
+    kept = [g.clone() for g in first]
+    grads_of(1)
+    for i, (g, k) in enumerate(zip(first, kept)):
+        assert torch.equal(g, k), f"gradient {i} changed"

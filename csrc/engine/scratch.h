@@ -18,6 +18,7 @@ class CallScratch {
   CallScratch(const CallScratch&) = delete;
   CallScratch& operator=(const CallScratch&) = delete;
 
+  const at::TensorOptions& options() const { return options_; }
   // Uninitialised, of like's dtype and device.
   at::Tensor empty(at::IntArrayRef sizes);
   at::Tensor zeros(at::IntArrayRef sizes);
