@@ -1,0 +1,187 @@
+// The CPU GEMM builds (csrc/engine/cpu/packed_gemm*.{h,cpp}) against the sums they must compute, on
+// the host, by tests/test_cpu_gemm.py. gemm_packed makes every element one chain of multiply-adds
+// in k order from the bias (or zero), so it is compared bit for bit with that chain (fused in the
+// AVX2 and AVX-512 builds, unfused in the baseline one); gemm_rows sums in lanes, so it is compared
+// with a double sum within float rounding. Every case also checks that nothing outside the output's
+// rows and columns was written. Shapes: 0-30 rows (every block size of both builds, one and several
+// blocks), partial panels, k from 0, padded leading dimensions, rows of M taken through a shuffled
+// table of addresses and with a column stride (the packing's two paths).
+//
+// This file compiles the baseline build itself (RNNATTN_CPU_ISA baseline, with -ffp-contract=off);
+// the AVX2 and AVX-512 builds are the library's own sources, compiled with the library's flags and
+// linked in when defined(RNNATTN_CHECK_AVX2) / defined(RNNATTN_CHECK_AVX512).
+#define RNNATTN_CPU_ISA baseline
+#include "engine/cpu/packed_gemm_impl.h"
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+using namespace rnnattn::cpu;
+
+namespace {
+
+struct Build {
+  const char* name;
+  bool fused;  // whether its products and sums are one FMA each
+  PackedMatrix (*pack)(const float* const*, int64_t, int64_t, int64_t, float*);
+  void (*packed)(const float*, int64_t, int64_t, const PackedMatrix&, const float*, float*, int64_t);
+  void (*rows)(const float*, int64_t, int64_t, const RowsMatrix&, const float*, float*, int64_t);
+};
+
+struct Tally {
+  int64_t cases = 0, mismatched = 0;
+  void fail(const std::string& what) {
+    if (++mismatched <= 10) std::printf("  mismatch: %s\n", what.c_str());
+  }
+};
+
+bool same_bits(float a, float b) { return std::memcmp(&a, &b, sizeof(float)) == 0; }
+
+void check_case(const Build& build, int64_t rows, int64_t n, int64_t k, bool with_bias, int64_t stride_k,
+                std::mt19937& gen, Tally& tally) {
+  std::normal_distribution<float> normal;
+  const int64_t lda = k + 3, ldo = n + 5;
+  std::vector<float> a(rows * lda + 1), bias(n), storage(n * k * stride_k + 1);
+  for (auto& v : a) v = normal(gen);
+  for (auto& v : bias) v = normal(gen);
+  for (auto& v : storage) v = normal(gen);
+  // M's row i is the storage row order[i] (a shuffled table, as the engine's row permutations).
+  std::vector<int64_t> order(n);
+  for (int64_t i = 0; i < n; ++i) order[i] = i;
+  std::shuffle(order.begin(), order.end(), gen);
+  std::vector<const float*> m_rows(n);
+  for (int64_t i = 0; i < n; ++i) m_rows[i] = storage.data() + order[i] * k * stride_k;
+  auto m_at = [&](int64_t i, int64_t j) { return m_rows[i][j * stride_k]; };
+  const float* b = with_bias ? bias.data() : nullptr;
+  const std::string shape = std::string(build.name) + " rows " + std::to_string(rows) + " n " + std::to_string(n) +
+                            " k " + std::to_string(k) + " stride " + std::to_string(stride_k) +
+                            (with_bias ? " bias" : "");
+
+  // The expected sums: the chain of multiply-adds in k order, and a double sum with its size.
+  std::vector<float> chain(rows * n);
+  std::vector<double> exact(rows * n), magnitude(rows * n);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < n; ++c) {
+      float acc = with_bias ? bias[c] : 0.f;
+      double sum = with_bias ? bias[c] : 0.0, size = std::fabs(sum);
+      for (int64_t j = 0; j < k; ++j) {
+        const float x = a[r * lda + j], w = m_at(c, j);
+        if (build.fused) {
+          acc = std::fma(x, w, acc);
+        } else {
+          const volatile float product = x * w;  // rounded on its own, as an unfused multiply
+          acc = acc + product;
+        }
+        sum += double(x) * double(w);
+        size += std::fabs(double(x) * double(w));
+      }
+      chain[r * n + c] = acc;
+      exact[r * n + c] = sum;
+      magnitude[r * n + c] = size;
+    }
+  }
+
+  const float sentinel = std::numeric_limits<float>::quiet_NaN();
+  auto outside_untouched = [&](const std::vector<float>& out) {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = n; c < ldo; ++c) {
+        if (!std::isnan(out[r * ldo + c])) return false;
+      }
+    }
+    for (size_t i = rows * ldo; i < out.size(); ++i) {
+      if (!std::isnan(out[i])) return false;
+    }
+    return true;
+  };
+
+  // Packed: bit for bit.
+  std::vector<float> panels(PackedMatrix::floats_needed(n, k) + 1);
+  const PackedMatrix packed = build.pack(m_rows.data(), n, k, stride_k, panels.data());
+  std::vector<float> out(rows * ldo + 2 * ldo, sentinel);
+  build.packed(a.data(), rows, lda, packed, b, out.data(), ldo);
+  ++tally.cases;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < n; ++c) {
+      if (!same_bits(out[r * ldo + c], chain[r * n + c])) {
+        tally.fail(shape + ": gemm_packed (" + std::to_string(r) + ", " + std::to_string(c) + ") = " +
+                   std::to_string(out[r * ldo + c]) + ", the chain of multiply-adds gives " +
+                   std::to_string(chain[r * n + c]));
+        r = rows;
+        break;
+      }
+    }
+  }
+  if (!outside_untouched(out)) tally.fail(shape + ": gemm_packed wrote outside its output");
+
+  // In place (rows of M contiguous, so only for stride 1; the engine uses it for a few rows).
+  if (stride_k != 1 || rows > kRowsGemmMaxRows) return;
+  std::vector<float> in_place(rows * ldo + 2 * ldo, sentinel);
+  const RowsMatrix rows_matrix{m_rows.data(), n, k};
+  build.rows(a.data(), rows, lda, rows_matrix, b, in_place.data(), ldo);
+  ++tally.cases;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < n; ++c) {
+      const double error = std::fabs(in_place[r * ldo + c] - exact[r * n + c]);
+      if (!(error <= 1e-5 * magnitude[r * n + c] + 1e-30)) {
+        tally.fail(shape + ": gemm_rows (" + std::to_string(r) + ", " + std::to_string(c) + ") off by " +
+                   std::to_string(error));
+        r = rows;
+        break;
+      }
+    }
+  }
+  if (!outside_untouched(in_place)) tally.fail(shape + ": gemm_rows wrote outside its output");
+}
+
+Tally check_build(const Build& build) {
+  Tally tally;
+  std::mt19937 gen(12345);
+  for (int64_t rows = 0; rows <= 30; ++rows) {
+    for (const int64_t n : {1, 5, 16, 17, 33, 100}) {
+      for (const int64_t k : {0, 1, 7, 8, 37, 130}) {
+        for (const int64_t stride_k : {1, 2}) {
+          check_case(build, rows, n, k, /*with_bias=*/(rows + n + k) % 2 == 0, stride_k, gen, tally);
+        }
+      }
+    }
+  }
+  return tally;
+}
+
+}  // namespace
+
+int main() {
+  std::vector<Build> builds = {{"baseline", false, &baseline::pack_matrix, &baseline::gemm_packed,
+                                &baseline::gemm_rows}};
+#if defined(__x86_64__) || defined(__i386__)
+#if defined(RNNATTN_CHECK_AVX2)
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    builds.push_back({"avx2", true, &avx2::pack_matrix, &avx2::gemm_packed, &avx2::gemm_rows});
+  } else {
+    std::printf("avx2: not run (no AVX2 and FMA)\n");
+  }
+#endif
+#if defined(RNNATTN_CHECK_AVX512)
+  if (__builtin_cpu_supports("avx512f")) {
+    // The library packs and reads in place with the AVX2 build here (packed_gemm_baseline.cpp).
+    builds.push_back({"avx512", true, &avx2::pack_matrix, &avx512::gemm_packed, &avx2::gemm_rows});
+  } else {
+    std::printf("avx512: not run (no AVX-512F)\n");
+  }
+#endif
+#endif
+  int64_t mismatched = 0;
+  for (const Build& build : builds) {
+    const Tally tally = check_build(build);
+    std::printf("%s: %lld cases, %lld mismatched\n", build.name, static_cast<long long>(tally.cases),
+                static_cast<long long>(tally.mismatched));
+    mismatched += tally.mismatched;
+  }
+  return mismatched == 0 ? 0 : 1;
+}

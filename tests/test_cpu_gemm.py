@@ -1,0 +1,69 @@
+"""The CPU GEMM's builds (csrc/engine/cpu/packed_gemm*) on the host, without torch: every build this
+CPU runs against the sums it must compute, bit for bit for the packed product (one chain of
+multiply-adds per element), within float rounding for the in-place one, nothing written outside the
+output (tests/cpp/packed_gemm_check.cpp). The AVX2 and AVX-512 builds are the library's own sources
+compiled with the flags CMakeLists.txt gives them."""
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _compiler():
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _kernel_flags():
+    """The flags CMakeLists.txt compiles the kernels with: (common, AVX2 build's, AVX-512 build's)."""
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    common = re.search(r"set_source_files_properties\(\$\{CPU_KERNEL_SOURCES\}\s+PROPERTIES COMPILE_OPTIONS \"([^\"]*)\"",
+                       cmake)
+    avx2 = re.search(r"packed_gemm_avx2\.cpp[^)]*?APPEND PROPERTY COMPILE_OPTIONS \"([^\"]*)\"", cmake, re.S)
+    avx512 = re.search(r"SOURCE csrc/engine/cpu/packed_gemm_avx512\.cpp APPEND PROPERTY COMPILE_OPTIONS \"([^\"]*)\"",
+                       cmake)
+    assert common and avx2 and avx512, "CMakeLists.txt no longer sets the kernels' flags the way this test reads them"
+    return [m.group(1).split(";") for m in (common, avx2, avx512)]
+
+
+def test_gemm_builds_compute_their_sums(tmp_path):
+    compiler = _compiler()
+    if compiler is None:
+        pytest.skip("no C++ compiler (CXX, c++, g++ or clang++) to build the host check with")
+    common, avx2_flags, avx512_flags = _kernel_flags()
+    base = [compiler, "-std=gnu++20", f"-I{ROOT / 'csrc'}"]
+    objects, defines = [], []
+    if X86:
+        for name, flags in (("avx2", avx2_flags), ("avx512", avx512_flags)):
+            obj = tmp_path / f"packed_gemm_{name}.o"
+            build = subprocess.run([*base, *common, *flags, "-c", str(ROOT / "csrc/engine/cpu" / f"packed_gemm_{name}.cpp"),
+                                    "-o", str(obj)], capture_output=True, text=True, timeout=600)
+            assert build.returncode == 0, build.stderr
+            objects.append(str(obj))
+            defines.append(f"-DRNNATTN_CHECK_{name.upper()}")
+    program = tmp_path / "packed_gemm_check"
+    build = subprocess.run([*base, "-O2", "-ffp-contract=off", *defines, "-o", str(program),
+                            str(ROOT / "tests/cpp/packed_gemm_check.cpp"), *objects],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([str(program)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    results = dict(re.findall(r"^(\w+): (\d+) cases, 0 mismatched$", run.stdout, re.M))
+    assert "baseline" in results, run.stdout
+    capability = torch.backends.cpu.get_cpu_capability()
+    if X86 and capability in ("AVX2", "AVX512"):
+        assert "avx2" in results, run.stdout
+    if X86 and capability == "AVX512":  # torch's AVX512 level implies AVX-512F
+        assert "avx512" in results, run.stdout
+    assert all(int(count) > 2000 for count in results.values()), run.stdout
