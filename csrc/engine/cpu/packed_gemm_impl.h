@@ -28,6 +28,17 @@ namespace {
 constexpr int kPrefetchMaxRows = 3;
 constexpr int64_t kPrefetchAhead = 8;
 
+// Keeps a loaded vector of weights in a register. Left alone, GCC folds the load into every row's
+// FMA, which at 2-3 rows doubles or triples the loads from L1 for nothing (one core's half of
+// LSTM(256)'s W_hh at 3 rows with AVX-512: 8.7 µs, 5.0 held). No-op in the baseline build, whose
+// 8-float vectors are two registers.
+template <typename Vector>
+inline __attribute__((always_inline)) void hold_in_register([[maybe_unused]] Vector& v) {
+#if defined(__AVX2__)
+  asm("" : "+v"(v));
+#endif
+}
+
 template <int kRows, int kPanels>
 void block_kernel(const float* a, int64_t lda, const float* panels, int64_t panel_stride, int64_t k,
                   const float* bias, float* out, int64_t ldo, int64_t width) {
@@ -51,6 +62,12 @@ void block_kernel(const float* a, int64_t lda, const float* panels, int64_t pane
     for (int p = 0; p < kPanels; ++p) {
       w[2 * p] = load8(panels + p * panel_stride + j * kPanelWidth);
       w[2 * p + 1] = load8(panels + p * panel_stride + j * kPanelWidth + 8);
+      // At one row each weight is read once (folded loads are best); at more, hold the weights
+      // where the 16 AVX registers leave room for them beside the accumulators and the broadcast.
+      if constexpr (kRows >= 2 && kRows * kVecs + kVecs + 1 <= 16) {
+        hold_in_register(w[2 * p]);
+        hold_in_register(w[2 * p + 1]);
+      }
     }
     for (int r = 0; r < kRows; ++r) {
       const float s = a[r * lda + j];
@@ -94,7 +111,10 @@ void wide_block_kernel(const float* a, int64_t lda, const float* panels, int64_t
   }
   for (int64_t j = 0; j < k; ++j) {
     vec16 w[kPanels];
-    for (int p = 0; p < kPanels; ++p) std::memcpy(&w[p], panels + p * panel_stride + j * kPanelWidth, sizeof(vec16));
+    for (int p = 0; p < kPanels; ++p) {
+      std::memcpy(&w[p], panels + p * panel_stride + j * kPanelWidth, sizeof(vec16));
+      hold_in_register(w[p]);  // 14 rows x 2 panels + 2 + 1 broadcast fit the 32 registers
+    }
     for (int r = 0; r < kRows; ++r) {
       const float s = a[r * lda + j];
       const vec16 x = {s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s};
@@ -105,12 +125,13 @@ void wide_block_kernel(const float* a, int64_t lda, const float* panels, int64_t
 }
 
 constexpr int kMaxRows = 14;
-// Blocks of 1-3 rows take the 8-float kernel: they are bound by reading the weights from L2, which
-// 32-byte loads did faster (one core's half of LSTM(256)'s W_hh at 3 rows: 9 µs, 13 with 64-byte
-// loads); from 4 rows on the 16-float kernel did 1.4-1.6x the 8-float one's multiply-adds per second.
-constexpr int kWideMinRows = 4;
+// A block of one row takes the 8-float kernel: it is bound by streaming the weights from L2, which
+// it did faster with 32-byte loads folded into its FMAs (one core's half of LSTM(256)'s W_hh: 4.0 µs,
+// 5.2 with 64-byte ones); at 2-3 rows the 16-float kernel took 4.2 and 5.2 µs against 7.1 and 8.0,
+// and from 4 rows on it did 1.4-1.6x the 8-float one's multiply-adds per second.
+constexpr int kWideMinRows = 2;
 static_assert(kWideMinRows <= 7, "block_of runs the 8-float kernel for at most 6 rows");
-// 4-6 rows x 4 panels, 7-14 rows x 2 panels: 16-28 accumulators.
+// 2-6 rows x 4 panels, 7-14 rows x 2 panels: 8-28 accumulators.
 constexpr int wide_panels_for(int rows) { return rows >= 7 ? 2 : 4; }
 #else
 constexpr int kMaxRows = 6;
