@@ -41,7 +41,6 @@ struct UnitBlocks {
   int64_t rec_rows(int64_t c) const { return rec_begin[c + 1] - rec_begin[c]; }
   int64_t rec_total() const { return rec_begin.back(); }
 
-  at::Tensor permute_rows(const at::Tensor& t) const { return order.defined() ? t.index_select(0, order) : t; }
   at::Tensor unpermute_rows(const at::Tensor& t) const { return inverse.defined() ? t.index_select(0, inverse) : t; }
   at::Tensor permute_rec_rows(const at::Tensor& t) const {
     return rec_order.defined() ? t.index_select(0, rec_order) : t;

@@ -23,8 +23,8 @@ namespace {
 // few rows (a recurrent step at batch 1) take several panels at once instead.
 // Blocks of at most this many rows are bound by streaming the panels from L2 (a step at batch 1-3):
 // each k asks for the panels' line 8 k ahead, which the hardware prefetchers alone did not keep up
-// with (one core's half of LSTM(256)'s W_hh at 1 row: 5.3 µs instead of 6.3 on a Xeon with AVX-512,
-// 1-3 rows 8-30% faster with AVX2 too). The last k ask for the panel's last line again.
+// with (one core's half of LSTM(256)'s W_hh at 1-3 rows 8-30% faster on a Xeon, AVX2 and AVX-512
+// builds alike). The last k ask for the panel's last line again.
 constexpr int kPrefetchMaxRows = 3;
 constexpr int64_t kPrefetchAhead = 8;
 
@@ -125,10 +125,10 @@ void wide_block_kernel(const float* a, int64_t lda, const float* panels, int64_t
 }
 
 constexpr int kMaxRows = 14;
-// A block of one row takes the 8-float kernel: it is bound by streaming the weights from L2, which
-// it did faster with 32-byte loads folded into its FMAs (one core's half of LSTM(256)'s W_hh: 4.0 µs,
-// 5.2 with 64-byte ones); at 2-3 rows the 16-float kernel took 4.2 and 5.2 µs against 7.1 and 8.0,
-// and from 4 rows on it did 1.4-1.6x the 8-float one's multiply-adds per second.
+// A block of one row takes the 8-float kernel: bound by streaming the weights from L2, it did no
+// better with 64-byte loads. At 2-3 rows the 16-float kernel took 4.2 and 5.2 µs against 7.1 and
+// 8.0 (one core's half of LSTM(256)'s W_hh), and from 4 rows on it did 1.4-1.6x the 8-float
+// kernel's multiply-adds per second.
 constexpr int kWideMinRows = 2;
 static_assert(kWideMinRows <= 7, "block_of runs the 8-float kernel for at most 6 rows");
 // 2-6 rows x 4 panels, 7-14 rows x 2 panels: 8-28 accumulators.

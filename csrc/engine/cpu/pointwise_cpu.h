@@ -24,7 +24,6 @@ RNNATTN_DECLARE_CPU_POINTWISE(baseline)
 RNNATTN_DECLARE_CPU_POINTWISE(avx2)
 #undef RNNATTN_DECLARE_CPU_POINTWISE
 
-
 template <class Cell, typename T>
 ForwardBlockFn<T> forward_block_fn() {
   static const ForwardBlockFn<T> fn =
