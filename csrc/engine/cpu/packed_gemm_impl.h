@@ -217,9 +217,14 @@ void dot_rows(const float* a, int64_t lda, const float* const* m_rows, int64_t k
   }
   int64_t j = 0;
   for (; j + 8 <= k; j += 8) {
+    vec8 w[kCols];
+    for (int c = 0; c < kCols; ++c) {
+      w[c] = load8(m_rows[c] + j);
+      if constexpr (kRows >= 2) hold_in_register(w[c]);  // one load for every row (block_kernel's reason)
+    }
     for (int r = 0; r < kRows; ++r) {
       const vec8 x = load8(a + r * lda + j);
-      for (int c = 0; c < kCols; ++c) acc[r][c] += x * load8(m_rows[c] + j);
+      for (int c = 0; c < kCols; ++c) acc[r][c] += x * w[c];
     }
   }
   for (int r = 0; r < kRows; ++r) {
