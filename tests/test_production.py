@@ -264,6 +264,14 @@ def test_info_reports_the_build(tmp_path):
     assert ("CUDA kernels: built" in text) == bool(rnnattn_ext._ops._C.cuda_built)
 
 
+def test_info_reports_a_bad_kernel_choice_instead_of_failing():
+    result = subprocess.run([sys.executable, "-m", "rnnattn_ext.info"], capture_output=True, text=True,
+                            env=dict(os.environ, RNNATTN_CPU_KERNELS="fastest"), timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert ("CPU kernels: none: rnnattn: the environment variable RNNATTN_CPU_KERNELS must be auto, baseline, "
+            "avx2 or avx512, got 'fastest'") in result.stdout, result.stdout
+
+
 def test_gpu_support_rules():
     built = ["80-real", "86-real", "89-real", "90"]
     assert info.gpu_supported((8, 0), built) and info.gpu_supported((8, 7), built)  # sm_86 code runs on 8.7

@@ -48,13 +48,22 @@ def registered_ops() -> list[str]:
     return sorted(name[len(prefix):] for name in torch._C._dispatch_get_all_op_names() if name.startswith(prefix))
 
 
+def cpu_kernels() -> str:
+    """The build of the CPU kernels that runs, or why none can (a bad RNNATTN_CPU_KERNELS: the report
+    says so instead of failing, as every CPU call would)."""
+    try:
+        return _ops._C.cpu_kernels()
+    except RuntimeError as error:
+        return f"none: {str(error).splitlines()[0]}"
+
+
 def report() -> str:
     built = _ops._C.built_with_torch
     lines = [
         f"rnnattn_ext {__version__}",
         f"torch: built against {built}, running {torch.__version__}",
         f"library: {library_path()}",
-        f"CPU kernels: {_ops._C.cpu_kernels()}",
+        f"CPU kernels: {cpu_kernels()}",
     ]
     if _ops._C.cuda_built:
         lines.append(f"CUDA kernels: built with CUDA {_ops._C.cuda_version} for {', '.join(cuda_architectures())}")
