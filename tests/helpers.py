@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import torch
 
 import rnnattn_ext
@@ -131,3 +134,12 @@ def strided(t: torch.Tensor) -> torch.Tensor:
     wide = torch.zeros(2 * t.numel(), dtype=t.dtype, device=t.device)
     wide[::2] = t
     return wide[::2]
+
+
+def cxx_compiler():
+    """The C++ compiler the host checks (tests/cpp) are built with: CXX, else c++, g++ or clang++;
+    None if there is none."""
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None

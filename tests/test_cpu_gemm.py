@@ -4,25 +4,18 @@ multiply-adds per element), within float rounding for the in-place one, nothing 
 output (tests/cpp/packed_gemm_check.cpp). The AVX2 and AVX-512 builds are the library's own sources
 compiled with the flags CMakeLists.txt gives them."""
 
-import os
 import platform
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import cxx_compiler
+
 ROOT = Path(__file__).resolve().parents[1]
 X86 = platform.machine().lower() in ("x86_64", "amd64")
-
-
-def _compiler():
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return name
-    return None
 
 
 def _kernel_flags():
@@ -38,7 +31,7 @@ def _kernel_flags():
 
 
 def test_gemm_builds_compute_their_sums(tmp_path):
-    compiler = _compiler()
+    compiler = cxx_compiler()
     if compiler is None:
         pytest.skip("no C++ compiler (CXX, c++, g++ or clang++) to build the host check with")
     common, avx2_flags, avx512_flags = _kernel_flags()

@@ -6,8 +6,6 @@ machine checks how the work is shared out and indexed; the kernels themselves ru
 forced by RNNATTN_CUDA_LOOP=persistent (which raises where the GPU cannot hold a loop, so a passing
 test did run them) against the loop step by step and the CPU."""
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,20 +14,13 @@ import torch
 
 from rnnattn_ext import functional
 
-from helpers import CELLS, grads, layer_args, loss_of
+from helpers import CELLS, cxx_compiler, grads, layer_args, loss_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _compiler():
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
 def test_block_phases_match_a_plain_loop(tmp_path):
-    compiler = _compiler()
+    compiler = cxx_compiler()
     if compiler is None:
         pytest.skip("no C++ compiler (CXX, c++, g++ or clang++) to build the host check with")
     program = tmp_path / "persistent_loop_check"

@@ -756,7 +756,7 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   // On the GPU the pointwise pass adds the recurrent bias (and the attention stage that of the
   // query, key and value rows), so that each step's product is a bare cuBLAS call (cuda_multiply).
   const std::optional<Tensor> b_rec = input.is_cuda() ? stacked_bias(w_rec.weights, w_rec.biases) : std::nullopt;
-  const Tensor rec_bias = b_rec ? blocks.permute_rec_rows(*b_rec).contiguous() : Tensor();
+  const Tensor rec_bias = b_rec ? rows_in_order(*b_rec, blocks.rec_order, temp) : Tensor();
   const c10::ArrayRef<std::optional<Tensor>> rec_biases =
       input.is_cuda() ? c10::ArrayRef<std::optional<Tensor>>() : c10::ArrayRef<std::optional<Tensor>>(w_rec.biases);
   const bool packed = uses_packed_gemm(input);

@@ -42,9 +42,6 @@ struct UnitBlocks {
   int64_t rec_total() const { return rec_begin.back(); }
 
   at::Tensor unpermute_rows(const at::Tensor& t) const { return inverse.defined() ? t.index_select(0, inverse) : t; }
-  at::Tensor permute_rec_rows(const at::Tensor& t) const {
-    return rec_order.defined() ? t.index_select(0, rec_order) : t;
-  }
   at::Tensor unpermute_rec_rows(const at::Tensor& t) const {
     return rec_inverse.defined() ? t.index_select(0, rec_inverse) : t;
   }
