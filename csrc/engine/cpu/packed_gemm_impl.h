@@ -210,7 +210,8 @@ inline void transpose_tile8(const float* const* rows, int64_t col, float* dst, i
 // them has constant bounds) and the weights are read straight into the FMAs, so a pass keeps eight
 // of them in flight: an FMA waits ~4 cycles for its accumulator.
 template <int kRows, int kCols>
-void dot_rows(const float* a, int64_t lda, const float* const* m_rows, int64_t k, float sums[][kCols]) {
+inline __attribute__((always_inline)) void dot_rows(const float* a, int64_t lda, const float* const* m_rows,
+                                                    int64_t k, float sums[][kCols]) {
   vec8 acc[kRows][kCols];
   for (int r = 0; r < kRows; ++r) {
     for (int c = 0; c < kCols; ++c) acc[r][c] = vec8{};
@@ -237,15 +238,37 @@ void dot_rows(const float* a, int64_t lda, const float* const* m_rows, int64_t k
   }
 }
 
-// out[r][c0 + c] for c < count of kRows rows of a and M's rows c0.. (kCols at a time).
+// dot_rows out of line: inlined at more than one row it left the weights' register hold to the
+// stack (2 and 4 rows took twice as long).
+template <int kRows, int kCols>
+__attribute__((noinline)) void dot_rows_call(const float* a, int64_t lda, const float* const* m_rows, int64_t k,
+                                             float sums[][kCols]) {
+  dot_rows<kRows, kCols>(a, lda, m_rows, k, sums);
+}
+
+// out[r][c0 + c] for c < count of kRows rows of a and M's rows c0.. (kCols at a time). A whole pass
+// (all but the last) has constant bounds throughout and, at one row, the dot products inline: one
+// core's half of LSTM(256)'s W_hh at one row 4.75 -> 4.2 µs on a Xeon, 7.4 -> 6.9 at two.
 template <int kRows, int kCols>
 void rows_pass(const float* a, int64_t lda, const RowsMatrix& m, int64_t c0, const float* bias, float* out,
                int64_t ldo) {
   const int count = static_cast<int>(std::min<int64_t>(kCols, m.n - c0));
   const float* m_rows[kCols];
-  for (int c = 0; c < kCols; ++c) m_rows[c] = m.rows[c0 + std::min(c, count - 1)];
   float sums[kRows][kCols];
-  dot_rows<kRows, kCols>(a, lda, m_rows, m.k, sums);
+  if (count == kCols) {
+    for (int c = 0; c < kCols; ++c) m_rows[c] = m.rows[c0 + c];
+    if constexpr (kRows == 1) {
+      dot_rows<kRows, kCols>(a, lda, m_rows, m.k, sums);
+    } else {
+      dot_rows_call<kRows, kCols>(a, lda, m_rows, m.k, sums);
+    }
+    for (int r = 0; r < kRows; ++r) {
+      for (int c = 0; c < kCols; ++c) out[r * ldo + c0 + c] = sums[r][c] + (bias ? bias[c0 + c] : 0.f);
+    }
+    return;
+  }
+  for (int c = 0; c < kCols; ++c) m_rows[c] = m.rows[c0 + std::min(c, count - 1)];
+  dot_rows_call<kRows, kCols>(a, lda, m_rows, m.k, sums);
   for (int r = 0; r < kRows; ++r) {
     for (int c = 0; c < count; ++c) out[r * ldo + c0 + c] = sums[r][c] + (bias ? bias[c0 + c] : 0.f);
   }
