@@ -1,9 +1,9 @@
 """Every build of the CPU kernels this CPU can run: baseline (any x86-64: pointwise passes, packed GEMM,
-vector attention), avx2 (AVX2+FMA) and avx512 (the packed GEMM's AVX-512 build beside the others'
-AVX2 ones), each picked by RNNATTN_CPU_KERNELS in a fresh process (the choice is made once per
-process): the layers against torch.nn and the attention cell against the eager reference, float32 by
-the SPEC accuracy rule, forward and every gradient; the avx512 build bitwise against the avx2 one
-(the same sums in the same order); the variable's errors."""
+vector attention), avx2 (AVX2+FMA) and avx512 (the packed GEMM's and the pointwise passes' AVX-512
+builds beside the attention passes' AVX2 one), each picked by RNNATTN_CPU_KERNELS in a fresh process
+(the choice is made once per process): the layers against torch.nn and the attention cell against
+the eager reference, float32 by the SPEC accuracy rule, forward and every gradient; the avx512 build
+bitwise against the avx2 one (the same sums in the same order); the variable's errors."""
 
 import functools
 import os
