@@ -7,7 +7,10 @@
 //
 // Layouts (D = heads * head_dim; column d of head h is h * head_dim + d):
 //   query, grad_query, context, grad_context: row b at ptr + b * stride;
-//   keys, values, grad_keys, grad_values: slot s of row b at ptr + s * slot_stride + b * row_stride;
+//   keys, values: slot s of row b at ptr + s * slot_stride + b * row_stride;
+//   grad_keys, grad_values: column d of head h of slot s of row b at ptr + grad_offset(a, b, h, s) + d
+//     (grad_slot_stride, grad_row_stride, grad_head_stride: the CPU gives each (row, head) pair its
+//     slots one after another, where the store's layout interleaves the heads);
 //   weights: (B, heads, weight_slots), the n slots a row reads at [offset, offset + n) where offset is
 //     weight_slots - n for self memory (the most recent slot last) and 0 for external memory.
 //
@@ -74,7 +77,14 @@ struct AttentionStepArgs {
   int64_t grad_query_stride;
   T* grad_keys;  // accumulated (+=): a slot is read by several steps
   T* grad_values;
+  int64_t grad_slot_stride, grad_row_stride, grad_head_stride;
 };
+
+// Where head h of slot s of row b starts in grad_keys and grad_values.
+template <typename T>
+RNNATTN_HD int64_t grad_offset(const AttentionStepArgs<T>& a, int64_t b, int64_t h, int64_t s) {
+  return s * a.grad_slot_stride + b * a.grad_row_stride + h * a.grad_head_stride;
+}
 
 // The parts of the product a (row, head) pair stages: the query, and the new slot's key and value.
 template <typename T>
@@ -115,9 +125,9 @@ RNNATTN_HD int64_t unstaged_elements(const AttentionStepArgs<T>& a) {
 // value gradient, into the product's gradient rows.
 template <typename T>
 RNNATTN_HD void unstage_element(const AttentionStepArgs<T>& a, int64_t b, int64_t h, int64_t i) {
-  const int64_t part = 1 + i / a.head_dim, d = h * a.head_dim + i % a.head_dim;
-  const T* from = (part == 1 ? a.grad_keys : a.grad_values) + a.staged.new_slot * a.slot_stride + b * a.row_stride;
-  a.staged.rows[b * a.staged.row_stride + staged_offset(a, part, d)] = from[d];
+  const int64_t part = 1 + i / a.head_dim, d = i % a.head_dim;
+  const T* from = (part == 1 ? a.grad_keys : a.grad_values) + grad_offset(a, b, h, a.staged.new_slot);
+  a.staged.rows[b * a.staged.row_stride + staged_offset(a, part, h * a.head_dim + d)] = from[d];
 }
 
 namespace attention_detail {
@@ -250,7 +260,7 @@ RNNATTN_HD void attend_backward(const AttentionStepArgs<T>& a, int64_t b, int64_
   for (int64_t i = 0; i < end - first; ++i) dscore[i] = p[i] * (dscore[i] - g_dot_ctx) * scale;
   combine_slots(a, a.keys, b, col, dscore, first, end, a.grad_query + b * a.grad_query_stride + col);
   for (int64_t s = first; s < end; ++s) {
-    const int64_t at = s * a.slot_stride + b * a.row_stride + col;
+    const int64_t at = grad_offset(a, b, h, s);
     const A ds = dscore[s - first], weight = p[s - first];
     T* dk = a.grad_keys + at;
     T* dv = a.grad_values + at;

@@ -127,7 +127,7 @@ __device__ void attend_backward_warp(const AttentionStepArgs<T>& a, int64_t b, i
   combine_slots(a, a.keys, b, col, dscore, first, end, a.grad_query + b * a.grad_query_stride + col, lane);
   for (int64_t i = lane; i < (end - first) * a.head_dim; i += kWarp) {
     const int64_t s = first + i / a.head_dim, d = i % a.head_dim;
-    const int64_t at = s * a.slot_stride + b * a.row_stride + col + d;
+    const int64_t at = grad_offset(a, b, h, s) + d;
     a.grad_keys[at] = IO::store(A(IO::load(a.grad_keys[at])) + dscore[s - first] * A(IO::load(q[d])));
     a.grad_values[at] = IO::store(A(IO::load(a.grad_values[at])) + p[s - first] * A(IO::load(g[d])));
   }
