@@ -1,6 +1,6 @@
 """Production use: torch.compile(fullgraph=True) with dynamic shapes, torch.export, an AOTInductor
-package and a torch.jit.trace module run in fresh processes, DistributedDataParallel (gloo), and
-``python -m rnnattn_ext.info``."""
+package and a torch.jit.trace module run in fresh processes, torch.jit.trace with grad enabled (its
+check re-traces under no_grad), DistributedDataParallel (gloo), and ``python -m rnnattn_ext.info``."""
 
 import os
 import subprocess
@@ -197,6 +197,55 @@ def test_jit_trace_saved_and_loaded_in_a_fresh_process(tmp_path):
         x, expected = torch.load("data.pt")
         torch.testing.assert_close(model(x)[0], expected, atol=1e-6, rtol=1e-5)
     """, tmp_path)
+
+
+def _traced(module, name):
+    """torch.jit.trace of module on _inputs(name, ...), with trace's own check (re-traced under no_grad)."""
+    args, kwargs = _inputs(name, module, 6, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.trace is deprecated; TracerWarnings for the input checks
+        traced = torch.jit.trace(module, example_kwarg_inputs={"input": args[0], **kwargs})
+    return traced, {"input": args[0], **kwargs}
+
+
+def _traced_training_flags(traced):
+    """The `training` argument of every rnnattn operator call in a traced module's graph."""
+    flags = []
+    for node in traced.inlined_graph.nodes():
+        if node.kind().startswith("rnnattn::"):
+            op = getattr(torch.ops.rnnattn, node.kind().split("::")[1]).default
+            names = [a.name for a in op._schema.arguments]
+            flags.append(list(node.inputs())[names.index("training")].toIValue())
+    return flags
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_jit_trace_with_grad_enabled_passes_its_check_and_trains(name):
+    # jit.trace checks its graph by tracing again under no_grad: what the operators save for backward
+    # must not follow grad mode while it records. The trace then trains as the module does.
+    torch.manual_seed(4)
+    module = MODULES[name]()
+    traced, inputs = _traced(module, name)
+    assert _traced_training_flags(traced) and all(_traced_training_flags(traced))
+    results = []
+    for run in (traced, module):
+        module.zero_grad()
+        x = inputs["input"].clone().requires_grad_()
+        output = _flat(run(**{**inputs, "input": x}))[0]
+        (output * torch.linspace(-1, 1, output.numel()).view_as(output)).sum().backward()
+        results.append([output, x.grad, *(p.grad.clone() for p in module.parameters())])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(_flat(traced(**inputs))[0], _flat(module(**inputs))[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["LSTM", "AttnLSTM"])
+def test_jit_trace_of_a_frozen_model_saves_no_activations(name):
+    # With no tensor requiring grad the trace keeps no workspace, under no_grad or not.
+    module = MODULES[name]().eval().requires_grad_(False)
+    flags = _traced_training_flags(_traced(module, name)[0])
+    assert flags and not any(flags), flags
 
 
 @pytest.mark.parametrize("make", [lambda: rnnattn_ext.LSTM(5, 8), lambda: rnnattn_ext.AttnGRU(5, 8, num_heads=2),

@@ -70,7 +70,11 @@ def _upcast(function: str, reduced: torch.dtype, **tensors: Tensor | None) -> li
 def needs_workspace(*tensors: Tensor | None) -> bool:
     """True when autograd will differentiate through the op: it must then save activations. Under
     torch.compile inside a torch.func transform (grad, vjp) the traced tensors do not show the
-    transform's requires_grad: there the activations are saved whatever they show."""
+    transform's requires_grad: there the activations are saved whatever they show. While torch.jit.trace
+    records, grad mode is left out: its check re-traces under no_grad and must record the same graph,
+    and the trace runs later with grad or without; it saves them when a tensor requires grad."""
+    if not torch.compiler.is_compiling() and torch.jit.is_tracing():
+        return any(t is not None and t.requires_grad for t in tensors)
     if not torch.is_grad_enabled():
         return False
     if torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
