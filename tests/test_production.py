@@ -240,12 +240,20 @@ def test_jit_trace_with_grad_enabled_passes_its_check_and_trains(name):
         torch.testing.assert_close(_flat(traced(**inputs))[0], _flat(module(**inputs))[0], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["LSTM", "AttnLSTM"])
-def test_jit_trace_of_a_frozen_model_saves_no_activations(name):
-    # With no tensor requiring grad the trace keeps no workspace, under no_grad or not.
-    module = MODULES[name]().eval().requires_grad_(False)
-    flags = _traced_training_flags(_traced(module, name)[0])
-    assert flags and not any(flags), flags
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("name", ["LSTM", "AttnLSTM", "HybridBlock"])
+def test_jit_trace_for_inference_saves_no_activations(name, grad):
+    # A trace of a module in eval mode, or of one whose tensors require no grad, keeps no workspace.
+    # Training through such a trace says why it cannot.
+    for module in (MODULES[name]().eval(), MODULES[name]().requires_grad_(False)):
+        with torch.set_grad_enabled(grad):
+            traced, inputs = _traced(module, name)
+        flags = _traced_training_flags(traced)
+        assert flags and not any(flags), flags
+        output = _flat(traced(**{**inputs, "input": inputs["input"].clone().requires_grad_()}))[0]
+        with pytest.raises(ValueError, match="torch.jit.trace of a module in eval mode, or with no tensor requiring "
+                                             "grad, records training=False"):
+            output.sum().backward()
 
 
 @pytest.mark.parametrize("make", [lambda: rnnattn_ext.LSTM(5, 8), lambda: rnnattn_ext.AttnGRU(5, 8, num_heads=2),

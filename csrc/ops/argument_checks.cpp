@@ -7,6 +7,12 @@ namespace {
 
 using at::Tensor;
 
+// What an empty workspace in a backward means, and where it comes from.
+constexpr const char* kEmptyWorkspace =
+    " (empty: the forward ran with training=False, which saves nothing for backward; run it with training=True. "
+    "A torch.jit.trace of a module in eval mode, or with no tensor requiring grad, records training=False: "
+    "trace it in train mode to train through the trace)";
+
 void check_shape(const char* op, const char* name, const Tensor& t, at::IntArrayRef expected,
                  const char* meaning) {
   TORCH_CHECK_VALUE(t.sizes() == expected, op, ": ", name, " must have shape ", meaning, " = ", expected,
@@ -119,9 +125,7 @@ LayerShape check_layer_backward(const char* op, int gates, int workspace_planes,
   TORCH_CHECK_VALUE(workspace.sizes() == at::IntArrayRef(expected) || (workspace.numel() == 0 && s.steps * s.batch == 0),
                     op, ": workspace must have shape (T, planes, B, H) = ", at::IntArrayRef(expected), ", got ",
                     workspace.sizes(),
-                    workspace.numel() == 0 ? " (empty: the forward ran with training=False, which saves nothing "
-                                             "for backward; run it with training=True)"
-                                           : "");
+                    workspace.numel() == 0 ? kEmptyWorkspace : "");
   check_same_kind(op, "workspace", workspace, input);
   return s;
 }
@@ -191,10 +195,7 @@ void check_attention_saved(const char* op, const LayerShape& shape, const Tensor
   TORCH_CHECK_VALUE(attention_workspace.dim() == 1 && attention_workspace.numel() == expected, op,
                     ": attention_workspace must be 1-D with (T + 2 * slots) * B * D = ", expected, " elements, got shape ",
                     attention_workspace.sizes(),
-                    attention_workspace.numel() == 0 && expected != 0
-                        ? " (empty: the forward ran with training=False, which saves nothing for backward; run it "
-                          "with training=True)"
-                        : "");
+                    attention_workspace.numel() == 0 && expected != 0 ? kEmptyWorkspace : "");
   check_same_kind(op, "attention_workspace", attention_workspace, input);
 }
 

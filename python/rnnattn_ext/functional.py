@@ -7,6 +7,8 @@ bfloat16 and float16 layers compute in float32 and return their results in their
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,14 +69,39 @@ def _upcast(function: str, reduced: torch.dtype, **tensors: Tensor | None) -> li
     return [None if t is None else t.float() for t in tensors.values()]
 
 
+def _jit_tracing() -> bool:
+    """Whether torch.jit.trace is recording (never under torch.compile, which traces on its own)."""
+    return not torch.compiler.is_compiling() and torch.jit.is_tracing()
+
+
+# While torch.jit.trace records a stack (a module's layers): whether it is training (train mode).
+_traced = threading.local()
+
+
+def _traced_training() -> bool:
+    return getattr(_traced, "training", True)
+
+
+@contextlib.contextmanager
+def _traced_stack(training: bool):
+    """Marks what torch.jit.trace records inside as training or not: a trace of a module in eval mode
+    saves no activations (an inference trace), one in train mode saves them if a tensor requires grad."""
+    previous = _traced_training()
+    _traced.training = training
+    try:
+        yield
+    finally:
+        _traced.training = previous
+
+
 def needs_workspace(*tensors: Tensor | None) -> bool:
     """True when autograd will differentiate through the op: it must then save activations. Under
     torch.compile inside a torch.func transform (grad, vjp) the traced tensors do not show the
     transform's requires_grad: there the activations are saved whatever they show. While torch.jit.trace
-    records, grad mode is left out: its check re-traces under no_grad and must record the same graph,
-    and the trace runs later with grad or without; it saves them when a tensor requires grad."""
-    if not torch.compiler.is_compiling() and torch.jit.is_tracing():
-        return any(t is not None and t.requires_grad for t in tensors)
+    records, grad mode is left out (its check re-traces under no_grad and must record the same graph):
+    a tensor must require grad and the stack being traced (``_traced_stack``) must be training."""
+    if _jit_tracing():
+        return _traced_training() and any(t is not None and t.requires_grad for t in tensors)
     if not torch.is_grad_enabled():
         return False
     if torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
@@ -161,9 +188,13 @@ def stack(
     states: one (num_layers * D, B, H) tensor per cell state; weights: for each layer and
     direction (index ``layer * D + direction``) the tuple ``(w_ih, w_hh, b_ih, b_hh)``, or with a
     projection ``(w_ih, w_hh, b_ih, b_hh, w_hr)`` (torch.nn's order; h is then P wide); lengths as
-    in ``layer``, for every layer and direction.
+    in ``layer``, for every layer and direction. ``training``: torch.nn's train mode (dropout between
+    layers; under torch.jit.trace, False also records layers that save no activations for backward).
     Returns the last layer's output (T, B, D * H) and the final states, each (num_layers * D, B, H).
     """
+    if _jit_tracing() and _traced_training() != training:
+        with _traced_stack(training):  # the same call, with its mode marked
+            return stack(cell, input, states, weights, num_layers, bidirectional, dropout, training, lengths)
     directions = 2 if bidirectional else 1
     finals: list[list[Tensor]] = [[] for _ in states]
     x = input
@@ -273,6 +304,10 @@ def attention_stack(
     states (self memory) or over the same external ``memory``. Returns the last layer's output,
     the final states and, with ``need_weights``, the attention weights of every layer and direction
     (index ``layer * D + direction``)."""
+    if _jit_tracing() and _traced_training() != training:
+        with _traced_stack(training):  # the same call, with its mode marked
+            return attention_stack(cell, input, states, weights, num_layers, bidirectional, num_heads, window, memory,
+                                   memory_lengths, dropout, training, need_weights, lengths)
     directions = 2 if bidirectional else 1
     finals: list[list[Tensor]] = [[] for _ in states]
     attentions: list[Tensor] = []
