@@ -6,7 +6,9 @@
 #
 #   bash scripts/cuda_sanitizer.sh [OUT_DIR] [--all]      (default OUT_DIR: sanitizer_out)
 #
-# The tests run are those of the `cuda` marker outside the accuracy sweeps (long under the sanitizer).
+# The tests run are those of the `cuda` marker outside the accuracy sweeps (long under the sanitizer),
+# in RNNATTN_SANITIZER_TESTS's files (default: test_cuda, test_bad_inputs, test_determinism and
+# test_persistent_loop).
 # racecheck looks at shared memory (the persistent forward loop's weights, staged rows and gates) and
 # is the slowest tool.
 # initcheck reports every float16/bfloat16 element that cuBLAS's sm_90 GEMMs wrote as uninitialised
@@ -27,6 +29,7 @@ if ! "$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() el
   echo "no CUDA device is visible" >&2
   exit 2
 fi
+tests="${RNNATTN_SANITIZER_TESTS:-tests/test_cuda.py tests/test_bad_inputs.py tests/test_determinism.py tests/test_persistent_loop.py}"
 summary="$out/sanitizer_summary.txt"
 {
   echo "compute-sanitizer over the CUDA tests ($(date -u '+%Y-%m-%d %H:%M UTC'))"
@@ -39,8 +42,8 @@ parallel=()
 "$python" -c "import xdist" 2>/dev/null && parallel=(-n "${RNNATTN_SANITIZER_WORKERS:-4}")
 for tool in $tools; do
   compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all \
-    "$python" -m pytest -q -p no:cacheprovider "${parallel[@]}" -m cuda tests/test_cuda.py tests/test_bad_inputs.py \
-    tests/test_determinism.py tests/test_persistent_loop.py -k "not accuracy" >"$out/sanitizer_$tool.log" 2>&1 &
+    "$python" -m pytest -q -p no:cacheprovider "${parallel[@]}" -m cuda $tests -k "not accuracy" \
+    >"$out/sanitizer_$tool.log" 2>&1 &
 done
 status=0
 for tool in $tools; do
