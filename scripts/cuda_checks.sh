@@ -65,13 +65,14 @@ parallel=()
 
 fuzz() {
   # 4 processes of 250 cases with different seeds; their last lines only.
-  local logs seed status=0
+  local logs seed pid status=0 pids=()
   logs="$(mktemp -d)"
   for seed in 1 2 3 4; do
     RNNATTN_FUZZ_DEVICE=cuda RNNATTN_FUZZ_EXAMPLES=250 RNNATTN_FUZZ_SEED=$seed "$python" -m pytest -q \
       -p no:cacheprovider tests/test_fuzz.py >"$logs/seed$seed.log" 2>&1 &
+    pids+=($!)
   done
-  for seed in 1 2 3 4; do wait -n || status=1; done
+  for pid in "${pids[@]}"; do wait "$pid" || status=1; done
   tail -q -n 1 "$logs"/seed*.log
   return $status
 }

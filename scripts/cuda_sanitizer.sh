@@ -40,14 +40,16 @@ summary="$out/sanitizer_summary.txt"
 # compute-sanitizer follows (--target-processes all).
 parallel=()
 "$python" -c "import xdist" 2>/dev/null && parallel=(-n "${RNNATTN_SANITIZER_WORKERS:-4}")
+pids=()
 for tool in $tools; do
   compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all \
     "$python" -m pytest -q -p no:cacheprovider "${parallel[@]}" -m cuda $tests -k "not accuracy" \
     >"$out/sanitizer_$tool.log" 2>&1 &
+  pids+=($!)
 done
 status=0
-for tool in $tools; do
-  wait -n || status=1
+for pid in "${pids[@]}"; do
+  wait "$pid" || status=1
 done
 for tool in $tools; do
   log="$out/sanitizer_$tool.log"
