@@ -11,6 +11,7 @@
 #include "cells/all_cells.h"
 #include "engine/cpu/kernel_isa.h"
 #include "engine/recurrent_engine.h"
+#include "engine/usable_cpus.h"
 #include "python_layer_call.h"
 
 namespace py = pybind11;
@@ -37,6 +38,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_kernels", [] { return ::rnnattn::cpu::kernel_isa_name(::rnnattn::cpu::kernel_isa()); },
         "Which build of the CPU kernels runs: avx512 (the packed GEMM's AVX-512 build, the others' AVX2+FMA "
         "one), avx2 (AVX2+FMA) or baseline (any x86-64); RNNATTN_CPU_KERNELS picks one");
+  m.def("usable_cpus", &::rnnattn::usable_cpus,
+        "CPUs this process can keep busy at once (affinity mask, cgroup CPU quota): a CPU layer runs on at most "
+        "this many threads, and at most torch.get_num_threads()");
   ::rnnattn::define_layer_call(m);
 #ifdef RNNATTN_WITH_CUDA
   m.attr("cuda_built") = true;

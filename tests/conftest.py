@@ -7,6 +7,9 @@ import torch
 # sizes run the multi-block paths (the library's default keeps small layers on fewer blocks: see
 # min_block_weights in csrc/engine/unit_blocks.cpp; test_threads.py checks the default too).
 os.environ.setdefault("RNNATTN_CPU_MIN_BLOCK_WEIGHTS", "1")
+# And as many threads as a test asks for, more than the machine's CPUs included (3 on a 2-CPU
+# machine: uneven splits); the library's default keeps to the CPUs it can use (test_threads.py).
+os.environ.setdefault("RNNATTN_CPU_MAX_THREADS", "64")
 
 import rnnattn_ext  # noqa: E402,F401  (registers the ops)
 

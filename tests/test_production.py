@@ -318,6 +318,7 @@ def test_info_reports_the_build(tmp_path):
     assert "torch.ops.rnnattn.lstm_attn_backward" in text and "operators (16)" in text
     assert rnnattn_ext.library_path() in text
     assert f"CPU kernels: {rnnattn_ext._ops._C.cpu_kernels()}" in text
+    assert "CPU threads per layer: at most " in text
     assert ("CUDA kernels: built" in text) == bool(rnnattn_ext._ops._C.cuda_built)
 
 
@@ -327,6 +328,14 @@ def test_info_reports_a_bad_kernel_choice_instead_of_failing():
     assert result.returncode == 0, result.stderr[-4000:]
     assert ("CPU kernels: none: rnnattn: the environment variable RNNATTN_CPU_KERNELS must be auto, baseline, "
             "avx2 or avx512, got 'fastest'") in result.stdout, result.stdout
+
+
+def test_info_reports_a_bad_thread_bound_instead_of_failing():
+    result = subprocess.run([sys.executable, "-m", "rnnattn_ext.info"], capture_output=True, text=True,
+                            env=dict(os.environ, RNNATTN_CPU_MAX_THREADS="many"), timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert ("CPU threads per layer: none: rnnattn: the environment variable RNNATTN_CPU_MAX_THREADS must be a "
+            "positive integer (the most threads a CPU layer runs on), got 'many'") in result.stdout, result.stdout
 
 
 def test_gpu_support_rules():

@@ -1,4 +1,5 @@
-"""Results must not depend on the number of CPU threads (GEMM and pointwise parallelism)."""
+"""Results must not depend on the number of CPU threads (GEMM and pointwise parallelism); a layer runs
+on no more threads than the CPUs its process may use (usable_cpus.h)."""
 
 import os
 import subprocess
@@ -94,3 +95,53 @@ def test_many_shapes_in_turn_on_one_thread(restore_threads):
             assert_close(out, ref.float(), 2e-5, 1e-4, f"output {case}")
             for f, rf in zip(finals, ref_finals):
                 assert_close(f, rf.float(), 2e-5, 1e-4, f"final state {case}")
+
+
+def _run_script(script, **env):
+    environment = {k: v for k, v in os.environ.items() if k != "RNNATTN_CPU_MAX_THREADS"}
+    environment.update(env)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=300,
+                          env=environment)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs os.sched_setaffinity (Linux)")
+def test_threads_keep_to_the_cpus_the_process_may_use():
+    # With one CPU in its affinity mask and torch asking for 3 threads, a layer runs on one: the
+    # barrier between steps spins, and threads beyond the CPUs made small layers many times slower.
+    result = _run_script("""
+        import os
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        import torch
+        import rnnattn_ext
+        from rnnattn_ext import _ops, functional, reference
+        from rnnattn_ext.info import cpu_threads
+        torch.set_num_threads(3)
+        assert _ops._C.usable_cpus() == 1, _ops._C.usable_cpus()
+        assert cpu_threads().startswith("at most 1 "), cpu_threads()
+        gen = torch.Generator().manual_seed(4)
+        x, h, c = torch.randn(5, 2, 8, generator=gen), torch.randn(2, 64, generator=gen), torch.randn(2, 64, generator=gen)
+        w = [torch.randn(256, n, generator=gen) * 0.1 for n in (8, 64)] + [torch.randn(256, generator=gen) * 0.1] * 2
+        out, _ = functional.layer("lstm", x, [h, c], *w)
+        ref, _ = reference.layer("lstm", x.double(), [h.double(), c.double()], *[t.double() for t in w])
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+        print("ok")
+    """, RNNATTN_CPU_MIN_BLOCK_WEIGHTS="1")
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
+
+
+def test_max_threads_variable_replaces_the_detected_cpus_and_a_bad_value_raises():
+    script = """
+        import torch
+        from rnnattn_ext import _ops
+        print(_ops._C.usable_cpus())
+        try:
+            torch.ops.rnnattn.rnn_tanh_forward(torch.randn(2, 1, 3), torch.zeros(1, 4), torch.randn(4, 3),
+                                               torch.randn(4, 4), None, None, None, False, False)
+        except RuntimeError as error:
+            print(str(error).splitlines()[0])
+    """
+    result = _run_script(script, RNNATTN_CPU_MAX_THREADS="5")
+    assert result.returncode == 0 and result.stdout.split() == ["5"], result.stdout + result.stderr
+    result = _run_script(script.replace("print(_ops._C.usable_cpus())", ""), RNNATTN_CPU_MAX_THREADS="0")
+    assert "RNNATTN_CPU_MAX_THREADS must be a positive integer" in result.stdout, result.stdout + result.stderr
+    assert "got '0'" in result.stdout

@@ -7,6 +7,8 @@
 #include <array>
 #include <cstdlib>
 
+#include "engine/usable_cpus.h"
+
 namespace rnnattn {
 namespace {
 
@@ -87,7 +89,9 @@ UnitBlocks make_unit_blocks(int gates, int64_t hidden, int64_t state_width, int6
   if (like.is_cpu() && !at::in_parallel_region()) {
     const int64_t weights = (gates * hidden + groups * heads * head_dim) * std::max<int64_t>(1, state_width);
     const int64_t per_block = min_block_weights() * (steps == 1 ? kOneStepFactor : 1);
-    count = std::min<int64_t>({at::get_num_threads(), hidden / kMinUnitsPerBlock, weights / per_block});
+    // No more threads than CPUs to run them (usable_cpus.h): the barrier between steps spins.
+    count = std::min<int64_t>(
+        {at::get_num_threads(), usable_cpus(), hidden / kMinUnitsPerBlock, weights / per_block});
     count = std::max<int64_t>(1, count);
   }
   // The row orders cost several small tensor ops, as much as a whole one-step call of a small layer:

@@ -57,6 +57,18 @@ def cpu_kernels() -> str:
         return f"none: {str(error).splitlines()[0]}"
 
 
+def cpu_threads() -> str:
+    """How many threads a CPU layer may run on: torch's thread count, bounded by the CPUs this process
+    can use (affinity, cgroup quota, or RNNATTN_CPU_MAX_THREADS; a bad value is reported, not raised)."""
+    try:
+        usable = _ops._C.usable_cpus()
+    except RuntimeError as error:
+        return f"none: {str(error).splitlines()[0]}"
+    threads = torch.get_num_threads()
+    return (f"at most {min(threads, usable)} (torch.get_num_threads() {threads}; this process can keep {usable} "
+            f"CPU{'s' if usable != 1 else ''} busy)")
+
+
 def report() -> str:
     built = _ops._C.built_with_torch
     lines = [
@@ -64,6 +76,7 @@ def report() -> str:
         f"torch: built against {built}, running {torch.__version__}",
         f"library: {library_path()}",
         f"CPU kernels: {cpu_kernels()}",
+        f"CPU threads per layer: {cpu_threads()}",
     ]
     if _ops._C.cuda_built:
         lines.append(f"CUDA kernels: built with CUDA {_ops._C.cuda_version} for {', '.join(cuda_architectures())}")
