@@ -226,7 +226,8 @@ def test_jit_trace_with_grad_enabled_passes_its_check_and_trains(name):
     torch.manual_seed(4)
     module = MODULES[name]()
     traced, inputs = _traced(module, name)
-    assert _traced_training_flags(traced) and all(_traced_training_flags(traced))
+    flags = _traced_training_flags(traced)
+    assert flags and all(flags), flags
     results = []
     for run in (traced, module):
         module.zero_grad()
@@ -322,20 +323,18 @@ def test_info_reports_the_build(tmp_path):
     assert ("CUDA kernels: built" in text) == bool(rnnattn_ext._ops._C.cuda_built)
 
 
-def test_info_reports_a_bad_kernel_choice_instead_of_failing():
+@pytest.mark.parametrize("variable, value, line", [
+    ("RNNATTN_CPU_KERNELS", "fastest", "CPU kernels: none: rnnattn: the environment variable RNNATTN_CPU_KERNELS must "
+                                       "be auto, baseline, avx2 or avx512, got 'fastest'"),
+    ("RNNATTN_CPU_MAX_THREADS", "many", "CPU threads per layer: none: rnnattn: the environment variable "
+                                        "RNNATTN_CPU_MAX_THREADS must be a positive integer (the most threads a CPU "
+                                        "layer runs on), got 'many'"),
+], ids=["kernel_choice", "thread_bound"])
+def test_info_reports_a_bad_setting_instead_of_failing(variable, value, line):
     result = subprocess.run([sys.executable, "-m", "rnnattn_ext.info"], capture_output=True, text=True,
-                            env=dict(os.environ, RNNATTN_CPU_KERNELS="fastest"), timeout=600)
+                            env=dict(os.environ, **{variable: value}), timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert ("CPU kernels: none: rnnattn: the environment variable RNNATTN_CPU_KERNELS must be auto, baseline, "
-            "avx2 or avx512, got 'fastest'") in result.stdout, result.stdout
-
-
-def test_info_reports_a_bad_thread_bound_instead_of_failing():
-    result = subprocess.run([sys.executable, "-m", "rnnattn_ext.info"], capture_output=True, text=True,
-                            env=dict(os.environ, RNNATTN_CPU_MAX_THREADS="many"), timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert ("CPU threads per layer: none: rnnattn: the environment variable RNNATTN_CPU_MAX_THREADS must be a "
-            "positive integer (the most threads a CPU layer runs on), got 'many'") in result.stdout, result.stdout
+    assert line in result.stdout, result.stdout
 
 
 def test_gpu_support_rules():

@@ -48,25 +48,28 @@ def registered_ops() -> list[str]:
     return sorted(name[len(prefix):] for name in torch._C._dispatch_get_all_op_names() if name.startswith(prefix))
 
 
-def cpu_kernels() -> str:
-    """The build of the CPU kernels that runs, or why none can (a bad RNNATTN_CPU_KERNELS: the report
-    says so instead of failing, as every CPU call would)."""
+def _or_reason(query) -> str:
+    """query()'s answer, or, where a bad setting makes it raise, why (the report says so instead of
+    failing, as every CPU call would)."""
     try:
-        return _ops._C.cpu_kernels()
+        return query()
     except RuntimeError as error:
         return f"none: {str(error).splitlines()[0]}"
+
+
+def cpu_kernels() -> str:
+    """The build of the CPU kernels that runs, or why none can (a bad RNNATTN_CPU_KERNELS)."""
+    return _or_reason(_ops._C.cpu_kernels)
 
 
 def cpu_threads() -> str:
     """How many threads a CPU layer may run on: torch's thread count, bounded by the CPUs this process
-    can use (affinity, cgroup quota, or RNNATTN_CPU_MAX_THREADS; a bad value is reported, not raised)."""
-    try:
-        usable = _ops._C.usable_cpus()
-    except RuntimeError as error:
-        return f"none: {str(error).splitlines()[0]}"
-    threads = torch.get_num_threads()
-    return (f"at most {min(threads, usable)} (torch.get_num_threads() {threads}; this process can keep {usable} "
-            f"CPU{'s' if usable != 1 else ''} busy)")
+    can use (affinity, cgroup quota, or RNNATTN_CPU_MAX_THREADS), or why it cannot run (a bad value)."""
+    def bound() -> str:
+        usable, threads = _ops._C.usable_cpus(), torch.get_num_threads()
+        return (f"at most {min(threads, usable)} (torch.get_num_threads() {threads}; this process can keep "
+                f"{usable} CPU{'s' if usable != 1 else ''} busy)")
+    return _or_reason(bound)
 
 
 def report() -> str:
