@@ -1,6 +1,7 @@
 """Single-step latency of streaming inference: one time step at a time at batch 1, carrying the state,
-as a real-time application runs a recurrent model. Ours is ``module.stream(x_t, state)``; the peer is
-torch.nn's cell module (LSTMCell, GRUCell, RNNCell) with the same weights, on the same device.
+as a real-time application runs a recurrent model. Ours is ``module.stream(x_t, state)`` and, one step
+per call, ``module.streamer()``'s ``step(x_t)`` (the state kept inside, the weights checked once); the
+peer is torch.nn's cell module (LSTMCell, GRUCell, RNNCell) with the same weights, on the same device.
 
 Each timed run feeds ``--steps`` consecutive steps; the table gives the median per-step time and the
 ratio torch.nn / ours (> 1: we are faster), under ``torch.no_grad()`` and under
@@ -46,9 +47,18 @@ def stream_steps(module, xs, grad_mode, chunk=1) -> None:
             _, state = module.stream(xs[t : t + chunk], state)
 
 
+def streamer_steps(streamer, xs, grad_mode) -> None:
+    """Steps xs (T, B, I) through a streamer from a zero state."""
+    with grad_mode():
+        streamer.reset()
+        for x in xs:
+            streamer.step(x)
+
+
 def bench_cell(cell, shape, device, dtype, steps, repeats, warmup, chunk=1):
     """One row: the per-step time of our streaming call and of torch.nn's (its cell for one step at
-    a time, its layer for chunks), same weights."""
+    a time, its layer for chunks), same weights; at one step per call also our streamer's (else
+    its entries are None)."""
     cell_cls, layer_cls, our_cls, kwargs = CELLS[cell]
     batch, input_size, hidden = shape
     torch.manual_seed(0)
@@ -71,14 +81,19 @@ def bench_cell(cell, shape, device, dtype, steps, repeats, warmup, chunk=1):
                 for t in range(0, steps, chunk):
                     _, state = peer(xs[t : t + chunk], state)
 
+    streamer = ours.streamer() if chunk == 1 else None
     times = {}
     for mode, grad_mode in (("", torch.no_grad), ("inference_", torch.inference_mode)):
-        measured = interleaved_median_ms({"torch.nn": lambda: run_peer(grad_mode),
-                                          "rnnattn_ext": lambda: stream_steps(ours, xs, grad_mode, chunk)}, device,
-                                         repeats, warmup)
+        contenders = {"torch.nn": lambda: run_peer(grad_mode),
+                      "rnnattn_ext": lambda: stream_steps(ours, xs, grad_mode, chunk)}
+        if streamer is not None:
+            contenders["streamer"] = lambda: streamer_steps(streamer, xs, grad_mode)
+        measured = interleaved_median_ms(contenders, device, repeats, warmup)
         times[mode + "torch_nn_us"] = measured["torch.nn"] * 1e3 / steps
         times[mode + "rnnattn_us"] = measured["rnnattn_ext"] * 1e3 / steps
         times[mode + "ratio"] = measured["torch.nn"] / measured["rnnattn_ext"]
+        times[mode + "streamer_us"] = measured["streamer"] * 1e3 / steps if streamer is not None else None
+        times[mode + "streamer_ratio"] = measured["torch.nn"] / measured["streamer"] if streamer is not None else None
     return {"cell": cell, "B": batch, "I": input_size, "H": hidden, "mode": "stream step", "steps": steps,
             "chunk": chunk, "peer": peer_cls.__name__, **times}
 
@@ -86,19 +101,27 @@ def bench_cell(cell, shape, device, dtype, steps, repeats, warmup, chunk=1):
 def progress_line(r) -> str:
     """One row as the run prints it."""
     call = "stream step " if r["chunk"] == 1 else f"stream chunk of {r['chunk']}"
+    streamer = "" if r["streamer_us"] is None else (
+        f"  streamer {r['streamer_us']:8.1f} us  {r['streamer_ratio']:.2f}x")
     return (f"{r['cell']:9s} {r['B']}x{r['I']}x{r['H']:<5d} {call}  {r['peer']} {r['torch_nn_us']:8.1f} us  "
-            f"ours {r['rnnattn_us']:8.1f} us  {r['ratio']:.2f}x  (inference_mode: {r['inference_torch_nn_us']:.1f} / "
-            f"{r['inference_rnnattn_us']:.1f} us, {r['inference_ratio']:.2f}x)")
+            f"ours {r['rnnattn_us']:8.1f} us  {r['ratio']:.2f}x{streamer}  (inference_mode: "
+            f"{r['inference_torch_nn_us']:.1f} / {r['inference_rnnattn_us']:.1f} us, {r['inference_ratio']:.2f}x)")
 
 
 def markdown_table(rows, info, device, dtype) -> str:
     columns = ["cell", "B×I×H", "steps per call", "torch.nn module", "torch.nn µs/step", "rnnattn_ext `stream` µs/step",
-               "speed-up", "inference_mode: torch.nn µs/step", "inference_mode: ours µs/step",
-               "inference_mode: speed-up"]
+               "speed-up", "`streamer()` µs/step", "speed-up", "inference_mode: torch.nn µs/step",
+               "inference_mode: `stream` µs/step", "speed-up", "inference_mode: `streamer()` µs/step", "speed-up"]
+
+    def optional(value, unit):
+        return "—" if value is None else f"{value:.1f}" if unit == "us" else f"{value:.2f}×"
+
     return results_markdown(info, device, dtype, columns, 4, [
         [r["cell"], f"{r['B']}×{r['I']}×{r['H']}", str(r["chunk"]), r["peer"], f"{r['torch_nn_us']:.1f}",
-         f"{r['rnnattn_us']:.1f}", f"{r['ratio']:.2f}×", f"{r['inference_torch_nn_us']:.1f}",
-         f"{r['inference_rnnattn_us']:.1f}", f"{r['inference_ratio']:.2f}×"] for r in rows])
+         f"{r['rnnattn_us']:.1f}", f"{r['ratio']:.2f}×", optional(r["streamer_us"], "us"),
+         optional(r["streamer_ratio"], "x"), f"{r['inference_torch_nn_us']:.1f}", f"{r['inference_rnnattn_us']:.1f}",
+         f"{r['inference_ratio']:.2f}×", optional(r["inference_streamer_us"], "us"),
+         optional(r["inference_streamer_ratio"], "x")] for r in rows])
 
 
 def main(argv=None):

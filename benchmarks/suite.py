@@ -6,8 +6,8 @@ given, and one JSON file, one markdown file and one PNG plot of it all.
              (CUDA adds 64×256×512×512)
   attention  the attention-augmented LSTM and GRU (self memory) vs the eager PyTorch time loop
              (rnnattn_ext.reference) and vs our plain cell of the same size
-  step       streaming inference, one step at a time at B=1 (``module.stream``) vs torch.nn's
-             LSTMCell / GRUCell / RNNCell
+  step       streaming inference, one step at a time at B=1 (``module.stream`` and
+             ``module.streamer()``) vs torch.nn's LSTMCell / GRUCell / RNNCell
 
 Medians over interleaved repeated runs; ratios are peer time / our time (> 1: we are faster), and for
 the attention cells also our time / our plain cell's.
@@ -138,6 +138,9 @@ def _bars(run: dict) -> list[tuple[str, float, str]]:
                      r["speedup_vs_eager"], "tab:green"))
     for r in run["sections"]["step"]:
         bars.append((f"{r['cell']} stream step B={r['B']} H={r['H']} vs {r['peer']}", r["ratio"], "tab:purple"))
+        if r["streamer_ratio"] is not None:
+            bars.append((f"{r['cell']} streamer step B={r['B']} H={r['H']} vs {r['peer']}", r["streamer_ratio"],
+                         "tab:pink"))
     return bars
 
 

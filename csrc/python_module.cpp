@@ -1,6 +1,6 @@
 // The Python extension module rnnattn_ext._C. Loading it registers the ops (static initializers
 // in csrc/ops); it also reports how the library was built, and runs the modules' calls
-// (python_layer_call.cpp).
+// (python_layer_call.cpp) and makes streamers (python_streamer.cpp).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -13,6 +13,7 @@
 #include "engine/recurrent_engine.h"
 #include "engine/usable_cpus.h"
 #include "python_layer_call.h"
+#include "python_streamer.h"
 
 namespace py = pybind11;
 
@@ -42,6 +43,7 @@ PYBIND11_MODULE(_C, m) {
         "CPUs this process can keep busy at once (affinity mask, cgroup CPU quota): a CPU layer runs on at most "
         "this many threads, and at most torch.get_num_threads()");
   ::rnnattn::define_layer_call(m);
+  ::rnnattn::define_streamer(m);
 #ifdef RNNATTN_WITH_CUDA
   m.attr("cuda_built") = true;
   m.attr("cuda_version") = RNNATTN_CUDA_VERSION;

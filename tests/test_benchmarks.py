@@ -30,9 +30,10 @@ def test_suite_quick_writes_json_markdown_and_plot(tmp_path):
     for row in sections["recurrent"] + sections["step"]:
         assert row["ratio"] > 0
     assert all(row["inference_ratio"] > 0 and row["inference_rnnattn_us"] > 0 for row in sections["step"])
+    assert all(row["streamer_ratio"] > 0 and row["inference_streamer_us"] > 0 for row in sections["step"])
     assert runs[0]["machine"]["torch"]
     table = (tmp_path / "quick.md").read_text()
-    assert "| lstm | 2×8×16×16 | forward |" in table and "LSTMCell" in table and "inference_mode: speed-up" in table
+    assert "| lstm | 2×8×16×16 | forward |" in table and "LSTMCell" in table and "`streamer()` µs/step" in table
     assert (tmp_path / "quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -95,7 +96,7 @@ def test_step_benchmark_streams_chunks_against_the_layer_modules(tmp_path):
     with open(tmp_path / "step_cpu_float32_chunk3.json") as f:
         rows = json.load(f)["rows"]
     assert [(r["peer"], r["chunk"]) for r in rows] == [("LSTM", 3), ("GRU", 3), ("RNN", 3)]
-    assert all(r["ratio"] > 0 and r["inference_ratio"] > 0 for r in rows)
+    assert all(r["ratio"] > 0 and r["inference_ratio"] > 0 and r["streamer_us"] is None for r in rows)
     assert "| lstm | 1×8×8 | 3 | LSTM |" in (tmp_path / "step_cpu_float32_chunk3.md").read_text()
     rejected = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "bench_step.py"), "--steps", "4", "--chunk", "5",

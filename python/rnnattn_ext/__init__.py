@@ -9,6 +9,9 @@ from .attention_modules import AttentionState, AttnGRU, AttnLSTM, AttnRNN
 from .hybrid import HybridBlock
 from .modules import GRU, LSTM, RNN
 
+#: What ``LSTM/GRU/RNN.streamer()`` returns: streaming inference, one step per call (see ``streamer``).
+Streamer = _ops.Streamer
+
 __version__ = "0.1.0"
 
 
@@ -19,5 +22,5 @@ def library_path() -> str:
     return _ops._C.__file__
 
 
-__all__ = ["LSTM", "GRU", "RNN", "AttnLSTM", "AttnGRU", "AttnRNN", "AttentionState", "HybridBlock", "functional",
-           "onnx_export", "reference", "library_path", "__version__"]
+__all__ = ["LSTM", "GRU", "RNN", "AttnLSTM", "AttnGRU", "AttnRNN", "AttentionState", "HybridBlock", "Streamer",
+           "functional", "onnx_export", "reference", "library_path", "__version__"]

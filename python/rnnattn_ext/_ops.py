@@ -8,6 +8,8 @@ torch.compile and torch.export see no Python-only code, and a call costs no Pyth
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
@@ -190,3 +192,22 @@ for _cell in CELLS:
 run_layers = _C.run_layers
 #: The attention modules' call, likewise: (output, [finals], keys, values) or None.
 run_attention_layers = _C.run_attention_layers
+if TYPE_CHECKING:
+
+    class Streamer:
+        """What type checkers see of ``_C.Streamer`` (csrc/python_streamer.cpp, documented there)."""
+
+        num_layers: int
+        input_size: int
+
+        def __init__(self, cell: str, layers: list[tuple[Tensor | None, ...]], input_size: int,
+                     widths: list[int]) -> None: ...
+        def step(self, input: Tensor) -> Tensor: ...
+        @property
+        def state(self) -> Tensor | tuple[Tensor, ...] | None: ...
+        def reset(self, state: Tensor | tuple[Tensor, ...] | None = None) -> None: ...
+
+else:
+    #: Streaming inference one step per call, the state kept inside (csrc/python_streamer.cpp); made
+    #: by RecurrentBase.streamer.
+    Streamer = _C.Streamer

@@ -205,6 +205,12 @@ class AttentionRecurrentBase(RecurrentBase):
                                          call.names, self.num_heads, self.window, memory, memory_lengths, past_keys,
                                          past_values, carry_slots)
 
+    def streamer(self):
+        """Not for the attention modules: a streamer runs the base cells' layers only (the attention's
+        memory is not part of its state); they stream with :meth:`stream`."""
+        raise NotImplementedError(f"{type(self).__name__}: streamer() runs the base cells' layers (LSTM, GRU, RNN) "
+                                  "only; an attention module streams with stream(input, state)")
+
     def stream(self, input: Tensor, state: AttentionState | None = None, memory: Tensor | None = None,
                memory_lengths=None):
         """Runs one chunk of a sequence (one step or more) and returns ``(output, state)``: chunk by

@@ -427,6 +427,22 @@ class RecurrentBase(nn.Module):
         self._check_streamable(input)
         return self(input, state)
 
+    def streamer(self) -> _ops.Streamer:
+        """A :class:`rnnattn_ext.Streamer` for streaming inference at the lowest cost per step: ``step(x_t)``
+        takes one time step, (B, input_size) or (input_size,) as torch.nn's cells, returns the last
+        layer's output and keeps the state inside (``state``, ``reset(state=None)``). Each step gives
+        the numbers of ``stream`` over that step in eval mode (no dropout), without autograd.
+
+        It holds a snapshot of the weights: copies made now, which nothing later done to this module
+        changes (an optimizer step, ``load_state_dict``, ``.to()``): make a new streamer after those.
+        Unidirectional modules only; it runs outside torch.compile, torch.export and jit.trace
+        (their graphs take ``stream`` or ``forward``)."""
+        if self.bidirectional:
+            raise ValueError(f"{type(self).__name__}: streamer needs a unidirectional module (the reverse direction "
+                             "reads the whole sequence), got bidirectional=True")
+        layers = [tuple(None if w is None else w.detach() for w in weights) for weights in self._layer_weights()]
+        return _ops.Streamer(self.cell, layers, self.input_size, list(self._state_widths()))
+
     def _finish(self, output: Tensor, finals: list[Tensor], prepared: _Prepared):
         """The time-major output and final states in the caller's layout (a PackedSequence for one)."""
         if prepared.packed is not None:

@@ -1,0 +1,249 @@
+"""module.streamer(): streaming inference one step per call, the state kept inside. Each step gives
+the numbers of module.stream over that step (float32 bit for bit), the state is the module's hx, the
+weights are a snapshot, and bad input gets errors that name it."""
+
+import threading
+import warnings
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import rnnattn_ext
+
+from conftest import device_params
+
+MODULES = [
+    (rnnattn_ext.LSTM, {}),
+    (rnnattn_ext.GRU, {}),
+    (rnnattn_ext.RNN, {"nonlinearity": "tanh"}),
+    (rnnattn_ext.RNN, {"nonlinearity": "relu"}),
+    (rnnattn_ext.LSTM, {"num_layers": 3, "proj_size": 4}),
+    (rnnattn_ext.GRU, {"num_layers": 2, "bias": False}),
+    (rnnattn_ext.LSTM, {"num_layers": 2, "batch_first": True, "dropout": 0.5}),
+]
+IDS = [f"{cls.__name__}-{i}" for i, (cls, _) in enumerate(MODULES)]
+
+
+def _states(state):
+    """A module's hx (or a streamer's state) as a tuple of tensors."""
+    return state if isinstance(state, tuple) else (state,)
+
+
+def _stream_steps(module, xs, state=None):
+    """module.stream one step at a time over xs (T, B, I): the outputs (T, B, width) and the state."""
+    outputs = []
+    for x in xs:
+        step = x.unsqueeze(1) if module.batch_first else x.unsqueeze(0)
+        y, state = module.stream(step, state)
+        outputs.append(y.squeeze(1 if module.batch_first else 0))
+    return torch.stack(outputs), state
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cls,extra", MODULES, ids=IDS)
+def test_steps_give_the_numbers_of_stream(cls, extra, dtype, device):
+    torch.manual_seed(31)
+    module = cls(5, 7, **extra).to(device=device, dtype=dtype).eval()
+    xs = torch.randn(6, 3, 5, device=device, dtype=dtype)
+    streamer = module.streamer()
+    assert streamer.state is None and streamer.num_layers == module.num_layers and streamer.input_size == 5
+    got = torch.stack([streamer.step(x) for x in xs])
+    expected, state = _stream_steps(module, xs)
+    with torch.no_grad():
+        whole, whole_state = module(xs.transpose(0, 1) if module.batch_first else xs)
+    whole = whole.transpose(0, 1) if module.batch_first else whole
+    # float32: every product is our kernel's, bit for bit; float64's go through ATen's BLAS, whose
+    # last bit depends on the operands' alignment (a state's offset in the stacked hx).
+    exact = dtype == torch.float32 and device == "cpu"
+    tolerance = {"atol": 0, "rtol": 0} if exact else {"atol": 1e-12, "rtol": 1e-10} if dtype == torch.float64 else {}
+    torch.testing.assert_close(got, expected, **tolerance)
+    torch.testing.assert_close(got, whole, **({"atol": 1e-12, "rtol": 1e-10} if dtype == torch.float64 else {}))
+    assert len(_states(streamer.state)) == len(_states(state))
+    for mine, theirs in zip(_states(streamer.state), _states(state)):
+        assert mine.shape == theirs.shape and mine.dtype == dtype and mine.device.type == device
+        torch.testing.assert_close(mine, theirs, **tolerance)
+    assert not got.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_on_the_cpu_rounds_as_the_module(dtype):
+    torch.manual_seed(32)
+    module = rnnattn_ext.LSTM(5, 7, num_layers=2).to(dtype)
+    xs = torch.randn(5, 2, 5).to(dtype)
+    streamer = module.streamer()
+    got = torch.stack([streamer.step(x) for x in xs])
+    expected, state = _stream_steps(module, xs)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    for mine, theirs in zip(streamer.state, state):
+        torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
+
+
+def test_unbatched_step_is_batch_one():
+    torch.manual_seed(33)
+    module = rnnattn_ext.GRU(4, 6)
+    xs = torch.randn(5, 4)
+    streamer, batched = module.streamer(), module.streamer()
+    for x in xs:
+        y = streamer.step(x)
+        assert y.shape == (6,)
+        torch.testing.assert_close(y, batched.step(x.unsqueeze(0)).squeeze(0), atol=0, rtol=0)
+    assert streamer.state.shape == (1, 1, 6)
+
+
+def test_reset_starts_from_zeros_or_the_given_state():
+    torch.manual_seed(34)
+    module = rnnattn_ext.LSTM(4, 6, num_layers=2)
+    xs = torch.randn(4, 3, 4)
+    hx = (torch.randn(2, 3, 6), torch.randn(2, 3, 6))
+    streamer = module.streamer()
+    first = torch.stack([streamer.step(x) for x in xs])
+    streamer.reset()
+    assert streamer.state is None
+    torch.testing.assert_close(torch.stack([streamer.step(x) for x in xs]), first, atol=0, rtol=0)
+    streamer.reset(hx)
+    expected, state = _stream_steps(module, xs, hx)
+    torch.testing.assert_close(torch.stack([streamer.step(x) for x in xs]), expected, atol=0, rtol=0)
+    # The state is copied in and out: changing either tensor afterwards changes nothing inside.
+    hx[0].zero_()
+    for mine, theirs in zip(streamer.state, state):
+        torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
+    streamer.state[0].zero_()
+    torch.testing.assert_close(streamer.state[0], state[0], atol=0, rtol=0)
+
+
+def test_a_streamer_keeps_the_weights_it_was_made_with():
+    torch.manual_seed(35)
+    module = rnnattn_ext.RNN(4, 5)
+    x = torch.randn(2, 4)
+    streamer = module.streamer()
+    before = module.streamer().step(x)
+    with torch.no_grad():
+        module.weight_hh_l0.mul_(2)
+        module.weight_ih_l0.data = torch.randn(5, 4)
+    torch.testing.assert_close(streamer.step(x), before, atol=0, rtol=0)
+    after = module.streamer().step(x)
+    torch.testing.assert_close(after, _stream_steps(module, x.unsqueeze(0))[0][0], atol=0, rtol=0)
+    assert not torch.equal(after, before)
+    module.double()  # the module's new dtype is not the streamer's: it still takes float32
+    assert streamer.step(x).dtype == torch.float32
+
+
+def test_streamers_in_threads_keep_their_own_state():
+    torch.manual_seed(36)
+    module = rnnattn_ext.LSTM(8, 16)
+    sequences = [torch.randn(20, 2, 8) for _ in range(3)]
+    expected = [_stream_steps(module, xs)[0] for xs in sequences]
+    results = [None] * len(sequences)
+
+    def run(i):
+        streamer = module.streamer()
+        results[i] = torch.stack([streamer.step(x) for x in sequences[i]])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(sequences))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(results, expected):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_empty_batch():
+    module = rnnattn_ext.GRU(3, 4)
+    streamer = module.streamer()
+    assert streamer.step(torch.randn(0, 3)).shape == (0, 4)
+    assert streamer.state.shape == (1, 0, 4)
+
+
+def test_runs_under_torch_compile():
+    # Dynamo cannot trace into the streamer: it runs between graphs, with its own numbers.
+    torch.manual_seed(37)
+    module = rnnattn_ext.GRU(3, 4).eval()
+    x = torch.randn(2, 3)
+    streamer = module.streamer()
+    compiled = torch.compile(lambda x: streamer.step(x) * 2, backend="eager")
+    torch.testing.assert_close(compiled(x), 2 * module.streamer().step(x), atol=0, rtol=0)
+
+
+class _PassThrough(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_bad_input_is_named():
+    module = rnnattn_ext.LSTM(4, 5)
+    streamer = module.streamer()
+    with pytest.raises(TypeError, match=r"Streamer.step: input must be a torch.Tensor, got list"):
+        streamer.step([1.0, 2.0, 3.0, 4.0])
+    with pytest.raises(ValueError, match=r"input must be \(batch, input_size\) or \(input_size,\), got shape \[1, 2, 4\]"):
+        streamer.step(torch.randn(1, 2, 4))
+    with pytest.raises(ValueError, match=r"input.size\(-1\) must be input_size = 4, got 3"):
+        streamer.step(torch.randn(2, 3))
+    with pytest.raises(TypeError, match=r"input must have the module's dtype \(Float\), got Double"):
+        streamer.step(torch.randn(2, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"input must be on the module's device \(cpu\), got meta"):
+        streamer.step(torch.randn(2, 4, device="meta"))
+    with pytest.raises(ValueError, match="runs inference only .* requires grad"):
+        streamer.step(torch.randn(2, 4, requires_grad=True))
+    with torch.no_grad():  # without grad mode such an input is plain data, as for the modules
+        streamer.step(torch.randn(2, 4, requires_grad=True))
+    state = streamer.state
+    with pytest.raises(ValueError, match=r"input has batch 3 but the state batch 2 \(reset\(\) starts a new state\)"):
+        streamer.step(torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"an input \(input_size,\) is batch 1"):
+        streamer.step(torch.randn(4))
+    with pytest.raises(TypeError, match="must be a plain torch.Tensor .* got the subclass"):
+        streamer.step(torch.nn.Buffer(torch.randn(2, 4)).as_subclass(_Subclass))
+    with pytest.raises(RuntimeError, match="cannot run under a __torch_function__ or __torch_dispatch__ mode"), \
+            _PassThrough():
+        streamer.step(torch.randn(2, 4))
+    with pytest.raises(RuntimeError, match="torch.jit.trace cannot record a streamer"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # jit.trace is deprecated
+        torch.jit.trace(lambda x: streamer.step(x), (torch.randn(2, 4),))
+    # A failed step leaves the state as it was.
+    for mine, theirs in zip(streamer.state, state):
+        torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+def test_bad_state_is_named():
+    streamer = rnnattn_ext.LSTM(4, 5, num_layers=2).streamer()
+    with pytest.raises(TypeError, match=r"Streamer.reset: state must be None or a tuple \(h, c\), got Tensor"):
+        streamer.reset(torch.zeros(2, 1, 5))
+    with pytest.raises(ValueError, match=r"state must be a tuple \(h, c\), got 3 items"):
+        streamer.reset((torch.zeros(2, 1, 5),) * 3)
+    with pytest.raises(ValueError, match=r"state h must have shape \(num_layers, batch, state_size\) = \(2, B, 5\), "
+                       r"got \[1, 1, 5\]"):
+        streamer.reset((torch.zeros(1, 1, 5), torch.zeros(2, 1, 5)))
+    with pytest.raises(ValueError, match=r"state c must have shape .* with h's B, got \[2, 3, 5\]"):
+        streamer.reset((torch.zeros(2, 1, 5), torch.zeros(2, 3, 5)))
+    with pytest.raises(TypeError, match=r"state c must have the module's dtype \(Float\), got Double"):
+        streamer.reset((torch.zeros(2, 1, 5), torch.zeros(2, 1, 5, dtype=torch.float64)))
+    gru = rnnattn_ext.GRU(4, 5).streamer()
+    with pytest.raises(ValueError, match=r"state must have shape \(num_layers, batch, state_size\) = \(1, B, 5\), "
+                       r"got \[1, 5\]"):
+        gru.reset(torch.zeros(1, 5))
+    with pytest.raises(TypeError, match="state must be a torch.Tensor, got tuple"):
+        gru.reset((torch.zeros(1, 1, 5),))
+
+
+def test_modules_that_cannot_have_one():
+    with pytest.raises(ValueError, match="streamer needs a unidirectional module"):
+        rnnattn_ext.GRU(3, 4, bidirectional=True).streamer()
+    with pytest.raises(NotImplementedError, match=r"AttnLSTM: streamer\(\) runs the base cells' layers"):
+        rnnattn_ext.AttnLSTM(3, 4).streamer()
+    module = rnnattn_ext.LSTM(3, 4)
+    module.weight_hh_l0 = torch.nn.Parameter(torch.randn(16, 5))
+    with pytest.raises(ValueError, match=r"Streamer, layer 0: weight_hh must have shape"):
+        module.streamer()
+    layers = [(torch.randn(4, 3), None, None, None)]
+    with pytest.raises(TypeError, match="layer 0: weight_hh must be a tensor, got None"):
+        rnnattn_ext.Streamer("rnn_tanh", layers, 3, [4])
+    with pytest.raises(ValueError, match="cell must be one of"):
+        rnnattn_ext.Streamer("elman", layers, 3, [4])
