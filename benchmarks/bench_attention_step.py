@@ -1,9 +1,11 @@
 """Single-step latency of the attention-augmented modules' streaming inference: one time step at a
 time at batch 1 (``module.stream(x_t, state)``, the state carrying the self memory's recent slots),
-against our plain module of the same size streaming the same steps, on the same device.
+against our plain module of the same size streaming the same steps, on the same device; and the same
+for each module's ``streamer()`` (its ``step(x_t)``).
 
-There is no torch.nn peer; the table gives both per-step times and their ratio attention / plain
-(what the attention costs a streaming step), under ``torch.no_grad()`` and ``torch.inference_mode()``.
+There is no torch.nn peer; the table gives the per-step times and their ratio attention / plain
+(what the attention costs a streaming step), ``stream`` under ``torch.no_grad()`` and
+``torch.inference_mode()``, the streamers under ``torch.no_grad()``.
 
     python benchmarks/bench_attention_step.py
     python benchmarks/bench_attention_step.py --shapes 1x256x256x64x64 --cells lstm
@@ -19,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import (check_common, common_parser, interleaved_median_ms, results_markdown,  # noqa: E402
                           machine_info, rows_of, write_results)
-from bench_step import stream_steps  # noqa: E402
+from bench_step import stream_steps, streamer_steps  # noqa: E402
 
 import rnnattn_ext  # noqa: E402
 
@@ -41,13 +43,19 @@ def bench_cell(cell, shape, device, dtype, steps, repeats, warmup):
     attn, plain = (m.to(device=device, dtype=dtype).eval() for m in (attn, plain))
     xs = torch.randn(steps, batch, input_size, device=device, dtype=dtype)
 
+    attn_streamer, plain_streamer = attn.streamer(), plain.streamer()
     times = {}
     for mode, grad_mode in (("", torch.no_grad), ("inference_", torch.inference_mode)):
-        measured = interleaved_median_ms({"attention": lambda: stream_steps(attn, xs, grad_mode),
-                                          "plain": lambda: stream_steps(plain, xs, grad_mode)}, device, repeats, warmup)
-        times[mode + "attention_us"] = measured["attention"] * 1e3 / steps
-        times[mode + "plain_us"] = measured["plain"] * 1e3 / steps
+        contenders = {"attention": lambda: stream_steps(attn, xs, grad_mode),
+                      "plain": lambda: stream_steps(plain, xs, grad_mode)}
+        if not mode:
+            contenders["attention_streamer"] = lambda: streamer_steps(attn_streamer, xs, grad_mode)
+            contenders["plain_streamer"] = lambda: streamer_steps(plain_streamer, xs, grad_mode)
+        measured = interleaved_median_ms(contenders, device, repeats, warmup)
+        for label, ms in measured.items():
+            times[mode + label + "_us"] = ms * 1e3 / steps
         times[mode + "cost_vs_plain"] = measured["attention"] / measured["plain"]
+    times["streamer_cost_vs_plain"] = times["attention_streamer_us"] / times["plain_streamer_us"]
     return {"cell": cell, "B": batch, "I": input_size, "H": hidden, "D": width, "heads": HEADS, "window": window,
             "mode": "stream step", "steps": steps, **times}
 
@@ -56,17 +64,20 @@ def progress_line(r) -> str:
     return (f"{r['cell']:5s} {r['B']}x{r['I']}x{r['H']} D{r['D']} w{r['window']} stream step  attention "
             f"{r['attention_us']:8.1f} us  plain {r['plain_us']:8.1f} us  {r['cost_vs_plain']:.2f}x plain  "
             f"(inference_mode: {r['inference_attention_us']:.1f} / {r['inference_plain_us']:.1f} us, "
-            f"{r['inference_cost_vs_plain']:.2f}x)")
+            f"{r['inference_cost_vs_plain']:.2f}x)  streamers {r['attention_streamer_us']:.1f} / "
+            f"{r['plain_streamer_us']:.1f} us, {r['streamer_cost_vs_plain']:.2f}x")
 
 
 def markdown_table(rows, info, device, dtype) -> str:
     columns = ["cell", "B×I×H, D (heads), w", "attention `stream` µs/step", "plain `stream` µs/step",
                "attention / plain", "inference_mode: attention µs/step", "inference_mode: plain µs/step",
-               "inference_mode: attention / plain"]
+               "inference_mode: attention / plain", "attention `streamer()` µs/step", "plain `streamer()` µs/step",
+               "attention / plain"]
     return results_markdown(info, device, dtype, columns, 2, [
         [r["cell"], f"{r['B']}×{r['I']}×{r['H']}, {r['D']} ({r['heads']}), {r['window']}", f"{r['attention_us']:.1f}",
          f"{r['plain_us']:.1f}", f"{r['cost_vs_plain']:.2f}×", f"{r['inference_attention_us']:.1f}",
-         f"{r['inference_plain_us']:.1f}", f"{r['inference_cost_vs_plain']:.2f}×"] for r in rows])
+         f"{r['inference_plain_us']:.1f}", f"{r['inference_cost_vs_plain']:.2f}×", f"{r['attention_streamer_us']:.1f}",
+         f"{r['plain_streamer_us']:.1f}", f"{r['streamer_cost_vs_plain']:.2f}×"] for r in rows])
 
 
 def main(argv=None):

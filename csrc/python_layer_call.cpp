@@ -20,15 +20,14 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/core/stack.h>
-#include <ATen/ops/cat.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/linear.h>
+#include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 #include <pybind11/stl.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 
+#include "carried_slots.h"
 #include "engine/recurrent_engine.h"
 
 #include <functional>
@@ -330,97 +329,18 @@ py::object run_layers(const std::string& cell, py::handle input, py::handle hx, 
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
-// Streaming self memory: the keys and values the next call takes as past_keys/past_values, as
-// functional.carried_slots computes them (the window - 1 most recent slots, all with no window,
-// oldest first; nothing with window 1). This call's slots were the past ones, then h_0 and the
-// outputs but the last; only the new slots' keys and values are computed, once each.
-struct CarriedSlots {
-  const at::Tensor& h0;      // (B, H)
-  const at::Tensor& output;  // (T, B, H)
-  const at::Tensor &w_k, &w_v;
-  std::optional<at::Tensor> b_k, b_v;
-  const AttentionArguments& attention;
-  int64_t fresh = 0, kept = 0;  // the new slots carried; the past ones carried
-
-  // `wanted`: the most slots carried (none: every one).
-  CarriedSlots(const at::Tensor& h0, const at::Tensor& output, const std::vector<at::Tensor>& weights,
-               size_t key_index, const AttentionArguments& attention, std::optional<int64_t> wanted)
-      : h0(h0), output(output), w_k(weights[key_index]), w_v(weights[key_index + 2]),
-        attention(attention) {
-    auto bias = [&](size_t i) {
-      return weights[i].defined() ? std::optional<at::Tensor>(weights[i]) : std::optional<at::Tensor>();
-    };
-    b_k = bias(key_index + 1);
-    b_v = bias(key_index + 3);
-    const int64_t steps = output.size(0);
-    fresh = wanted ? std::min(steps, *wanted) : steps;
-    const int64_t past = attention.past_keys ? attention.past_keys->size(0) : 0;
-    kept = wanted ? std::min(past, *wanted - fresh) : past;
-  }
-
-  // Whether the slots may be written straight into their tensors, below autograd (a streaming
-  // step's usual case, where the recorded form's six ATen calls cost a third of the step): nothing
-  // they come from needs a gradient, every tensor is a CPU one of the output's dtype with rows of
-  // unit stride, and no CPU autocast would change the product's dtype.
-  bool direct() const {
-    const bool recorded = at::GradMode::is_enabled();
-    bool plain = !at::autocast::is_autocast_enabled(at::kCPU);
-    auto fits = [&](const at::Tensor& t) {
-      plain = plain && t.is_cpu() && t.scalar_type() == output.scalar_type() && t.stride(-1) == 1 &&
-              !(recorded && t.requires_grad());
-    };
-    for (const at::Tensor* t : {&h0, &output, &w_k, &w_v}) fits(*t);
-    for (const std::optional<at::Tensor>* t : {&b_k, &b_v, &attention.past_keys, &attention.past_values}) {
-      if (*t) fits(**t);
-    }
-    return plain && output.is_contiguous();
-  }
-
-  // The new slots' states (fresh, B, H): the most recent of h_0 and the outputs but the last.
-  at::Tensor states() const {
-    const int64_t steps = output.size(0);
-    if (fresh < steps) return output.narrow(0, steps - 1 - fresh, fresh);
-    return steps == 1 ? h0.unsqueeze(0) : at::cat({h0.unsqueeze(0), output.narrow(0, 0, steps - 1)}, 0);
-  }
-
-  // Keys and values (kept + fresh, B, D) written straight into their tensors: the past ones kept,
-  // then one product over every new slot's state, as the general path's (ATen's sums for a float64
-  // row depend on how many rows the product has).
-  std::pair<at::Tensor, at::Tensor> direct_slots() const {
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const at::Tensor rows = states().flatten(0, 1);
-    auto slots = [&](const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                     const std::optional<at::Tensor>& past) {
-      const int64_t batch = h0.size(0), width = weight.size(0);
-      at::Tensor result = at::empty({kept + fresh, batch, width}, output.options());
-      if (kept > 0) result.narrow(0, 0, kept).copy_(past->narrow(0, past->size(0) - kept, kept));
-      rnnattn::linear_into(rows, weight, bias, result.narrow(0, kept, fresh).view({fresh * batch, width}));
-      return result;
-    };
-    return {slots(w_k, b_k, attention.past_keys), slots(w_v, b_v, attention.past_values)};
-  }
-
-  // As functional.carried_slots, recorded by autograd (the same graph: the states taken once).
-  std::pair<at::Tensor, at::Tensor> recorded_slots() const {
-    const at::Tensor rows = states();
-    at::Tensor keys = at::linear(rows, w_k, b_k), values = at::linear(rows, w_v, b_v);
-    if (kept > 0) {
-      const at::Tensor &past_k = *attention.past_keys, &past_v = *attention.past_values;
-      keys = at::cat({past_k.narrow(0, past_k.size(0) - kept, kept), keys}, 0);
-      values = at::cat({past_v.narrow(0, past_v.size(0) - kept, kept), values}, 0);
-    }
-    return {keys, values};
-  }
-};
-
+// Streaming self memory: the keys and values the next call takes as past_keys/past_values (None with
+// window 1). w_k, b_k, w_v, b_v are weights[key_index .. key_index + 3].
 std::pair<py::object, py::object> carried_slots(const at::Tensor& h0, const at::Tensor& output,
                                                 const std::vector<at::Tensor>& weights, size_t key_index,
                                                 const AttentionArguments& attention) {
   const std::optional<int64_t> wanted = attention.window ? std::optional<int64_t>(*attention.window - 1) : std::nullopt;
   if (wanted == 0) return {py::none(), py::none()};
   // layers_call has checked that the required weights are there.
-  const CarriedSlots carried(h0, output, weights, key_index, attention, wanted);
-  auto [keys, values] = carried.direct() ? carried.direct_slots() : carried.recorded_slots();
+  auto bias = [&](size_t i) { return weights[i].defined() ? std::optional<at::Tensor>(weights[i]) : std::nullopt; };
+  auto [keys, values] = rnnattn::carried_slots(h0, output, weights[key_index], bias(key_index + 1),
+                                               weights[key_index + 2], bias(key_index + 3), attention.past_keys,
+                                               attention.past_values, wanted);
   return {wrap(std::move(keys)), wrap(std::move(values))};
 }
 

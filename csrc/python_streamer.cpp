@@ -1,14 +1,16 @@
-// rnnattn_ext.Streamer (made by RecurrentBase.streamer, python/rnnattn_ext/modules.py): streaming
-// inference one time step per call, the state kept inside. A module's streaming call (Python, the
-// module call, the op through the dispatcher with its checks of every weight) costs about 20 µs more
-// than the engine's own work on a 2-core x86, most of a small layer's step at batch 1. The streamer
-// checks its weights once, when it is made, and each step checks its input and calls the engine.
+// rnnattn_ext.Streamer (made by a module's streamer(), python/rnnattn_ext/modules.py and
+// attention_modules.py): streaming inference one time step per call, the state kept inside. A module's
+// streaming call (Python, the module call, the op through the dispatcher with its checks of every
+// weight) costs about 20 µs more than the engine's own work on a 2-core x86, most of a small layer's
+// step at batch 1. The streamer checks its weights once, when it is made, and each step checks its
+// input and calls the engine. For the attention modules it also carries each layer's self-memory slots
+// (carried_slots.h), and computes an external memory's keys and values once instead of at every step.
 //
-// Its weights are a snapshot: copies made with the streamer, so that nothing later done to the module
-// (an optimizer step, load_state_dict, .to(), a replaced parameter) changes them under it or makes them
-// disagree with what was checked. Inference only: no autograd graph is recorded. Each layer computes
-// as the module's does (CPU float16/bfloat16 in float32, its output and states rounded back), so the
-// steps give the module's numbers bit for bit.
+// Its weights (and external memory) are a snapshot: copies made with the streamer, so that nothing
+// later done to the module (an optimizer step, load_state_dict, .to(), a replaced parameter) changes
+// them under it or makes them disagree with what was checked. Inference only: no autograd graph is
+// recorded. Each layer computes as the module's does (CPU float16/bfloat16 in float32, its output and
+// states rounded back), so the steps give the module's numbers.
 #include "python_streamer.h"
 
 #include <ATen/PythonTorchFunctionTLS.h>
@@ -26,9 +28,11 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
+#include "carried_slots.h"
 #include "cells/all_cells.h"
 #include "engine/recurrent_engine.h"
 #include "ops/argument_checks.h"
@@ -79,64 +83,61 @@ const Tensor& exact_tensor(py::handle object, const char* where, const std::stri
   return THPVariable_Unpack(object.ptr());
 }
 
-py::object wrap(Tensor tensor) { return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(tensor))); }
+py::object wrap(Tensor tensor) {
+  if (!tensor.defined()) return py::none();
+  return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(tensor)));
+}
 
-struct LayerWeights {
+// Names of a layer's weights in the order functional.stack / attention_stack take them.
+constexpr const char* kBaseNames[] = {"weight_ih", "weight_hh", "bias_ih", "bias_hh"};
+constexpr const char* kAttentionNames[] = {"weight_q", "bias_q", "weight_k", "bias_k", "weight_v", "bias_v",
+                                           "weight_c"};
+
+struct Layer {
   Tensor weight_ih, weight_hh;
   std::optional<Tensor> bias_ih, bias_hh, weight_hr;
+  std::optional<AttentionConfig> attention;  // the attention modules' layers
+  // Self memory: W_k, W_v and their biases in the module's dtype, with which the module computes the
+  // slots it carries (the config's are in float32 for a CPU float16/bfloat16 module).
+  Tensor carry_w_k, carry_w_v;
+  std::optional<Tensor> carry_b_k, carry_b_v;
+};
+
+// The attention modules' settings, shared by every layer.
+struct AttentionSettings {
+  int64_t num_heads = 0;  // 0: a base module
+  std::optional<int64_t> window;
+  std::optional<Tensor> memory, memory_lengths;  // external memory, time-major (S, B, M)
+};
+
+struct LayerState {
+  std::vector<Tensor> states;  // (B, width) each, in the module's dtype
+  Tensor past_keys, past_values;  // self memory: (P, B, D), undefined while there are none
 };
 
 class Streamer {
  public:
-  // `layers`: per layer (weight_ih, weight_hh, bias_ih, bias_hh[, weight_hr]), absent ones None, as
-  // functional.stack takes them; `widths`: each state's width (h first).
-  Streamer(const std::string& cell, const py::sequence& layers, int64_t input_size, std::vector<int64_t> widths)
+  // `layers`: per layer the weights functional.stack (or, with num_heads > 0, attention_stack) takes,
+  // absent ones None; `widths`: each state's width (h first). With attention: its heads, self-memory
+  // window, and the external memory (S, B, M) with its lengths, if any.
+  Streamer(const std::string& cell, const py::sequence& layers, int64_t input_size, std::vector<int64_t> widths,
+           int64_t num_heads, std::optional<int64_t> window, py::handle memory, py::handle memory_lengths)
       : cell_(cell_entry(cell)), input_size_(input_size), widths_(std::move(widths)) {
     TORCH_CHECK_VALUE(widths_.size() == cell_.states, "rnnattn_ext.Streamer: cell ", cell, " has ", cell_.states,
                       " state(s), got ", widths_.size(), " widths");
     TORCH_CHECK_VALUE(py::len(layers) > 0, "rnnattn_ext.Streamer: layers must hold at least one layer");
+    TORCH_CHECK_VALUE(num_heads >= 0, "rnnattn_ext.Streamer: num_heads must be >= 0 (0: no attention), got ",
+                      num_heads);
     const at::NoGradGuard no_grad;
-    for (size_t l = 0; l < py::len(layers); ++l) {
-      const std::string where = "rnnattn_ext.Streamer, layer " + std::to_string(l);
-      const auto parts = py::reinterpret_borrow<py::sequence>(layers[l]);
-      TORCH_CHECK_VALUE(py::len(parts) == 4 || py::len(parts) == 5, where,
-                        ": expected (weight_ih, weight_hh, bias_ih, bias_hh[, weight_hr]), got ", py::len(parts),
-                        " items");
-      std::vector<std::optional<Tensor>> copies;
-      const char* names[] = {"weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"};
-      for (size_t i = 0; i < py::len(parts); ++i) {
-        if (parts[i].is_none()) {
-          TORCH_CHECK_TYPE(i >= 2, where, ": ", names[i], " must be a tensor, got None");
-          copies.emplace_back();
-          continue;
-        }
-        const Tensor& given = exact_tensor(parts[i], where.c_str(), names[i]);
-        if (l == 0 && i == 0) {
-          dtype_ = given.scalar_type();
-          device_ = given.device();
-          // The module computes CPU float16/bfloat16 in float32 (functional.layer).
-          const bool reduced = given.is_cpu() && (dtype_ == at::kHalf || dtype_ == at::kBFloat16);
-          compute_ = reduced ? at::kFloat : dtype_;
-        }
-        TORCH_CHECK_TYPE(given.scalar_type() == dtype_, where, ": ", names[i], " must have the dtype of weight_ih_l0 (",
-                         dtype_, "), got ", given.scalar_type());
-        copies.emplace_back(given.detach().to(given.options().dtype(compute_), /*non_blocking=*/false, /*copy=*/true,
-                                              at::MemoryFormat::Contiguous));
-      }
-      copies.resize(5);
-      LayerWeights w{*copies[0], *copies[1], copies[2], copies[3], copies[4]};
-      // The op's own checks of every weight, against an input and states of the layer's shapes.
-      const auto opts = at::TensorOptions().dtype(compute_).device(device_);
-      const Tensor input = at::empty({1, 1, l == 0 ? input_size_ : widths_[0]}, opts);
-      std::vector<Tensor> states;
-      std::vector<NamedTensor> named;
-      const char* state_names[] = {"h0", "c0"};
-      for (size_t s = 0; s < widths_.size(); ++s) states.push_back(at::empty({1, widths_[s]}, opts));
-      for (size_t s = 0; s < widths_.size(); ++s) named.push_back({state_names[s], states[s]});
-      check_layer_forward(where.c_str(), cell_.gates, input, named, w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh,
-                          w.weight_hr);
-      layers_.push_back(std::move(w));
+    AttentionSettings settings{num_heads, window, {}, {}};
+    if (!memory.is_none()) settings.memory = exact_tensor(memory, "rnnattn_ext.Streamer", "memory");
+    if (!memory_lengths.is_none()) {
+      settings.memory_lengths = exact_tensor(memory_lengths, "rnnattn_ext.Streamer", "memory_lengths").clone();
     }
+    for (size_t l = 0; l < py::len(layers); ++l) {
+      layers_.push_back(make_layer(l, py::reinterpret_borrow<py::sequence>(layers[l]), settings));
+    }
+    if (settings.memory) memory_batch_ = settings.memory->size(1);
   }
 
   // One time step: input (B, input_size) or (input_size,); returns the last layer's output, (B, width)
@@ -155,37 +156,53 @@ class Streamer {
     END_HANDLE_TH_ERRORS_PYBIND
   }
 
-  // The state the next step starts from, in the module's hx layout: per state (num_layers, B, width)
-  // (the LSTM's as a tuple (h, c)); None before the first step and after reset().
+  // The state the next step starts from, as the module's stream returns it: per state (num_layers, B,
+  // width) (the LSTM's as a tuple (h, c)), for the attention modules an AttentionState; None before the
+  // first step and after reset().
   py::object state() {
     HANDLE_TH_ERRORS
     std::vector<Tensor> stacked;
+    std::vector<LayerState> layers;
     {
       const py::gil_scoped_release no_gil;
       const std::lock_guard<std::mutex> lock(mutex_);
-      if (states_.empty()) return py::none();
+      if (state_.empty()) return py::none();
+      layers = state_;
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
       for (size_t s = 0; s < widths_.size(); ++s) {
         std::vector<Tensor> per_layer;
-        for (const auto& layer : states_) per_layer.push_back(layer[s]);
+        for (const auto& layer : layers) per_layer.push_back(layer.states[s]);
         stacked.push_back(at::stack(per_layer, 0));
       }
     }
-    if (stacked.size() == 1) return wrap(std::move(stacked[0]));
-    py::tuple result(stacked.size());
-    for (size_t s = 0; s < stacked.size(); ++s) result[s] = wrap(std::move(stacked[s]));
-    return result;
+    if (!attention()) {
+      if (stacked.size() == 1) return wrap(std::move(stacked[0]));
+      return py::make_tuple(wrap(std::move(stacked[0])), wrap(std::move(stacked[1])));
+    }
+    py::object keys = py::none(), values = py::none();
+    if (self_memory()) {
+      py::list k, v;
+      for (const auto& layer : layers) {
+        k.append(wrap(layer.past_keys));
+        v.append(wrap(layer.past_values));
+      }
+      keys = k;
+      values = v;
+    }
+    const py::object state_class = py::module_::import("rnnattn_ext.attention_modules").attr("AttentionState");
+    return state_class(wrap(std::move(stacked[0])), stacked.size() > 1 ? wrap(std::move(stacked[1])) : py::none(),
+                       keys, values);
     END_HANDLE_TH_ERRORS_PYBIND
   }
 
-  // Starts a new sequence from `state` (the module's hx layout, copied), or from zeros with None.
+  // Starts a new sequence: from `state` (what `state` reads, copied), or from zeros with None.
   void reset(py::handle state) {
     HANDLE_TH_ERRORS
-    std::vector<std::vector<Tensor>> fresh;
+    std::vector<LayerState> fresh;
     if (!state.is_none()) fresh = copied_state(state);
     const py::gil_scoped_release no_gil;
     const std::lock_guard<std::mutex> lock(mutex_);
-    states_ = std::move(fresh);
+    state_ = std::move(fresh);
     END_HANDLE_TH_ERRORS_PYBIND
   }
 
@@ -193,6 +210,98 @@ class Streamer {
   int64_t input_size() const { return input_size_; }
 
  private:
+  bool attention() const { return layers_[0].attention.has_value(); }
+  bool self_memory() const { return attention() && !layers_[0].attention->memory; }
+
+  // The snapshot of layer l's weights, checked by the ops' own checks.
+  Layer make_layer(size_t l, const py::sequence& parts, const AttentionSettings& settings) {
+    const std::string where = "rnnattn_ext.Streamer, layer " + std::to_string(l);
+    const bool attention = settings.num_heads > 0;
+    const size_t base = attention ? 11 : 4;
+    TORCH_CHECK_VALUE(py::len(parts) == base || py::len(parts) == base + 1, where, ": expected ", base, " or ",
+                      base + 1, " weights (the last one weight_hr), got ", py::len(parts));
+    std::vector<std::optional<Tensor>> given;  // in the module's dtype; copies are made below
+    for (size_t i = 0; i < py::len(parts); ++i) {
+      const std::string name = i == base ? "weight_hr" : i < 4 ? kBaseNames[i] : kAttentionNames[i - 4];
+      const bool optional = name.rfind("bias_", 0) == 0;
+      if (parts[i].is_none()) {
+        TORCH_CHECK_TYPE(optional, where, ": ", name, " must be a tensor, got None");
+        given.emplace_back();
+        continue;
+      }
+      const Tensor& t = exact_tensor(parts[i], where.c_str(), name);
+      if (l == 0 && i == 0) {
+        dtype_ = t.scalar_type();
+        device_ = t.device();
+        // The module computes CPU float16/bfloat16 in float32 (functional.layer).
+        const bool reduced = t.is_cpu() && (dtype_ == at::kHalf || dtype_ == at::kBFloat16);
+        compute_ = reduced ? at::kFloat : dtype_;
+        if (settings.memory) check_like_module("rnnattn_ext.Streamer", "memory", *settings.memory);
+      }
+      TORCH_CHECK_TYPE(t.scalar_type() == dtype_, where, ": ", name, " must have the dtype of weight_ih_l0 (", dtype_,
+                       "), got ", t.scalar_type());
+      given.emplace_back(t.detach());
+    }
+    given.resize(base + 1);
+    auto copy = [&](const std::optional<Tensor>& t) -> std::optional<Tensor> {
+      if (!t) return std::nullopt;
+      return t->to(t->options().dtype(compute_), /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
+    };
+    Layer layer{*copy(given[0]), *copy(given[1]), copy(given[2]), copy(given[3]), copy(given[base])};
+    // The op's own checks, against an input and states of the layer's shapes.
+    const auto opts = at::TensorOptions().dtype(compute_).device(device_);
+    const int64_t batch = settings.memory ? settings.memory->size(1) : 1;
+    const Tensor input = at::empty({1, batch, l == 0 ? input_size_ : widths_[0]}, opts);
+    std::vector<Tensor> states;
+    std::vector<NamedTensor> named;
+    const char* state_names[] = {"h0", "c0"};
+    for (const int64_t width : widths_) states.push_back(at::empty({batch, width}, opts));
+    for (size_t s = 0; s < widths_.size(); ++s) named.push_back({state_names[s], states[s]});
+    const LayerShape shape = check_layer_forward(where.c_str(), cell_.gates, input, named, layer.weight_ih,
+                                                 layer.weight_hh, layer.bias_ih, layer.bias_hh, layer.weight_hr);
+    if (!attention) return layer;
+
+    AttentionConfig config;
+    config.weight_q = *copy(given[4]);
+    config.bias_q = copy(given[5]);
+    config.weight_k = *copy(given[6]);
+    config.bias_k = copy(given[7]);
+    config.weight_v = *copy(given[8]);
+    config.bias_v = copy(given[9]);
+    config.weight_c = *copy(given[10]);
+    config.num_heads = settings.num_heads;
+    config.window = settings.window;
+    if (settings.memory) config.memory = copy(settings.memory);
+    if (settings.memory_lengths) config.memory_lengths = settings.memory_lengths;
+    check_attention(where.c_str(), cell_.gates, shape, input, config);
+    if (config.memory) {
+      // Every step reads the same keys and values: made once, as each call would make them.
+      const Tensor& m = *config.memory;
+      const auto size = std::vector<int64_t>{m.size(1), m.size(0), config.weight_q.size(0)};
+      config.memory_keys = at::empty(size, opts);
+      config.memory_values = at::empty(size, opts);
+      external_keys_values(config, *config.memory_keys, *config.memory_values);
+    } else {
+      layer.carry_w_k = *given[6];
+      layer.carry_w_v = *given[8];
+      layer.carry_b_k = given[7];
+      layer.carry_b_v = given[9];
+      if (compute_ == dtype_) {  // the same values: share the copies
+        layer.carry_w_k = config.weight_k;
+        layer.carry_w_v = config.weight_v;
+        layer.carry_b_k = config.bias_k;
+        layer.carry_b_v = config.bias_v;
+      } else {
+        for (Tensor* t : {&layer.carry_w_k, &layer.carry_w_v}) *t = t->clone(at::MemoryFormat::Contiguous);
+        for (std::optional<Tensor>* t : {&layer.carry_b_k, &layer.carry_b_v}) {
+          if (*t) *t = (*t)->clone(at::MemoryFormat::Contiguous);
+        }
+      }
+    }
+    layer.attention = std::move(config);
+    return layer;
+  }
+
   // The streamer runs outside the dispatcher: nothing that would expect to see its work may be active.
   static void check_direct_call(const char* where) {
     TORCH_CHECK(!torch::jit::tracer::isTracing(), where,
@@ -212,20 +321,30 @@ class Streamer {
                       t.layout());
   }
 
-  // hx's tensors, checked, one (B, width) copy per layer and state.
-  std::vector<std::vector<Tensor>> copied_state(py::handle state) const {
+  // `state`'s tensors, checked, copied per layer.
+  std::vector<LayerState> copied_state(py::handle state) const {
+    py::object hx = py::reinterpret_borrow<py::object>(state), keys = py::none(), values = py::none();
+    if (attention()) {
+      const py::object state_class = py::module_::import("rnnattn_ext.attention_modules").attr("AttentionState");
+      TORCH_CHECK_TYPE(py::isinstance(state, state_class), kReset,
+                       ": state must be None or an AttentionState (what state reads), got ",
+                       Py_TYPE(state.ptr())->tp_name);
+      hx = widths_.size() == 1 ? py::object(state.attr("h")) : py::object(py::make_tuple(state.attr("h"), state.attr("c")));
+      keys = state.attr("keys");
+      values = state.attr("values");
+    }
     std::vector<py::handle> given;
     if (widths_.size() == 1) {
-      given.push_back(state);
+      given.push_back(hx);
     } else {
-      TORCH_CHECK_TYPE(py::isinstance<py::tuple>(state) || py::isinstance<py::list>(state), kReset,
-                       ": state must be None or a tuple (h, c), got ", Py_TYPE(state.ptr())->tp_name);
-      for (py::handle s : py::reinterpret_borrow<py::sequence>(state)) given.push_back(s);
+      TORCH_CHECK_TYPE(py::isinstance<py::tuple>(hx) || py::isinstance<py::list>(hx), kReset,
+                       ": state must be None or a tuple (h, c), got ", Py_TYPE(hx.ptr())->tp_name);
+      for (py::handle s : py::reinterpret_borrow<py::sequence>(hx)) given.push_back(s);
       TORCH_CHECK_VALUE(given.size() == widths_.size(), kReset, ": state must be a tuple (h, c), got ", given.size(),
                         " items");
     }
     const char* names[] = {"h", "c"};
-    std::vector<std::vector<Tensor>> copies(layers_.size());
+    std::vector<LayerState> copies(layers_.size());
     int64_t batch = -1;
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (size_t s = 0; s < given.size(); ++s) {
@@ -233,14 +352,52 @@ class Streamer {
       const Tensor& t = exact_tensor(given[s], kReset, name);
       check_like_module(kReset, name, t);
       if (batch < 0 && t.dim() == 3) batch = t.size(1);
-      TORCH_CHECK_VALUE(t.dim() == 3 && t.size(0) == num_layers() && t.size(1) == batch &&
-                            t.size(2) == widths_[s],
+      TORCH_CHECK_VALUE(t.dim() == 3 && t.size(0) == num_layers() && t.size(1) == batch && t.size(2) == widths_[s],
                         kReset, ": ", name, " must have shape (num_layers, batch, ", s == 0 ? "state_size" : "hidden_size",
                         ") = (", num_layers(), ", B, ", widths_[s], ")", s > 0 ? " with h's B" : "", ", got ",
                         t.sizes());
-      for (size_t l = 0; l < layers_.size(); ++l) copies[l].push_back(t.select(0, l).clone(at::MemoryFormat::Contiguous));
+      for (size_t l = 0; l < layers_.size(); ++l) {
+        copies[l].states.push_back(t.select(0, l).clone(at::MemoryFormat::Contiguous));
+      }
+    }
+    check_batch(kReset, "state", batch);
+    if (!self_memory()) {
+      TORCH_CHECK_VALUE(keys.is_none() && values.is_none(), kReset,
+                        ": state.keys and state.values must be None with an external memory");
+      return copies;
+    }
+    for (auto [slots, name, member] : {std::tuple{keys, "keys", &LayerState::past_keys},
+                                       std::tuple{values, "values", &LayerState::past_values}}) {
+      if (slots.is_none()) continue;
+      TORCH_CHECK_TYPE(py::isinstance<py::list>(slots) || py::isinstance<py::tuple>(slots), kReset, ": state.", name,
+                       " must be None or a list with one entry per layer, got ", Py_TYPE(slots.ptr())->tp_name);
+      const auto per_layer = py::reinterpret_borrow<py::sequence>(slots);
+      TORCH_CHECK_VALUE(static_cast<int64_t>(py::len(per_layer)) == num_layers(), kReset, ": state.", name,
+                        " must have one entry per layer (", num_layers(), "), got ", py::len(per_layer));
+      for (size_t l = 0; l < layers_.size(); ++l) {
+        if (per_layer[l].is_none()) continue;
+        const std::string label = std::string("state.") + name + "[" + std::to_string(l) + "]";
+        const Tensor& t = exact_tensor(per_layer[l], kReset, label);
+        check_like_module(kReset, label, t);
+        const int64_t width = layers_[l].attention->weight_q.size(0);
+        TORCH_CHECK_VALUE(t.dim() == 3 && t.size(1) == batch && t.size(2) == width, kReset, ": ", label,
+                          " must have shape (P, B, D) = (P, ", batch, ", ", width, "), got ", t.sizes());
+        copies[l].*member = t.clone(at::MemoryFormat::Contiguous);
+      }
+    }
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      TORCH_CHECK_VALUE(copies[l].past_keys.defined() == copies[l].past_values.defined() &&
+                            (!copies[l].past_keys.defined() ||
+                             copies[l].past_keys.size(0) == copies[l].past_values.size(0)),
+                        kReset, ": state.keys[", l, "] and state.values[", l, "] must come together, with as many slots");
     }
     return copies;
+  }
+
+  // An external memory fixes the batch.
+  void check_batch(const char* where, const char* name, int64_t batch) const {
+    TORCH_CHECK_VALUE(memory_batch_ < 0 || batch == memory_batch_, where, ": ", name, " has batch ", batch,
+                      " but the memory batch ", memory_batch_, " (the streamer's memory, given when it was made)");
   }
 
   Tensor advance(const Tensor& input) {
@@ -253,30 +410,47 @@ class Streamer {
                       ": a streamer runs inference only (it records no autograd graph), got an input that requires "
                       "grad; train through the module, or pass input.detach()");
     const int64_t batch = input.dim() == 2 ? input.size(0) : 1;
-    if (!states_.empty()) {
-      const int64_t state_batch = states_[0][0].size(0);
+    check_batch(kStep, "input", batch);
+    if (!state_.empty()) {
+      const int64_t state_batch = state_[0].states[0].size(0);
       TORCH_CHECK_VALUE(batch == state_batch, kStep, ": input has batch ", batch, " but the state batch ", state_batch,
                         " (", input.dim() == 1 ? "an input (input_size,) is batch 1" : "reset() starts a new state",
                         ")");
     }
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     const bool reduced = compute_ != dtype_;
-    std::vector<std::vector<Tensor>> next(layers_.size());
+    auto computed = [&](const Tensor& t) { return reduced && t.defined() ? t.to(compute_) : t; };
+    auto rounded = [&](Tensor t) { return reduced ? t.to(dtype_) : t; };
+    std::vector<LayerState> next(layers_.size());
     Tensor x = (input.dim() == 2 ? input : input.unsqueeze(0)).unsqueeze(0);  // (1, B, I)
     for (size_t l = 0; l < layers_.size(); ++l) {
-      std::vector<Tensor> init;
+      std::vector<Tensor> initial, init;
       for (size_t s = 0; s < widths_.size(); ++s) {
-        Tensor state = states_.empty() ? at::zeros({batch, widths_[s]}, input.options()) : states_[l][s];
-        init.push_back(reduced ? state.to(compute_) : state);
+        initial.push_back(state_.empty() ? at::zeros({batch, widths_[s]}, input.options()) : state_[l].states[s]);
+        init.push_back(computed(initial.back()));
       }
-      const LayerWeights& w = layers_[l];
-      RecurrentForward r = cell_.forward(reduced ? x.to(compute_) : x, init, w.weight_ih, w.weight_hh, w.bias_ih,
-                                         w.bias_hh, w.weight_hr, std::nullopt, /*reverse=*/false,
-                                         /*training=*/false, nullptr);
-      x = reduced ? r.output.to(dtype_) : std::move(r.output);
-      for (auto& f : r.final_states) next[l].push_back(reduced ? f.to(dtype_) : std::move(f));
+      const Layer& w = layers_[l];
+      std::optional<AttentionConfig> config = w.attention;
+      const Tensor past_keys = state_.empty() ? Tensor() : state_[l].past_keys;
+      const Tensor past_values = state_.empty() ? Tensor() : state_[l].past_values;
+      if (config && past_keys.defined()) {
+        config->past_keys = computed(past_keys);
+        config->past_values = computed(past_values);
+      }
+      RecurrentForward r = cell_.forward(computed(x), init, w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh,
+                                         w.weight_hr, std::nullopt, /*reverse=*/false, /*training=*/false,
+                                         config ? &*config : nullptr);
+      x = rounded(std::move(r.output));
+      for (auto& f : r.final_states) next[l].states.push_back(rounded(std::move(f)));
+      if (config && !config->memory) {
+        const std::optional<int64_t> wanted = config->window ? std::optional<int64_t>(*config->window - 1) : std::nullopt;
+        auto optional = [](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; };
+        std::tie(next[l].past_keys, next[l].past_values) =
+            carried_slots(initial[0], x, w.carry_w_k, w.carry_b_k, w.carry_w_v, w.carry_b_v, optional(past_keys),
+                          optional(past_values), wanted);
+      }
     }
-    states_ = std::move(next);  // only once every layer has run
+    state_ = std::move(next);  // only once every layer has run
     x = x.select(0, 0);
     return input.dim() == 2 ? x : x.select(0, 0);
   }
@@ -286,8 +460,9 @@ class Streamer {
   std::vector<int64_t> widths_;
   at::ScalarType dtype_ = at::kFloat, compute_ = at::kFloat;
   c10::Device device_ = c10::Device(c10::kCPU);
-  std::vector<LayerWeights> layers_;
-  std::vector<std::vector<Tensor>> states_;  // per layer, per state (B, width) in dtype_; empty: zeros
+  int64_t memory_batch_ = -1;  // an external memory's batch, which every step must have
+  std::vector<Layer> layers_;
+  std::vector<LayerState> state_;  // per layer; empty: zeros, no past slots
   std::mutex mutex_;  // one step at a time: a step replaces the state
 };
 
@@ -296,19 +471,24 @@ class Streamer {
 void define_streamer(py::module_& module) {
   py::class_<Streamer>(module, "Streamer",
                        "Streaming inference, one time step per call, with the state kept inside: made by a "
-                       "module's streamer() (rnnattn_ext.LSTM, GRU, RNN), from a snapshot of its weights")
-      .def(py::init<const std::string&, const py::sequence&, int64_t, std::vector<int64_t>>(), py::arg("cell"),
-           py::arg("layers"), py::arg("input_size"), py::arg("widths"),
-           "cell: lstm, gru, rnn_tanh or rnn_relu; layers: per layer (weight_ih, weight_hh, bias_ih, bias_hh[, "
-           "weight_hr]), copied; widths: each state's width (h first)")
+                       "module's streamer() (rnnattn_ext.LSTM, GRU, RNN and the attention modules), from a snapshot "
+                       "of its weights")
+      .def(py::init<const std::string&, const py::sequence&, int64_t, std::vector<int64_t>, int64_t,
+                    std::optional<int64_t>, py::handle, py::handle>(),
+           py::arg("cell"), py::arg("layers"), py::arg("input_size"), py::arg("widths"), py::arg("num_heads") = 0,
+           py::arg("window") = py::none(), py::arg("memory") = py::none(), py::arg("memory_lengths") = py::none(),
+           "cell: lstm, gru, rnn_tanh or rnn_relu; layers: per layer the weights functional.stack takes (with "
+           "num_heads > 0: attention_stack), copied; widths: each state's width (h first); num_heads, window, "
+           "memory (S, B, M) and memory_lengths (B,) int64: the attention modules' (the memory copied)")
       .def("step", &Streamer::step, py::arg("input"),
            "One time step: input (B, input_size) or (input_size,) gives the last layer's output (B, width) or "
            "(width,), and the state moves on. The first step after reset() with no state starts from zeros")
       .def_property_readonly("state", &Streamer::state,
-                             "The state the next step starts from, as the module's hx: (num_layers, B, width) per "
-                             "state, (h, c) for the LSTM; None before the first step. Fresh tensors")
+                             "The state the next step starts from, as the module's stream returns it ((num_layers, "
+                             "B, width) per state, (h, c) for the LSTM, an AttentionState for the attention "
+                             "modules); None before the first step. Fresh tensors")
       .def("reset", &Streamer::reset, py::arg("state") = py::none(),
-           "Starts a new sequence: from `state` (the module's hx layout, copied), or zeros with None")
+           "Starts a new sequence: from `state` (as `state` reads it, copied), or zeros with None")
       .def_property_readonly("num_layers", &Streamer::num_layers)
       .def_property_readonly("input_size", &Streamer::input_size);
 }

@@ -83,6 +83,7 @@ def test_attention_step_benchmark_writes_its_rows(tmp_path):
     assert [r["cell"] for r in rows] == ["lstm", "gru"]
     for row in rows:
         assert row["attention_us"] > 0 and row["plain_us"] > 0 and row["inference_cost_vs_plain"] > 0
+        assert row["attention_streamer_us"] > 0 and row["streamer_cost_vs_plain"] > 0
     assert "| lstm | 1×8×8, 4 (4), 3 |" in (tmp_path / "quick.md").read_text()
 
 

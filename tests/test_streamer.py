@@ -1,6 +1,7 @@
 """module.streamer(): streaming inference one step per call, the state kept inside. Each step gives
-the numbers of module.stream over that step (float32 bit for bit), the state is the module's hx, the
-weights are a snapshot, and bad input gets errors that name it."""
+the numbers of module.stream over that step (bit for bit in float32 on the CPU), the state is what
+stream returns (the attention modules' AttentionState with the carried slots), the weights and an
+external memory are a snapshot, and bad input gets errors that name it."""
 
 import threading
 import warnings
@@ -30,12 +31,12 @@ def _states(state):
     return state if isinstance(state, tuple) else (state,)
 
 
-def _stream_steps(module, xs, state=None):
+def _stream_steps(module, xs, state=None, **memory):
     """module.stream one step at a time over xs (T, B, I): the outputs (T, B, width) and the state."""
     outputs = []
     for x in xs:
         step = x.unsqueeze(1) if module.batch_first else x.unsqueeze(0)
-        y, state = module.stream(step, state)
+        y, state = module.stream(step, state, **memory)
         outputs.append(y.squeeze(1 if module.batch_first else 0))
     return torch.stack(outputs), state
 
@@ -236,8 +237,8 @@ def test_bad_state_is_named():
 def test_modules_that_cannot_have_one():
     with pytest.raises(ValueError, match="streamer needs a unidirectional module"):
         rnnattn_ext.GRU(3, 4, bidirectional=True).streamer()
-    with pytest.raises(NotImplementedError, match=r"AttnLSTM: streamer\(\) runs the base cells' layers"):
-        rnnattn_ext.AttnLSTM(3, 4).streamer()
+    with pytest.raises(ValueError, match="AttnLSTM: streamer needs a unidirectional module"):
+        rnnattn_ext.AttnLSTM(3, 4, bidirectional=True).streamer()
     module = rnnattn_ext.LSTM(3, 4)
     module.weight_hh_l0 = torch.nn.Parameter(torch.randn(16, 5))
     with pytest.raises(ValueError, match=r"Streamer, layer 0: weight_hh must have shape"):
@@ -247,3 +248,136 @@ def test_modules_that_cannot_have_one():
         rnnattn_ext.Streamer("rnn_tanh", layers, 3, [4])
     with pytest.raises(ValueError, match="cell must be one of"):
         rnnattn_ext.Streamer("elman", layers, 3, [4])
+
+
+ATTENTION_MODULES = [
+    (rnnattn_ext.AttnLSTM, {"num_heads": 2, "window": 3}),
+    (rnnattn_ext.AttnGRU, {"num_heads": 2}),
+    (rnnattn_ext.AttnRNN, {"num_heads": 2, "window": 1}),
+    (rnnattn_ext.AttnLSTM, {"num_heads": 2, "window": 3, "proj_size": 4, "num_layers": 2}),
+    (rnnattn_ext.AttnGRU, {"num_heads": 2, "memory_size": 5, "num_layers": 2}),
+    (rnnattn_ext.AttnLSTM, {"num_heads": 3, "head_dim": 2, "memory_size": 5, "batch_first": True}),
+]
+ATTENTION_IDS = [f"{cls.__name__}-{i}" for i, (cls, _) in enumerate(ATTENTION_MODULES)]
+
+
+def _memory_of(module, batch, device, dtype, generator):
+    """An external memory (in the module's layout) with one short row, or nothing for self memory."""
+    if module.memory_size is None:
+        return {}
+    memory = torch.randn(4, batch, module.memory_size, generator=generator).to(device=device, dtype=dtype)
+    lengths = torch.tensor([4, 2, 3][:batch], device=device)
+    return {"memory": memory.transpose(0, 1) if module.batch_first else memory, "memory_lengths": lengths}
+
+
+def _same_attention_state(mine, theirs, **tolerance):
+    assert isinstance(mine, rnnattn_ext.AttentionState)
+    for a, b in ((mine.h, theirs.h), (mine.c, theirs.c)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, **tolerance)
+    for ours, stream in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
+        assert (ours is None) == (stream is None)
+        for a, b in zip(ours or [], stream or []):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, **tolerance)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cls,extra", ATTENTION_MODULES, ids=ATTENTION_IDS)
+def test_attention_steps_give_the_numbers_of_stream(cls, extra, dtype, device):
+    gen = torch.Generator().manual_seed(41)
+    torch.manual_seed(41)
+    module = cls(3, 6, **extra).to(device=device, dtype=dtype).eval()
+    xs = torch.randn(7, 3, 3, generator=gen).to(device=device, dtype=dtype)
+    memory = _memory_of(module, 3, device, dtype, gen)
+    streamer = module.streamer(**memory)
+    got = torch.stack([streamer.step(x) for x in xs])
+    with torch.no_grad():  # the slots stream carries are then written as the streamer writes them
+        expected, state = _stream_steps(module, xs, **memory)
+        whole, _ = module(xs.transpose(0, 1) if module.batch_first else xs, **memory)
+    whole = whole.transpose(0, 1) if module.batch_first else whole
+    exact = dtype == torch.float32 and device == "cpu"
+    tolerance = {"atol": 0, "rtol": 0} if exact else {"atol": 1e-12, "rtol": 1e-10} if dtype == torch.float64 else {}
+    torch.testing.assert_close(got, expected, **tolerance)
+    torch.testing.assert_close(got, whole, **({"atol": 1e-12, "rtol": 1e-10} if dtype == torch.float64 else {}))
+    _same_attention_state(streamer.state, state, **tolerance)
+    # From a state stream returned, the streamer continues as stream does.
+    streamer.reset(state)
+    more = torch.randn(3, 3, 3, generator=gen).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        expected_more, state_more = _stream_steps(module, more, state, **memory)
+    torch.testing.assert_close(torch.stack([streamer.step(x) for x in more]), expected_more, **tolerance)
+    _same_attention_state(streamer.state, state_more, **tolerance)
+
+
+@pytest.mark.parametrize("extra", [{"window": 2}, {"memory_size": 5}], ids=["self", "external"])
+def test_attention_in_bfloat16_on_the_cpu_rounds_as_the_module(extra):
+    gen = torch.Generator().manual_seed(42)
+    module = rnnattn_ext.AttnGRU(3, 6, num_heads=2, num_layers=2, **extra).to(torch.bfloat16)
+    xs = torch.randn(5, 2, 3, generator=gen).to(torch.bfloat16)
+    memory = _memory_of(module, 2, "cpu", torch.bfloat16, gen)
+    streamer = module.streamer(**memory)
+    got = torch.stack([streamer.step(x) for x in xs])
+    with torch.no_grad():
+        expected, state = _stream_steps(module, xs, **memory)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    _same_attention_state(streamer.state, state, atol=0, rtol=0)
+
+
+def test_attention_unbatched_steps_with_an_unbatched_memory():
+    gen = torch.Generator().manual_seed(43)
+    module = rnnattn_ext.AttnLSTM(3, 4, num_heads=2, memory_size=5)
+    memory = torch.randn(6, 5, generator=gen)
+    xs = torch.randn(4, 3, generator=gen)
+    streamer, batched = module.streamer(memory), module.streamer(memory.unsqueeze(1))
+    outputs = []
+    for x in xs:
+        outputs.append(streamer.step(x))
+        assert outputs[-1].shape == (4,)
+        torch.testing.assert_close(outputs[-1], batched.step(x.unsqueeze(0)).squeeze(0), atol=0, rtol=0)
+    with torch.no_grad():
+        whole, _ = module(xs, memory=memory)
+    torch.testing.assert_close(torch.stack(outputs), whole)
+
+
+def test_attention_streamer_keeps_its_memory():
+    gen = torch.Generator().manual_seed(44)
+    module = rnnattn_ext.AttnGRU(3, 4, num_heads=2, memory_size=5)
+    memory = torch.randn(6, 2, 5, generator=gen)
+    x = torch.randn(2, 3, generator=gen)
+    streamer = module.streamer(memory)
+    before = module.streamer(memory).step(x)
+    memory.zero_()
+    torch.testing.assert_close(streamer.step(x), before, atol=0, rtol=0)
+
+
+def test_attention_bad_arguments_are_named():
+    self_memory = rnnattn_ext.AttnLSTM(3, 4, num_heads=2, window=3)
+    external = rnnattn_ext.AttnGRU(3, 4, num_heads=2, memory_size=5)
+    with pytest.raises(ValueError, match="built for self memory"):
+        self_memory.streamer(torch.randn(2, 1, 4))
+    with pytest.raises(ValueError, match="built with memory_size=5: forward needs memory"):
+        external.streamer()
+    with pytest.raises(TypeError, match=r"memory must have the module's dtype \(Float\), got Double"):
+        external.streamer(torch.randn(2, 1, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"memory_lengths must lie in \[1, S\] = \[1, 2\], got values in \[3, 3\]"):
+        external.streamer(torch.randn(2, 1, 5), torch.tensor([3]))
+    streamer = external.streamer(torch.randn(2, 3, 5))
+    with pytest.raises(ValueError, match=r"input has batch 2 but the memory batch 3"):
+        streamer.step(torch.randn(2, 3))
+    with pytest.raises(TypeError, match="state must be None or an AttentionState"):
+        streamer.reset(torch.zeros(1, 3, 4))
+    with pytest.raises(ValueError, match="state.keys and state.values must be None with an external memory"):
+        streamer.reset(rnnattn_ext.AttentionState(torch.zeros(1, 3, 4), None, [torch.zeros(1, 3, 4)],
+                                                  [torch.zeros(1, 3, 4)]))
+    own = self_memory.streamer()
+    h = torch.zeros(1, 2, 4)
+    with pytest.raises(ValueError, match=r"state.keys must have one entry per layer \(1\), got 2"):
+        own.reset(rnnattn_ext.AttentionState(h, h, [None, None], [None, None]))
+    with pytest.raises(ValueError, match=r"state.keys\[0\] must have shape \(P, B, D\) = \(P, 2, 4\), got \[1, 3, 4\]"):
+        own.reset(rnnattn_ext.AttentionState(h, h, [torch.zeros(1, 3, 4)], [torch.zeros(1, 3, 4)]))
+    with pytest.raises(ValueError, match=r"state.keys\[0\] and state.values\[0\] must come together"):
+        own.reset(rnnattn_ext.AttentionState(h, h, [torch.zeros(1, 2, 4)], None))

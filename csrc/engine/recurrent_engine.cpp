@@ -716,6 +716,16 @@ void linear_into(const Tensor& input, const Tensor& weight, const std::optional<
            Operand{out, 0, rows, out.size(1), out.stride(0)});
 }
 
+void external_keys_values(const AttentionConfig& attention, const Tensor& keys, const Tensor& values) {
+  // The memory's rows in store order: (B * S, M).
+  const Tensor m = attention.memory->transpose(0, 1).reshape({-1, attention.memory->size(2)});
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  Tensor k = keys.view({m.size(0), -1}), v = values.view({m.size(0), -1});
+  const Tensor wk = attention.weight_k, wv = attention.weight_v;
+  if (attention.bias_k) at::addmm_out(k, *attention.bias_k, m, wk.t()); else at::mm_out(k, m, wk.t());
+  if (attention.bias_v) at::addmm_out(v, *attention.bias_v, m, wv.t()); else at::mm_out(v, m, wv.t());
+}
+
 template <class Cell>
 RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Tensor>& initial_states,
                                    const Tensor& weight_ih_arg, const Tensor& weight_hh_arg,
@@ -825,13 +835,13 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
       values.narrow(1, 0, geo.past).copy_(attention->past_values->transpose(0, 1));
     }
     if (!geo.self_memory) {
-      // External memory: every key and value once, before the loop, from the memory's rows in
-      // store order.
-      const Tensor m = attention->memory->transpose(0, 1).reshape({B * geo.slots, attention->memory->size(2)});
-      const Tensor wk = attention->weight_k, wv = attention->weight_v;
-      Tensor k = keys.view({B * geo.slots, D}), v = values.view({B * geo.slots, D});
-      if (attention->bias_k) at::addmm_out(k, *attention->bias_k, m, wk.t()); else at::mm_out(k, m, wk.t());
-      if (attention->bias_v) at::addmm_out(v, *attention->bias_v, m, wv.t()); else at::mm_out(v, m, wv.t());
+      // External memory: every key and value once, before the loop (or as the caller made them).
+      if (attention->memory_keys) {
+        keys.copy_(*attention->memory_keys);
+        values.copy_(*attention->memory_values);
+      } else {
+        external_keys_values(*attention, keys, values);
+      }
       if (attention->memory_lengths) lengths = attention->memory_lengths->contiguous();
     }
     context = at::empty({T, B, D}, opts);

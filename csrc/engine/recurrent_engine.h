@@ -23,6 +23,9 @@ struct AttentionConfig {
   // Self memory, streaming: keys and values (P, B, D) of the slots before this call's first step
   // (oldest first), which the call's steps read as if they had come before them in one sequence.
   std::optional<at::Tensor> past_keys, past_values;
+  // External memory: its keys and values (B, S, D) when the caller has them (external_keys_values),
+  // used instead of computing them again (a streamer makes them once for all its steps).
+  std::optional<at::Tensor> memory_keys, memory_values;
 };
 
 // What the attention forward saved, and the gradient of its context output (may be undefined).
@@ -83,6 +86,10 @@ RecurrentBackward recurrent_backward(const at::Tensor& grad_output, const std::v
                                      const std::optional<at::Tensor>& lengths, bool reverse,
                                      const AttentionConfig* attention = nullptr,
                                      const AttentionSaved* attention_saved = nullptr);
+
+// The keys and values (B, S, D) of an external memory, written into `keys` and `values` (contiguous):
+// memory rows through W_k and W_v (and their biases), as every call that is given the memory makes them.
+void external_keys_values(const AttentionConfig& attention, const at::Tensor& keys, const at::Tensor& values);
 
 // out = input @ weight^T (+ bias), input (rows, k) and out (rows, n) with unit column strides, as the
 // engine's per-step products compute it: a few float rows on the CPU read the weight in place, the

@@ -8,7 +8,7 @@ torch.compile and torch.export see no Python-only code, and a call costs no Pyth
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -200,12 +200,13 @@ if TYPE_CHECKING:
         num_layers: int
         input_size: int
 
-        def __init__(self, cell: str, layers: list[tuple[Tensor | None, ...]], input_size: int,
-                     widths: list[int]) -> None: ...
+        def __init__(self, cell: str, layers: list[tuple[Tensor | None, ...]], input_size: int, widths: list[int],
+                     num_heads: int = 0, window: int | None = None, memory: Tensor | None = None,
+                     memory_lengths: Tensor | None = None) -> None: ...
         def step(self, input: Tensor) -> Tensor: ...
         @property
-        def state(self) -> Tensor | tuple[Tensor, ...] | None: ...
-        def reset(self, state: Tensor | tuple[Tensor, ...] | None = None) -> None: ...
+        def state(self) -> Any: ...  # as the module's stream returns it, or None
+        def reset(self, state: Any = None) -> None: ...
 
 else:
     #: Streaming inference one step per call, the state kept inside (csrc/python_streamer.cpp); made

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from . import _ops, functional
-from .modules import _GATES, RecurrentBase
+from .modules import _GATES, RecurrentBase, _detached
 
 # One layer's parameters in the attention forward op's argument order (weight_hr: the LSTM's
 # projection, None without one).
@@ -205,11 +205,20 @@ class AttentionRecurrentBase(RecurrentBase):
                                          call.names, self.num_heads, self.window, memory, memory_lengths, past_keys,
                                          past_values, carry_slots)
 
-    def streamer(self):
-        """Not for the attention modules: a streamer runs the base cells' layers only (the attention's
-        memory is not part of its state); they stream with :meth:`stream`."""
-        raise NotImplementedError(f"{type(self).__name__}: streamer() runs the base cells' layers (LSTM, GRU, RNN) "
-                                  "only; an attention module streams with stream(input, state)")
+    def streamer(self, memory: Tensor | None = None, memory_lengths=None) -> _ops.Streamer:
+        """As :meth:`RecurrentBase.streamer`, for the attention cell: its ``state`` is an
+        :class:`AttentionState`, as :meth:`stream` returns it (self memory: each layer's most recent
+        ``window - 1`` slots' keys and values). An external memory (``memory_size``) is given here, as to
+        ``forward`` ((S, B, M), (B, S, M) with ``batch_first``, (S, M) for unbatched steps), with its
+        lengths, and copied: every step attends over it, its keys and values computed once, here
+        (``stream`` computes them at every call). Its batch is every step's."""
+        self._check_unidirectional("streamer")
+        batched = not (isinstance(memory, Tensor) and memory.dim() == 2)
+        batch = memory.shape[0 if self.batch_first else 1] if isinstance(memory, Tensor) and memory.dim() == 3 else 1
+        memory, memory_lengths = self._memory(memory, memory_lengths, batched, batch)
+        return _ops.Streamer(self.cell, _detached(self._attention_weights()), self.input_size,
+                             list(self._state_widths()), num_heads=self.num_heads, window=self.window, memory=memory,
+                             memory_lengths=memory_lengths)
 
     def stream(self, input: Tensor, state: AttentionState | None = None, memory: Tensor | None = None,
                memory_lengths=None):

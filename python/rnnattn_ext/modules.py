@@ -29,6 +29,11 @@ def _parameter_names(layer: int, reverse: bool, parts: tuple[str, ...]) -> tuple
     return tuple(part + suffix for part in parts)
 
 
+def _detached(layers: list[tuple[Tensor | None, ...]]) -> list[tuple[Tensor | None, ...]]:
+    """Each layer's weights without autograd history (a streamer copies them)."""
+    return [tuple(None if w is None else w.detach() for w in weights) for weights in layers]
+
+
 class _LayerCall(NamedTuple):
     """What the C++ layer call (``_C.run_layers``) takes from a module besides the call's arguments:
     fixed by the module's configuration, so worked out once (``RecurrentBase._layer_call``)."""
@@ -411,13 +416,15 @@ class RecurrentBase(nn.Module):
         prepared = _Prepared(x, states, batched, lengths, packed)
         return prepared._replace(states=[prepared.packed_order(s, 1) for s in states])
 
-    def _check_streamable(self, input) -> None:
-        name = type(self).__name__
+    def _check_unidirectional(self, method: str) -> None:
         if self.bidirectional:
-            raise ValueError(f"{name}: stream needs a unidirectional module (the reverse direction reads the "
-                             "whole sequence), got bidirectional=True")
+            raise ValueError(f"{type(self).__name__}: {method} needs a unidirectional module (the reverse direction "
+                             "reads the whole sequence), got bidirectional=True")
+
+    def _check_streamable(self, input) -> None:
+        self._check_unidirectional("stream")
         if isinstance(input, PackedSequence):
-            raise TypeError(f"{name}: stream takes a tensor chunk, got a PackedSequence")
+            raise TypeError(f"{type(self).__name__}: stream takes a tensor chunk, got a PackedSequence")
 
     def stream(self, input: Tensor, state=None):
         """Runs one chunk of a sequence (one step or more) and returns ``(output, state)``; feeding the
@@ -437,11 +444,8 @@ class RecurrentBase(nn.Module):
         changes (an optimizer step, ``load_state_dict``, ``.to()``): make a new streamer after those.
         Unidirectional modules only; it runs outside torch.compile, torch.export and jit.trace
         (their graphs take ``stream`` or ``forward``)."""
-        if self.bidirectional:
-            raise ValueError(f"{type(self).__name__}: streamer needs a unidirectional module (the reverse direction "
-                             "reads the whole sequence), got bidirectional=True")
-        layers = [tuple(None if w is None else w.detach() for w in weights) for weights in self._layer_weights()]
-        return _ops.Streamer(self.cell, layers, self.input_size, list(self._state_widths()))
+        self._check_unidirectional("streamer")
+        return _ops.Streamer(self.cell, _detached(self._layer_weights()), self.input_size, list(self._state_widths()))
 
     def _finish(self, output: Tensor, finals: list[Tensor], prepared: _Prepared):
         """The time-major output and final states in the caller's layout (a PackedSequence for one)."""
