@@ -20,6 +20,7 @@
 #include <ATen/ops/zeros.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <pybind11/stl.h>
+#include <torch/csrc/DynamicTypes.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/jit/frontend/tracer.h>
@@ -27,6 +28,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -122,7 +124,7 @@ class Streamer {
   // window, and the external memory (S, B, M) with its lengths, if any.
   Streamer(const std::string& cell, const py::sequence& layers, int64_t input_size, std::vector<int64_t> widths,
            int64_t num_heads, std::optional<int64_t> window, py::handle memory, py::handle memory_lengths)
-      : cell_(cell_entry(cell)), input_size_(input_size), widths_(std::move(widths)) {
+      : cell_(cell_entry(cell)), cell_name_(cell), input_size_(input_size), widths_(std::move(widths)) {
     TORCH_CHECK_VALUE(widths_.size() == cell_.states, "rnnattn_ext.Streamer: cell ", cell, " has ", cell_.states,
                       " state(s), got ", widths_.size(), " widths");
     TORCH_CHECK_VALUE(py::len(layers) > 0, "rnnattn_ext.Streamer: layers must hold at least one layer");
@@ -208,6 +210,25 @@ class Streamer {
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
   int64_t input_size() const { return input_size_; }
+
+  std::string repr() {
+    std::ostringstream out;
+    out << "rnnattn_ext.Streamer(cell=" << cell_name_ << ", num_layers=" << num_layers()
+        << ", input_size=" << input_size_ << ", dtype="
+        << py::str(py::handle(reinterpret_cast<PyObject*>(torch::getTHPDtype(dtype_)))).cast<std::string>()
+        << ", device=" << device_;
+    if (attention()) {
+      const AttentionConfig& a = *layers_[0].attention;
+      out << ", num_heads=" << a.num_heads;
+      if (a.memory) out << ", memory=" << a.memory->sizes();
+      else if (a.window) out << ", window=" << *a.window;
+    }
+    const py::gil_scoped_release no_gil;
+    const std::lock_guard<std::mutex> lock(mutex_);
+    out << ", state=";
+    if (state_.empty()) out << "None)"; else out << "batch " << state_[0].states[0].size(0) << ")";
+    return out.str();
+  }
 
  private:
   bool attention() const { return layers_[0].attention.has_value(); }
@@ -456,6 +477,7 @@ class Streamer {
   }
 
   const CellEntry& cell_;
+  std::string cell_name_;
   int64_t input_size_;
   std::vector<int64_t> widths_;
   at::ScalarType dtype_ = at::kFloat, compute_ = at::kFloat;
@@ -489,6 +511,7 @@ void define_streamer(py::module_& module) {
                              "modules); None before the first step. Fresh tensors")
       .def("reset", &Streamer::reset, py::arg("state") = py::none(),
            "Starts a new sequence: from `state` (as `state` reads it, copied), or zeros with None")
+      .def("__repr__", &Streamer::repr)
       .def_property_readonly("num_layers", &Streamer::num_layers)
       .def_property_readonly("input_size", &Streamer::input_size);
 }

@@ -152,6 +152,35 @@ def test_streamers_in_threads_keep_their_own_state():
         torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
+def test_steps_inside_and_outside_inference_mode():
+    torch.manual_seed(38)
+    module = rnnattn_ext.AttnGRU(3, 4, num_heads=2, window=3)
+    xs = torch.randn(6, 2, 3)
+    streamer = module.streamer()
+    got = []
+    for i, x in enumerate(xs):  # the state made under inference_mode serves steps outside it, and back
+        if i % 2:
+            got.append(streamer.step(x))
+        else:
+            with torch.inference_mode():
+                got.append(streamer.step(x).clone())
+    with torch.no_grad():
+        expected, _ = _stream_steps(module, xs)
+    torch.testing.assert_close(torch.stack(got), expected, atol=0, rtol=0)
+    assert not any(t.is_inference() for t in (streamer.state.h, *streamer.state.keys))
+
+
+def test_repr_names_the_configuration_and_state():
+    streamer = rnnattn_ext.LSTM(4, 5, num_layers=2).streamer()
+    assert repr(streamer) == ("rnnattn_ext.Streamer(cell=lstm, num_layers=2, input_size=4, dtype=torch.float32, "
+                              "device=cpu, state=None)")
+    streamer.step(torch.randn(3, 4))
+    assert repr(streamer).endswith("state=batch 3)")
+    attention = rnnattn_ext.AttnGRU(4, 6, num_heads=2, memory_size=3).double().streamer(torch.randn(5, 2, 3).double())
+    assert "cell=gru, num_layers=1, input_size=4, dtype=torch.float64, device=cpu, num_heads=2, memory=[5, 2, 3]" in (
+        repr(attention))
+
+
 def test_empty_batch():
     module = rnnattn_ext.GRU(3, 4)
     streamer = module.streamer()

@@ -717,9 +717,9 @@ void linear_into(const Tensor& input, const Tensor& weight, const std::optional<
 }
 
 void external_keys_values(const AttentionConfig& attention, const Tensor& keys, const Tensor& values) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   // The memory's rows in store order: (B * S, M).
   const Tensor m = attention.memory->transpose(0, 1).reshape({-1, attention.memory->size(2)});
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   Tensor k = keys.view({m.size(0), -1}), v = values.view({m.size(0), -1});
   const Tensor wk = attention.weight_k, wv = attention.weight_v;
   if (attention.bias_k) at::addmm_out(k, *attention.bias_k, m, wk.t()); else at::mm_out(k, m, wk.t());

@@ -9,7 +9,7 @@ from .attention_modules import AttentionState, AttnGRU, AttnLSTM, AttnRNN
 from .hybrid import HybridBlock
 from .modules import GRU, LSTM, RNN
 
-#: What ``LSTM/GRU/RNN.streamer()`` returns: streaming inference, one step per call (see ``streamer``).
+#: What a module's ``streamer()`` returns: streaming inference, one step per call (see ``LSTM.streamer``).
 Streamer = _ops.Streamer
 
 __version__ = "0.1.0"

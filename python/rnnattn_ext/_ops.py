@@ -192,6 +192,7 @@ for _cell in CELLS:
 run_layers = _C.run_layers
 #: The attention modules' call, likewise: (output, [finals], keys, values) or None.
 run_attention_layers = _C.run_attention_layers
+
 if TYPE_CHECKING:
 
     class Streamer:
