@@ -4,13 +4,15 @@
 // weight) costs about 20 µs more than the engine's own work on a 2-core x86, most of a small layer's
 // step at batch 1. The streamer checks its weights once, when it is made, and each step checks its
 // input and calls the engine. For the attention modules it also carries each layer's self-memory slots
-// (carried_slots.h), and computes an external memory's keys and values once instead of at every step.
+// (the keys and values of the call's own slot store), and computes an external memory's keys and
+// values once instead of at every step.
 //
 // Its weights (and external memory) are a snapshot: copies made with the streamer, so that nothing
 // later done to the module (an optimizer step, load_state_dict, .to(), a replaced parameter) changes
 // them under it or makes them disagree with what was checked. Inference only: no autograd graph is
 // recorded. Each layer computes as the module's does (CPU float16/bfloat16 in float32, its output and
-// states rounded back), so the steps give the module's numbers.
+// states rounded back), so the steps give the module's numbers: bit for bit, but for the carried slots,
+// which the module's stream computes again from the states (products of other shapes, equal to rounding).
 #include "python_streamer.h"
 
 #include <ATen/PythonTorchFunctionTLS.h>
@@ -99,8 +101,8 @@ struct Layer {
   Tensor weight_ih, weight_hh;
   std::optional<Tensor> bias_ih, bias_hh, weight_hr;
   std::optional<AttentionConfig> attention;  // the attention modules' layers
-  // Self memory: W_k, W_v and their biases in the module's dtype, with which the module computes the
-  // slots it carries (the config's are in float32 for a CPU float16/bfloat16 module).
+  // Self memory of a CPU float16/bfloat16 module: W_k, W_v and their biases in its dtype, with which
+  // it computes the slots it carries (the config's are in float32).
   Tensor carry_w_k, carry_w_v;
   std::optional<Tensor> carry_b_k, carry_b_v;
 };
@@ -302,22 +304,15 @@ class Streamer {
       config.memory_keys = at::empty(size, opts);
       config.memory_values = at::empty(size, opts);
       external_keys_values(config, *config.memory_keys, *config.memory_values);
-    } else {
-      layer.carry_w_k = *given[6];
-      layer.carry_w_v = *given[8];
-      layer.carry_b_k = given[7];
-      layer.carry_b_v = given[9];
-      if (compute_ == dtype_) {  // the same values: share the copies
-        layer.carry_w_k = config.weight_k;
-        layer.carry_w_v = config.weight_v;
-        layer.carry_b_k = config.bias_k;
-        layer.carry_b_v = config.bias_v;
-      } else {
-        for (Tensor* t : {&layer.carry_w_k, &layer.carry_w_v}) *t = t->clone(at::MemoryFormat::Contiguous);
-        for (std::optional<Tensor>* t : {&layer.carry_b_k, &layer.carry_b_v}) {
-          if (*t) *t = (*t)->clone(at::MemoryFormat::Contiguous);
-        }
-      }
+    } else if (compute_ != dtype_) {
+      // The module computes the carried slots' keys and values in its own dtype.
+      auto own = [](const std::optional<Tensor>& t) {
+        return t ? std::optional<Tensor>(t->clone(at::MemoryFormat::Contiguous)) : std::nullopt;
+      };
+      layer.carry_w_k = *own(given[6]);
+      layer.carry_w_v = *own(given[8]);
+      layer.carry_b_k = own(given[7]);
+      layer.carry_b_v = own(given[9]);
     }
     layer.attention = std::move(config);
     return layer;
@@ -421,6 +416,16 @@ class Streamer {
                       " but the memory batch ", memory_batch_, " (the streamer's memory, given when it was made)");
   }
 
+  // The most recent `wanted` slots (all with none; none with 0) of the call's slot store, (P, B, D).
+  static std::pair<Tensor, Tensor> slots_from_store(const RecurrentForward& r, std::optional<int64_t> wanted) {
+    const int64_t slots = r.slot_keys.size(1), kept = wanted ? std::min(slots, *wanted) : slots;
+    if (kept == 0) return {};
+    auto recent = [&](const Tensor& store) {
+      return store.narrow(1, slots - kept, kept).transpose(0, 1).contiguous();
+    };
+    return {recent(r.slot_keys), recent(r.slot_values)};
+  }
+
   Tensor advance(const Tensor& input) {
     TORCH_CHECK_VALUE(input.dim() == 1 || input.dim() == 2, kStep,
                       ": input must be (batch, input_size) or (input_size,), got shape ", input.sizes());
@@ -465,10 +470,17 @@ class Streamer {
       for (auto& f : r.final_states) next[l].states.push_back(rounded(std::move(f)));
       if (config && !config->memory) {
         const std::optional<int64_t> wanted = config->window ? std::optional<int64_t>(*config->window - 1) : std::nullopt;
-        auto optional = [](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; };
-        std::tie(next[l].past_keys, next[l].past_values) =
-            carried_slots(initial[0], x, w.carry_w_k, w.carry_b_k, w.carry_w_v, w.carry_b_v, optional(past_keys),
-                          optional(past_values), wanted);
+        if (!reduced) {
+          // The call's own slot store holds every key and value the next call needs (the module's
+          // stream computes the new ones again, with the same products: the same numbers).
+          std::tie(next[l].past_keys, next[l].past_values) = slots_from_store(r, wanted);
+        } else {
+          // The module computes them in its own dtype from the rounded states (functional.carried_slots).
+          auto optional = [](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; };
+          std::tie(next[l].past_keys, next[l].past_values) =
+              carried_slots(initial[0], x, w.carry_w_k, w.carry_b_k, w.carry_w_v, w.carry_b_v, optional(past_keys),
+                            optional(past_values), wanted);
+        }
       }
     }
     state_ = std::move(next);  // only once every layer has run

@@ -1005,6 +1005,11 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   result.output = std::move(output);
   result.workspace = std::move(workspace);
   if (geo.enabled) {
+    if (geo.self_memory) {
+      result.slot_keys = memory_store.narrow(0, query_steps * slot_size, geo.slots * slot_size).view({B, geo.slots, D});
+      result.slot_values =
+          memory_store.narrow(0, (query_steps + geo.slots) * slot_size, geo.slots * slot_size).view({B, geo.slots, D});
+    }
     result.context = std::move(context);
     result.attention = std::move(weights);
     result.attention_workspace = training ? std::move(memory_store) : at::empty({0}, opts);

@@ -43,6 +43,9 @@ struct RecurrentForward {
   at::Tensor context;              // (T, B, D)
   at::Tensor attention;            // (T, B, heads, slots) when requested, else empty
   at::Tensor attention_workspace;  // when training, else empty
+  // Self memory: every slot's key and value, (B, slots, D), the past ones first (views of the call's
+  // slot store), from which a streaming caller takes the slots the next call needs.
+  at::Tensor slot_keys, slot_values;
 };
 
 struct RecurrentBackward {
