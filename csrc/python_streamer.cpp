@@ -165,20 +165,23 @@ class Streamer {
   // first step and after reset().
   py::object state() {
     HANDLE_TH_ERRORS
-    std::vector<Tensor> stacked;
-    std::vector<LayerState> layers;
+    std::vector<Tensor> stacked;  // fresh tensors: changing them changes nothing inside
+    std::vector<Tensor> keys_of_layers, values_of_layers;
     {
       const py::gil_scoped_release no_gil;
       const std::lock_guard<std::mutex> lock(mutex_);
-      if (state_.empty()) return py::none();
-      layers = state_;
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
-      for (size_t s = 0; s < widths_.size(); ++s) {
+      for (size_t s = 0; s < widths_.size() && !state_.empty(); ++s) {
         std::vector<Tensor> per_layer;
-        for (const auto& layer : layers) per_layer.push_back(layer.states[s]);
+        for (const auto& layer : state_) per_layer.push_back(layer.states[s]);
         stacked.push_back(at::stack(per_layer, 0));
       }
+      for (const auto& layer : state_) {
+        keys_of_layers.push_back(layer.past_keys.defined() ? layer.past_keys.clone() : Tensor());
+        values_of_layers.push_back(layer.past_values.defined() ? layer.past_values.clone() : Tensor());
+      }
     }
+    if (stacked.empty()) return py::none();
     if (!attention()) {
       if (stacked.size() == 1) return wrap(std::move(stacked[0]));
       return py::make_tuple(wrap(std::move(stacked[0])), wrap(std::move(stacked[1])));
@@ -186,9 +189,9 @@ class Streamer {
     py::object keys = py::none(), values = py::none();
     if (self_memory()) {
       py::list k, v;
-      for (const auto& layer : layers) {
-        k.append(wrap(layer.past_keys));
-        v.append(wrap(layer.past_values));
+      for (size_t l = 0; l < keys_of_layers.size(); ++l) {
+        k.append(wrap(std::move(keys_of_layers[l])));
+        v.append(wrap(std::move(values_of_layers[l])));
       }
       keys = k;
       values = v;

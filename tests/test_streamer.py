@@ -168,6 +168,10 @@ def test_steps_inside_and_outside_inference_mode():
         expected, _ = _stream_steps(module, xs)
     torch.testing.assert_close(torch.stack(got), expected)  # carried slots: equal to rounding
     assert not any(t.is_inference() for t in (streamer.state.h, *streamer.state.keys))
+    # The state's tensors are fresh: changing them changes nothing inside.
+    keys = streamer.state.keys[0]
+    streamer.state.keys[0].zero_()
+    torch.testing.assert_close(streamer.state.keys[0], keys, atol=0, rtol=0)
 
 
 def test_repr_names_the_configuration_and_state():
