@@ -185,6 +185,17 @@ def test_repr_names_the_configuration_and_state():
         repr(attention))
 
 
+def test_autocast_does_not_apply():
+    torch.manual_seed(39)
+    module = rnnattn_ext.GRU(3, 4)
+    x = torch.randn(2, 3)
+    expected = module.streamer().step(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = module.streamer().step(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
 def test_empty_batch():
     module = rnnattn_ext.GRU(3, 4)
     streamer = module.streamer()

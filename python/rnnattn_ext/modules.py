@@ -438,7 +438,8 @@ class RecurrentBase(nn.Module):
         """A :class:`rnnattn_ext.Streamer` for streaming inference at the lowest cost per step: ``step(x_t)``
         takes one time step, (B, input_size) or (input_size,) as torch.nn's cells, returns the last
         layer's output and keeps the state inside (``state``, ``reset(state=None)``). Each step gives
-        the numbers of ``stream`` over that step in eval mode (no dropout), without autograd.
+        the numbers of ``stream`` over that step in eval mode (no dropout), without autograd; autocast
+        does not apply to it (it computes in the module's dtype, as it was when the streamer was made).
 
         It holds a snapshot of the weights: copies made now, which nothing later done to this module
         changes (an optimizer step, ``load_state_dict``, ``.to()``): make a new streamer after those.
