@@ -201,6 +201,9 @@ def test_empty_batch():
     streamer = module.streamer()
     assert streamer.step(torch.randn(0, 3)).shape == (0, 4)
     assert streamer.state.shape == (1, 0, 4)
+    decoder = rnnattn_ext.AttnGRU(3, 4, num_heads=2, memory_size=5).streamer(torch.randn(6, 0, 5))
+    assert decoder.step(torch.randn(0, 3)).shape == (0, 4)
+    assert decoder.state.h.shape == (1, 0, 4)
 
 
 def test_runs_under_torch_compile():

@@ -718,9 +718,11 @@ void linear_into(const Tensor& input, const Tensor& weight, const std::optional<
 
 void external_keys_values(const AttentionConfig& attention, const Tensor& keys, const Tensor& values) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  // The memory's rows in store order: (B * S, M).
-  const Tensor m = attention.memory->transpose(0, 1).reshape({-1, attention.memory->size(2)});
-  Tensor k = keys.view({m.size(0), -1}), v = values.view({m.size(0), -1});
+  // The memory's rows in store order: (B * S, M) (sizes spelled out: B or S may be 0).
+  const Tensor& memory = *attention.memory;
+  const int64_t rows = memory.size(0) * memory.size(1), width = keys.size(-1);
+  const Tensor m = memory.transpose(0, 1).reshape({rows, memory.size(2)});
+  Tensor k = keys.view({rows, width}), v = values.view({rows, width});
   const Tensor wk = attention.weight_k, wv = attention.weight_v;
   if (attention.bias_k) at::addmm_out(k, *attention.bias_k, m, wk.t()); else at::mm_out(k, m, wk.t());
   if (attention.bias_v) at::addmm_out(v, *attention.bias_v, m, wv.t()); else at::mm_out(v, m, wv.t());
