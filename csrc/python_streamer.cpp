@@ -48,10 +48,7 @@ namespace {
 
 using at::Tensor;
 
-using ForwardFn = RecurrentForward (*)(const Tensor&, const std::vector<Tensor>&, const Tensor&, const Tensor&,
-                                       const std::optional<Tensor>&, const std::optional<Tensor>&,
-                                       const std::optional<Tensor>&, const std::optional<Tensor>&, bool, bool,
-                                       const AttentionConfig*);
+using ForwardFn = decltype(&recurrent_forward<LstmCell>);  // every cell's has this type
 
 struct CellEntry {
   int gates = 0;
@@ -68,8 +65,11 @@ const CellEntry& cell_entry(const std::string& cell) {
     return entries;
   }();
   const auto found = cells.find(cell);
-  TORCH_CHECK_VALUE(found != cells.end(), "rnnattn_ext.Streamer: cell must be one of lstm, gru, rnn_tanh, rnn_relu, got ",
-                    cell);
+  if (found == cells.end()) {
+    std::string names;
+    for (const auto& entry : cells) names += (names.empty() ? "" : ", ") + entry.first;
+    TORCH_CHECK_VALUE(false, "rnnattn_ext.Streamer: cell must be one of ", names, ", got ", cell);
+  }
   return found->second;
 }
 
@@ -85,6 +85,11 @@ const Tensor& exact_tensor(py::handle object, const char* where, const std::stri
                    " must be a plain torch.Tensor (the streamer calls the engine directly), got the subclass ",
                    Py_TYPE(object.ptr())->tp_name, "; call the module instead");
   return THPVariable_Unpack(object.ptr());
+}
+
+// The attention modules' state type (python/rnnattn_ext/attention_modules.py).
+py::object attention_state_class() {
+  return py::module_::import("rnnattn_ext.attention_modules").attr("AttentionState");
 }
 
 py::object wrap(Tensor tensor) {
@@ -196,8 +201,7 @@ class Streamer {
       keys = k;
       values = v;
     }
-    const py::object state_class = py::module_::import("rnnattn_ext.attention_modules").attr("AttentionState");
-    return state_class(wrap(std::move(stacked[0])), stacked.size() > 1 ? wrap(std::move(stacked[1])) : py::none(),
+    return attention_state_class()(wrap(std::move(stacked[0])), stacked.size() > 1 ? wrap(std::move(stacked[1])) : py::none(),
                        keys, values);
     END_HANDLE_TH_ERRORS_PYBIND
   }
@@ -297,6 +301,7 @@ class Streamer {
     config.weight_c = *copy(given[10]);
     config.num_heads = settings.num_heads;
     config.window = settings.window;
+    config.return_slots = !settings.memory;  // the carried slots come from the step's own store
     if (settings.memory) config.memory = copy(settings.memory);
     if (settings.memory_lengths) config.memory_lengths = settings.memory_lengths;
     check_attention(where.c_str(), cell_.gates, shape, input, config);
@@ -344,8 +349,7 @@ class Streamer {
   std::vector<LayerState> copied_state(py::handle state) const {
     py::object hx = py::reinterpret_borrow<py::object>(state), keys = py::none(), values = py::none();
     if (attention()) {
-      const py::object state_class = py::module_::import("rnnattn_ext.attention_modules").attr("AttentionState");
-      TORCH_CHECK_TYPE(py::isinstance(state, state_class), kReset,
+      TORCH_CHECK_TYPE(py::isinstance(state, attention_state_class()), kReset,
                        ": state must be None or an AttentionState (what state reads), got ",
                        Py_TYPE(state.ptr())->tp_name);
       hx = widths_.size() == 1 ? py::object(state.attr("h")) : py::object(py::make_tuple(state.attr("h"), state.attr("c")));

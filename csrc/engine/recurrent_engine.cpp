@@ -1007,7 +1007,7 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   result.output = std::move(output);
   result.workspace = std::move(workspace);
   if (geo.enabled) {
-    if (geo.self_memory) {
+    if (geo.self_memory && attention->return_slots) {
       result.slot_keys = memory_store.narrow(0, query_steps * slot_size, geo.slots * slot_size).view({B, geo.slots, D});
       result.slot_values =
           memory_store.narrow(0, (query_steps + geo.slots) * slot_size, geo.slots * slot_size).view({B, geo.slots, D});

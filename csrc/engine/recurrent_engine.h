@@ -26,6 +26,9 @@ struct AttentionConfig {
   // External memory: its keys and values (B, S, D) when the caller has them (external_keys_values),
   // used instead of computing them again (a streamer makes them once for all its steps).
   std::optional<at::Tensor> memory_keys, memory_values;
+  // Self memory: return every slot's key and value (RecurrentForward::slot_keys/slot_values), as a
+  // streaming caller that carries them wants.
+  bool return_slots = false;
 };
 
 // What the attention forward saved, and the gradient of its context output (may be undefined).
@@ -43,8 +46,9 @@ struct RecurrentForward {
   at::Tensor context;              // (T, B, D)
   at::Tensor attention;            // (T, B, heads, slots) when requested, else empty
   at::Tensor attention_workspace;  // when training, else empty
-  // Self memory: every slot's key and value, (B, slots, D), the past ones first (views of the call's
-  // slot store), from which a streaming caller takes the slots the next call needs.
+  // Self memory with AttentionConfig::return_slots: every slot's key and value, (B, slots, D), the past
+  // ones first (views of the call's slot store), from which a streaming caller takes the slots the
+  // next call needs.
   at::Tensor slot_keys, slot_values;
 };
 
