@@ -5,7 +5,8 @@
 // step at batch 1. The streamer checks its weights once, when it is made, and each step checks its
 // input and calls the engine. For the attention modules it also carries each layer's self-memory slots
 // (the keys and values of the call's own slot store), and computes an external memory's keys and
-// values once instead of at every step.
+// values once instead of at every step; reset() may replace that memory (a decoder's next sequence
+// without copying the weights again).
 //
 // Its weights (and external memory) are a snapshot: copies made with the streamer, so that nothing
 // later done to the module (an optimizer step, load_state_dict, .to(), a replaced parameter) changes
@@ -73,6 +74,7 @@ const CellEntry& cell_entry(const std::string& cell) {
   return found->second;
 }
 
+constexpr const char* kMake = "rnnattn_ext.Streamer";
 constexpr const char* kStep = "rnnattn_ext.Streamer.step";
 constexpr const char* kReset = "rnnattn_ext.Streamer.reset";
 
@@ -105,6 +107,7 @@ constexpr const char* kAttentionNames[] = {"weight_q", "bias_q", "weight_k", "bi
 struct Layer {
   Tensor weight_ih, weight_hh;
   std::optional<Tensor> bias_ih, bias_hh, weight_hr;
+  LayerShape shape;  // as the ops' checks found it, for one step of batch 1
   std::optional<AttentionConfig> attention;  // the attention modules' layers
   // Self memory of a CPU float16/bfloat16 module: W_k, W_v and their biases in its dtype, with which
   // it computes the slots it carries (the config's are in float32).
@@ -116,7 +119,13 @@ struct Layer {
 struct AttentionSettings {
   int64_t num_heads = 0;  // 0: a base module
   std::optional<int64_t> window;
-  std::optional<Tensor> memory, memory_lengths;  // external memory, time-major (S, B, M)
+};
+
+// An external memory as a layer reads it: the memory (S, B, M) in the compute dtype (one copy for
+// every layer), its lengths, and the layer's keys and values of it (B, S, D).
+struct LayerMemory {
+  Tensor memory, keys, values;
+  std::optional<Tensor> lengths;
 };
 
 struct LayerState {
@@ -128,25 +137,31 @@ class Streamer {
  public:
   // `layers`: per layer the weights functional.stack (or, with num_heads > 0, attention_stack) takes,
   // absent ones None; `widths`: each state's width (h first). With attention: its heads, self-memory
-  // window, and the external memory (S, B, M) with its lengths, if any.
+  // window, and the external memory (S, B, M) with its lengths, if any; `prepare_memory` turns the
+  // memory and lengths reset() is given into those (the module's layout; None: reset takes them so).
   Streamer(const std::string& cell, const py::sequence& layers, int64_t input_size, std::vector<int64_t> widths,
-           int64_t num_heads, std::optional<int64_t> window, py::handle memory, py::handle memory_lengths)
-      : cell_(cell_entry(cell)), cell_name_(cell), input_size_(input_size), widths_(std::move(widths)) {
+           int64_t num_heads, std::optional<int64_t> window, py::handle memory, py::handle memory_lengths,
+           py::handle prepare_memory)
+      : cell_(cell_entry(cell)),
+        cell_name_(cell),
+        input_size_(input_size),
+        widths_(std::move(widths)),
+        prepare_memory_(py::reinterpret_borrow<py::object>(prepare_memory)) {
     TORCH_CHECK_VALUE(widths_.size() == cell_.states, "rnnattn_ext.Streamer: cell ", cell, " has ", cell_.states,
                       " state(s), got ", widths_.size(), " widths");
     TORCH_CHECK_VALUE(py::len(layers) > 0, "rnnattn_ext.Streamer: layers must hold at least one layer");
     TORCH_CHECK_VALUE(num_heads >= 0, "rnnattn_ext.Streamer: num_heads must be >= 0 (0: no attention), got ",
                       num_heads);
     const at::NoGradGuard no_grad;
-    AttentionSettings settings{num_heads, window, {}, {}};
-    if (!memory.is_none()) settings.memory = exact_tensor(memory, "rnnattn_ext.Streamer", "memory");
-    if (!memory_lengths.is_none()) {
-      settings.memory_lengths = exact_tensor(memory_lengths, "rnnattn_ext.Streamer", "memory_lengths").clone();
-    }
+    TORCH_CHECK_VALUE(num_heads > 0 || (memory.is_none() && memory_lengths.is_none()), kMake,
+                      ": memory and memory_lengths need attention (num_heads > 0)");
+    external_ = !memory.is_none();
+    TORCH_CHECK_VALUE(external_ || memory_lengths.is_none(), kMake, ": memory_lengths needs a memory");
+    const AttentionSettings settings{num_heads, window};
     for (size_t l = 0; l < py::len(layers); ++l) {
       layers_.push_back(make_layer(l, py::reinterpret_borrow<py::sequence>(layers[l]), settings));
     }
-    if (settings.memory) memory_batch_ = settings.memory->size(1);
+    if (external_) install(external_memory(kMake, memory, memory_lengths));
   }
 
   // One time step: input (B, input_size) or (input_size,); returns the last layer's output, (B, width)
@@ -206,13 +221,39 @@ class Streamer {
     END_HANDLE_TH_ERRORS_PYBIND
   }
 
-  // Starts a new sequence: from `state` (what `state` reads, copied), or from zeros with None.
-  void reset(py::handle state) {
+  // Starts a new sequence: from `state` (what `state` reads, copied), or from zeros with None; over a
+  // new external memory when one is given (copied, its keys and values made), else the same one.
+  void reset(py::handle state, py::handle memory, py::handle memory_lengths) {
     HANDLE_TH_ERRORS
+    std::optional<std::vector<LayerMemory>> new_memory;
+    if (!memory.is_none()) {
+      TORCH_CHECK_VALUE(external_, kReset, ": memory replaces the external memory of a streamer made with one; this ",
+                        attention() ? "one attends over its own past states (self memory)" : "one has no attention");
+      if (prepare_memory_.is_none()) {
+        new_memory = external_memory(kReset, memory, memory_lengths);
+      } else {
+        const auto prepared = prepare_memory_(memory, memory_lengths).cast<py::tuple>();
+        new_memory = external_memory(kReset, py::object(prepared[0]), py::object(prepared[1]));
+      }
+    } else {
+      TORCH_CHECK_VALUE(memory_lengths.is_none(), kReset,
+                        ": memory_lengths comes with a new memory (without one the memory and its lengths stay)");
+    }
     std::vector<LayerState> fresh;
     if (!state.is_none()) fresh = copied_state(state);
     const py::gil_scoped_release no_gil;
     const std::lock_guard<std::mutex> lock(mutex_);
+    if (!fresh.empty()) {
+      const int64_t batch = fresh[0].states[0].size(0);
+      if (new_memory) {
+        const int64_t memory_batch = new_memory->front().memory.size(1);
+        TORCH_CHECK_VALUE(batch == memory_batch, kReset, ": state has batch ", batch, " but the new memory batch ",
+                          memory_batch);
+      } else {
+        check_batch(kReset, "state", batch);
+      }
+    }
+    if (new_memory) install(std::move(*new_memory));
     state_ = std::move(fresh);
     END_HANDLE_TH_ERRORS_PYBIND
   }
@@ -226,14 +267,14 @@ class Streamer {
         << ", input_size=" << input_size_ << ", dtype="
         << py::str(py::handle(reinterpret_cast<PyObject*>(torch::getTHPDtype(dtype_)))).cast<std::string>()
         << ", device=" << device_;
+    const py::gil_scoped_release no_gil;
+    const std::lock_guard<std::mutex> lock(mutex_);  // reset() may replace the memory
     if (attention()) {
       const AttentionConfig& a = *layers_[0].attention;
       out << ", num_heads=" << a.num_heads;
       if (a.memory) out << ", memory=" << a.memory->sizes();
       else if (a.window) out << ", window=" << *a.window;
     }
-    const py::gil_scoped_release no_gil;
-    const std::lock_guard<std::mutex> lock(mutex_);
     out << ", state=";
     if (state_.empty()) out << "None)"; else out << "batch " << state_[0].states[0].size(0) << ")";
     return out.str();
@@ -241,7 +282,7 @@ class Streamer {
 
  private:
   bool attention() const { return layers_[0].attention.has_value(); }
-  bool self_memory() const { return attention() && !layers_[0].attention->memory; }
+  bool self_memory() const { return attention() && !external_; }
 
   // The snapshot of layer l's weights, checked by the ops' own checks.
   Layer make_layer(size_t l, const py::sequence& parts, const AttentionSettings& settings) {
@@ -266,7 +307,6 @@ class Streamer {
         // The module computes CPU float16/bfloat16 in float32 (functional.layer).
         const bool reduced = t.is_cpu() && (dtype_ == at::kHalf || dtype_ == at::kBFloat16);
         compute_ = reduced ? at::kFloat : dtype_;
-        if (settings.memory) check_like_module("rnnattn_ext.Streamer", "memory", *settings.memory);
       }
       TORCH_CHECK_TYPE(t.scalar_type() == dtype_, where, ": ", name, " must have the dtype of weight_ih_l0 (", dtype_,
                        "), got ", t.scalar_type());
@@ -279,16 +319,14 @@ class Streamer {
     };
     Layer layer{*copy(given[0]), *copy(given[1]), copy(given[2]), copy(given[3]), copy(given[base])};
     // The op's own checks, against an input and states of the layer's shapes.
-    const auto opts = at::TensorOptions().dtype(compute_).device(device_);
-    const int64_t batch = settings.memory ? settings.memory->size(1) : 1;
-    const Tensor input = at::empty({1, batch, l == 0 ? input_size_ : widths_[0]}, opts);
+    const Tensor input = probe_input(l, 1);
     std::vector<Tensor> states;
     std::vector<NamedTensor> named;
     const char* state_names[] = {"h0", "c0"};
-    for (const int64_t width : widths_) states.push_back(at::empty({batch, width}, opts));
+    for (const int64_t width : widths_) states.push_back(at::empty({1, width}, input.options()));
     for (size_t s = 0; s < widths_.size(); ++s) named.push_back({state_names[s], states[s]});
-    const LayerShape shape = check_layer_forward(where.c_str(), cell_.gates, input, named, layer.weight_ih,
-                                                 layer.weight_hh, layer.bias_ih, layer.bias_hh, layer.weight_hr);
+    layer.shape = check_layer_forward(where.c_str(), cell_.gates, input, named, layer.weight_ih, layer.weight_hh,
+                                      layer.bias_ih, layer.bias_hh, layer.weight_hr);
     if (!attention) return layer;
 
     AttentionConfig config;
@@ -301,18 +339,10 @@ class Streamer {
     config.weight_c = *copy(given[10]);
     config.num_heads = settings.num_heads;
     config.window = settings.window;
-    config.return_slots = !settings.memory;  // the carried slots come from the step's own store
-    if (settings.memory) config.memory = copy(settings.memory);
-    if (settings.memory_lengths) config.memory_lengths = settings.memory_lengths;
-    check_attention(where.c_str(), cell_.gates, shape, input, config);
-    if (config.memory) {
-      // Every step reads the same keys and values: made once, as each call would make them.
-      const Tensor& m = *config.memory;
-      const auto size = std::vector<int64_t>{m.size(1), m.size(0), config.weight_q.size(0)};
-      config.memory_keys = at::empty(size, opts);
-      config.memory_values = at::empty(size, opts);
-      external_keys_values(config, *config.memory_keys, *config.memory_values);
-    } else if (compute_ != dtype_) {
+    config.return_slots = !external_;  // the carried slots come from the step's own store
+    // An external memory's layer is checked with its memory (external_memory).
+    if (!external_) check_attention(where.c_str(), cell_.gates, layer.shape, input, config);
+    if (!external_ && compute_ != dtype_) {
       // The module computes the carried slots' keys and values in its own dtype.
       auto own = [](const std::optional<Tensor>& t) {
         return t ? std::optional<Tensor>(t->clone(at::MemoryFormat::Contiguous)) : std::nullopt;
@@ -343,6 +373,60 @@ class Streamer {
                       t.device());
     TORCH_CHECK_VALUE(t.layout() == at::kStrided, where, ": ", name, " must be a strided (dense) tensor, got ",
                       t.layout());
+  }
+
+  // Layer l's input for the ops' checks, of one step and `batch` rows (they read its shape and kind).
+  Tensor probe_input(size_t l, int64_t batch) const {
+    return at::empty({1, batch, l == 0 ? input_size_ : widths_[0]},
+                     at::TensorOptions().dtype(compute_).device(device_));
+  }
+
+  // An external memory (S, B, M) and its lengths (B,) int64 or None, checked against every layer as the
+  // ops check them, copied, with each layer's keys and values: every step reads the same ones, so they
+  // are made once, as each call of the op would make them.
+  std::vector<LayerMemory> external_memory(const char* where, py::handle memory_object,
+                                           py::handle lengths_object) const {
+    const Tensor& memory = exact_tensor(memory_object, where, "memory");
+    check_like_module(where, "memory", memory);
+    const at::NoGradGuard no_grad;
+    const Tensor copy = memory.to(memory.options().dtype(compute_), /*non_blocking=*/false, /*copy=*/true,
+                                  at::MemoryFormat::Contiguous);
+    std::optional<Tensor> lengths;
+    if (!lengths_object.is_none()) lengths = exact_tensor(lengths_object, where, "memory_lengths").clone();
+    const int64_t batch = copy.dim() == 3 ? copy.size(1) : 1;  // check_attention names any other shape
+    const py::gil_scoped_release no_gil;  // the keys and values are products: Python threads run meanwhile
+    std::vector<AttentionConfig> probes;
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);  // another reset() may be replacing their memory
+      for (const auto& layer : layers_) probes.push_back(*layer.attention);
+    }
+    std::vector<LayerMemory> per_layer;
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const std::string name = std::string(where) + ", layer " + std::to_string(l);
+      AttentionConfig& probe = probes[l];
+      probe.memory = copy;
+      probe.memory_lengths = lengths;
+      LayerShape shape = layers_[l].shape;
+      shape.batch = batch;
+      check_attention(name.c_str(), cell_.gates, shape, probe_input(l, batch), probe);
+      const auto size = std::vector<int64_t>{copy.size(1), copy.size(0), probe.weight_q.size(0)};
+      LayerMemory m{copy, at::empty(size, copy.options()), at::empty(size, copy.options()), lengths};
+      external_keys_values(probe, m.keys, m.values);
+      per_layer.push_back(std::move(m));
+    }
+    return per_layer;
+  }
+
+  // Makes `memory` the one every step attends over; the caller holds the mutex (or is the constructor).
+  void install(std::vector<LayerMemory> memory) {
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      AttentionConfig& config = *layers_[l].attention;
+      config.memory = memory[l].memory;
+      config.memory_lengths = memory[l].lengths;
+      config.memory_keys = memory[l].keys;
+      config.memory_values = memory[l].values;
+    }
+    memory_batch_ = memory.front().memory.size(1);
   }
 
   // `state`'s tensors, checked, copied per layer.
@@ -383,7 +467,6 @@ class Streamer {
         copies[l].states.push_back(t.select(0, l).clone(at::MemoryFormat::Contiguous));
       }
     }
-    check_batch(kReset, "state", batch);
     if (!self_memory()) {
       TORCH_CHECK_VALUE(keys.is_none() && values.is_none(), kReset,
                         ": state.keys and state.values must be None with an external memory");
@@ -420,7 +503,8 @@ class Streamer {
   // An external memory fixes the batch.
   void check_batch(const char* where, const char* name, int64_t batch) const {
     TORCH_CHECK_VALUE(memory_batch_ < 0 || batch == memory_batch_, where, ": ", name, " has batch ", batch,
-                      " but the memory batch ", memory_batch_, " (the streamer's memory, given when it was made)");
+                      " but the memory batch ", memory_batch_,
+                      " (the streamer's memory, given when it was made or to reset())");
   }
 
   // The most recent `wanted` slots (all with none; none with 0) of the call's slot store, (P, B, D).
@@ -501,10 +585,12 @@ class Streamer {
   std::vector<int64_t> widths_;
   at::ScalarType dtype_ = at::kFloat, compute_ = at::kFloat;
   c10::Device device_ = c10::Device(c10::kCPU);
+  bool external_ = false;      // attends over an external memory (which reset() may replace)
   int64_t memory_batch_ = -1;  // an external memory's batch, which every step must have
+  py::object prepare_memory_;  // reset()'s memory and lengths -> (S, B, M), (B,) int64 or None
   std::vector<Layer> layers_;
   std::vector<LayerState> state_;  // per layer; empty: zeros, no past slots
-  std::mutex mutex_;  // one step at a time: a step replaces the state
+  mutable std::mutex mutex_;  // one step at a time: a step replaces the state
 };
 
 }  // namespace
@@ -515,12 +601,15 @@ void define_streamer(py::module_& module) {
                        "module's streamer() (rnnattn_ext.LSTM, GRU, RNN and the attention modules), from a snapshot "
                        "of its weights")
       .def(py::init<const std::string&, const py::sequence&, int64_t, std::vector<int64_t>, int64_t,
-                    std::optional<int64_t>, py::handle, py::handle>(),
+                    std::optional<int64_t>, py::handle, py::handle, py::handle>(),
            py::arg("cell"), py::arg("layers"), py::arg("input_size"), py::arg("widths"), py::arg("num_heads") = 0,
            py::arg("window") = py::none(), py::arg("memory") = py::none(), py::arg("memory_lengths") = py::none(),
+           py::arg("prepare_memory") = py::none(),
            "cell: lstm, gru, rnn_tanh or rnn_relu; layers: per layer the weights functional.stack takes (with "
            "num_heads > 0: attention_stack), copied; widths: each state's width (h first); num_heads, window, "
-           "memory (S, B, M) and memory_lengths (B,) int64: the attention modules' (the memory copied)")
+           "memory (S, B, M) and memory_lengths (B,) int64: the attention modules' (the memory copied); "
+           "prepare_memory: a function that turns the memory and lengths reset() takes into those (None: "
+           "reset() takes them in this layout)")
       .def("step", &Streamer::step, py::arg("input"),
            "One time step: input (B, input_size) or (input_size,) gives the last layer's output (B, width) or "
            "(width,), and the state moves on. The first step after reset() with no state starts from zeros")
@@ -528,8 +617,11 @@ void define_streamer(py::module_& module) {
                              "The state the next step starts from, as the module's stream returns it ((num_layers, "
                              "B, width) per state, (h, c) for the LSTM, an AttentionState for the attention "
                              "modules); None before the first step. Fresh tensors")
-      .def("reset", &Streamer::reset, py::arg("state") = py::none(),
-           "Starts a new sequence: from `state` (as `state` reads it, copied), or zeros with None")
+      .def("reset", &Streamer::reset, py::arg("state") = py::none(), py::arg("memory") = py::none(),
+           py::arg("memory_lengths") = py::none(),
+           "Starts a new sequence: from `state` (as `state` reads it, copied), or zeros with None. A streamer "
+           "made with an external memory attends over `memory` (with `memory_lengths`) from then on when one "
+           "is given (copied, in the module's layout, any batch), else over the same one")
       .def("__repr__", &Streamer::repr)
       .def_property_readonly("num_layers", &Streamer::num_layers)
       .def_property_readonly("input_size", &Streamer::input_size);

@@ -104,3 +104,24 @@ def test_step_benchmark_streams_chunks_against_the_layer_modules(tmp_path):
          "--out", str(tmp_path)], capture_output=True, text=True, timeout=120,
     )
     assert rejected.returncode == 2 and "--chunk must be in [1, --steps = 4], got 5" in rejected.stderr
+
+
+def test_decoder_step_benchmark_writes_its_rows(tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_decoder_step.py"), "--shapes", "2x8x8x4x3",
+         "--steps", "3", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path), "--name", "quick"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "quick.json") as f:
+        rows = json.load(f)["rows"]
+    assert [r["cell"] for r in rows] == ["lstm", "gru"]
+    for row in rows:
+        assert row["reference_us"] > 0 and row["stream_us"] > 0
+        assert row["new_streamer_speedup"] > 0 and row["reset_streamer_speedup"] > 0
+    assert "| gru | 2×8×8, 4 (4), 3 | 3 |" in (tmp_path / "quick.md").read_text()
+    rejected = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_decoder_step.py"), "--shapes", "1x8x8x6x3"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert rejected.returncode != 0 and "D a multiple of 4" in rejected.stderr

@@ -432,3 +432,144 @@ def test_attention_bad_arguments_are_named():
         own.reset(rnnattn_ext.AttentionState(h, h, [torch.zeros(1, 3, 4)], [torch.zeros(1, 3, 4)]))
     with pytest.raises(ValueError, match=r"state.keys\[0\] and state.values\[0\] must come together"):
         own.reset(rnnattn_ext.AttentionState(h, h, [torch.zeros(1, 2, 4)], None))
+
+
+DECODERS = [
+    (rnnattn_ext.AttnGRU, {"num_heads": 2, "memory_size": 5, "num_layers": 2}),
+    (rnnattn_ext.AttnLSTM, {"num_heads": 3, "head_dim": 2, "memory_size": 5, "batch_first": True}),
+]
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("cls,extra", DECODERS, ids=[cls.__name__ for cls, _ in DECODERS])
+def test_reset_with_a_new_memory_is_a_new_streamer_over_it(cls, extra, device):
+    gen = torch.Generator().manual_seed(45)
+    module = cls(3, 6, **extra).to(device).eval()
+    first, second = _memory_of(module, 3, device, torch.float32, gen), _memory_of(module, 2, device, torch.float32, gen)
+    streamer = module.streamer(**first)
+    for x in torch.randn(3, 3, 3, generator=gen).to(device):
+        streamer.step(x)
+    # A new memory of another batch: the state starts from zeros (or the one given), the memory is
+    # a copy, and steps give a new streamer's numbers over it, bit for bit.
+    given = {name: tensor.clone() for name, tensor in second.items()}
+    streamer.reset(**given)
+    assert streamer.state is None and "memory=[4, 2, 5]" in repr(streamer)
+    for tensor in given.values():
+        tensor.add_(1)  # the streamer has its own copy
+    fresh = module.streamer(**second)
+    xs = torch.randn(4, 2, 3, generator=gen).to(device)
+    got = torch.stack([streamer.step(x) for x in xs])
+    torch.testing.assert_close(got, torch.stack([fresh.step(x) for x in xs]), atol=0, rtol=0)
+    with torch.no_grad():
+        whole, _ = module(xs.transpose(0, 1) if module.batch_first else xs, **second)
+    torch.testing.assert_close(got, whole.transpose(0, 1) if module.batch_first else whole)
+    # With a state, and without a memory: the last one given stays.
+    state = streamer.state
+    streamer.reset(state)
+    fresh.reset(state, **second)
+    more = torch.randn(2, 2, 3, generator=gen).to(device)
+    torch.testing.assert_close(torch.stack([streamer.step(x) for x in more]),
+                               torch.stack([fresh.step(x) for x in more]), atol=0, rtol=0)
+
+
+def test_reset_with_an_unbatched_memory():
+    gen = torch.Generator().manual_seed(46)
+    module = rnnattn_ext.AttnLSTM(3, 4, num_heads=2, memory_size=5)
+    streamer = module.streamer(torch.randn(6, 2, 5, generator=gen))
+    memory, xs = torch.randn(7, 5, generator=gen), torch.randn(4, 3, generator=gen)
+    streamer.reset(memory=memory, memory_lengths=[5])
+    got = torch.stack([streamer.step(x) for x in xs])
+    with torch.no_grad():
+        whole, _ = module(xs, memory=memory, memory_lengths=[5])
+    torch.testing.assert_close(got, whole)
+
+
+def test_reset_on_the_streamer_itself_takes_the_ops_layout():
+    # Made directly (no module), a streamer's reset takes the memory time-major, as its constructor.
+    gen = torch.Generator().manual_seed(47)
+    module = rnnattn_ext.AttnGRU(3, 4, num_heads=2, memory_size=5)
+    layers = [tuple(None if w is None else w.detach() for w in layer) for layer in module._attention_weights()]
+    memory, lengths = torch.randn(6, 2, 5, generator=gen), torch.tensor([6, 3])
+    streamer = rnnattn_ext.Streamer("gru", layers, 3, [4], num_heads=2, memory=torch.randn(2, 1, 5))
+    streamer.reset(memory=memory, memory_lengths=lengths)
+    x = torch.randn(2, 3, generator=gen)
+    torch.testing.assert_close(streamer.step(x), module.streamer(memory, lengths).step(x), atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"memory must be 3-D \(S, B, M\), got shape \[6, 5\]"):
+        streamer.reset(memory=torch.randn(6, 5))
+
+
+def test_a_failed_reset_changes_nothing():
+    gen = torch.Generator().manual_seed(48)
+    module = rnnattn_ext.AttnGRU(3, 4, num_heads=2, memory_size=5, num_layers=2)
+    memory, x = torch.randn(6, 2, 5, generator=gen), torch.randn(2, 3, generator=gen)
+    streamer, twin = module.streamer(memory), module.streamer(memory)
+    streamer.step(x)
+    twin.step(x)
+    bad = [
+        ({"memory_lengths": [1, 2]}, ValueError, "memory_lengths comes with a new memory"),
+        ({"memory": torch.randn(6, 2, 5, dtype=torch.float64)}, TypeError,
+         r"memory must have the module's dtype \(Float\), got Double"),
+        ({"memory": torch.randn(6, 2, 4)}, ValueError, "AttnGRU: memory must have batch 2 and memory_size 5"),
+        ({"memory": [[1.0]]}, TypeError, "AttnGRU: memory must be a Tensor, got list"),
+        ({"memory": torch.randn(3, 2, 5), "memory_lengths": [4, 1]}, ValueError,
+         r"reset, layer 0: memory_lengths must lie in \[1, S\] = \[1, 3\], got values in \[1, 4\]"),
+        ({"memory": torch.randn(3, 2, 5), "memory_lengths": [1.5, 2.0]}, TypeError,
+         "memory_lengths must hold integers"),
+        ({"state": twin.state, "memory": torch.randn(3, 5, 5)}, ValueError,
+         "state has batch 2 but the new memory batch 5"),
+    ]
+    for arguments, error, message in bad:
+        with pytest.raises(error, match=message):
+            streamer.reset(**arguments)
+    assert "memory=[6, 2, 5], state=batch 2" in repr(streamer)
+    torch.testing.assert_close(streamer.step(x), twin.step(x), atol=0, rtol=0)
+
+
+def test_only_an_external_memory_streamer_takes_a_memory():
+    memory = torch.randn(2, 1, 4)
+    for streamer, what in ((rnnattn_ext.AttnLSTM(3, 4, num_heads=2, window=3).streamer(), "self memory"),
+                           (rnnattn_ext.GRU(3, 4).streamer(), "no attention")):
+        with pytest.raises(ValueError, match=f"memory replaces the external memory .*{what}"):
+            streamer.reset(memory=memory)
+        with pytest.raises(ValueError, match="memory_lengths comes with a new memory"):
+            streamer.reset(memory_lengths=[1])
+    with pytest.raises(ValueError, match=r"memory and memory_lengths need attention \(num_heads > 0\)"):
+        rnnattn_ext.Streamer("gru", [tuple(w.detach() for w in rnnattn_ext.GRU(3, 4)._layer_weights()[0])], 3, [4],
+                             memory=memory)
+
+
+def test_reset_and_steps_in_threads():
+    # Resets over memories of other batches race with steps: each step runs over one memory whole
+    # (a step of the wrong batch is refused, not run over a half-replaced memory).
+    gen = torch.Generator().manual_seed(49)
+    module = rnnattn_ext.AttnGRU(3, 4, num_heads=2, memory_size=5)
+    memories = [torch.randn(5, batch, 5, generator=gen) for batch in (1, 2, 3)]
+    streamer = module.streamer(memories[0])
+    outcomes, wrong = [], []  # list.append is atomic in CPython; += on a shared count is not
+
+    def resetter():
+        for i in range(300):
+            streamer.reset(memory=memories[i % 3])
+
+    def stepper(batch):
+        for _ in range(300):
+            try:
+                y = streamer.step(torch.ones(batch, 3))
+            except ValueError as error:
+                outcomes.append("refused")
+                if "but the memory batch" not in str(error) and "but the state batch" not in str(error):
+                    wrong.append(error)
+                continue
+            outcomes.append("step")
+            if y.shape != (batch, 4) or not torch.isfinite(y).all():
+                wrong.append(y)
+
+    threads = [threading.Thread(target=resetter)] + [threading.Thread(target=stepper, args=(b,)) for b in (1, 2, 3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not wrong and len(outcomes) == 900 and "step" in outcomes
+    streamer.reset(memory=memories[2])
+    x = torch.randn(3, 3, generator=gen)
+    torch.testing.assert_close(streamer.step(x), module.streamer(memories[2]).step(x), atol=0, rtol=0)

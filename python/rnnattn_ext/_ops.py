@@ -8,7 +8,7 @@ torch.compile and torch.export see no Python-only code, and a call costs no Pyth
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor
@@ -203,11 +203,12 @@ if TYPE_CHECKING:
 
         def __init__(self, cell: str, layers: list[tuple[Tensor | None, ...]], input_size: int, widths: list[int],
                      num_heads: int = 0, window: int | None = None, memory: Tensor | None = None,
-                     memory_lengths: Tensor | None = None) -> None: ...
+                     memory_lengths: Tensor | None = None,
+                     prepare_memory: Callable[[Any, Any], tuple[Tensor, Tensor | None]] | None = None) -> None: ...
         def step(self, input: Tensor) -> Tensor: ...
         @property
         def state(self) -> Any: ...  # as the module's stream returns it, or None
-        def reset(self, state: Any = None) -> None: ...
+        def reset(self, state: Any = None, memory: Tensor | None = None, memory_lengths: Any = None) -> None: ...
 
 else:
     #: Streaming inference one step per call, the state kept inside (csrc/python_streamer.cpp); made

@@ -10,6 +10,7 @@ ignoring positions at or past ``memory_lengths[b]``.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -35,6 +36,46 @@ def _positive_int(owner: str, name: str, value, allow_none: bool = False) -> Non
         raise TypeError(f"{owner}: {name} must be {wanted}, got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{owner}: {name} must be >= 1{' or None' if allow_none else ''}, got {value}")
+
+
+def _time_major_memory(owner: str, memory_size: int | None, batch_first: bool, memory: Tensor | None, memory_lengths,
+                       batched: bool, batch: int):
+    """A module's memory in the op's layout (S, B, M) and its lengths as int64 (B,), after checking them."""
+    if memory_size is None:
+        if memory is not None or memory_lengths is not None:
+            raise ValueError(f"{owner}: built for self memory (memory_size=None), got a memory; construct it with "
+                             "memory_size=M to attend over an external memory")
+        return None, None
+    if memory is None:
+        raise ValueError(f"{owner}: built with memory_size={memory_size}: forward needs memory "
+                         f"({'(B, S, M)' if batch_first else '(S, B, M)'}), got None")
+    if not isinstance(memory, Tensor):
+        raise TypeError(f"{owner}: memory must be a Tensor, got {type(memory).__name__}")
+    wanted = 3 if batched else 2
+    if memory.dim() != wanted:
+        raise ValueError(f"{owner}: for {'batched' if batched else 'unbatched'} input, memory must be {wanted}-D, "
+                         f"got shape {tuple(memory.shape)}")
+    if not batched:
+        memory = memory.unsqueeze(1)
+    elif batch_first:
+        memory = memory.transpose(0, 1)
+    if memory.shape[1] != batch or memory.shape[2] != memory_size:
+        raise ValueError(f"{owner}: memory must have batch {batch} and memory_size {memory_size}, got shape "
+                         f"{tuple(memory.shape)} (time-major: (S, B, M))")
+    if memory_lengths is not None:
+        if not isinstance(memory_lengths, Tensor):
+            memory_lengths = torch.as_tensor(memory_lengths)
+        if memory_lengths.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{owner}: memory_lengths must hold integers, got {memory_lengths.dtype}")
+        memory_lengths = memory_lengths.to(device=memory.device, dtype=torch.int64).reshape(-1)
+    return memory, memory_lengths
+
+
+def _streamer_memory(owner: str, memory_size: int | None, batch_first: bool, memory: Tensor | None, memory_lengths):
+    """A streamer's memory, whose batch is its steps' ((S, M): batch 1), as _time_major_memory gives it."""
+    batched = not (isinstance(memory, Tensor) and memory.dim() == 2)
+    batch = memory.shape[0 if batch_first else 1] if isinstance(memory, Tensor) and memory.dim() == 3 else 1
+    return _time_major_memory(owner, memory_size, batch_first, memory, memory_lengths, batched, batch)
 
 
 class AttentionRecurrentBase(RecurrentBase):
@@ -116,35 +157,8 @@ class AttentionRecurrentBase(RecurrentBase):
 
     def _memory(self, memory: Tensor | None, memory_lengths, batched: bool, batch: int):
         """memory in the op's layout (S, B, M) and the lengths as int64 (B,), after checking them."""
-        owner = type(self).__name__
-        if self.memory_size is None:
-            if memory is not None or memory_lengths is not None:
-                raise ValueError(f"{owner}: built for self memory (memory_size=None), got a memory; construct it with "
-                                 "memory_size=M to attend over an external memory")
-            return None, None
-        if memory is None:
-            raise ValueError(f"{owner}: built with memory_size={self.memory_size}: forward needs memory "
-                             f"({'(B, S, M)' if self.batch_first else '(S, B, M)'}), got None")
-        if not isinstance(memory, Tensor):
-            raise TypeError(f"{owner}: memory must be a Tensor, got {type(memory).__name__}")
-        wanted = 3 if batched else 2
-        if memory.dim() != wanted:
-            raise ValueError(f"{owner}: for {'batched' if batched else 'unbatched'} input, memory must be {wanted}-D, "
-                             f"got shape {tuple(memory.shape)}")
-        if not batched:
-            memory = memory.unsqueeze(1)
-        elif self.batch_first:
-            memory = memory.transpose(0, 1)
-        if memory.shape[1] != batch or memory.shape[2] != self.memory_size:
-            raise ValueError(f"{owner}: memory must have batch {batch} and memory_size {self.memory_size}, got shape "
-                             f"{tuple(memory.shape)} (time-major: (S, B, M))")
-        if memory_lengths is not None:
-            if not isinstance(memory_lengths, Tensor):
-                memory_lengths = torch.as_tensor(memory_lengths)
-            if memory_lengths.dtype not in (torch.int32, torch.int64):
-                raise TypeError(f"{owner}: memory_lengths must hold integers, got {memory_lengths.dtype}")
-            memory_lengths = memory_lengths.to(device=memory.device, dtype=torch.int64).reshape(-1)
-        return memory, memory_lengths
+        return _time_major_memory(type(self).__name__, self.memory_size, self.batch_first, memory, memory_lengths,
+                                  batched, batch)
 
     def forward(self, input: Tensor | PackedSequence, hx=None, memory: Tensor | None = None, memory_lengths=None,
                 need_weights: bool = False, lengths=None):
@@ -211,14 +225,16 @@ class AttentionRecurrentBase(RecurrentBase):
         ``window - 1`` slots' keys and values). An external memory (``memory_size``) is given here, as to
         ``forward`` ((S, B, M), (B, S, M) with ``batch_first``, (S, M) for unbatched steps), with its
         lengths, and copied: every step attends over it, its keys and values computed once, here
-        (``stream`` computes them at every call). Its batch is every step's."""
+        (``stream`` computes them at every call). Its batch is every step's. ``reset(state=None,
+        memory=None, memory_lengths=None)`` starts a new sequence, over a new memory (given as here,
+        of any batch) when one is given, else over the same one: a decoder's next utterance without
+        copying the weights again."""
         self._check_unidirectional("streamer")
-        batched = not (isinstance(memory, Tensor) and memory.dim() == 2)
-        batch = memory.shape[0 if self.batch_first else 1] if isinstance(memory, Tensor) and memory.dim() == 3 else 1
-        memory, memory_lengths = self._memory(memory, memory_lengths, batched, batch)
+        prepare = functools.partial(_streamer_memory, type(self).__name__, self.memory_size, self.batch_first)
+        memory, memory_lengths = prepare(memory, memory_lengths)
         return _ops.Streamer(self.cell, _detached(self._attention_weights()), self.input_size,
                              list(self._state_widths()), num_heads=self.num_heads, window=self.window, memory=memory,
-                             memory_lengths=memory_lengths)
+                             memory_lengths=memory_lengths, prepare_memory=prepare)
 
     def stream(self, input: Tensor, state: AttentionState | None = None, memory: Tensor | None = None,
                memory_lengths=None):
