@@ -165,18 +165,24 @@ class Streamer {
   }
 
   // One time step: input (B, input_size) or (input_size,); returns the last layer's output, (B, width)
-  // or (width,).
-  py::object step(py::handle input_object) {
+  // or (width,), and with `need_weights` also each layer's attention weights of the step.
+  py::object step(py::handle input_object, bool need_weights) {
     HANDLE_TH_ERRORS
     check_direct_call(kStep);
+    TORCH_CHECK_VALUE(!need_weights || attention(), kStep,
+                      ": need_weights is for the attention modules' streamers; this one has no attention");
     const Tensor& input = exact_tensor(input_object, kStep, "input");
     Tensor output;
+    std::vector<Tensor> weights;
     {
       const py::gil_scoped_release no_gil;  // as the ops: other Python threads run meanwhile
       const std::lock_guard<std::mutex> lock(mutex_);
-      output = advance(input);
+      output = advance(input, need_weights ? &weights : nullptr);
     }
-    return wrap(std::move(output));
+    if (!need_weights) return wrap(std::move(output));
+    py::list per_layer;
+    for (auto& w : weights) per_layer.append(wrap(std::move(w)));
+    return py::make_tuple(wrap(std::move(output)), per_layer);
     END_HANDLE_TH_ERRORS_PYBIND
   }
 
@@ -517,7 +523,9 @@ class Streamer {
     return {recent(r.slot_keys), recent(r.slot_values)};
   }
 
-  Tensor advance(const Tensor& input) {
+  // One step through every layer; `weights`, when given, receives each layer's attention weights
+  // (B, heads, slots), or (heads, slots) for an input (input_size,).
+  Tensor advance(const Tensor& input, std::vector<Tensor>* weights) {
     TORCH_CHECK_VALUE(input.dim() == 1 || input.dim() == 2, kStep,
                       ": input must be (batch, input_size) or (input_size,), got shape ", input.sizes());
     TORCH_CHECK_VALUE(input.size(-1) == input_size_, kStep, ": input.size(-1) must be input_size = ", input_size_,
@@ -554,11 +562,16 @@ class Streamer {
         config->past_keys = computed(past_keys);
         config->past_values = computed(past_values);
       }
+      if (config) config->need_weights = weights != nullptr;
       RecurrentForward r = cell_.forward(computed(x), init, w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh,
                                          w.weight_hr, std::nullopt, /*reverse=*/false, /*training=*/false,
                                          config ? &*config : nullptr);
       x = rounded(std::move(r.output));
       for (auto& f : r.final_states) next[l].states.push_back(rounded(std::move(f)));
+      if (weights) {
+        const Tensor w = rounded(r.attention.select(0, 0));  // (B, heads, slots)
+        weights->push_back(input.dim() == 2 ? w : w.select(0, 0));
+      }
       if (config && !config->memory) {
         const std::optional<int64_t> wanted = config->window ? std::optional<int64_t>(*config->window - 1) : std::nullopt;
         if (!reduced) {
@@ -610,9 +623,13 @@ void define_streamer(py::module_& module) {
            "memory (S, B, M) and memory_lengths (B,) int64: the attention modules' (the memory copied); "
            "prepare_memory: a function that turns the memory and lengths reset() takes into those (None: "
            "reset() takes them in this layout)")
-      .def("step", &Streamer::step, py::arg("input"),
+      .def("step", &Streamer::step, py::arg("input"), py::arg("need_weights") = false,
            "One time step: input (B, input_size) or (input_size,) gives the last layer's output (B, width) or "
-           "(width,), and the state moves on. The first step after reset() with no state starts from zeros")
+           "(width,), and the state moves on. The first step after reset() with no state starts from zeros. "
+           "With need_weights (attention modules): (output, weights), weights a list with each layer's "
+           "attention weights of this step, (B, num_heads, slots) or (num_heads, slots): the memory's S "
+           "positions, or the self memory's window (the most recent state last, zeros where none is yet), "
+           "unbounded: every state so far")
       .def_property_readonly("state", &Streamer::state,
                              "The state the next step starts from, as the module's stream returns it ((num_layers, "
                              "B, width) per state, (h, c) for the LSTM, an AttentionState for the attention "

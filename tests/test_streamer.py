@@ -573,3 +573,61 @@ def test_reset_and_steps_in_threads():
     streamer.reset(memory=memories[2])
     x = torch.randn(3, 3, generator=gen)
     torch.testing.assert_close(streamer.step(x), module.streamer(memories[2]).step(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("extra", [{"window": 3}, {"window": None}, {"memory_size": 5, "batch_first": True}],
+                         ids=["window", "unbounded", "external"])
+def test_step_returns_the_attention_weights_forward_returns(extra, device):
+    gen = torch.Generator().manual_seed(50)
+    torch.manual_seed(50)
+    module = rnnattn_ext.AttnGRU(3, 4, num_heads=2, num_layers=2, **extra).to(device=device, dtype=torch.float64)
+    memory = _memory_of(module, 3, device, torch.float64, gen)
+    xs = torch.randn(5, 3, 3, generator=gen).to(device=device, dtype=torch.float64)
+    streamer = module.streamer(**memory)
+    steps = [streamer.step(x, need_weights=True) for x in xs]
+    with torch.no_grad():
+        whole, _, attentions = module(xs.transpose(0, 1) if module.batch_first else xs, need_weights=True, **memory)
+    if module.batch_first:
+        whole, attentions = whole.transpose(0, 1), [a.transpose(0, 1) for a in attentions]
+    for t, (output, weights) in enumerate(steps):
+        torch.testing.assert_close(output, whole[t])
+        assert isinstance(weights, list) and len(weights) == 2
+        for layer, w in enumerate(weights):
+            expected = attentions[layer][t]
+            if module.memory_size is None and module.window is None:
+                # Unbounded self memory: the step's slots are every state so far (forward pads them
+                # to the sequence's length with zeros before the first).
+                assert w.shape == (3, 2, t + 1) and bool((expected[..., : -(t + 1)] == 0).all())
+                expected = expected[..., -(t + 1):]
+            torch.testing.assert_close(w, expected)
+            torch.testing.assert_close(w.sum(-1), torch.ones_like(w.sum(-1)))
+    torch.testing.assert_close(steps[-1][0], streamer.state.h[-1], atol=0, rtol=0)  # the state moved on
+    # Without need_weights the same step gives the same output.
+    again = module.streamer(**memory)
+    torch.testing.assert_close(torch.stack([again.step(x) for x in xs]), torch.stack([o for o, _ in steps]),
+                               atol=0, rtol=0)
+
+
+def test_weights_of_an_unbatched_step_and_in_bfloat16():
+    gen = torch.Generator().manual_seed(51)
+    module = rnnattn_ext.AttnLSTM(3, 4, num_heads=2, memory_size=5)
+    memory = torch.randn(6, 5, generator=gen)
+    x = torch.randn(3, generator=gen)
+    output, (weights,) = module.streamer(memory, [4]).step(x, need_weights=True)
+    assert output.shape == (4,) and weights.shape == (2, 6)
+    assert bool((weights[:, 4:] == 0).all())  # positions at or past memory_lengths
+    low = module.to(torch.bfloat16)
+    _, (low_weights,) = low.streamer(memory.to(torch.bfloat16), [4]).step(x.to(torch.bfloat16), need_weights=True)
+    with torch.no_grad():
+        _, _, (expected,) = low(x.to(torch.bfloat16).unsqueeze(0), memory=memory.to(torch.bfloat16), memory_lengths=[4],
+                                need_weights=True)
+    assert low_weights.dtype == torch.bfloat16
+    torch.testing.assert_close(low_weights, expected[0], atol=0, rtol=0)
+
+
+def test_need_weights_needs_attention():
+    with pytest.raises(ValueError, match="need_weights is for the attention modules' streamers"):
+        rnnattn_ext.LSTM(3, 4).streamer().step(torch.randn(1, 3), need_weights=True)
+    with pytest.raises(TypeError):
+        rnnattn_ext.AttnLSTM(3, 4, num_heads=2).streamer().step(torch.randn(1, 3), need_weights="yes")

@@ -142,3 +142,53 @@ def test_carried_slots_needs_both_past_keys_and_values():
         functional.carried_slots(states[0], y, weights, 3, past_keys=keys)
     with pytest.raises(TypeError, match="weights must hold w_k and w_v"):
         functional.carried_slots(states[0], y, [*weights[:6], None, *weights[7:]], 3)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("extra", [{"window": 3}, {"window": None}, {"memory_size": 5, "batch_first": True}],
+                         ids=["window", "unbounded", "external"])
+def test_stream_need_weights_gives_forwards_weights_chunk_by_chunk(extra, device):
+    torch.manual_seed(25)
+    m = rnnattn_ext.AttnLSTM(3, 4, num_heads=2, num_layers=2, **extra).to(device=device, dtype=torch.float64)
+    steps = sum(CHUNKS)
+    x = torch.randn(steps, 2, 3, dtype=torch.float64, device=device)
+    kwargs = {}
+    if m.memory_size:
+        memory = torch.randn(2, 6, 5, dtype=torch.float64, device=device)  # batch first
+        kwargs = {"memory": memory, "memory_lengths": torch.tensor([6, 4], device=device)}
+    inputs = x.transpose(0, 1) if m.batch_first else x
+    whole, _, attentions = m(inputs, need_weights=True, **kwargs)
+    if m.batch_first:
+        attentions = [a.transpose(0, 1) for a in attentions]
+    state, start, outputs = None, 0, []
+    for size in CHUNKS:
+        chunk = x[start : start + size]
+        y, state, weights = m.stream(chunk.transpose(0, 1) if m.batch_first else chunk, state, need_weights=True,
+                                     **kwargs)
+        outputs.append(y)
+        assert len(weights) == 2
+        for layer, w in enumerate(weights):
+            w = w.transpose(0, 1) if m.batch_first else w
+            expected = attentions[layer][start : start + size]
+            if m.memory_size is None and m.window is None:
+                # Unbounded self memory: the chunk's slots are the carried ones and its own; forward
+                # has the whole sequence's, the ones not yet there zero.
+                seen = start + size
+                assert w.shape[-1] == seen and bool((expected[..., : steps - seen] == 0).all())
+                expected = expected[..., steps - seen :]
+            torch.testing.assert_close(w, expected, atol=1e-12, rtol=1e-10)
+        start += size
+    torch.testing.assert_close(torch.cat(outputs, dim=1 if m.batch_first else 0), whole, atol=1e-12, rtol=1e-10)
+    # As forward's, the weights carry no gradient (the op's weights output has none); the output does.
+    assert not any(w.requires_grad for w in weights) and y.requires_grad
+
+
+def test_unbatched_stream_need_weights():
+    torch.manual_seed(26)
+    m = rnnattn_ext.AttnGRU(3, 4, num_heads=2, window=2).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    _, _, (expected,) = m(x, need_weights=True)
+    first, state, (w1,) = m.stream(x[:2], need_weights=True)
+    second, _, (w2,) = m.stream(x[2:], state, need_weights=True)
+    assert w1.shape == (2, 2, 2) and w2.shape == (3, 2, 2)
+    torch.testing.assert_close(torch.cat([w1, w2]), expected, atol=1e-12, rtol=1e-10)

@@ -8,7 +8,7 @@ torch.compile and torch.export see no Python-only code, and a call costs no Pyth
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Literal, overload
 
 import torch
 from torch import Tensor
@@ -205,7 +205,11 @@ if TYPE_CHECKING:
                      num_heads: int = 0, window: int | None = None, memory: Tensor | None = None,
                      memory_lengths: Tensor | None = None,
                      prepare_memory: Callable[[Any, Any], tuple[Tensor, Tensor | None]] | None = None) -> None: ...
-        def step(self, input: Tensor) -> Tensor: ...
+        @overload
+        def step(self, input: Tensor, need_weights: Literal[False] = False) -> Tensor: ...
+        @overload
+        def step(self, input: Tensor, need_weights: Literal[True]) -> tuple[Tensor, list[Tensor]]: ...
+        def step(self, input: Tensor, need_weights: bool = False) -> Any: ...
         @property
         def state(self) -> Any: ...  # as the module's stream returns it, or None
         def reset(self, state: Any = None, memory: Tensor | None = None, memory_lengths: Any = None) -> None: ...

@@ -193,12 +193,16 @@ class AttentionRecurrentBase(RecurrentBase):
         state = (finals[0], finals[1]) if self.cell == "lstm" else finals[0]
         if not need_weights:
             return output, state
+        return output, state, self._weights_in_caller_layout(attentions, prepared)
+
+    def _weights_in_caller_layout(self, attentions, prepared):
+        """Time-major attention weights (T, B, heads, slots) in the layout of the caller's input."""
         attentions = [prepared.caller_order(a, 1) for a in attentions]
         if not prepared.batched:
-            attentions = [a.squeeze(1) for a in attentions]
-        elif self.batch_first and prepared.packed is None:
-            attentions = [a.transpose(0, 1) for a in attentions]
-        return output, state, attentions
+            return [a.squeeze(1) for a in attentions]
+        if self.batch_first and prepared.packed is None:
+            return [a.transpose(0, 1) for a in attentions]
+        return attentions
 
     def _run_attention_layers(self, input: Tensor | PackedSequence, hx, memory: Tensor | None, memory_lengths,
                               past_keys: list | None = None, past_values: list | None = None,
@@ -228,7 +232,9 @@ class AttentionRecurrentBase(RecurrentBase):
         (``stream`` computes them at every call). Its batch is every step's. ``reset(state=None,
         memory=None, memory_lengths=None)`` starts a new sequence, over a new memory (given as here,
         of any batch) when one is given, else over the same one: a decoder's next utterance without
-        copying the weights again."""
+        copying the weights again. ``step(x, need_weights=True)`` returns ``(output, weights)``, weights
+        a list with each layer's attention weights of that step, (B, num_heads, slots) (as ``forward``'s
+        for that step; unbounded self memory: every state so far, without forward's leading zeros)."""
         self._check_unidirectional("streamer")
         prepare = functools.partial(_streamer_memory, type(self).__name__, self.memory_size, self.batch_first)
         memory, memory_lengths = prepare(memory, memory_lengths)
@@ -237,12 +243,15 @@ class AttentionRecurrentBase(RecurrentBase):
                              memory_lengths=memory_lengths, prepare_memory=prepare)
 
     def stream(self, input: Tensor, state: AttentionState | None = None, memory: Tensor | None = None,
-               memory_lengths=None):
+               memory_lengths=None, need_weights: bool = False):
         """Runs one chunk of a sequence (one step or more) and returns ``(output, state)``: chunk by
         chunk gives the outputs of one call over the whole sequence. The state (:class:`AttentionState`)
         carries the cell's states and, for self memory, each layer's most recent ``window - 1`` slots'
         keys and values (all of them when ``window`` is None: that memory grows with the sequence).
-        Unidirectional modules only."""
+        With ``need_weights`` it returns ``(output, state, weights)``, each layer's attention weights of
+        the chunk as ``forward`` gives them, (T, B, num_heads, slots); with unbounded self memory the
+        slots are the P carried ones and the chunk's T (``forward`` over the whole sequence has its
+        length's, zeros before the first). Unidirectional modules only."""
         self._check_streamable(input)
         if state is not None and not isinstance(state, AttentionState):
             raise TypeError(f"{type(self).__name__}: state must be an AttentionState (from a previous stream call) or "
@@ -250,31 +259,33 @@ class AttentionRecurrentBase(RecurrentBase):
         hx = None if state is None else ((state.h, state.c) if self.cell == "lstm" else state.h)
         self_memory = self.memory_size is None
         try:  # free until something fails
-            in_cpp = self._run_attention_layers(input, hx, memory, memory_lengths,
-                                                None if state is None else state.keys,
-                                                None if state is None else state.values, carry_slots=self_memory)
-            if in_cpp is not None:
-                output, finals, keys, values = in_cpp
-                carried = (keys, values) if self_memory else (None, None)
-                return output, AttentionState(finals[0], finals[1] if self.cell == "lstm" else None, *carried)
-            return self._stream_general(input, state, hx, memory, memory_lengths)
+            if not need_weights:
+                in_cpp = self._run_attention_layers(input, hx, memory, memory_lengths,
+                                                    None if state is None else state.keys,
+                                                    None if state is None else state.values, carry_slots=self_memory)
+                if in_cpp is not None:
+                    output, finals, keys, values = in_cpp
+                    carried = (keys, values) if self_memory else (None, None)
+                    return output, AttentionState(finals[0], finals[1] if self.cell == "lstm" else None, *carried)
+            return self._stream_general(input, state, hx, memory, memory_lengths, need_weights)
         except (TypeError, ValueError, RuntimeError) as error:
             self._raise_parameter_fault(error, input)
             raise
 
-    def _stream_general(self, input, state, hx, memory, memory_lengths):
+    def _stream_general(self, input, state, hx, memory, memory_lengths, need_weights=False):
         self_memory = self.memory_size is None
         prepared = self._prepare(input, hx)
         memory, memory_lengths = self._memory(memory, memory_lengths, prepared.batched, prepared.x.shape[1])
         x, finals = prepared.x, [[] for _ in prepared.states]
-        keys, values = [], []
+        keys, values, attentions = [], [], []
         for layer, weights in enumerate(self._attention_weights()):
             initial = [s[layer] for s in prepared.states]
             past_k = None if state is None or state.keys is None else state.keys[layer]
             past_v = None if state is None or state.values is None else state.values[layer]
-            y, last, _, _ = functional.attention_layer(
+            y, last, _, attention = functional.attention_layer(
                 self.cell, x, initial, weights, self.num_heads, self.window, memory, memory_lengths,
-                past_keys=past_k, past_values=past_v)
+                past_keys=past_k, past_values=past_v, need_weights=need_weights)
+            attentions.append(attention)
             if self_memory:
                 k, v = functional.carried_slots(initial[0], y, weights, self.window, past_k, past_v)
                 keys.append(k)
@@ -286,7 +297,10 @@ class AttentionRecurrentBase(RecurrentBase):
                 x = torch.nn.functional.dropout(x, p=self.dropout, training=True)
         output, finals = self._finish(x, [functional.stacked_states(f) for f in finals], prepared)
         carried = (keys, values) if self_memory else (None, None)
-        return output, AttentionState(finals[0], finals[1] if self.cell == "lstm" else None, *carried)
+        state = AttentionState(finals[0], finals[1] if self.cell == "lstm" else None, *carried)
+        if not need_weights:
+            return output, state
+        return output, state, self._weights_in_caller_layout(attentions, prepared)
 
 
 class AttentionState(NamedTuple):
