@@ -192,3 +192,18 @@ def test_unbatched_stream_need_weights():
     second, _, (w2,) = m.stream(x[2:], state, need_weights=True)
     assert w1.shape == (2, 2, 2) and w2.shape == (3, 2, 2)
     torch.testing.assert_close(torch.cat([w1, w2]), expected, atol=1e-12, rtol=1e-10)
+
+
+def test_stream_need_weights_compiles_without_graph_breaks():
+    torch.manual_seed(27)
+    m = rnnattn_ext.AttnGRU(3, 4, num_heads=2, window=3).eval()
+    x = torch.randn(2, 1, 3)
+
+    def two_chunks(x):
+        first, state, w1 = m.stream(x, need_weights=True)
+        second, _, w2 = m.stream(x, state, need_weights=True)
+        return second, w1[0], w2[0]
+
+    compiled = torch.compile(two_chunks, fullgraph=True, backend="aot_eager")
+    for got, expected in zip(compiled(x), two_chunks(x)):
+        torch.testing.assert_close(got, expected)
