@@ -517,10 +517,7 @@ class Streamer {
   static std::pair<Tensor, Tensor> slots_from_store(const RecurrentForward& r, std::optional<int64_t> wanted) {
     const int64_t slots = r.slot_keys.size(1), kept = wanted ? std::min(slots, *wanted) : slots;
     if (kept == 0) return {};
-    auto recent = [&](const Tensor& store) {
-      return store.narrow(1, slots - kept, kept).transpose(0, 1).contiguous();
-    };
-    return {recent(r.slot_keys), recent(r.slot_values)};
+    return {recent_slots(r.slot_keys, kept), recent_slots(r.slot_values, kept)};
   }
 
   // One step through every layer; `weights`, when given, receives each layer's attention weights

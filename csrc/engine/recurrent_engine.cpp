@@ -162,6 +162,39 @@ Tensor plane_copy(const Tensor& t, int64_t index, int64_t rows, int64_t cols) {
   return copy;
 }
 
+// A slot store's keys or values, (B, slots, D) contiguous from element `offset` of `flat`.
+struct SlotPlane {
+  Tensor flat;
+  int64_t offset, batch, slots, width;
+  Tensor view() const {
+    return flat.as_strided({batch, slots, width}, {slots * width, width, 1}, flat.storage_offset() + offset);
+  }
+};
+
+// Slots [first, first + n) of every row of `plane` and `carried` (n, B, D), the slot-major layout in
+// which streaming callers carry past slots: copied into the plane (`into_plane`) or out of it into
+// `carried` (contiguous). On the CPU a memcpy per slot and row: views and a copy through ATen are
+// five dispatcher calls, a noticeable part of a one-step call.
+void copy_slots(const SlotPlane& plane, int64_t first, const Tensor& carried, bool into_plane) {
+  const int64_t n = carried.size(0), B = plane.batch, D = plane.width;
+  if (!plane.flat.is_cpu() || carried.scalar_type() != plane.flat.scalar_type()) {
+    Tensor slots = plane.view().narrow(1, first, n);
+    if (into_plane) slots.copy_(carried.transpose(0, 1)); else carried.copy_(slots.transpose(0, 1));
+    return;
+  }
+  const Tensor source = into_plane ? carried.contiguous() : carried;
+  const int64_t bytes = D * static_cast<int64_t>(plane.flat.element_size());
+  char* base = static_cast<char*>(plane.flat.data_ptr()) + plane.offset * plane.flat.element_size();
+  char* own = static_cast<char*>(source.data_ptr());
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t b = 0; b < B; ++b) {
+      char* in_plane = base + ((b * plane.slots) + first + j) * bytes;
+      char* in_carried = own + (j * B + b) * bytes;
+      std::memcpy(into_plane ? in_plane : in_carried, into_plane ? in_carried : in_plane, bytes);
+    }
+  }
+}
+
 // Step order: the forward direction visits t = 0..T-1, the reverse one t = T-1..0.
 struct StepOrder {
   int64_t steps;
@@ -601,7 +634,7 @@ RecurrentSide recurrent_side(const Tensor& weight_hh, const std::optional<Tensor
 Tensor attention_scratch(const AttentionGeometry& g, int64_t batch, const Tensor& like) {
   if (!g.enabled) return Tensor();
   const auto acc = like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return at::empty({batch * g.heads * 2 * std::max<int64_t>(1, g.read_slots)}, like.options().dtype(acc));
+  return fresh_empty({batch * g.heads * 2 * std::max<int64_t>(1, g.read_slots)}, like.options().dtype(acc));
 }
 
 // Variable lengths as the step passes see them.
@@ -716,6 +749,16 @@ void linear_into(const Tensor& input, const Tensor& weight, const std::optional<
            Operand{out, 0, rows, out.size(1), out.stride(0)});
 }
 
+Tensor recent_slots(const Tensor& slots, int64_t kept) {
+  TORCH_CHECK(slots.dim() == 3 && slots.is_contiguous() && kept >= 0 && kept <= slots.size(1),
+              "rnnattn: recent_slots takes a contiguous (B, slots, D) and at most slots of them, got ", slots.sizes(),
+              " and ", kept);
+  const int64_t B = slots.size(0), n = slots.size(1), D = slots.size(2);
+  Tensor recent = fresh_empty({kept, B, D}, slots.options());
+  copy_slots(SlotPlane{slots, 0, B, n, D}, n - kept, recent, /*into_plane=*/false);
+  return recent;
+}
+
 void external_keys_values(const AttentionConfig& attention, const Tensor& keys, const Tensor& values) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   // The memory's rows in store order: (B * S, M) (sizes spelled out: B or S may be 0).
@@ -824,31 +867,43 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
 
   // Attention memory, one flat buffer: queries (every step when training, else one step's; each
   // (B, D)), then the keys and the values of every slot, each (B, slots, D) (attention_step_args).
+  // An inference call given an external memory's keys and values (a streamer's step) reads them
+  // where they are: its store holds the queries only. Views and copies are made only where needed:
+  // a one-step call's set-up is part of every streaming step.
   const int64_t query_steps = training ? T : 1, slot_size = B * D;
-  Tensor memory_store, context, weights, lengths, scratch;
+  const bool given_keys = geo.enabled && !geo.self_memory && attention->memory_keys && !training;
+  Tensor memory_store, keys_store, values_store, context, weights, lengths, scratch;
+  // The store's keys (first = query_steps) or values (first = query_steps + slots).
+  auto slot_plane = [&](int64_t first) { return SlotPlane{memory_store, first * slot_size, B, geo.slots, D}; };
   if (geo.enabled) {
-    memory_store = at::empty({(query_steps + 2 * geo.slots) * slot_size}, opts);
-    Tensor keys = memory_store.narrow(0, query_steps * slot_size, geo.slots * slot_size).view({B, geo.slots, D});
-    Tensor values =
-        memory_store.narrow(0, (query_steps + geo.slots) * slot_size, geo.slots * slot_size).view({B, geo.slots, D});
-    if (geo.past > 0) {
+    memory_store = fresh_empty({(query_steps + (given_keys ? 0 : 2 * geo.slots)) * slot_size}, opts);
+    if (given_keys) {
+      keys_store = *attention->memory_keys;
+      values_store = *attention->memory_values;
+      for (const Tensor* given : {&keys_store, &values_store}) {
+        TORCH_CHECK(given->is_contiguous() && given->sizes() == at::IntArrayRef({B, geo.slots, D}) &&
+                        given->scalar_type() == input.scalar_type() && given->device() == input.device(),
+                    "rnnattn: an external memory's keys and values must be contiguous (B, S, D) = (", B, ", ",
+                    geo.slots, ", ", D, ") in the input's dtype and device, got ", given->sizes());
+      }
+    } else if (geo.past > 0) {
       // Streaming: the slots before this call's first step, as given ((past, B, D)).
-      keys.narrow(1, 0, geo.past).copy_(attention->past_keys->transpose(0, 1));
-      values.narrow(1, 0, geo.past).copy_(attention->past_values->transpose(0, 1));
-    }
-    if (!geo.self_memory) {
+      copy_slots(slot_plane(query_steps), 0, *attention->past_keys, /*into_plane=*/true);
+      copy_slots(slot_plane(query_steps + geo.slots), 0, *attention->past_values, /*into_plane=*/true);
+    } else if (!geo.self_memory) {
       // External memory: every key and value once, before the loop (or as the caller made them).
+      const Tensor keys = slot_plane(query_steps).view(), values = slot_plane(query_steps + geo.slots).view();
       if (attention->memory_keys) {
         keys.copy_(*attention->memory_keys);
         values.copy_(*attention->memory_values);
       } else {
         external_keys_values(*attention, keys, values);
       }
-      if (attention->memory_lengths) lengths = attention->memory_lengths->contiguous();
     }
-    context = at::empty({T, B, D}, opts);
+    if (!geo.self_memory && attention->memory_lengths) lengths = attention->memory_lengths->contiguous();
+    context = fresh_empty({T, B, D}, opts);
     scratch = attention_scratch(geo, B, input);
-    weights = attention->need_weights ? at::zeros({T, B, geo.heads, geo.weight_slots}, opts) : at::empty({0}, opts);
+    weights = attention->need_weights ? at::zeros({T, B, geo.heads, geo.weight_slots}, opts) : fresh_empty({0}, opts);
   }
   const StepOrder order{T, reverse};
   const int64_t plane = B * H, out_plane = B * HS;
@@ -892,8 +947,8 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
     }
 #endif
     T_* queries = geo.enabled ? ptr<T_>(memory_store) : nullptr;
-    T_* keys = geo.enabled ? queries + query_steps * slot_size : nullptr;
-    T_* values = geo.enabled ? keys + geo.slots * slot_size : nullptr;
+    T_* keys = !geo.enabled ? nullptr : given_keys ? ptr<T_>(keys_store) : queries + query_steps * slot_size;
+    T_* values = !geo.enabled ? nullptr : given_keys ? ptr<T_>(values_store) : keys + geo.slots * slot_size;
     // One team for the whole loop: member threads keep their blocks; a step's phases end at a sync.
     run_team(blocks.count(), !packed, [&](const TeamMember& team) {
       team.for_each_block([&](int64_t c) {
@@ -1008,13 +1063,12 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   result.workspace = std::move(workspace);
   if (geo.enabled) {
     if (geo.self_memory && attention->return_slots) {
-      result.slot_keys = memory_store.narrow(0, query_steps * slot_size, geo.slots * slot_size).view({B, geo.slots, D});
-      result.slot_values =
-          memory_store.narrow(0, (query_steps + geo.slots) * slot_size, geo.slots * slot_size).view({B, geo.slots, D});
+      result.slot_keys = slot_plane(query_steps).view();
+      result.slot_values = slot_plane(query_steps + geo.slots).view();
     }
     result.context = std::move(context);
     result.attention = std::move(weights);
-    result.attention_workspace = training ? std::move(memory_store) : at::empty({0}, opts);
+    result.attention_workspace = training ? std::move(memory_store) : fresh_empty({0}, opts);
   }
   return result;
 }

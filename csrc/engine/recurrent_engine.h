@@ -94,6 +94,10 @@ RecurrentBackward recurrent_backward(const at::Tensor& grad_output, const std::v
                                      const AttentionConfig* attention = nullptr,
                                      const AttentionSaved* attention_saved = nullptr);
 
+// The `kept` most recent of a call's slots (RecurrentForward::slot_keys or slot_values, (B, slots, D)) as
+// a fresh (kept, B, D) tensor: the past slots a streaming caller passes to its next call.
+at::Tensor recent_slots(const at::Tensor& slots, int64_t kept);
+
 // The keys and values (B, S, D) of an external memory, written into `keys` and `values` (contiguous):
 // memory rows through W_k and W_v (and their biases), as every call that is given the memory makes them.
 void external_keys_values(const AttentionConfig& attention, const at::Tensor& keys, const at::Tensor& values);
