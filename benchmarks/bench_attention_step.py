@@ -19,8 +19,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import (check_common, common_parser, interleaved_median_ms, results_markdown,  # noqa: E402
-                          machine_info, rows_of, write_results)
+from bench_common import (check_attention_shapes, check_common, common_parser, interleaved_median_ms,  # noqa: E402
+                          results_markdown, machine_info, rows_of, write_results)
 from bench_step import stream_steps, streamer_steps  # noqa: E402
 
 import rnnattn_ext  # noqa: E402
@@ -86,9 +86,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=64, help="consecutive steps per timed run")
     args = parser.parse_args(argv)
     dtype, shapes, cells = check_common(parser, args, list(CELLS), DEFAULT_SHAPES)
-    for shape in shapes:
-        if len(shape) != 5 or shape[3] % HEADS != 0:
-            parser.error(f"--shapes: each shape is B×I×H×D×window with D a multiple of {HEADS}, got {shape}")
+    check_attention_shapes(parser, shapes, HEADS, "window")
     repeats = args.repeats or 15
     info = machine_info(args.device)
     rows = rows_of(cells, shapes, lambda cell, shape: bench_cell(cell, shape, args.device, dtype, args.steps, repeats,

@@ -115,6 +115,13 @@ def check_common(parser: argparse.ArgumentParser, args: argparse.Namespace, cell
     return getattr(torch, args.dtype), shapes, chosen
 
 
+def check_attention_shapes(parser: argparse.ArgumentParser, shapes, heads: int, last: str) -> None:
+    """The attention benchmarks' shapes: B×I×H×D×<last>, D a multiple of the heads."""
+    for shape in shapes:
+        if len(shape) != 5 or shape[3] % heads != 0:
+            parser.error(f"--shapes: each shape is B×I×H×D×{last} with D a multiple of {heads}, got {shape}")
+
+
 def rows_of(cells, shapes, bench, progress_line) -> list:
     """bench(cell, shape) for every cell and shape, each row printed as it comes."""
     rows = []

@@ -23,8 +23,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import (check_common, common_parser, interleaved_median_ms, machine_info,  # noqa: E402
-                          results_markdown, rows_of, write_results)
+from bench_common import (check_attention_shapes, check_common, common_parser, interleaved_median_ms,  # noqa: E402
+                          machine_info, results_markdown, rows_of, write_results)
 
 import rnnattn_ext  # noqa: E402
 from rnnattn_ext import reference  # noqa: E402
@@ -114,9 +114,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=64, help="steps per sequence (one memory each)")
     args = parser.parse_args(argv)
     dtype, shapes, cells = check_common(parser, args, list(CELLS), DEFAULT_SHAPES)
-    for shape in shapes:
-        if len(shape) != 5 or shape[3] % HEADS != 0:
-            parser.error(f"--shapes: each shape is B×I×H×D×S with D a multiple of {HEADS}, got {shape}")
+    check_attention_shapes(parser, shapes, HEADS, "S")
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     repeats = args.repeats or 15

@@ -11,13 +11,15 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _run(script, *arguments, timeout=600):
+    """benchmarks/<script> with these arguments, in a fresh Python; its completed process."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *arguments],
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def test_suite_quick_writes_json_markdown_and_plot(tmp_path):
     pytest.importorskip("matplotlib", reason="the suite's plot needs matplotlib (scripts/setup.sh installs it)")
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "suite.py"), "--quick", "--devices", "cpu",
-         "--out", str(tmp_path), "--name", "quick"],
-        capture_output=True, text=True, timeout=600,
-    )
+    result = _run("suite.py", "--quick", "--devices", "cpu", "--out", str(tmp_path), "--name", "quick")
     assert result.returncode == 0, result.stderr
     with open(tmp_path / "quick.json") as f:
         runs = json.load(f)["runs"]
@@ -38,11 +40,7 @@ def test_suite_quick_writes_json_markdown_and_plot(tmp_path):
 
 
 def test_suite_rejects_an_unknown_device(tmp_path):
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "suite.py"), "--quick", "--devices", "tpu",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
-    )
+    result = _run("suite.py", "--quick", "--devices", "tpu", "--out", str(tmp_path), timeout=120)
     assert result.returncode == 2 and "unknown device 'tpu'" in result.stderr
 
 
@@ -72,11 +70,8 @@ def test_recurrent_table_shows_the_strict_fp32_peer_when_measured():
 
 
 def test_attention_step_benchmark_writes_its_rows(tmp_path):
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_attention_step.py"), "--shapes", "1x8x8x4x3",
-         "--steps", "3", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path), "--name", "quick"],
-        capture_output=True, text=True, timeout=600,
-    )
+    result = _run("bench_attention_step.py", "--shapes", "1x8x8x4x3", "--steps", "3", "--repeats", "1", "--warmup", "0",
+                  "--out", str(tmp_path), "--name", "quick")
     assert result.returncode == 0, result.stderr
     with open(tmp_path / "quick.json") as f:
         rows = json.load(f)["rows"]
@@ -88,30 +83,21 @@ def test_attention_step_benchmark_writes_its_rows(tmp_path):
 
 
 def test_step_benchmark_streams_chunks_against_the_layer_modules(tmp_path):
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_step.py"), "--shapes", "1x8x8", "--steps", "6",
-         "--chunk", "3", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
-    )
+    result = _run("bench_step.py", "--shapes", "1x8x8", "--steps", "6", "--chunk", "3", "--repeats", "1",
+                  "--warmup", "0", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     with open(tmp_path / "step_cpu_float32_chunk3.json") as f:
         rows = json.load(f)["rows"]
     assert [(r["peer"], r["chunk"]) for r in rows] == [("LSTM", 3), ("GRU", 3), ("RNN", 3)]
     assert all(r["ratio"] > 0 and r["inference_ratio"] > 0 and r["streamer_us"] is None for r in rows)
     assert "| lstm | 1×8×8 | 3 | LSTM |" in (tmp_path / "step_cpu_float32_chunk3.md").read_text()
-    rejected = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_step.py"), "--steps", "4", "--chunk", "5",
-         "--out", str(tmp_path)], capture_output=True, text=True, timeout=120,
-    )
+    rejected = _run("bench_step.py", "--steps", "4", "--chunk", "5", "--out", str(tmp_path), timeout=120)
     assert rejected.returncode == 2 and "--chunk must be in [1, --steps = 4], got 5" in rejected.stderr
 
 
 def test_decoder_step_benchmark_writes_its_rows(tmp_path):
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_decoder_step.py"), "--shapes", "2x8x8x4x3",
-         "--steps", "3", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path), "--name", "quick"],
-        capture_output=True, text=True, timeout=600,
-    )
+    result = _run("bench_decoder_step.py", "--shapes", "2x8x8x4x3", "--steps", "3", "--repeats", "1", "--warmup", "0",
+                  "--out", str(tmp_path), "--name", "quick")
     assert result.returncode == 0, result.stderr
     with open(tmp_path / "quick.json") as f:
         rows = json.load(f)["rows"]
@@ -120,8 +106,5 @@ def test_decoder_step_benchmark_writes_its_rows(tmp_path):
         assert row["reference_us"] > 0 and row["stream_us"] > 0
         assert row["new_streamer_speedup"] > 0 and row["reset_streamer_speedup"] > 0
     assert "| gru | 2×8×8, 4 (4), 3 | 3 |" in (tmp_path / "quick.md").read_text()
-    rejected = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_decoder_step.py"), "--shapes", "1x8x8x6x3"],
-        capture_output=True, text=True, timeout=600,
-    )
+    rejected = _run("bench_decoder_step.py", "--shapes", "1x8x8x6x3")
     assert rejected.returncode != 0 and "D a multiple of 4" in rejected.stderr
