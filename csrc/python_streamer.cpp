@@ -187,8 +187,8 @@ class Streamer {
   }
 
   // The state the next step starts from, as the module's stream returns it: per state (num_layers, B,
-  // width) (the LSTM's as a tuple (h, c)), for the attention modules an AttentionState; None before the
-  // first step and after reset().
+  // width), or (num_layers, width) after an unbatched step (the LSTM's as a tuple (h, c)), for the
+  // attention modules an AttentionState; None before the first step and after reset().
   py::object state() {
     HANDLE_TH_ERRORS
     std::vector<Tensor> stacked;  // fresh tensors: changing them changes nothing inside
@@ -200,7 +200,7 @@ class Streamer {
       for (size_t s = 0; s < widths_.size() && !state_.empty(); ++s) {
         std::vector<Tensor> per_layer;
         for (const auto& layer : state_) per_layer.push_back(layer.states[s]);
-        stacked.push_back(at::stack(per_layer, 0));
+        stacked.push_back(unbatched_ ? at::stack(per_layer, 0).select(1, 0) : at::stack(per_layer, 0));
       }
       for (const auto& layer : state_) {
         keys_of_layers.push_back(layer.past_keys.defined() ? layer.past_keys.clone() : Tensor());
@@ -246,7 +246,8 @@ class Streamer {
                         ": memory_lengths comes with a new memory (without one the memory and its lengths stay)");
     }
     std::vector<LayerState> fresh;
-    if (!state.is_none()) fresh = copied_state(state);
+    bool unbatched = false;
+    if (!state.is_none()) fresh = copied_state(state, unbatched);
     const py::gil_scoped_release no_gil;
     const std::lock_guard<std::mutex> lock(mutex_);
     if (!fresh.empty()) {
@@ -261,6 +262,7 @@ class Streamer {
     }
     if (new_memory) install(std::move(*new_memory));
     state_ = std::move(fresh);
+    unbatched_ = unbatched;
     END_HANDLE_TH_ERRORS_PYBIND
   }
 
@@ -282,7 +284,9 @@ class Streamer {
       else if (a.window) out << ", window=" << *a.window;
     }
     out << ", state=";
-    if (state_.empty()) out << "None)"; else out << "batch " << state_[0].states[0].size(0) << ")";
+    if (state_.empty()) out << "None)";
+    else if (unbatched_) out << "unbatched)";
+    else out << "batch " << state_[0].states[0].size(0) << ")";
     return out.str();
   }
 
@@ -436,7 +440,9 @@ class Streamer {
   }
 
   // `state`'s tensors, checked, copied per layer.
-  std::vector<LayerState> copied_state(py::handle state) const {
+  // reset()'s state, checked and copied as the steps keep it ((B, width) per layer and state; an
+  // unbatched one, (num_layers, width) as stream returns it after unbatched input, as batch 1).
+  std::vector<LayerState> copied_state(py::handle state, bool& unbatched) const {
     py::object hx = py::reinterpret_borrow<py::object>(state), keys = py::none(), values = py::none();
     if (attention()) {
       TORCH_CHECK_TYPE(py::isinstance(state, attention_state_class()), kReset,
@@ -464,13 +470,19 @@ class Streamer {
       const std::string name = given.size() == 1 ? "state" : std::string("state ") + names[s];
       const Tensor& t = exact_tensor(given[s], kReset, name);
       check_like_module(kReset, name, t);
-      if (batch < 0 && t.dim() == 3) batch = t.size(1);
-      TORCH_CHECK_VALUE(t.dim() == 3 && t.size(0) == num_layers() && t.size(1) == batch && t.size(2) == widths_[s],
-                        kReset, ": ", name, " must have shape (num_layers, batch, ", s == 0 ? "state_size" : "hidden_size",
-                        ") = (", num_layers(), ", B, ", widths_[s], ")", s > 0 ? " with h's B" : "", ", got ",
-                        t.sizes());
+      if (s == 0) {
+        unbatched = t.dim() == 2;
+        batch = t.dim() == 3 ? t.size(1) : 1;
+      }
+      const Tensor batched = unbatched && t.dim() == 2 ? t.unsqueeze(1) : t;
+      const char* width = s == 0 ? "state_size" : "hidden_size";
+      TORCH_CHECK_VALUE(t.dim() == (unbatched ? 2 : 3) && t.size(0) == num_layers() && batched.size(1) == batch &&
+                            t.size(-1) == widths_[s],
+                        kReset, ": ", name, " must have shape (num_layers, batch, ", width, ") = (", num_layers(),
+                        ", B, ", widths_[s], ") or, unbatched, (num_layers, ", width, ") = (", num_layers(), ", ",
+                        widths_[s], ")", s > 0 ? ", batched or not as h, with h's B" : "", ", got ", t.sizes());
       for (size_t l = 0; l < layers_.size(); ++l) {
-        copies[l].states.push_back(t.select(0, l).clone(at::MemoryFormat::Contiguous));
+        copies[l].states.push_back(batched.select(0, l).clone(at::MemoryFormat::Contiguous));
       }
     }
     if (!self_memory()) {
@@ -585,6 +597,7 @@ class Streamer {
       }
     }
     state_ = std::move(next);  // only once every layer has run
+    unbatched_ = input.dim() == 1;
     x = x.select(0, 0);
     return input.dim() == 2 ? x : x.select(0, 0);
   }
@@ -597,6 +610,9 @@ class Streamer {
   c10::Device device_ = c10::Device(c10::kCPU);
   bool external_ = false;      // attends over an external memory (which reset() may replace)
   int64_t memory_batch_ = -1;  // an external memory's batch, which every step must have
+  // The state reads unbatched, (num_layers, width), as stream returns it after unbatched input: the
+  // last step's input was (input_size,), or reset() took such a state.
+  bool unbatched_ = false;
   py::object prepare_memory_;  // reset()'s memory and lengths -> (S, B, M), (B,) int64 or None
   std::vector<Layer> layers_;
   std::vector<LayerState> state_;  // per layer; empty: zeros, no past slots
@@ -629,11 +645,13 @@ void define_streamer(py::module_& module) {
            "unbounded: every state so far")
       .def_property_readonly("state", &Streamer::state,
                              "The state the next step starts from, as the module's stream returns it ((num_layers, "
-                             "B, width) per state, (h, c) for the LSTM, an AttentionState for the attention "
-                             "modules); None before the first step. Fresh tensors")
+                             "B, width) per state, (num_layers, width) after an unbatched step, (h, c) for the "
+                             "LSTM, an AttentionState for the attention modules); None before the first step. "
+                             "Fresh tensors")
       .def("reset", &Streamer::reset, py::arg("state") = py::none(), py::arg("memory") = py::none(),
            py::arg("memory_lengths") = py::none(),
-           "Starts a new sequence: from `state` (as `state` reads it, copied), or zeros with None. A streamer "
+           "Starts a new sequence: from `state` (as `state` or the module's stream gives it, batched or "
+           "unbatched, copied), or zeros with None. A streamer "
            "made with an external memory attends over `memory` (with `memory_lengths`) from then on when one "
            "is given (copied, in the module's layout, any batch), else over the same one")
       .def("__repr__", &Streamer::repr)

@@ -91,7 +91,37 @@ def test_unbatched_step_is_batch_one():
         y = streamer.step(x)
         assert y.shape == (6,)
         torch.testing.assert_close(y, batched.step(x.unsqueeze(0)).squeeze(0), atol=0, rtol=0)
-    assert streamer.state.shape == (1, 1, 6)
+    # The state reads as stream's after unbatched input: (num_layers, width).
+    assert streamer.state.shape == (1, 6) and batched.state.shape == (1, 1, 6)
+    assert "state=unbatched" in repr(streamer) and "state=batch 1" in repr(batched)
+    torch.testing.assert_close(streamer.state, batched.state.squeeze(1), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("cls,extra", [(rnnattn_ext.LSTM, {"num_layers": 2}), (rnnattn_ext.GRU, {}),
+                                       (rnnattn_ext.AttnLSTM, {"num_heads": 2, "window": 3}),
+                                       (rnnattn_ext.AttnGRU, {"num_heads": 2, "memory_size": 5})],
+                         ids=["LSTM", "GRU", "AttnLSTM-self", "AttnGRU-external"])
+def test_unbatched_states_go_between_stream_and_a_streamer(cls, extra):
+    gen = torch.Generator().manual_seed(34)
+    torch.manual_seed(34)
+    module = cls(3, 4, **extra).eval()
+    memory = {"memory": torch.randn(6, 5, generator=gen)} if module.__dict__.get("memory_size") else {}
+    xs = torch.randn(6, 3, generator=gen)
+    with torch.no_grad():
+        whole, _ = module(xs, **memory)
+        _, state = module.stream(xs[:2], **memory)
+    # stream's unbatched state into a streamer, and the streamer's back into stream.
+    streamer = module.streamer(**memory)
+    streamer.reset(state)
+    got = [streamer.step(x) for x in xs[2:4]]
+    with torch.no_grad():
+        rest, _ = module.stream(xs[4:], streamer.state, **memory)
+    torch.testing.assert_close(torch.cat([torch.stack(got), rest]), whole[2:])
+    # A batched step after an unbatched state is batch 1; the state then reads batched.
+    streamer.reset(state)
+    streamer.step(xs[2].unsqueeze(0))
+    h = streamer.state.h if isinstance(streamer.state, rnnattn_ext.AttentionState) else streamer.state
+    assert (h[0] if isinstance(h, tuple) else h).dim() == 3
 
 
 def test_reset_starts_from_zeros_or_the_given_state():
@@ -266,17 +296,20 @@ def test_bad_state_is_named():
         streamer.reset(torch.zeros(2, 1, 5))
     with pytest.raises(ValueError, match=r"state must be a tuple \(h, c\), got 3 items"):
         streamer.reset((torch.zeros(2, 1, 5),) * 3)
-    with pytest.raises(ValueError, match=r"state h must have shape \(num_layers, batch, state_size\) = \(2, B, 5\), "
-                       r"got \[1, 1, 5\]"):
+    with pytest.raises(ValueError, match=r"state h must have shape \(num_layers, batch, state_size\) = \(2, B, 5\) "
+                       r"or, unbatched, \(num_layers, state_size\) = \(2, 5\), got \[1, 1, 5\]"):
         streamer.reset((torch.zeros(1, 1, 5), torch.zeros(2, 1, 5)))
     with pytest.raises(ValueError, match=r"state c must have shape .* with h's B, got \[2, 3, 5\]"):
         streamer.reset((torch.zeros(2, 1, 5), torch.zeros(2, 3, 5)))
+    with pytest.raises(ValueError, match=r"state c must have shape .* or, unbatched, \(num_layers, hidden_size\) = "
+                       r"\(2, 5\), batched or not as h, with h's B, got \[2, 1, 5\]"):
+        streamer.reset((torch.zeros(2, 5), torch.zeros(2, 1, 5)))  # h unbatched, c batched
     with pytest.raises(TypeError, match=r"state c must have the module's dtype \(Float\), got Double"):
         streamer.reset((torch.zeros(2, 1, 5), torch.zeros(2, 1, 5, dtype=torch.float64)))
     gru = rnnattn_ext.GRU(4, 5).streamer()
-    with pytest.raises(ValueError, match=r"state must have shape \(num_layers, batch, state_size\) = \(1, B, 5\), "
-                       r"got \[1, 5\]"):
-        gru.reset(torch.zeros(1, 5))
+    with pytest.raises(ValueError, match=r"state must have shape \(num_layers, batch, state_size\) = \(1, B, 5\) "
+                       r"or, unbatched, \(num_layers, state_size\) = \(1, 5\), got \[5\]"):
+        gru.reset(torch.zeros(5))
     with pytest.raises(TypeError, match="state must be a torch.Tensor, got tuple"):
         gru.reset((torch.zeros(1, 1, 5),))
 
