@@ -78,3 +78,87 @@ def test_bad_arguments():
         rnnattn_ext.HybridBlock(3, 8, window=0)
     with pytest.raises(ValueError, match="cell must be one of"):
         rnnattn_ext.HybridBlock(3, 8, cell="transformer")
+
+
+def _chunked(block, x, sizes, dim):
+    """block.stream over x's chunks of `sizes` along `dim`, carrying the state."""
+    outputs, state = [], None
+    for chunk in x.split(sizes, dim=dim):
+        y, state = block.stream(chunk, state)
+        outputs.append(y)
+    return torch.cat(outputs, dim), state
+
+
+@pytest.mark.parametrize("cell", list(TORCH_RECURRENT))
+@pytest.mark.parametrize("window", [None, 1, 3])
+@pytest.mark.parametrize("layout", ["time_major", "batch_first", "unbatched"])
+def test_stream_chunks_equal_one_call(cell, window, layout):
+    torch.manual_seed(5)
+    block = rnnattn_ext.HybridBlock(3, 8, num_heads=2, window=window, cell=cell, num_layers=2,
+                                    batch_first=layout == "batch_first").double()
+    shape = {"time_major": (9, 2, 3), "batch_first": (2, 9, 3), "unbatched": (9, 3)}[layout]
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    dim = 1 if layout == "batch_first" else 0
+    whole, hidden = block(x)
+    chunked, state = _chunked(block, x, [3, 1, 4, 1], dim)
+    torch.testing.assert_close(chunked, whole, atol=1e-12, rtol=1e-10)
+    assert isinstance(state, rnnattn_ext.HybridState)
+    for a, b in zip(state.hidden if isinstance(state.hidden, tuple) else (state.hidden,),
+                    hidden if isinstance(hidden, tuple) else (hidden,)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    # The carried keys and values: the window's most recent positions but one (every one without a window).
+    kept = {None: 9, 1: 0, 3: 2}[window]
+    if kept == 0:
+        assert state.keys is None and state.values is None
+    else:
+        lead = () if layout == "unbatched" else (2,)
+        assert state.keys.shape == state.values.shape == (*lead, 2, kept, 4)
+    # Gradients flow through the carried state as through one call.
+    probe = torch.randn_like(whole)
+    leaves = [x, *block.parameters()]
+    expected = torch.autograd.grad((whole * probe).sum(), leaves)
+    got = torch.autograd.grad((chunked * probe).sum(), leaves)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-9)
+
+
+def test_stream_one_step_at_a_time_in_float32():
+    torch.manual_seed(6)
+    block = rnnattn_ext.HybridBlock(4, 16, num_heads=4, window=5, cell="gru").eval()
+    x = torch.randn(12, 3, 4)
+    with torch.no_grad():
+        whole, _ = block(x)
+        chunked, _ = _chunked(block, x, [1] * 12, 0)
+    torch.testing.assert_close(chunked, whole)
+
+
+def test_stream_compiles_without_graph_breaks():
+    torch.manual_seed(7)
+    block = rnnattn_ext.HybridBlock(3, 4, num_heads=2, window=3, cell="lstm").eval()
+    x = torch.randn(2, 1, 3)
+
+    def two_chunks(x):
+        first, state = block.stream(x)
+        second, state = block.stream(x, state)
+        return second, state.keys
+
+    compiled = torch.compile(two_chunks, fullgraph=True, backend="aot_eager")
+    for got, expected in zip(compiled(x), two_chunks(x)):
+        torch.testing.assert_close(got, expected)
+
+
+def test_stream_bad_arguments():
+    with pytest.raises(ValueError, match="stream needs a unidirectional module"):
+        rnnattn_ext.HybridBlock(3, 8, bidirectional=True).stream(torch.randn(2, 1, 3))
+    block = rnnattn_ext.HybridBlock(3, 8, num_heads=2, window=3)
+    with pytest.raises(TypeError, match="state must be None or a HybridState .*, got tuple"):
+        block.stream(torch.randn(2, 1, 3), (None, None, None))
+    _, state = block.stream(torch.randn(2, 1, 3))
+    with pytest.raises(ValueError, match=r"LSTM: expected h_0 of size \(1, 4, 8\), got \(1, 1, 8\)"):
+        block.stream(torch.randn(2, 4, 3), state)  # another batch
+    with pytest.raises(ValueError, match=r"state.keys and state.values must have shape \(batch, num_heads, P, "
+                                         r"head_dim\) = \(1, 2, 2, 4\) for this chunk, got \(1, 2, 2, 4\) and "
+                                         r"\(1, 1, 2, 4\)"):
+        block.stream(torch.randn(2, 1, 3), state._replace(values=state.values[:, :1]))
+    with pytest.raises(ValueError, match="must both be tensors or both None"):
+        block.stream(torch.randn(2, 1, 3), state._replace(values=None))

@@ -2,10 +2,13 @@
 
 SPEC "Hybrid block": y = RNN(x); h'_t = y_t + W_o · MHA(W_q y, W_k y, W_v y)_t, the attention causal
 and optionally windowed. The attention runs over the whole sequence at once through
-``torch.nn.functional.scaled_dot_product_attention``; only the recurrence is sequential.
+``torch.nn.functional.scaled_dot_product_attention``; only the recurrence is sequential. ``stream``
+runs a sequence chunk by chunk, carrying the recurrent state and the window's keys and values.
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,14 +19,27 @@ from .modules import GRU, LSTM, RNN
 _RECURRENT = {"lstm": LSTM, "gru": GRU, "rnn_tanh": RNN, "rnn_relu": RNN}
 
 
-def causal_window_mask(steps: int, window: int | None, device=None) -> Tensor | None:
-    """Boolean (T, T) mask, True where query t may attend key s: s <= t and, with a window w,
-    s > t - w (the w most recent positions, t itself included). None means plain causal."""
-    if window is None:
+def causal_window_mask(steps: int, window: int | None, device=None, past: int = 0) -> Tensor | None:
+    """Boolean (T, past + T) mask, True where query t may attend key s: the queries are positions
+    past..past + T - 1 of the sequence, the keys 0..past + T - 1; s <= past + t and, with a window w,
+    s > past + t - w (the w most recent positions, itself included). None means plain causal (no
+    window and no past positions: scaled_dot_product_attention's is_causal)."""
+    if window is None and past == 0:
         return None
-    t = torch.arange(steps, device=device)
-    offset = t.unsqueeze(1) - t.unsqueeze(0)  # t - s
-    return (offset >= 0) & (offset < window)
+    query = torch.arange(past, past + steps, device=device)
+    offset = query.unsqueeze(1) - torch.arange(past + steps, device=device).unsqueeze(0)  # query - key
+    return (offset >= 0) if window is None else (offset >= 0) & (offset < window)
+
+
+class HybridState(NamedTuple):
+    """What :meth:`HybridBlock.stream` carries from one chunk to the next: the recurrent layer's state
+    (as its ``forward`` returns it: h_n, or (h_n, c_n) for an LSTM) and the attention's keys and values
+    of the most recent ``window - 1`` positions (every position with no window), (B, num_heads, P,
+    head_dim) ((num_heads, P, head_dim) for unbatched input), or None (before any, or with window 1)."""
+
+    hidden: Any
+    keys: Tensor | None
+    values: Tensor | None
 
 
 class HybridBlock(nn.Module):
@@ -36,6 +52,7 @@ class HybridBlock(nn.Module):
 
     ``forward(input, hx=None)`` returns ``(output, hidden)``: output has the recurrent layer's output
     shape, hidden is the recurrent layer's final state (``(h_n, c_n)`` for an LSTM).
+    ``stream(chunk, state=None)`` returns ``(output, state)``: chunk by chunk, the outputs of one call.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_heads: int = 1, head_dim: int | None = None,
@@ -84,29 +101,71 @@ class HybridBlock(nn.Module):
         ``lengths`` (B,) ints in [1, T]: each row as if run alone over its first lengths[b] steps
         (causal attention reads no later step), zeros after them."""
         batched = input.dim() == 3
-        x = input
-        if batched and self.batch_first:
-            x = x.transpose(0, 1)
-        y, hidden = self.recurrent(x, hx, lengths=lengths)  # time-major (T, B, W) or unbatched (T, W)
-        seq = y if batched else y.unsqueeze(1)
+        y, hidden = self.recurrent(self._time_major(input), hx, lengths=lengths)  # (T, B, W) or unbatched (T, W)
+        output, _, _ = self._attend(y if batched else y.unsqueeze(1))
+        if lengths is not None:  # checked by the recurrent module
+            steps = output.shape[0]
+            valid = torch.as_tensor(lengths, device=output.device).reshape(1, -1, 1)
+            output = output.masked_fill(torch.arange(steps, device=output.device).view(-1, 1, 1) >= valid, 0)
+        return self._in_callers_layout(output, batched), hidden
+
+    def stream(self, input: Tensor, state: HybridState | None = None):
+        """Runs one chunk of a sequence (one step or more) and returns ``(output, state)``: feeding the
+        returned :class:`HybridState` to the next call continues the sequence, so chunk by chunk gives
+        the outputs of one call over the whole sequence (to rounding: the attention's products have
+        other shapes). The state carries the recurrent state and the keys and values of the most
+        recent ``window - 1`` positions (all of them when ``window`` is None: that cache grows with the
+        sequence). Unidirectional blocks only; no lengths (a chunk's rows all run)."""
+        self.recurrent._check_streamable(input)
+        if state is not None and not isinstance(state, HybridState):
+            raise TypeError(f"HybridBlock: state must be None or a HybridState (from a previous stream call), got "
+                            f"{type(state).__name__}")
+        batched = input.dim() == 3
+        hidden, past_keys, past_values = state if state is not None else (None, None, None)
+        if (past_keys is None) != (past_values is None):
+            raise ValueError("HybridBlock: state.keys and state.values must both be tensors or both None")
+        if past_keys is not None and past_values is not None and not batched:
+            past_keys, past_values = past_keys.unsqueeze(0), past_values.unsqueeze(0)
+        y, hidden = self.recurrent.stream(self._time_major(input), hidden)
+        output, keys, values = self._attend(y if batched else y.unsqueeze(1), past_keys, past_values)
+        kept = keys.shape[2] if self.window is None else min(keys.shape[2], self.window - 1)
+        if kept == 0:  # window 1: each position attends only itself
+            return self._in_callers_layout(output, batched), HybridState(hidden, None, None)
+        keys, values = keys[:, :, keys.shape[2] - kept:], values[:, :, values.shape[2] - kept:]
+        if not batched:
+            keys, values = keys.squeeze(0), values.squeeze(0)
+        return self._in_callers_layout(output, batched), HybridState(hidden, keys, values)
+
+    def _time_major(self, input: Tensor) -> Tensor:
+        return input.transpose(0, 1) if input.dim() == 3 and self.batch_first else input
+
+    def _in_callers_layout(self, output: Tensor, batched: bool) -> Tensor:
+        if not batched:
+            return output.squeeze(1)
+        return output.transpose(0, 1) if self.batch_first else output
+
+    def _attend(self, seq: Tensor, past_keys: Tensor | None = None, past_values: Tensor | None = None):
+        """seq (T, B, W), time-major -> (seq + W_o · attention, keys, values): the keys and values of every
+        position attended, the past ones (B, heads, P, head_dim) first."""
         steps, batch, _ = seq.shape
 
         def heads(t: Tensor) -> Tensor:  # (T, B, D) -> (B, heads, T, head_dim)
             return t.view(steps, batch, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
 
         q, k, v = heads(self.query(seq)), heads(self.key(seq)), heads(self.value(seq))
-        mask = causal_window_mask(steps, self.window, seq.device)
+        past = 0
+        if past_keys is not None and past_values is not None:
+            expected = (batch, self.num_heads, past_keys.shape[2], self.head_dim)
+            if tuple(past_keys.shape) != expected or past_values.shape != past_keys.shape:
+                raise ValueError(f"HybridBlock: state.keys and state.values must have shape (batch, num_heads, P, "
+                                 f"head_dim) = {expected} for this chunk, got {tuple(past_keys.shape)} and "
+                                 f"{tuple(past_values.shape)}")
+            past = past_keys.shape[2]
+            k, v = torch.cat([past_keys, k], 2), torch.cat([past_values, v], 2)
+        mask = causal_window_mask(steps, self.window, seq.device, past)
         if mask is None:
             attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         context = attended.permute(2, 0, 1, 3).reshape(steps, batch, self.num_heads * self.head_dim)
-        output = seq + self.out(context)
-        if lengths is not None:  # checked by the recurrent module
-            valid = torch.as_tensor(lengths, device=output.device).reshape(1, -1, 1)
-            output = output.masked_fill(torch.arange(steps, device=output.device).view(-1, 1, 1) >= valid, 0)
-        if not batched:
-            output = output.squeeze(1)
-        elif self.batch_first:
-            output = output.transpose(0, 1)
-        return output, hidden
+        return seq + self.out(context), k, v
