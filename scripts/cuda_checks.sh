@@ -64,8 +64,8 @@ parallel=()
 "$python" -c "import xdist" 2>/dev/null && parallel=(-n 12)
 
 fuzz() {
-  # The ops: 4 processes of 250 cases with different seeds; streaming against one call: 150 cases.
-  # Their last lines only.
+  # The ops: 4 processes of 250 cases with different seeds; the modules against their peers (cuDNN
+  # among them) and streaming against one call: 150 cases each. Their last lines only.
   local logs seed pid status=0 pids=()
   logs="$(mktemp -d)"
   for seed in 1 2 3 4; do
@@ -73,11 +73,14 @@ fuzz() {
       -p no:cacheprovider tests/test_fuzz.py >"$logs/seed$seed.log" 2>&1 &
     pids+=($!)
   done
+  RNNATTN_FUZZ_DEVICE=cuda RNNATTN_FUZZ_MODULE_EXAMPLES=150 "$python" -m pytest -q -p no:cacheprovider \
+    tests/test_fuzz_modules.py >"$logs/modules.log" 2>&1 &
+  pids+=($!)
   RNNATTN_FUZZ_DEVICE=cuda RNNATTN_FUZZ_STREAM_EXAMPLES=150 "$python" -m pytest -q -p no:cacheprovider \
     tests/test_fuzz_streaming.py >"$logs/streaming.log" 2>&1 &
   pids+=($!)
   for pid in "${pids[@]}"; do wait "$pid" || status=1; done
-  tail -q -n 1 "$logs"/seed*.log "$logs/streaming.log"
+  tail -q -n 1 "$logs"/seed*.log "$logs/modules.log" "$logs/streaming.log"
   return $status
 }
 

@@ -20,6 +20,7 @@ case "$*" in
   "-m pip"*) sleep "${PIP_SECONDS:-0}"; echo built ;;
   "-m rnnattn_ext.info") echo "info stand-in" ;;
   *test_fuzz_streaming*) echo "150 passed (streaming)" ;;
+  *test_fuzz_modules*) echo "150 passed (modules)" ;;
   *test_fuzz*) echo "250 passed (seed $RNNATTN_FUZZ_SEED)" ;;
   "-m pytest"*) echo "ran: pytest ${*:3}" ;;
   *suite.py*) args="$*"; out="${args##*--out }"; out="${out%% *}"
@@ -64,7 +65,8 @@ def test_every_stage_runs_in_order_and_the_folder_keeps_to_eight_files(tmp_path)
     assert headers[-1].startswith("== done in ") and headers[-1].endswith(" s of 480"), headers
     assert "ran: pytest -v -p no:cacheprovider -m cuda tests/test_persistent_loop.py" in result.stdout
     assert "memcheck: ERROR SUMMARY: 0 errors | 3 passed" in result.stdout
-    assert result.stdout.count("250 passed") == 4 and "150 passed (streaming)" in result.stdout
+    assert result.stdout.count("250 passed") == 4
+    assert "150 passed (modules)" in result.stdout and "150 passed (streaming)" in result.stdout
     assert "loop per_step" in result.stdout
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and "checks.log" in files and "suite_cuda.json" in files, files
