@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU and torch installed: build in place against that torch, then, most
 # important first and each inside what is left of one time budget, the CUDA tests, the CUDA tests
-# under compute-sanitizer (memcheck, racecheck), a fuzz run on the GPU, the speed suite against cuDNN
+# under compute-sanitizer (memcheck, racecheck), the fuzz tests on the GPU, the speed suite against cuDNN
 # and the forward loop's two forms against each other. A stage that would not fit is skipped, one
 # that overruns is stopped, and the log says which.
 #
