@@ -162,3 +162,32 @@ def test_stream_bad_arguments():
         block.stream(torch.randn(2, 1, 3), state._replace(values=state.values[:, :1]))
     with pytest.raises(ValueError, match="must both be tensors or both None"):
         block.stream(torch.randn(2, 1, 3), state._replace(values=None))
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+def test_packed_sequence_in_and_out(batch_first, enforce_sorted):
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    torch.manual_seed(8)
+    block = rnnattn_ext.HybridBlock(3, 8, num_heads=2, window=2, batch_first=batch_first).double()
+    lengths = torch.tensor([5, 5, 3, 1] if enforce_sorted else [3, 5, 1, 5])
+    x = torch.randn(*((4, 5) if batch_first else (5, 4)), 3, dtype=torch.float64, requires_grad=True)
+    hx = tuple(torch.randn(1, 4, 8, dtype=torch.float64) for _ in range(2))  # in the caller's batch order
+    expected, expected_hidden = block(x, hx, lengths=lengths)
+    packed = pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=enforce_sorted)
+    output, hidden = block(packed, hx)
+    assert isinstance(output, torch.nn.utils.rnn.PackedSequence)
+    assert torch.equal(output.batch_sizes, packed.batch_sizes)
+    for a, b in ((output.sorted_indices, packed.sorted_indices), (output.unsorted_indices, packed.unsorted_indices)):
+        assert (a is None and b is None) or torch.equal(a, b)
+    padded, got_lengths = pad_packed_sequence(output, batch_first=batch_first)
+    assert torch.equal(got_lengths, lengths)
+    torch.testing.assert_close(padded, expected, atol=0, rtol=0)
+    for a, b in zip(hidden, expected_hidden):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    (grad,) = torch.autograd.grad(output.data.sum(), x)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), x)
+    torch.testing.assert_close(grad, expected_grad)
+    with pytest.raises(ValueError, match="lengths is for a tensor input; a PackedSequence carries its own"):
+        block(packed, lengths=lengths)

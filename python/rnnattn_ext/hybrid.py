@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .modules import GRU, LSTM, RNN
 
@@ -96,18 +97,38 @@ class HybridBlock(nn.Module):
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, window={self.window}"
 
-    def forward(self, input: Tensor, hx=None, lengths=None):
+    def forward(self, input: Tensor | PackedSequence, hx=None, lengths=None):
         """``output, hidden``: output (T, B, W) in the input's layout, hidden as the recurrent module's.
         ``lengths`` (B,) ints in [1, T]: each row as if run alone over its first lengths[b] steps
-        (causal attention reads no later step), zeros after them."""
+        (causal attention reads no later step), zeros after them. A PackedSequence input gives a
+        PackedSequence output (as torch.nn's recurrent modules: hx and hidden in the caller's batch
+        order), the same as the padded input with its lengths."""
+        if isinstance(input, PackedSequence):
+            if lengths is not None:
+                raise ValueError("HybridBlock: lengths is for a tensor input; a PackedSequence carries its own")
+            return self._forward_packed(input, hx)
         batched = input.dim() == 3
-        y, hidden = self.recurrent(self._time_major(input), hx, lengths=lengths)  # (T, B, W) or unbatched (T, W)
-        output, _, _ = self._attend(y if batched else y.unsqueeze(1))
+        output, hidden = self._forward_time_major(self._time_major(input), hx, lengths)
+        return self._in_callers_layout(output, batched), hidden
+
+    def _forward_time_major(self, x: Tensor, hx, lengths):
+        """forward on a time-major (T, B, I) or unbatched (T, I) input: output (T, B, W) (B = 1 unbatched)."""
+        y, hidden = self.recurrent(x, hx, lengths=lengths)  # (T, B, W) or unbatched (T, W)
+        output, _, _ = self._attend(y if x.dim() == 3 else y.unsqueeze(1))
         if lengths is not None:  # checked by the recurrent module
             steps = output.shape[0]
             valid = torch.as_tensor(lengths, device=output.device).reshape(1, -1, 1)
             output = output.masked_fill(torch.arange(steps, device=output.device).view(-1, 1, 1) >= valid, 0)
-        return self._in_callers_layout(output, batched), hidden
+        return output, hidden
+
+    def _forward_packed(self, input: PackedSequence, hx):
+        padded, lengths = pad_packed_sequence(input)  # (T, B, I) in the caller's batch order
+        output, hidden = self._forward_time_major(padded, hx, lengths)
+        if input.sorted_indices is not None:  # packed data runs in the packing's order, longest first
+            output = output.index_select(1, input.sorted_indices)
+            lengths = lengths.index_select(0, input.sorted_indices.cpu())
+        data = pack_padded_sequence(output, lengths).data
+        return PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices), hidden
 
     def stream(self, input: Tensor, state: HybridState | None = None):
         """Runs one chunk of a sequence (one step or more) and returns ``(output, state)``: feeding the
