@@ -191,3 +191,68 @@ def test_packed_sequence_in_and_out(batch_first, enforce_sorted):
     torch.testing.assert_close(grad, expected_grad)
     with pytest.raises(ValueError, match="lengths is for a tensor input; a PackedSequence carries its own"):
         block(packed, lengths=lengths)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("window", [None, 1, 3])
+@pytest.mark.parametrize("unbatched", [False, True])
+def test_streamer_steps_give_the_numbers_of_one_call(cell, window, unbatched):
+    torch.manual_seed(9)
+    block = rnnattn_ext.HybridBlock(3, 8, num_heads=2, window=window, cell=cell, num_layers=2,
+                                    batch_first=True).double()
+    x = torch.randn(2, 7, 3, dtype=torch.float64)
+    if unbatched:
+        x = x[0]
+    with torch.no_grad():
+        whole, hidden = block(x)
+    streamer = block.streamer()
+    assert streamer.state is None
+    frames = x.unbind(0 if unbatched else 1)
+    got = torch.stack([streamer.step(frame) for frame in frames], 0 if unbatched else 1)
+    torch.testing.assert_close(got, whole, atol=1e-12, rtol=1e-10)
+    # Its state is stream's: each continues from the other's.
+    with torch.no_grad():
+        _, streamed = block.stream(x)
+    state = streamer.state
+    assert isinstance(state, rnnattn_ext.HybridState)
+    for mine, theirs in ((state.keys, streamed.keys), (state.values, streamed.values)):
+        assert (mine is None) == (theirs is None)
+        if mine is not None:
+            torch.testing.assert_close(mine, theirs, atol=1e-12, rtol=1e-10)
+    more = torch.randn(2, 3, 3, dtype=torch.float64)
+    more = more[0] if unbatched else more
+    with torch.no_grad():
+        expected, _ = block.stream(more, streamed)
+    fresh = block.streamer()
+    fresh.reset(streamed)
+    got = torch.stack([fresh.step(frame) for frame in more.unbind(0 if unbatched else 1)], 0 if unbatched else 1)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
+    streamer.reset()
+    assert streamer.state is None
+    torch.testing.assert_close(streamer.step(frames[0]), whole.select(0 if unbatched else 1, 0), atol=1e-12, rtol=1e-10)
+
+
+def test_streamer_is_a_snapshot_and_refuses_what_it_cannot_do():
+    torch.manual_seed(10)
+    block = rnnattn_ext.HybridBlock(3, 8, num_heads=2, window=3)
+    streamer = block.streamer()
+    x = torch.randn(1, 3)
+    with torch.no_grad():
+        expected, _ = block(x.unsqueeze(0))
+        block.out.weight.add_(1.0)  # after the streamer was made: it keeps its copy
+    torch.testing.assert_close(streamer.step(x), expected[0])
+    assert "HybridStreamer(num_heads=2, head_dim=4, window=3, positions kept=1" in repr(streamer)
+    with pytest.raises(ValueError, match="streamer needs a unidirectional module"):
+        rnnattn_ext.HybridBlock(3, 8, bidirectional=True).streamer()
+    with pytest.raises(ValueError, match="a streamer runs inference only"):
+        streamer.step(torch.randn(1, 3, requires_grad=True))
+    with pytest.raises(TypeError, match="state must be None or a HybridState, got tuple"):
+        streamer.reset((None, None, None))
+    state = streamer.state
+    with pytest.raises(ValueError, match=r"must have shape \(batch, num_heads, P, head_dim\) = \(1, 2, P, 4\) "
+                                         r"\(without the batch for an unbatched state\), got \(1, 1, 1, 4\)"):
+        streamer.reset(state._replace(keys=state.keys[:, :1], values=state.values[:, :1]))
+    with pytest.raises(ValueError, match=r"holds 3 positions, more than the window - 1 = 2"):
+        streamer.reset(state._replace(keys=state.keys.expand(1, 2, 3, 4), values=state.values.expand(1, 2, 3, 4)))
+    with pytest.raises(ValueError, match="both be tensors or both None"):
+        streamer.reset(state._replace(keys=None))

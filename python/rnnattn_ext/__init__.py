@@ -6,7 +6,7 @@
 from . import _ops  # noqa: F401  (loads the library, registers the fake implementations)
 from . import functional, onnx_export, reference
 from .attention_modules import AttentionState, AttnGRU, AttnLSTM, AttnRNN
-from .hybrid import HybridBlock, HybridState
+from .hybrid import HybridBlock, HybridState, HybridStreamer
 from .modules import GRU, LSTM, RNN
 
 #: What a module's ``streamer()`` returns: streaming inference, one step per call (see ``LSTM.streamer``).
@@ -23,4 +23,4 @@ def library_path() -> str:
 
 
 __all__ = ["LSTM", "GRU", "RNN", "AttnLSTM", "AttnGRU", "AttnRNN", "AttentionState", "HybridBlock", "HybridState",
-           "Streamer", "functional", "onnx_export", "reference", "library_path", "__version__"]
+           "HybridStreamer", "Streamer", "functional", "onnx_export", "reference", "library_path", "__version__"]

@@ -8,6 +8,7 @@ runs a sequence chunk by chunk, carrying the recurrent state and the window's ke
 
 from __future__ import annotations
 
+import threading
 from typing import Any, NamedTuple
 
 import torch
@@ -53,7 +54,8 @@ class HybridBlock(nn.Module):
 
     ``forward(input, hx=None)`` returns ``(output, hidden)``: output has the recurrent layer's output
     shape, hidden is the recurrent layer's final state (``(h_n, c_n)`` for an LSTM).
-    ``stream(chunk, state=None)`` returns ``(output, state)``: chunk by chunk, the outputs of one call.
+    ``stream(chunk, state=None)`` returns ``(output, state)``: chunk by chunk, the outputs of one call;
+    ``streamer()`` steps one position per call at the lowest cost, the state kept inside.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_heads: int = 1, head_dim: int | None = None,
@@ -157,6 +159,13 @@ class HybridBlock(nn.Module):
             keys, values = keys.squeeze(0), values.squeeze(0)
         return self._in_callers_layout(output, batched), HybridState(hidden, keys, values)
 
+    def streamer(self) -> HybridStreamer:
+        """A :class:`HybridStreamer` for streaming inference one step per call, as the recurrent modules'
+        ``streamer()``: ``step(x_t)`` takes (B, input_size) or (input_size,) and returns the block's
+        output for that position; ``state`` and ``reset(state=None)`` as ``stream``'s HybridState. A
+        snapshot of the weights; inference only. Unidirectional blocks only."""
+        return HybridStreamer(self)
+
     def _time_major(self, input: Tensor) -> Tensor:
         return input.transpose(0, 1) if input.dim() == 3 and self.batch_first else input
 
@@ -190,3 +199,103 @@ class HybridBlock(nn.Module):
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         context = attended.permute(2, 0, 1, 3).reshape(steps, batch, self.num_heads * self.head_dim)
         return seq + self.out(context), k, v
+
+
+class HybridStreamer:
+    """:meth:`HybridBlock.streamer`: the recurrent layer's streamer (``module.streamer()``), then the
+    attention of the step's position over the window's keys and values, which it keeps. Each step
+    gives ``stream``'s numbers for that step (to rounding), without autograd. The weights are copies
+    made when it was made; steps from several threads are serialised."""
+
+    def __init__(self, block: HybridBlock) -> None:
+        self._recurrent = block.recurrent.streamer()  # checks unidirectional
+
+        def snapshot(linear: nn.Linear) -> tuple[Tensor, Tensor | None]:
+            bias = None if linear.bias is None else linear.bias.detach().clone()
+            return linear.weight.detach().clone(), bias
+
+        self._query, self._key, self._value, self._out = map(snapshot, (block.query, block.key, block.value,
+                                                                         block.out))
+        self.num_heads, self.head_dim, self.window = block.num_heads, block.head_dim, block.window
+        self._keys: Tensor | None = None  # (B, heads, P, head_dim): the positions the next step attends
+        self._values: Tensor | None = None
+        self._unbatched = False
+        self._lock = threading.Lock()
+
+    def step(self, input: Tensor) -> Tensor:
+        """One position: input (B, input_size) or (input_size,) gives (B, width) or (width,)."""
+        with self._lock:
+            y = self._recurrent.step(input)  # checks the input (refuses one that requires grad in grad mode)
+            with torch.no_grad():
+                output = self._attend(y)
+            self._unbatched = y.dim() == 1
+        return output
+
+    def _attend(self, y: Tensor) -> Tensor:
+        """The block's output for the recurrent output y (B, W) or (W,) of this position; the kept keys
+        and values move on."""
+        seq = y if y.dim() == 2 else y.unsqueeze(0)  # (B, W)
+        batch = seq.shape[0]
+
+        def heads(linear: tuple[Tensor, Tensor | None]) -> Tensor:  # -> (B, heads, 1, head_dim)
+            return F.linear(seq, *linear).view(batch, self.num_heads, 1, self.head_dim)
+
+        q, k, v = heads(self._query), heads(self._key), heads(self._value)
+        if self._keys is not None and self._values is not None:
+            k, v = torch.cat([self._keys, k], 2), torch.cat([self._values, v], 2)
+        # Every kept position lies inside the window: no mask.
+        context = F.scaled_dot_product_attention(q, k, v).reshape(batch, self.num_heads * self.head_dim)
+        output = seq + F.linear(context, *self._out)
+        kept = k.shape[2] if self.window is None else min(k.shape[2], self.window - 1)
+        self._keys, self._values = (k[:, :, k.shape[2] - kept:], v[:, :, v.shape[2] - kept:]) if kept else (None, None)
+        return output if y.dim() == 2 else output.squeeze(0)
+
+    @property
+    def state(self) -> HybridState | None:
+        """As ``stream`` returns it (None before the first step): fresh tensors."""
+        with self._lock:
+            hidden = self._recurrent.state
+            if hidden is None:
+                return None
+            keys, values = self._keys, self._values
+            if keys is not None and values is not None:
+                keys, values = keys.clone(), values.clone()
+                if self._unbatched:
+                    keys, values = keys.squeeze(0), values.squeeze(0)
+            return HybridState(hidden, keys, values)
+
+    def reset(self, state: HybridState | None = None) -> None:
+        """Starts a new sequence: from ``state`` (as ``state`` or ``stream`` gives it, copied), or zeros."""
+        if state is None:
+            with self._lock:
+                self._recurrent.reset()
+                self._keys = self._values = None
+            return
+        if not isinstance(state, HybridState):
+            raise TypeError(f"HybridStreamer.reset: state must be None or a HybridState, got {type(state).__name__}")
+        h = state.hidden[0] if isinstance(state.hidden, tuple) else state.hidden
+        unbatched = isinstance(h, Tensor) and h.dim() == 2
+        keys, values = state.keys, state.values
+        if (keys is None) != (values is None):
+            raise ValueError("HybridStreamer.reset: state.keys and state.values must both be tensors or both None")
+        if keys is not None and values is not None:
+            batch = 1 if unbatched else h.shape[1]
+            keys, values = (keys.unsqueeze(0), values.unsqueeze(0)) if unbatched else (keys, values)
+            if (keys.dim() != 4 or (keys.shape[0], keys.shape[1], keys.shape[3]) != (batch, self.num_heads, self.head_dim)
+                    or values.shape != keys.shape):
+                raise ValueError(f"HybridStreamer.reset: state.keys and state.values must have shape (batch, "
+                                 f"num_heads, P, head_dim) = ({batch}, {self.num_heads}, P, {self.head_dim}) (without "
+                                 f"the batch for an unbatched state), got {tuple(state.keys.shape)} and "
+                                 f"{tuple(state.values.shape)}")
+            if self.window is not None and keys.shape[2] > self.window - 1:
+                raise ValueError(f"HybridStreamer.reset: state.keys holds {keys.shape[2]} positions, more than the "
+                                 f"window - 1 = {self.window - 1} a step attends besides its own")
+            keys, values = keys.detach().clone(), values.detach().clone()
+        with self._lock:
+            self._recurrent.reset(state.hidden)  # checks and copies it
+            self._keys, self._values, self._unbatched = keys, values, unbatched
+
+    def __repr__(self) -> str:
+        kept = 0 if self._keys is None else self._keys.shape[2]
+        return (f"rnnattn_ext.HybridStreamer(num_heads={self.num_heads}, head_dim={self.head_dim}, "
+                f"window={self.window}, positions kept={kept}, recurrent={self._recurrent!r})")
