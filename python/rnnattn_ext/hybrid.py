@@ -280,13 +280,13 @@ class HybridStreamer:
             raise ValueError("HybridStreamer.reset: state.keys and state.values must both be tensors or both None")
         if keys is not None and values is not None:
             batch = 1 if unbatched else h.shape[1]
+            given = f"{tuple(keys.shape)} and {tuple(values.shape)}"
             keys, values = (keys.unsqueeze(0), values.unsqueeze(0)) if unbatched else (keys, values)
             if (keys.dim() != 4 or (keys.shape[0], keys.shape[1], keys.shape[3]) != (batch, self.num_heads, self.head_dim)
                     or values.shape != keys.shape):
                 raise ValueError(f"HybridStreamer.reset: state.keys and state.values must have shape (batch, "
                                  f"num_heads, P, head_dim) = ({batch}, {self.num_heads}, P, {self.head_dim}) (without "
-                                 f"the batch for an unbatched state), got {tuple(state.keys.shape)} and "
-                                 f"{tuple(state.values.shape)}")
+                                 f"the batch for an unbatched state), got {given}")
             if self.window is not None and keys.shape[2] > self.window - 1:
                 raise ValueError(f"HybridStreamer.reset: state.keys holds {keys.shape[2]} positions, more than the "
                                  f"window - 1 = {self.window - 1} a step attends besides its own")
