@@ -192,8 +192,9 @@ class HybridBlock(nn.Module):
                                  f"{tuple(past_values.shape)}")
             past = past_keys.shape[2]
             k, v = torch.cat([past_keys, k], 2), torch.cat([past_values, v], 2)
-        mask = causal_window_mask(steps, self.window, seq.device, past)
-        if mask is None:
+        if steps == 1 and (self.window is None or past < self.window):  # one query, every position in its window
+            attended = F.scaled_dot_product_attention(q, k, v)
+        elif (mask := causal_window_mask(steps, self.window, seq.device, past)) is None:
             attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -210,12 +211,12 @@ class HybridStreamer:
     def __init__(self, block: HybridBlock) -> None:
         self._recurrent = block.recurrent.streamer()  # checks unidirectional
 
-        def snapshot(linear: nn.Linear) -> tuple[Tensor, Tensor | None]:
-            bias = None if linear.bias is None else linear.bias.detach().clone()
-            return linear.weight.detach().clone(), bias
-
-        self._query, self._key, self._value, self._out = map(snapshot, (block.query, block.key, block.value,
-                                                                         block.out))
+        # Copies: the query, key and value projections stacked into one product per step.
+        projections = (block.query, block.key, block.value)
+        self._qkv_weight = torch.cat([p.weight.detach() for p in projections])
+        self._qkv_bias = None if block.query.bias is None else torch.cat([p.bias.detach() for p in projections])
+        self._out_weight = block.out.weight.detach().clone()
+        self._out_bias = None if block.out.bias is None else block.out.bias.detach().clone()
         self.num_heads, self.head_dim, self.window = block.num_heads, block.head_dim, block.window
         self._keys: Tensor | None = None  # (B, heads, P, head_dim): the positions the next step attends
         self._values: Tensor | None = None
@@ -236,16 +237,14 @@ class HybridStreamer:
         and values move on."""
         seq = y if y.dim() == 2 else y.unsqueeze(0)  # (B, W)
         batch = seq.shape[0]
-
-        def heads(linear: tuple[Tensor, Tensor | None]) -> Tensor:  # -> (B, heads, 1, head_dim)
-            return F.linear(seq, *linear).view(batch, self.num_heads, 1, self.head_dim)
-
-        q, k, v = heads(self._query), heads(self._key), heads(self._value)
+        # (B, 3, heads, 1, head_dim): this position's query, key and value.
+        qkv = F.linear(seq, self._qkv_weight, self._qkv_bias).view(batch, 3, self.num_heads, 1, self.head_dim)
+        q, k, v = qkv.unbind(1)
         if self._keys is not None and self._values is not None:
             k, v = torch.cat([self._keys, k], 2), torch.cat([self._values, v], 2)
         # Every kept position lies inside the window: no mask.
         context = F.scaled_dot_product_attention(q, k, v).reshape(batch, self.num_heads * self.head_dim)
-        output = seq + F.linear(context, *self._out)
+        output = seq + F.linear(context, self._out_weight, self._out_bias)
         kept = k.shape[2] if self.window is None else min(k.shape[2], self.window - 1)
         self._keys, self._values = (k[:, :, k.shape[2] - kept:], v[:, :, v.shape[2] - kept:]) if kept else (None, None)
         return output if y.dim() == 2 else output.squeeze(0)
