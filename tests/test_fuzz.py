@@ -10,20 +10,16 @@ several processes with different seeds.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 from rnnattn_ext import _ops, functional, reference
 
-hypothesis = pytest.importorskip("hypothesis", reason="the fuzz tests need hypothesis (scripts/setup.sh installs it)")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from fuzzing import DEVICE, fuzz_settings  # skips without hypothesis
+from hypothesis import given
+from hypothesis import strategies as st
 
-EXAMPLES = int(os.environ.get("RNNATTN_FUZZ_EXAMPLES", "2000"))
-DEVICE = os.environ.get("RNNATTN_FUZZ_DEVICE", "cpu")
-SEED = os.environ.get("RNNATTN_FUZZ_SEED")
 GATES = {cell: layout[0] for cell, layout in _ops.CELL_LAYOUTS.items()}
 NUM_STATES = {cell: layout[1] for cell, layout in _ops.CELL_LAYOUTS.items()}
 DTYPES = [torch.float64, torch.float32] + ([torch.float16, torch.bfloat16] if DEVICE.startswith("cuda") else [])
@@ -155,9 +151,7 @@ def run(impl, case, leaves, dtype):
     return [out, *finals, context]
 
 
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=SEED is None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@(hypothesis.seed(int(SEED)) if SEED is not None else (lambda test: test))
+@fuzz_settings("RNNATTN_FUZZ_EXAMPLES", 2000)
 @given(cases())
 def test_ops_match_the_references(case):
     leaves = build(case)

@@ -12,7 +12,6 @@ the device (default cpu), RNNATTN_FUZZ_SEED another repeatable set of cases (as 
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -21,13 +20,10 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 import rnnattn_ext
 from rnnattn_ext import reference
 
-hypothesis = pytest.importorskip("hypothesis", reason="the fuzz tests need hypothesis (scripts/setup.sh installs it)")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from fuzzing import DEVICE, fuzz_settings  # skips without hypothesis
+from hypothesis import given
+from hypothesis import strategies as st
 
-EXAMPLES = int(os.environ.get("RNNATTN_FUZZ_MODULE_EXAMPLES", "300"))
-DEVICE = os.environ.get("RNNATTN_FUZZ_DEVICE", "cpu")
-SEED = os.environ.get("RNNATTN_FUZZ_SEED")
 KINDS = {
     "LSTM": (torch.nn.LSTM, rnnattn_ext.LSTM, {}), "GRU": (torch.nn.GRU, rnnattn_ext.GRU, {}),
     "RNN": (torch.nn.RNN, rnnattn_ext.RNN, {}),
@@ -168,9 +164,7 @@ def run_reference(case, module, x, hx, memory):
     return [output, *(f.squeeze(1) if unbatched else f for f in finals)]
 
 
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=SEED is None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@(hypothesis.seed(int(SEED)) if SEED is not None else (lambda test: test))
+@fuzz_settings("RNNATTN_FUZZ_MODULE_EXAMPLES", 300)
 @given(cases())
 def test_modules_match_their_peers(case):
     theirs, ours = build(case)

@@ -12,20 +12,16 @@ the device (default cpu), RNNATTN_FUZZ_SEED another repeatable set of cases (as 
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 
 import rnnattn_ext
 
-hypothesis = pytest.importorskip("hypothesis", reason="the fuzz tests need hypothesis (scripts/setup.sh installs it)")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from fuzzing import DEVICE, fuzz_settings  # skips without hypothesis
+from hypothesis import given
+from hypothesis import strategies as st
 
-EXAMPLES = int(os.environ.get("RNNATTN_FUZZ_STREAM_EXAMPLES", "300"))
-DEVICE = os.environ.get("RNNATTN_FUZZ_DEVICE", "cpu")
-SEED = os.environ.get("RNNATTN_FUZZ_SEED")
 KINDS = {
     "LSTM": (rnnattn_ext.LSTM, {}), "GRU": (rnnattn_ext.GRU, {}), "RNN": (rnnattn_ext.RNN, {}),
     "RNN_relu": (rnnattn_ext.RNN, {"nonlinearity": "relu"}), "AttnLSTM": (rnnattn_ext.AttnLSTM, {}),
@@ -198,9 +194,7 @@ def step_through(streamer, case, x, batch, expected, handback_at=None):
         torch.testing.assert_close(mine, theirs, **tolerance)
 
 
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=SEED is None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@(hypothesis.seed(int(SEED)) if SEED is not None else (lambda test: test))
+@fuzz_settings("RNNATTN_FUZZ_STREAM_EXAMPLES", 300)
 @given(cases())
 def test_streaming_matches_one_call(case):
     module, reference = build(case)
