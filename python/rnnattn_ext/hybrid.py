@@ -33,6 +33,15 @@ def causal_window_mask(steps: int, window: int | None, device=None, past: int = 
     return (offset >= 0) if window is None else (offset >= 0) & (offset < window)
 
 
+def _recent_positions(keys: Tensor, values: Tensor, window: int | None) -> tuple[Tensor | None, Tensor | None]:
+    """The keys and values (B, heads, P, head_dim) the next position attends besides its own: the last
+    window - 1 (every one with no window; None for none)."""
+    kept = keys.shape[2] if window is None else min(keys.shape[2], window - 1)
+    if kept == 0:  # window 1: each position attends only itself
+        return None, None
+    return keys[:, :, keys.shape[2] - kept:], values[:, :, values.shape[2] - kept:]
+
+
 class HybridState(NamedTuple):
     """What :meth:`HybridBlock.stream` carries from one chunk to the next: the recurrent layer's state
     (as its ``forward`` returns it: h_n, or (h_n, c_n) for an LSTM) and the attention's keys and values
@@ -151,13 +160,10 @@ class HybridBlock(nn.Module):
             past_keys, past_values = past_keys.unsqueeze(0), past_values.unsqueeze(0)
         y, hidden = self.recurrent.stream(self._time_major(input), hidden)
         output, keys, values = self._attend(y if batched else y.unsqueeze(1), past_keys, past_values)
-        kept = keys.shape[2] if self.window is None else min(keys.shape[2], self.window - 1)
-        if kept == 0:  # window 1: each position attends only itself
-            return self._in_callers_layout(output, batched), HybridState(hidden, None, None)
-        keys, values = keys[:, :, keys.shape[2] - kept:], values[:, :, values.shape[2] - kept:]
-        if not batched:
-            keys, values = keys.squeeze(0), values.squeeze(0)
-        return self._in_callers_layout(output, batched), HybridState(hidden, keys, values)
+        kept_keys, kept_values = _recent_positions(keys, values, self.window)
+        if kept_keys is not None and kept_values is not None and not batched:
+            kept_keys, kept_values = kept_keys.squeeze(0), kept_values.squeeze(0)
+        return self._in_callers_layout(output, batched), HybridState(hidden, kept_keys, kept_values)
 
     def streamer(self) -> HybridStreamer:
         """A :class:`HybridStreamer` for streaming inference one step per call, as the recurrent modules'
@@ -245,8 +251,7 @@ class HybridStreamer:
         # Every kept position lies inside the window: no mask.
         context = F.scaled_dot_product_attention(q, k, v).reshape(batch, self.num_heads * self.head_dim)
         output = seq + F.linear(context, self._out_weight, self._out_bias)
-        kept = k.shape[2] if self.window is None else min(k.shape[2], self.window - 1)
-        self._keys, self._values = (k[:, :, k.shape[2] - kept:], v[:, :, v.shape[2] - kept:]) if kept else (None, None)
+        self._keys, self._values = _recent_positions(k, v, self.window)
         return output if y.dim() == 2 else output.squeeze(0)
 
     @property
