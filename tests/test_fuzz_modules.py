@@ -1,6 +1,7 @@
 """Property-based fuzzing of the modules against their peers: LSTM, GRU and RNN against torch.nn with
 copied weights, the attention modules (self memory with a window or unbounded, or an external memory
-with lengths) against ``reference.attention_stack`` over their own parameters. Random cells, widths
+with lengths) against ``reference.attention_stack`` over their own parameters, HybridBlock against
+torch.nn's layer and ``reference.causal_self_attention`` over its own parameters. Random cells, widths
 (some that split the units over threads), layers, directions, projections, heads, layouts (batch
 first, unbatched, a strided view), initial states, PackedSequence input (sorted or not) and the
 ``lengths`` argument, under no_grad and with gradients for any subset of the input, the states, the
@@ -32,7 +33,13 @@ KINDS = {
     "AttnLSTM": ("lstm", rnnattn_ext.AttnLSTM, {}), "AttnGRU": ("gru", rnnattn_ext.AttnGRU, {}),
     "AttnRNN": ("rnn_tanh", rnnattn_ext.AttnRNN, {}),
     "AttnRNN_relu": ("rnn_relu", rnnattn_ext.AttnRNN, {"nonlinearity": "relu"}),
+    **{f"Hybrid_{cell}": (cell, rnnattn_ext.HybridBlock, {"cell": cell}) for cell in ("lstm", "gru", "rnn_tanh", "rnn_relu")},
 }
+TORCH_RECURRENT = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn_tanh": torch.nn.RNN, "rnn_relu": torch.nn.RNN}
+
+
+def has_cell_state(case):
+    return case["kind"] in ("LSTM", "AttnLSTM", "Hybrid_lstm")
 # torch.nn and ours sum in other orders (and cuDNN in TF32 unless told otherwise: the fuzz turns it off).
 TOLERANCE = {torch.float64: {"atol": 1e-9, "rtol": 1e-7}, torch.float32: {"atol": 5e-5, "rtol": 5e-4}}
 
@@ -51,7 +58,7 @@ def cases(draw):
         # What requires grad: nothing (no_grad), or any of the input, the states, the memory, the parameters.
         "grad": draw(st.none() | st.fixed_dictionaries(
             {"input": st.booleans(), "hx": st.booleans(), "memory": st.booleans(), "parameters": st.booleans()})),
-        "attention": kind.startswith("Attn"),
+        "attention": kind.startswith("Attn"), "hybrid": kind.startswith("Hybrid"),
     }
     if kind.endswith("LSTM") and hidden >= 2 and draw(st.booleans()):
         case["proj_size"] = draw(st.integers(1, hidden - 1))
@@ -61,6 +68,9 @@ def cases(draw):
         case["window"] = None if case["memory_size"] else draw(st.none() | st.integers(1, steps + 2))
         case["memory_slots"] = draw(st.integers(1, 4))
         case["memory_lengths"] = batch is not None and draw(st.booleans())
+    if case["hybrid"]:
+        case["num_heads"], case["head_dim"] = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+        case["window"] = draw(st.none() | st.integers(1, steps + 2))
     if batch is not None and draw(st.booleans()):
         case["lengths"] = draw(st.lists(st.integers(1, steps), min_size=batch, max_size=batch))
         # torch.nn takes them packed; ours packed (sorted or not) or as the lengths argument.
@@ -78,6 +88,10 @@ def build(case):
     if case["proj_size"]:
         extra["proj_size"] = case["proj_size"]
     wants = bool(case["grad"] and case["grad"]["parameters"])
+    if case["hybrid"]:
+        extra.update(num_heads=case["num_heads"], head_dim=case["head_dim"], window=case["window"])
+        ours = our_cls(case["input_size"], case["hidden"], **extra).to(device=DEVICE, dtype=case["dtype"])
+        return peer, ours.requires_grad_(wants)
     if case["attention"]:
         extra.update(num_heads=case["num_heads"], head_dim=case["head_dim"], window=case["window"],
                      memory_size=case["memory_size"])
@@ -108,7 +122,7 @@ def inputs(case, gen):
     if case["with_hx"]:
         layers = case["num_layers"] * (2 if case["bidirectional"] else 1)
         hx = rand(layers, *lead, case["proj_size"] or case["hidden"])
-        if case["kind"].endswith("LSTM"):
+        if has_cell_state(case):
             hx = (hx, rand(layers, *lead, case["hidden"]))
     memory = {}
     if case["attention"] and case["memory_size"]:
@@ -164,6 +178,33 @@ def run_reference(case, module, x, hx, memory):
     return [output, *(f.squeeze(1) if unbatched else f for f in finals)]
 
 
+def run_hybrid_reference(case, block, x, hx):
+    """torch.nn's recurrent layer over the block's own recurrent parameters (given the case's input
+    form, the lengths packed), then reference.causal_self_attention, zeros past each row's length."""
+    rec = block.recurrent
+    kwargs = {"nonlinearity": block.cell[4:]} if block.cell.startswith("rnn_") else {}
+    twin = TORCH_RECURRENT[block.cell](rec.input_size, rec.hidden_size, num_layers=rec.num_layers, bias=case["bias"],
+                                       batch_first=case["batch_first"], bidirectional=rec.bidirectional,
+                                       device=DEVICE, dtype=case["dtype"], **kwargs)
+    parameters = dict(rec.named_parameters())
+
+    def recurrent(inp, h):
+        return torch.func.functional_call(twin, parameters, (inp, h))
+
+    y, *finals = run(dict(case, form="packed" if case["form"] == "lengths" else case["form"]), recurrent, x, hx, {},
+                     is_ours=False)
+    unbatched, batch_first = case["batch"] is None, case["batch_first"] and case["batch"] is not None
+    seq = y.unsqueeze(1) if unbatched else y.transpose(0, 1) if batch_first else y
+    output = reference.causal_self_attention(seq, block.query.weight, block.query.bias, block.key.weight,
+                                             block.key.bias, block.value.weight, block.value.bias, block.out.weight,
+                                             block.out.bias, block.num_heads, block.window)
+    if case["lengths"] is not None:
+        past_end = torch.arange(case["steps"], device=DEVICE).view(-1, 1) >= torch.tensor(case["lengths"], device=DEVICE)
+        output = output.masked_fill(past_end.unsqueeze(-1), 0)
+    output = output.squeeze(1) if unbatched else output.transpose(0, 1) if batch_first else output
+    return [output, *finals]
+
+
 @fuzz_settings("RNNATTN_FUZZ_MODULE_EXAMPLES", 300)
 @given(cases())
 def test_modules_match_their_peers(case):
@@ -174,6 +215,8 @@ def test_modules_match_their_peers(case):
     with torch.backends.cudnn.flags(allow_tf32=False), torch.set_grad_enabled(case["grad"] is not None):
         if case["attention"]:
             expected = run_reference(case, ours, x, hx, memory)
+        elif case["hybrid"]:
+            expected = run_hybrid_reference(case, ours, x, hx)
         else:
             expected = run(case, theirs, x, hx, memory, is_ours=False)
         got = run(case, ours, x, hx, memory, is_ours=True)
@@ -187,7 +230,8 @@ def test_modules_match_their_peers(case):
     shared_leaves = [t for t in [x, *states, *memory.values()] if t.requires_grad]
     ours_params = [p for p in ours.parameters() if p.requires_grad]
     # The reference runs on our module's own parameters.
-    their_params = ours_params if case["attention"] else [p for p in theirs.parameters() if p.requires_grad]
+    their_params = ours_params if case["attention"] or case["hybrid"] else [
+        p for p in theirs.parameters() if p.requires_grad]
     if not shared_leaves and not ours_params:
         assert not any(t.requires_grad for t in got)
         return

@@ -1,6 +1,6 @@
 """Property-based fuzzing of streaming against one call over the whole sequence: random modules (every
 cell, attention with self or external memory, windows, heads, projections, stacked layers, widths
-that split the units over threads), random layouts (batch first, unbatched), initial states, chunk
+that split the units over threads, HybridBlock over every cell), random layouts (batch first, unbatched), initial states, chunk
 sizes for ``stream``, and a ``streamer()`` stepping the same sequence with a state handed back and
 forth mid-way and, after it, a second sequence (a new external memory, another batch). Outputs, final
 states and attention weights must match ``forward``'s.
@@ -27,7 +27,12 @@ KINDS = {
     "RNN_relu": (rnnattn_ext.RNN, {"nonlinearity": "relu"}), "AttnLSTM": (rnnattn_ext.AttnLSTM, {}),
     "AttnGRU": (rnnattn_ext.AttnGRU, {}), "AttnRNN": (rnnattn_ext.AttnRNN, {}),
     "AttnRNN_relu": (rnnattn_ext.AttnRNN, {"nonlinearity": "relu"}),
+    **{f"Hybrid_{cell}": (rnnattn_ext.HybridBlock, {"cell": cell}) for cell in ("lstm", "gru", "rnn_tanh", "rnn_relu")},
 }
+
+
+def has_cell_state(case):
+    return case["kind"] in ("LSTM", "AttnLSTM", "Hybrid_lstm")
 # Streaming and one call multiply in products of other shapes (one step, a chunk, the whole
 # sequence): equal to rounding, in the module's dtype.
 TOLERANCE = {torch.float64: {"atol": 1e-10, "rtol": 1e-8}, torch.float32: {"atol": 2e-5, "rtol": 1e-4}}
@@ -36,7 +41,7 @@ TOLERANCE = {torch.float64: {"atol": 1e-10, "rtol": 1e-8}, torch.float32: {"atol
 @st.composite
 def cases(draw):
     kind = draw(st.sampled_from(sorted(KINDS)))
-    attention = kind.startswith("Attn")
+    attention, hybrid = kind.startswith("Attn"), kind.startswith("Hybrid")
     steps = draw(st.integers(1, 8))
     # Small widths, and some of 64 units and more: the CPU then splits the units over its threads
     # (a one-step call splits the weights' reads from 256 up).
@@ -52,9 +57,9 @@ def cases(draw):
     }
     if kind.endswith("LSTM") and hidden >= 2 and draw(st.booleans()):
         case["proj_size"] = draw(st.integers(1, hidden - 1))
-    if attention:
+    if attention or hybrid:
         case["num_heads"], case["head_dim"] = draw(st.integers(1, 3)), draw(st.integers(1, 4))
-        case["memory_size"] = draw(st.none() | st.integers(1, 5))
+        case["memory_size"] = None if hybrid else draw(st.none() | st.integers(1, 5))
         case["window"] = None if case["memory_size"] else draw(st.none() | st.integers(1, steps + 2))
         case["memory_slots"] = draw(st.integers(1, 4))
         case["memory_lengths"] = case["batch"] is not None and draw(st.booleans())
@@ -73,6 +78,8 @@ def build(case):
     if case["kind"].startswith("Attn"):
         extra.update(num_heads=case["num_heads"], head_dim=case["head_dim"], window=case["window"],
                      memory_size=case["memory_size"])
+    if case["kind"].startswith("Hybrid"):
+        extra.update(num_heads=case["num_heads"], head_dim=case["head_dim"], window=case["window"])
     reference = cls(case["input_size"], case["hidden"], **extra).to(device=DEVICE, dtype=torch.float64).eval()
     return copy.deepcopy(reference).to(case["dtype"]), reference
 
@@ -93,7 +100,7 @@ def sequence(case, batch, steps, gen):
     hx = None
     if case["with_hx"]:
         hx = rand(L, *lead, width)
-        if case["kind"].endswith("LSTM"):
+        if has_cell_state(case):
             hx = (hx, rand(L, *lead, H))
     memory = {}
     if case["kind"].startswith("Attn") and case["memory_size"]:
@@ -121,6 +128,8 @@ def whole(module, case, x, hx, memory):
 
 
 def as_stream_state(module, hx):
+    if hx is not None and isinstance(module, rnnattn_ext.HybridBlock):
+        return rnnattn_ext.HybridState(hx, None, None)
     if hx is None or not isinstance(module, rnnattn_ext.attention_modules.AttentionRecurrentBase):
         return hx
     h, c = hx if isinstance(hx, tuple) else (hx, None)
@@ -129,6 +138,8 @@ def as_stream_state(module, hx):
 
 def finals_of(state):
     """A stream or streamer state's h (and c) as forward returns them."""
+    if isinstance(state, rnnattn_ext.HybridState):
+        state = state.hidden
     if isinstance(state, rnnattn_ext.AttentionState):
         return (state.h,) if state.c is None else (state.h, state.c)
     return state if isinstance(state, tuple) else (state,)
