@@ -2,9 +2,12 @@
 
 import pytest
 import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnnattn_ext
 from rnnattn_ext import reference
+
+from conftest import device_params
 
 TORCH_RECURRENT = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn_tanh": torch.nn.RNN, "rnn_relu": torch.nn.RNN}
 
@@ -92,12 +95,13 @@ def _chunked(block, x, sizes, dim):
 @pytest.mark.parametrize("cell", list(TORCH_RECURRENT))
 @pytest.mark.parametrize("window", [None, 1, 3])
 @pytest.mark.parametrize("layout", ["time_major", "batch_first", "unbatched"])
-def test_stream_chunks_equal_one_call(cell, window, layout):
+@pytest.mark.parametrize("device", device_params())
+def test_stream_chunks_equal_one_call(cell, window, layout, device):
     torch.manual_seed(5)
     block = rnnattn_ext.HybridBlock(3, 8, num_heads=2, window=window, cell=cell, num_layers=2,
-                                    batch_first=layout == "batch_first").double()
+                                    batch_first=layout == "batch_first").to(device=device, dtype=torch.float64)
     shape = {"time_major": (9, 2, 3), "batch_first": (2, 9, 3), "unbatched": (9, 3)}[layout]
-    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(*shape, dtype=torch.float64, device=device, requires_grad=True)
     dim = 1 if layout == "batch_first" else 0
     whole, hidden = block(x)
     chunked, state = _chunked(block, x, [3, 1, 4, 1], dim)
@@ -166,14 +170,13 @@ def test_stream_bad_arguments():
 
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("enforce_sorted", [True, False])
-def test_packed_sequence_in_and_out(batch_first, enforce_sorted):
-    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-
+@pytest.mark.parametrize("device", device_params())
+def test_packed_sequence_in_and_out(batch_first, enforce_sorted, device):
     torch.manual_seed(8)
-    block = rnnattn_ext.HybridBlock(3, 8, num_heads=2, window=2, batch_first=batch_first).double()
+    block = rnnattn_ext.HybridBlock(3, 8, num_heads=2, window=2, batch_first=batch_first).to(device, torch.float64)
     lengths = torch.tensor([5, 5, 3, 1] if enforce_sorted else [3, 5, 1, 5])
-    x = torch.randn(*((4, 5) if batch_first else (5, 4)), 3, dtype=torch.float64, requires_grad=True)
-    hx = tuple(torch.randn(1, 4, 8, dtype=torch.float64) for _ in range(2))  # in the caller's batch order
+    x = torch.randn(*((4, 5) if batch_first else (5, 4)), 3, dtype=torch.float64, device=device, requires_grad=True)
+    hx = tuple(torch.randn(1, 4, 8, dtype=torch.float64, device=device) for _ in range(2))  # the caller's batch order
     expected, expected_hidden = block(x, hx, lengths=lengths)
     packed = pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=enforce_sorted)
     output, hidden = block(packed, hx)
@@ -196,11 +199,12 @@ def test_packed_sequence_in_and_out(batch_first, enforce_sorted):
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("window", [None, 1, 3])
 @pytest.mark.parametrize("unbatched", [False, True])
-def test_streamer_steps_give_the_numbers_of_one_call(cell, window, unbatched):
+@pytest.mark.parametrize("device", device_params())
+def test_streamer_steps_give_the_numbers_of_one_call(cell, window, unbatched, device):
     torch.manual_seed(9)
     block = rnnattn_ext.HybridBlock(3, 8, num_heads=2, window=window, cell=cell, num_layers=2,
-                                    batch_first=True).double()
-    x = torch.randn(2, 7, 3, dtype=torch.float64)
+                                    batch_first=True).to(device=device, dtype=torch.float64)
+    x = torch.randn(2, 7, 3, dtype=torch.float64, device=device)
     if unbatched:
         x = x[0]
     with torch.no_grad():
@@ -219,7 +223,7 @@ def test_streamer_steps_give_the_numbers_of_one_call(cell, window, unbatched):
         assert (mine is None) == (theirs is None)
         if mine is not None:
             torch.testing.assert_close(mine, theirs, atol=1e-12, rtol=1e-10)
-    more = torch.randn(2, 3, 3, dtype=torch.float64)
+    more = torch.randn(2, 3, 3, dtype=torch.float64, device=device)
     more = more[0] if unbatched else more
     with torch.no_grad():
         expected, _ = block.stream(more, streamed)
