@@ -108,3 +108,15 @@ def test_decoder_step_benchmark_writes_its_rows(tmp_path):
     assert "| gru | 2×8×8, 4 (4), 3 | 3 |" in (tmp_path / "quick.md").read_text()
     rejected = _run("bench_decoder_step.py", "--shapes", "1x8x8x6x3")
     assert rejected.returncode != 0 and "D a multiple of 4" in rejected.stderr
+
+
+def test_hybrid_step_benchmark_writes_its_rows(tmp_path):
+    result = _run("bench_hybrid_step.py", "--shapes", "1x8x8x4x3", "--steps", "3", "--repeats", "1", "--warmup", "0",
+                  "--out", str(tmp_path), "--name", "quick")
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "quick.json") as f:
+        rows = json.load(f)["rows"]
+    assert [r["cell"] for r in rows] == ["lstm", "gru", "rnn_tanh"]
+    for row in rows:
+        assert row["torch_nn_us"] > 0 and row["stream_speedup"] > 0 and row["streamer_speedup"] > 0
+    assert "| rnn_tanh | 1×8×8, 4 (4), 3 |" in (tmp_path / "quick.md").read_text()
