@@ -49,7 +49,7 @@ def torch_nn_steps(block, cell, xs) -> torch.Tensor:
                 k, v = torch.cat([keys, k], 2), torch.cat([values, v], 2)
             context = F.scaled_dot_product_attention(q, k, v).reshape(batch, heads * head_dim)
             output = y + block.out(context)
-            keep = k.shape[2] if window is None else window - 1
+            keep = k.shape[2] if window is None else min(k.shape[2], window - 1)
             keys, values = (k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:]) if keep else (None, None)
     return output
 
