@@ -439,7 +439,6 @@ class Streamer {
     memory_batch_ = memory.front().memory.size(1);
   }
 
-  // `state`'s tensors, checked, copied per layer.
   // reset()'s state, checked and copied as the steps keep it ((B, width) per layer and state; an
   // unbatched one, (num_layers, width) as stream returns it after unbatched input, as batch 1).
   std::vector<LayerState> copied_state(py::handle state, bool& unbatched) const {

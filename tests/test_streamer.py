@@ -105,7 +105,7 @@ def test_unbatched_states_go_between_stream_and_a_streamer(cls, extra):
     gen = torch.Generator().manual_seed(34)
     torch.manual_seed(34)
     module = cls(3, 4, **extra).eval()
-    memory = {"memory": torch.randn(6, 5, generator=gen)} if module.__dict__.get("memory_size") else {}
+    memory = {"memory": torch.randn(6, 5, generator=gen)} if getattr(module, "memory_size", None) else {}
     xs = torch.randn(6, 3, generator=gen)
     with torch.no_grad():
         whole, _ = module(xs, **memory)
