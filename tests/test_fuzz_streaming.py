@@ -172,10 +172,8 @@ def check_stream(module, case, x, hx, memory, expected):
                 y, state, chunk_weights = module.stream(chunk, state, need_weights=True, **memory)
                 for layer, w in enumerate(chunk_weights):
                     check_weights(case, w, weights[layer].narrow(axis, start, size))
-            elif memory:
-                y, state = module.stream(chunk, state, **memory)
             else:
-                y, state = module.stream(chunk, state)
+                y, state = module.stream(chunk, state, **memory)
             outputs.append(y)
             start, index = start + size, index + 1
     tolerance = TOLERANCE[case["dtype"]]
@@ -222,7 +220,7 @@ def test_streaming_matches_one_call(case):
 
     check_stream(module, case, x, hx, memory, expected)
 
-    streamer = module.streamer(**memory) if memory else module.streamer()
+    streamer = module.streamer(**memory)
     if hx is not None:
         streamer.reset(as_stream_state(module, hx))
     step_through(streamer, case, x, case["batch"], expected, handback_at=case["handback_at"])
