@@ -260,3 +260,24 @@ def test_streamer_is_a_snapshot_and_refuses_what_it_cannot_do():
         streamer.reset(state._replace(keys=state.keys.expand(1, 2, 3, 4), values=state.values.expand(1, 2, 3, 4)))
     with pytest.raises(ValueError, match="both be tensors or both None"):
         streamer.reset(state._replace(keys=None))
+
+
+def test_a_streaming_step_exports():
+    torch.manual_seed(11)
+    block = rnnattn_ext.HybridBlock(3, 8, num_heads=2, window=4, cell="gru").eval()
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = block
+
+        def forward(self, x, h, keys, values):
+            y, state = self.block.stream(x, rnnattn_ext.HybridState(h, keys, values))
+            return y, state.hidden, state.keys, state.values
+
+    with torch.no_grad():
+        _, state = block.stream(torch.randn(5, 2, 3))
+        args = (torch.randn(1, 2, 3), state.hidden, state.keys, state.values)
+        program = torch.export.export(Step(), args)
+        for got, expected in zip(program.module()(*args), Step()(*args)):
+            torch.testing.assert_close(got, expected)

@@ -131,6 +131,28 @@ def test_unbatched_input_and_hybrid_block_export():
     _assert_runs_like(hybrid, _export(hybrid, (x,)), (x,))
 
 
+class HybridStep(torch.nn.Module):
+    """One HybridBlock.stream step, its HybridState's tensors as inputs and outputs (a streaming decode)."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x, h, c, keys, values):
+        y, state = self.block.stream(x, rnnattn_ext.HybridState((h, c), keys, values))
+        return y, state.hidden[0], state.hidden[1], state.keys, state.values
+
+
+def test_hybrid_block_streaming_step_export():
+    torch.manual_seed(4)
+    block = rnnattn_ext.HybridBlock(3, 8, num_heads=2, window=4, cell="lstm").eval()
+    with torch.no_grad():
+        _, state = block.stream(torch.randn(5, 2, 3))  # the window has filled: 3 positions kept
+    step = HybridStep(block)
+    args = (torch.randn(1, 2, 3), *state.hidden, state.keys, state.values)
+    _assert_runs_like(step, _export(step, args), args)
+
+
 class OneOp(torch.nn.Module):
     """The LSTM op itself, reversed, with a recurrent bias and no input bias (ONNX takes both halves of
     the bias or none: the translation fills the absent one with zeros)."""
