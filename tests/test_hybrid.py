@@ -260,6 +260,9 @@ def test_streamer_is_a_snapshot_and_refuses_what_it_cannot_do():
         streamer.reset(state._replace(keys=state.keys.expand(1, 2, 3, 4), values=state.values.expand(1, 2, 3, 4)))
     with pytest.raises(ValueError, match="both be tensors or both None"):
         streamer.reset(state._replace(keys=None))
+    with pytest.raises(TypeError, match=r"state.hidden must be the recurrent state .* got NoneType"):
+        streamer.reset(state._replace(hidden=None))
+    assert streamer.num_layers == 1 and streamer.input_size == 3
 
 
 def test_a_streaming_step_exports():

@@ -283,6 +283,9 @@ class HybridStreamer:
         if (keys is None) != (values is None):
             raise ValueError("HybridStreamer.reset: state.keys and state.values must both be tensors or both None")
         if keys is not None and values is not None:
+            if not isinstance(h, Tensor):
+                raise TypeError("HybridStreamer.reset: state.hidden must be the recurrent state (h_n, or (h_n, c_n) "
+                                f"for an LSTM) that the keys and values continue, got {type(state.hidden).__name__}")
             batch = 1 if unbatched else h.shape[1]
             given = f"{tuple(keys.shape)} and {tuple(values.shape)}"
             keys, values = (keys.unsqueeze(0), values.unsqueeze(0)) if unbatched else (keys, values)
@@ -298,6 +301,14 @@ class HybridStreamer:
         with self._lock:
             self._recurrent.reset(state.hidden)  # checks and copies it
             self._keys, self._values, self._unbatched = keys, values, unbatched
+
+    @property
+    def num_layers(self) -> int:
+        return self._recurrent.num_layers
+
+    @property
+    def input_size(self) -> int:
+        return self._recurrent.input_size
 
     def __repr__(self) -> str:
         kept = 0 if self._keys is None else self._keys.shape[2]
