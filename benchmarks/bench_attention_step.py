@@ -19,8 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import (check_attention_shapes, check_common, common_parser, interleaved_median_ms,  # noqa: E402
-                          results_markdown, machine_info, rows_of, write_results)
+from bench_common import attention_step_main, interleaved_median_ms, results_markdown  # noqa: E402
 from bench_step import stream_steps, streamer_steps  # noqa: E402
 
 import rnnattn_ext  # noqa: E402
@@ -81,18 +80,9 @@ def markdown_table(rows, info, device, dtype) -> str:
 
 
 def main(argv=None):
-    parser = common_parser(__doc__, list(CELLS), ",".join(CELLS), "B×I×H×D×window list, e.g. 1x256x256x64x64",
-                           warmup=2)
-    parser.add_argument("--steps", type=int, default=64, help="consecutive steps per timed run")
-    args = parser.parse_args(argv)
-    dtype, shapes, cells = check_common(parser, args, list(CELLS), DEFAULT_SHAPES)
-    check_attention_shapes(parser, shapes, HEADS, "window")
-    repeats = args.repeats or 15
-    info = machine_info(args.device)
-    rows = rows_of(cells, shapes, lambda cell, shape: bench_cell(cell, shape, args.device, dtype, args.steps, repeats,
-                                                                  args.warmup), progress_line)
-    write_results(args, "attention_step", info, repeats, rows, markdown_table(rows, info, args.device, args.dtype))
-
+    attention_step_main(argv, __doc__, CELLS, DEFAULT_SHAPES, HEADS, "window", "1x256x256x64x64",
+                        "consecutive steps per timed run", "attention_step", bench_cell, progress_line,
+                        markdown_table)
 
 if __name__ == "__main__":
     main()

@@ -144,3 +144,22 @@ def write_results(args: argparse.Namespace, benchmark: str, info: dict, repeats:
                   f, indent=2)
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(table + "\n")
+
+
+def attention_step_main(argv, doc: str, cells: dict, default_shapes, heads: int, last: str, example: str,
+                        steps_help: str, benchmark: str, bench_cell, progress_line, markdown_table) -> None:
+    """The command line of the attention step benchmarks (shapes B×I×H×D×<last>, D a multiple of the
+    heads, and --steps): bench_cell(cell, shape, device, dtype, steps, repeats, warmup) for every cell
+    and shape, then the results written as every benchmark writes them."""
+    parser = common_parser(doc, list(cells), ",".join(cells), f"B×I×H×D×{last} list, e.g. {example}", warmup=2)
+    parser.add_argument("--steps", type=int, default=64, help=steps_help)
+    args = parser.parse_args(argv)
+    dtype, shapes, chosen = check_common(parser, args, list(cells), default_shapes)
+    check_attention_shapes(parser, shapes, heads, last)
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    repeats = args.repeats or 15
+    info = machine_info(args.device)
+    rows = rows_of(chosen, shapes, lambda cell, shape: bench_cell(cell, shape, args.device, dtype, args.steps, repeats,
+                                                                   args.warmup), progress_line)
+    write_results(args, benchmark, info, repeats, rows, markdown_table(rows, info, args.device, args.dtype))

@@ -23,8 +23,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import (check_attention_shapes, check_common, common_parser, interleaved_median_ms,  # noqa: E402
-                          machine_info, results_markdown, rows_of, write_results)
+from bench_common import attention_step_main, interleaved_median_ms, results_markdown  # noqa: E402
 
 import rnnattn_ext  # noqa: E402
 from rnnattn_ext import reference  # noqa: E402
@@ -110,19 +109,9 @@ def markdown_table(rows, info, device, dtype) -> str:
 
 
 def main(argv=None):
-    parser = common_parser(__doc__, list(CELLS), ",".join(CELLS), "B×I×H×D×S list, e.g. 1x256x256x64x50", warmup=2)
-    parser.add_argument("--steps", type=int, default=64, help="steps per sequence (one memory each)")
-    args = parser.parse_args(argv)
-    dtype, shapes, cells = check_common(parser, args, list(CELLS), DEFAULT_SHAPES)
-    check_attention_shapes(parser, shapes, HEADS, "S")
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
-    repeats = args.repeats or 15
-    info = machine_info(args.device)
-    rows = rows_of(cells, shapes, lambda cell, shape: bench_cell(cell, shape, args.device, dtype, args.steps, repeats,
-                                                                  args.warmup), progress_line)
-    write_results(args, "decoder_step", info, repeats, rows, markdown_table(rows, info, args.device, args.dtype))
-
+    attention_step_main(argv, __doc__, CELLS, DEFAULT_SHAPES, HEADS, "S", "1x256x256x64x50",
+                        "steps per sequence (one memory each)", "decoder_step", bench_cell, progress_line,
+                        markdown_table)
 
 if __name__ == "__main__":
     main()
