@@ -1,4 +1,5 @@
-"""HybridBlock against an independent one-query-at-a-time computation over torch.nn's recurrent layer."""
+"""HybridBlock against an independent one-query-at-a-time computation over torch.nn's recurrent layer;
+its stream, streamer and PackedSequence input against one call over the padded sequence."""
 
 import pytest
 import torch
