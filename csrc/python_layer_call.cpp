@@ -29,6 +29,7 @@
 
 #include "carried_slots.h"
 #include "engine/recurrent_engine.h"
+#include "python_tensors.h"
 
 #include <functional>
 #include <optional>
@@ -41,6 +42,8 @@
 namespace py = pybind11;
 
 namespace {
+
+using rnnattn::wrap;
 
 // Where a forward op's argument comes from, read once per op from its schema's argument names.
 enum class Source {
@@ -103,8 +106,6 @@ bool reduced_on_cpu(const at::Tensor& input) {
   return input.is_cpu() && (dtype == at::kHalf || dtype == at::kBFloat16) &&
          !at::autocast::is_autocast_enabled(at::kCPU);
 }
-
-py::object wrap(at::Tensor tensor) { return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(tensor))); }
 
 // A tensor argument that may be None: false when it is something else than None or a plain tensor.
 bool optional_plain(py::handle object, std::optional<at::Tensor>& out) {

@@ -1,6 +1,7 @@
 // The Python extension module rnnattn_ext._C. Loading it registers the ops (static initializers
 // in csrc/ops); it also reports how the library was built, and runs the modules' calls
-// (python_layer_call.cpp) and makes streamers (python_streamer.cpp).
+// (python_layer_call.cpp), makes streamers (python_streamer.cpp) and the hybrid block's streaming
+// attention step (python_hybrid_attention.cpp).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -12,6 +13,7 @@
 #include "engine/cpu/kernel_isa.h"
 #include "engine/recurrent_engine.h"
 #include "engine/usable_cpus.h"
+#include "python_hybrid_attention.h"
 #include "python_layer_call.h"
 #include "python_streamer.h"
 
@@ -44,6 +46,7 @@ PYBIND11_MODULE(_C, m) {
         "this many threads, and at most torch.get_num_threads()");
   ::rnnattn::define_layer_call(m);
   ::rnnattn::define_streamer(m);
+  ::rnnattn::define_hybrid_attention(m);
 #ifdef RNNATTN_WITH_CUDA
   m.attr("cuda_built") = true;
   m.attr("cuda_version") = RNNATTN_CUDA_VERSION;

@@ -41,6 +41,7 @@
 #include "cells/all_cells.h"
 #include "engine/recurrent_engine.h"
 #include "ops/argument_checks.h"
+#include "python_tensors.h"
 
 namespace py = pybind11;
 
@@ -78,25 +79,9 @@ constexpr const char* kMake = "rnnattn_ext.Streamer";
 constexpr const char* kStep = "rnnattn_ext.Streamer.step";
 constexpr const char* kReset = "rnnattn_ext.Streamer.reset";
 
-// A tensor argument: a torch.Tensor (a Parameter too), not a subclass, which could hold no data
-// (FakeTensor) or expect its own dispatch; the streamer reads the data directly.
-const Tensor& exact_tensor(py::handle object, const char* where, const std::string& name) {
-  TORCH_CHECK_TYPE(THPVariable_Check(object.ptr()), where, ": ", name, " must be a torch.Tensor, got ",
-                   Py_TYPE(object.ptr())->tp_name);
-  TORCH_CHECK_TYPE(THPVariable_CheckExact(object.ptr()), where, ": ", name,
-                   " must be a plain torch.Tensor (the streamer calls the engine directly), got the subclass ",
-                   Py_TYPE(object.ptr())->tp_name, "; call the module instead");
-  return THPVariable_Unpack(object.ptr());
-}
-
 // The attention modules' state type (python/rnnattn_ext/attention_modules.py).
 py::object attention_state_class() {
   return py::module_::import("rnnattn_ext.attention_modules").attr("AttentionState");
-}
-
-py::object wrap(Tensor tensor) {
-  if (!tensor.defined()) return py::none();
-  return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(tensor)));
 }
 
 // Names of a layer's weights in the order functional.stack / attention_stack take them.

@@ -261,6 +261,9 @@ def test_streamer_is_a_snapshot_and_refuses_what_it_cannot_do():
         streamer.reset(state._replace(keys=state.keys.expand(1, 2, 3, 4), values=state.values.expand(1, 2, 3, 4)))
     with pytest.raises(ValueError, match="both be tensors or both None"):
         streamer.reset(state._replace(keys=None))
+    with pytest.raises(TypeError, match=r"must have the block's dtype \(torch.float32\) and device \(cpu\), got "
+                                        r"torch.float64 on cpu and torch.float32 on cpu"):
+        streamer.reset(state._replace(keys=state.keys.double()))
     with pytest.raises(TypeError, match=r"state.hidden must be the recurrent state .* got NoneType"):
         streamer.reset(state._replace(hidden=None))
     assert streamer.num_layers == 1 and streamer.input_size == 3
@@ -285,3 +288,78 @@ def test_a_streaming_step_exports():
         program = torch.export.export(Step(), args)
         for got, expected in zip(program.module()(*args), Step()(*args)):
             torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("window", [None, 1, 5])
+@pytest.mark.parametrize("num_heads,head_dim,bias", [(4, 16, True), (3, 5, False)])
+@pytest.mark.parametrize("batch", [1, 6])
+def test_float32_cpu_streamer_steps_in_cpp(window, num_heads, head_dim, bias, batch):
+    # A float32 block on the CPU runs its step's attention in C++ (HybridAttentionStep): against the
+    # block's float64 twin over a sequence long enough to move the kept positions back to the front
+    # of their buffers several times (window) or to grow them (no window: 64 positions at first), with
+    # head_dims on the vector (16) and scalar (5) attention passes, split over threads (conftest sets
+    # RNNATTN_CPU_MIN_BLOCK_WEIGHTS=1) and batch rows past the GEMM's register blocks.
+    torch.manual_seed(12)
+    block = rnnattn_ext.HybridBlock(6, 32, num_heads=num_heads, head_dim=head_dim, window=window, cell="gru",
+                                    bias=bias).eval()
+    twin = rnnattn_ext.HybridBlock(6, 32, num_heads=num_heads, head_dim=head_dim, window=window, cell="gru",
+                                   bias=bias).double().eval()
+    twin.load_state_dict(block.state_dict())
+    steps = 150
+    x = torch.randn(steps, batch, 6)
+    with torch.no_grad():
+        expected, _ = twin(x.double())
+        _, streamed = block.stream(x[:100])
+    streamer = block.streamer()
+    assert streamer._kernel is not None
+    got = torch.stack([streamer.step(frame) for frame in x])
+    torch.testing.assert_close(got, expected.float(), atol=2e-5, rtol=1e-4)
+    # Its state after 100 steps is stream's, and continues from it; a reset one starts over.
+    streamer.reset()
+    for frame in x[:100]:
+        streamer.step(frame)
+    state = streamer.state
+    for mine, theirs in ((state.keys, streamed.keys), (state.values, streamed.values)):
+        assert (mine is None) == (theirs is None) == (window == 1)
+        if mine is not None:
+            assert mine.is_contiguous()
+            torch.testing.assert_close(mine, theirs, atol=2e-5, rtol=1e-4)
+    fresh = block.streamer()
+    fresh.reset(streamed)
+    torch.testing.assert_close(torch.stack([fresh.step(frame) for frame in x[100:]]), expected[100:].float(),
+                               atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.stack([streamer.step(frame) for frame in x[100:]]), expected[100:].float(),
+                               atol=2e-5, rtol=1e-4)
+
+
+def test_hybrid_attention_step_checks_its_arguments():
+    # The C++ step reads raw memory: every argument is checked before it indexes.
+    from rnnattn_ext import _ops
+
+    w_qkv, w_out = torch.randn(24, 10), torch.randn(10, 8)
+    with pytest.raises(ValueError, match=r"qkv_weight must have shape \(24, any\), got \[12, 10\]"):
+        _ops.HybridAttentionStep(w_qkv[:12], None, w_out, None, 2, 4)
+    with pytest.raises(TypeError, match="out_weight must be a float32 CPU tensor, got Double"):
+        _ops.HybridAttentionStep(w_qkv, None, w_out.double(), None, 2, 4)
+    with pytest.raises(ValueError, match=r"out_bias must have shape \(10\), got \[8\]"):
+        _ops.HybridAttentionStep(w_qkv, None, w_out, torch.zeros(8), 2, 4)
+    with pytest.raises(ValueError, match="num_heads and head_dim must be positive, got 0 and 4"):
+        _ops.HybridAttentionStep(w_qkv, None, w_out, None, 0, 4)
+    step = _ops.HybridAttentionStep(w_qkv, torch.zeros(24), w_out, torch.zeros(10), 2, 4)
+    y, keys, values = torch.randn(3, 10), torch.zeros(3, 4, 8), torch.zeros(3, 4, 8)
+    assert step.step(y, keys, values, 1, 2).shape == (3, 10)
+    with pytest.raises(ValueError, match=r"must lie in the cache's 4 positions, got first = 2, count = 2"):
+        step.step(y, keys, values, 2, 2)
+    with pytest.raises(ValueError, match="got first = -1"):
+        step.step(y, keys, values, -1, 0)
+    with pytest.raises(ValueError, match=r"keys must be a contiguous \(batch, capacity, num_heads \* head_dim\) = "
+                                         r"\(3, capacity, 8\) tensor, got \[2, 4, 8\]"):
+        step.step(y, keys[:2], values, 0, 0)
+    with pytest.raises(ValueError, match=r"values must be .* got \[3, 4, 8\] \(not contiguous\)"):
+        step.step(y, keys, values.transpose(0, 1).contiguous().transpose(0, 1), 0, 0)
+    with pytest.raises(ValueError, match=r"values must have the shape of keys \[3, 4, 8\], got \[3, 5, 8\]"):
+        step.step(y, keys, torch.zeros(3, 5, 8), 0, 0)
+    with pytest.raises(ValueError, match=r"y must have shape \(any, 10\), got \[3, 9\]"):
+        step.step(y[:, :9], keys, values, 0, 0)
+    with pytest.raises(TypeError, match="keys must be a torch.Tensor, got list"):
+        step.step(y, [0.0], values, 0, 0)

@@ -271,4 +271,27 @@ RNNATTN_HD void attend_backward(const AttentionStepArgs<T>& a, int64_t b, int64_
   }
 }
 
+// The CPU's pass over every (row, head) pair the arguments cover, in the shared code: staging and
+// forward (the CUDA kernel gives each pair a warp instead).
+template <typename T>
+void attention_forward_pairs(const AttentionStepArgs<T>& a) {
+  for (int64_t b = 0; b < a.batch; ++b) {
+    for (int64_t h = a.head_begin; h < a.head_end; ++h) {
+      for (int64_t i = 0; i < staged_elements(a); ++i) stage_element(a, b, h, i);
+      attend_forward(a, b, h);
+    }
+  }
+}
+
+// Backward and unstaging, likewise.
+template <typename T>
+void attention_backward_pairs(const AttentionStepArgs<T>& a) {
+  for (int64_t b = 0; b < a.batch; ++b) {
+    for (int64_t h = a.head_begin; h < a.head_end; ++h) {
+      attend_backward(a, b, h);
+      for (int64_t i = 0; i < unstaged_elements(a); ++i) unstage_element(a, b, h, i);
+    }
+  }
+}
+
 }  // namespace rnnattn

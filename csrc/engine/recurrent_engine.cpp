@@ -521,16 +521,10 @@ void run_attention(const Tensor& like, const AttentionStepArgs<T>& args) {
       }
     }
     if constexpr (kCpuType<T>) {
-      for (int64_t b = 0; b < args.batch; ++b) {
-        for (int64_t h = args.head_begin; h < args.head_end; ++h) {
-          if constexpr (kBackward) {
-            attend_backward(args, b, h);
-            for (int64_t i = 0; i < unstaged_elements(args); ++i) unstage_element(args, b, h, i);
-          } else {
-            for (int64_t i = 0; i < staged_elements(args); ++i) stage_element(args, b, h, i);
-            attend_forward(args, b, h);
-          }
-        }
+      if constexpr (kBackward) {
+        attention_backward_pairs(args);
+      } else {
+        attention_forward_pairs(args);
       }
       return;
     }

@@ -83,16 +83,19 @@ UnitBlocks blocks_for(int gates, int64_t hidden, int64_t groups, int64_t heads, 
 
 }  // namespace
 
+int64_t cpu_threads_for(int64_t weights, int64_t steps) {
+  if (at::in_parallel_region()) return 1;
+  const int64_t per_thread = min_block_weights() * (steps == 1 ? kOneStepFactor : 1);
+  // No more threads than CPUs to run them (usable_cpus.h): the barrier between phases spins.
+  return std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), usable_cpus(), weights / per_thread}));
+}
+
 UnitBlocks make_unit_blocks(int gates, int64_t hidden, int64_t state_width, int64_t steps, const at::Tensor& like,
                             int64_t groups, int64_t heads, int64_t head_dim) {
   int64_t count = 1;
-  if (like.is_cpu() && !at::in_parallel_region()) {
+  if (like.is_cpu()) {
     const int64_t weights = (gates * hidden + groups * heads * head_dim) * std::max<int64_t>(1, state_width);
-    const int64_t per_block = min_block_weights() * (steps == 1 ? kOneStepFactor : 1);
-    // No more threads than CPUs to run them (usable_cpus.h): the barrier between steps spins.
-    count = std::min<int64_t>(
-        {at::get_num_threads(), usable_cpus(), hidden / kMinUnitsPerBlock, weights / per_block});
-    count = std::max<int64_t>(1, count);
+    count = std::max<int64_t>(1, std::min(cpu_threads_for(weights, steps), hidden / kMinUnitsPerBlock));
   }
   // The row orders cost several small tensor ops, as much as a whole one-step call of a small layer:
   // each thread keeps the blocks of its last few shapes (they are never written once made).

@@ -47,6 +47,11 @@ struct UnitBlocks {
   }
 };
 
+// How many CPU threads a call should run whose every step multiplies by `weights` floats of weights:
+// one per CPU (at most torch's thread count) while each thread's share of a step pays for the
+// barrier it adds (and, for a one-step call, for starting the threads); 1 inside a parallel region.
+int64_t cpu_threads_for(int64_t weights, int64_t steps);
+
 // Blocks for `gates` gates of `hidden` units whose state is `state_width` wide (and, for the
 // attention cell, `groups` groups of `heads` heads of `head_dim` rows), for a call of `steps` steps:
 // one per CPU thread when each block's share of a step's product is large enough, else fewer.

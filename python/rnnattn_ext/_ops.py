@@ -214,7 +214,16 @@ if TYPE_CHECKING:
         def state(self) -> Any: ...  # as the module's stream returns it, or None
         def reset(self, state: Any = None, memory: Tensor | None = None, memory_lengths: Any = None) -> None: ...
 
+    class HybridAttentionStep:
+        """What type checkers see of ``_C.HybridAttentionStep`` (csrc/python_hybrid_attention.cpp)."""
+
+        def __init__(self, qkv_weight: Tensor, qkv_bias: Tensor | None, out_weight: Tensor, out_bias: Tensor | None,
+                     num_heads: int, head_dim: int) -> None: ...
+        def step(self, y: Tensor, keys: Tensor, values: Tensor, first: int, count: int) -> Tensor: ...
+
 else:
     #: Streaming inference one step per call, the state kept inside (csrc/python_streamer.cpp); made
     #: by RecurrentBase.streamer.
     Streamer = _C.Streamer
+    #: HybridStreamer's attention step for a float32 block on the CPU (csrc/python_hybrid_attention.cpp).
+    HybridAttentionStep = _C.HybridAttentionStep

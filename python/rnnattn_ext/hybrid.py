@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from . import _ops
 from .modules import GRU, LSTM, RNN
 
 _RECURRENT = {"lstm": LSTM, "gru": GRU, "rnn_tanh": RNN, "rnn_relu": RNN}
@@ -208,10 +209,80 @@ class HybridBlock(nn.Module):
         return seq + self.out(context), k, v
 
 
+class _KeptPositions:
+    """The keys and values a HybridStreamer keeps: (B, capacity, D) buffers that hold, in order, the
+    positions the next step attends besides its own at [first, first + count), with room after them for
+    that step's own (which the step writes in place: nothing is concatenated per step). Once the
+    positions reach the end, they move back to the front (every ~window steps) or, with no window,
+    into buffers twice as large."""
+
+    def __init__(self, batch: int, width: int, window: int | None, like: Tensor, kept: int = 0) -> None:
+        # Room for `kept` positions and one more (window: kept < window).
+        capacity = 2 * window if window is not None else max(64, 2 * (kept + 1))
+        self.keys = like.new_empty(batch, capacity, width)
+        self.values = like.new_empty(batch, capacity, width)
+        self.window, self.first, self.count = window, 0, 0
+
+    @property
+    def batch(self) -> int:
+        return self.keys.shape[0]
+
+    def make_room(self) -> None:
+        """Frees slot first + count for the step's own position."""
+        capacity = self.keys.shape[1]
+        if self.first + self.count < capacity:
+            return
+        kept = slice(self.first, self.first + self.count)
+        if self.window is not None:  # count <= window - 1 < first: the ranges do not overlap
+            self.keys[:, :self.count] = self.keys[:, kept]
+            self.values[:, :self.count] = self.values[:, kept]
+        else:
+            keys = self.keys.new_empty(self.batch, 2 * capacity, self.keys.shape[2])
+            values = torch.empty_like(keys)
+            keys[:, :self.count], values[:, :self.count] = self.keys[:, kept], self.values[:, kept]
+            self.keys, self.values = keys, values
+        self.first = 0
+
+    def advance(self) -> None:
+        """After a step wrote its position at first + count: the positions the next step attends."""
+        self.count += 1
+        if self.window is not None and self.count > self.window - 1:
+            self.first += self.count - (self.window - 1)
+            self.count = self.window - 1
+
+    def attended(self) -> tuple[Tensor, Tensor]:
+        """(B, count + 1, D) views: the kept positions and the step's own."""
+        span = slice(self.first, self.first + self.count + 1)
+        return self.keys[:, span], self.values[:, span]
+
+    def as_heads(self, num_heads: int) -> tuple[Tensor | None, Tensor | None]:
+        """The kept positions as HybridState holds them, (B, heads, count, head_dim) copies; None for none."""
+        if self.count == 0:
+            return None, None
+        span = slice(self.first, self.first + self.count)
+
+        def heads(t: Tensor) -> Tensor:
+            return t[:, span].unflatten(2, (num_heads, -1)).transpose(1, 2).clone(memory_format=torch.contiguous_format)
+
+        return heads(self.keys), heads(self.values)
+
+    @classmethod
+    def from_heads(cls, keys: Tensor, values: Tensor, window: int | None) -> _KeptPositions:
+        """From a state's (B, heads, P, head_dim) keys and values (copied)."""
+        batch, heads, kept, head_dim = keys.shape
+        positions = cls(batch, heads * head_dim, window, keys, kept)
+        positions.keys[:, :kept] = keys.transpose(1, 2).flatten(2)
+        positions.values[:, :kept] = values.transpose(1, 2).flatten(2)
+        positions.count = kept
+        return positions
+
+
 class HybridStreamer:
     """:meth:`HybridBlock.streamer`: the recurrent layer's streamer (``module.streamer()``), then the
-    attention of the step's position over the window's keys and values, which it keeps. Each step
-    gives ``stream``'s numbers for that step (to rounding), without autograd. The weights are copies
+    attention of the step's position over the window's keys and values, which it keeps (in
+    :class:`_KeptPositions`; a float32 block on the CPU runs the attention in C++,
+    ``_C.HybridAttentionStep``). Each step gives ``stream``'s numbers for that step (to rounding),
+    without autograd. The weights are copies
     made when it was made; steps from several threads are serialised."""
 
     def __init__(self, block: HybridBlock) -> None:
@@ -224,8 +295,13 @@ class HybridStreamer:
         self._out_weight = block.out.weight.detach().clone()
         self._out_bias = None if block.out.bias is None else block.out.bias.detach().clone()
         self.num_heads, self.head_dim, self.window = block.num_heads, block.head_dim, block.window
-        self._keys: Tensor | None = None  # (B, heads, P, head_dim): the positions the next step attends
-        self._values: Tensor | None = None
+        # A float32 block on the CPU steps in C++ (engine/one_query_attention.h): the same step in
+        # torch operations took ~200 us, mostly the cost of a dozen small ops, on a 2-core x86.
+        self._kernel = None
+        if self._qkv_weight.dtype == torch.float32 and self._qkv_weight.device.type == "cpu":
+            self._kernel = _ops.HybridAttentionStep(self._qkv_weight, self._qkv_bias, self._out_weight,
+                                                    self._out_bias, self.num_heads, self.head_dim)
+        self._kept: _KeptPositions | None = None  # None: no position yet
         self._unbatched = False
         self._lock = threading.Lock()
 
@@ -240,20 +316,27 @@ class HybridStreamer:
 
     def _attend(self, y: Tensor) -> Tensor:
         """The block's output for the recurrent output y (B, W) or (W,) of this position; the kept keys
-        and values move on. Written for one position rather than through the block's _attend: run
-        through that (three projections, heads as permuted views), a step of
-        bench_hybrid_step.py's LSTM block took ~730 us instead of ~400 on the 2-core EPYC."""
+        and values move on."""
         seq = y if y.dim() == 2 else y.unsqueeze(0)  # (B, W)
         batch = seq.shape[0]
-        # (B, 3, heads, 1, head_dim): this position's query, key and value.
-        qkv = F.linear(seq, self._qkv_weight, self._qkv_bias).view(batch, 3, self.num_heads, 1, self.head_dim)
-        q, k, v = qkv.unbind(1)
-        if self._keys is not None and self._values is not None:
-            k, v = torch.cat([self._keys, k], 2), torch.cat([self._values, v], 2)
-        # Every kept position lies inside the window: no mask.
-        context = F.scaled_dot_product_attention(q, k, v).reshape(batch, self.num_heads * self.head_dim)
-        output = seq + F.linear(context, self._out_weight, self._out_bias)
-        self._keys, self._values = _recent_positions(k, v, self.window)
+        if self._kept is None or (self._kept.count == 0 and self._kept.batch != batch):
+            self._kept = _KeptPositions(batch, self.num_heads * self.head_dim, self.window, seq)
+        kept = self._kept
+        kept.make_room()
+        if self._kernel is not None:
+            output = self._kernel.step(seq, kept.keys, kept.values, kept.first, kept.count)
+        else:
+            # Written for one position rather than through the block's _attend: run through that (three
+            # projections, heads as permuted views), a step of bench_hybrid_step.py's LSTM block took
+            # ~730 us instead of ~400 on the 2-core EPYC.
+            q, k, v = F.linear(seq, self._qkv_weight, self._qkv_bias).chunk(3, 1)
+            slot = kept.first + kept.count
+            kept.keys[:, slot], kept.values[:, slot] = k, v
+            keys, values = (t.unflatten(2, (self.num_heads, self.head_dim)).transpose(1, 2) for t in kept.attended())
+            # Every kept position lies inside the window: no mask.
+            context = F.scaled_dot_product_attention(q.view(batch, self.num_heads, 1, self.head_dim), keys, values)
+            output = seq + F.linear(context.reshape(batch, -1), self._out_weight, self._out_bias)
+        kept.advance()
         return output if y.dim() == 2 else output.squeeze(0)
 
     @property
@@ -263,11 +346,9 @@ class HybridStreamer:
             hidden = self._recurrent.state
             if hidden is None:
                 return None
-            keys, values = self._keys, self._values
-            if keys is not None and values is not None:
-                keys, values = keys.clone(), values.clone()
-                if self._unbatched:
-                    keys, values = keys.squeeze(0), values.squeeze(0)
+            keys, values = (None, None) if self._kept is None else self._kept.as_heads(self.num_heads)
+            if keys is not None and values is not None and self._unbatched:
+                keys, values = keys.squeeze(0), values.squeeze(0)
             return HybridState(hidden, keys, values)
 
     def reset(self, state: HybridState | None = None) -> None:
@@ -275,7 +356,7 @@ class HybridStreamer:
         if state is None:
             with self._lock:
                 self._recurrent.reset()
-                self._keys = self._values = None
+                self._kept = None
             return
         if not isinstance(state, HybridState):
             raise TypeError(f"HybridStreamer.reset: state must be None or a HybridState, got {type(state).__name__}")
@@ -296,13 +377,20 @@ class HybridStreamer:
                 raise ValueError(f"HybridStreamer.reset: state.keys and state.values must have shape (batch, "
                                  f"num_heads, P, head_dim) = ({batch}, {self.num_heads}, P, {self.head_dim}) (without "
                                  f"the batch for an unbatched state), got {given}")
+            like = self._qkv_weight
+            if any(t.dtype != like.dtype or t.device != like.device for t in (keys, values)):
+                raise TypeError(f"HybridStreamer.reset: state.keys and state.values must have the block's dtype "
+                                f"({like.dtype}) and device ({like.device}), got {keys.dtype} on {keys.device} and "
+                                f"{values.dtype} on {values.device}")
             if self.window is not None and keys.shape[2] > self.window - 1:
                 raise ValueError(f"HybridStreamer.reset: state.keys holds {keys.shape[2]} positions, more than the "
                                  f"window - 1 = {self.window - 1} a step attends besides its own")
-            keys, values = keys.detach().clone(), values.detach().clone()
         with self._lock:
             self._recurrent.reset(state.hidden)  # checks and copies it
-            self._keys, self._values, self._unbatched = keys, values, unbatched
+            self._kept = None
+            if keys is not None and values is not None:
+                self._kept = _KeptPositions.from_heads(keys.detach(), values.detach(), self.window)
+            self._unbatched = unbatched
 
     @property
     def num_layers(self) -> int:
@@ -313,6 +401,6 @@ class HybridStreamer:
         return self._recurrent.input_size
 
     def __repr__(self) -> str:
-        kept = 0 if self._keys is None else self._keys.shape[2]
+        kept = 0 if self._kept is None else self._kept.count
         return (f"rnnattn_ext.HybridStreamer(num_heads={self.num_heads}, head_dim={self.head_dim}, "
                 f"window={self.window}, positions kept={kept}, recurrent={self._recurrent!r})")
