@@ -1,5 +1,11 @@
 """The import-time check of the torch version and what the compiled library reports."""
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -20,6 +26,24 @@ def test_version_mismatch_names_both_versions_and_the_fix(monkeypatch):
     assert _build_info.TORCH_VERSION in message
     assert "9.9.9+other" in message
     assert "pip install --no-build-isolation" in message
+
+
+def test_another_build_of_the_library_loads_in_place_of_the_installed_one(tmp_path):
+    # RNNATTN_LIBRARY (scripts/cpu_sanitizer.sh): here a copy of the installed library, in a folder
+    # of its own, which the ops and modules then run on.
+    copy = tmp_path / Path(_ops._C.__file__).name
+    shutil.copyfile(_ops._C.__file__, copy)
+    code = ("import torch, rnnattn_ext; from rnnattn_ext import _ops; print(_ops._C.__file__); "
+            "print(rnnattn_ext.LSTM(3, 4)(torch.randn(2, 1, 3))[0].shape)")
+    env = {**os.environ, "RNNATTN_LIBRARY": str(copy)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == [str(copy), "torch.Size([2, 1, 4])"]
+    env["RNNATTN_LIBRARY"] = str(tmp_path / "missing.so")
+    result = subprocess.run([sys.executable, "-c", "import rnnattn_ext"], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0
+    assert "RNNATTN_LIBRARY must name a built rnnattn_ext._C library file, got" in result.stderr
 
 
 def test_every_cell_has_forward_and_backward_ops():

@@ -158,7 +158,8 @@ Tensor plane_copy(const Tensor& t, int64_t index, int64_t rows, int64_t cols) {
   if (!t.is_cpu()) return t.view({-1}).narrow(0, index * size, size).view({rows, cols}).clone();
   Tensor copy = fresh_empty({rows, cols}, t.options());
   const int64_t bytes = size * static_cast<int64_t>(t.element_size());
-  std::memcpy(copy.data_ptr(), static_cast<const char*>(t.const_data_ptr()) + index * bytes, bytes);
+  // (An empty tensor's data pointer may be null, which memcpy must never get, even for no bytes.)
+  if (bytes > 0) std::memcpy(copy.data_ptr(), static_cast<const char*>(t.const_data_ptr()) + index * bytes, bytes);
   return copy;
 }
 
