@@ -10,7 +10,9 @@
 #
 # RNNATTN_SANITIZER_BUILD: the build folder (default build-sanitizer). The default tests are every
 # test file but those that build, install or type-check the package (they do not run our C++ any
-# differently) and the CUDA ones. Torch itself is not instrumented: only our code is checked.
+# differently), the resident-memory bounds of test_resources.py (AddressSanitizer holds freed memory
+# back in quarantine: 200 MiB over its 10,000 calls) and the CUDA ones. Torch itself is not
+# instrumented: only our code is checked.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${RNNATTN_VENV:-.venv}"
@@ -32,7 +34,7 @@ if [ "$#" -eq 0 ]; then
   set -- tests -m "not cuda" \
     --ignore=tests/test_wheel.py --ignore=tests/test_oldest_torch.py --ignore=tests/test_cpu_kernel_builds.py \
     --ignore=tests/test_build.py --ignore=tests/test_typing.py --ignore=tests/test_gpu_scripts.py \
-    --ignore=tests/test_demo.py --ignore=tests/test_benchmarks.py
+    --ignore=tests/test_demo.py --ignore=tests/test_benchmarks.py --ignore=tests/test_resources.py
 fi
 # Python and torch are not instrumented: the runtime must come first (LD_PRELOAD), with libstdc++
 # (whose __cxa_throw the runtime intercepts: loaded later, the first C++ exception aborts), leaks
