@@ -9,6 +9,8 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "engine/one_query_attention.h"
 #include "engine/unit_blocks.h"
@@ -69,7 +71,7 @@ class HybridAttentionStep {
     TORCH_CHECK_VALUE(values.sizes() == keys.sizes(), kStep, ": values must have the shape of keys ", keys.sizes(),
                       ", got ", values.sizes());
     const int64_t capacity = keys.size(1);
-    TORCH_CHECK_VALUE(first >= 0 && count >= 0 && first + count < capacity, kStep,
+    TORCH_CHECK_VALUE(first >= 0 && count >= 0 && first < capacity && count < capacity - first, kStep,
                       ": the past positions [first, first + count) and the step's own at first + count must lie in "
                       "the cache's ", capacity, " positions, got first = ", first, ", count = ", count);
     Tensor out = at::empty({batch, width}, y.options());
