@@ -1,6 +1,7 @@
 """The import-time check of the torch version and what the compiled library reports."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,17 @@ def test_another_build_of_the_library_loads_in_place_of_the_installed_one(tmp_pa
                             timeout=300)
     assert result.returncode != 0
     assert "RNNATTN_LIBRARY must name a built rnnattn_ext._C library file, got" in result.stderr
+
+
+def test_cpu_sanitizer_script_parses_and_leaves_out_files_that_exist():
+    # scripts/cpu_sanitizer.sh is run by hand (a second build): its syntax and the test files its
+    # default set leaves out (pytest ignores an --ignore of a missing file) are checked here.
+    script = Path(__file__).resolve().parent.parent / "scripts" / "cpu_sanitizer.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True, timeout=60)
+    ignored = re.findall(r"--ignore=(\S+)", script.read_text())
+    assert "tests/test_resources.py" in ignored
+    for name in ignored:
+        assert (script.parent.parent / name).is_file(), name
 
 
 def test_every_cell_has_forward_and_backward_ops():
