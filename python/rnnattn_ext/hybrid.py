@@ -233,14 +233,12 @@ class _KeptPositions:
         if self.first + self.count < capacity:
             return
         kept = slice(self.first, self.first + self.count)
-        if self.window is not None:  # count <= window - 1 < first: the ranges do not overlap
-            self.keys[:, :self.count] = self.keys[:, kept]
-            self.values[:, :self.count] = self.values[:, kept]
-        else:
-            keys = self.keys.new_empty(self.batch, 2 * capacity, self.keys.shape[2])
-            values = torch.empty_like(keys)
-            keys[:, :self.count], values[:, :self.count] = self.keys[:, kept], self.values[:, kept]
-            self.keys, self.values = keys, values
+        keys, values = self.keys[:, kept], self.values[:, kept]
+        if self.window is None:
+            self.keys = self.keys.new_empty(self.batch, 2 * capacity, self.keys.shape[2])
+            self.values = torch.empty_like(self.keys)
+        # (With a window, count <= window - 1 < first: the ranges do not overlap.)
+        self.keys[:, :self.count], self.values[:, :self.count] = keys, values
         self.first = 0
 
     def advance(self) -> None:
