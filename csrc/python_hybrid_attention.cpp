@@ -78,8 +78,9 @@ class HybridAttentionStep {
     {
       const py::gil_scoped_release no_gil;
       const std::lock_guard<std::mutex> lock(mutex_);  // the engine's workspace is one step's
+      const int64_t threads = cpu_threads_for(4 * width * d, batch, /*steps=*/1, LoopPass::forward);
       engine_.step(y.data_ptr<float>(), batch, keys.data_ptr<float>(), values.data_ptr<float>(), capacity, first,
-                   count, out.data_ptr<float>(), cpu_threads_for(4 * width * d, /*steps=*/1));
+                   count, out.data_ptr<float>(), threads);
     }
     return wrap(std::move(out));
   }

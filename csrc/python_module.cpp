@@ -12,6 +12,7 @@
 #include "cells/all_cells.h"
 #include "engine/cpu/kernel_isa.h"
 #include "engine/recurrent_engine.h"
+#include "engine/unit_blocks.h"
 #include "engine/usable_cpus.h"
 #include "python_hybrid_attention.h"
 #include "python_layer_call.h"
@@ -44,6 +45,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("usable_cpus", &::rnnattn::usable_cpus,
         "CPUs this process can keep busy at once (affinity mask, cgroup CPU quota): a CPU layer runs on at most "
         "this many threads, and at most torch.get_num_threads()");
+  m.def(
+      "cpu_threads_for",
+      [](int64_t weights, int64_t rows, int64_t steps, bool backward) {
+        return ::rnnattn::cpu_threads_for(weights, rows, steps,
+                                          backward ? ::rnnattn::LoopPass::backward : ::rnnattn::LoopPass::forward);
+      },
+      py::arg("weights"), py::arg("rows"), py::arg("steps"), py::arg("backward"),
+      "CPU threads a time loop of `steps` steps runs whose every step multiplies `rows` batch rows by `weights` "
+      "floats of recurrent weight (before the cap of 32 units a thread); RNNATTN_CPU_MIN_BLOCK_WORK sets its bound");
   ::rnnattn::define_layer_call(m);
   ::rnnattn::define_streamer(m);
   ::rnnattn::define_hybrid_attention(m);

@@ -298,7 +298,7 @@ def test_float32_cpu_streamer_steps_in_cpp(window, num_heads, head_dim, bias, ba
     # block's float64 twin over a sequence long enough to move the kept positions back to the front
     # of their buffers several times (window) or to grow them (no window: 64 positions at first), with
     # head_dims on the vector (16) and scalar (5) attention passes, split over threads (conftest sets
-    # RNNATTN_CPU_MIN_BLOCK_WEIGHTS=1) and batch rows past the GEMM's register blocks.
+    # RNNATTN_CPU_MIN_BLOCK_WORK=1) and batch rows past the GEMM's register blocks.
     torch.manual_seed(12)
     block = rnnattn_ext.HybridBlock(6, 32, num_heads=num_heads, head_dim=head_dim, window=window, cell="gru",
                                     bias=bias).eval()

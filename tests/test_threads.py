@@ -73,7 +73,7 @@ def test_default_block_sizes_match_reference():
                         torch.testing.assert_close(f.double(), rf, atol=2e-5, rtol=1e-4)
         print("ok")
     """)
-    env = {k: v for k, v in os.environ.items() if k != "RNNATTN_CPU_MIN_BLOCK_WEIGHTS"}
+    env = {k: v for k, v in os.environ.items() if k != "RNNATTN_CPU_MIN_BLOCK_WORK"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
 
@@ -125,7 +125,7 @@ def test_threads_keep_to_the_cpus_the_process_may_use():
         ref, _ = reference.layer("lstm", x.double(), [h.double(), c.double()], *[t.double() for t in w])
         torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
         print("ok")
-    """, RNNATTN_CPU_MIN_BLOCK_WEIGHTS="1")
+    """, RNNATTN_CPU_MIN_BLOCK_WORK="1")
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
 
 
@@ -145,3 +145,34 @@ def test_max_threads_variable_replaces_the_detected_cpus_and_a_bad_value_raises(
     result = _run_script(script.replace("print(_ops._C.usable_cpus())", ""), RNNATTN_CPU_MAX_THREADS="0")
     assert "RNNATTN_CPU_MAX_THREADS must be a positive integer" in result.stdout, result.stdout + result.stderr
     assert "got '0'" in result.stdout
+
+
+def test_thread_count_follows_each_steps_work_batch_rows_included():
+    # The rule (unit_blocks.cpp), with its default bound, 4 threads and CPUs: a thread per 4,096
+    # multiply-adds of a step's recurrent product (weights x batch rows) in the forward, per 16,384
+    # in the backward, per 65,536 in a one-step call (a layer then takes at most one thread per 32
+    # units). A 64-unit LSTM (16,384 weights) at batch 1 gets 4 threads for its forward and 1 for its
+    # backward; a 64-unit Elman RNN (4,096) needs batch 2 for a second forward thread; batch 64 fills
+    # every thread in either pass.
+    script = """
+        import torch
+        from rnnattn_ext import _ops
+        torch.set_num_threads(4)
+        rule = _ops._C.cpu_threads_for
+        cases = [(16384, 1, 100, False), (16384, 1, 100, True), (4096, 1, 100, False), (4096, 2, 100, False),
+                 (4096, 7, 100, True), (4096, 8, 100, True), (65536, 1, 1, False), (65536, 2, 1, False),
+                 (4096, 64, 100, False), (4096, 64, 100, True), (2**40, 2**40, 100, False), (0, 0, 100, False)]
+        print(" ".join(str(rule(*case)) for case in cases))
+    """
+    env = {k: v for k, v in os.environ.items() if k != "RNNATTN_CPU_MIN_BLOCK_WORK"}
+    env["RNNATTN_CPU_MAX_THREADS"] = "4"
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.split() == ["4", "1", "1", "2", "1", "2", "1", "2", "4", "4", "4", "1"], result.stdout
+    # The variable moves every bound with it (the forward's a quarter, a one-step call's 4 times).
+    env["RNNATTN_CPU_MIN_BLOCK_WORK"] = "65536"
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.split() == ["1", "1", "1", "1", "1", "1", "1", "1", "4", "4", "4", "1"], result.stdout

@@ -794,7 +794,8 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   const auto opts = input.options();
   const AttentionGeometry geo = attention_geometry(attention, T);
   const int64_t D = geo.width;
-  const UnitBlocks blocks = make_unit_blocks(G, H, HS, T, input, geo.groups(), geo.heads, geo.head_dim);
+  const UnitBlocks blocks =
+      make_unit_blocks(G, H, HS, B, T, LoopPass::forward, input, geo.groups(), geo.heads, geo.head_dim);
   CallScratch temp(input);  // the call's temporary buffers
 
   // (T, B, I) read as (T * B, I) through Operands: no view is made.
@@ -1101,7 +1102,8 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   const int64_t plane = B * H, out_plane = B * HS;
   const AttentionGeometry geo = attention_geometry(attention, T);
   const int64_t D = geo.width, slot_size = B * D;
-  const UnitBlocks blocks = make_unit_blocks(G, H, HS, T, input, geo.groups(), geo.heads, geo.head_dim);
+  const UnitBlocks blocks =
+      make_unit_blocks(G, H, HS, B, T, LoopPass::backward, input, geo.groups(), geo.heads, geo.head_dim);
   CallScratch temp(input);  // the call's temporary buffers
   const int64_t R = blocks.rec_total();  // recurrent-side rows
   // CUDA without attention or projection may run the whole loop as one kernel (cuda/persistent_cuda.h).

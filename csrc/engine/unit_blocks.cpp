@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdint>
 #include <cstdlib>
 
 #include "engine/usable_cpus.h"
@@ -15,21 +16,28 @@ namespace {
 // Blocks narrower than this (in units) are not worth a thread: the GEMM per block gets too thin.
 constexpr int64_t kMinUnitsPerBlock = 32;
 
-// A block must also carry enough of each step's product (floats of the recurrent-side weight) to pay
-// for the barrier it adds to every step, and a one-step call enough to pay for starting the threads
-// at all: below that, fewer blocks are faster (on a 2-core x86 CPU a 64-unit Elman RNN over 256
-// steps ran 1.8x faster on one thread than on two; one step of a 128-unit LSTM 8% faster, one of a
-// 256-unit LSTM 11% slower). RNNATTN_CPU_MIN_BLOCK_WEIGHTS overrides the per-step bound (the
-// one-step bound is 4 times it).
-int64_t min_block_weights() {
+// A thread must also get enough of each step's recurrent product (multiply-adds: weight floats times
+// batch rows) to pay for the barrier it adds to every step, and a one-step call enough to pay for
+// starting the threads at all: below that, fewer threads are faster. Measured on a 2-core x86 CPU
+// (T=100, alternating processes): the forward of a 64-unit Elman RNN at batch 1 (4,096 per step)
+// ran as fast on two threads as on one, at batch 2 1.3x faster; a 64-unit LSTM or GRU or a
+// 128-unit RNN at batch 1 (12-16 K) 1.5x faster. The backward, whose threads also add up each
+// other's shares of dh, gained nothing up to 16 K (0.9-1.05x) and 1.1x from 64 K. One step of a
+// 128-unit LSTM at batch 1 (64 K) was 8% faster on one thread, one of a 256-unit LSTM 11% slower.
+// RNNATTN_CPU_MIN_BLOCK_WORK overrides the backward's bound; the forward's is a quarter of it and a
+// one-step call's 4 times it.
+int64_t min_block_work() {
   static const int64_t value = [] {
-    const char* text = std::getenv("RNNATTN_CPU_MIN_BLOCK_WEIGHTS");
+    const char* text = std::getenv("RNNATTN_CPU_MIN_BLOCK_WORK");
     const long long parsed = text != nullptr ? std::atoll(text) : 0;
     return parsed > 0 ? static_cast<int64_t>(std::min(parsed, 1LL << 40)) : int64_t{16384};  // bounded: * 4 fits
   }();
   return value;
 }
-constexpr int64_t kOneStepFactor = 4;
+int64_t min_thread_work(int64_t steps, LoopPass pass) {
+  if (steps == 1) return 4 * min_block_work();
+  return pass == LoopPass::forward ? std::max<int64_t>(1, min_block_work() / 4) : min_block_work();
+}
 
 at::Tensor to_index(const std::vector<int64_t>& order) {
   return at::tensor(order, at::TensorOptions().dtype(at::kLong));
@@ -83,19 +91,21 @@ UnitBlocks blocks_for(int gates, int64_t hidden, int64_t groups, int64_t heads, 
 
 }  // namespace
 
-int64_t cpu_threads_for(int64_t weights, int64_t steps) {
+int64_t cpu_threads_for(int64_t weights, int64_t rows, int64_t steps, LoopPass pass) {
   if (at::in_parallel_region()) return 1;
-  const int64_t per_thread = min_block_weights() * (steps == 1 ? kOneStepFactor : 1);
+  // (Both factors are bounded by the sizes of real tensors; the product saturates rather than wraps.)
+  const int64_t work = rows > 0 && weights > INT64_MAX / rows ? INT64_MAX : weights * std::max<int64_t>(rows, 1);
   // No more threads than CPUs to run them (usable_cpus.h): the barrier between phases spins.
-  return std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), usable_cpus(), weights / per_thread}));
+  return std::max<int64_t>(
+      1, std::min<int64_t>({at::get_num_threads(), usable_cpus(), work / min_thread_work(steps, pass)}));
 }
 
-UnitBlocks make_unit_blocks(int gates, int64_t hidden, int64_t state_width, int64_t steps, const at::Tensor& like,
-                            int64_t groups, int64_t heads, int64_t head_dim) {
+UnitBlocks make_unit_blocks(int gates, int64_t hidden, int64_t state_width, int64_t rows, int64_t steps,
+                            LoopPass pass, const at::Tensor& like, int64_t groups, int64_t heads, int64_t head_dim) {
   int64_t count = 1;
   if (like.is_cpu()) {
     const int64_t weights = (gates * hidden + groups * heads * head_dim) * std::max<int64_t>(1, state_width);
-    count = std::max<int64_t>(1, std::min(cpu_threads_for(weights, steps), hidden / kMinUnitsPerBlock));
+    count = std::max<int64_t>(1, std::min(cpu_threads_for(weights, rows, steps, pass), hidden / kMinUnitsPerBlock));
   }
   // The row orders cost several small tensor ops, as much as a whole one-step call of a small layer:
   // each thread keeps the blocks of its last few shapes (they are never written once made).

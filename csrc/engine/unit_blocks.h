@@ -47,15 +47,21 @@ struct UnitBlocks {
   }
 };
 
-// How many CPU threads a call should run whose every step multiplies by `weights` floats of weights:
-// one per CPU (at most torch's thread count) while each thread's share of a step pays for the
-// barrier it adds (and, for a one-step call, for starting the threads); 1 inside a parallel region.
-int64_t cpu_threads_for(int64_t weights, int64_t steps);
+// Which pass of the time loop a thread count is for: they differ in what a thread costs them.
+enum class LoopPass { forward, backward };
+
+// How many CPU threads a call of `steps` steps should run whose every step multiplies `rows` rows
+// (the batch) by `weights` floats of weights: one per CPU (at most torch's thread count) while each
+// thread's share of a step pays for the barrier it adds (and, for a one-step call, for starting the
+// threads); 1 inside a parallel region.
+int64_t cpu_threads_for(int64_t weights, int64_t rows, int64_t steps, LoopPass pass);
 
 // Blocks for `gates` gates of `hidden` units whose state is `state_width` wide (and, for the
-// attention cell, `groups` groups of `heads` heads of `head_dim` rows), for a call of `steps` steps:
-// one per CPU thread when each block's share of a step's product is large enough, else fewer.
-UnitBlocks make_unit_blocks(int gates, int64_t hidden, int64_t state_width, int64_t steps, const at::Tensor& like,
-                            int64_t groups = 0, int64_t heads = 0, int64_t head_dim = 0);
+// attention cell, `groups` groups of `heads` heads of `head_dim` rows), for a `pass` of `steps`
+// steps over `rows` batch rows: one per CPU thread when each block's share of a step's product is
+// large enough (cpu_threads_for), else fewer.
+UnitBlocks make_unit_blocks(int gates, int64_t hidden, int64_t state_width, int64_t rows, int64_t steps,
+                            LoopPass pass, const at::Tensor& like, int64_t groups = 0, int64_t heads = 0,
+                            int64_t head_dim = 0);
 
 }  // namespace rnnattn
