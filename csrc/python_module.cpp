@@ -2,12 +2,14 @@
 // in csrc/ops); it also reports how the library was built, and runs the modules' calls
 // (python_layer_call.cpp), makes streamers (python_streamer.cpp) and the hybrid block's streaming
 // attention step (python_hybrid_attention.cpp).
+#include <ATen/ATen.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <map>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "cells/all_cells.h"
 #include "engine/cpu/kernel_isa.h"
@@ -46,14 +48,18 @@ PYBIND11_MODULE(_C, m) {
         "CPUs this process can keep busy at once (affinity mask, cgroup CPU quota): a CPU layer runs on at most "
         "this many threads, and at most torch.get_num_threads()");
   m.def(
-      "cpu_threads_for",
-      [](int64_t weights, int64_t rows, int64_t steps, bool backward) {
-        return ::rnnattn::cpu_threads_for(weights, rows, steps,
-                                          backward ? ::rnnattn::LoopPass::backward : ::rnnattn::LoopPass::forward);
+      "cpu_loop_split",
+      [](int gates, int64_t hidden, int64_t rows, int64_t steps, bool backward, bool rows_independent) {
+        const auto split = ::rnnattn::cpu_loop_split(
+            gates, hidden, hidden, rows, steps, backward ? ::rnnattn::LoopPass::backward : ::rnnattn::LoopPass::forward,
+            at::empty({0}), 0, 0, 0, rows_independent);
+        return std::make_pair(split.unit_blocks, split.row_blocks);
       },
-      py::arg("weights"), py::arg("rows"), py::arg("steps"), py::arg("backward"),
-      "CPU threads a time loop of `steps` steps runs whose every step multiplies `rows` batch rows by `weights` "
-      "floats of recurrent weight (before the cap of 32 units a thread); RNNATTN_CPU_MIN_BLOCK_WORK sets its bound");
+      py::arg("gates"), py::arg("hidden"), py::arg("rows"), py::arg("steps"), py::arg("backward"),
+      py::arg("rows_independent"),
+      "(unit blocks, row blocks): how a CPU time loop of `steps` steps over `rows` batch rows of a layer of `gates` "
+      "gates of `hidden` units shares its work among threads (unit_blocks.h); RNNATTN_CPU_MIN_BLOCK_WORK sets how "
+      "much a thread must get");
   ::rnnattn::define_layer_call(m);
   ::rnnattn::define_streamer(m);
   ::rnnattn::define_hybrid_attention(m);

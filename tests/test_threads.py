@@ -9,9 +9,9 @@ import textwrap
 import pytest
 import torch
 
-from rnnattn_ext import functional, reference
+from rnnattn_ext import _ops, functional, reference
 
-from helpers import CELLS, assert_close, grads, layer_args
+from helpers import CELLS, GATES, assert_close, grads, layer_args
 
 
 @pytest.fixture
@@ -46,6 +46,45 @@ def test_any_number_of_threads(cell, threads, dtype, restore_threads):
         ref_loss = (ref_out * weight).sum() + sum(f.sum() for f in ref_finals)
         for a, b in zip(grads(loss, inputs), grads(ref_loss, inputs)):
             assert_close(a, b, atol * 10, rtol * 10, "gradient")
+
+
+# Batch 40 splits by rows (conftest's bound: every layer small enough): 13 + 13 + 14 rows on 3
+# threads, 20 + 20 on 2; hidden 24 has no block of units to split into (fewer than 32), hidden 100
+# three, and its rows win the tie. Lengths make rows finish at different steps in every range; sorted
+# longest first (as a PackedSequence's), the rows past the last running one are skipped, a range's
+# in part or whole.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("hidden", [24, 100])
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("cell", CELLS)
+def test_split_by_batch_rows_matches_reference(cell, threads, hidden, dtype, restore_threads):
+    torch.set_num_threads(threads)
+    assert _ops._C.cpu_loop_split(GATES[cell], hidden, 40, 9, False, True) == (1, threads)
+    assert _ops._C.cpu_loop_split(GATES[cell], hidden, 40, 9, True, True) == (1, threads)
+    atol, rtol = TOLERANCES[dtype]
+    gen = torch.Generator().manual_seed(31)
+    x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, 9, 40, 7, hidden, dtype, generator=gen)
+    inputs = [x, *states, w_ih, w_hh, b_ih, b_hh]
+    lengths = torch.randint(1, 10, (40,), generator=gen)
+    lengths[-1] = 9
+    longest_first = lengths.sort(descending=True).values
+    for reverse, row_lengths in ((False, None), (True, None), (False, lengths), (True, lengths),
+                                 (False, longest_first), (True, longest_first)):
+        out, finals = functional.layer(cell, x, states, w_ih, w_hh, b_ih, b_hh, reverse=reverse, lengths=row_lengths)
+        ref_out, ref_finals = reference.layer(cell, x, states, w_ih, w_hh, b_ih, b_hh, reverse=reverse,
+                                              lengths=row_lengths)
+        assert_close(out, ref_out, atol, rtol, "output")
+        for f, rf in zip(finals, ref_finals):
+            assert_close(f, rf, atol, rtol, "final state")
+        weight = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dtype)
+        loss = (out * weight).sum() + sum(f.sum() for f in finals)
+        ref_loss = (ref_out * weight).sum() + sum(f.sum() for f in ref_finals)
+        for a, b in zip(grads(loss, inputs), grads(ref_loss, inputs)):
+            assert_close(a, b, atol * 10, rtol * 10, "gradient")
+        with torch.no_grad():  # inference: no workspace, the states in alternating buffers
+            inference_out, _ = functional.layer(cell, x, states, w_ih, w_hh, b_ih, b_hh, reverse=reverse,
+                                                lengths=row_lengths)
+        assert_close(inference_out, ref_out, atol, rtol, "inference output")
 
 
 def test_default_block_sizes_match_reference():
@@ -147,32 +186,44 @@ def test_max_threads_variable_replaces_the_detected_cpus_and_a_bad_value_raises(
     assert "got '0'" in result.stdout
 
 
-def test_thread_count_follows_each_steps_work_batch_rows_included():
-    # The rule (unit_blocks.cpp), with its default bound, 4 threads and CPUs: a thread per 4,096
-    # multiply-adds of a step's recurrent product (weights x batch rows) in the forward, per 16,384
-    # in the backward, per 65,536 in a one-step call (a layer then takes at most one thread per 32
-    # units). A 64-unit LSTM (16,384 weights) at batch 1 gets 4 threads for its forward and 1 for its
-    # backward; a 64-unit Elman RNN (4,096) needs batch 2 for a second forward thread; batch 64 fills
-    # every thread in either pass.
+def test_loop_split_follows_each_steps_work_and_the_layers_shape():
+    # The rule (unit_blocks.cpp) with its default bound and 4 threads and CPUs: a thread per 4,096
+    # multiply-adds of a step's recurrent product (weights x batch rows) in the forward, per 16,384 in
+    # the backward, per 65,536 in a one-step call; blocks of at least 32 units, or ranges of at least 8
+    # batch rows where rows are independent (no attention, no projection) and give as many threads,
+    # up to a 256-unit LSTM's weights, or more.
     script = """
         import torch
         from rnnattn_ext import _ops
         torch.set_num_threads(4)
-        rule = _ops._C.cpu_threads_for
-        cases = [(16384, 1, 100, False), (16384, 1, 100, True), (4096, 1, 100, False), (4096, 2, 100, False),
-                 (4096, 7, 100, True), (4096, 8, 100, True), (65536, 1, 1, False), (65536, 2, 1, False),
-                 (4096, 64, 100, False), (4096, 64, 100, True), (2**40, 2**40, 100, False), (0, 0, 100, False)]
-        print(" ".join(str(rule(*case)) for case in cases))
+        cases = [
+            (4, 64, 1, 100, False, True),    # LSTM(64), batch 1: 4 threads' worth, 2 blocks of 32 units
+            (4, 64, 1, 100, True, True),     # its backward: one thread's worth
+            (1, 64, 1, 100, False, True),    # RNN(64), batch 1 (4,096): one
+            (1, 64, 2, 100, False, True),    # batch 2: two
+            (1, 64, 8, 100, True, True),     # backward at batch 8 (32,768): two, by units
+            (4, 32, 64, 50, False, True),    # LSTM(32), batch 64: one block of units, 4 ranges of rows
+            (4, 32, 64, 50, False, False),   # the same with attention or a projection: one thread
+            (4, 32, 20, 50, False, True),    # batch 20: 2 ranges of at least 8 rows
+            (4, 128, 32, 50, False, True),   # LSTM(128), batch 32: 4 either way, rows
+            (4, 512, 64, 50, False, True),   # LSTM(512), batch 64: 4 either way, units (more weights)
+            (4, 128, 16, 50, False, True),   # batch 16: 4 blocks of units against 2 ranges of rows
+            (4, 128, 1, 1, False, True),     # one step of LSTM(128) at batch 1 (65,536): one
+            (4, 128, 2, 1, False, True),     # at batch 2: two
+        ]
+        print(" ".join("%d,%d" % _ops._C.cpu_loop_split(*case) for case in cases))
     """
     env = {k: v for k, v in os.environ.items() if k != "RNNATTN_CPU_MIN_BLOCK_WORK"}
     env["RNNATTN_CPU_MAX_THREADS"] = "4"
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
                             timeout=300, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.split() == ["4", "1", "1", "2", "1", "2", "1", "2", "4", "4", "4", "1"], result.stdout
+    assert result.stdout.split() == ["2,1", "1,1", "1,1", "2,1", "2,1", "1,4", "1,1", "1,2", "1,4", "4,1", "4,1",
+                                     "1,1", "2,1"], result.stdout
     # The variable moves every bound with it (the forward's a quarter, a one-step call's 4 times).
     env["RNNATTN_CPU_MIN_BLOCK_WORK"] = "65536"
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
                             timeout=300, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.split() == ["1", "1", "1", "1", "1", "1", "1", "1", "4", "4", "4", "1"], result.stdout
+    assert result.stdout.split() == ["1,1", "1,1", "1,1", "1,1", "1,1", "1,4", "1,1", "1,2", "1,4", "4,1", "4,1",
+                                     "1,1", "1,1"], result.stdout

@@ -794,8 +794,11 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   const auto opts = input.options();
   const AttentionGeometry geo = attention_geometry(attention, T);
   const int64_t D = geo.width;
-  const UnitBlocks blocks =
-      make_unit_blocks(G, H, HS, B, T, LoopPass::forward, input, geo.groups(), geo.heads, geo.head_dim);
+  // Without attention or projection no phase of a step mixes batch rows: the loop may split by rows.
+  const LoopSplit split = cpu_loop_split(G, H, HS, B, T, LoopPass::forward, input, geo.groups(), geo.heads,
+                                         geo.head_dim, /*rows_independent=*/!geo.enabled && !projected);
+  const bool by_rows = split.row_blocks > 1;
+  const UnitBlocks blocks = make_unit_blocks(G, H, split.unit_blocks, geo.groups(), geo.heads, geo.head_dim);
   CallScratch temp(input);  // the call's temporary buffers
 
   // (T, B, I) read as (T * B, I) through Operands: no view is made.
@@ -813,11 +816,13 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   const bool packed = uses_packed_gemm(input);
   // The per-step matrices (W_rec, W_c, W_hr): one product of B rows per step.
   const MatrixForm step_form = matrix_form(packed, T, B);
-  // The input projection (b_ih folded in), a chunk of steps at a time, each block its own gate rows.
-  // A single block projects a large product with ATen, which uses every thread.
+  // The input projection (b_ih folded in), a chunk of steps at a time, each block its own gate rows
+  // (split by rows: each thread its rows, a product per step). A single thread projects a large
+  // product with ATen, which uses every thread.
   const int64_t chunk = chunk_steps(input, T, B, GH, kForwardChunkBytes);
-  MatrixForm ih_form = matrix_form(packed, (T + chunk - 1) / chunk, chunk * B);
-  if (ih_form == MatrixForm::packed && blocks.count() == 1 && chunk * B * I * GH >= kAtenMinMultiplies) {
+  MatrixForm ih_form = by_rows ? matrix_form(packed, T, B / split.row_blocks)
+                               : matrix_form(packed, (T + chunk - 1) / chunk, chunk * B);
+  if (ih_form == MatrixForm::packed && split.threads() == 1 && chunk * B * I * GH >= kAtenMinMultiplies) {
     ih_form = MatrixForm::aten;
   }
   std::vector<BlockMatrix> ih_matrix, rec_matrix, ctx_matrix, proj_matrix;
@@ -825,24 +830,27 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   const Tensor w_c = geo.enabled ? attention->weight_c : Tensor();
   const Tensor w_hr = projected ? weight_hr->contiguous() : Tensor();
   const Tensor own_order;  // W_hr's columns are shared out in its own row order
-  for (int64_t c = 0; c < blocks.count(); ++c) {
+  // Per thread c: its unit block's matrices (a copy each when split by rows: each thread packs its
+  // own, in its core's cache) and projection buffers (split by rows: one for all, each its rows).
+  for (int64_t c = 0; c < split.threads(); ++c) {
+    const int64_t u = split.unit_block(c);
     if (projected) {
       // Per step and block: its columns of y_t = m_t @ W_hr^T (every unit of m_t).
-      const auto [p0, p1] = column_share(blocks, c, HS);
+      const auto [p0, p1] = column_share(blocks, u, HS);
       proj_matrix.push_back(block_matrix(PermutedRows{w_hr, {}, own_order, p0, p1 - p0}, step_form, temp));
     }
     ih_matrix.push_back(block_matrix(
-        PermutedRows{w_ih, bias_list(bias_ih), blocks.order, blocks.row0(c), blocks.rows(c)}, ih_form, temp));
-    xproj.push_back(temp.empty({chunk * B, blocks.rows(c)}));
+        PermutedRows{w_ih, bias_list(bias_ih), blocks.order, blocks.row0(u), blocks.rows(u)}, ih_form, temp));
+    xproj.push_back(by_rows && c > 0 ? xproj[0] : temp.empty({chunk * B, blocks.rows(u)}));
     rec_matrix.push_back(block_matrix(
-        PermutedRows{w_rec.weights, rec_biases, blocks.rec_order, blocks.rec_row0(c), blocks.rec_rows(c)}, step_form,
+        PermutedRows{w_rec.weights, rec_biases, blocks.rec_order, blocks.rec_row0(u), blocks.rec_rows(u)}, step_form,
         temp));
-    hproj.push_back(temp.empty({B, blocks.rec_rows(c)}));
+    hproj.push_back(by_rows && c > 0 ? hproj[0] : temp.empty({B, blocks.rec_rows(u)}));
     if (geo.enabled) {
       // Per step and block: ctx_t @ W_c^T, the block's gate rows.
       ctx_matrix.push_back(
-          block_matrix(PermutedRows{w_c, {}, blocks.order, blocks.row0(c), blocks.rows(c)}, step_form, temp));
-      cproj.push_back(temp.empty({B, blocks.rows(c)}));
+          block_matrix(PermutedRows{w_c, {}, blocks.order, blocks.row0(u), blocks.rows(u)}, step_form, temp));
+      cproj.push_back(temp.empty({B, blocks.rows(u)}));
     }
   }
   Tensor output = fresh_empty({T, B, HS}, opts);
@@ -945,8 +953,9 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
     T_* queries = geo.enabled ? ptr<T_>(memory_store) : nullptr;
     T_* keys = !geo.enabled ? nullptr : given_keys ? ptr<T_>(keys_store) : queries + query_steps * slot_size;
     T_* values = !geo.enabled ? nullptr : given_keys ? ptr<T_>(values_store) : keys + geo.slots * slot_size;
-    // One team for the whole loop: member threads keep their blocks; a step's phases end at a sync.
-    run_team(blocks.count(), !packed, [&](const TeamMember& team) {
+    // One team for the whole loop: member threads keep their blocks; a step's phases end at a sync
+    // (split by rows, none: each thread runs every phase of its rows).
+    run_team(split.threads(), !packed, [&](const TeamMember& team) {
       team.for_each_block([&](int64_t c) {
         ih_matrix[c].prepare();
         rec_matrix[c].prepare();
@@ -960,54 +969,67 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
           const int64_t n = std::min(chunk, T - k);
           chunk_first_time = reverse ? T - k - n : k;
           team.for_each_block([&](int64_t c) {
-            multiply(ih_matrix[c], {x, chunk_first_time * B * I, n * B, I, I},
-                     {xproj[c], 0, n * B, blocks.rows(c), blocks.rows(c)});
+            const int64_t width = blocks.rows(split.unit_block(c));
+            if (!by_rows) {
+              multiply(ih_matrix[c], {x, chunk_first_time * B * I, n * B, I, I}, {xproj[c], 0, n * B, width, width});
+              return;
+            }
+            const int64_t r0 = split.first_row(c, B), rows = split.end_row(c, B) - r0;
+            for (int64_t step = 0; step < n; ++step) {
+              const int64_t row = (chunk_first_time + step) * B + r0;
+              multiply(ih_matrix[c], {x, row * I, rows, I, I}, {xproj[c], (step * B + r0) * width, rows, width, width});
+            }
           });
         }
         // h_{t-1} as a raw operand: no tensor is made per step.
         const Operand h_prev =
             k == 0 ? Operand{init[0], 0, B, HS, HS} : Operand{output, order.time(k - 1) * out_plane, B, HS, HS};
         auto pointwise = [&](int64_t c) {
+          const int64_t u = split.unit_block(c);
           ForwardStepArgs<T_> args{};
-          args.xproj = GateView<const T_>{ptr<T_>(xproj[c]) + (t - chunk_first_time) * B * blocks.rows(c),
-                                          blocks.rows(c), blocks.width(c)};
-          args.hproj = GateView<const T_>{ptr<T_>(hproj[c]), blocks.rec_rows(c), blocks.width(c)};
+          args.xproj = GateView<const T_>{ptr<T_>(xproj[c]) + (t - chunk_first_time) * B * blocks.rows(u),
+                                          blocks.rows(u), blocks.width(u)};
+          args.hproj = GateView<const T_>{ptr<T_>(hproj[c]), blocks.rec_rows(u), blocks.width(u)};
           if (rec_bias.defined()) {
-            args.hbias = GateView<const T_>{ptr<T_>(rec_bias) + blocks.rec_row0(c), 0, blocks.width(c)};
+            args.hbias = GateView<const T_>{ptr<T_>(rec_bias) + blocks.rec_row0(u), 0, blocks.width(u)};
           }
-          if (geo.enabled) args.cproj = GateView<const T_>{ptr<T_>(cproj[c]), blocks.rows(c), blocks.width(c)};
+          if (geo.enabled) args.cproj = GateView<const T_>{ptr<T_>(cproj[c]), blocks.rows(u), blocks.width(u)};
           layout.template fill<S>(args, k);
           args.lengths = sequence.data;
           args.batch = B;
           args.hidden = H;
-          args.unit_begin = blocks.first(c);
-          args.unit_end = blocks.first(c) + blocks.width(c);
+          args.unit_begin = blocks.first(u);
+          args.unit_end = blocks.first(u) + blocks.width(u);
+          args.row_begin = split.first_row(c, B);
+          args.row_end = split.end_row(c, B);
           run_pointwise_block<Cell>(input, args);
         };
         team.for_each_block([&](int64_t c) {
-          // Rows past the last running one are held: the pointwise pass does not read their projection.
-          Operand h_rows = h_prev;
-          if (!running.empty()) h_rows.rows = running[t];
-          if (h_rows.rows > 0) {
-            multiply(rec_matrix[c], h_rows, {hproj[c], 0, h_rows.rows, blocks.rec_rows(c), blocks.rec_rows(c)});
+          const int64_t u = split.unit_block(c), r0 = split.first_row(c, B), r1 = split.end_row(c, B);
+          // The thread's rows; past the last running one they are held: the pointwise pass does not
+          // read their projection.
+          const int64_t rows = std::clamp<int64_t>((running.empty() ? B : running[t]) - r0, 0, r1 - r0);
+          if (rows > 0) {
+            const Operand h_rows{h_prev.base, h_prev.offset + r0 * HS, rows, HS, HS};
+            multiply(rec_matrix[c], h_rows, {hproj[c], r0 * blocks.rec_rows(u), rows, blocks.rec_rows(u), blocks.rec_rows(u)});
           }
           if (!geo.enabled) {
             pointwise(c);
             return;
           }
-          if (blocks.cols(c) == 0) return;
+          if (blocks.cols(u) == 0) return;
           // The block's heads: their query (and new slot) staged from the GEMM, then the attention.
-          AttentionStepArgs<T_> a = attention_step_args<T_>(geo, blocks, c, B, k, lengths, scratch, sequence,
+          AttentionStepArgs<T_> a = attention_step_args<T_>(geo, blocks, u, B, k, lengths, scratch, sequence,
                                                             queries + (training ? k : 0) * slot_size, keys, values);
-          a.staged = SlotRows<T_>{ptr<T_>(hproj[c]) + blocks.rows(c), blocks.rec_rows(c), blocks.cols(c), blocks.col0(c),
-                                  rec_bias.defined() ? ptr<T_>(rec_bias) + blocks.rec_row0(c) + blocks.rows(c) : nullptr,
+          a.staged = SlotRows<T_>{ptr<T_>(hproj[c]) + blocks.rows(u), blocks.rec_rows(u), blocks.cols(u), blocks.col0(u),
+                                  rec_bias.defined() ? ptr<T_>(rec_bias) + blocks.rec_row0(u) + blocks.rows(u) : nullptr,
                                   geo.self_memory ? geo.new_slot(k) : -1};
           a.context = ptr<T_>(context) + t * slot_size;
           a.context_stride = D;
           a.weights = attention->need_weights ? ptr<T_>(weights) + t * B * geo.heads * geo.weight_slots : nullptr;
           run_attention<false>(input, a);
         });
-        if (!team.sync()) return;
+        if (!by_rows && !team.sync()) return;
         if (geo.enabled) {
           // Every head's context is ready: W_c ctx_t joins the input side of each block's gates.
           team.for_each_block([&](int64_t c) {
@@ -1102,8 +1124,11 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   const int64_t plane = B * H, out_plane = B * HS;
   const AttentionGeometry geo = attention_geometry(attention, T);
   const int64_t D = geo.width, slot_size = B * D;
-  const UnitBlocks blocks =
-      make_unit_blocks(G, H, HS, B, T, LoopPass::backward, input, geo.groups(), geo.heads, geo.head_dim);
+  // As in the forward: without attention or projection the loop may split by batch rows.
+  const LoopSplit split = cpu_loop_split(G, H, HS, B, T, LoopPass::backward, input, geo.groups(), geo.heads,
+                                         geo.head_dim, /*rows_independent=*/!geo.enabled && !projected);
+  const bool by_rows = split.row_blocks > 1;
+  const UnitBlocks blocks = make_unit_blocks(G, H, split.unit_blocks, geo.groups(), geo.heads, geo.head_dim);
   CallScratch temp(input);  // the call's temporary buffers
   const int64_t R = blocks.rec_total();  // recurrent-side rows
   // CUDA without attention or projection may run the whole loop as one kernel (cuda/persistent_cuda.h).
@@ -1123,7 +1148,8 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   for (const auto& g : grad_final_states) dstate.push_back(g.contiguous().clone());
   // With several blocks, each block's share of dh_{t-1} = dg_rec_t @ W_rec goes to its own buffer
   // and the blocks add them up (in block order: deterministic) at the next step. Likewise the
-  // shares of dctx_t = dxg_t @ W_c. A projection always uses shares (projection_step.h).
+  // shares of dctx_t = dxg_t @ W_c. A projection always uses shares (projection_step.h). Split by
+  // rows, the one block's share holds every thread's rows.
   const bool packed = uses_packed_gemm(input);
   const MatrixForm form = packed ? MatrixForm::packed : MatrixForm::aten;
   const bool shares = packed || blocks.count() > 1 || projected;
@@ -1143,10 +1169,11 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   const Tensor w_hr = projected ? weight_hr->contiguous() : Tensor();
   const Tensor dm = projected ? temp.empty({B, H}) : Tensor();
   const Tensor zero_plane = projected ? temp.zeros({B, H}) : Tensor();
-  for (int64_t c = 0; c < blocks.count(); ++c) {
-    // share_c = dg_rec_c @ W_rec_c: M = W_rec_c^T (HS x rec_rows(c)).
+  for (int64_t c = 0; c < split.threads(); ++c) {
+    // share_c = dg_rec_c @ W_rec_c: M = W_rec_c^T (HS x rec_rows(c)); split by rows, a copy each.
+    const int64_t u = split.unit_block(c);
     rec_matrix.push_back(
-        block_matrix(w_rec.narrow(0, blocks.rec_row0(c), blocks.rec_rows(c)).t(), std::nullopt, form, temp));
+        block_matrix(w_rec.narrow(0, blocks.rec_row0(u), blocks.rec_rows(u)).t(), std::nullopt, form, temp));
     if (projected) {
       // dm of block c's units: M = W_hr[:, units]^T (width(c) x HS).
       proj_matrix.push_back(
@@ -1223,23 +1250,30 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
       const int64_t dgh_skip = has_first && !reverse ? 1 : 0;  // forward: step 0 is the chunk's first row
       const int64_t read_time = reverse ? first_time + 1 : (has_first ? 0 : first_time - 1);
       team.for_each_block([&](int64_t c) {
-        const Tensor dg_in = dgx_rows.narrow(1, blocks.row0(c), blocks.rows(c));
-        grad_w_ih.narrow(0, blocks.row0(c), blocks.rows(c)).addmm_(dg_in.t(), x.narrow(0, first_time * B, rows));
-        grad_b_ih.narrow(0, blocks.row0(c), blocks.rows(c)).add_(dg_in.sum(0));
-        if (geo.enabled) {
-          grad_w_c.narrow(0, blocks.row0(c), blocks.rows(c)).addmm_(dg_in.t(), context.narrow(0, first_time * B, rows));
-        }
-        const Tensor dg_rec = dgh_rows.narrow(1, blocks.rec_row0(c), blocks.rec_rows(c));
-        Tensor w = grad_w_rec.narrow(0, blocks.rec_row0(c), blocks.rec_rows(c));
+        // Block c's rows of the gradients; split by rows, thread c's share of the one block's.
+        const int64_t u = split.unit_block(c);
+        auto share = [&](int64_t first, int64_t count) {
+          return by_rows ? std::pair(first + count * c / split.row_blocks, count * (c + 1) / split.row_blocks -
+                                                                               count * c / split.row_blocks)
+                         : std::pair(first, count);
+        };
+        const auto [g0, gn] = share(blocks.row0(u), blocks.rows(u));
+        const auto [r0, rn] = share(blocks.rec_row0(u), blocks.rec_rows(u));
+        const Tensor dg_in = dgx_rows.narrow(1, g0, gn);
+        grad_w_ih.narrow(0, g0, gn).addmm_(dg_in.t(), x.narrow(0, first_time * B, rows));
+        grad_b_ih.narrow(0, g0, gn).add_(dg_in.sum(0));
+        if (geo.enabled) grad_w_c.narrow(0, g0, gn).addmm_(dg_in.t(), context.narrow(0, first_time * B, rows));
+        const Tensor dg_rec = dgh_rows.narrow(1, r0, rn);
+        Tensor w = grad_w_rec.narrow(0, r0, rn);
         if (regular > 0) {
           w.addmm_(dg_rec.narrow(0, dgh_skip * B, regular * B).t(),
                    output.view({T * B, HS}).narrow(0, read_time * B, regular * B));
         }
         if (has_first) w.addmm_(dg_rec.narrow(0, reverse ? (n - 1) * B : 0, B).t(), init[0]);
-        if (!rec_alias) grad_b_rec.narrow(0, blocks.rec_row0(c), blocks.rec_rows(c)).add_(dg_rec.sum(0));
+        if (!rec_alias) grad_b_rec.narrow(0, r0, rn).add_(dg_rec.sum(0));
         if (projected) {
           // dW_hr += dy^T m over the chunk's steps, each block its rows (columns of y).
-          const auto [p0, p1] = column_share(blocks, c, HS);
+          const auto [p0, p1] = column_share(blocks, u, HS);
           if (p1 > p0) {
             const Tensor m = workspace.narrow(0, first_time, n).select(1, m_plane).reshape({rows, H});
             grad_w_hr.narrow(0, p0, p1 - p0)
@@ -1297,7 +1331,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
                   " as one kernel (each SM's share of W_hh and 4 rows of gate gradients must fit in its shared memory)");
     }
 #endif
-    run_team(blocks.count(), /*aten_state=*/true, [&](const TeamMember& team) {
+    run_team(split.threads(), /*aten_state=*/true, [&](const TeamMember& team) {
       team.for_each_block([&](int64_t c) {
         rec_matrix[c].prepare();
         if (geo.enabled) ctx_matrix[c].prepare();
@@ -1309,16 +1343,19 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
         const int64_t n = std::min(chunk, chunk_end);  // steps in the current chunk
         if (k == chunk_end - 1) chunk_first_time = reverse ? T - chunk_end : chunk_end - n;
         const int64_t row = (t - chunk_first_time) * B;  // this step's rows in dgx and dgh
-        // dh_{t-1} share of block c (or, with no shares, added straight into the carried gradient).
-        // Held rows past the last running one have zero gradients: no GEMM work for them.
-        const int64_t rows = running.empty() ? B : running[t];
+        // dh_{t-1} share of block c (or, with no shares, added straight into the carried gradient),
+        // for thread c's rows [b0, b1). Held rows past the last running one have zero gradients: no
+        // GEMM work for them.
+        const int64_t running_now = running.empty() ? B : running[t];
         auto hidden_share = [&](int64_t c) {
-          const Operand dg{dgh, row * R + blocks.rec_row0(c), rows, blocks.rec_rows(c), R};
+          const int64_t u = split.unit_block(c), b0 = split.first_row(c, B), b1 = split.end_row(c, B);
+          const int64_t rows = std::clamp<int64_t>(running_now - b0, 0, b1 - b0);
+          const Operand dg{dgh, (row + b0) * R + blocks.rec_row0(u), rows, blocks.rec_rows(u), R};
           if (shares) {
-            if (rows > 0) multiply(rec_matrix[c], dg, {written(k)[c], 0, rows, HS, HS});
-            if (rows < B) written(k)[c].narrow(0, rows, B - rows).zero_();
+            if (rows > 0) multiply(rec_matrix[c], dg, {written(k)[u], b0 * HS, rows, HS, HS});
+            if (b0 + rows < b1) written(k)[u].narrow(0, b0 + rows, b1 - b0 - rows).zero_();
           } else if (rows > 0) {
-            multiply(rec_matrix[c], dg, {dstate[0], 0, rows, HS, HS}, /*accumulate=*/true);
+            multiply(rec_matrix[c], dg, {dstate[0], b0 * HS, rows, HS, HS}, /*accumulate=*/true);
           }
         };
         if (projected) {
@@ -1326,16 +1363,18 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
           if (!team.sync()) return;
         }
         team.for_each_block([&](int64_t c) {
-          const int64_t j0 = blocks.first(c), j1 = j0 + blocks.width(c);
+          const int64_t u = split.unit_block(c), j0 = blocks.first(u), j1 = j0 + blocks.width(u);
+          const int64_t b0 = split.first_row(c, B), b1 = split.end_row(c, B);
           if (projected) {
             multiply(proj_matrix[c], {dstate[0], 0, B, HS, HS}, {dm, j0, B, j1 - j0, H});
           } else if (shares) {
-            // dh_t of this block's units: its direct part plus every block's share from step t+1.
+            // dh_t of this block's units and thread's rows: its direct part plus every block's share
+            // from step t+1.
             if constexpr (kCpuType<T_>) {
               T_* dh = ptr<T_>(dstate[0]);
               for (const auto& share : read(k)) {
                 const T_* add = ptr<T_>(share);
-                for (int64_t b = 0; b < B; ++b) {
+                for (int64_t b = b0; b < b1; ++b) {
                   for (int64_t j = j0; j < j1; ++j) dh[b * H + j] += add[b * H + j];
                 }
               }
@@ -1348,12 +1387,14 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
           for (int s = 0; s < S; ++s) args.dstate[s] = ptr<T_>(dstate[s]);
           if (projected) args.dstate[0] = ptr<T_>(dm);
           args.lengths = sequence.data;
-          args.dxg = gate_view<T_>(ptr<T_>(dgx) + row * GH, GH, blocks, c);
-          if (!rec_alias) args.dhg = GateView<T_>{ptr<T_>(dgh) + row * R + blocks.rec_row0(c), R, blocks.width(c)};
+          args.dxg = gate_view<T_>(ptr<T_>(dgx) + row * GH, GH, blocks, u);
+          if (!rec_alias) args.dhg = GateView<T_>{ptr<T_>(dgh) + row * R + blocks.rec_row0(u), R, blocks.width(u)};
           args.batch = B;
           args.hidden = H;
           args.unit_begin = j0;
           args.unit_end = j1;
+          args.row_begin = b0;
+          args.row_end = b1;
           run_pointwise_block<Cell>(input, args);
           if (!geo.enabled) {
             hidden_share(c);
@@ -1361,7 +1402,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
           }
           multiply(ctx_matrix[c], {dgx, row * GH + blocks.row0(c), B, blocks.rows(c), GH}, {dctx_share[c], 0, B, D, D});
         });
-        if (!team.sync()) return;
+        if (!by_rows && !team.sync()) return;
         if (geo.enabled) {
           team.for_each_block([&](int64_t c) {
             const int64_t col = blocks.col0(c), n = blocks.cols(c);
@@ -1410,7 +1451,9 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
           if (!team.sync()) return;
         }
         if (k == chunk_end - n) {
-          // The chunk is done: its large GEMMs, then every member is past them before dgx is reused.
+          // The chunk is done (split by rows, once every member is): its large GEMMs, then every
+          // member is past them before dgx is reused.
+          if (by_rows && !team.sync()) return;
           chunk_gradients(team, k, n, chunk_first_time);
           if (!team.sync()) return;
           chunk_end = k;

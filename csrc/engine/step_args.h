@@ -2,7 +2,8 @@
 // Shared by the CPU loops and the CUDA kernels; free of torch on purpose.
 //
 // A step works on a block of hidden units [unit_begin, unit_end) of every batch row (the CPU gives
-// each thread its own block; CUDA uses one block of all units).
+// each thread its own block; CUDA uses one block of all units), or on the CPU of rows
+// [row_begin, row_end) only (a split by batch rows: each thread its own rows, every unit).
 //
 // Layouts:
 //   projections (xproj, hproj) and their gradients (dxg, dhg): gate g of unit j of row b at
@@ -58,6 +59,7 @@ struct ForwardStepArgs {
   int64_t batch;
   int64_t hidden;
   int64_t unit_begin, unit_end;
+  int64_t row_begin = 0, row_end = -1;  // the CPU passes' rows; row_end < 0: to batch (CUDA: every row)
 };
 
 template <typename T>
@@ -76,6 +78,7 @@ struct BackwardStepArgs {
   int64_t batch;
   int64_t hidden;
   int64_t unit_begin, unit_end;
+  int64_t row_begin = 0, row_end = -1;  // the CPU passes' rows; row_end < 0: to batch (CUDA: every row)
 };
 
 // Where a forward pass's states and saved activations lie, step by step: one description for the
@@ -143,6 +146,12 @@ RNNATTN_HD constexpr bool adds_context(StepExtra e) {
 }
 RNNATTN_HD constexpr bool adds_hidden_bias(StepExtra e) {
   return e == StepExtra::hidden_bias || e == StepExtra::context_and_hidden_bias;
+}
+
+// The end of the rows a CPU pass runs (ForwardStepArgs, BackwardStepArgs).
+template <class Args>
+inline int64_t row_end(const Args& a) {
+  return a.row_end < 0 ? a.batch : a.row_end;
 }
 
 // Whether row b takes part in the step (variable lengths), or is held.

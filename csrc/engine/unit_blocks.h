@@ -56,12 +56,31 @@ enum class LoopPass { forward, backward };
 // threads); 1 inside a parallel region.
 int64_t cpu_threads_for(int64_t weights, int64_t rows, int64_t steps, LoopPass pass);
 
-// Blocks for `gates` gates of `hidden` units whose state is `state_width` wide (and, for the
-// attention cell, `groups` groups of `heads` heads of `head_dim` rows), for a `pass` of `steps`
-// steps over `rows` batch rows: one per CPU thread when each block's share of a step's product is
-// large enough (cpu_threads_for), else fewer.
-UnitBlocks make_unit_blocks(int gates, int64_t hidden, int64_t state_width, int64_t rows, int64_t steps,
-                            LoopPass pass, const at::Tensor& like, int64_t groups = 0, int64_t heads = 0,
+// How a CPU time loop shares each step among its threads: blocks of hidden units (each thread its
+// block's rows of the weights, hot in its cache, for every batch row; the threads meet between a
+// step's phases), or ranges of batch rows (each thread every unit of its rows; they never meet
+// within the loop, rows being independent). One of the two counts is 1.
+struct LoopSplit {
+  int64_t unit_blocks = 1, row_blocks = 1;
+  int64_t threads() const { return unit_blocks > row_blocks ? unit_blocks : row_blocks; }
+  // Thread c's unit block, and its batch rows [first_row(c, B), end_row(c, B)).
+  int64_t unit_block(int64_t c) const { return row_blocks > 1 ? 0 : c; }
+  int64_t first_row(int64_t c, int64_t batch) const { return row_blocks > 1 ? batch * c / row_blocks : 0; }
+  int64_t end_row(int64_t c, int64_t batch) const { return row_blocks > 1 ? batch * (c + 1) / row_blocks : batch; }
+};
+
+// The split of a `pass` of `steps` steps over `rows` batch rows of a layer of `gates` gates of
+// `hidden` units whose state is `state_width` wide (and, for the attention cell, `groups` groups of
+// `heads` heads of `head_dim` rows): as many threads as cpu_threads_for gives, over blocks of at
+// least 32 units; by rows instead where `rows_independent` (the loop has no phase that mixes rows)
+// and the units cannot use every thread but the rows can. One thread off the CPU.
+LoopSplit cpu_loop_split(int gates, int64_t hidden, int64_t state_width, int64_t rows, int64_t steps, LoopPass pass,
+                         const at::Tensor& like, int64_t groups, int64_t heads, int64_t head_dim,
+                         bool rows_independent);
+
+// `count` blocks of `hidden` units of `gates` gates (and, for the attention cell, `groups` groups
+// of `heads` heads of `head_dim` rows), with their row orders.
+UnitBlocks make_unit_blocks(int gates, int64_t hidden, int64_t count, int64_t groups = 0, int64_t heads = 0,
                             int64_t head_dim = 0);
 
 }  // namespace rnnattn

@@ -10,7 +10,7 @@ namespace rnnattn::cpu::RNNATTN_CPU_ISA {
 // The inner loop runs over the units of one batch row so that it vectorizes.
 template <class Cell, typename T, bool kSave, StepExtra kExtra>
 void forward_block_impl(const ForwardStepArgs<T>& args) {
-  for (int64_t b = 0; b < args.batch; ++b) {
+  for (int64_t b = args.row_begin, end = row_end(args); b < end; ++b) {
     if (!row_active(args, b)) {
       for (int64_t j = args.unit_begin; j < args.unit_end; ++j) hold_forward_unit<Cell, T>(args, b, j);
       continue;
@@ -32,7 +32,7 @@ void forward_block(const ForwardStepArgs<T>& args) {
 
 template <class Cell, typename T, bool kHiddenCopy>
 void backward_block_impl(const BackwardStepArgs<T>& args) {
-  for (int64_t b = 0; b < args.batch; ++b) {
+  for (int64_t b = args.row_begin, end = row_end(args); b < end; ++b) {
     if (!row_active(args, b)) {
       for (int64_t j = args.unit_begin; j < args.unit_end; ++j) hold_backward_unit<Cell, T, kHiddenCopy>(args, b, j);
       continue;
