@@ -47,7 +47,8 @@ TOLERANCE = {torch.float64: {"atol": 1e-9, "rtol": 1e-7}, torch.float32: {"atol"
 @st.composite
 def cases(draw):
     kind = draw(st.sampled_from(sorted(KINDS)))
-    steps, batch = draw(st.integers(1, 7)), draw(st.none() | st.integers(1, 5))
+    # (Batch 17 splits the CPU loop by rows: at least 8 a thread.)
+    steps, batch = draw(st.integers(1, 7)), draw(st.none() | st.integers(1, 5) | st.sampled_from([17]))
     hidden = draw(st.integers(1, 9) | st.sampled_from([64, 70, 130]))
     case = {
         "kind": kind, "steps": steps, "batch": batch, "hidden": hidden, "input_size": draw(st.integers(1, 6)),

@@ -1011,7 +1011,8 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
           const int64_t rows = std::clamp<int64_t>((running.empty() ? B : running[t]) - r0, 0, r1 - r0);
           if (rows > 0) {
             const Operand h_rows{h_prev.base, h_prev.offset + r0 * HS, rows, HS, HS};
-            multiply(rec_matrix[c], h_rows, {hproj[c], r0 * blocks.rec_rows(u), rows, blocks.rec_rows(u), blocks.rec_rows(u)});
+            const int64_t width = blocks.rec_rows(u);
+            multiply(rec_matrix[c], h_rows, {hproj[c], r0 * width, rows, width, width});
           }
           if (!geo.enabled) {
             pointwise(c);
@@ -1253,9 +1254,9 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
         // Block c's rows of the gradients; split by rows, thread c's share of the one block's.
         const int64_t u = split.unit_block(c);
         auto share = [&](int64_t first, int64_t count) {
-          return by_rows ? std::pair(first + count * c / split.row_blocks, count * (c + 1) / split.row_blocks -
-                                                                               count * c / split.row_blocks)
-                         : std::pair(first, count);
+          if (!by_rows) return std::pair(first, count);
+          const int64_t begin = count * c / split.row_blocks, end = count * (c + 1) / split.row_blocks;
+          return std::pair(first + begin, end - begin);
         };
         const auto [g0, gn] = share(blocks.row0(u), blocks.rows(u));
         const auto [r0, rn] = share(blocks.rec_row0(u), blocks.rec_rows(u));
