@@ -49,17 +49,19 @@ PYBIND11_MODULE(_C, m) {
         "this many threads, and at most torch.get_num_threads()");
   m.def(
       "cpu_loop_split",
-      [](int gates, int64_t hidden, int64_t rows, int64_t steps, bool backward, bool rows_independent) {
+      [](int gates, int64_t hidden, int64_t rows, int64_t steps, bool backward, bool rows_independent,
+         int64_t attention_rows) {
         const auto split = ::rnnattn::cpu_loop_split(
             gates, hidden, hidden, rows, steps, backward ? ::rnnattn::LoopPass::backward : ::rnnattn::LoopPass::forward,
-            at::empty({0}), 0, 0, 0, rows_independent);
+            at::empty({0}), attention_rows > 0 ? 1 : 0, attention_rows, 1, rows_independent);
         return std::make_pair(split.unit_blocks, split.row_blocks);
       },
       py::arg("gates"), py::arg("hidden"), py::arg("rows"), py::arg("steps"), py::arg("backward"),
-      py::arg("rows_independent"),
+      py::arg("rows_independent"), py::arg("attention_rows") = 0,
       "(unit blocks, row blocks): how a CPU time loop of `steps` steps over `rows` batch rows of a layer of `gates` "
-      "gates of `hidden` units shares its work among threads (unit_blocks.h); RNNATTN_CPU_MIN_BLOCK_WORK sets how "
-      "much a thread must get");
+      "gates of `hidden` units (and, for the attention cell, `attention_rows` more rows of recurrent weight: "
+      "3 * num_heads * head_dim with self memory, else num_heads * head_dim) shares its work among threads "
+      "(unit_blocks.h); RNNATTN_CPU_MIN_BLOCK_WORK sets how much a thread must get");
   ::rnnattn::define_layer_call(m);
   ::rnnattn::define_streamer(m);
   ::rnnattn::define_hybrid_attention(m);

@@ -7,7 +7,7 @@ import torch
 from rnnattn_ext import _ops, functional, reference
 
 from conftest import device_params
-from helpers import (CELLS, NUM_STATES, assert_accuracy_rule, assert_close, attention_args, grads, op_weights, proj,
+from helpers import (CELLS, GATES, NUM_STATES, assert_accuracy_rule, assert_close, attention_args, grads, op_weights, proj,
                      strided)
 
 TOLERANCES = {torch.float64: (1e-10, 1e-9)}
@@ -229,6 +229,31 @@ def test_strided_parts_and_missing_biases_give_the_same_bits(cell, steps, hidden
     ref = reference.attention_layer(cell, x.double(), [s.double() for s in states], *[w.double() for w in want],
                                     num_heads=4, window=3)
     assert_close(out.double(), ref[0], 1e-5, 1e-5, "output")
+
+
+# Batch 40 splits the CPU loop by rows (conftest's bound: every layer small enough): each thread
+# stages, attends and projects the context for its own rows, every head, with no barrier. Hidden 24
+# has no block of 32 units to split into; 3 threads give ranges of 13, 13 and 14 rows. Self memory
+# with a window and sequence lengths, external memory with padded rows, forward in reverse too.
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("memory_slots", [None, 6], ids=["self", "external"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_split_by_batch_rows_matches_reference(cell, memory_slots, dtype, threads):
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        attention_rows = (3 if memory_slots is None else 1) * 2 * 8
+        gates = GATES[cell]
+        for backward in (False, True):
+            assert _ops._C.cpu_loop_split(gates, 24, 40, 9, backward, True, attention_rows) == (1, threads)
+        lengths = torch.randint(1, 10, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+        _compare(cell, dtype, "cpu", 9, 40, 24, 2, 8, window=None if memory_slots else 4, memory_slots=memory_slots,
+                 padded=memory_slots is not None, seed=5, sequence_lengths=lengths)
+        _compare(cell, dtype, "cpu", 9, 40, 24, 2, 8, window=None if memory_slots else 4, memory_slots=memory_slots,
+                 reverse=True, seed=6)
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -50,7 +50,7 @@ def test_any_number_of_threads(cell, threads, dtype, restore_threads):
 
 # Batch 40 splits by rows (conftest's bound: every layer small enough): 13 + 13 + 14 rows on 3
 # threads, 20 + 20 on 2; hidden 24 has no block of units to split into (fewer than 32), hidden 100
-# three, and its rows win the tie. Lengths make rows finish at different steps in every range; sorted
+# three: its backward splits by rows (the tie), its forward by units. Lengths make rows finish at different steps in every range; sorted
 # longest first (as a PackedSequence's), the rows past the last running one are skipped, a range's
 # in part or whole.
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
@@ -59,7 +59,8 @@ def test_any_number_of_threads(cell, threads, dtype, restore_threads):
 @pytest.mark.parametrize("cell", CELLS)
 def test_split_by_batch_rows_matches_reference(cell, threads, hidden, dtype, restore_threads):
     torch.set_num_threads(threads)
-    assert _ops._C.cpu_loop_split(GATES[cell], hidden, 40, 9, False, True) == (1, threads)
+    assert _ops._C.cpu_loop_split(GATES[cell], hidden, 40, 9, False, True) == ((1, threads) if hidden < 32
+                                                                               else (threads, 1))
     assert _ops._C.cpu_loop_split(GATES[cell], hidden, 40, 9, True, True) == (1, threads)
     atol, rtol = TOLERANCES[dtype]
     gen = torch.Generator().manual_seed(31)
@@ -190,8 +191,8 @@ def test_loop_split_follows_each_steps_work_and_the_layers_shape():
     # The rule (unit_blocks.cpp) with its default bound and 4 threads and CPUs: a thread per 4,096
     # multiply-adds of a step's recurrent product (weights x batch rows) in the forward, per 16,384 in
     # the backward, per 65,536 in a one-step call; blocks of at least 32 units, or ranges of at least 8
-    # batch rows where rows are independent (no attention, no projection) and give as many threads,
-    # up to a 256-unit LSTM's weights, or more.
+    # batch rows where rows are independent (no projection) and give more threads, or (the backward)
+    # as many, up to a 256-unit LSTM's weights.
     script = """
         import torch
         from rnnattn_ext import _ops
@@ -203,9 +204,10 @@ def test_loop_split_follows_each_steps_work_and_the_layers_shape():
             (1, 64, 2, 100, False, True),    # batch 2: two
             (1, 64, 8, 100, True, True),     # backward at batch 8 (32,768): two, by units
             (4, 32, 64, 50, False, True),    # LSTM(32), batch 64: one block of units, 4 ranges of rows
-            (4, 32, 64, 50, False, False),   # the same with attention or a projection: one thread
+            (4, 32, 64, 50, False, False),   # the same with a projection: one thread
             (4, 32, 20, 50, False, True),    # batch 20: 2 ranges of at least 8 rows
-            (4, 128, 32, 50, False, True),   # LSTM(128), batch 32: 4 either way, rows
+            (4, 128, 32, 50, False, True),   # LSTM(128), batch 32: 4 either way, the forward by units
+            (4, 128, 32, 50, True, True),    # the backward by rows
             (4, 512, 64, 50, False, True),   # LSTM(512), batch 64: 4 either way, units (more weights)
             (4, 128, 16, 50, False, True),   # batch 16: 4 blocks of units against 2 ranges of rows
             (4, 128, 1, 1, False, True),     # one step of LSTM(128) at batch 1 (65,536): one
@@ -218,12 +220,12 @@ def test_loop_split_follows_each_steps_work_and_the_layers_shape():
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
                             timeout=300, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.split() == ["2,1", "1,1", "1,1", "2,1", "2,1", "1,4", "1,1", "1,2", "1,4", "4,1", "4,1",
-                                     "1,1", "2,1"], result.stdout
+    assert result.stdout.split() == ["2,1", "1,1", "1,1", "2,1", "2,1", "1,4", "1,1", "1,2", "4,1", "1,4", "4,1",
+                                     "4,1", "1,1", "2,1"], result.stdout
     # The variable moves every bound with it (the forward's a quarter, a one-step call's 4 times).
     env["RNNATTN_CPU_MIN_BLOCK_WORK"] = "65536"
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
                             timeout=300, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.split() == ["1,1", "1,1", "1,1", "1,1", "1,1", "1,4", "1,1", "1,2", "1,4", "4,1", "4,1",
-                                     "1,1", "1,1"], result.stdout
+    assert result.stdout.split() == ["1,1", "1,1", "1,1", "1,1", "1,1", "1,4", "1,1", "1,2", "4,1", "1,4", "4,1",
+                                     "4,1", "1,1", "1,1"], result.stdout

@@ -66,6 +66,7 @@ struct AttentionStepArgs {
   int64_t weight_slots;
   int64_t batch, heads, head_dim;
   int64_t head_begin, head_end;  // the heads this pass covers (the CPU splits them over threads)
+  int64_t row_begin = 0, row_end = -1;  // and the rows (row_end < 0: to batch; CUDA: every row)
   double scale;                  // 1 / sqrt(head_dim)
   void* scratch;                 // ScalarIO<T>::Acc, 2 * scratch_slots per (row, head) pair
   int64_t scratch_slots;         // at least the number of slots any row reads
@@ -275,7 +276,7 @@ RNNATTN_HD void attend_backward(const AttentionStepArgs<T>& a, int64_t b, int64_
 // forward (the CUDA kernel gives each pair a warp instead).
 template <typename T>
 void attention_forward_pairs(const AttentionStepArgs<T>& a) {
-  for (int64_t b = 0; b < a.batch; ++b) {
+  for (int64_t b = a.row_begin, end = row_end(a); b < end; ++b) {
     for (int64_t h = a.head_begin; h < a.head_end; ++h) {
       for (int64_t i = 0; i < staged_elements(a); ++i) stage_element(a, b, h, i);
       attend_forward(a, b, h);
@@ -286,7 +287,7 @@ void attention_forward_pairs(const AttentionStepArgs<T>& a) {
 // Backward and unstaging, likewise.
 template <typename T>
 void attention_backward_pairs(const AttentionStepArgs<T>& a) {
-  for (int64_t b = 0; b < a.batch; ++b) {
+  for (int64_t b = a.row_begin, end = row_end(a); b < end; ++b) {
     for (int64_t h = a.head_begin; h < a.head_end; ++h) {
       attend_backward(a, b, h);
       for (int64_t i = 0; i < unstaged_elements(a); ++i) unstage_element(a, b, h, i);

@@ -794,9 +794,10 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
   const auto opts = input.options();
   const AttentionGeometry geo = attention_geometry(attention, T);
   const int64_t D = geo.width;
-  // Without attention or projection no phase of a step mixes batch rows: the loop may split by rows.
+  // Without a projection (whose pass shares out y_t's columns) no phase of a step mixes batch rows:
+  // the loop may split by rows.
   const LoopSplit split = cpu_loop_split(G, H, HS, B, T, LoopPass::forward, input, geo.groups(), geo.heads,
-                                         geo.head_dim, /*rows_independent=*/!geo.enabled && !projected);
+                                         geo.head_dim, /*rows_independent=*/!projected);
   const bool by_rows = split.row_blocks > 1;
   const UnitBlocks blocks = make_unit_blocks(G, H, split.unit_blocks, geo.groups(), geo.heads, geo.head_dim);
   CallScratch temp(input);  // the call's temporary buffers
@@ -850,7 +851,7 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
       // Per step and block: ctx_t @ W_c^T, the block's gate rows.
       ctx_matrix.push_back(
           block_matrix(PermutedRows{w_c, {}, blocks.order, blocks.row0(u), blocks.rows(u)}, step_form, temp));
-      cproj.push_back(temp.empty({B, blocks.rows(u)}));
+      cproj.push_back(by_rows && c > 0 ? cproj[0] : temp.empty({B, blocks.rows(u)}));
     }
   }
   Tensor output = fresh_empty({T, B, HS}, opts);
@@ -1028,17 +1029,21 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
           a.context = ptr<T_>(context) + t * slot_size;
           a.context_stride = D;
           a.weights = attention->need_weights ? ptr<T_>(weights) + t * B * geo.heads * geo.weight_slots : nullptr;
+          a.row_begin = r0;
+          a.row_end = r1;
           run_attention<false>(input, a);
         });
         if (!by_rows && !team.sync()) return;
         if (geo.enabled) {
-          // Every head's context is ready: W_c ctx_t joins the input side of each block's gates.
+          // Every head's context of the thread's rows is ready: W_c ctx_t joins the input side of
+          // each block's gates.
           team.for_each_block([&](int64_t c) {
-            multiply(ctx_matrix[c], {context, t * slot_size, B, D, D},
-                     {cproj[c], 0, B, blocks.rows(c), blocks.rows(c)});
+            const int64_t width = blocks.rows(split.unit_block(c)), r0 = split.first_row(c, B);
+            const int64_t rows = split.end_row(c, B) - r0;
+            multiply(ctx_matrix[c], {context, t * slot_size + r0 * D, rows, D, D}, {cproj[c], r0 * width, rows, width, width});
             pointwise(c);
           });
-          if (!team.sync()) return;
+          if (!by_rows && !team.sync()) return;
         }
         if (projected) {
           // Every unit of m_t is ready: each block its columns of y_t; held rows keep y_{t-1}.
@@ -1125,9 +1130,9 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   const int64_t plane = B * H, out_plane = B * HS;
   const AttentionGeometry geo = attention_geometry(attention, T);
   const int64_t D = geo.width, slot_size = B * D;
-  // As in the forward: without attention or projection the loop may split by batch rows.
+  // As in the forward: without a projection the loop may split by batch rows.
   const LoopSplit split = cpu_loop_split(G, H, HS, B, T, LoopPass::backward, input, geo.groups(), geo.heads,
-                                         geo.head_dim, /*rows_independent=*/!geo.enabled && !projected);
+                                         geo.head_dim, /*rows_independent=*/!projected);
   const bool by_rows = split.row_blocks > 1;
   const UnitBlocks blocks = make_unit_blocks(G, H, split.unit_blocks, geo.groups(), geo.heads, geo.head_dim);
   CallScratch temp(input);  // the call's temporary buffers
@@ -1181,9 +1186,9 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
           block_matrix(w_hr.narrow(1, blocks.first(c), blocks.width(c)).t(), std::nullopt, form, temp));
     }
     if (geo.enabled) {
-      // dctx share_c = dxg_c @ W_c_c: M = W_c_c^T (D x rows(c)).
-      ctx_matrix.push_back(block_matrix(w_c.narrow(0, blocks.row0(c), blocks.rows(c)).t(), std::nullopt, form, temp));
-      dctx_share.push_back(temp.empty({B, D}));
+      // dctx share_c = dxg_c @ W_c_c: M = W_c_c^T (D x rows(c)); split by rows, one share.
+      ctx_matrix.push_back(block_matrix(w_c.narrow(0, blocks.row0(u), blocks.rows(u)).t(), std::nullopt, form, temp));
+      if (!by_rows || c == 0) dctx_share.push_back(temp.empty({B, D}));
     }
   }
 
@@ -1401,20 +1406,23 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
             hidden_share(c);
             return;
           }
-          multiply(ctx_matrix[c], {dgx, row * GH + blocks.row0(c), B, blocks.rows(c), GH}, {dctx_share[c], 0, B, D, D});
+          multiply(ctx_matrix[c], {dgx, (row + b0) * GH + blocks.row0(u), b1 - b0, blocks.rows(u), GH},
+                   {dctx_share[u], b0 * D, b1 - b0, D, D});
         });
         if (!by_rows && !team.sync()) return;
         if (geo.enabled) {
           team.for_each_block([&](int64_t c) {
-            const int64_t col = blocks.col0(c), n = blocks.cols(c);
+            const int64_t u = split.unit_block(c), col = blocks.col0(u), n = blocks.cols(u);
+            const int64_t b0 = split.first_row(c, B), b1 = split.end_row(c, B);
             if (n > 0) {
-              // dctx_t of the block's heads: the context output's own gradient plus every block's share.
+              // dctx_t of the block's heads and the thread's rows: the context output's own gradient
+              // plus every block's share.
               const T_* grad_ctx = dctx.defined() ? ptr<T_>(dctx) : nullptr;
               if (input.is_cpu()) {
                 if constexpr (kCpuType<T_>) {
                   T_* out = ptr<T_>(dctx);
                   const T_* direct = grad_context.defined() ? ptr<T_>(grad_context) + t * slot_size : nullptr;
-                  for (int64_t b = 0; b < B; ++b) {
+                  for (int64_t b = b0; b < b1; ++b) {
                     for (int64_t d = col; d < col + n; ++d) {
                       T_ sum = direct != nullptr ? direct[b * D + d] : T_(0);
                       for (const auto& share : dctx_share) sum += ptr<T_>(share)[b * D + d];
@@ -1431,9 +1439,11 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
               // The block's heads: query gradient into its recurrent-side rows, key and value
               // gradients into the slots. Step k's slot (h before step k) is read by no earlier
               // step: its gradients are final after this pass, which writes them to those rows too.
-              T_* rec = ptr<T_>(dgh) + row * R + blocks.rec_row0(c) + blocks.rows(c);
-              AttentionStepArgs<T_> a = attention_step_args<T_>(geo, blocks, c, B, k, lengths, scratch, sequence,
+              T_* rec = ptr<T_>(dgh) + row * R + blocks.rec_row0(u) + blocks.rows(u);
+              AttentionStepArgs<T_> a = attention_step_args<T_>(geo, blocks, u, B, k, lengths, scratch, sequence,
                                                                 queries + k * slot_size, keys, values);
+              a.row_begin = b0;
+              a.row_end = b1;
               a.staged = SlotRows<T_>{rec, R, n, col, nullptr, geo.self_memory ? geo.new_slot(k) : -1};
               a.grad_context = grad_ctx;
               a.grad_context_stride = D;
@@ -1449,7 +1459,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
             }
             hidden_share(c);
           });
-          if (!team.sync()) return;
+          if (!by_rows && !team.sync()) return;
         }
         if (k == chunk_end - n) {
           // The chunk is done (split by rows, once every member is): its large GEMMs, then every

@@ -148,7 +148,7 @@ RNNATTN_HD constexpr bool adds_hidden_bias(StepExtra e) {
   return e == StepExtra::hidden_bias || e == StepExtra::context_and_hidden_bias;
 }
 
-// The end of the rows a CPU pass runs (ForwardStepArgs, BackwardStepArgs).
+// The end of the rows a CPU pass runs (ForwardStepArgs, BackwardStepArgs, AttentionStepArgs).
 template <class Args>
 inline int64_t row_end(const Args& a) {
   return a.row_end < 0 ? a.batch : a.row_end;

@@ -17,13 +17,15 @@ namespace {
 constexpr int64_t kMinUnitsPerBlock = 32;
 // Nor ranges of fewer batch rows than this.
 constexpr int64_t kMinRowsPerBlock = 8;
-// Split by rows, every thread reads all of the recurrent weight each step; by units, its block's
-// share. For as many threads either way, rows win up to this many weights (a 256-unit LSTM), the
-// time loop on each thread running on its own: on a 2-core x86 CPU the backward of 32- to 256-unit
-// layers at batch 16-256 took 4-16% less time by rows, the forward the same; a 512-unit LSTM's
-// forward at batch 64 took 5% more. Where the units cannot use every thread (fewer than 32 a
-// thread) and the rows can, rows always: a 32-unit LSTM or GRU at batch 64-256 ran its forward
-// 1.6-1.7x and its backward 1.2-1.3x faster on two threads by rows than on one.
+// Split by rows, every thread reads all of the step's weights (W_hh, W_ih, the attention cell's
+// W_q, W_k, W_v and W_c) each step; by units, its block's share. Where the units cannot use every
+// thread (fewer than 32 a thread) and the rows can, rows: a 32-unit LSTM or GRU at batch 64-256 ran
+// its forward 1.6-1.7x and its backward 1.2-1.3x faster on two threads by rows than on one. For as
+// many threads either way, the backward by rows up to this many recurrent weights (a 256-unit
+// LSTM's), the forward by units: on a 2-core x86 CPU the backward of 32- to 256-unit layers at batch
+// 16-256 took 4-16% less time by rows; the forward the same time for plain layers (a 512-unit
+// LSTM's 5% more), 8-11% more for attention cells of 64 and 128 units, whose weights by rows no
+// longer fit a core's cache.
 constexpr int64_t kMaxRowSplitWeights = int64_t{1} << 18;
 
 // A thread must also get enough of each step's recurrent product (multiply-adds: weight floats times
@@ -119,8 +121,9 @@ LoopSplit cpu_loop_split(int gates, int64_t hidden, int64_t state_width, int64_t
   const int64_t threads = cpu_threads_for(weights, rows, steps, pass);
   split.unit_blocks = std::max<int64_t>(1, std::min(threads, hidden / kMinUnitsPerBlock));
   const int64_t row_blocks = std::min(threads, rows / kMinRowsPerBlock);
+  const bool tie_to_rows = pass == LoopPass::backward && weights <= kMaxRowSplitWeights;
   if (rows_independent && row_blocks > 1 &&
-      (row_blocks > split.unit_blocks || (row_blocks == split.unit_blocks && weights <= kMaxRowSplitWeights))) {
+      (row_blocks > split.unit_blocks || (row_blocks == split.unit_blocks && tie_to_rows))) {
     split.unit_blocks = 1;
     split.row_blocks = row_blocks;
   }

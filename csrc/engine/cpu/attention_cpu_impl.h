@@ -218,7 +218,7 @@ void attend_backward_vec(const AttentionStepArgs<float>& a, int64_t b, int64_t h
 }  // namespace
 
 void attention_forward_pass(const AttentionStepArgs<float>& args) {
-  for (int64_t b = 0; b < args.batch; ++b) {
+  for (int64_t b = args.row_begin, end = row_end(args); b < end; ++b) {
     for (int64_t h = args.head_begin; h < args.head_end; ++h) {
       stage_vec(args, b, h);
       attend_forward_vec(args, b, h);
@@ -227,7 +227,7 @@ void attention_forward_pass(const AttentionStepArgs<float>& args) {
 }
 
 void attention_backward_pass(const AttentionStepArgs<float>& args) {
-  for (int64_t b = 0; b < args.batch; ++b) {
+  for (int64_t b = args.row_begin, end = row_end(args); b < end; ++b) {
     for (int64_t h = args.head_begin; h < args.head_end; ++h) {
       attend_backward_vec(args, b, h);
       unstage_vec(args, b, h);
