@@ -7,8 +7,8 @@ import torch
 from rnnattn_ext import _ops, functional, reference
 
 from conftest import device_params
-from helpers import (CELLS, GATES, NUM_STATES, assert_accuracy_rule, assert_close, attention_args, grads, op_weights, proj,
-                     strided)
+from helpers import (CELLS, GATES, NUM_STATES, assert_accuracy_rule, assert_close, attention_args, grads, op_weights,
+                     proj, strided)
 
 TOLERANCES = {torch.float64: (1e-10, 1e-9)}
 

@@ -24,6 +24,25 @@ def restore_threads():
 TOLERANCES = {torch.float64: (1e-10, 1e-9), torch.float32: (2e-5, 1e-4)}
 
 
+def _matches_reference(cell, layer, dtype, gen, reverse=False, lengths=None):
+    """functional.layer's output, final states and every gradient against the reference's; returns
+    the reference's output."""
+    x, states, w_ih, w_hh, b_ih, b_hh = layer
+    inputs = [x, *states, w_ih, w_hh, b_ih, b_hh]
+    atol, rtol = TOLERANCES[dtype]
+    out, finals = functional.layer(cell, x, states, w_ih, w_hh, b_ih, b_hh, reverse=reverse, lengths=lengths)
+    ref_out, ref_finals = reference.layer(cell, x, states, w_ih, w_hh, b_ih, b_hh, reverse=reverse, lengths=lengths)
+    assert_close(out, ref_out, atol, rtol, "output")
+    for f, rf in zip(finals, ref_finals):
+        assert_close(f, rf, atol, rtol, "final state")
+    weight = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dtype)
+    loss = (out * weight).sum() + sum(f.sum() for f in finals)
+    ref_loss = (ref_out * weight).sum() + sum(f.sum() for f in ref_finals)
+    for a, b in zip(grads(loss, inputs), grads(ref_loss, inputs)):
+        assert_close(a, b, atol * 10, rtol * 10, "gradient")
+    return ref_out
+
+
 # float32 on the CPU runs the packed GEMM kernel, float64 goes through ATen: both are covered.
 # Batch 13 exercises full and partial row blocks of the kernel, hidden 100 partial column panels.
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
@@ -31,61 +50,37 @@ TOLERANCES = {torch.float64: (1e-10, 1e-9), torch.float32: (2e-5, 1e-4)}
 @pytest.mark.parametrize("cell", CELLS)
 def test_any_number_of_threads(cell, threads, dtype, restore_threads):
     torch.set_num_threads(threads)
-    atol, rtol = TOLERANCES[dtype]
     gen = torch.Generator().manual_seed(20)
-    x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, 6, 13, 7, 100, dtype, generator=gen)
-    inputs = [x, *states, w_ih, w_hh, b_ih, b_hh]
+    layer = layer_args(cell, 6, 13, 7, 100, dtype, generator=gen)
     for reverse in (False, True):
-        out, finals = functional.layer(cell, x, states, w_ih, w_hh, b_ih, b_hh, reverse=reverse)
-        ref_out, ref_finals = reference.layer(cell, x, states, w_ih, w_hh, b_ih, b_hh, reverse=reverse)
-        assert_close(out, ref_out, atol, rtol, "output")
-        for f, rf in zip(finals, ref_finals):
-            assert_close(f, rf, atol, rtol, "final state")
-        weight = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dtype)
-        loss = (out * weight).sum() + sum(f.sum() for f in finals)
-        ref_loss = (ref_out * weight).sum() + sum(f.sum() for f in ref_finals)
-        for a, b in zip(grads(loss, inputs), grads(ref_loss, inputs)):
-            assert_close(a, b, atol * 10, rtol * 10, "gradient")
+        _matches_reference(cell, layer, dtype, gen, reverse)
 
 
 # Batch 40 splits by rows (conftest's bound: every layer small enough): 13 + 13 + 14 rows on 3
 # threads, 20 + 20 on 2; hidden 24 has no block of units to split into (fewer than 32), hidden 100
-# three: its backward splits by rows (the tie), its forward by units. Lengths make rows finish at different steps in every range; sorted
-# longest first (as a PackedSequence's), the rows past the last running one are skipped, a range's
-# in part or whole.
+# three: its backward splits by rows (the tie), its forward by units. Lengths make rows finish at
+# different steps in every range; sorted longest first (as a PackedSequence's), the rows past the
+# last running one are skipped, a range's in part or whole.
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("hidden", [24, 100])
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("cell", CELLS)
 def test_split_by_batch_rows_matches_reference(cell, threads, hidden, dtype, restore_threads):
     torch.set_num_threads(threads)
-    assert _ops._C.cpu_loop_split(GATES[cell], hidden, 40, 9, False, True) == ((1, threads) if hidden < 32
-                                                                               else (threads, 1))
+    forward_split = (1, threads) if hidden < 32 else (threads, 1)
+    assert _ops._C.cpu_loop_split(GATES[cell], hidden, 40, 9, False, True) == forward_split
     assert _ops._C.cpu_loop_split(GATES[cell], hidden, 40, 9, True, True) == (1, threads)
-    atol, rtol = TOLERANCES[dtype]
     gen = torch.Generator().manual_seed(31)
-    x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, 9, 40, 7, hidden, dtype, generator=gen)
-    inputs = [x, *states, w_ih, w_hh, b_ih, b_hh]
+    layer = layer_args(cell, 9, 40, 7, hidden, dtype, generator=gen)
     lengths = torch.randint(1, 10, (40,), generator=gen)
     lengths[-1] = 9
     longest_first = lengths.sort(descending=True).values
     for reverse, row_lengths in ((False, None), (True, None), (False, lengths), (True, lengths),
                                  (False, longest_first), (True, longest_first)):
-        out, finals = functional.layer(cell, x, states, w_ih, w_hh, b_ih, b_hh, reverse=reverse, lengths=row_lengths)
-        ref_out, ref_finals = reference.layer(cell, x, states, w_ih, w_hh, b_ih, b_hh, reverse=reverse,
-                                              lengths=row_lengths)
-        assert_close(out, ref_out, atol, rtol, "output")
-        for f, rf in zip(finals, ref_finals):
-            assert_close(f, rf, atol, rtol, "final state")
-        weight = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dtype)
-        loss = (out * weight).sum() + sum(f.sum() for f in finals)
-        ref_loss = (ref_out * weight).sum() + sum(f.sum() for f in ref_finals)
-        for a, b in zip(grads(loss, inputs), grads(ref_loss, inputs)):
-            assert_close(a, b, atol * 10, rtol * 10, "gradient")
+        ref_out = _matches_reference(cell, layer, dtype, gen, reverse, row_lengths)
         with torch.no_grad():  # inference: no workspace, the states in alternating buffers
-            inference_out, _ = functional.layer(cell, x, states, w_ih, w_hh, b_ih, b_hh, reverse=reverse,
-                                                lengths=row_lengths)
-        assert_close(inference_out, ref_out, atol, rtol, "inference output")
+            inference_out, _ = functional.layer(cell, *layer, reverse=reverse, lengths=row_lengths)
+        assert_close(inference_out, ref_out, *TOLERANCES[dtype], "inference output")
 
 
 def test_default_block_sizes_match_reference():
@@ -215,17 +210,16 @@ def test_loop_split_follows_each_steps_work_and_the_layers_shape():
         ]
         print(" ".join("%d,%d" % _ops._C.cpu_loop_split(*case) for case in cases))
     """
-    env = {k: v for k, v in os.environ.items() if k != "RNNATTN_CPU_MIN_BLOCK_WORK"}
-    env["RNNATTN_CPU_MAX_THREADS"] = "4"
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
-                            timeout=300, env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.split() == ["2,1", "1,1", "1,1", "2,1", "2,1", "1,4", "1,1", "1,2", "4,1", "1,4", "4,1",
-                                     "4,1", "1,1", "2,1"], result.stdout
+    def splits(**bound):
+        env = {k: v for k, v in os.environ.items() if k != "RNNATTN_CPU_MIN_BLOCK_WORK"}
+        env.update(RNNATTN_CPU_MAX_THREADS="4", **bound)
+        result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                                timeout=300, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout.split()
+
+    assert splits() == ["2,1", "1,1", "1,1", "2,1", "2,1", "1,4", "1,1", "1,2", "4,1", "1,4", "4,1", "4,1", "1,1",
+                        "2,1"]
     # The variable moves every bound with it (the forward's a quarter, a one-step call's 4 times).
-    env["RNNATTN_CPU_MIN_BLOCK_WORK"] = "65536"
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
-                            timeout=300, env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.split() == ["1,1", "1,1", "1,1", "1,1", "1,1", "1,4", "1,1", "1,2", "4,1", "1,4", "4,1",
-                                     "4,1", "1,1", "1,1"], result.stdout
+    assert splits(RNNATTN_CPU_MIN_BLOCK_WORK="65536") == ["1,1", "1,1", "1,1", "1,1", "1,1", "1,4", "1,1", "1,2",
+                                                         "4,1", "1,4", "4,1", "4,1", "1,1", "1,1"]

@@ -58,8 +58,9 @@ int64_t cpu_threads_for(int64_t weights, int64_t rows, int64_t steps, LoopPass p
 
 // How a CPU time loop shares each step among its threads: blocks of hidden units (each thread its
 // block's rows of the weights, hot in its cache, for every batch row; the threads meet between a
-// step's phases), or ranges of batch rows (each thread every unit of its rows; they never meet
-// within the loop, rows being independent). One of the two counts is 1.
+// step's phases), or ranges of batch rows (each thread every unit of its rows, rows being
+// independent; they meet only for the backward's weight gradients, once a chunk of steps). One of
+// the two counts is 1.
 struct LoopSplit {
   int64_t unit_blocks = 1, row_blocks = 1;
   int64_t threads() const { return unit_blocks > row_blocks ? unit_blocks : row_blocks; }
