@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 
 #include "engine/attention_step.h"
 #include "engine/cpu/attention_cpu.h"
@@ -24,7 +25,7 @@ struct PanelShare {
 
 PanelShare panel_share(const cpu::PackedMatrix& m, int64_t c, int64_t parts) {
   const int64_t panels = (m.n + cpu::kPanelWidth - 1) / cpu::kPanelWidth;
-  const int64_t begin = panels * c / parts, end = panels * (c + 1) / parts;
+  const auto [begin, end] = even_share(panels, c, parts);
   PanelShare share;
   share.col = begin * cpu::kPanelWidth;
   share.matrix.k = m.k;
@@ -92,8 +93,7 @@ void OneQueryAttention::step(const float* y, int64_t batch, float* keys, float* 
     if (!member.sync()) return;
     member.for_each_block([&](int64_t c) {
       AttentionStepArgs<float> heads = attention;
-      heads.head_begin = heads_ * c / parts;
-      heads.head_end = heads_ * (c + 1) / parts;
+      std::tie(heads.head_begin, heads.head_end) = even_share(heads_, c, parts);
       if (vector_attention) {
         cpu::attention_forward_fn()(heads);
       } else {

@@ -8,7 +8,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <string_view>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "cells/all_cells.h"
 #include "engine/cpu/attention_cpu.h"
@@ -560,7 +562,7 @@ void run_projection_pass(const Tensor& like, const Args<T>& args) {
 
 // Block c's share [begin, end) of `width` columns (the projection's P), in block order.
 std::pair<int64_t, int64_t> column_share(const UnitBlocks& blocks, int64_t c, int64_t width) {
-  return {width * c / blocks.count(), width * (c + 1) / blocks.count()};
+  return even_share(width, c, blocks.count());
 }
 
 // The attention cell's shapes and memory, as the time loop sees them.
@@ -975,7 +977,8 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
               multiply(ih_matrix[c], {x, chunk_first_time * B * I, n * B, I, I}, {xproj[c], 0, n * B, width, width});
               return;
             }
-            const int64_t r0 = split.first_row(c, B), rows = split.end_row(c, B) - r0;
+            const auto [r0, r1] = split.rows(c, B);
+            const int64_t rows = r1 - r0;
             for (int64_t step = 0; step < n; ++step) {
               const int64_t row = (chunk_first_time + step) * B + r0;
               multiply(ih_matrix[c], {x, row * I, rows, I, I}, {xproj[c], (step * B + r0) * width, rows, width, width});
@@ -1001,12 +1004,12 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
           args.hidden = H;
           args.unit_begin = blocks.first(u);
           args.unit_end = blocks.first(u) + blocks.width(u);
-          args.row_begin = split.first_row(c, B);
-          args.row_end = split.end_row(c, B);
+          std::tie(args.row_begin, args.row_end) = split.rows(c, B);
           run_pointwise_block<Cell>(input, args);
         };
         team.for_each_block([&](int64_t c) {
-          const int64_t u = split.unit_block(c), r0 = split.first_row(c, B), r1 = split.end_row(c, B);
+          const int64_t u = split.unit_block(c);
+          const auto [r0, r1] = split.rows(c, B);
           // The thread's rows; past the last running one they are held: the pointwise pass does not
           // read their projection.
           const int64_t rows = std::clamp<int64_t>((running.empty() ? B : running[t]) - r0, 0, r1 - r0);
@@ -1038,9 +1041,10 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
           // Every head's context of the thread's rows is ready: W_c ctx_t joins the input side of
           // each block's gates.
           team.for_each_block([&](int64_t c) {
-            const int64_t width = blocks.rows(split.unit_block(c)), r0 = split.first_row(c, B);
-            const int64_t rows = split.end_row(c, B) - r0;
-            multiply(ctx_matrix[c], {context, t * slot_size + r0 * D, rows, D, D}, {cproj[c], r0 * width, rows, width, width});
+            const int64_t width = blocks.rows(split.unit_block(c));
+            const auto [r0, r1] = split.rows(c, B);
+            multiply(ctx_matrix[c], {context, t * slot_size + r0 * D, r1 - r0, D, D},
+                     {cproj[c], r0 * width, r1 - r0, width, width});
             pointwise(c);
           });
           if (!by_rows && !team.sync()) return;
@@ -1260,7 +1264,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
         const int64_t u = split.unit_block(c);
         auto share = [&](int64_t first, int64_t count) {
           if (!by_rows) return std::pair(first, count);
-          const int64_t begin = count * c / split.row_blocks, end = count * (c + 1) / split.row_blocks;
+          const auto [begin, end] = even_share(count, c, split.row_blocks);
           return std::pair(first + begin, end - begin);
         };
         const auto [g0, gn] = share(blocks.row0(u), blocks.rows(u));
@@ -1287,7 +1291,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
           }
         }
       });
-      const int64_t r0 = rows * team.index / team.members, r1 = rows * (team.index + 1) / team.members;
+      const auto [r0, r1] = even_share(rows, team.index, team.members);
       if (r1 > r0) {
         Tensor dx = grad_input.view({T * B, I}).narrow(0, first_time * B + r0, r1 - r0);
         at::mm_out(dx, dgx_rows.narrow(0, r0, r1 - r0), w_ih);
@@ -1354,7 +1358,8 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
         // GEMM work for them.
         const int64_t running_now = running.empty() ? B : running[t];
         auto hidden_share = [&](int64_t c) {
-          const int64_t u = split.unit_block(c), b0 = split.first_row(c, B), b1 = split.end_row(c, B);
+          const int64_t u = split.unit_block(c);
+          const auto [b0, b1] = split.rows(c, B);
           const int64_t rows = std::clamp<int64_t>(running_now - b0, 0, b1 - b0);
           const Operand dg{dgh, (row + b0) * R + blocks.rec_row0(u), rows, blocks.rec_rows(u), R};
           if (shares) {
@@ -1370,7 +1375,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
         }
         team.for_each_block([&](int64_t c) {
           const int64_t u = split.unit_block(c), j0 = blocks.first(u), j1 = j0 + blocks.width(u);
-          const int64_t b0 = split.first_row(c, B), b1 = split.end_row(c, B);
+          const auto [b0, b1] = split.rows(c, B);
           if (projected) {
             multiply(proj_matrix[c], {dstate[0], 0, B, HS, HS}, {dm, j0, B, j1 - j0, H});
           } else if (shares) {
@@ -1413,7 +1418,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
         if (geo.enabled) {
           team.for_each_block([&](int64_t c) {
             const int64_t u = split.unit_block(c), col = blocks.col0(u), n = blocks.cols(u);
-            const int64_t b0 = split.first_row(c, B), b1 = split.end_row(c, B);
+            const auto [b0, b1] = split.rows(c, B);
             if (n > 0) {
               // dctx_t of the block's heads and the thread's rows: the context output's own gradient
               // plus every block's share.

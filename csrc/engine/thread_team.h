@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <utility>
 
 namespace rnnattn {
 
@@ -23,6 +24,12 @@ class TeamBarrier {
   alignas(64) std::atomic<int64_t> generation_{0};
   alignas(64) std::atomic<bool> failed_{false};
 };
+
+// Part `part` of `n` items (units, rows, panels, heads) dealt into `parts` near-equal contiguous
+// parts: [n * part / parts, n * (part + 1) / parts).
+inline std::pair<int64_t, int64_t> even_share(int64_t n, int64_t part, int64_t parts) {
+  return {n * part / parts, n * (part + 1) / parts};
+}
 
 struct TeamMember {
   int64_t index = 0;    // this member

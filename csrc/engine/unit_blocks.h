@@ -14,7 +14,10 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <utility>
 #include <vector>
+
+#include "engine/thread_team.h"
 
 namespace rnnattn {
 
@@ -64,10 +67,11 @@ int64_t cpu_threads_for(int64_t weights, int64_t rows, int64_t steps, LoopPass p
 struct LoopSplit {
   int64_t unit_blocks = 1, row_blocks = 1;
   int64_t threads() const { return unit_blocks > row_blocks ? unit_blocks : row_blocks; }
-  // Thread c's unit block, and its batch rows [first_row(c, B), end_row(c, B)).
+  // Thread c's unit block, and its batch rows [begin, end).
   int64_t unit_block(int64_t c) const { return row_blocks > 1 ? 0 : c; }
-  int64_t first_row(int64_t c, int64_t batch) const { return row_blocks > 1 ? batch * c / row_blocks : 0; }
-  int64_t end_row(int64_t c, int64_t batch) const { return row_blocks > 1 ? batch * (c + 1) / row_blocks : batch; }
+  std::pair<int64_t, int64_t> rows(int64_t c, int64_t batch) const {
+    return row_blocks > 1 ? even_share(batch, c, row_blocks) : std::pair<int64_t, int64_t>(0, batch);
+  }
 };
 
 // The split of a `pass` of `steps` steps over `rows` batch rows of a layer of `gates` gates of
