@@ -7,11 +7,16 @@ a markdown table and writes JSON and markdown files.
 
     python benchmarks/bench_recurrent.py --device cpu
     python benchmarks/bench_recurrent.py --device cuda --dtype bfloat16 --out benchmarks/results
+    python benchmarks/bench_recurrent.py --layers 2 --bidirectional --packed   # a tagger's encoder
+
+--layers, --bidirectional and --packed (a PackedSequence of lengths drawn in [T/2, T], unsorted, as
+pack_padded_sequence(..., enforce_sorted=False) makes it) apply to both modules alike.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import warnings
@@ -31,6 +36,29 @@ CELLS = {
     "rnn_tanh": (torch.nn.RNN, rnnattn_ext.RNN, {"nonlinearity": "tanh"}),
     "rnn_relu": (torch.nn.RNN, rnnattn_ext.RNN, {"nonlinearity": "relu"}),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Stack:
+    """The modules' configuration beyond the cell and shape, and the input's form."""
+
+    layers: int = 1
+    bidirectional: bool = False
+    packed: bool = False
+
+    def label(self) -> str:
+        """What the tables add to the cell's name ("" for one plain layer)."""
+        parts = ([f"×{self.layers}"] if self.layers > 1 else []) + (["bi"] if self.bidirectional else [])
+        return " ".join(parts + (["packed"] if self.packed else []))
+
+
+def _input(x: torch.Tensor, stack: Stack):
+    """x (T, B, I) as the modules take it: itself, or packed with lengths drawn in [T/2, T] (seeded)."""
+    if not stack.packed:
+        return x
+    steps, batch = x.shape[:2]
+    lengths = torch.randint(steps // 2 + 1, steps + 1, (batch,), generator=torch.Generator().manual_seed(0))
+    return torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
 
 
 def _set_cudnn_tf32(allowed: bool) -> bool:
@@ -54,8 +82,9 @@ def cudnn_strict_fp32():
         _set_cudnn_tf32(previous)
 
 
-def bench_pair(cell, shape, device, dtype, repeats, warmup):
+def bench_pair(cell, shape, device, dtype, repeats, warmup, stack: Stack = Stack()):
     torch_cls, our_cls, kwargs = CELLS[cell]
+    kwargs = {**kwargs, "num_layers": stack.layers, "bidirectional": stack.bidirectional}
     batch, steps, input_size, hidden = shape
     torch.manual_seed(0)
     reference = torch_cls(input_size, hidden, **kwargs).to(device=device, dtype=dtype)
@@ -71,15 +100,17 @@ def bench_pair(cell, shape, device, dtype, repeats, warmup):
         fns = {}
         for label, module in contenders:
             if mode == "forward":
-                def run(module=module):
+                given = _input(x, stack)
+
+                def run(module=module, given=given):
                     with torch.no_grad():
-                        module(x)
+                        module(given)
             else:
                 xg = x.clone().requires_grad_(True)
 
                 def run(module=module, xg=xg):
-                    y, _ = module(xg)
-                    y.sum().backward()
+                    y, _ = module(_input(xg, stack))
+                    (y.data if stack.packed else y).sum().backward()
             if label == "torch.nn strict":
                 def run(inner=run):
                     with cudnn_strict_fp32():
@@ -88,6 +119,7 @@ def bench_pair(cell, shape, device, dtype, repeats, warmup):
         times = interleaved_median_ms(fns, device, repeats, warmup)
         row = {
             "cell": cell, "B": batch, "T": steps, "I": input_size, "H": hidden, "mode": mode,
+            **({} if stack == Stack() else dataclasses.asdict(stack)),
             "torch_nn_ms": times["torch.nn"], "rnnattn_ms": times["rnnattn_ext"],
             "ratio": times["torch.nn"] / times["rnnattn_ext"],
         }
@@ -98,9 +130,15 @@ def bench_pair(cell, shape, device, dtype, repeats, warmup):
     return rows
 
 
+def _cell_label(r) -> str:
+    """The row's cell, with its stack's label when it has one."""
+    label = Stack(r.get("layers", 1), r.get("bidirectional", False), r.get("packed", False)).label()
+    return f"{r['cell']} {label}" if label else r["cell"]
+
+
 def progress_line(r) -> str:
     """One row as the run prints it."""
-    line = (f"{r['cell']:9s} {r['B']}x{r['T']}x{r['I']}x{r['H']:<5d} {r['mode']:17s} "
+    line = (f"{_cell_label(r):9s} {r['B']}x{r['T']}x{r['I']}x{r['H']:<5d} {r['mode']:17s} "
             f"torch.nn {r['torch_nn_ms']:9.2f} ms  ours {r['rnnattn_ms']:9.2f} ms  {r['ratio']:.2f}x")
     if "ratio_strict_fp32" in r:
         line += f"  (strict fp32 cuDNN {r['torch_nn_strict_fp32_ms']:.2f} ms, {r['ratio_strict_fp32']:.2f}x)"
@@ -115,7 +153,7 @@ def markdown_table(rows, info, device, dtype) -> str:
         columns += ["cuDNN strict fp32 ms", "speed-up vs strict fp32"]
     table = []
     for r in rows:
-        cells = [r["cell"], f"{r['B']}×{r['T']}×{r['I']}×{r['H']}", r["mode"], f"{r['torch_nn_ms']:.2f}",
+        cells = [_cell_label(r), f"{r['B']}×{r['T']}×{r['I']}×{r['H']}", r["mode"], f"{r['torch_nn_ms']:.2f}",
                  f"{r['rnnattn_ms']:.2f}", f"{r['ratio']:.2f}×"]
         if strict:
             cells += [f"{r['torch_nn_strict_fp32_ms']:.2f}", f"{r['ratio_strict_fp32']:.2f}×"]
@@ -130,14 +168,20 @@ def markdown_table(rows, info, device, dtype) -> str:
 def main(argv=None):
     parser = common_parser(__doc__, list(CELLS), ",".join(CELLS),
                            "B×T×I×H list, e.g. 1x256x256x256,16x128x256x256", warmup=2)
+    parser.add_argument("--layers", type=int, default=1, help="num_layers of both modules")
+    parser.add_argument("--bidirectional", action="store_true", help="bidirectional modules")
+    parser.add_argument("--packed", action="store_true", help="a PackedSequence input (lengths in [T/2, T])")
     args = parser.parse_args(argv)
+    if args.layers < 1:
+        parser.error(f"--layers must be >= 1, got {args.layers}")
+    stack = Stack(args.layers, args.bidirectional, args.packed)
     dtype, shapes, cells = check_common(parser, args, list(CELLS), DEFAULT_SHAPES)
     repeats = args.repeats or (20 if args.device == "cuda" else 7)
     info = machine_info(args.device)
     rows = []
     for cell in cells:
         for shape in shapes:
-            rows.extend(bench_pair(cell, shape, args.device, dtype, repeats, args.warmup))
+            rows.extend(bench_pair(cell, shape, args.device, dtype, repeats, args.warmup, stack))
             for r in rows[-2:]:
                 print(progress_line(r), flush=True)
     write_results(args, "recurrent", info, repeats, rows, markdown_table(rows, info, args.device, args.dtype))

@@ -1,18 +1,22 @@
-// The modules' common call in C++: one direction, a batched tensor and an hx of the expected shapes
-// (RecurrentBase._run_layers in python/rnnattn_ext/modules.py: every layer, when no dropout runs
-// between them; AttentionRecurrentBase._run_attention_layers in attention_modules.py likewise, for a
-// streaming call also with each layer's self-memory slots to carry). It calls the cell's forward op
+// The modules' common call in C++: a batched tensor or a PackedSequence on the CPU, an hx of the
+// expected shapes and optional CPU lengths (RecurrentBase._run_layers in
+// python/rnnattn_ext/modules.py: every layer and direction, with torch.nn's dropout between layers;
+// AttentionRecurrentBase._run_attention_layers in attention_modules.py likewise for one direction
+// without lengths or dropout, for a streaming call also with each layer's self-memory slots to
+// carry). It calls the cell's forward op
 // through the dispatcher, as torch.ops does, so autograd, autocast, every device, __torch_dispatch__
 // modes and the op's own checks and errors apply unchanged. What it saves is Python: at a streaming
 // step (T = 1) the states' select and unsqueeze, the functional layer's checks, torch.ops' argument
-// parsing and gathering each layer's parameters cost about as much as the op itself. The
+// parsing and gathering each layer's parameters cost about as much as the op itself; a bidirectional
+// call or one with lengths took ~150-250 µs more through the functional stack. The
 // parameters are read here, at every call, from the module by the names it works out once
 // (RecurrentBase._layer_call).
 //
 // Anything else returns None, and the module takes its general Python path, which explains bad
 // arguments in its own errors: a __torch_function__ mode or a Tensor subclass (torch.ops would
 // hand it the call), torch.jit.trace (which would record this file's sizes as constants), a CPU
-// float16/bfloat16 input (the functional layer computes it in float32), another hx layout.
+// float16/bfloat16 input (the functional layer computes it in float32), another hx layout, lengths
+// that are not a CPU int64 (B,) tensor of values in [1, T] (the module converts or explains them).
 #include "python_layer_call.h"
 
 #include <ATen/PythonTorchFunctionTLS.h>
@@ -20,6 +24,10 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/core/stack.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/dropout.h>
+#include <ATen/ops/index_copy.h>
+#include <ATen/ops/index_select.h>
 #include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 #include <pybind11/stl.h>
@@ -29,6 +37,7 @@
 
 #include "carried_slots.h"
 #include "engine/recurrent_engine.h"
+#include "ops/argument_checks.h"
 #include "python_tensors.h"
 
 #include <functional>
@@ -47,7 +56,7 @@ using rnnattn::wrap;
 
 // Where a forward op's argument comes from, read once per op from its schema's argument names.
 enum class Source {
-  input, state, weight, optional_weight, absent, reverse, training,
+  input, state, weight, optional_weight, lengths, reverse, training,
   // The attention ops' (absent from the base ops' schemas).
   memory, memory_lengths, past_keys, past_values, num_heads, window, need_weights
 };
@@ -62,7 +71,7 @@ struct ForwardOp {
 Source source_of(const c10::Argument& argument) {
   static const std::unordered_map<std::string, Source> named{
       {"input", Source::input},         {"h0", Source::state},
-      {"c0", Source::state},            {"lengths", Source::absent},
+      {"c0", Source::state},            {"lengths", Source::lengths},
       {"reverse", Source::reverse},     {"training", Source::training},
       {"memory", Source::memory},       {"memory_lengths", Source::memory_lengths},
       {"past_keys", Source::past_keys}, {"past_values", Source::past_values},
@@ -96,6 +105,10 @@ const ForwardOp& forward_op(const std::string& name) {
   return ops.emplace(name, std::move(op)).first->second;
 }
 
+// Whether torch.ops would run the op as it is: no __torch_function__ mode to hand it to, and no
+// torch.jit.trace (which would record this file's sizes as constants).
+bool plain_call() { return !at::impl::torch_function_mode_enabled() && !torch::jit::tracer::isTracing(); }
+
 // A plain tensor (or Parameter), whose call torch.ops would not hand to a __torch_function__.
 const at::Tensor* plain_tensor(py::handle object) {
   return THPVariable_CheckExact(object.ptr()) ? &THPVariable_Unpack(object.ptr()) : nullptr;
@@ -123,14 +136,18 @@ struct AttentionArguments {
   std::optional<at::Tensor> memory, memory_lengths, past_keys, past_values;
 };
 
-// A module call's arguments, taken from its Python objects: the input, hx and every layer's weights.
+// A module call's arguments, taken from its Python objects: the input, hx, lengths and the weights of
+// every layer and direction (index layer * directions + direction, as torch.nn counts them).
 struct LayersCall {
   at::Tensor x;  // time-major
-  std::vector<at::Tensor> states;  // hx's (layers, B, width) tensors; empty: zeros
+  std::vector<at::Tensor> states;  // hx's (layers * directions, B, width) tensors; empty: zeros
   std::vector<at::Tensor> zeros;   // hx None: one (B, width) zero tensor per state, for every layer
-  std::vector<std::vector<at::Tensor>> weights;  // per layer, in the op's schema order; undefined: None
-  int64_t layers() const { return static_cast<int64_t>(weights.size()); }
-  at::Tensor state(size_t s, int64_t layer) const { return states.empty() ? zeros[s] : states[s].select(0, layer); }
+  std::vector<std::vector<at::Tensor>> weights;  // per layer and direction, in the op's schema order; undefined: None
+  int64_t directions = 1;
+  std::optional<at::Tensor> lengths;  // (B,) int64 on the CPU
+  double dropout = 0.0;  // torch.nn's dropout between layers, in training (0: none)
+  int64_t layers() const { return static_cast<int64_t>(weights.size()) / directions; }
+  at::Tensor state(size_t s, int64_t index) const { return states.empty() ? zeros[s] : states[s].select(0, index); }
 };
 
 // The module's parameter `name` as its attribute gives it: from its _parameters dict (`parameters`),
@@ -153,14 +170,81 @@ bool module_parameter(py::handle module, py::handle parameters, py::handle name,
   return true;
 }
 
-// The call's input, states and weights, or nothing when the general path must take it. The weights
-// are the module's parameters named, per layer, by `layer_names` in the op's schema order (None for
-// one the module does not have: no bias, no projection).
-std::optional<LayersCall> layers_call(const ForwardOp& op, py::handle input_object, py::handle hx, int64_t input_size,
+// Whether the call's lengths are what the C++ call takes: None, or a CPU int64 (B,) tensor of values
+// in [1, T] for an input on the CPU (the module's general path converts or explains anything else).
+bool takes_lengths(const std::optional<at::Tensor>& lengths, const at::Tensor& x) {
+  if (!lengths) return true;
+  if (!x.is_cpu() || !lengths->is_cpu() || lengths->scalar_type() != at::kLong || lengths->dim() != 1 ||
+      lengths->size(0) != x.size(1)) {
+    return false;
+  }
+  if (lengths->numel() == 0) return true;
+  const auto [low, high] = rnnattn::value_range(*lengths);
+  return low >= 1 && high <= x.size(0);
+}
+
+// A PackedSequence on the CPU as the layers take it: its data padded time-major (T, B, I) in the
+// packed order (longest first, so the recurrent products shrink to the rows still running), its
+// lengths, where each packed row lies in the padded batch, and its batch orders. Padding and packing
+// by these rows (index_copy, index_select) cost a fraction of aten's _pad_packed_sequence and
+// _pack_padded_sequence, which copy step by step; both give the same numbers and gradients.
+struct PackedCall {
+  at::Tensor padded, lengths, rows;  // rows: packed row i is padded row rows[i] = t * B + b
+  std::optional<at::Tensor> sorted_indices, unsorted_indices;
+};
+
+// The packed call of a (data, batch_sizes, sorted_indices, unsorted_indices) tuple (a PackedSequence),
+// or nothing when the general path must take it.
+std::optional<PackedCall> packed_call(py::handle packed) {
+  if (py::len(packed) != 4) return std::nullopt;
+  const auto parts = py::reinterpret_borrow<py::tuple>(packed);
+  const at::Tensor* data = plain_tensor(parts[0]);
+  const at::Tensor* batch_sizes = plain_tensor(parts[1]);
+  if (data == nullptr || batch_sizes == nullptr || data->dim() != 2 || !data->is_cpu() || !batch_sizes->is_cpu() ||
+      batch_sizes->scalar_type() != at::kLong || batch_sizes->dim() != 1 || batch_sizes->numel() == 0) {
+    return std::nullopt;
+  }
+  PackedCall call;
+  if (!optional_plain(parts[2], call.sorted_indices) || !optional_plain(parts[3], call.unsorted_indices)) {
+    return std::nullopt;
+  }
+  // batch_sizes: positive, non-increasing, adding up to the packed rows (as a PackedSequence's are).
+  const at::Tensor sizes = batch_sizes->contiguous();
+  const int64_t* size = sizes.const_data_ptr<int64_t>();
+  const int64_t T = sizes.numel(), B = size[0];
+  int64_t total = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    if (size[t] < 1 || size[t] > (t == 0 ? B : size[t - 1])) return std::nullopt;
+    total += size[t];
+  }
+  if (total != data->size(0)) return std::nullopt;
+  for (const auto* order : {&call.sorted_indices, &call.unsorted_indices}) {
+    if (*order && ((*order)->scalar_type() != at::kLong || (*order)->dim() != 1 || (*order)->size(0) != B ||
+                   !(*order)->is_cpu())) {
+      return std::nullopt;
+    }
+  }
+  call.rows = at::empty({total}, sizes.options());
+  call.lengths = at::zeros({B}, sizes.options());
+  int64_t* row = call.rows.data_ptr<int64_t>();
+  int64_t* length = call.lengths.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t b = 0; b < size[t]; ++b) {
+      *row++ = t * B + b;
+      length[b] = t + 1;
+    }
+  }
+  call.padded = at::zeros({T * B, data->size(1)}, data->options()).index_copy(0, call.rows, *data).view({T, B, -1});
+  return call;
+}
+
+// The call's input, states, lengths and weights, or nothing when the general path must take it. The
+// weights are the module's parameters named, per layer and direction, by `layer_names` in the op's
+// schema order (None for one the module does not have: no bias, no projection).
+std::optional<LayersCall> layers_call(const ForwardOp& op, const at::Tensor* input, py::handle hx, int64_t input_size,
                                       const std::vector<int64_t>& widths, bool batch_first, py::handle module,
-                                      const py::sequence& layer_names) {
-  if (at::impl::torch_function_mode_enabled() || torch::jit::tracer::isTracing()) return std::nullopt;
-  const at::Tensor* input = plain_tensor(input_object);
+                                      const py::sequence& layer_names, int64_t directions = 1,
+                                      std::optional<at::Tensor> lengths = std::nullopt) {
   if (input == nullptr || input->dim() != 3 || input->size(2) != input_size || reduced_on_cpu(*input)) {
     return std::nullopt;
   }
@@ -168,8 +252,11 @@ std::optional<LayersCall> layers_call(const ForwardOp& op, py::handle input_obje
                         " states");
   LayersCall call;
   call.x = batch_first ? input->transpose(0, 1) : *input;
-  const int64_t batch = call.x.size(1), layers = static_cast<int64_t>(py::len(layer_names));
-  if (call.x.size(0) == 0 || layers == 0) return std::nullopt;
+  call.directions = directions;
+  const int64_t batch = call.x.size(1), entries = static_cast<int64_t>(py::len(layer_names));
+  if (call.x.size(0) == 0 || entries == 0 || entries % directions != 0) return std::nullopt;
+  if (!takes_lengths(lengths, call.x)) return std::nullopt;
+  call.lengths = std::move(lengths);
 
   const py::object parameters = module.attr("_parameters");
   for (py::handle names : layer_names) {
@@ -199,7 +286,7 @@ std::optional<LayersCall> layers_call(const ForwardOp& op, py::handle input_obje
     if (given.size() != widths.size()) return std::nullopt;
     for (size_t i = 0; i < given.size(); ++i) {
       const at::Tensor* state = plain_tensor(given[i]);
-      if (state == nullptr || state->dim() != 3 || state->size(0) != layers || state->size(1) != batch ||
+      if (state == nullptr || state->dim() != 3 || state->size(0) != entries || state->size(1) != batch ||
           state->size(2) != widths[i]) {
         return std::nullopt;
       }
@@ -224,11 +311,11 @@ bool needs_workspace(const at::Tensor& x, const std::vector<at::Tensor>& states,
   return any;
 }
 
-// Runs the op on one layer's arguments (layers_call has checked its weights); its outputs are left
-// on the stack.
+// Runs the op on one layer's arguments in one direction (layers_call has checked its weights); its
+// outputs are left on the stack.
 void call_op(const ForwardOp& op, const at::Tensor& x, const std::vector<at::Tensor>& states,
-             const std::vector<at::Tensor>& weights, const AttentionArguments* attention,
-             torch::jit::Stack& stack) {
+             const std::vector<at::Tensor>& weights, const std::optional<at::Tensor>& lengths, bool reverse,
+             const AttentionArguments* attention, torch::jit::Stack& stack) {
   const bool training = needs_workspace(x, states, weights, attention);
   auto optional = [&stack](const std::optional<at::Tensor>& t) {
     if (t) stack.emplace_back(*t); else stack.emplace_back();
@@ -249,8 +336,8 @@ void call_op(const ForwardOp& op, const at::Tensor& x, const std::vector<at::Ten
         if (w == nullptr || !w->defined()) stack.emplace_back(); else stack.emplace_back(*w);
         break;
       }
-      case Source::absent: stack.emplace_back(); break;
-      case Source::reverse: stack.emplace_back(false); break;
+      case Source::lengths: optional(lengths); break;
+      case Source::reverse: stack.emplace_back(reverse); break;
       case Source::training: stack.emplace_back(training); break;
       case Source::memory: optional(attention->memory); break;
       case Source::memory_lengths: optional(attention->memory_lengths); break;
@@ -268,9 +355,10 @@ void call_op(const ForwardOp& op, const at::Tensor& x, const std::vector<at::Ten
   op.handle.callBoxed(stack);
 }
 
-// Runs every layer (each one's output the next one's input; attention: each layer's own arguments,
-// and after_layer sees each layer's time-major output); returns the last layer's output
-// (time-major) and per state the final states of every layer, (layers, B, width).
+// Runs every layer (each one's output, its directions' side by side, the next one's input;
+// attention: each layer's own arguments, and after_layer sees each layer's time-major output);
+// returns the last layer's output (time-major) and per state the final states of every layer and
+// direction, (layers * directions, B, width), as functional.stack.
 std::pair<at::Tensor, std::vector<at::Tensor>> run_each_layer(
     const ForwardOp& op, const LayersCall& call, const std::vector<AttentionArguments>* attention = nullptr,
     const std::function<void(int64_t, const at::Tensor&)>& after_layer = {}) {
@@ -283,16 +371,24 @@ std::pair<at::Tensor, std::vector<at::Tensor>> run_each_layer(
   torch::jit::Stack stack;
   at::Tensor x = call.x;
   std::vector<std::vector<at::Tensor>> finals(op.states);
+  std::vector<at::Tensor> outputs(call.directions);
   for (int64_t layer = 0; layer < call.layers(); ++layer) {
-    std::vector<at::Tensor> states;
-    {
-      std::optional<at::AutoDispatchBelowADInplaceOrView> untracked;
-      if (untracked_views) untracked.emplace();
-      for (size_t s = 0; s < op.states; ++s) states.push_back(call.state(s, layer));
+    for (int64_t direction = 0; direction < call.directions; ++direction) {
+      const int64_t index = layer * call.directions + direction;
+      std::vector<at::Tensor> states;
+      {
+        std::optional<at::AutoDispatchBelowADInplaceOrView> untracked;
+        if (untracked_views) untracked.emplace();
+        for (size_t s = 0; s < op.states; ++s) states.push_back(call.state(s, index));
+      }
+      call_op(op, x, states, call.weights[index], call.lengths, /*reverse=*/direction == 1,
+              attention ? &(*attention)[layer] : nullptr, stack);
+      outputs[direction] = stack[0].toTensor();
+      for (size_t s = 0; s < op.states; ++s) finals[s].push_back(stack[1 + s].toTensor());
     }
-    call_op(op, x, states, call.weights[layer], attention ? &(*attention)[layer] : nullptr, stack);
-    x = stack[0].toTensor();
-    for (size_t s = 0; s < op.states; ++s) finals[s].push_back(stack[1 + s].toTensor());
+    x = call.directions == 1 ? outputs[0] : at::cat(outputs, 2);
+    // As functional.stack's F.dropout (the same ATen call: the same random numbers).
+    if (call.dropout > 0.0 && layer + 1 < call.layers()) x = at::dropout(x, call.dropout, /*train=*/true);
     if (after_layer) after_layer(layer, x);
   }
   std::vector<at::Tensor> stacked;  // as functional.stacked_states
@@ -315,18 +411,44 @@ py::list wrap_all(std::vector<at::Tensor> tensors) {
 }
 
 // (output, [final states]) with the module's layouts (output batch-first if asked, each final
-// state (layers, B, width)), or None when the general path must take the call. The weights are
-// `module`'s parameters named by `layer_names` (layers_call).
+// state (layers * directions, B, width)), or None when the general path must take the call. The
+// weights are `module`'s parameters named by `layer_names`, per layer and direction (layers_call).
+// `input` may be a PackedSequence on the CPU (lengths None): its output is then the packed data,
+// and hx's rows are taken in its packed order and the final states' given back in the caller's.
+// `dropout`: the probability of torch.nn's dropout between layers (0 outside training).
 py::object run_layers(const std::string& cell, py::handle input, py::handle hx, int64_t input_size,
                       const std::vector<int64_t>& widths, bool batch_first, py::handle module,
-                      const py::sequence& layer_names) {
+                      const py::sequence& layer_names, int64_t directions, py::handle lengths, double dropout) {
   HANDLE_TH_ERRORS
+  if (!plain_call()) return py::none();
   const ForwardOp& op = forward_op(cell + "_forward");
-  const std::optional<LayersCall> call =
-      layers_call(op, input, hx, input_size, widths, batch_first, module, layer_names);
+  std::optional<PackedCall> packed;
+  std::optional<at::Tensor> given_lengths;
+  if (py::isinstance<py::tuple>(input)) {
+    if (!lengths.is_none() || batch_first) return py::none();
+    packed = packed_call(input);
+    if (!packed) return py::none();
+    given_lengths = packed->lengths;
+  } else if (!optional_plain(lengths, given_lengths)) {
+    return py::none();
+  }
+  std::optional<LayersCall> call = layers_call(op, packed ? &packed->padded : plain_tensor(input), hx, input_size,
+                                               widths, batch_first, module, layer_names, directions, given_lengths);
   if (!call) return py::none();
+  call->dropout = dropout;
+  if (packed && packed->sorted_indices) {
+    for (auto& state : call->states) state = state.index_select(1, *packed->sorted_indices);
+  }
   auto [output, finals] = run_each_layer(op, *call, nullptr);
-  return py::make_tuple(wrap(batch_first ? output.transpose(0, 1) : std::move(output)), wrap_all(std::move(finals)));
+  if (packed) {
+    if (packed->unsorted_indices) {
+      for (auto& state : finals) state = state.index_select(1, *packed->unsorted_indices);
+    }
+    output = output.reshape({-1, output.size(2)}).index_select(0, packed->rows);
+  } else if (batch_first) {
+    output = output.transpose(0, 1);
+  }
+  return py::make_tuple(wrap(std::move(output)), wrap_all(std::move(finals)));
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
@@ -356,9 +478,10 @@ py::object run_attention_layers(const std::string& cell, py::handle input, py::h
                                 py::handle memory, py::handle memory_lengths, py::handle past_keys,
                                 py::handle past_values, bool carry_slots) {
   HANDLE_TH_ERRORS
+  if (!plain_call()) return py::none();
   const ForwardOp& op = forward_op(cell + "_attn_forward");
   const std::optional<LayersCall> call =
-      layers_call(op, input, hx, input_size, widths, batch_first, module, layer_names);
+      layers_call(op, plain_tensor(input), hx, input_size, widths, batch_first, module, layer_names);
   if (!call) return py::none();
   AttentionArguments shared{num_heads, window, {}, {}, {}, {}};  // every layer attends over the same memory
   if (!optional_plain(memory, shared.memory) || !optional_plain(memory_lengths, shared.memory_lengths)) {
@@ -399,8 +522,9 @@ namespace rnnattn {
 void define_layer_call(py::module_& module) {
   module.def("run_layers", &run_layers, py::arg("cell"), py::arg("input"), py::arg("hx"), py::arg("input_size"),
              py::arg("widths"), py::arg("batch_first"), py::arg("module"), py::arg("layer_names"),
-             "A one-direction module call through the cell's forward op, layer by layer: (output, [finals]), or "
-             "None when the module's general path must take it (see csrc/python_layer_call.cpp)");
+             py::arg("directions"), py::arg("lengths"), py::arg("dropout"),
+             "A module call through the cell's forward op, layer by layer and direction by direction: (output, "
+             "[finals]), or None when the module's general path must take it (see csrc/python_layer_call.cpp)");
   module.def("run_attention_layers", &run_attention_layers, py::arg("cell"), py::arg("input"), py::arg("hx"),
              py::arg("input_size"), py::arg("widths"), py::arg("batch_first"), py::arg("module"),
              py::arg("layer_names"), py::arg("num_heads"), py::arg("window"), py::arg("memory"), py::arg("memory_lengths"),

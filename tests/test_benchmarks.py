@@ -120,3 +120,16 @@ def test_hybrid_step_benchmark_writes_its_rows(tmp_path):
     for row in rows:
         assert row["torch_nn_us"] > 0 and row["stream_speedup"] > 0 and row["streamer_speedup"] > 0
     assert "| rnn_tanh | 1×8×8, 4 (4), 3 |" in (tmp_path / "quick.md").read_text()
+
+
+def test_recurrent_benchmark_runs_stacked_bidirectional_packed_layers(tmp_path):
+    result = _run("bench_recurrent.py", "--cells", "gru", "--shapes", "3x4x3x5", "--layers", "2", "--bidirectional",
+                  "--packed", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path), "--name", "stacked")
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "stacked.json") as f:
+        rows = json.load(f)["rows"]
+    assert [r["mode"] for r in rows] == ["forward", "forward+backward"]
+    assert all(r["layers"] == 2 and r["bidirectional"] and r["packed"] and r["ratio"] > 0 for r in rows)
+    assert "| gru ×2 bi packed | 3×4×3×5 | forward |" in (tmp_path / "stacked.md").read_text()
+    refused = _run("bench_recurrent.py", "--layers", "0", "--out", str(tmp_path), timeout=120)
+    assert refused.returncode == 2 and "--layers must be >= 1" in refused.stderr

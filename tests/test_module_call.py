@@ -39,9 +39,10 @@ def _states(module, batch, device, dtype):
     return tuple(states) if len(states) == 2 else states[0]
 
 
-def _call_args(module, x, hx):
+def _call_args(module, x, hx, lengths=None):
     call = module._layer_call()
-    return (module.cell, x, hx, module.input_size, call.widths, module.batch_first, module, call.names)
+    return (module.cell, x, hx, module.input_size, call.widths, module.batch_first, module, call.names,
+            call.directions, lengths, module._dropout_between_layers())
 
 
 def _through_functional(module, x, hx):
@@ -203,16 +204,114 @@ def test_a_parameter_replaced_after_a_call_is_the_one_used(make, monkeypatch):
     assert not torch.equal(ours[0], before.detach())
 
 
-def test_stacked_layers_with_dropout_in_training_take_the_general_path(monkeypatch):
-    calls = []
-    monkeypatch.setattr(_ops, "run_layers", lambda *args, **kwargs: calls.append(args) or None)
-    module = rnnattn_ext.GRU(5, 7, num_layers=2, dropout=0.5)
-    x = torch.randn(4, 3, 5)
-    module.train()(x)
-    assert calls == []
-    module.eval()(x)
-    rnnattn_ext.GRU(5, 7, num_layers=2).train()(x)  # no dropout: the C++ call in training too
-    assert len(calls) == 2
+def _taken_and_general_bits(module, call, leaves, monkeypatch):
+    """call(*leaves)'s outputs and gradients (``_attention_run``) through the C++ call, which it must
+    take, then through the general path, from the same random state (dropout draws the same numbers)."""
+    taken = []
+    real = _ops.run_layers
+    with monkeypatch.context() as patch:
+        patch.setattr(_ops, "run_layers", lambda *args: taken.append(real(*args)) or taken[-1])
+        torch.manual_seed(5)
+        ours = _attention_run(module, call, leaves)
+    assert taken and all(t is not None for t in taken), "the C++ call was not taken"
+    with monkeypatch.context() as patch:
+        patch.setattr(_ops, "run_layers", lambda *args: None)
+        torch.manual_seed(5)
+        expected = _attention_run(module, call, leaves)
+    return ours[0] + ours[1], expected[0] + expected[1]
+
+
+def _leaves_and_call(module, x, with_hx, batch, **kwargs):
+    """Leaves (x and, with_hx, h_0 [and c_0]) and a call of the module on them with kwargs that
+    returns [output (or a PackedSequence's data), h_n (, c_n)]."""
+    from torch.nn.utils.rnn import PackedSequence
+
+    widths = module._state_widths()
+    entries = module.num_layers * (2 if module.bidirectional else 1)
+    hx = [torch.randn(entries, batch, w, dtype=x.dtype, device=x.device) for w in widths] if with_hx else []
+    leaves = [x.clone().requires_grad_()] + [h.requires_grad_() for h in hx]
+
+    def call(xi, *states):
+        given = None if not states else (tuple(states) if len(states) == 2 else states[0])
+        if "packed" in kwargs:
+            xi = PackedSequence(xi, *kwargs["packed"][1:])
+        output, finals = module(xi, given, **{k: v for k, v in kwargs.items() if k != "packed"})
+        return [output.data if isinstance(output, PackedSequence) else output,
+                *(finals if isinstance(finals, tuple) else (finals,))]
+
+    return leaves, call
+
+
+BIDIRECTIONAL_MODULES = {
+    "lstm_bi": lambda: rnnattn_ext.LSTM(5, 7, bidirectional=True),
+    "lstm_proj_bi_2": lambda: rnnattn_ext.LSTM(5, 7, num_layers=2, proj_size=3, bidirectional=True),
+    "gru_bi_3": lambda: rnnattn_ext.GRU(5, 7, num_layers=3, bidirectional=True),
+    "rnn_relu_bi_2_no_bias": lambda: rnnattn_ext.RNN(5, 7, num_layers=2, nonlinearity="relu", bias=False,
+                                                     bidirectional=True),
+}
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("name", sorted(BIDIRECTIONAL_MODULES))
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("with_hx", [False, True])
+def test_bidirectional_layers_give_the_general_paths_bits(device, name, batch_first, with_hx, monkeypatch):
+    # Both directions of every layer through the op, the next layer reading them side by side; the
+    # final states of layer l, direction d at l * 2 + d, as torch.nn.
+    module = _module(name, device, batch_first=batch_first, table=BIDIRECTIONAL_MODULES)
+    x = torch.randn(4, 3, 5, dtype=torch.float64, device=device)
+    leaves, call = _leaves_and_call(module, x, with_hx, batch=4 if batch_first else 3)
+    _assert_same_bits(*_taken_and_general_bits(module, call, leaves, monkeypatch))
+
+
+@pytest.mark.parametrize("name", ["gru_3_dropout", "gru_bi_3"])
+def test_dropout_between_layers_in_training_gives_the_general_paths_bits(name, monkeypatch):
+    # The same ATen dropout as functional.stack's, in the same order: the same mask from the same seed.
+    table = {**STACKED_MODULES, "gru_bi_3": lambda: rnnattn_ext.GRU(5, 7, num_layers=3, dropout=0.5,
+                                                                     bidirectional=True)}
+    module = _module(name, "cpu", table=table).train()
+    assert module.dropout > 0 and module._dropout_between_layers() == module.dropout
+    leaves, call = _leaves_and_call(module, torch.randn(6, 3, 5, dtype=torch.float64), True, batch=3)
+    ours, expected = _taken_and_general_bits(module, call, leaves, monkeypatch)
+    _assert_same_bits(ours, expected)
+    torch.manual_seed(6)
+    assert not torch.equal(call(*leaves)[0], ours[0]), "another seed, the same dropout: no dropout ran"
+    module.eval()
+    assert module._dropout_between_layers() == 0.0
+
+
+LENGTHS_MODULES = {
+    "lstm": lambda: rnnattn_ext.LSTM(5, 7),
+    "lstm_proj_bi_2": BIDIRECTIONAL_MODULES["lstm_proj_bi_2"],
+    "gru_bi_3_dropout": lambda: rnnattn_ext.GRU(5, 7, num_layers=3, dropout=0.5, bidirectional=True),
+    "rnn_tanh_2": lambda: rnnattn_ext.RNN(5, 7, num_layers=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LENGTHS_MODULES))
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("with_hx", [False, True])
+def test_lengths_give_the_general_paths_bits(name, batch_first, with_hx, monkeypatch):
+    # CPU lengths, unsorted (a row of every length but the longest's start the reverse direction late).
+    module = _module(name, "cpu", batch_first=batch_first, table=LENGTHS_MODULES).train()
+    x = torch.randn(5, 4, 5, dtype=torch.float64)
+    lengths = torch.tensor([3, 5, 1, 4]) if not batch_first else torch.tensor([3, 4, 1, 4, 2])
+    leaves, call = _leaves_and_call(module, x, with_hx, batch=lengths.numel(), lengths=lengths)
+    _assert_same_bits(*_taken_and_general_bits(module, call, leaves, monkeypatch))
+
+
+@pytest.mark.parametrize("name", sorted(LENGTHS_MODULES))
+@pytest.mark.parametrize("enforce_sorted", [False, True])
+@pytest.mark.parametrize("with_hx", [False, True])
+def test_packed_sequences_give_the_general_paths_bits(name, enforce_sorted, with_hx, monkeypatch):
+    # The C++ call pads and packs by rows itself; hx and the final states in the caller's order.
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    module = _module(name, "cpu", table=LENGTHS_MODULES).train()
+    lengths = torch.tensor([5, 4, 4, 2, 1]) if enforce_sorted else torch.tensor([2, 5, 1, 4, 4])
+    packed = pack_padded_sequence(torch.randn(5, 5, 5, dtype=torch.float64), lengths, enforce_sorted=enforce_sorted)
+    leaves, call = _leaves_and_call(module, packed.data, with_hx, batch=5, packed=packed)
+    _assert_same_bits(*_taken_and_general_bits(module, call, leaves, monkeypatch))
 
 
 def _calls_to_hand_back(x, hx):
@@ -239,6 +338,13 @@ def test_hands_back_what_the_general_path_must_take():
     }
     for what, (inp, given) in cases.items():
         assert _ops.run_layers(*_call_args(module, inp, given)) is None, what
+    # Lengths the module converts (a list, int32) or explains (out of [1, T], another shape).
+    for lengths in ([4, 4, 4], torch.tensor([4, 4, 4], dtype=torch.int32), torch.tensor([0, 4, 4]),
+                    torch.tensor([4, 5, 4]), torch.tensor([4, 4]), torch.tensor([[4, 4, 4]])):
+        assert _ops.run_layers(*_call_args(module, x, None, lengths)) is None, lengths
+    assert _ops.run_layers(*_call_args(module, x, None, torch.tensor([4, 1, 2]))) is not None
+    with pytest.raises(ValueError, match=r"LSTM: lengths must lie in \[1, T\] = \[1, 4\], got values in \[0, 4\]"):
+        module(x, lengths=torch.tensor([0, 4, 4]))
 
     class Subclass(torch.Tensor):
         pass

@@ -2,6 +2,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+
 namespace rnnattn {
 namespace {
 
@@ -46,13 +48,26 @@ void check_lengths_values(const char* op, const char* name, const Tensor& length
                     device, "), got ", lengths.device());
   check_shape(op, name, lengths, {batch}, "(B,)");
   if (lengths.numel() > 0) {
-    const int64_t low = lengths.min().item<int64_t>(), high = lengths.max().item<int64_t>();
+    const auto [low, high] = value_range(lengths);
     TORCH_CHECK_VALUE(low >= 1 && high <= limit, op, ": ", name, " must lie in [1, ", limit_name, "] = [1, ", limit,
                       "], got values in [", low, ", ", high, "]");
   }
 }
 
 }  // namespace
+
+std::pair<int64_t, int64_t> value_range(const Tensor& values) {
+  TORCH_INTERNAL_ASSERT(values.scalar_type() == at::kLong && values.numel() > 0);
+  if (!values.is_cpu()) return {values.min().item<int64_t>(), values.max().item<int64_t>()};
+  const Tensor dense = values.contiguous();
+  const int64_t* v = dense.const_data_ptr<int64_t>();
+  int64_t low = v[0], high = v[0];
+  for (int64_t i = 1; i < dense.numel(); ++i) {
+    low = std::min(low, v[i]);
+    high = std::max(high, v[i]);
+  }
+  return {low, high};
+}
 
 void check_sequence_lengths(const char* op, const LayerShape& shape, const Tensor& input,
                             const std::optional<Tensor>& lengths) {

@@ -6,6 +6,7 @@
 
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "engine/recurrent_engine.h"
@@ -30,6 +31,10 @@ LayerShape check_layer_forward(const char* op, int gates, const at::Tensor& inpu
                                const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
                                const std::optional<at::Tensor>& bias_hh,
                                const std::optional<at::Tensor>& weight_hr = std::nullopt);
+
+// The smallest and largest of a non-empty int64 tensor's values: read in place on the CPU (a
+// reduction and its .item() per bound cost more than a small layer's step), by min and max elsewhere.
+std::pair<int64_t, int64_t> value_range(const at::Tensor& values);
 
 // Checks the variable lengths, when given: (B,) int64 on the device of input, values in [1, T].
 void check_sequence_lengths(const char* op, const LayerShape& shape, const at::Tensor& input,

@@ -39,7 +39,8 @@ class _LayerCall(NamedTuple):
     fixed by the module's configuration, so worked out once (``RecurrentBase._layer_call``)."""
 
     widths: tuple[int, ...]  # each state's width
-    names: list[tuple[str | None, ...]]  # per layer its parameters in the op's order; None: the module has none
+    names: list[tuple[str | None, ...]]  # per layer and direction its parameters in the op's order; None: none
+    directions: int
 
 
 class _Prepared(NamedTuple):
@@ -288,10 +289,11 @@ class RecurrentBase(nn.Module):
         call = self.__dict__.get("_layer_call_made")
         if call is None:
             present = set(self._flat_weights_names)
+            directions = 2 if self.bidirectional else 1
             names = [tuple(name if name in present else None
-                           for name in _parameter_names(layer, False, self._op_parts()))
-                     for layer in range(self.num_layers)]
-            call = _LayerCall(self._state_widths(), names)
+                           for name in _parameter_names(layer, direction == 1, self._op_parts()))
+                     for layer in range(self.num_layers) for direction in range(directions)]
+            call = _LayerCall(self._state_widths(), names, directions)
             self.__dict__["_layer_call_made"] = call  # a plain attribute, not a submodule or parameter
         return call
 
@@ -314,11 +316,15 @@ class RecurrentBase(nn.Module):
 
     def _run(self, input: Tensor | PackedSequence, hx: Tensor | tuple[Tensor, ...] | None, lengths=None):
         try:  # free until something fails
-            if (lengths is None and not self.bidirectional and type(input) is Tensor
-                    and (self.num_layers == 1 or self.dropout == 0.0 or not self.training)):
-                result = self._run_layers(input, hx)
-                if result is not None:
-                    return result
+            result: tuple[Tensor | PackedSequence, list[Tensor]] | None
+            if type(input) is Tensor:
+                result = self._run_layers(input, hx, lengths)
+            elif type(input) is PackedSequence and lengths is None:
+                result = self._run_packed_layers(input, hx)
+            else:
+                result = None
+            if result is not None:
+                return result
             return self._run_general(input, hx, lengths)
         except (TypeError, ValueError, RuntimeError) as error:
             self._raise_parameter_fault(error, input)
@@ -339,16 +345,37 @@ class RecurrentBase(nn.Module):
         )
         return self._finish(output, finals, prepared)
 
-    def _run_layers(self, input: Tensor, hx) -> tuple[Tensor, list[Tensor]] | None:
-        """The common case of one direction, a batched tensor, a well-formed ``hx`` and no dropout
-        between layers, in C++ (``_C.run_layers``: the same op layer by layer, without the Python
-        around it, which costs a streaming step about as much as the op). None for anything else,
-        which the general path takes, and where bad arguments get their errors; also while Dynamo
-        traces, as it cannot see into that call, and in forward mode (``functional.layer`` runs it)."""
+    def _run_layers(self, input: Tensor, hx, lengths) -> tuple[Tensor, list[Tensor]] | None:
+        """The common case of a batched tensor, a well-formed ``hx`` and lengths None or a CPU int64
+        tensor of the right shape and values, in C++ (``_C.run_layers``: the same op layer by layer
+        and direction by direction, with the same dropout between layers, without the Python around
+        it, which costs a streaming step about as much as the op and a bidirectional or
+        variable-length call ~150-250 µs). None for anything else, which the general path takes, and
+        where bad arguments get their errors; also while Dynamo traces, as it cannot see into that
+        call, and in forward mode (``functional.layer`` runs it)."""
         if torch.compiler.is_compiling() or functional.in_forward_mode():
             return None
         call = self._layer_call()
-        return _ops.run_layers(self.cell, input, hx, self.input_size, call.widths, self.batch_first, self, call.names)
+        return _ops.run_layers(self.cell, input, hx, self.input_size, call.widths, self.batch_first, self, call.names,
+                               call.directions, lengths, self._dropout_between_layers())
+
+    def _dropout_between_layers(self) -> float:
+        """The dropout probability between layers this call applies (functional.stack's rule)."""
+        return float(self.dropout) if self.training and self.num_layers > 1 else 0.0
+
+    def _run_packed_layers(self, packed: PackedSequence, hx) -> tuple[PackedSequence, list[Tensor]] | None:
+        """``_run_layers`` for a PackedSequence on the CPU, which the C++ call pads and packs again
+        itself, taking hx and giving the final states in the caller's batch order as the general
+        path does. None where that path must take it."""
+        if torch.compiler.is_compiling() or functional.in_forward_mode():
+            return None
+        call = self._layer_call()
+        result = _ops.run_layers(self.cell, packed, hx, self.input_size, call.widths, False, self, call.names,
+                                 call.directions, None, self._dropout_between_layers())
+        if result is None:
+            return None
+        data, finals = result
+        return PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices), finals
 
     def _prepare(self, input: Tensor | PackedSequence, hx: Tensor | tuple[Tensor, ...] | None,
                  lengths=None) -> _Prepared:
