@@ -355,8 +355,9 @@ void call_op(const ForwardOp& op, const at::Tensor& x, const std::vector<at::Ten
   op.handle.callBoxed(stack);
 }
 
-// Runs every layer (each one's output, its directions' side by side, the next one's input;
-// attention: each layer's own arguments, and after_layer sees each layer's time-major output);
+// Runs every layer (each one's output, its directions' side by side and after the dropout between
+// layers, the next one's input; attention: each layer's own arguments, and after_layer sees each
+// layer's time-major output before that dropout);
 // returns the last layer's output (time-major) and per state the final states of every layer and
 // direction, (layers * directions, B, width), as functional.stack.
 std::pair<at::Tensor, std::vector<at::Tensor>> run_each_layer(
@@ -387,9 +388,9 @@ std::pair<at::Tensor, std::vector<at::Tensor>> run_each_layer(
       for (size_t s = 0; s < op.states; ++s) finals[s].push_back(stack[1 + s].toTensor());
     }
     x = call.directions == 1 ? outputs[0] : at::cat(outputs, 2);
+    if (after_layer) after_layer(layer, x);
     // As functional.stack's F.dropout (the same ATen call: the same random numbers).
     if (call.dropout > 0.0 && layer + 1 < call.layers()) x = at::dropout(x, call.dropout, /*train=*/true);
-    if (after_layer) after_layer(layer, x);
   }
   std::vector<at::Tensor> stacked;  // as functional.stacked_states
   for (auto& f : finals) {
@@ -467,22 +468,27 @@ std::pair<py::object, py::object> carried_slots(const at::Tensor& h0, const at::
   return {wrap(std::move(keys)), wrap(std::move(values))};
 }
 
-// The attention modules' call (one direction, no dropout between layers): (output, [final states],
+// The attention modules' call (as run_layers', but for a PackedSequence): (output, [final states],
 // keys, values), keys and values per layer the self memory's slots to carry (carried_slots) when
-// carry_slots is set, else None; or None when the general path must take the call.
+// carry_slots is set (one direction), else None; or None when the general path must take the call.
+// Every layer and direction attends over the same external memory.
 // The weights are `module`'s parameters named by `layer_names` (layers_call; the LSTM's include
 // weight_hr, None without a projection); `past_keys`, `past_values`: None or per layer a tensor or None.
 py::object run_attention_layers(const std::string& cell, py::handle input, py::handle hx, int64_t input_size,
                                 const std::vector<int64_t>& widths, bool batch_first, py::handle module,
-                                const py::sequence& layer_names, int64_t num_heads, std::optional<int64_t> window,
+                                const py::sequence& layer_names, int64_t directions, py::handle lengths,
+                                double dropout, int64_t num_heads, std::optional<int64_t> window,
                                 py::handle memory, py::handle memory_lengths, py::handle past_keys,
                                 py::handle past_values, bool carry_slots) {
   HANDLE_TH_ERRORS
-  if (!plain_call()) return py::none();
+  if (!plain_call() || (carry_slots && directions != 1)) return py::none();
   const ForwardOp& op = forward_op(cell + "_attn_forward");
-  const std::optional<LayersCall> call =
-      layers_call(op, plain_tensor(input), hx, input_size, widths, batch_first, module, layer_names);
+  std::optional<at::Tensor> given_lengths;
+  if (!optional_plain(lengths, given_lengths)) return py::none();
+  std::optional<LayersCall> call = layers_call(op, plain_tensor(input), hx, input_size, widths, batch_first, module,
+                                               layer_names, directions, given_lengths);
   if (!call) return py::none();
+  call->dropout = dropout;
   AttentionArguments shared{num_heads, window, {}, {}, {}, {}};  // every layer attends over the same memory
   if (!optional_plain(memory, shared.memory) || !optional_plain(memory_lengths, shared.memory_lengths)) {
     return py::none();
@@ -527,7 +533,8 @@ void define_layer_call(py::module_& module) {
              "[finals]), or None when the module's general path must take it (see csrc/python_layer_call.cpp)");
   module.def("run_attention_layers", &run_attention_layers, py::arg("cell"), py::arg("input"), py::arg("hx"),
              py::arg("input_size"), py::arg("widths"), py::arg("batch_first"), py::arg("module"),
-             py::arg("layer_names"), py::arg("num_heads"), py::arg("window"), py::arg("memory"), py::arg("memory_lengths"),
+             py::arg("layer_names"), py::arg("directions"), py::arg("lengths"), py::arg("dropout"), py::arg("num_heads"),
+             py::arg("window"), py::arg("memory"), py::arg("memory_lengths"),
              py::arg("past_keys"), py::arg("past_values"), py::arg("carry_slots"),
              "The attention modules' call through the cell's attention forward op, layer by layer: (output, "
              "[finals], keys, values), or None when the module's general path must take it");

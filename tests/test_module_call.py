@@ -454,6 +454,58 @@ def _attention_module(name, device, dtype=torch.float64, batch_first=False):
     return _module(name, device, dtype, batch_first, table=ATTENTION_MODULES)
 
 
+ATTENTION_FORWARD_MODULES = {
+    "attn_lstm_bi_window3": lambda: rnnattn_ext.AttnLSTM(5, 8, num_heads=2, head_dim=3, window=3, bidirectional=True),
+    "attn_gru_bi_2_memory_dropout": lambda: rnnattn_ext.AttnGRU(5, 8, num_layers=2, dropout=0.5, num_heads=2,
+                                                                head_dim=2, memory_size=6, bidirectional=True),
+    "attn_rnn_2_unbounded_dropout": lambda: rnnattn_ext.AttnRNN(5, 8, num_layers=2, dropout=0.5, num_heads=2,
+                                                                head_dim=3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION_FORWARD_MODULES))
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_attention_directions_lengths_and_dropout_give_the_general_paths_bits(name, with_lengths, monkeypatch):
+    # In training: the dropout between layers draws the same numbers from the same seed.
+    module = _module(name, "cpu", table=ATTENTION_FORWARD_MODULES).train()
+    x = torch.randn(5, 3, 5, dtype=torch.float64)
+    lengths = torch.tensor([3, 5, 2]) if with_lengths else None
+    memory, memory_lengths = _memory_args(module, 3, "cpu", torch.float64)
+    leaves = [x.clone().requires_grad_()] + ([memory.clone().requires_grad_()] if memory is not None else [])
+
+    def call(xi, *mem):
+        output, state = module(xi, memory=mem[0] if mem else None, memory_lengths=memory_lengths, lengths=lengths)
+        return [output, *(state if isinstance(state, tuple) else (state,))]
+
+    assert module._run_attention_layers(x, None, memory, memory_lengths, lengths=lengths) is not None
+    torch.manual_seed(5)
+    ours = _attention_run(module, call, leaves)
+    monkeypatch.setattr(_ops, "run_attention_layers", lambda *args, **kwargs: None)
+    torch.manual_seed(5)
+    expected = _attention_run(module, call, leaves)
+    _assert_same_bits(ours[0] + ours[1], expected[0] + expected[1])
+
+
+def test_attention_stream_in_training_carries_the_slots_before_dropout(monkeypatch):
+    # Each layer's carried slots come from its output before the dropout the next layer reads.
+    module = _module("attn_rnn_2_unbounded_dropout", "cpu", table=ATTENTION_FORWARD_MODULES).train()
+    module.window = 3
+    x = torch.randn(6, 2, 5, dtype=torch.float64)
+
+    def streamed():
+        torch.manual_seed(5)
+        outputs, state = [], None
+        for chunk in (x[:2], x[2:3], x[3:]):
+            output, state = module.stream(chunk, state)
+            outputs.append(output)
+        return [*outputs, state.h, *state.keys, *state.values]
+
+    assert module._run_attention_layers(x[:2], None, None, None, carry_slots=True) is not None
+    ours = streamed()
+    monkeypatch.setattr(_ops, "run_attention_layers", lambda *args, **kwargs: None)
+    _assert_same_bits([t.detach() for t in ours], [t.detach() for t in streamed()])
+
+
 def _memory_args(module, batch, device, dtype):
     """memory (in the module's layout) and memory_lengths for an external-memory module, else None."""
     if module.memory_size is None:
@@ -611,13 +663,15 @@ def test_attention_call_hands_back_what_the_general_path_must_take():
     assert module._run_attention_layers(x.as_subclass(Subclass), None, None, None) is None
     past = torch.randn(2, 3, 6)
     assert module._run_attention_layers(x, None, None, None, [past.as_subclass(Subclass)], [past]) is None
-    for other in (rnnattn_ext.AttnGRU(5, 8, num_layers=2, dropout=0.5, num_heads=2, head_dim=3).train(),
-                  rnnattn_ext.AttnGRU(5, 8, bidirectional=True, num_heads=2, head_dim=3)):
-        assert other._run_attention_layers(x, None, None, None) is None
-    # need_weights and lengths take the general path; they still give the C++ call's output.
+    for lengths in ([4, 4, 4], torch.tensor([4, 4, 4], dtype=torch.int32), torch.tensor([0, 4, 4])):
+        assert module._run_attention_layers(x, None, None, None, lengths=lengths) is None, lengths
+    # Streaming carries one direction's slots only.
+    bidirectional = rnnattn_ext.AttnGRU(5, 8, bidirectional=True, num_heads=2, head_dim=3)
+    assert bidirectional._run_attention_layers(x, None, None, None) is not None
+    assert bidirectional._run_attention_layers(x, None, None, None, carry_slots=True) is None
+    # need_weights takes the general path; it still gives the C++ call's output.
     output, _ = module(x)
-    for kwargs in ({"need_weights": True}, {"lengths": torch.tensor([4, 4, 4])}):
-        torch.testing.assert_close(module(x, **kwargs)[0], output, rtol=0, atol=0)
+    torch.testing.assert_close(module(x, need_weights=True)[0], output, rtol=0, atol=0)
 
 
 def test_attention_errors_keep_their_type_and_message(monkeypatch):

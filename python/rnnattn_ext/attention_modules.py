@@ -169,8 +169,8 @@ class AttentionRecurrentBase(RecurrentBase):
         (B,): a row stops after its last valid step, attends over its valid states only, and its
         later outputs are zero."""
         try:  # free until something fails
-            if lengths is None and not need_weights:
-                in_cpp = self._run_attention_layers(input, hx, memory, memory_lengths)
+            if not need_weights:
+                in_cpp = self._run_attention_layers(input, hx, memory, memory_lengths, lengths=lengths)
                 if in_cpp is not None:
                     output, finals, _, _ = in_cpp
                     return output, ((finals[0], finals[1]) if self.cell == "lstm" else finals[0])
@@ -206,22 +206,22 @@ class AttentionRecurrentBase(RecurrentBase):
 
     def _run_attention_layers(self, input: Tensor | PackedSequence, hx, memory: Tensor | None, memory_lengths,
                               past_keys: list | None = None, past_values: list | None = None,
-                              carry_slots: bool = False):
-        """One direction, a batched tensor and no dropout between layers in C++
-        (``_C.run_attention_layers``, as ``RecurrentBase._run_layers``): ``(output, [finals], keys,
+                              carry_slots: bool = False, lengths=None):
+        """A batched tensor in C++ (``_C.run_attention_layers``, as ``RecurrentBase._run_layers``:
+        both directions, CPU int64 lengths, the dropout between layers): ``(output, [finals], keys,
         values)``, keys and values per layer the self memory's slots to carry
-        (``functional.carried_slots``) with ``carry_slots``, else None. None for anything else, which
-        the general path takes, and where bad input gets its errors."""
-        if (self.bidirectional or (self.num_layers > 1 and self.dropout > 0.0 and self.training)
-                or type(input) is not Tensor or input.dim() != 3 or input.shape[2] != self.input_size
+        (``functional.carried_slots``) with ``carry_slots`` (one direction), else None. None for
+        anything else, which the general path takes, and where bad input gets its errors."""
+        if (type(input) is not Tensor or input.dim() != 3 or input.shape[2] != self.input_size
                 or input.shape[1 if self.batch_first else 0] == 0 or torch.compiler.is_compiling()
                 or functional.in_forward_mode()):
             return None
         memory, memory_lengths = self._memory(memory, memory_lengths, True, input.shape[0 if self.batch_first else 1])
         call = self._layer_call()
         return _ops.run_attention_layers(self.cell, input, hx, self.input_size, call.widths, self.batch_first, self,
-                                         call.names, self.num_heads, self.window, memory, memory_lengths, past_keys,
-                                         past_values, carry_slots)
+                                         call.names, call.directions, lengths, self._dropout_between_layers(),
+                                         self.num_heads, self.window, memory, memory_lengths, past_keys, past_values,
+                                         carry_slots)
 
     def streamer(self, memory: Tensor | None = None, memory_lengths=None) -> _ops.Streamer:
         """As :meth:`RecurrentBase.streamer`, for the attention cell: its ``state`` is an
