@@ -314,6 +314,35 @@ def test_packed_sequences_give_the_general_paths_bits(name, enforce_sorted, with
     _assert_same_bits(*_taken_and_general_bits(module, call, leaves, monkeypatch))
 
 
+def test_hands_back_packed_sequences_the_general_path_must_take():
+    # A PackedSequence made by hand that pack_padded_sequence would not make, or one it cannot take
+    # in C++, goes to the general path (whose errors name what is wrong), the same as before.
+    from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+    module = _module("gru", "cpu", dtype=torch.float32)
+    packed = pack_padded_sequence(torch.randn(4, 3, 5), torch.tensor([4, 2, 3]), enforce_sorted=False)
+    call = module._layer_call()
+
+    def taken(p):
+        return _ops.run_layers(module.cell, p, None, 5, call.widths, False, module, call.names, 1, None, 0.0)
+
+    assert taken(packed) is not None
+    data, sizes = packed.data, packed.batch_sizes
+    malformed = {
+        "rising batch sizes": PackedSequence(data, torch.tensor([2, 3, 2, 2])),
+        "a zero batch size": PackedSequence(data[:7], torch.tensor([3, 2, 2, 0])),
+        "sizes not adding up to the rows": PackedSequence(data[:8], sizes),
+        "int32 batch sizes": PackedSequence(data, sizes.int()),
+        "an order of another batch": PackedSequence(data, sizes, torch.tensor([1, 0]), torch.tensor([1, 0])),
+        "bfloat16 data": PackedSequence(data.bfloat16(), sizes, packed.sorted_indices, packed.unsorted_indices),
+        "3-D data": PackedSequence(data.unsqueeze(0), sizes),
+    }
+    for what, p in malformed.items():
+        assert taken(p) is None, what
+    with pytest.raises(RuntimeError):
+        module(malformed["sizes not adding up to the rows"])
+
+
 def _calls_to_hand_back(x, hx):
     """(input, hx) of an LSTM-like module's calls that the C++ call leaves to the general path."""
     return {
