@@ -234,7 +234,8 @@ std::optional<PackedCall> packed_call(py::handle packed) {
       length[b] = t + 1;
     }
   }
-  call.padded = at::zeros({T * B, data->size(1)}, data->options()).index_copy(0, call.rows, *data).view({T, B, -1});
+  const int64_t width = data->size(1);
+  call.padded = at::zeros({T * B, width}, data->options()).index_copy(0, call.rows, *data).view({T, B, width});
   return call;
 }
 
@@ -445,7 +446,7 @@ py::object run_layers(const std::string& cell, py::handle input, py::handle hx, 
     if (packed->unsorted_indices) {
       for (auto& state : finals) state = state.index_select(1, *packed->unsorted_indices);
     }
-    output = output.reshape({-1, output.size(2)}).index_select(0, packed->rows);
+    output = output.reshape({output.size(0) * output.size(1), output.size(2)}).index_select(0, packed->rows);
   } else if (batch_first) {
     output = output.transpose(0, 1);
   }
@@ -468,7 +469,7 @@ std::pair<py::object, py::object> carried_slots(const at::Tensor& h0, const at::
   return {wrap(std::move(keys)), wrap(std::move(values))};
 }
 
-// The attention modules' call (as run_layers', but for a PackedSequence): (output, [final states],
+// The attention modules' call (as run_layers, but not for a PackedSequence): (output, [final states],
 // keys, values), keys and values per layer the self memory's slots to carry (carried_slots) when
 // carry_slots is set (one direction), else None; or None when the general path must take the call.
 // Every layer and direction attends over the same external memory.
