@@ -239,6 +239,39 @@ std::optional<PackedCall> packed_call(py::handle packed) {
   return call;
 }
 
+// The call's input and lengths: a plain tensor and its lengths (None or a plain tensor), or a
+// PackedSequence (lengths None, time-major) padded by packed_call; false when the general path must
+// take it. `tensor` then points into `packed` or at the input.
+bool call_input(py::handle input, py::handle lengths, bool batch_first, std::optional<PackedCall>& packed,
+                const at::Tensor*& tensor, std::optional<at::Tensor>& given_lengths) {
+  if (!py::isinstance<py::tuple>(input)) {
+    tensor = plain_tensor(input);
+    return optional_plain(lengths, given_lengths);
+  }
+  if (!lengths.is_none() || batch_first) return false;
+  packed = packed_call(input);
+  if (!packed) return false;
+  tensor = &packed->padded;
+  given_lengths = packed->lengths;
+  return true;
+}
+
+// A per-row tensor of the caller's (hx, memory, memory_lengths) in a packed call's batch order.
+at::Tensor in_packed_order(const std::optional<PackedCall>& packed, const at::Tensor& t, int64_t dim) {
+  return packed && packed->sorted_indices ? t.index_select(dim, *packed->sorted_indices) : t;
+}
+
+// The output in the caller's layout (a packed call's: its packed data; batch-first if asked), and
+// the final states (…, B, width) in the caller's batch order.
+at::Tensor in_callers_layout(const std::optional<PackedCall>& packed, bool batch_first, at::Tensor output,
+                             std::vector<at::Tensor>& finals) {
+  if (!packed) return batch_first ? output.transpose(0, 1) : output;
+  if (packed->unsorted_indices) {
+    for (auto& state : finals) state = state.index_select(1, *packed->unsorted_indices);
+  }
+  return output.reshape({output.size(0) * output.size(1), output.size(2)}).index_select(0, packed->rows);
+}
+
 // The call's input, states, lengths and weights, or nothing when the general path must take it. The
 // weights are the module's parameters named, per layer and direction, by `layer_names` in the op's
 // schema order (None for one the module does not have: no bias, no projection).
@@ -425,31 +458,16 @@ py::object run_layers(const std::string& cell, py::handle input, py::handle hx, 
   if (!plain_call()) return py::none();
   const ForwardOp& op = forward_op(cell + "_forward");
   std::optional<PackedCall> packed;
+  const at::Tensor* x = nullptr;
   std::optional<at::Tensor> given_lengths;
-  if (py::isinstance<py::tuple>(input)) {
-    if (!lengths.is_none() || batch_first) return py::none();
-    packed = packed_call(input);
-    if (!packed) return py::none();
-    given_lengths = packed->lengths;
-  } else if (!optional_plain(lengths, given_lengths)) {
-    return py::none();
-  }
-  std::optional<LayersCall> call = layers_call(op, packed ? &packed->padded : plain_tensor(input), hx, input_size,
-                                               widths, batch_first, module, layer_names, directions, given_lengths);
+  if (!call_input(input, lengths, batch_first, packed, x, given_lengths)) return py::none();
+  std::optional<LayersCall> call =
+      layers_call(op, x, hx, input_size, widths, batch_first, module, layer_names, directions, given_lengths);
   if (!call) return py::none();
   call->dropout = dropout;
-  if (packed && packed->sorted_indices) {
-    for (auto& state : call->states) state = state.index_select(1, *packed->sorted_indices);
-  }
+  for (auto& state : call->states) state = in_packed_order(packed, state, 1);
   auto [output, finals] = run_each_layer(op, *call, nullptr);
-  if (packed) {
-    if (packed->unsorted_indices) {
-      for (auto& state : finals) state = state.index_select(1, *packed->unsorted_indices);
-    }
-    output = output.reshape({output.size(0) * output.size(1), output.size(2)}).index_select(0, packed->rows);
-  } else if (batch_first) {
-    output = output.transpose(0, 1);
-  }
+  output = in_callers_layout(packed, batch_first, std::move(output), finals);
   return py::make_tuple(wrap(std::move(output)), wrap_all(std::move(finals)));
   END_HANDLE_TH_ERRORS_PYBIND
 }
@@ -469,7 +487,8 @@ std::pair<py::object, py::object> carried_slots(const at::Tensor& h0, const at::
   return {wrap(std::move(keys)), wrap(std::move(values))};
 }
 
-// The attention modules' call (as run_layers, but not for a PackedSequence): (output, [final states],
+// The attention modules' call (as run_layers; a PackedSequence's memory and memory_lengths are taken
+// in its packed order too): (output, [final states],
 // keys, values), keys and values per layer the self memory's slots to carry (carried_slots) when
 // carry_slots is set (one direction), else None; or None when the general path must take the call.
 // Every layer and direction attends over the same external memory.
@@ -484,16 +503,28 @@ py::object run_attention_layers(const std::string& cell, py::handle input, py::h
   HANDLE_TH_ERRORS
   if (!plain_call() || (carry_slots && directions != 1)) return py::none();
   const ForwardOp& op = forward_op(cell + "_attn_forward");
+  std::optional<PackedCall> packed;
+  const at::Tensor* x = nullptr;
   std::optional<at::Tensor> given_lengths;
-  if (!optional_plain(lengths, given_lengths)) return py::none();
-  std::optional<LayersCall> call = layers_call(op, plain_tensor(input), hx, input_size, widths, batch_first, module,
-                                               layer_names, directions, given_lengths);
+  if (!call_input(input, lengths, batch_first, packed, x, given_lengths) || (packed && carry_slots)) {
+    return py::none();
+  }
+  std::optional<LayersCall> call =
+      layers_call(op, x, hx, input_size, widths, batch_first, module, layer_names, directions, given_lengths);
   if (!call) return py::none();
   call->dropout = dropout;
   AttentionArguments shared{num_heads, window, {}, {}, {}, {}};  // every layer attends over the same memory
   if (!optional_plain(memory, shared.memory) || !optional_plain(memory_lengths, shared.memory_lengths)) {
     return py::none();
   }
+  if (packed && shared.memory &&
+      (shared.memory->dim() != 3 || shared.memory->size(1) != call->x.size(1) ||
+       (shared.memory_lengths && (shared.memory_lengths->dim() != 1 || shared.memory_lengths->size(0) != call->x.size(1))))) {
+    return py::none();  // (the op would explain it, but its rows must not be reordered first)
+  }
+  for (auto& state : call->states) state = in_packed_order(packed, state, 1);
+  if (shared.memory) shared.memory = in_packed_order(packed, *shared.memory, 1);
+  if (shared.memory_lengths) shared.memory_lengths = in_packed_order(packed, *shared.memory_lengths, 0);
   std::vector<AttentionArguments> attention(call->layers(), shared);
   // Each layer's past slots: a list as long as the stack (the general path indexes it per layer).
   for (auto [given, slot] : {std::pair{past_keys, &AttentionArguments::past_keys},
@@ -517,7 +548,8 @@ py::object run_attention_layers(const std::string& cell, py::handle input, py::h
     keys.append(k);
     values.append(v);
   });
-  return py::make_tuple(wrap(batch_first ? output.transpose(0, 1) : output), wrap_all(std::move(finals)),
+  output = in_callers_layout(packed, batch_first, std::move(output), finals);
+  return py::make_tuple(wrap(std::move(output)), wrap_all(std::move(finals)),
                         carry ? py::object(keys) : py::none(), carry ? py::object(values) : py::none());
   END_HANDLE_TH_ERRORS_PYBIND
 }

@@ -515,6 +515,41 @@ def test_attention_directions_lengths_and_dropout_give_the_general_paths_bits(na
     _assert_same_bits(ours[0] + ours[1], expected[0] + expected[1])
 
 
+@pytest.mark.parametrize("name", sorted(ATTENTION_FORWARD_MODULES) + ["attn_gru_memory"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_attention_packed_sequences_give_the_general_paths_bits(name, batch_first, monkeypatch):
+    # The rows of hx, memory and memory_lengths taken in the packed order, the final states given back
+    # in the caller's; the memory in the module's layout (batch-first with batch_first), as ever.
+    from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+    table = {**ATTENTION_FORWARD_MODULES, "attn_gru_memory": ATTENTION_MODULES["attn_gru_memory"]}
+    module = _module(name, "cpu", batch_first=batch_first, table=table).train()
+    packed = pack_padded_sequence(torch.randn(5, 3, 5, dtype=torch.float64), torch.tensor([2, 5, 4]),
+                                  enforce_sorted=False)
+    memory, memory_lengths = _memory_args(module, 3, "cpu", torch.float64)
+    hx = _states(module, 3, "cpu", torch.float64)
+    if module.bidirectional:
+        hx = tuple(torch.cat([s, s + 1]) for s in hx) if isinstance(hx, tuple) else torch.cat([hx, hx + 1])
+    states = list(hx) if isinstance(hx, tuple) else [hx]
+    leaves = [packed.data.clone().requires_grad_(), *[s.clone().requires_grad_() for s in states]]
+    leaves += [memory.clone().requires_grad_()] if memory is not None else []
+
+    def call(data, *rest):
+        rest = list(rest)
+        mem = rest.pop() if memory is not None else None
+        given = tuple(rest) if len(rest) == 2 else rest[0]
+        output, state = module(PackedSequence(data, *packed[1:]), given, memory=mem, memory_lengths=memory_lengths)
+        return [output.data, *(state if isinstance(state, tuple) else (state,))]
+
+    assert module._run_attention_layers(packed, hx, memory, memory_lengths) is not None, "the C++ call was not taken"
+    torch.manual_seed(5)
+    ours = _attention_run(module, call, leaves)
+    monkeypatch.setattr(_ops, "run_attention_layers", lambda *args, **kwargs: None)
+    torch.manual_seed(5)
+    expected = _attention_run(module, call, leaves)
+    _assert_same_bits(ours[0] + ours[1], expected[0] + expected[1])
+
+
 def test_attention_stream_in_training_carries_the_slots_before_dropout(monkeypatch):
     # Each layer's carried slots come from its output before the dropout the next layer reads.
     module = _module("attn_rnn_2_unbounded_dropout", "cpu", table=ATTENTION_FORWARD_MODULES).train()

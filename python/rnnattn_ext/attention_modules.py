@@ -173,6 +173,8 @@ class AttentionRecurrentBase(RecurrentBase):
                 in_cpp = self._run_attention_layers(input, hx, memory, memory_lengths, lengths=lengths)
                 if in_cpp is not None:
                     output, finals, _, _ = in_cpp
+                    if isinstance(input, PackedSequence):
+                        output = PackedSequence(output, input.batch_sizes, input.sorted_indices, input.unsorted_indices)
                     return output, ((finals[0], finals[1]) if self.cell == "lstm" else finals[0])
             return self._forward_general(input, hx, memory, memory_lengths, need_weights, lengths)
         except (TypeError, ValueError, RuntimeError) as error:
@@ -207,18 +209,27 @@ class AttentionRecurrentBase(RecurrentBase):
     def _run_attention_layers(self, input: Tensor | PackedSequence, hx, memory: Tensor | None, memory_lengths,
                               past_keys: list | None = None, past_values: list | None = None,
                               carry_slots: bool = False, lengths=None):
-        """A batched tensor in C++ (``_C.run_attention_layers``, as ``RecurrentBase._run_layers``:
-        both directions, CPU int64 lengths, the dropout between layers): ``(output, [finals], keys,
-        values)``, keys and values per layer the self memory's slots to carry
-        (``functional.carried_slots``) with ``carry_slots`` (one direction), else None. None for
-        anything else, which the general path takes, and where bad input gets its errors."""
-        if (type(input) is not Tensor or input.dim() != 3 or input.shape[2] != self.input_size
-                or input.shape[1 if self.batch_first else 0] == 0 or torch.compiler.is_compiling()
-                or functional.in_forward_mode()):
+        """A batched tensor, or a PackedSequence on the CPU, in C++ (``_C.run_attention_layers``, as
+        ``RecurrentBase._run_layers``: both directions, CPU int64 lengths, the dropout between layers):
+        ``(output, [finals], keys, values)`` (a PackedSequence's output: its packed data), keys and
+        values per layer the self memory's slots to carry (``functional.carried_slots``) with
+        ``carry_slots`` (one direction), else None. None for anything else, which the general path
+        takes, and where bad input gets its errors."""
+        if torch.compiler.is_compiling() or functional.in_forward_mode():
             return None
-        memory, memory_lengths = self._memory(memory, memory_lengths, True, input.shape[0 if self.batch_first else 1])
+        if type(input) is PackedSequence:
+            if lengths is not None or input.batch_sizes.numel() == 0 or not input.data.is_cpu:
+                return None
+            batch = int(input.batch_sizes[0])
+        elif (type(input) is not Tensor or input.dim() != 3 or input.shape[2] != self.input_size
+                or input.shape[1 if self.batch_first else 0] == 0):
+            return None
+        else:
+            batch = input.shape[0 if self.batch_first else 1]
+        memory, memory_lengths = self._memory(memory, memory_lengths, True, batch)
         call = self._layer_call()
-        return _ops.run_attention_layers(self.cell, input, hx, self.input_size, call.widths, self.batch_first, self,
+        batch_first = self.batch_first and type(input) is Tensor  # (a PackedSequence is time-major)
+        return _ops.run_attention_layers(self.cell, input, hx, self.input_size, call.widths, batch_first, self,
                                          call.names, call.directions, lengths, self._dropout_between_layers(),
                                          self.num_heads, self.window, memory, memory_lengths, past_keys, past_values,
                                          carry_slots)
