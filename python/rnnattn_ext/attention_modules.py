@@ -218,7 +218,9 @@ class AttentionRecurrentBase(RecurrentBase):
         if torch.compiler.is_compiling() or functional.in_forward_mode():
             return None
         if type(input) is PackedSequence:
-            if lengths is not None or input.batch_sizes.numel() == 0 or not input.data.is_cpu:
+            data = input.data
+            if (lengths is not None or input.batch_sizes.numel() == 0 or not data.is_cpu or data.dim() != 2
+                    or data.shape[1] != self.input_size):
                 return None
             batch = int(input.batch_sizes[0])
         elif (type(input) is not Tensor or input.dim() != 3 or input.shape[2] != self.input_size
