@@ -204,18 +204,19 @@ def test_a_parameter_replaced_after_a_call_is_the_one_used(make, monkeypatch):
     assert not torch.equal(ours[0], before.detach())
 
 
-def _taken_and_general_bits(module, call, leaves, monkeypatch):
-    """call(*leaves)'s outputs and gradients (``_attention_run``) through the C++ call, which it must
-    take, then through the general path, from the same random state (dropout draws the same numbers)."""
+def _taken_and_general_bits(module, call, leaves, monkeypatch, c_call="run_layers"):
+    """call(*leaves)'s outputs and gradients (``_attention_run``) through the C++ call (``_ops.<c_call>``),
+    which it must take, then through the general path, from the same random state (dropout draws the
+    same numbers)."""
     taken = []
-    real = _ops.run_layers
+    real = getattr(_ops, c_call)
     with monkeypatch.context() as patch:
-        patch.setattr(_ops, "run_layers", lambda *args: taken.append(real(*args)) or taken[-1])
+        patch.setattr(_ops, c_call, lambda *args: taken.append(real(*args)) or taken[-1])
         torch.manual_seed(5)
         ours = _attention_run(module, call, leaves)
     assert taken and all(t is not None for t in taken), "the C++ call was not taken"
     with monkeypatch.context() as patch:
-        patch.setattr(_ops, "run_layers", lambda *args: None)
+        patch.setattr(_ops, c_call, lambda *args: None)
         torch.manual_seed(5)
         expected = _attention_run(module, call, leaves)
     return ours[0] + ours[1], expected[0] + expected[1]
@@ -507,12 +508,7 @@ def test_attention_directions_lengths_and_dropout_give_the_general_paths_bits(na
         return [output, *(state if isinstance(state, tuple) else (state,))]
 
     assert module._run_attention_layers(x, None, memory, memory_lengths, lengths=lengths) is not None
-    torch.manual_seed(5)
-    ours = _attention_run(module, call, leaves)
-    monkeypatch.setattr(_ops, "run_attention_layers", lambda *args, **kwargs: None)
-    torch.manual_seed(5)
-    expected = _attention_run(module, call, leaves)
-    _assert_same_bits(ours[0] + ours[1], expected[0] + expected[1])
+    _assert_same_bits(*_taken_and_general_bits(module, call, leaves, monkeypatch, "run_attention_layers"))
 
 
 @pytest.mark.parametrize("name", sorted(ATTENTION_FORWARD_MODULES) + ["attn_gru_memory"])
@@ -542,12 +538,7 @@ def test_attention_packed_sequences_give_the_general_paths_bits(name, batch_firs
         return [output.data, *(state if isinstance(state, tuple) else (state,))]
 
     assert module._run_attention_layers(packed, hx, memory, memory_lengths) is not None, "the C++ call was not taken"
-    torch.manual_seed(5)
-    ours = _attention_run(module, call, leaves)
-    monkeypatch.setattr(_ops, "run_attention_layers", lambda *args, **kwargs: None)
-    torch.manual_seed(5)
-    expected = _attention_run(module, call, leaves)
-    _assert_same_bits(ours[0] + ours[1], expected[0] + expected[1])
+    _assert_same_bits(*_taken_and_general_bits(module, call, leaves, monkeypatch, "run_attention_layers"))
 
 
 def test_attention_stream_in_training_carries_the_slots_before_dropout(monkeypatch):
