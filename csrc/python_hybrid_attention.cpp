@@ -1,10 +1,24 @@
-// _C.HybridAttentionStep: the attention of HybridStreamer's step (python/rnnattn_ext/hybrid.py) for a
-// float32 block on the CPU, through engine/one_query_attention.h. The streamer owns the cache of
-// keys and values, (B, capacity, D) each, and tells each step where its positions lie; the step writes
-// its own position's key and value there and returns the block's output. Inference only.
+// The hybrid block's attention for one position in C++ (engine/one_query_attention.h), float32 on the
+// CPU, without autograd (python/rnnattn_ext/hybrid.py):
+// - _C.HybridAttentionStep: HybridStreamer's step on a packed copy of the weights. The streamer owns
+//   the cache of keys and values, (B, capacity, D) each, and tells each step where its positions lie;
+//   the step writes its own position's key and value there and returns the block's output.
+// - _C.hybrid_stream_attention: HybridBlock.stream's attention for a one-step chunk at a few batch
+//   rows, on the module's live weights read in place, the past keys and values as its state holds
+//   them. Where it does not apply it returns None and the stream takes its torch operations (which
+//   explain bad arguments); through them such a step cost ~330 µs of a dozen small ops on a 2-core x86.
 #include "python_hybrid_attention.h"
 
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/ops/empty.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/jit/frontend/tracer.h>
+
+#include <algorithm>
+#include <array>
 
 #include <mutex>
 #include <optional>
@@ -104,6 +118,156 @@ class HybridAttentionStep {
   std::mutex mutex_;
 };
 
+
+// A plain float32 CPU tensor of exactly these sizes, or null.
+const Tensor* plain_float_cpu(py::handle object, c10::IntArrayRef sizes) {
+  if (!THPVariable_CheckExact(object.ptr())) return nullptr;
+  const Tensor& t = THPVariable_Unpack(object.ptr());
+  return t.scalar_type() == at::kFloat && t.is_cpu() && t.sizes().equals(sizes) ? &t : nullptr;
+}
+
+// Positions [from, from + count) of a state's keys or values (B, heads, P, head_dim), any strides,
+// into a cache's first `count` positions (B, capacity, heads * head_dim).
+void copy_positions(const Tensor& state, int64_t from, int64_t count, float* cache, int64_t capacity) {
+  const int64_t batch = state.size(0), heads = state.size(1), head_dim = state.size(3);
+  const int64_t batch_stride = state.stride(0), head_stride = state.stride(1), position_stride = state.stride(2),
+                element_stride = state.stride(3);
+  const float* data = state.const_data_ptr<float>();
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t s = 0; s < count; ++s) {
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* source = data + b * batch_stride + h * head_stride + (from + s) * position_stride;
+        float* target = cache + ((b * capacity + s) * heads + h) * head_dim;
+        if (element_stride == 1) {
+          std::copy_n(source, head_dim, target);
+        } else {
+          for (int64_t i = 0; i < head_dim; ++i) target[i] = source[i * element_stride];
+        }
+      }
+    }
+  }
+}
+
+// HybridBlock.stream's one-step attention (see the top of this file): y (1, B, W) the recurrent
+// output of a one-step chunk; the query, key, value and output projections' weights and biases (a
+// bias may be None); past_keys/past_values (B, heads, P, head_dim) or both None; window None or
+// >= 1. Returns (output (1, B, W), keys, values): the state's keys and values after this position,
+// (B, heads, kept, head_dim) views of one new cache, or None for none (window 1). None where it does
+// not apply: anything but plain float32 CPU tensors of the expected shapes, more than a few batch
+// rows (each row reads the weights again), autograd needed, autocast, a __torch_function__ or
+// __torch_dispatch__ mode, or torch.jit.trace.
+py::object hybrid_stream_attention(py::handle y_object, py::handle query_weight, py::handle query_bias,
+                                   py::handle key_weight, py::handle key_bias, py::handle value_weight,
+                                   py::handle value_bias, py::handle out_weight, py::handle out_bias,
+                                   int64_t num_heads, int64_t head_dim, std::optional<int64_t> window,
+                                   py::handle past_keys_object, py::handle past_values_object) {
+  if (at::impl::torch_function_mode_enabled() || c10::impl::dispatch_mode_enabled() ||
+      torch::jit::tracer::isTracing() || at::autocast::is_autocast_enabled(at::kCPU) || num_heads < 1 ||
+      head_dim < 1 || (window && *window < 1) || !THPVariable_CheckExact(y_object.ptr())) {
+    return py::none();
+  }
+  const int64_t d = num_heads * head_dim;
+  const Tensor& y_given = THPVariable_Unpack(y_object.ptr());
+  if (y_given.dim() != 3) return py::none();
+  const int64_t batch = y_given.size(1), width = y_given.size(2);
+  if (batch < 1 || batch > cpu::kRowsGemmMaxRows || width < 1 ||
+      plain_float_cpu(y_object, {1, batch, width}) == nullptr) {
+    return py::none();
+  }
+  // The weights, read in place, row by row: each row contiguous (a copy otherwise).
+  std::array<Tensor, 4> weights;
+  const std::array<py::handle, 4> weight_objects{query_weight, key_weight, value_weight, out_weight};
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const Tensor* w = i < 3 ? plain_float_cpu(weight_objects[i], {d, width}) : plain_float_cpu(weight_objects[i], {width, d});
+    if (w == nullptr) return py::none();
+    weights[i] = w->stride(1) == 1 ? *w : w->contiguous();
+  }
+  std::array<Tensor, 4> biases;  // undefined for None
+  const std::array<py::handle, 4> bias_objects{query_bias, key_bias, value_bias, out_bias};
+  for (size_t i = 0; i < biases.size(); ++i) {
+    if (bias_objects[i].is_none()) continue;
+    const Tensor* b = plain_float_cpu(bias_objects[i], {i < 3 ? d : width});
+    if (b == nullptr) return py::none();
+    biases[i] = b->contiguous();
+  }
+  const Tensor* past_keys = nullptr;
+  const Tensor* past_values = nullptr;
+  if (past_keys_object.is_none() != past_values_object.is_none()) return py::none();
+  if (!past_keys_object.is_none()) {
+    if (!THPVariable_CheckExact(past_keys_object.ptr())) return py::none();
+    const Tensor& given = THPVariable_Unpack(past_keys_object.ptr());
+    const int64_t past = given.dim() == 4 ? given.size(2) : 0;
+    past_keys = plain_float_cpu(past_keys_object, {batch, num_heads, past, head_dim});
+    past_values = plain_float_cpu(past_values_object, {batch, num_heads, past, head_dim});
+    if (past_keys == nullptr || past_values == nullptr) return py::none();
+  }
+  if (at::GradMode::is_enabled()) {
+    bool needed = y_given.requires_grad();
+    for (const auto& t : weights) needed = needed || t.requires_grad();
+    for (const auto& t : biases) needed = needed || (t.defined() && t.requires_grad());
+    if (past_keys) needed = needed || past_keys->requires_grad() || past_values->requires_grad();
+    if (needed) return py::none();
+  }
+  const Tensor y = y_given.contiguous();
+
+  // One cache for keys then values, (2, B, capacity, D): the past positions the step attends (the
+  // last window - 1 of them), then its own.
+  const int64_t past = past_keys ? past_keys->size(2) : 0;
+  const int64_t attended = window ? std::min(past, *window - 1) : past;
+  const int64_t capacity = attended + 1;
+  const Tensor cache = at::empty({2, batch, capacity, d}, y.options());
+  float* keys = cache.mutable_data_ptr<float>();
+  float* values = keys + batch * capacity * d;
+  if (attended > 0) {
+    copy_positions(*past_keys, past - attended, attended, keys, capacity);
+    copy_positions(*past_values, past - attended, attended, values, capacity);
+  }
+
+  std::vector<const float*> rows(3 * d + width);  // W_q, W_k, W_v stacked, then W_o
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const float* data = weights[i].const_data_ptr<float>();
+    const int64_t first = static_cast<int64_t>(i) * d, count = weights[i].size(0), stride = weights[i].stride(0);
+    for (int64_t r = 0; r < count; ++r) rows[first + r] = data + r * stride;
+  }
+  std::vector<float> qkv_bias;  // gathered: the step adds one (3D,) bias (zeros for a None part)
+  if (biases[0].defined() || biases[1].defined() || biases[2].defined()) {
+    qkv_bias.assign(3 * d, 0.f);
+    for (size_t i = 0; i < 3; ++i) {
+      if (biases[i].defined()) std::copy_n(biases[i].const_data_ptr<float>(), d, qkv_bias.begin() + i * d);
+    }
+  }
+  OneQueryWeights step_weights;
+  step_weights.qkv.rows = rows.data();
+  step_weights.qkv.n = 3 * d;
+  step_weights.qkv.k = width;
+  step_weights.out.rows = rows.data() + 3 * d;
+  step_weights.out.n = width;
+  step_weights.out.k = d;
+  step_weights.qkv_bias = qkv_bias.empty() ? nullptr : qkv_bias.data();
+  step_weights.out_bias = biases[3].defined() ? biases[3].const_data_ptr<float>() : nullptr;
+  step_weights.width = width;
+  step_weights.heads = num_heads;
+  step_weights.head_dim = head_dim;
+
+  Tensor out = at::empty({1, batch, width}, y.options());
+  {
+    const py::gil_scoped_release no_gil;
+    std::vector<float> workspace;
+    const int64_t threads = cpu_threads_for(4 * width * d, batch, /*steps=*/1, LoopPass::forward);
+    one_query_attention_step(step_weights, y.const_data_ptr<float>(), batch, keys, values, capacity, 0, attended,
+                             out.mutable_data_ptr<float>(), threads, workspace);
+  }
+  // The state keeps the last window - 1 positions, this one included (every one with no window):
+  // strided views (one op each; narrowing, splitting the heads and transposing cost ~13 µs).
+  const int64_t kept = window ? std::min(capacity, *window - 1) : capacity;
+  auto state_view = [&](int64_t which) -> py::object {
+    if (kept == 0) return py::none();
+    const int64_t offset = cache.storage_offset() + (which * batch * capacity + capacity - kept) * d;
+    return wrap(cache.as_strided({batch, num_heads, kept, head_dim}, {capacity * d, head_dim, d, 1}, offset));
+  };
+  return py::make_tuple(wrap(std::move(out)), state_view(0), state_view(1));
+}
+
 }  // namespace
 
 void define_hybrid_attention(py::module_& module) {
@@ -120,6 +284,13 @@ void define_hybrid_attention(py::module_& module) {
            "y (B, W): the recurrent output of this position -> the block's output (B, W). keys and values "
            "(B, capacity, D), contiguous: the past positions at [first, first + count), this position's key "
            "and value written at first + count");
+  module.def("hybrid_stream_attention", &hybrid_stream_attention, py::arg("y"), py::arg("query_weight"),
+             py::arg("query_bias"), py::arg("key_weight"), py::arg("key_bias"), py::arg("value_weight"),
+             py::arg("value_bias"), py::arg("out_weight"), py::arg("out_bias"), py::arg("num_heads"),
+             py::arg("head_dim"), py::arg("window"), py::arg("past_keys"), py::arg("past_values"),
+             "HybridBlock.stream's attention for a one-step chunk at a few batch rows, float32 on the CPU without "
+             "autograd: y (1, B, W) -> (output (1, B, W), keys, values) of the state after it, or None where it "
+             "does not apply");
 }
 
 }  // namespace rnnattn

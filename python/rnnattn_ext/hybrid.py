@@ -14,9 +14,10 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import _ops
+from . import _ops, functional
 from .modules import GRU, LSTM, RNN
 
 _RECURRENT = {"lstm": LSTM, "gru": GRU, "rnn_tanh": RNN, "rnn_relu": RNN}
@@ -148,7 +149,10 @@ class HybridBlock(nn.Module):
         the outputs of one call over the whole sequence (to rounding: the attention's products have
         other shapes). The state carries the recurrent state and the keys and values of the most
         recent ``window - 1`` positions (all of them when ``window`` is None: that cache grows with the
-        sequence). Unidirectional blocks only; no lengths (a chunk's rows all run)."""
+        sequence). Unidirectional blocks only; no lengths (a chunk's rows all run). A one-step chunk of a
+        float32 CPU block at up to four batch rows without autograd runs its attention in C++ on the
+        weights as they are now (``_attend_one_in_cpp``), to rounding the numbers of the torch operations;
+        the state given is never changed, so several steps may continue from one."""
         self.recurrent._check_streamable(input)
         if state is not None and not isinstance(state, HybridState):
             raise TypeError(f"HybridBlock: state must be None or a HybridState (from a previous stream call), got "
@@ -160,11 +164,33 @@ class HybridBlock(nn.Module):
         if past_keys is not None and past_values is not None and not batched:
             past_keys, past_values = past_keys.unsqueeze(0), past_values.unsqueeze(0)
         y, hidden = self.recurrent.stream(self._time_major(input), hidden)
-        output, keys, values = self._attend(y if batched else y.unsqueeze(1), past_keys, past_values)
-        kept_keys, kept_values = _recent_positions(keys, values, self.window)
+        seq = y if batched else y.unsqueeze(1)
+        attended = self._attend_one_in_cpp(seq, past_keys, past_values)
+        if attended is not None:
+            output, kept_keys, kept_values = attended
+        else:
+            output, keys, values = self._attend(seq, past_keys, past_values)
+            kept_keys, kept_values = _recent_positions(keys, values, self.window)
         if kept_keys is not None and kept_values is not None and not batched:
             kept_keys, kept_values = kept_keys.squeeze(0), kept_values.squeeze(0)
         return self._in_callers_layout(output, batched), HybridState(hidden, kept_keys, kept_values)
+
+    def _attend_one_in_cpp(self, seq: Tensor, past_keys: Tensor | None, past_values: Tensor | None):
+        """``_attend`` and ``_recent_positions`` for a one-step chunk (1, B, W) of a few batch rows in
+        C++ (``_C.hybrid_stream_attention``: float32 on the CPU, no autograd needed), the output
+        (1, B, W) and the state's keys and values; None where the torch operations must take it, and
+        while Dynamo traces, as it cannot see into that call, or in forward mode (tangents), and where
+        calling the projections would run more than their weights: a hook, or a module replaced by
+        another kind (a LoRA adapter, a parametrization)."""
+        if seq.shape[0] != 1 or torch.compiler.is_compiling() or functional.in_forward_mode():
+            return None
+        query, key, value, out = self.query, self.key, self.value, self.out
+        if _global_forward_hooks or _global_forward_pre_hooks or any(
+                type(m) is not nn.Linear or m._forward_hooks or m._forward_pre_hooks for m in (query, key, value, out)):
+            return None
+        return _ops.hybrid_stream_attention(seq, query.weight, query.bias, key.weight, key.bias, value.weight,
+                                            value.bias, out.weight, out.bias, self.num_heads, self.head_dim,
+                                            self.window, past_keys, past_values)
 
     def streamer(self) -> HybridStreamer:
         """A :class:`HybridStreamer` for streaming inference one step per call, as the recurrent modules'
@@ -197,6 +223,10 @@ class HybridBlock(nn.Module):
                 raise ValueError(f"HybridBlock: state.keys and state.values must have shape (batch, num_heads, P, "
                                  f"head_dim) = {expected} for this chunk, got {tuple(past_keys.shape)} and "
                                  f"{tuple(past_values.shape)}")
+            if any(t.dtype != k.dtype or t.device != k.device for t in (past_keys, past_values)):
+                raise TypeError(f"HybridBlock: state.keys and state.values must have the dtype ({k.dtype}) and device "
+                                f"({k.device}) of this chunk's keys, got {past_keys.dtype} on {past_keys.device} "
+                                f"and {past_values.dtype} on {past_values.device}")
             past = past_keys.shape[2]
             k, v = torch.cat([past_keys, k], 2), torch.cat([past_values, v], 2)
         if steps == 1 and (self.window is None or past < self.window):  # one query, every position in its window
