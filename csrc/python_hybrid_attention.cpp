@@ -3,10 +3,11 @@
 // - _C.HybridAttentionStep: HybridStreamer's step on a packed copy of the weights. The streamer owns
 //   the cache of keys and values, (B, capacity, D) each, and tells each step where its positions lie;
 //   the step writes its own position's key and value there and returns the block's output.
-// - _C.hybrid_stream_attention: HybridBlock.stream's attention for a one-step chunk at a few batch
-//   rows, on the module's live weights read in place, the past keys and values as its state holds
-//   them. Where it does not apply it returns None and the stream takes its torch operations (which
-//   explain bad arguments); through them such a step cost ~330 µs of a dozen small ops on a 2-core x86.
+// - _C.hybrid_stream_attention: HybridBlock.stream's attention for a chunk of a few steps at a few
+//   batch rows, step by step on the module's live weights read in place, the past keys and values as
+//   its state holds them. Where it does not apply it returns None and the stream takes its torch
+//   operations (which explain bad arguments); through them a one-step chunk cost ~330 µs of a dozen
+//   small ops on a 2-core x86.
 #include "python_hybrid_attention.h"
 
 #include <ATen/PythonTorchFunctionTLS.h>
@@ -119,6 +120,9 @@ class HybridAttentionStep {
 };
 
 
+// The most steps of a chunk that hybrid_stream_attention takes, one after the other.
+constexpr int64_t kMostStreamSteps = 4;
+
 // A plain float32 CPU tensor of exactly these sizes, or null.
 const Tensor* plain_float_cpu(py::handle object, c10::IntArrayRef sizes) {
   if (!THPVariable_CheckExact(object.ptr())) return nullptr;
@@ -148,14 +152,14 @@ void copy_positions(const Tensor& state, int64_t from, int64_t count, float* cac
   }
 }
 
-// HybridBlock.stream's one-step attention (see the top of this file): y (1, B, W) the recurrent
-// output of a one-step chunk; the query, key, value and output projections' weights and biases (a
+// HybridBlock.stream's attention for a chunk of a few steps (see the top of this file): y (T, B, W)
+// the recurrent output of the chunk; the query, key, value and output projections' weights and biases (a
 // bias may be None); past_keys/past_values (B, heads, P, head_dim) or both None; window None or
-// >= 1. Returns (output (1, B, W), keys, values): the state's keys and values after this position,
+// >= 1. Returns (output (T, B, W), keys, values): the state's keys and values after the chunk,
 // (B, heads, kept, head_dim) views of one new cache, or None for none (window 1). None where it does
-// not apply: anything but plain float32 CPU tensors of the expected shapes, more than a few batch
-// rows (each row reads the weights again), autograd needed, autocast, a __torch_function__ or
-// __torch_dispatch__ mode, or torch.jit.trace.
+// not apply: anything but plain float32 CPU tensors of the expected shapes, more than a few steps or
+// batch rows (each reads the weights again: the torch operations' batched products win past them),
+// autograd needed, autocast, a __torch_function__ or __torch_dispatch__ mode, or torch.jit.trace.
 py::object hybrid_stream_attention(py::handle y_object, py::handle query_weight, py::handle query_bias,
                                    py::handle key_weight, py::handle key_bias, py::handle value_weight,
                                    py::handle value_bias, py::handle out_weight, py::handle out_bias,
@@ -169,9 +173,9 @@ py::object hybrid_stream_attention(py::handle y_object, py::handle query_weight,
   const int64_t d = num_heads * head_dim;
   const Tensor& y_given = THPVariable_Unpack(y_object.ptr());
   if (y_given.dim() != 3) return py::none();
-  const int64_t batch = y_given.size(1), width = y_given.size(2);
-  if (batch < 1 || batch > cpu::kRowsGemmMaxRows || width < 1 ||
-      plain_float_cpu(y_object, {1, batch, width}) == nullptr) {
+  const int64_t steps = y_given.size(0), batch = y_given.size(1), width = y_given.size(2);
+  if (steps < 1 || steps > kMostStreamSteps || batch < 1 || batch > cpu::kRowsGemmMaxRows || width < 1 ||
+      plain_float_cpu(y_object, {steps, batch, width}) == nullptr) {
     return py::none();
   }
   // The weights, read in place, row by row: each row contiguous (a copy otherwise).
@@ -210,11 +214,11 @@ py::object hybrid_stream_attention(py::handle y_object, py::handle query_weight,
   }
   const Tensor y = y_given.contiguous();
 
-  // One cache for keys then values, (2, B, capacity, D): the past positions the step attends (the
-  // last window - 1 of them), then its own.
+  // One cache for keys then values, (2, B, capacity, D): the past positions the first step attends
+  // (the last window - 1 of them), then the chunk's own.
   const int64_t past = past_keys ? past_keys->size(2) : 0;
   const int64_t attended = window ? std::min(past, *window - 1) : past;
-  const int64_t capacity = attended + 1;
+  const int64_t capacity = attended + steps;
   const Tensor cache = at::empty({2, batch, capacity, d}, y.options());
   float* keys = cache.mutable_data_ptr<float>();
   float* values = keys + batch * capacity * d;
@@ -249,13 +253,18 @@ py::object hybrid_stream_attention(py::handle y_object, py::handle query_weight,
   step_weights.heads = num_heads;
   step_weights.head_dim = head_dim;
 
-  Tensor out = at::empty({1, batch, width}, y.options());
+  Tensor out = at::empty({steps, batch, width}, y.options());
   {
     const py::gil_scoped_release no_gil;
     std::vector<float> workspace;
     const int64_t threads = cpu_threads_for(4 * width * d, batch, /*steps=*/1, LoopPass::forward);
-    one_query_attention_step(step_weights, y.const_data_ptr<float>(), batch, keys, values, capacity, 0, attended,
-                             out.mutable_data_ptr<float>(), threads, workspace);
+    for (int64_t t = 0; t < steps; ++t) {
+      // Step t's own position is attended + t; it attends the window - 1 before it (all with no window).
+      const int64_t own = attended + t, first = window ? std::max<int64_t>(0, own - (*window - 1)) : 0;
+      one_query_attention_step(step_weights, y.const_data_ptr<float>() + t * batch * width, batch, keys, values,
+                               capacity, first, own - first, out.mutable_data_ptr<float>() + t * batch * width,
+                               threads, workspace);
+    }
   }
   // The state keeps the last window - 1 positions, this one included (every one with no window):
   // strided views (one op each; narrowing, splitting the heads and transposing cost ~13 µs).
@@ -288,8 +297,8 @@ void define_hybrid_attention(py::module_& module) {
              py::arg("query_bias"), py::arg("key_weight"), py::arg("key_bias"), py::arg("value_weight"),
              py::arg("value_bias"), py::arg("out_weight"), py::arg("out_bias"), py::arg("num_heads"),
              py::arg("head_dim"), py::arg("window"), py::arg("past_keys"), py::arg("past_values"),
-             "HybridBlock.stream's attention for a one-step chunk at a few batch rows, float32 on the CPU without "
-             "autograd: y (1, B, W) -> (output (1, B, W), keys, values) of the state after it, or None where it "
+             "HybridBlock.stream's attention for a chunk of a few steps at a few batch rows, float32 on the CPU "
+             "without autograd: y (T, B, W) -> (output (T, B, W), keys, values) of the state after it, or None where it "
              "does not apply");
 }
 

@@ -365,9 +365,9 @@ def test_hybrid_attention_step_checks_its_arguments():
         step.step(y, [0.0], values, 0, 0)
 
 
-def _one_step_calls(monkeypatch):
+def _cpp_attention_calls(monkeypatch):
     """Records what each of HybridBlock.stream's calls of _C.hybrid_stream_attention returned (None:
-    the torch operations took the step)."""
+    the torch operations took the chunk)."""
     from rnnattn_ext import _ops
 
     results, original = [], _ops.hybrid_stream_attention
@@ -381,7 +381,7 @@ def _one_step_calls(monkeypatch):
 
 
 def _steps_by_torch_operations(block, frames, state, monkeypatch):
-    """block.stream over frames one step at a time with the C++ attention step turned off."""
+    """block.stream over frames, chunk by chunk, with the C++ attention turned off."""
     from rnnattn_ext import _ops
 
     with monkeypatch.context() as patch:
@@ -396,19 +396,21 @@ def _steps_by_torch_operations(block, frames, state, monkeypatch):
 @pytest.mark.parametrize("window", [None, 1, 3])
 @pytest.mark.parametrize("num_heads,head_dim,bias", [(4, 16, True), (3, 5, False)])
 @pytest.mark.parametrize("batch,layout", [(1, "time_major"), (4, "time_major"), (3, "batch_first"), (1, "unbatched")])
-def test_one_step_stream_attends_in_cpp(window, num_heads, head_dim, bias, batch, layout, monkeypatch):
-    # A float32 CPU block streamed one step at a time without autograd runs the step's attention in
-    # C++ on its live weights (_C.hybrid_stream_attention): the numbers of its torch operations
-    # step for step, and of one call over the whole sequence; each state continues in either.
+@pytest.mark.parametrize("chunks", [[1] * 9, [2, 3, 4]], ids=["steps", "chunks"])
+def test_short_stream_chunks_attend_in_cpp(window, num_heads, head_dim, bias, batch, layout, chunks, monkeypatch):
+    # A float32 CPU block streamed in chunks of up to four steps without autograd runs the chunk's
+    # attention in C++ on its live weights (_C.hybrid_stream_attention, step by step): the numbers of
+    # its torch operations chunk for chunk, and of one call over the whole sequence; each state
+    # continues in either.
     torch.manual_seed(13)
     block = rnnattn_ext.HybridBlock(6, 24, num_heads=num_heads, head_dim=head_dim, window=window, cell="lstm",
                                     bias=bias, batch_first=layout == "batch_first").eval()
-    steps = 9
+    steps = sum(chunks)
     shape = {"time_major": (steps, batch, 6), "batch_first": (batch, steps, 6), "unbatched": (steps, 6)}[layout]
     x = torch.randn(*shape)
     dim = 1 if layout == "batch_first" else 0
-    frames = x.split(1, dim)
-    calls = _one_step_calls(monkeypatch)
+    frames = x.split(chunks, dim)
+    calls = _cpp_attention_calls(monkeypatch)
     with torch.no_grad():
         whole, _ = block(x)
         states, outputs, state = [], [], None
@@ -416,15 +418,15 @@ def test_one_step_stream_attends_in_cpp(window, num_heads, head_dim, bias, batch
             y, state = block.stream(frame, state)
             outputs.append(y)
             states.append(state)
-        assert len(calls) == steps and all(result is not None for result in calls)
+        assert len(calls) == len(chunks) and all(result is not None for result in calls)
         torch.testing.assert_close(torch.cat(outputs, dim), whole, atol=2e-6, rtol=1e-5)
         expected_outputs, _ = _steps_by_torch_operations(block, frames, None, monkeypatch)
         kept = {None: steps, 1: 0, 3: 2}[window]
         for got, expected in zip(outputs, expected_outputs):
             torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
-        for step, got in enumerate(states):
-            _, expected = _steps_by_torch_operations(block, frames[: step + 1], None, monkeypatch)
-            positions = min(step + 1, kept)
+        for chunk, got in enumerate(states):
+            _, expected = _steps_by_torch_operations(block, frames[: chunk + 1], None, monkeypatch)
+            positions = min(sum(chunks[: chunk + 1]), kept)
             for mine, theirs in ((got.keys, expected.keys), (got.values, expected.values)):
                 if positions == 0:
                     assert mine is None and theirs is None
@@ -432,30 +434,33 @@ def test_one_step_stream_attends_in_cpp(window, num_heads, head_dim, bias, batch
                 lead = () if layout == "unbatched" else (batch,)
                 assert mine.shape == theirs.shape == (*lead, num_heads, positions, head_dim)
                 torch.testing.assert_close(mine, theirs, atol=2e-6, rtol=1e-5)
-        # A state from the C++ step continues through the torch operations (a chunk of several steps)
-        # and through a streamer, and a state is not changed by a step from it (beam search branches).
-        middle = states[4]
+        # A state from the C++ attention continues through the torch operations (a chunk of five
+        # steps) and through a streamer, and a state is not changed by a chunk from it (beam search
+        # branches from one state several times).
+        middle_chunk = [sum(chunks[: i + 1]) for i in range(len(chunks))].index(5 if chunks[0] == 1 else 2)
+        done = sum(chunks[: middle_chunk + 1])
+        middle = states[middle_chunk]
         before = [t.clone() for t in (middle.keys, middle.values) if t is not None]
-        rest, _ = block.stream(torch.cat(frames[5:], dim), middle)
-        torch.testing.assert_close(rest, whole.narrow(dim, 5, steps - 5), atol=2e-6, rtol=1e-5)
-        again, _ = block.stream(frames[5], middle)
-        torch.testing.assert_close(again, outputs[5], atol=0, rtol=0)
+        rest, _ = block.stream(x.narrow(dim, done, steps - done), middle)
+        torch.testing.assert_close(rest, whole.narrow(dim, done, steps - done), atol=2e-6, rtol=1e-5)
+        again, _ = block.stream(frames[middle_chunk + 1], middle)
+        torch.testing.assert_close(again, outputs[middle_chunk + 1], atol=0, rtol=0)
         for t, copy in zip([t for t in (middle.keys, middle.values) if t is not None], before):
             assert torch.equal(t, copy)
         if layout != "batch_first":
             streamer = block.streamer()
             streamer.reset(middle)
-            torch.testing.assert_close(streamer.step(frames[5].squeeze(0)), outputs[5].squeeze(0), atol=2e-6,
+            torch.testing.assert_close(streamer.step(x.select(0, done)), whole.select(0, done), atol=2e-6,
                                        rtol=1e-5)
 
 
-def test_one_step_stream_reads_the_live_weights(monkeypatch):
+def test_short_chunk_stream_reads_the_live_weights(monkeypatch):
     # Unlike a streamer's snapshot, stream reads the weights at each call: an optimizer's in-place
     # step, a write through .data (which no version counter sees) and a replaced parameter all show.
     torch.manual_seed(14)
     block = rnnattn_ext.HybridBlock(5, 8, num_heads=2, window=4, cell="gru").eval()
     x = torch.randn(1, 2, 5)
-    calls = _one_step_calls(monkeypatch)
+    calls = _cpp_attention_calls(monkeypatch)
 
     def both_ways(state):
         with torch.no_grad():
@@ -479,15 +484,16 @@ def test_one_step_stream_reads_the_live_weights(monkeypatch):
     assert len(calls) == 5 and all(result is not None for result in calls)
 
 
-def test_one_step_stream_past_the_window_attends_its_last_positions(monkeypatch):
-    # A state holding more positions than window - 1 (made by a block without a window): the step
-    # attends the most recent window - 1 and its own, as the torch operations' mask does.
+def test_short_chunk_stream_past_the_window_attends_its_last_positions(monkeypatch):
+    # A state holding more positions than window - 1 (made by a block without a window): each step of
+    # the chunk attends the most recent window - 1 before it and its own, as the torch operations' mask
+    # does.
     torch.manual_seed(15)
     wide = rnnattn_ext.HybridBlock(5, 8, num_heads=2, cell="rnn_tanh").eval()
     narrow = rnnattn_ext.HybridBlock(5, 8, num_heads=2, window=3, cell="rnn_tanh").eval()
     narrow.load_state_dict(wide.state_dict())
-    x = torch.randn(6, 2, 5)
-    calls = _one_step_calls(monkeypatch)
+    x = torch.randn(7, 2, 5)
+    calls = _cpp_attention_calls(monkeypatch)
     with torch.no_grad():
         _, state = wide.stream(x[:5])
         assert state.keys.shape[2] == 5
@@ -500,14 +506,14 @@ def test_one_step_stream_past_the_window_attends_its_last_positions(monkeypatch)
     torch.testing.assert_close(kept.values, expected_kept.values, atol=2e-6, rtol=1e-5)
 
 
-def test_one_step_stream_leaves_to_torch_operations_what_cpp_cannot_do(monkeypatch):
-    # Autograd, more than four batch rows, another dtype, autocast, a chunk of several steps and a
-    # __torch_dispatch__ mode (which must see the operations) all take the torch operations.
+def test_short_chunk_stream_leaves_to_torch_operations_what_cpp_cannot_do(monkeypatch):
+    # Autograd, more than four batch rows or steps, another dtype, autocast and a __torch_dispatch__
+    # mode (which must see the operations) all take the torch operations.
     from torch.utils._python_dispatch import TorchDispatchMode
 
     torch.manual_seed(16)
     block = rnnattn_ext.HybridBlock(5, 8, num_heads=2, window=4, cell="lstm")
-    calls = _one_step_calls(monkeypatch)
+    calls = _cpp_attention_calls(monkeypatch)
     x = torch.randn(1, 2, 5)
 
     y, state = block.stream(x)  # parameters require grad, grad mode on
@@ -516,8 +522,8 @@ def test_one_step_stream_leaves_to_torch_operations_what_cpp_cannot_do(monkeypat
     with torch.no_grad():
         block.stream(torch.randn(1, 5, 5))
         assert calls[-1] is None
-        block.stream(torch.randn(2, 2, 5))  # two steps: the operations run once for both
-        assert calls == [None, None]  # (not called for a chunk)
+        block.stream(torch.randn(5, 2, 5))
+        assert calls == [None, None, None]
         block.double().stream(x.double())
         assert calls[-1] is None
         block.float()
@@ -541,8 +547,8 @@ def test_one_step_stream_leaves_to_torch_operations_what_cpp_cannot_do(monkeypat
         assert calls[-1] is not None
 
 
-def test_one_step_stream_bad_state_is_explained(monkeypatch):
-    # A bad state at a one-step chunk is handed to the torch operations, whose errors explain it.
+def test_short_chunk_stream_bad_state_is_explained(monkeypatch):
+    # A bad state for a short chunk is handed to the torch operations, whose errors explain it.
     block = rnnattn_ext.HybridBlock(3, 8, num_heads=2, window=3).eval()
     with torch.no_grad():
         _, state = block.stream(torch.randn(2, 1, 3))
@@ -558,7 +564,7 @@ def test_one_step_stream_bad_state_is_explained(monkeypatch):
             block.stream(torch.randn(1, 1, 3), state._replace(keys=state.keys.double()))
 
 
-def test_one_step_stream_runs_the_projections_when_they_do_more_than_their_weights(monkeypatch):
+def test_short_chunk_stream_runs_the_projections_when_they_do_more_than_their_weights(monkeypatch):
     # A hook on a projection (or on every module), or a projection replaced by a module of another
     # kind (as an adapter library does), must run: the torch operations take the step.
     class Adapted(torch.nn.Linear):
@@ -568,7 +574,7 @@ def test_one_step_stream_runs_the_projections_when_they_do_more_than_their_weigh
     torch.manual_seed(17)
     block = rnnattn_ext.HybridBlock(5, 8, num_heads=2, window=4, cell="gru").eval()
     x = torch.randn(1, 2, 5)
-    calls = _one_step_calls(monkeypatch)
+    calls = _cpp_attention_calls(monkeypatch)
     with torch.no_grad():
         plain, _ = block.stream(x)
         assert len(calls) == 1 and calls[-1] is not None

@@ -149,10 +149,10 @@ class HybridBlock(nn.Module):
         the outputs of one call over the whole sequence (to rounding: the attention's products have
         other shapes). The state carries the recurrent state and the keys and values of the most
         recent ``window - 1`` positions (all of them when ``window`` is None: that cache grows with the
-        sequence). Unidirectional blocks only; no lengths (a chunk's rows all run). A one-step chunk of a
-        float32 CPU block at up to four batch rows without autograd runs its attention in C++ on the
-        weights as they are now (``_attend_one_in_cpp``), to rounding the numbers of the torch operations;
-        the state given is never changed, so several steps may continue from one."""
+        sequence). Unidirectional blocks only; no lengths (a chunk's rows all run). A chunk of up to
+        four steps and batch rows of a float32 CPU block without autograd runs its attention in C++ on
+        the weights as they are now (``_attend_in_cpp``), to rounding the numbers of the torch
+        operations; the state given is never changed, so several chunks may continue from one."""
         self.recurrent._check_streamable(input)
         if state is not None and not isinstance(state, HybridState):
             raise TypeError(f"HybridBlock: state must be None or a HybridState (from a previous stream call), got "
@@ -165,7 +165,7 @@ class HybridBlock(nn.Module):
             past_keys, past_values = past_keys.unsqueeze(0), past_values.unsqueeze(0)
         y, hidden = self.recurrent.stream(self._time_major(input), hidden)
         seq = y if batched else y.unsqueeze(1)
-        attended = self._attend_one_in_cpp(seq, past_keys, past_values)
+        attended = self._attend_in_cpp(seq, past_keys, past_values)
         if attended is not None:
             output, kept_keys, kept_values = attended
         else:
@@ -175,14 +175,14 @@ class HybridBlock(nn.Module):
             kept_keys, kept_values = kept_keys.squeeze(0), kept_values.squeeze(0)
         return self._in_callers_layout(output, batched), HybridState(hidden, kept_keys, kept_values)
 
-    def _attend_one_in_cpp(self, seq: Tensor, past_keys: Tensor | None, past_values: Tensor | None):
-        """``_attend`` and ``_recent_positions`` for a one-step chunk (1, B, W) of a few batch rows in
-        C++ (``_C.hybrid_stream_attention``: float32 on the CPU, no autograd needed), the output
-        (1, B, W) and the state's keys and values; None where the torch operations must take it, and
+    def _attend_in_cpp(self, seq: Tensor, past_keys: Tensor | None, past_values: Tensor | None):
+        """``_attend`` and ``_recent_positions`` for a chunk (T, B, W) of up to four steps and batch
+        rows in C++ (``_C.hybrid_stream_attention``: float32 on the CPU, no autograd needed), the output
+        (T, B, W) and the state's keys and values; None where the torch operations must take it, and
         while Dynamo traces, as it cannot see into that call, or in forward mode (tangents), and where
         calling the projections would run more than their weights: a hook, or a module replaced by
         another kind (a LoRA adapter, a parametrization)."""
-        if seq.shape[0] != 1 or torch.compiler.is_compiling() or functional.in_forward_mode():
+        if torch.compiler.is_compiling() or functional.in_forward_mode():
             return None
         query, key, value, out = self.query, self.key, self.value, self.out
         if _global_forward_hooks or _global_forward_pre_hooks or any(
