@@ -662,6 +662,28 @@ void zero_padded_steps(Tensor& output, const Tensor& lengths) {
   }
 }
 
+// The (T, B, W) output with h0 (B, W) at the steps its rows do not take: the states a reverse
+// layer's steps started from (the forward carried h0 through a row's padded steps, then zeroed them).
+// On the CPU a copy with h0's rows put back (the mask and where cost more than the copy).
+Tensor with_initial_state_at_padded_steps(const Tensor& output, const Tensor& h0, const Tensor& lengths) {
+  const int64_t T = output.size(0), B = output.size(1), W = output.size(2);
+  if (!output.is_cpu() || h0.scalar_type() != output.scalar_type()) {
+    return at::where(padded_steps(lengths, T), h0.unsqueeze(0), output).contiguous();
+  }
+  Tensor result = output.clone(at::MemoryFormat::Contiguous);
+  const Tensor initial = h0.contiguous();
+  const int64_t* length = lengths.const_data_ptr<int64_t>();
+  const int64_t row_bytes = W * static_cast<int64_t>(result.element_size());
+  auto* base = static_cast<unsigned char*>(result.data_ptr());
+  const auto* initial_rows = static_cast<const unsigned char*>(initial.const_data_ptr());
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t t = length[b]; t < T; ++t) {
+      std::memcpy(base + (t * B + b) * row_bytes, initial_rows + b * row_bytes, row_bytes);
+    }
+  }
+  return result;
+}
+
 // Per time step, the rows the recurrent GEMM must cover: up to the last row still running (all of
 // them when lengths are sorted longest first, as a PackedSequence's are), so that finished rows cost
 // no GEMM work. Empty without lengths. The attention cell keeps every row: its slots and queries
@@ -1141,9 +1163,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   // reverse, a row's first valid step started from h_0, which the forward carried through the padded
   // steps and then zeroed there: put it back.
   const Tensor output = seq_lengths.defined() && reverse
-                            ? at::where(padded_steps(seq_lengths, T), initial_states[0].unsqueeze(0),
-                                        output_arg)
-                                  .contiguous()
+                            ? with_initial_state_at_padded_steps(output_arg, initial_states[0], seq_lengths)
                             : output_arg.contiguous();
   const int64_t GH = weight_hh_arg.size(0), H = GH / G, HS = weight_hh_arg.size(1);  // as in the forward
   const auto opts = input.options();
