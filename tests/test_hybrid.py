@@ -152,21 +152,29 @@ def test_stream_compiles_without_graph_breaks():
         torch.testing.assert_close(got, expected)
 
 
-def test_stream_bad_arguments():
+@pytest.mark.parametrize("grad_mode", [torch.enable_grad, torch.no_grad])
+def test_stream_bad_arguments(grad_mode):
+    # Without autograd a short chunk may take the C++ attention, which hands a bad state to the torch
+    # operations: their errors explain it in both modes.
     with pytest.raises(ValueError, match="stream needs a unidirectional module"):
         rnnattn_ext.HybridBlock(3, 8, bidirectional=True).stream(torch.randn(2, 1, 3))
     block = rnnattn_ext.HybridBlock(3, 8, num_heads=2, window=3)
-    with pytest.raises(TypeError, match="state must be None or a HybridState .*, got tuple"):
-        block.stream(torch.randn(2, 1, 3), (None, None, None))
-    _, state = block.stream(torch.randn(2, 1, 3))
-    with pytest.raises(ValueError, match=r"LSTM: expected h_0 of size \(1, 4, 8\), got \(1, 1, 8\)"):
-        block.stream(torch.randn(2, 4, 3), state)  # another batch
-    with pytest.raises(ValueError, match=r"state.keys and state.values must have shape \(batch, num_heads, P, "
-                                         r"head_dim\) = \(1, 2, 2, 4\) for this chunk, got \(1, 2, 2, 4\) and "
-                                         r"\(1, 1, 2, 4\)"):
-        block.stream(torch.randn(2, 1, 3), state._replace(values=state.values[:, :1]))
-    with pytest.raises(ValueError, match="must both be tensors or both None"):
-        block.stream(torch.randn(2, 1, 3), state._replace(values=None))
+    with grad_mode():
+        with pytest.raises(TypeError, match="state must be None or a HybridState .*, got tuple"):
+            block.stream(torch.randn(2, 1, 3), (None, None, None))
+        _, state = block.stream(torch.randn(2, 1, 3))
+        with pytest.raises(ValueError, match=r"LSTM: expected h_0 of size \(1, 4, 8\), got \(1, 1, 8\)"):
+            block.stream(torch.randn(2, 4, 3), state)  # another batch
+        with pytest.raises(ValueError, match=r"state.keys and state.values must have shape \(batch, num_heads, P, "
+                                             r"head_dim\) = \(1, 2, 2, 4\) for this chunk, got \(1, 2, 2, 4\) and "
+                                             r"\(1, 1, 2, 4\)"):
+            block.stream(torch.randn(2, 1, 3), state._replace(values=state.values[:, :1]))
+        with pytest.raises(ValueError, match="must both be tensors or both None"):
+            block.stream(torch.randn(1, 1, 3), state._replace(values=None))
+        with pytest.raises(TypeError, match=r"state.keys and state.values must have the dtype \(torch.float32\) and "
+                                            r"device \(cpu\) of this chunk's keys, got torch.float64 on cpu and "
+                                            r"torch.float32 on cpu"):
+            block.stream(torch.randn(1, 1, 3), state._replace(keys=state.keys.double()))
 
 
 @pytest.mark.parametrize("batch_first", [False, True])
@@ -545,23 +553,6 @@ def test_short_chunk_stream_leaves_to_torch_operations_what_cpp_cannot_do(monkey
         assert calls[-1] is None and any("scaled_dot_product" in name for name in seen.names)
         block.stream(x, state)
         assert calls[-1] is not None
-
-
-def test_short_chunk_stream_bad_state_is_explained(monkeypatch):
-    # A bad state for a short chunk is handed to the torch operations, whose errors explain it.
-    block = rnnattn_ext.HybridBlock(3, 8, num_heads=2, window=3).eval()
-    with torch.no_grad():
-        _, state = block.stream(torch.randn(2, 1, 3))
-        with pytest.raises(ValueError, match=r"state.keys and state.values must have shape \(batch, num_heads, P, "
-                                             r"head_dim\) = \(1, 2, 2, 4\) for this chunk, got \(1, 2, 2, 4\) and "
-                                             r"\(1, 1, 2, 4\)"):
-            block.stream(torch.randn(1, 1, 3), state._replace(values=state.values[:, :1]))
-        with pytest.raises(ValueError, match="must both be tensors or both None"):
-            block.stream(torch.randn(1, 1, 3), state._replace(values=None))
-        with pytest.raises(TypeError, match=r"state.keys and state.values must have the dtype \(torch.float32\) and "
-                                            r"device \(cpu\) of this chunk's keys, got torch.float64 on cpu and "
-                                            r"torch.float32 on cpu"):
-            block.stream(torch.randn(1, 1, 3), state._replace(keys=state.keys.double()))
 
 
 def test_short_chunk_stream_runs_the_projections_when_they_do_more_than_their_weights(monkeypatch):
