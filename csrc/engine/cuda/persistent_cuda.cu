@@ -80,18 +80,21 @@ bool split_units(int64_t batch, int64_t hidden, UnitSplit& split) {
 }
 
 // Whether `blocks` blocks of `kernel` with `bytes` of shared memory each fit on the device at once
-// (the grid-wide barrier needs every block resident).
+// (the grid-wide barrier needs every block resident). The kernel may then use up to the device's
+// opt-in limit, not just `bytes`: the attribute is the process's, and another thread planning a
+// smaller launch between this plan and its launch must not lower it under this one.
 template <class Kernel>
-bool all_resident(Kernel kernel, int64_t blocks, int64_t bytes, int sms) {
+bool all_resident(Kernel kernel, int64_t blocks, int64_t bytes, const UnitSplit& split) {
   int per_sm = 0;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)) !=
+  if (bytes > split.shared_bytes ||
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, split.shared_bytes) !=
           cudaSuccess ||
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, static_cast<size_t>(bytes)) !=
           cudaSuccess) {
     cudaGetLastError();
     return false;
   }
-  return int64_t(per_sm) * sms >= blocks;
+  return int64_t(per_sm) * split.sms >= blocks;
 }
 
 // The batch tile: the whole batch where its rows fit in `free_bytes` (rows of row_bytes, a whole
@@ -128,7 +131,7 @@ bool plan_persistent_forward(PersistentForwardArgs<T>& args) {
   args.units = split.units;
   args.batch_tile = tile;
   const int64_t bytes = persistent_shared_bytes<Cell, T>(batch, hidden, split.units, tile);
-  return with_kernel<Cell, T>(args, [&](auto kernel) { return all_resident(kernel, split.blocks, bytes, split.sms); });
+  return with_kernel<Cell, T>(args, [&](auto kernel) { return all_resident(kernel, split.blocks, bytes, split); });
 }
 
 template <class Cell, typename T>
@@ -163,7 +166,7 @@ bool plan_persistent_backward(PersistentBackwardArgs<T>& args) {
   args.batch_tile = tile;
   args.parts = parts;
   const int64_t bytes = persistent_backward_shared_bytes<Cell, T>(hidden, units, tile, parts);
-  return all_resident(persistent_backward_kernel<Cell, T>, split.blocks, bytes, split.sms);
+  return all_resident(persistent_backward_kernel<Cell, T>, split.blocks, bytes, split);
 }
 
 template <class Cell, typename T>
