@@ -404,9 +404,9 @@ def _steps_by_torch_operations(block, frames, state, monkeypatch):
 @pytest.mark.parametrize("window", [None, 1, 3])
 @pytest.mark.parametrize("num_heads,head_dim,bias", [(4, 16, True), (3, 5, False)])
 @pytest.mark.parametrize("batch,layout", [(1, "time_major"), (4, "time_major"), (3, "batch_first"), (1, "unbatched")])
-@pytest.mark.parametrize("chunks", [[1] * 9, [2, 3, 4]], ids=["steps", "chunks"])
+@pytest.mark.parametrize("chunks", [[1] * 9, [2, 3, 4], [5, 4]], ids=["steps", "short", "long"])
 def test_short_stream_chunks_attend_in_cpp(window, num_heads, head_dim, bias, batch, layout, chunks, monkeypatch):
-    # A float32 CPU block streamed in chunks of up to four steps without autograd runs the chunk's
+    # A float32 CPU block streamed in chunks of up to 16 steps without autograd runs the chunk's
     # attention in C++ on its live weights (_C.hybrid_stream_attention, step by step): the numbers of
     # its torch operations chunk for chunk, and of one call over the whole sequence; each state
     # continues in either.
@@ -442,14 +442,16 @@ def test_short_stream_chunks_attend_in_cpp(window, num_heads, head_dim, bias, ba
                 lead = () if layout == "unbatched" else (batch,)
                 assert mine.shape == theirs.shape == (*lead, num_heads, positions, head_dim)
                 torch.testing.assert_close(mine, theirs, atol=2e-6, rtol=1e-5)
-        # A state from the C++ attention continues through the torch operations (a chunk of five
-        # steps) and through a streamer, and a state is not changed by a chunk from it (beam search
+        # A state from the C++ attention continues through the torch operations (the rest, in grad
+        # mode) and through a streamer, and a state is not changed by a chunk from it (beam search
         # branches from one state several times).
-        middle_chunk = [sum(chunks[: i + 1]) for i in range(len(chunks))].index(5 if chunks[0] == 1 else 2)
+        middle_chunk = next(i for i in range(len(chunks)) if sum(chunks[: i + 1]) >= 2)
         done = sum(chunks[: middle_chunk + 1])
         middle = states[middle_chunk]
         before = [t.clone() for t in (middle.keys, middle.values) if t is not None]
-        rest, _ = block.stream(x.narrow(dim, done, steps - done), middle)
+        with torch.enable_grad():
+            rest, _ = block.stream(x.narrow(dim, done, steps - done), middle)
+        assert calls[-1] is None and rest.requires_grad
         torch.testing.assert_close(rest, whole.narrow(dim, done, steps - done), atol=2e-6, rtol=1e-5)
         again, _ = block.stream(frames[middle_chunk + 1], middle)
         torch.testing.assert_close(again, outputs[middle_chunk + 1], atol=0, rtol=0)
@@ -515,7 +517,7 @@ def test_short_chunk_stream_past_the_window_attends_its_last_positions(monkeypat
 
 
 def test_short_chunk_stream_leaves_to_torch_operations_what_cpp_cannot_do(monkeypatch):
-    # Autograd, more than four batch rows or steps, another dtype, autocast and a __torch_dispatch__
+    # Autograd, more than four batch rows or 16 steps, another dtype, autocast and a __torch_dispatch__
     # mode (which must see the operations) all take the torch operations.
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -530,7 +532,7 @@ def test_short_chunk_stream_leaves_to_torch_operations_what_cpp_cannot_do(monkey
     with torch.no_grad():
         block.stream(torch.randn(1, 5, 5))
         assert calls[-1] is None
-        block.stream(torch.randn(5, 2, 5))
+        block.stream(torch.randn(17, 2, 5))
         assert calls == [None, None, None]
         block.double().stream(x.double())
         assert calls[-1] is None

@@ -150,7 +150,7 @@ class HybridBlock(nn.Module):
         other shapes). The state carries the recurrent state and the keys and values of the most
         recent ``window - 1`` positions (all of them when ``window`` is None: that cache grows with the
         sequence). Unidirectional blocks only; no lengths (a chunk's rows all run). A chunk of up to
-        four steps and batch rows of a float32 CPU block without autograd runs its attention in C++ on
+        16 steps and four batch rows of a float32 CPU block without autograd runs its attention in C++ on
         the weights as they are now (``_attend_in_cpp``), to rounding the numbers of the torch
         operations; the state given is never changed, so several chunks may continue from one."""
         self.recurrent._check_streamable(input)
@@ -176,7 +176,7 @@ class HybridBlock(nn.Module):
         return self._in_callers_layout(output, batched), HybridState(hidden, kept_keys, kept_values)
 
     def _attend_in_cpp(self, seq: Tensor, past_keys: Tensor | None, past_values: Tensor | None):
-        """``_attend`` and ``_recent_positions`` for a chunk (T, B, W) of up to four steps and batch
+        """``_attend`` and ``_recent_positions`` for a chunk (T, B, W) of up to 16 steps and four batch
         rows in C++ (``_C.hybrid_stream_attention``: float32 on the CPU, no autograd needed), the output
         (T, B, W) and the state's keys and values; None where the torch operations must take it, and
         while Dynamo traces, as it cannot see into that call, or in forward mode (tangents), and where
