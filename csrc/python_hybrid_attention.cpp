@@ -1,5 +1,5 @@
-// The hybrid block's attention for one position in C++ (engine/one_query_attention.h), float32 on the
-// CPU, without autograd (python/rnnattn_ext/hybrid.py):
+// The hybrid block's attention position by position in C++ (engine/one_query_attention.h), float32
+// on the CPU, without autograd (python/rnnattn_ext/hybrid.py):
 // - _C.HybridAttentionStep: HybridStreamer's step on a packed copy of the weights. The streamer owns
 //   the cache of keys and values, (B, capacity, D) each, and tells each step where its positions lie;
 //   the step writes its own position's key and value there and returns the block's output.
@@ -119,7 +119,6 @@ class HybridAttentionStep {
   std::mutex mutex_;
 };
 
-
 // The most steps of a chunk that hybrid_stream_attention takes, one after the other, each reading
 // the weights again: the torch operations' products over the whole chunk catch up at about 64 steps
 // (GRU and LSTM(256) blocks, 4 heads x 64, window 64, batch 4 on a 2-core x86: 16 steps 1.26x faster
@@ -185,7 +184,8 @@ py::object hybrid_stream_attention(py::handle y_object, py::handle query_weight,
   std::array<Tensor, 4> weights;
   const std::array<py::handle, 4> weight_objects{query_weight, key_weight, value_weight, out_weight};
   for (size_t i = 0; i < weights.size(); ++i) {
-    const Tensor* w = i < 3 ? plain_float_cpu(weight_objects[i], {d, width}) : plain_float_cpu(weight_objects[i], {width, d});
+    const Tensor* w = i < 3 ? plain_float_cpu(weight_objects[i], {d, width})
+                            : plain_float_cpu(weight_objects[i], {width, d});
     if (w == nullptr) return py::none();
     weights[i] = w->stride(1) == 1 ? *w : w->contiguous();
   }
@@ -301,8 +301,8 @@ void define_hybrid_attention(py::module_& module) {
              py::arg("value_bias"), py::arg("out_weight"), py::arg("out_bias"), py::arg("num_heads"),
              py::arg("head_dim"), py::arg("window"), py::arg("past_keys"), py::arg("past_values"),
              "HybridBlock.stream's attention for a chunk of a few steps at a few batch rows, float32 on the CPU "
-             "without autograd: y (T, B, W) -> (output (T, B, W), keys, values) of the state after it, or None where it "
-             "does not apply");
+             "without autograd: y (T, B, W) -> (output (T, B, W), keys, values) of the state after it, or None "
+             "where it does not apply");
 }
 
 }  // namespace rnnattn
