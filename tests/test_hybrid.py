@@ -6,7 +6,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnnattn_ext
-from rnnattn_ext import reference
+from rnnattn_ext import _ops, reference
 
 from conftest import device_params
 
@@ -342,8 +342,6 @@ def test_float32_cpu_streamer_steps_in_cpp(window, num_heads, head_dim, bias, ba
 
 def test_hybrid_attention_step_checks_its_arguments():
     # The C++ step reads raw memory: every argument is checked before it indexes.
-    from rnnattn_ext import _ops
-
     w_qkv, w_out = torch.randn(24, 10), torch.randn(10, 8)
     with pytest.raises(ValueError, match=r"qkv_weight must have shape \(24, any\), got \[12, 10\]"):
         _ops.HybridAttentionStep(w_qkv[:12], None, w_out, None, 2, 4)
@@ -376,8 +374,6 @@ def test_hybrid_attention_step_checks_its_arguments():
 def _cpp_attention_calls(monkeypatch):
     """Records what each of HybridBlock.stream's calls of _C.hybrid_stream_attention returned (None:
     the torch operations took the chunk)."""
-    from rnnattn_ext import _ops
-
     results, original = [], _ops.hybrid_stream_attention
 
     def recording(*arguments):
@@ -390,8 +386,6 @@ def _cpp_attention_calls(monkeypatch):
 
 def _steps_by_torch_operations(block, frames, state, monkeypatch):
     """block.stream over frames, chunk by chunk, with the C++ attention turned off."""
-    from rnnattn_ext import _ops
-
     with monkeypatch.context() as patch:
         patch.setattr(_ops, "hybrid_stream_attention", lambda *arguments: None)
         outputs = []
@@ -418,9 +412,11 @@ def test_short_stream_chunks_attend_in_cpp(window, num_heads, head_dim, bias, ba
     x = torch.randn(*shape)
     dim = 1 if layout == "batch_first" else 0
     frames = x.split(chunks, dim)
+    with torch.no_grad(), monkeypatch.context() as patch:
+        patch.setattr(_ops, "hybrid_stream_attention", lambda *arguments: None)  # one call, torch operations
+        whole, _ = block(x)
     calls = _cpp_attention_calls(monkeypatch)
     with torch.no_grad():
-        whole, _ = block(x)
         states, outputs, state = [], [], None
         for frame in frames:
             y, state = block.stream(frame, state)
@@ -584,3 +580,30 @@ def test_short_chunk_stream_runs_the_projections_when_they_do_more_than_their_we
         shifted, _ = block.stream(x)
         torch.testing.assert_close(shifted, plain + 1.0)
         assert len(calls) == 1  # none of the three reached the C++ step
+
+
+@pytest.mark.parametrize("window", [None, 1, 3])
+@pytest.mark.parametrize("layout", ["time_major", "batch_first", "unbatched", "lengths", "packed"])
+def test_short_sequence_forward_attends_in_cpp(window, layout, monkeypatch):
+    # forward over a short sequence of a few rows without autograd takes the same C++ attention (from
+    # no past positions): the torch operations' numbers, lengths and PackedSequences included.
+    torch.manual_seed(18)
+    block = rnnattn_ext.HybridBlock(5, 12, num_heads=3, window=window, cell="gru",
+                                    batch_first=layout == "batch_first").eval()
+    x = {"batch_first": torch.randn(3, 7, 5), "unbatched": torch.randn(7, 5)}.get(layout, torch.randn(7, 3, 5))
+    arguments = {"lengths": torch.tensor([7, 2, 5])} if layout == "lengths" else {}
+    if layout == "packed":
+        x = pack_padded_sequence(x, torch.tensor([7, 2, 5]), enforce_sorted=False)
+    calls = _cpp_attention_calls(monkeypatch)
+    with torch.no_grad():
+        got, got_hidden = block(x, **arguments)
+        assert len(calls) == 1 and calls[0] is not None
+        with monkeypatch.context() as patch:
+            patch.setattr(_ops, "hybrid_stream_attention", lambda *arguments: None)
+            expected, expected_hidden = block(x, **arguments)
+    if layout == "packed":
+        got, expected = got.data, expected.data
+    torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(got_hidden, expected_hidden, atol=0, rtol=0)
+    if layout == "lengths":
+        assert torch.count_nonzero(got[5:, 2]) == 0 and torch.count_nonzero(got[2:, 1]) == 0

@@ -237,8 +237,11 @@ def test_jit_trace_with_grad_enabled_passes_its_check_and_trains(name):
         results.append([output, x.grad, *(p.grad.clone() for p in module.parameters())])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # Without autograd a short sequence through HybridBlock attends in C++ where the trace recorded
+    # the torch operations: the same numbers to rounding.
+    exact = {} if name == "HybridBlock" else {"rtol": 0, "atol": 0}
     with torch.no_grad():
-        torch.testing.assert_close(_flat(traced(**inputs))[0], _flat(module(**inputs))[0], rtol=0, atol=0)
+        torch.testing.assert_close(_flat(traced(**inputs))[0], _flat(module(**inputs))[0], **exact)
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])

@@ -115,7 +115,8 @@ class HybridBlock(nn.Module):
         ``lengths`` (B,) ints in [1, T]: each row as if run alone over its first lengths[b] steps
         (causal attention reads no later step), zeros after them. A PackedSequence input gives a
         PackedSequence output (as torch.nn's recurrent modules: hx and hidden in the caller's batch
-        order), the same as the padded input with its lengths."""
+        order), the same as the padded input with its lengths. A sequence of up to 16 steps and four
+        rows of a float32 CPU block without autograd runs its attention in C++ (as ``stream``)."""
         if isinstance(input, PackedSequence):
             if lengths is not None:
                 raise ValueError("HybridBlock: lengths is for a tensor input; a PackedSequence carries its own")
@@ -127,7 +128,9 @@ class HybridBlock(nn.Module):
     def _forward_time_major(self, x: Tensor, hx, lengths):
         """forward on a time-major (T, B, I) or unbatched (T, I) input: output (T, B, W) (B = 1 unbatched)."""
         y, hidden = self.recurrent(x, hx, lengths=lengths)  # (T, B, W) or unbatched (T, W)
-        output, _, _ = self._attend(y if x.dim() == 3 else y.unsqueeze(1))
+        seq = y if x.dim() == 3 else y.unsqueeze(1)
+        attended = self._attend_in_cpp(seq, None, None)  # a short sequence without autograd
+        output = attended[0] if attended is not None else self._attend(seq)[0]
         if lengths is not None:  # checked by the recurrent module
             steps = output.shape[0]
             valid = torch.as_tensor(lengths, device=output.device).reshape(1, -1, 1)
