@@ -583,13 +583,14 @@ def test_short_chunk_stream_runs_the_projections_when_they_do_more_than_their_we
 
 
 @pytest.mark.parametrize("window", [None, 1, 3])
-@pytest.mark.parametrize("layout", ["time_major", "batch_first", "unbatched", "lengths", "packed"])
+@pytest.mark.parametrize("layout", ["time_major", "batch_first", "unbatched", "lengths", "packed", "bidirectional"])
 def test_short_sequence_forward_attends_in_cpp(window, layout, monkeypatch):
     # forward over a short sequence of a few rows without autograd takes the same C++ attention (from
-    # no past positions): the torch operations' numbers, lengths and PackedSequences included.
+    # no past positions): the torch operations' numbers, lengths, PackedSequences and two directions
+    # (the attention over both side by side) included.
     torch.manual_seed(18)
-    block = rnnattn_ext.HybridBlock(5, 12, num_heads=3, window=window, cell="gru",
-                                    batch_first=layout == "batch_first").eval()
+    block = rnnattn_ext.HybridBlock(5, 12, num_heads=3, window=window, cell="gru", batch_first=layout == "batch_first",
+                                    bidirectional=layout == "bidirectional", num_layers=2).eval()
     x = {"batch_first": torch.randn(3, 7, 5), "unbatched": torch.randn(7, 5)}.get(layout, torch.randn(7, 3, 5))
     arguments = {"lengths": torch.tensor([7, 2, 5])} if layout == "lengths" else {}
     if layout == "packed":

@@ -192,8 +192,8 @@ for _cell in CELLS:
 run_layers = _C.run_layers
 #: The attention modules' call, likewise: (output, [finals], keys, values) or None.
 run_attention_layers = _C.run_attention_layers
-#: HybridBlock.stream's attention for one position in C++: (output, keys, values) or None where its
-#: torch operations must take it (csrc/python_hybrid_attention.cpp).
+#: HybridBlock's attention for a short chunk or sequence in C++: (output, keys, values) or None where
+#: its torch operations must take it (csrc/python_hybrid_attention.cpp).
 hybrid_stream_attention = _C.hybrid_stream_attention
 
 if TYPE_CHECKING:
