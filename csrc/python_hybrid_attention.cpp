@@ -10,13 +10,11 @@
 //   small ops on a 2-core x86.
 #include "python_hybrid_attention.h"
 
-#include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <pybind11/stl.h>
-#include <torch/csrc/jit/frontend/tracer.h>
 
 #include <algorithm>
 #include <array>
@@ -127,9 +125,8 @@ constexpr int64_t kMostStreamSteps = 16;
 
 // A plain float32 CPU tensor of exactly these sizes, or null.
 const Tensor* plain_float_cpu(py::handle object, c10::IntArrayRef sizes) {
-  if (!THPVariable_CheckExact(object.ptr())) return nullptr;
-  const Tensor& t = THPVariable_Unpack(object.ptr());
-  return t.scalar_type() == at::kFloat && t.is_cpu() && t.sizes().equals(sizes) ? &t : nullptr;
+  const Tensor* t = plain_tensor(object);
+  return t && t->scalar_type() == at::kFloat && t->is_cpu() && t->sizes().equals(sizes) ? t : nullptr;
 }
 
 // Positions [from, from + count) of a state's keys or values (B, heads, P, head_dim), any strides,
@@ -167,15 +164,14 @@ py::object hybrid_stream_attention(py::handle y_object, py::handle query_weight,
                                    py::handle value_bias, py::handle out_weight, py::handle out_bias,
                                    int64_t num_heads, int64_t head_dim, std::optional<int64_t> window,
                                    py::handle past_keys_object, py::handle past_values_object) {
-  if (at::impl::torch_function_mode_enabled() || c10::impl::dispatch_mode_enabled() ||
-      torch::jit::tracer::isTracing() || at::autocast::is_autocast_enabled(at::kCPU) || num_heads < 1 ||
-      head_dim < 1 || (window && *window < 1) || !THPVariable_CheckExact(y_object.ptr())) {
+  // (Outside the dispatcher: a __torch_dispatch__ mode would not see the work either.)
+  const Tensor* given_y = plain_tensor(y_object);
+  if (!plain_call() || c10::impl::dispatch_mode_enabled() || at::autocast::is_autocast_enabled(at::kCPU) ||
+      num_heads < 1 || head_dim < 1 || (window && *window < 1) || given_y == nullptr || given_y->dim() != 3) {
     return py::none();
   }
   const int64_t d = num_heads * head_dim;
-  const Tensor& y_given = THPVariable_Unpack(y_object.ptr());
-  if (y_given.dim() != 3) return py::none();
-  const int64_t steps = y_given.size(0), batch = y_given.size(1), width = y_given.size(2);
+  const int64_t steps = given_y->size(0), batch = given_y->size(1), width = given_y->size(2);
   if (steps < 1 || steps > kMostStreamSteps || batch < 1 || batch > cpu::kRowsGemmMaxRows || width < 1 ||
       plain_float_cpu(y_object, {steps, batch, width}) == nullptr) {
     return py::none();
@@ -201,21 +197,21 @@ py::object hybrid_stream_attention(py::handle y_object, py::handle query_weight,
   const Tensor* past_values = nullptr;
   if (past_keys_object.is_none() != past_values_object.is_none()) return py::none();
   if (!past_keys_object.is_none()) {
-    if (!THPVariable_CheckExact(past_keys_object.ptr())) return py::none();
-    const Tensor& given = THPVariable_Unpack(past_keys_object.ptr());
-    const int64_t past = given.dim() == 4 ? given.size(2) : 0;
+    const Tensor* given = plain_tensor(past_keys_object);
+    if (given == nullptr) return py::none();
+    const int64_t past = given->dim() == 4 ? given->size(2) : 0;
     past_keys = plain_float_cpu(past_keys_object, {batch, num_heads, past, head_dim});
     past_values = plain_float_cpu(past_values_object, {batch, num_heads, past, head_dim});
     if (past_keys == nullptr || past_values == nullptr) return py::none();
   }
   if (at::GradMode::is_enabled()) {
-    bool needed = y_given.requires_grad();
+    bool needed = given_y->requires_grad();
     for (const auto& t : weights) needed = needed || t.requires_grad();
     for (const auto& t : biases) needed = needed || (t.defined() && t.requires_grad());
     if (past_keys) needed = needed || past_keys->requires_grad() || past_values->requires_grad();
     if (needed) return py::none();
   }
-  const Tensor y = y_given.contiguous();
+  const Tensor y = given_y->contiguous();
 
   // One cache for keys then values, (2, B, capacity, D): the past positions the first step attends
   // (the last window - 1 of them), then the chunk's own.

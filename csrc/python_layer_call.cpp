@@ -52,6 +52,8 @@ namespace py = pybind11;
 
 namespace {
 
+using rnnattn::plain_call;
+using rnnattn::plain_tensor;
 using rnnattn::wrap;
 
 // Where a forward op's argument comes from, read once per op from its schema's argument names.
@@ -103,15 +105,6 @@ const ForwardOp& forward_op(const std::string& name) {
     }
   }
   return ops.emplace(name, std::move(op)).first->second;
-}
-
-// Whether torch.ops would run the op as it is: no __torch_function__ mode to hand it to, and no
-// torch.jit.trace (which would record this file's sizes as constants).
-bool plain_call() { return !at::impl::torch_function_mode_enabled() && !torch::jit::tracer::isTracing(); }
-
-// A plain tensor (or Parameter), whose call torch.ops would not hand to a __torch_function__.
-const at::Tensor* plain_tensor(py::handle object) {
-  return THPVariable_CheckExact(object.ptr()) ? &THPVariable_Unpack(object.ptr()) : nullptr;
 }
 
 bool reduced_on_cpu(const at::Tensor& input) {

@@ -1,8 +1,10 @@
 // Tensors across the Python boundary of _C's classes and functions, which read the data directly.
 #pragma once
+#include <ATen/PythonTorchFunctionTLS.h>
 #include <pybind11/pybind11.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 
 #include <string>
 #include <utility>
@@ -19,6 +21,16 @@ inline const at::Tensor& exact_tensor(pybind11::handle object, const char* where
                    Py_TYPE(object.ptr())->tp_name, "; call the module instead");
   return THPVariable_Unpack(object.ptr());
 }
+
+// A plain tensor (or Parameter), whose call torch.ops would not hand to a __torch_function__; null
+// for anything else (the caller then leaves the call to its Python path).
+inline const at::Tensor* plain_tensor(pybind11::handle object) {
+  return THPVariable_CheckExact(object.ptr()) ? &THPVariable_Unpack(object.ptr()) : nullptr;
+}
+
+// Whether torch.ops would run an op as it is: no __torch_function__ mode to hand it to, and no
+// torch.jit.trace (which would record the caller's sizes as constants).
+inline bool plain_call() { return !at::impl::torch_function_mode_enabled() && !torch::jit::tracer::isTracing(); }
 
 // The Python tensor of `tensor`; None for an undefined one.
 inline pybind11::object wrap(at::Tensor tensor) {
