@@ -14,6 +14,7 @@ import time
 import torch
 
 import rnnattn_ext
+import rnnattn_ext.info
 
 
 def machine_info(device: str) -> dict:
@@ -24,6 +25,7 @@ def machine_info(device: str) -> dict:
         "rnnattn_ext": rnnattn_ext.__version__,
         "platform": platform.platform(),
         "cpu": _cpu_name(),
+        "cpu_detail": _cpu_detail(),
         "cpu_threads": torch.get_num_threads(),
     }
     if device == "cuda":
@@ -42,6 +44,32 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def _cpu_detail() -> str:
+    """What tells two CPUs of one model name apart ("AMD EPYC" names both a Zen 1 and a Zen 4 here,
+    whose caches and vector units differ): family and model, each core's L2, and the build of our
+    CPU kernels that runs. Parts that cannot be read are left out."""
+    parts = []
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first CPU's block
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    if "cpu family" in fields and "model" in fields:
+        parts.append(f"family {fields['cpu family']} model {fields['model']}")
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index2/size") as f:
+            parts.append(f"L2 {f.read().strip()} per core")
+    except OSError:
+        pass
+    parts.append(f"CPU kernels {rnnattn_ext.info.cpu_kernels()}")
+    return ", ".join(parts)
 
 
 def _time_once_ms(fn, device: str) -> float:
@@ -72,9 +100,16 @@ def interleaved_median_ms(fns: dict, device: str, repeats: int, warmup: int) -> 
     return {label: statistics.median(ts) for label, ts in times.items()}
 
 
+def device_name(info: dict) -> str:
+    """The GPU's name, or the CPU's with the details that tell its kind apart (runs without them: the name)."""
+    if "gpu" in info:
+        return info["gpu"]
+    return f"{info['cpu']} ({info['cpu_detail']})" if "cpu_detail" in info else info["cpu"]
+
+
 def device_line(info: dict, device: str, dtype: str) -> str:
     """The first line of every results table: the machine, versions and date."""
-    return (f"Device: {info.get('gpu', info['cpu'])} ({device}, {info['cpu_threads']} CPU threads), dtype {dtype}, "
+    return (f"Device: {device_name(info)} ({device}, {info['cpu_threads']} CPU threads), dtype {dtype}, "
             f"torch {info['torch']}, {info['date']}")
 
 

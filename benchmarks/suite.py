@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_attention  # noqa: E402
 import bench_recurrent  # noqa: E402
 import bench_step  # noqa: E402
-from bench_common import machine_info  # noqa: E402
+from bench_common import device_name, machine_info  # noqa: E402
 
 RECURRENT_CELLS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
 ATTENTION_CELLS = ["lstm", "gru"]
@@ -118,7 +118,7 @@ def plot(runs: list[dict], path: str) -> bool:
         for y, v in zip(positions, values):
             ax.text(v, y, f" {v:.2f}×", va="center", fontsize=6)
         info = run["machine"]
-        ax.set_title(f"{info.get('gpu', info['cpu'])} ({run['device']}, {run['dtype']}), torch {info['torch']}, "
+        ax.set_title(f"{device_name(info)} ({run['device']}, {run['dtype']}), torch {info['torch']}, "
                      f"{info['date']}", fontsize=9)
         ax.set_xlabel("speed-up: peer time / rnnattn_ext time (> 1: faster)", fontsize=8)
     fig.tight_layout()

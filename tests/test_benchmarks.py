@@ -33,8 +33,13 @@ def test_suite_quick_writes_json_markdown_and_plot(tmp_path):
         assert row["ratio"] > 0
     assert all(row["inference_ratio"] > 0 and row["inference_rnnattn_us"] > 0 for row in sections["step"])
     assert all(row["streamer_ratio"] > 0 and row["inference_streamer_us"] > 0 for row in sections["step"])
-    assert runs[0]["machine"]["torch"]
+    machine = runs[0]["machine"]
+    assert machine["torch"]
+    # One CPU model name may cover CPUs of different caches and vector units: the kernel build says which ran.
+    import rnnattn_ext.info
+    assert f"CPU kernels {rnnattn_ext.info.cpu_kernels()}" in machine["cpu_detail"]
     table = (tmp_path / "quick.md").read_text()
+    assert machine["cpu_detail"] in table.splitlines()[0]
     assert "| lstm | 2×8×16×16 | forward |" in table and "LSTMCell" in table and "`streamer()` µs/step" in table
     assert (tmp_path / "quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -133,3 +138,32 @@ def test_recurrent_benchmark_runs_stacked_bidirectional_packed_layers(tmp_path):
     assert "| gru ×2 bi packed | 3×4×3×5 | forward |" in (tmp_path / "stacked.md").read_text()
     refused = _run("bench_recurrent.py", "--layers", "0", "--out", str(tmp_path), timeout=120)
     assert refused.returncode == 2 and "--layers must be >= 1" in refused.stderr
+
+
+def test_cpu_floor_measures_every_case_and_its_floors():
+    import rnnattn_ext.info
+
+    from helpers import cxx_compiler
+
+    if rnnattn_ext.info.cpu_kernels() not in ("avx2", "avx512"):
+        pytest.skip(f"cpu_floor times the x86 AVX2 and AVX-512 kernels; they do not run here "
+                    f"({rnnattn_ext.info.cpu_kernels()})")
+    if cxx_compiler() is None:
+        pytest.skip("no C++ compiler (CXX, c++, g++ or clang++) to build cpu_floor with")
+    result = _run("cpu_floor.py", "--hidden", "16", "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    measured = [line for line in lines if line.startswith("| lstm |") or line.startswith("| gru |")
+                or line.startswith("| rnn_tanh |")]
+    cases = [line.split("|")[2].strip() for line in measured if "×" not in line.split("|")[2]]
+    assert cases == ["step B=1", "stream B=1", "step B=16", "GEMM 64"] * 3, result.stdout
+    floors = [line for line in measured if "×" in line.split("|")[2]]
+    assert len(floors) == 6, result.stdout
+    for line in floors:
+        forward, both = (float(v) for v in line.strip("| ").split("|")[2:4])
+        assert 0 < forward < both, line
+
+
+def test_cpu_floor_rejects_a_bad_size():
+    result = _run("cpu_floor.py", "--hidden", "0", timeout=120)
+    assert result.returncode == 2 and "--hidden and --threads must be positive" in result.stderr

@@ -7,6 +7,7 @@ compiled with the flags CMakeLists.txt gives them."""
 import platform
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,13 +21,11 @@ X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 def _kernel_flags():
     """The flags CMakeLists.txt compiles the kernels with: (common, AVX2 build's, AVX-512 build's)."""
-    cmake = (ROOT / "CMakeLists.txt").read_text()
-    common = re.search(r"set_source_files_properties\(\$\{CPU_KERNEL_SOURCES\}\s+PROPERTIES COMPILE_OPTIONS \"([^\"]*)\"",
-                       cmake)
-    avx2 = re.search(r"packed_gemm_avx2\.cpp[^)]*?APPEND PROPERTY COMPILE_OPTIONS \"([^\"]*)\"", cmake, re.S)
-    avx512 = re.search(r"packed_gemm_avx512\.cpp[^)]*?APPEND PROPERTY COMPILE_OPTIONS \"([^\"]*)\"", cmake, re.S)
-    assert common and avx2 and avx512, "CMakeLists.txt no longer sets the kernels' flags the way this test reads them"
-    return [m.group(1).split(";") for m in (common, avx2, avx512)]
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from cpu_floor import cpu_kernel_flags  # read from CMakeLists.txt where the floor benchmark reads them too
+
+    flags = cpu_kernel_flags(ROOT)
+    return flags["common"], flags["avx2"], flags["avx512"]
 
 
 def test_gemm_builds_compute_their_sums(tmp_path):
