@@ -7,6 +7,7 @@
 #include <ATen/ops/linear.h>
 
 #include <algorithm>
+#include <cstring>
 
 #include "engine/recurrent_engine.h"
 
@@ -49,18 +50,41 @@ struct CarriedSlots {
 
   // Keys and values (kept + fresh, B, D) written straight into their tensors: the past ones kept,
   // then one product over every new slot's state, as the general path's (ATen's sums for a float64
-  // row depend on how many rows the product has).
+  // row depend on how many rows the product has). Raw copies and operands instead of views: each
+  // view or copy through ATen costs about a microsecond, and a streaming step made a dozen.
   std::pair<Tensor, Tensor> direct_slots() const {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const Tensor rows = states().flatten(0, 1);
+    const int64_t steps = output.size(0), batch = h0.size(0), hidden = h0.size(1);
+    // The new slots' states as rows of one tensor: the outputs before the last, h_0 alone (a
+    // one-step call), or h_0 and every output but the last, joined.
+    const Tensor joined = fresh < steps || steps == 1 ? Tensor() : states().contiguous();
+    const int64_t first_output = (steps - 1 - fresh) * batch * hidden;
+    const Operand rows = fresh < steps ? Operand{output, first_output, fresh * batch, hidden, hidden}
+                         : steps == 1  ? Operand{h0, 0, batch, hidden, h0.stride(0)}
+                                       : Operand{joined, 0, fresh * batch, hidden, hidden};
     auto slots = [&](const Tensor& weight, const std::optional<Tensor>& bias, const std::optional<Tensor>& past) {
-      const int64_t batch = h0.size(0), width = weight.size(0);
+      const int64_t width = weight.size(0);
       Tensor result = at::empty({kept + fresh, batch, width}, output.options());
-      if (kept > 0) result.narrow(0, 0, kept).copy_(past->narrow(0, past->size(0) - kept, kept));
-      linear_into(rows, weight, bias, result.narrow(0, kept, fresh).view({fresh * batch, width}));
+      if (kept > 0) copy_recent(*past, result);
+      linear_into(rows, weight, bias, Operand{result, kept * batch * width, fresh * batch, width, width});
       return result;
     };
     return {slots(w_k, b_k, past_keys), slots(w_v, b_v, past_values)};
+  }
+
+  // The `kept` most recent of the past slots (P, B, D) into the first `kept` of `result`
+  // (contiguous), a memcpy per slot and row (the past's rows have unit stride: direct()).
+  void copy_recent(const Tensor& past, const Tensor& result) const {
+    const int64_t first = past.size(0) - kept, batch = past.size(1), width = past.size(2);
+    const int64_t element = past.element_size(), bytes = width * element;
+    const int64_t slot_stride = past.stride(0) * element, row_stride = past.stride(1) * element;
+    const char* source = static_cast<const char*>(past.const_data_ptr());
+    char* target = static_cast<char*>(result.data_ptr());
+    for (int64_t j = 0; j < kept; ++j) {
+      for (int64_t b = 0; b < batch; ++b) {
+        std::memcpy(target + (j * batch + b) * bytes, source + (first + j) * slot_stride + b * row_stride, bytes);
+      }
+    }
   }
 
   // As functional.carried_slots, recorded by autograd (the same graph: the states taken once).

@@ -384,12 +384,12 @@ void call_op(const ForwardOp& op, const at::Tensor& x, const std::vector<at::Ten
 
 // Runs every layer (each one's output, its directions' side by side and after the dropout between
 // layers, the next one's input; attention: each layer's own arguments, and after_layer sees each
-// layer's time-major output before that dropout);
+// layer's initial h (of its first direction) and time-major output before that dropout);
 // returns the last layer's output (time-major) and per state the final states of every layer and
 // direction, (layers * directions, B, width), as functional.stack.
 std::pair<at::Tensor, std::vector<at::Tensor>> run_each_layer(
     const ForwardOp& op, const LayersCall& call, const std::vector<AttentionArguments>* attention = nullptr,
-    const std::function<void(int64_t, const at::Tensor&)>& after_layer = {}) {
+    const std::function<void(int64_t, const at::Tensor&, const at::Tensor&)>& after_layer = {}) {
   // Under no_grad or inference_mode (a streaming step's usual case) the views made here skip
   // autograd's view tracking, ~2 µs a view, a tenth of a small layer's step: each layer's states are
   // views of hx that only the op sees, and a one-layer final state a view of an op output that nothing
@@ -401,6 +401,7 @@ std::pair<at::Tensor, std::vector<at::Tensor>> run_each_layer(
   std::vector<std::vector<at::Tensor>> finals(op.states);
   std::vector<at::Tensor> outputs(call.directions);
   for (int64_t layer = 0; layer < call.layers(); ++layer) {
+    at::Tensor first_h;  // the layer's h_0 (first direction), for after_layer
     for (int64_t direction = 0; direction < call.directions; ++direction) {
       const int64_t index = layer * call.directions + direction;
       std::vector<at::Tensor> states;
@@ -409,13 +410,14 @@ std::pair<at::Tensor, std::vector<at::Tensor>> run_each_layer(
         if (untracked_views) untracked.emplace();
         for (size_t s = 0; s < op.states; ++s) states.push_back(call.state(s, index));
       }
+      if (direction == 0) first_h = states[0];
       call_op(op, x, states, call.weights[index], call.lengths, /*reverse=*/direction == 1,
               attention ? &(*attention)[layer] : nullptr, stack);
       outputs[direction] = stack[0].toTensor();
       for (size_t s = 0; s < op.states; ++s) finals[s].push_back(stack[1 + s].toTensor());
     }
     x = call.directions == 1 ? outputs[0] : at::cat(outputs, 2);
-    if (after_layer) after_layer(layer, x);
+    if (after_layer) after_layer(layer, first_h, x);
     // As functional.stack's F.dropout (the same ATen call: the same random numbers).
     if (call.dropout > 0.0 && layer + 1 < call.layers()) x = at::dropout(x, call.dropout, /*train=*/true);
   }
@@ -532,12 +534,13 @@ py::object run_attention_layers(const std::string& cell, py::handle input, py::h
   }
   const bool carry = carry_slots && !attention[0].memory;  // an external memory carries nothing
   py::list keys, values;
-  auto [output, finals] = run_each_layer(op, *call, &attention, [&](int64_t layer, const at::Tensor& y) {
+  auto [output, finals] = run_each_layer(op, *call, &attention, [&](int64_t layer, const at::Tensor& h0,
+                                                                    const at::Tensor& y) {
     if (!carry) return;
     // w_k, b_k, w_v, b_v are the fifth- to second-last weights (w_c is the last).
     const std::vector<at::Tensor>& weights = call->weights[layer];
     TORCH_INTERNAL_ASSERT(weights.size() >= 11, "rnnattn: an attention layer has at least 11 weights");
-    auto [k, v] = carried_slots(call->state(0, layer), y, weights, weights.size() - 5, attention[layer]);
+    auto [k, v] = carried_slots(h0, y, weights, weights.size() - 5, attention[layer]);
     keys.append(k);
     values.append(v);
   });

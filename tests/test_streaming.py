@@ -134,6 +134,36 @@ def test_stream_refuses_what_it_cannot_continue():
         rnnattn_ext.AttnLSTM(3, 4).stream(torch.randn(2, 1, 3), (torch.zeros(1, 1, 4), torch.zeros(1, 1, 4)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("cls", [rnnattn_ext.AttnLSTM, rnnattn_ext.AttnGRU], ids=["AttnLSTM", "AttnGRU"])
+def test_stream_from_strided_carried_slots_matches_the_torch_operations(cls, dtype, monkeypatch):
+    """A state whose keys and values are strided views (every other row of a wider batch) and whose
+    h is expanded continues as through the torch operations, bit for bit, whichever states the new
+    slots come from: h_0 alone (one step), h_0 and the outputs (2 steps, window 4), outputs only (5)."""
+    torch.manual_seed(31)
+    m = cls(6, 8, num_heads=2, head_dim=3, window=4).to(dtype).eval()
+    with torch.no_grad():
+        _, state = m.stream(torch.randn(3, 5, 6, dtype=dtype))
+
+        def strided(slots):
+            wide = torch.randn(slots.shape[0], 10, slots.shape[2], dtype=dtype)
+            wide[:, ::2] = slots
+            return wide[:, ::2]
+
+        h = state.h[:, :1].expand(-1, 5, -1)  # every row's state the same, stride 0
+        state = rnnattn_ext.AttentionState(h, None if state.c is None else state.c.clone(),
+                                           [strided(k) for k in state.keys], [strided(v) for v in state.values])
+        for steps in (1, 2, 5):
+            x = torch.randn(steps, 5, 6, dtype=dtype)
+            y, after = m.stream(x, state)
+            with monkeypatch.context() as patch:
+                patch.setattr(_ops, "run_attention_layers", lambda *args, **kwargs: None)
+                expected_y, expected = m.stream(x, state)
+            assert torch.equal(y, expected_y)
+            for got, want in zip(after.keys + after.values, expected.keys + expected.values):
+                assert got.shape == (3, 5, 6) and torch.equal(got, want)
+
+
 def test_carried_slots_needs_both_past_keys_and_values():
     x, states, weights, _ = attention_args("gru", 2, 3, 4, 6, 2, 3, generator=torch.Generator().manual_seed(1))
     y, _, _, _ = functional.attention_layer("gru", x, states, weights, 2, 3)

@@ -253,19 +253,6 @@ int64_t chunk_steps(const Tensor& like, int64_t steps, int64_t batch, int64_t ro
 }
 constexpr int64_t kForwardChunkBytes = 2 << 20, kBackwardChunkBytes = 8 << 20;
 
-// A rows x cols matrix inside a contiguous buffer: element (r, c) at base[offset + r * ld + c].
-// The packed path reads the raw pointer; the ATen path makes a view.
-struct Operand {
-  const Tensor& base;
-  int64_t offset, rows, cols, ld;
-  template <typename T>
-  T* data() const {
-    return ptr<T>(base) + offset;
-  }
-  void* address() const { return static_cast<char*>(base.data_ptr()) + offset * base.element_size(); }
-  Tensor view() const { return base.as_strided({rows, cols}, {ld, 1}, base.storage_offset() + offset); }
-};
-
 // How a block's constant matrix enters its products: through ATen (double, CUDA), packed into panels
 // for our CPU kernel (float, used many times), or read in place by our CPU kernel (float, used
 // a few times at a few rows: a streaming step or short chunk, where packing would cost more than
@@ -770,18 +757,16 @@ ForwardLayout<T> forward_layout(const Tensor& output, const std::vector<Tensor>&
 
 }  // namespace
 
-void linear_into(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& out) {
-  TORCH_INTERNAL_ASSERT(input.dim() == 2 && out.dim() == 2 && input.stride(1) == 1 && out.stride(1) == 1);
+void linear_into(const Operand& input, const Tensor& weight, const std::optional<Tensor>& bias, const Operand& out) {
+  TORCH_INTERNAL_ASSERT(input.rows == out.rows && input.cols == weight.size(1) && out.cols == weight.size(0));
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen form's views and product
-  CallScratch scratch(input);
-  const int64_t rows = input.size(0);
+  CallScratch scratch(input.base);
   // Packing the weight for one product would cost more than the product: a few rows or ATen.
-  const bool in_place = uses_packed_gemm(input) && rows <= cpu::kRowsGemmMaxRows;
+  const bool in_place = uses_packed_gemm(input.base) && input.rows <= cpu::kRowsGemmMaxRows;
   BlockMatrix m = block_matrix(weight, bias, in_place ? MatrixForm::in_place : MatrixForm::aten, scratch);
   m.prepare();
-  if (rows == 0) return;
-  multiply(m, Operand{input, 0, rows, input.size(1), input.stride(0)},
-           Operand{out, 0, rows, out.size(1), out.stride(0)});
+  if (input.rows == 0) return;
+  multiply(m, input, out);
 }
 
 Tensor recent_slots(const Tensor& slots, int64_t kept) {

@@ -8,6 +8,19 @@
 
 namespace rnnattn {
 
+// A rows x cols matrix inside a tensor's data, columns contiguous: element (r, c) at
+// data[offset + r * ld + c]. The CPU kernels read the raw pointer; ATen gets a view.
+struct Operand {
+  const at::Tensor& base;
+  int64_t offset, rows, cols, ld;
+  template <typename T>
+  T* data() const {
+    return reinterpret_cast<T*>(base.data_ptr()) + offset;
+  }
+  void* address() const { return static_cast<char*>(base.data_ptr()) + offset * base.element_size(); }
+  at::Tensor view() const { return base.as_strided({rows, cols}, {ld, 1}, base.storage_offset() + offset); }
+};
+
 // The attention stage of the attention-augmented cell (SPEC): its parameters and memory. The engine
 // runs it inside the same time loop as the base cell: the query (and, for self memory, the key and
 // value of the new slot) come out of the recurrent GEMM as extra rows next to W_hh; W_c ctx joins the
@@ -102,11 +115,12 @@ at::Tensor recent_slots(const at::Tensor& slots, int64_t kept);
 // memory rows through W_k and W_v (and their biases), as every call that is given the memory makes them.
 void external_keys_values(const AttentionConfig& attention, const at::Tensor& keys, const at::Tensor& values);
 
-// out = input @ weight^T (+ bias), input (rows, k) and out (rows, n) with unit column strides, as the
-// engine's per-step products compute it: a few float rows on the CPU read the weight in place, the
-// rest goes through ATen. For a small product next to an op call (a streaming call's carried
-// slots), where at::linear's dispatch would cost more than the product. Records no autograd history.
-void linear_into(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                 const at::Tensor& out);
+// out = input @ weight^T (+ bias), input (rows, k) and out (rows, n), as the engine's per-step
+// products compute it: a few float rows on the CPU read the weight in place, the rest goes through
+// ATen. For a small product next to an op call (a streaming call's carried slots), where
+// at::linear's dispatch and the views of its operands would cost more than the product. Records no
+// autograd history.
+void linear_into(const Operand& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                 const Operand& out);
 
 }  // namespace rnnattn
