@@ -47,9 +47,9 @@ def _cpu_name() -> str:
 
 
 def _cpu_detail() -> str:
-    """What tells two CPUs of one model name apart ("AMD EPYC" names both a Zen 1 and a Zen 4 here,
-    whose caches and vector units differ): family and model, each core's L2, and the build of our
-    CPU kernels that runs. Parts that cannot be read are left out."""
+    """What tells two CPUs of one model name apart (a virtual machine's "AMD EPYC" may be a Zen 1 or a
+    Zen 4, whose caches and vector units differ): family and model, each core's L2, and the build of
+    our CPU kernels that runs. Parts that cannot be read are left out."""
     parts = []
     fields = {}
     try:
