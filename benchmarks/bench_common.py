@@ -35,15 +35,23 @@ def machine_info(device: str) -> dict:
     return info
 
 
-def _cpu_name() -> str:
+def _first_cpu_fields() -> dict:
+    """The first CPU's block of /proc/cpuinfo as {field: value} (empty where there is none)."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return fields
+
+
+def _cpu_name() -> str:
+    return _first_cpu_fields().get("model name") or platform.processor() or "unknown"
 
 
 def _cpu_detail() -> str:
@@ -51,16 +59,7 @@ def _cpu_detail() -> str:
     Zen 4, whose caches and vector units differ): family and model, each core's L2, and the build of
     our CPU kernels that runs. Parts that cannot be read are left out."""
     parts = []
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if not line.strip():
-                    break  # the first CPU's block
-                key, _, value = line.partition(":")
-                fields[key.strip()] = value.strip()
-    except OSError:
-        pass
+    fields = _first_cpu_fields()
     if "cpu family" in fields and "model" in fields:
         parts.append(f"family {fields['cpu family']} model {fields['model']}")
     try:

@@ -49,6 +49,15 @@ def cpu_kernel_flags(root: Path = ROOT) -> dict[str, list[str]]:
     return {name: m.group(1).split(";") for name, m in (("common", common), ("avx2", avx2), ("avx512", avx512))}
 
 
+def cxx_compiler() -> str | None:
+    """The C++ compiler host programs are built with (this one, tests/cpp): CXX, else c++, g++ or
+    clang++; None if there is none."""
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
 def build(compiler: str, folder: Path) -> Path:
     """The cpu_floor program, linked with the library's AVX2 and AVX-512 builds of the packed GEMM
     (it times the one it is told to)."""
@@ -89,7 +98,7 @@ def main(argv=None) -> int:
         print(f"cpu_floor: the CPU kernels here are {kernels!r}; only the x86 AVX2 and AVX-512 builds are timed",
               file=sys.stderr)
         return 1
-    compiler = next((c for c in (os.environ.get("CXX"), "c++", "g++", "clang++") if c and shutil.which(c)), None)
+    compiler = cxx_compiler()
     if compiler is None:
         print("cpu_floor: no C++ compiler (CXX, c++, g++ or clang++)", file=sys.stderr)
         return 1

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
+import sys
 
 import torch
 
@@ -138,8 +138,8 @@ def strided(t: torch.Tensor) -> torch.Tensor:
 
 def cxx_compiler():
     """The C++ compiler the host checks (tests/cpp) are built with: CXX, else c++, g++ or clang++;
-    None if there is none."""
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return name
-    return None
+    None if there is none (benchmarks/cpu_floor.py finds it the same way)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from cpu_floor import cxx_compiler as find
+
+    return find()
