@@ -40,7 +40,7 @@ double run_thread(const Kernels& kernels, int64_t n, int64_t k, int64_t rows, bo
   const PackedMatrix matrix = kernels.pack(row_addresses.data(), n, k, 1, panels.data());
   const RowsMatrix in_place{row_addresses.data(), n, k};
   auto product = [&] {
-    if (packed) kernels.packed(a.data(), rows, k, matrix, bias.data(), out.data(), n);
+    if (packed) kernels.packed(a.data(), rows, k, matrix, bias.data(), out.data(), n, /*accumulate=*/false);
     else kernels.in_place(a.data(), rows, k, in_place, bias.data(), out.data(), n);
     a[0] += out[0] * 1e-30f;  // each product depends on the last, as a step's on the step before
   };

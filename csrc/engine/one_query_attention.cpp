@@ -34,7 +34,7 @@ std::pair<int64_t, int64_t> multiply_share(const OneQueryMatrix& m, int64_t c, i
     share.k = m.k;
     share.n = n;
     share.panels = m.packed.panels + begin * m.k * cpu::kPanelWidth;
-    cpu::gemm_packed_fn()(a, batch, lda, share, share_bias, out + col, ldo);
+    cpu::gemm_packed_fn()(a, batch, lda, share, share_bias, out + col, ldo, /*accumulate=*/false);
   } else {
     cpu::gemm_rows_fn()(a, batch, lda, cpu::RowsMatrix{m.rows + col, n, m.k}, share_bias, out + col, ldo);
   }

@@ -30,8 +30,10 @@ struct Build {
   const char* name;
   bool fused;  // whether its products and sums are one FMA each
   PackedMatrix (*pack)(const float* const*, int64_t, int64_t, int64_t, float*);
-  void (*packed)(const float*, int64_t, int64_t, const PackedMatrix&, const float*, float*, int64_t);
+  void (*packed)(const float*, int64_t, int64_t, const PackedMatrix&, const float*, float*, int64_t, bool);
   void (*rows)(const float*, int64_t, int64_t, const RowsMatrix&, const float*, float*, int64_t);
+  PackedMatrix (*pack_columns)(const float* const*, int64_t, int64_t, float*, int64_t, int64_t);
+  void (*transpose)(const float*, int64_t, int64_t, int64_t, float*, int64_t);
 };
 
 struct Tally {
@@ -43,14 +45,17 @@ struct Tally {
 
 bool same_bits(float a, float b) { return std::memcmp(&a, &b, sizeof(float)) == 0; }
 
+// One product. lda 0: k + 3; accumulate: out starts as random numbers the sums must start from.
 void check_case(const Build& build, int64_t rows, int64_t n, int64_t k, bool with_bias, int64_t stride_k,
-                std::mt19937& gen, Tally& tally) {
+                std::mt19937& gen, Tally& tally, int64_t lda = 0, bool accumulate = false) {
   std::normal_distribution<float> normal;
-  const int64_t lda = k + 3, ldo = n + 5;
-  std::vector<float> a(rows * lda + 1), bias(n), storage(n * k * stride_k + 1);
+  if (lda == 0) lda = k + 3;
+  const int64_t ldo = n + 5;
+  std::vector<float> a(rows * lda + 1), bias(n), storage(n * k * stride_k + 1), initial(rows * n);
   for (auto& v : a) v = normal(gen);
   for (auto& v : bias) v = normal(gen);
   for (auto& v : storage) v = normal(gen);
+  for (auto& v : initial) v = normal(gen);
   // M's row i is the storage row order[i] (a shuffled table, as the engine's row permutations).
   std::vector<int64_t> order(n);
   for (int64_t i = 0; i < n; ++i) order[i] = i;
@@ -60,8 +65,8 @@ void check_case(const Build& build, int64_t rows, int64_t n, int64_t k, bool wit
   auto m_at = [&](int64_t i, int64_t j) { return m_rows[i][j * stride_k]; };
   const float* b = with_bias ? bias.data() : nullptr;
   const std::string shape = std::string(build.name) + " rows " + std::to_string(rows) + " n " + std::to_string(n) +
-                            " k " + std::to_string(k) + " stride " + std::to_string(stride_k) +
-                            (with_bias ? " bias" : "");
+                            " k " + std::to_string(k) + " lda " + std::to_string(lda) + " stride " +
+                            std::to_string(stride_k) + (with_bias ? " bias" : "") + (accumulate ? " accumulate" : "");
 
   // The expected sums: the chain of multiply-adds in k order, and a double sum with its size.
   std::vector<float> chain(rows * n);
@@ -69,7 +74,8 @@ void check_case(const Build& build, int64_t rows, int64_t n, int64_t k, bool wit
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < n; ++c) {
       float acc = with_bias ? bias[c] : 0.f;
-      double sum = with_bias ? bias[c] : 0.0, size = std::fabs(sum);
+      if (accumulate) acc = acc + initial[r * n + c];
+      double sum = acc, size = std::fabs(sum);
       for (int64_t j = 0; j < k; ++j) {
         const float x = a[r * lda + j], w = m_at(c, j);
         if (build.fused) {
@@ -104,7 +110,10 @@ void check_case(const Build& build, int64_t rows, int64_t n, int64_t k, bool wit
   std::vector<float> panels(PackedMatrix::floats_needed(n, k) + 1);
   const PackedMatrix packed = build.pack(m_rows.data(), n, k, stride_k, panels.data());
   std::vector<float> out(rows * ldo + 2 * ldo, sentinel);
-  build.packed(a.data(), rows, lda, packed, b, out.data(), ldo);
+  if (accumulate) {
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(&out[r * ldo], &initial[r * n], n * sizeof(float));
+  }
+  build.packed(a.data(), rows, lda, packed, b, out.data(), ldo, accumulate);
   ++tally.cases;
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < n; ++c) {
@@ -120,7 +129,7 @@ void check_case(const Build& build, int64_t rows, int64_t n, int64_t k, bool wit
   if (!outside_untouched(out)) tally.fail(shape + ": gemm_packed wrote outside its output");
 
   // In place (rows of M contiguous, so only for stride 1; the engine uses it for a few rows).
-  if (stride_k != 1 || rows > kRowsGemmMaxRows) return;
+  if (stride_k != 1 || rows > kRowsGemmMaxRows || accumulate) return;
   std::vector<float> in_place(rows * ldo + 2 * ldo, sentinel);
   const RowsMatrix rows_matrix{m_rows.data(), n, k};
   build.rows(a.data(), rows, lda, rows_matrix, b, in_place.data(), ldo);
@@ -139,6 +148,44 @@ void check_case(const Build& build, int64_t rows, int64_t n, int64_t k, bool wit
   if (!outside_untouched(in_place)) tally.fail(shape + ": gemm_rows wrote outside its output");
 }
 
+// pack_columns against pack_matrix of the same M (its columns given as rows of M^T), panel by
+// panel in two halves as two team members pack them; transpose element by element.
+void check_packing(const Build& build, int64_t n, int64_t k, std::mt19937& gen, Tally& tally) {
+  std::normal_distribution<float> normal;
+  const int64_t ld = n + 3;  // M^T: k x n, row j is column j of M
+  std::vector<float> mt(k * ld);
+  for (auto& v : mt) v = normal(gen);
+  std::vector<const float*> columns(k), rows(n);
+  for (int64_t j = 0; j < k; ++j) columns[j] = mt.data() + j * ld;
+  for (int64_t i = 0; i < n; ++i) rows[i] = mt.data() + i;
+  std::vector<float> by_rows(PackedMatrix::floats_needed(n, k)), by_columns(by_rows.size(), 1.f);
+  build.pack(rows.data(), n, k, ld, by_rows.data());
+  const int64_t panels = panel_count(n);
+  build.pack_columns(columns.data(), n, k, by_columns.data(), 0, panels / 2);
+  const PackedMatrix packed = build.pack_columns(columns.data(), n, k, by_columns.data(), panels / 2, panels);
+  ++tally.cases;
+  if (packed.n != n || packed.k != k || packed.panels != by_columns.data() ||
+      std::memcmp(by_rows.data(), by_columns.data(), by_rows.size() * sizeof(float)) != 0) {
+    tally.fail(std::string(build.name) + " pack_columns n " + std::to_string(n) + " k " + std::to_string(k) +
+               " differs from pack_matrix of the same matrix");
+  }
+  // transpose: dst (n x k) = (M^T)^T, in a wider buffer whose padding must stay untouched.
+  const int64_t ld_dst = k + 5;
+  std::vector<float> dst(n * ld_dst, std::numeric_limits<float>::quiet_NaN());
+  build.transpose(mt.data(), k, n, ld, dst.data(), ld_dst);
+  ++tally.cases;
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < ld_dst; ++j) {
+      const float got = dst[i * ld_dst + j];
+      if (j < k ? !same_bits(got, mt[j * ld + i]) : !std::isnan(got)) {
+        tally.fail(std::string(build.name) + " transpose of " + std::to_string(k) + " x " + std::to_string(n) +
+                   " wrong at (" + std::to_string(i) + ", " + std::to_string(j) + ")");
+        return;
+      }
+    }
+  }
+}
+
 Tally check_build(const Build& build) {
   Tally tally;
   std::mt19937 gen(12345);
@@ -148,8 +195,21 @@ Tally check_build(const Build& build) {
         for (const int64_t stride_k : {1, 2}) {
           check_case(build, rows, n, k, /*with_bias=*/(rows + n + k) % 2 == 0, stride_k, gen, tally);
         }
+        check_case(build, rows, n, k, /*with_bias=*/(rows + n) % 2 == 0, 1, gen, tally, 0, /*accumulate=*/true);
       }
     }
+  }
+  // Rows a multiple of 4 KiB apart (the product copies them further apart first, at more than 8 rows
+  // a block), with k up to the whole row.
+  for (const int64_t rows : {5, 9, 12, 14, 23, 30}) {
+    for (const int64_t k : {37, 1008, 1024}) {
+      for (const int64_t lda : {1024, 2048}) {
+        check_case(build, rows, 33, k, /*with_bias=*/rows % 2 == 0, 1, gen, tally, lda, /*accumulate=*/k == 1008);
+      }
+    }
+  }
+  for (const int64_t n : {1, 8, 15, 16, 17, 40}) {
+    for (const int64_t k : {0, 1, 7, 8, 9, 24, 31}) check_packing(build, n, k, gen, tally);
   }
   return tally;
 }
@@ -158,19 +218,21 @@ Tally check_build(const Build& build) {
 
 int main() {
   std::vector<Build> builds = {{"baseline", false, &baseline::pack_matrix, &baseline::gemm_packed,
-                                &baseline::gemm_rows}};
+                                &baseline::gemm_rows, &baseline::pack_columns, &baseline::transpose}};
 #if defined(__x86_64__) || defined(__i386__)
 #if defined(RNNATTN_CHECK_AVX2)
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    builds.push_back({"avx2", true, &avx2::pack_matrix, &avx2::gemm_packed, &avx2::gemm_rows});
+    builds.push_back({"avx2", true, &avx2::pack_matrix, &avx2::gemm_packed, &avx2::gemm_rows, &avx2::pack_columns,
+                      &avx2::transpose});
   } else {
     std::printf("avx2: not run (no AVX2 and FMA)\n");
   }
 #endif
 #if defined(RNNATTN_CHECK_AVX512)
   if (__builtin_cpu_supports("avx512f")) {
-    // The library packs and reads in place with the AVX2 build here (packed_gemm_baseline.cpp).
-    builds.push_back({"avx512", true, &avx2::pack_matrix, &avx512::gemm_packed, &avx2::gemm_rows});
+    // The library packs, transposes and reads in place with the AVX2 build here (packed_gemm_baseline.cpp).
+    builds.push_back({"avx512", true, &avx2::pack_matrix, &avx512::gemm_packed, &avx2::gemm_rows, &avx2::pack_columns,
+                      &avx2::transpose});
   } else {
     std::printf("avx512: not run (no AVX-512F)\n");
   }

@@ -23,8 +23,28 @@ struct PackedMatrix {
 // of one tensor's rows or come from several tensors (the attention cell's W_hh, W_q, W_k, W_v).
 PackedMatrix pack_matrix(const float* const* rows, int64_t n, int64_t k, int64_t stride_k, float* storage);
 
+// Packs the panels [panel_begin, panel_end) of M (n x k) whose column j is the n floats at columns[j]:
+// M^T's rows, as in a product by the transpose of a row-major matrix (the backward's dx = dg W_ih,
+// dW = dg^T x). Members of a team can each pack their own panels of one matrix.
+PackedMatrix pack_columns(const float* const* columns, int64_t n, int64_t k, float* storage, int64_t panel_begin,
+                          int64_t panel_end);
+
+inline int64_t panel_count(int64_t n) { return (n + kPanelWidth - 1) / kPanelWidth; }
+
+// Rows of a product's a this many floats (4 KiB) apart, or a multiple of it, map to the same L1 sets,
+// and a block of more rows than the cache has ways evicts its own rows (12-row blocks at k = 1024: 101
+// GFLOP/s against 114 at k = 1040). A row stride for k floats that avoids it: past k, 16 floats more.
+constexpr int64_t kSetAliasFloats = 1024;
+inline int64_t spaced_stride(int64_t k) {
+  const int64_t stride = panel_count(k) * kPanelWidth + kPanelWidth;
+  return stride % kSetAliasFloats == 0 ? stride + kPanelWidth : stride;
+}
+
+// dst = src^T: src is rows x cols (row stride ld_src), dst cols x rows (row stride ld_dst).
+void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld_src, float* dst, int64_t ld_dst);
+
 using PackedGemmFn = void (*)(const float* a, int64_t rows, int64_t lda, const PackedMatrix& m, const float* bias,
-                              float* out, int64_t ldo);
+                              float* out, int64_t ldo, bool accumulate);
 
 // M (n x k) read in place: row i contiguous at rows[i]. For a product used once at a few rows (a
 // single step), where packing M would cost more than the product itself.
@@ -41,10 +61,14 @@ using RowsGemmFn = void (*)(const float* a, int64_t rows, int64_t lda, const Row
 
 #define RNNATTN_DECLARE_CPU_GEMM(ns)                                                                      \
   namespace ns {                                                                                          \
-  /* out[r][c] = bias[c] + sum_j a[r * lda + j] * M[c][j] for r < rows, c < m.n (bias may be null). */   \
+  /* out[r][c] = bias[c] + sum_j a[r * lda + j] * M[c][j] for r < rows, c < m.n (bias may be null); */  \
+  /* with accumulate the sum starts from out[r][c] (+ bias[c]) instead. */                                \
   void gemm_packed(const float* a, int64_t rows, int64_t lda, const PackedMatrix& m, const float* bias,  \
-                   float* out, int64_t ldo);                                                              \
+                   float* out, int64_t ldo, bool accumulate);                                             \
   PackedMatrix pack_matrix(const float* const* rows, int64_t n, int64_t k, int64_t stride_k, float* storage); \
+  PackedMatrix pack_columns(const float* const* columns, int64_t n, int64_t k, float* storage,            \
+                            int64_t panel_begin, int64_t panel_end);                                      \
+  void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld_src, float* dst, int64_t ld_dst); \
   /* The same product with M read in place (RowsMatrix). */                                              \
   void gemm_rows(const float* a, int64_t rows, int64_t lda, const RowsMatrix& m, const float* bias,      \
                  float* out, int64_t ldo);                                                                \

@@ -14,6 +14,16 @@ PackedMatrix pack_matrix(const float* const* rows, int64_t n, int64_t k, int64_t
                         : baseline::pack_matrix(rows, n, k, stride_k, storage);
 }
 
+PackedMatrix pack_columns(const float* const* columns, int64_t n, int64_t k, float* storage, int64_t panel_begin,
+                          int64_t panel_end) {
+  return (has_avx2_fma() ? &avx2::pack_columns : &baseline::pack_columns)(columns, n, k, storage, panel_begin,
+                                                                          panel_end);
+}
+
+void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld_src, float* dst, int64_t ld_dst) {
+  (has_avx2_fma() ? &avx2::transpose : &baseline::transpose)(src, rows, cols, ld_src, dst, ld_dst);
+}
+
 RowsGemmFn gemm_rows_fn() {
   static const RowsGemmFn fn = has_avx2_fma() ? &avx2::gemm_rows : &baseline::gemm_rows;
   return fn;
