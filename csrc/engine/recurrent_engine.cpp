@@ -1359,15 +1359,18 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
         bool done = false;
         if constexpr (std::is_same_v<T_, float>) {
           if (bulk.enabled) {
-            // dW += dg^T M^T, a = dg^T (the block's columns of the chunk's rows) in this thread's buffer.
+            // dW += dg^T M^T and db += dg's column sums, dg^T (the block's columns of the chunk's rows)
+            // in this thread's buffer.
             float* dg_t = bulk.transposed[team.index];
             const auto gemm = cpu::gemm_packed_fn();
             cpu::transpose(ptr<float>(dgx) + g0, rows, gn, GH, dg_t, bulk.ld);
             gemm(dg_t, gn, bulk.ld, x_t, nullptr, ptr<float>(grad_w_ih) + g0 * I, I, /*accumulate=*/true);
+            cpu::add_row_sums(dg_t, gn, rows, bulk.ld, ptr<float>(grad_b_ih) + g0);
             if (rec_alias) {
               TORCH_INTERNAL_ASSERT(r0 == g0 && rn == gn);  // the same gradients: dg_t holds them already
             } else {
               cpu::transpose(ptr<float>(dgh) + r0, rows, rn, R, dg_t, bulk.ld);
+              cpu::add_row_sums(dg_t, rn, rows, bulk.ld, ptr<float>(grad_b_rec) + r0);
             }
             gemm(dg_t, rn, bulk.ld, h_t, nullptr, ptr<float>(grad_w_rec) + r0 * HS, HS, /*accumulate=*/true);
             done = true;
@@ -1380,10 +1383,10 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
                      output.view({T * B, HS}).narrow(0, read_time * B, regular * B));
           }
           if (has_first) w.addmm_(dg_rec.narrow(0, reverse ? (n - 1) * B : 0, B).t(), init[0]);
+          grad_b_ih.narrow(0, g0, gn).add_(dg_in.sum(0));
+          if (!rec_alias) grad_b_rec.narrow(0, r0, rn).add_(dg_rec.sum(0));
         }
-        grad_b_ih.narrow(0, g0, gn).add_(dg_in.sum(0));
         if (geo.enabled) grad_w_c.narrow(0, g0, gn).addmm_(dg_in.t(), context.narrow(0, first_time * B, rows));
-        if (!rec_alias) grad_b_rec.narrow(0, r0, rn).add_(dg_rec.sum(0));
         if (projected) {
           // dW_hr += dy^T m over the chunk's steps, each block its rows (columns of y).
           const auto [p0, p1] = column_share(blocks, u, HS);

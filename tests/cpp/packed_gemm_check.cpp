@@ -5,7 +5,9 @@
 // with a double sum within float rounding. Every case also checks that nothing outside the output's
 // rows and columns was written. Shapes: 0-30 rows (every block size of both builds, one and several
 // blocks), partial panels, k from 0, padded leading dimensions, rows of M taken through a shuffled
-// table of addresses and with a column stride (the packing's two paths).
+// table of addresses and with a column stride (the packing's two paths), sums accumulated into the
+// output, and rows of a 4 KiB apart (which the product copies first). The backward's helpers too:
+// pack_columns against pack_matrix of the same matrix, transpose exactly, add_row_sums in rounding.
 //
 // This file compiles the baseline build itself (RNNATTN_CPU_ISA baseline, with -ffp-contract=off);
 // the AVX2 and AVX-512 builds are the library's own sources, compiled with the library's flags and
@@ -34,6 +36,7 @@ struct Build {
   void (*rows)(const float*, int64_t, int64_t, const RowsMatrix&, const float*, float*, int64_t);
   PackedMatrix (*pack_columns)(const float* const*, int64_t, int64_t, float*, int64_t, int64_t);
   void (*transpose)(const float*, int64_t, int64_t, int64_t, float*, int64_t);
+  void (*add_row_sums)(const float*, int64_t, int64_t, int64_t, float*);
 };
 
 struct Tally {
@@ -186,6 +189,35 @@ void check_packing(const Build& build, int64_t n, int64_t k, std::mt19937& gen, 
   }
 }
 
+// add_row_sums: each row's sum added to what was there, within float rounding of a double sum; the
+// padding past cols and the sums past rows untouched.
+void check_row_sums(const Build& build, int64_t rows, int64_t cols, std::mt19937& gen, Tally& tally) {
+  std::normal_distribution<float> normal;
+  const int64_t lda = cols + 5;
+  std::vector<float> a(rows * lda), sums(rows + 1);
+  for (auto& v : a) v = normal(gen);
+  for (auto& v : sums) v = normal(gen);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = cols; c < lda; ++c) a[r * lda + c] = std::numeric_limits<float>::quiet_NaN();
+  }
+  const std::vector<float> before = sums;
+  build.add_row_sums(a.data(), rows, cols, lda, sums.data());
+  ++tally.cases;
+  for (int64_t r = 0; r < rows; ++r) {
+    double exact = before[r], size = std::fabs(exact);
+    for (int64_t c = 0; c < cols; ++c) {
+      exact += a[r * lda + c];
+      size += std::fabs(a[r * lda + c]);
+    }
+    if (!(std::fabs(sums[r] - exact) <= 1e-5 * size + 1e-30)) {
+      tally.fail(std::string(build.name) + " add_row_sums of " + std::to_string(rows) + " x " + std::to_string(cols) +
+                 " off at row " + std::to_string(r));
+      return;
+    }
+  }
+  if (!same_bits(sums[rows], before[rows])) tally.fail(std::string(build.name) + " add_row_sums wrote past its rows");
+}
+
 Tally check_build(const Build& build) {
   Tally tally;
   std::mt19937 gen(12345);
@@ -211,6 +243,9 @@ Tally check_build(const Build& build) {
   for (const int64_t n : {1, 8, 15, 16, 17, 40}) {
     for (const int64_t k : {0, 1, 7, 8, 9, 24, 31}) check_packing(build, n, k, gen, tally);
   }
+  for (const int64_t rows : {0, 1, 3}) {
+    for (const int64_t cols : {0, 1, 7, 8, 31, 32, 33, 100}) check_row_sums(build, rows, cols, gen, tally);
+  }
   return tally;
 }
 
@@ -218,21 +253,23 @@ Tally check_build(const Build& build) {
 
 int main() {
   std::vector<Build> builds = {{"baseline", false, &baseline::pack_matrix, &baseline::gemm_packed,
-                                &baseline::gemm_rows, &baseline::pack_columns, &baseline::transpose}};
+                                &baseline::gemm_rows, &baseline::pack_columns, &baseline::transpose,
+                                &baseline::add_row_sums}};
 #if defined(__x86_64__) || defined(__i386__)
 #if defined(RNNATTN_CHECK_AVX2)
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     builds.push_back({"avx2", true, &avx2::pack_matrix, &avx2::gemm_packed, &avx2::gemm_rows, &avx2::pack_columns,
-                      &avx2::transpose});
+                      &avx2::transpose, &avx2::add_row_sums});
   } else {
     std::printf("avx2: not run (no AVX2 and FMA)\n");
   }
 #endif
 #if defined(RNNATTN_CHECK_AVX512)
   if (__builtin_cpu_supports("avx512f")) {
-    // The library packs, transposes and reads in place with the AVX2 build here (packed_gemm_baseline.cpp).
+    // The library packs, transposes, sums rows and reads in place with the AVX2 build here
+    // (packed_gemm_baseline.cpp).
     builds.push_back({"avx512", true, &avx2::pack_matrix, &avx512::gemm_packed, &avx2::gemm_rows, &avx2::pack_columns,
-                      &avx2::transpose});
+                      &avx2::transpose, &avx2::add_row_sums});
   } else {
     std::printf("avx512: not run (no AVX-512F)\n");
   }

@@ -43,6 +43,10 @@ inline int64_t spaced_stride(int64_t k) {
 // dst = src^T: src is rows x cols (row stride ld_src), dst cols x rows (row stride ld_dst).
 void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld_src, float* dst, int64_t ld_dst);
 
+// sums[r] += the sum of row r of a (rows x cols, row stride lda): a bias gradient from transposed
+// gate gradients.
+void add_row_sums(const float* a, int64_t rows, int64_t cols, int64_t lda, float* sums);
+
 using PackedGemmFn = void (*)(const float* a, int64_t rows, int64_t lda, const PackedMatrix& m, const float* bias,
                               float* out, int64_t ldo, bool accumulate);
 
@@ -69,6 +73,7 @@ using RowsGemmFn = void (*)(const float* a, int64_t rows, int64_t lda, const Row
   PackedMatrix pack_columns(const float* const* columns, int64_t n, int64_t k, float* storage,            \
                             int64_t panel_begin, int64_t panel_end);                                      \
   void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld_src, float* dst, int64_t ld_dst); \
+  void add_row_sums(const float* a, int64_t rows, int64_t cols, int64_t lda, float* sums);                 \
   /* The same product with M read in place (RowsMatrix). */                                              \
   void gemm_rows(const float* a, int64_t rows, int64_t lda, const RowsMatrix& m, const float* bias,      \
                  float* out, int64_t ldo);                                                                \

@@ -24,6 +24,10 @@ void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld_src, flo
   (has_avx2_fma() ? &avx2::transpose : &baseline::transpose)(src, rows, cols, ld_src, dst, ld_dst);
 }
 
+void add_row_sums(const float* a, int64_t rows, int64_t cols, int64_t lda, float* sums) {
+  (has_avx2_fma() ? &avx2::add_row_sums : &baseline::add_row_sums)(a, rows, cols, lda, sums);
+}
+
 RowsGemmFn gemm_rows_fn() {
   static const RowsGemmFn fn = has_avx2_fma() ? &avx2::gemm_rows : &baseline::gemm_rows;
   return fn;

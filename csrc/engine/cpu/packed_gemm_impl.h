@@ -376,6 +376,21 @@ void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld_src, flo
   }
 }
 
+void add_row_sums(const float* a, int64_t rows, int64_t cols, int64_t lda, float* sums) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = a + r * lda;
+    vec8 acc[4] = {};  // four chains: an add waits ~3 cycles for its accumulator
+    int64_t c = 0;
+    for (; c + 32 <= cols; c += 32) {
+      for (int v = 0; v < 4; ++v) acc[v] += load8(row + c + 8 * v);
+    }
+    for (; c + 8 <= cols; c += 8) acc[0] += load8(row + c);
+    float sum = sum8((acc[0] + acc[1]) + (acc[2] + acc[3]));
+    for (; c < cols; ++c) sum += row[c];
+    sums[r] += sum;
+  }
+}
+
 void gemm_packed(const float* a, int64_t rows, int64_t lda, const PackedMatrix& m, const float* bias, float* out,
                  int64_t ldo, bool accumulate) {
   if (rows == 0 || m.n == 0) return;
