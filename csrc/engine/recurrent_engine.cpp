@@ -261,12 +261,14 @@ struct BulkProducts {
   const float** w_ih_rows = nullptr;  // its columns: W_ih's rows
   float* x_panels = nullptr;          // dW_ih's M = the chunk's x^T (I x rows)
   float* h_panels = nullptr;          // dW_rec's M = the chunk's h_{t-1}^T (HS x rows)
-  std::vector<const float**> x_rows, h_rows;  // per member: the chunk's rows of x and h_{t-1}
+  float* context_panels = nullptr;    // attention: dW_c's M = the chunk's context^T (D x rows)
+  std::vector<const float**> x_rows, h_rows, context_rows;  // per member: the chunk's rows of each
   std::vector<float*> transposed;             // per member: a = a block's gate-gradient columns^T
 };
 
-// Room for chunks of `rows` rows (chunk steps x B), for `members` threads; w_ih in block order.
-BulkProducts bulk_products(int64_t members, const UnitBlocks& blocks, int64_t rows, int64_t I, int64_t HS,
+// Room for chunks of `rows` rows (chunk steps x B), for `members` threads; w_ih in block order; D the
+// attention's context width (0: none).
+BulkProducts bulk_products(int64_t members, const UnitBlocks& blocks, int64_t rows, int64_t I, int64_t HS, int64_t D,
                            const Tensor& w_ih, CallScratch& temp) {
   BulkProducts bulk;
   bulk.enabled = true;
@@ -279,11 +281,13 @@ BulkProducts bulk_products(int64_t members, const UnitBlocks& blocks, int64_t ro
   for (int64_t j = 0; j < GH; ++j) bulk.w_ih_rows[j] = w_ih.const_data_ptr<float>() + j * I;
   bulk.x_panels = temp.floats(cpu::PackedMatrix::floats_needed(I, rows));
   bulk.h_panels = temp.floats(cpu::PackedMatrix::floats_needed(HS, rows));
+  if (D > 0) bulk.context_panels = temp.floats(cpu::PackedMatrix::floats_needed(D, rows));
   int64_t widest = 0;  // the most gate-gradient columns a block has
   for (int64_t u = 0; u < blocks.count(); ++u) widest = std::max({widest, blocks.rows(u), blocks.rec_rows(u)});
   for (int64_t m = 0; m < members; ++m) {
     bulk.x_rows.push_back(temp.row_addresses(rows));
     bulk.h_rows.push_back(temp.row_addresses(rows));
+    if (D > 0) bulk.context_rows.push_back(temp.row_addresses(rows));
     bulk.transposed.push_back(temp.floats(widest * bulk.ld));
   }
   return bulk;
@@ -1293,12 +1297,13 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   }
   const StepOrder order{T, reverse};
 
-  // On the CPU in float the chunks' large products (dx, dW_ih, dW_rec) run in our GEMM kernel too (a
+  // On the CPU in float the chunks' large products (dx, dW_ih, dW_c, dW_rec) run in our GEMM kernel too (a
   // core of the Zen 4 host: ~112 GFLOP/s, MKL's ~93): M packed from columns (W_ih^T once; each
   // chunk's x^T and h_{t-1}^T by the members together), a = a block's gate-gradient columns
   // transposed into its thread's buffer.
   const BulkProducts bulk =
-      packed ? bulk_products(split.threads(), blocks, chunk * B, I, HS, w_ih, temp) : BulkProducts{};
+      packed ? bulk_products(split.threads(), blocks, chunk * B, I, HS, geo.enabled ? D : 0, w_ih, temp)
+             : BulkProducts{};
 
   dispatch_dtype(input, [&](auto* type_tag) {
     using T_ = std::remove_pointer_t<decltype(type_tag)>;
@@ -1323,7 +1328,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
       const int64_t regular = has_first ? n - 1 : n;
       const int64_t dgh_skip = has_first && !reverse ? 1 : 0;  // forward: step 0 is the chunk's first row
       const int64_t read_time = reverse ? first_time + 1 : (has_first ? 0 : first_time - 1);
-      cpu::PackedMatrix x_t, h_t;  // the chunk's x^T and h_{t-1}^T (bulk)
+      cpu::PackedMatrix x_t, h_t, context_t;  // the chunk's x^T, h_{t-1}^T and context^T (bulk)
       if constexpr (std::is_same_v<T_, float>) {
         if (bulk.enabled) {
           // Row q of the chunk: x and the h_{t-1} it met (h_0 for step 0's rows).
@@ -1340,6 +1345,12 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
           const auto [h0, h1] = mine(HS);
           x_t = cpu::pack_columns(x_rows, I, rows, bulk.x_panels, x0, x1);
           h_t = cpu::pack_columns(h_rows, HS, rows, bulk.h_panels, h0, h1);
+          if (geo.enabled) {
+            const float** context_rows = bulk.context_rows[team.index];
+            for (int64_t q = 0; q < rows; ++q) context_rows[q] = ptr<float>(context) + (first_time * B + q) * D;
+            const auto [c0, c1] = mine(D);
+            context_t = cpu::pack_columns(context_rows, D, rows, bulk.context_panels, c0, c1);
+          }
           if (!team.sync()) return false;
         }
       }
@@ -1359,13 +1370,16 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
         bool done = false;
         if constexpr (std::is_same_v<T_, float>) {
           if (bulk.enabled) {
-            // dW += dg^T M^T and db += dg's column sums, dg^T (the block's columns of the chunk's rows)
-            // in this thread's buffer.
+            // dW += dg^T M^T (W_ih, W_c, W_rec) and db += dg's column sums, dg^T (the block's columns
+            // of the chunk's rows) in this thread's buffer.
             float* dg_t = bulk.transposed[team.index];
             const auto gemm = cpu::gemm_packed_fn();
             cpu::transpose(ptr<float>(dgx) + g0, rows, gn, GH, dg_t, bulk.ld);
             gemm(dg_t, gn, bulk.ld, x_t, nullptr, ptr<float>(grad_w_ih) + g0 * I, I, /*accumulate=*/true);
             cpu::add_row_sums(dg_t, gn, rows, bulk.ld, ptr<float>(grad_b_ih) + g0);
+            if (geo.enabled) {
+              gemm(dg_t, gn, bulk.ld, context_t, nullptr, ptr<float>(grad_w_c) + g0 * D, D, /*accumulate=*/true);
+            }
             if (rec_alias) {
               TORCH_INTERNAL_ASSERT(r0 == g0 && rn == gn);  // the same gradients: dg_t holds them already
             } else {
@@ -1385,8 +1399,8 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
           if (has_first) w.addmm_(dg_rec.narrow(0, reverse ? (n - 1) * B : 0, B).t(), init[0]);
           grad_b_ih.narrow(0, g0, gn).add_(dg_in.sum(0));
           if (!rec_alias) grad_b_rec.narrow(0, r0, rn).add_(dg_rec.sum(0));
+          if (geo.enabled) grad_w_c.narrow(0, g0, gn).addmm_(dg_in.t(), context.narrow(0, first_time * B, rows));
         }
-        if (geo.enabled) grad_w_c.narrow(0, g0, gn).addmm_(dg_in.t(), context.narrow(0, first_time * B, rows));
         if (projected) {
           // dW_hr += dy^T m over the chunk's steps, each block its rows (columns of y).
           const auto [p0, p1] = column_share(blocks, u, HS);
