@@ -263,7 +263,7 @@ struct BulkProducts {
   float* h_panels = nullptr;          // dW_rec's M = the chunk's h_{t-1}^T (HS x rows)
   float* context_panels = nullptr;    // attention: dW_c's M = the chunk's context^T (D x rows)
   std::vector<const float**> x_rows, h_rows, context_rows;  // per member: the chunk's rows of each
-  std::vector<float*> transposed;             // per member: a = a block's gate-gradient columns^T
+  std::vector<float*> transposed;  // per member: a = a block's gate-gradient columns, transposed
 };
 
 // Room for chunks of `rows` rows (chunk steps x B), for `members` threads; w_ih in block order; D the
