@@ -1329,30 +1329,28 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
       const int64_t dgh_skip = has_first && !reverse ? 1 : 0;  // forward: step 0 is the chunk's first row
       const int64_t read_time = reverse ? first_time + 1 : (has_first ? 0 : first_time - 1);
       cpu::PackedMatrix x_t, h_t, context_t;  // the chunk's x^T, h_{t-1}^T and context^T (bulk)
-      if constexpr (std::is_same_v<T_, float>) {
-        if (bulk.enabled) {
-          // Row q of the chunk: x and the h_{t-1} it met (h_0 for step 0's rows).
-          const float** x_rows = bulk.x_rows[team.index];
-          const float** h_rows = bulk.h_rows[team.index];
-          const float* first_h = ptr<float>(init[0]);
-          for (int64_t q = 0; q < rows; ++q) {
-            x_rows[q] = ptr<float>(x) + (first_time * B + q) * I;
-            const bool initial = has_first && (reverse ? q >= (n - 1) * B : q < B);
-            h_rows[q] = initial ? first_h + (q % B) * HS : ptr<float>(output) + (read_time * B + q - dgh_skip * B) * HS;
-          }
-          auto mine = [&](int64_t width) { return even_share(cpu::panel_count(width), team.index, team.members); };
-          const auto [x0, x1] = mine(I);
-          const auto [h0, h1] = mine(HS);
-          x_t = cpu::pack_columns(x_rows, I, rows, bulk.x_panels, x0, x1);
-          h_t = cpu::pack_columns(h_rows, HS, rows, bulk.h_panels, h0, h1);
-          if (geo.enabled) {
-            const float** context_rows = bulk.context_rows[team.index];
-            for (int64_t q = 0; q < rows; ++q) context_rows[q] = ptr<float>(context) + (first_time * B + q) * D;
-            const auto [c0, c1] = mine(D);
-            context_t = cpu::pack_columns(context_rows, D, rows, bulk.context_panels, c0, c1);
-          }
-          if (!team.sync()) return false;
+      if (bulk.enabled) {
+        // Row q of the chunk: x and the h_{t-1} it met (h_0 for step 0's rows).
+        const float** x_rows = bulk.x_rows[team.index];
+        const float** h_rows = bulk.h_rows[team.index];
+        const float* first_h = ptr<float>(init[0]);
+        for (int64_t q = 0; q < rows; ++q) {
+          x_rows[q] = ptr<float>(x) + (first_time * B + q) * I;
+          const bool initial = has_first && (reverse ? q >= (n - 1) * B : q < B);
+          h_rows[q] = initial ? first_h + (q % B) * HS : ptr<float>(output) + (read_time * B + q - dgh_skip * B) * HS;
         }
+        auto mine = [&](int64_t width) { return even_share(cpu::panel_count(width), team.index, team.members); };
+        const auto [x0, x1] = mine(I);
+        const auto [h0, h1] = mine(HS);
+        x_t = cpu::pack_columns(x_rows, I, rows, bulk.x_panels, x0, x1);
+        h_t = cpu::pack_columns(h_rows, HS, rows, bulk.h_panels, h0, h1);
+        if (geo.enabled) {
+          const float** context_rows = bulk.context_rows[team.index];
+          for (int64_t q = 0; q < rows; ++q) context_rows[q] = ptr<float>(context) + (first_time * B + q) * D;
+          const auto [c0, c1] = mine(D);
+          context_t = cpu::pack_columns(context_rows, D, rows, bulk.context_panels, c0, c1);
+        }
+        if (!team.sync()) return false;
       }
       team.for_each_block([&](int64_t c) {
         // Block c's rows of the gradients; split by rows, thread c's share of the one block's.
@@ -1367,30 +1365,25 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
         const Tensor dg_in = dgx_rows.narrow(1, g0, gn);
         const Tensor dg_rec = dgh_rows.narrow(1, r0, rn);
         Tensor w = grad_w_rec.narrow(0, r0, rn);
-        bool done = false;
-        if constexpr (std::is_same_v<T_, float>) {
-          if (bulk.enabled) {
-            // dW += dg^T M^T (W_ih, W_c, W_rec) and db += dg's column sums, dg^T (the block's columns
-            // of the chunk's rows) in this thread's buffer.
-            float* dg_t = bulk.transposed[team.index];
-            const auto gemm = cpu::gemm_packed_fn();
-            cpu::transpose(ptr<float>(dgx) + g0, rows, gn, GH, dg_t, bulk.ld);
-            gemm(dg_t, gn, bulk.ld, x_t, nullptr, ptr<float>(grad_w_ih) + g0 * I, I, /*accumulate=*/true);
-            cpu::add_row_sums(dg_t, gn, rows, bulk.ld, ptr<float>(grad_b_ih) + g0);
-            if (geo.enabled) {
-              gemm(dg_t, gn, bulk.ld, context_t, nullptr, ptr<float>(grad_w_c) + g0 * D, D, /*accumulate=*/true);
-            }
-            if (rec_alias) {
-              TORCH_INTERNAL_ASSERT(r0 == g0 && rn == gn);  // the same gradients: dg_t holds them already
-            } else {
-              cpu::transpose(ptr<float>(dgh) + r0, rows, rn, R, dg_t, bulk.ld);
-              cpu::add_row_sums(dg_t, rn, rows, bulk.ld, ptr<float>(grad_b_rec) + r0);
-            }
-            gemm(dg_t, rn, bulk.ld, h_t, nullptr, ptr<float>(grad_w_rec) + r0 * HS, HS, /*accumulate=*/true);
-            done = true;
+        if (bulk.enabled) {
+          // dW += dg^T M^T (W_ih, W_c, W_rec) and db += dg's column sums, dg^T (the block's columns
+          // of the chunk's rows) in this thread's buffer.
+          float* dg_t = bulk.transposed[team.index];
+          const auto gemm = cpu::gemm_packed_fn();
+          cpu::transpose(ptr<float>(dgx) + g0, rows, gn, GH, dg_t, bulk.ld);
+          gemm(dg_t, gn, bulk.ld, x_t, nullptr, ptr<float>(grad_w_ih) + g0 * I, I, /*accumulate=*/true);
+          cpu::add_row_sums(dg_t, gn, rows, bulk.ld, ptr<float>(grad_b_ih) + g0);
+          if (geo.enabled) {
+            gemm(dg_t, gn, bulk.ld, context_t, nullptr, ptr<float>(grad_w_c) + g0 * D, D, /*accumulate=*/true);
           }
-        }
-        if (!done) {
+          if (rec_alias) {
+            TORCH_INTERNAL_ASSERT(r0 == g0 && rn == gn);  // the same gradients: dg_t holds them already
+          } else {
+            cpu::transpose(ptr<float>(dgh) + r0, rows, rn, R, dg_t, bulk.ld);
+            cpu::add_row_sums(dg_t, rn, rows, bulk.ld, ptr<float>(grad_b_rec) + r0);
+          }
+          gemm(dg_t, rn, bulk.ld, h_t, nullptr, ptr<float>(grad_w_rec) + r0 * HS, HS, /*accumulate=*/true);
+        } else {
           grad_w_ih.narrow(0, g0, gn).addmm_(dg_in.t(), x.narrow(0, first_time * B, rows));
           if (regular > 0) {
             w.addmm_(dg_rec.narrow(0, dgh_skip * B, regular * B).t(),
@@ -1414,14 +1407,12 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
       const auto [r0, r1] = even_share(rows, team.index, team.members);
       if (r1 > r0) {
         Tensor dx = grad_input.view({T * B, I}).narrow(0, first_time * B + r0, r1 - r0);
-        if constexpr (std::is_same_v<T_, float>) {
-          if (bulk.enabled) {
-            cpu::gemm_packed_fn()(ptr<float>(dgx) + r0 * GH, r1 - r0, GH, bulk.w_ih_t, nullptr, ptr<float>(dx), I,
-                                  /*accumulate=*/false);
-            return true;
-          }
+        if (bulk.enabled) {
+          cpu::gemm_packed_fn()(ptr<float>(dgx) + r0 * GH, r1 - r0, GH, bulk.w_ih_t, nullptr, ptr<float>(dx), I,
+                                /*accumulate=*/false);
+        } else {
+          at::mm_out(dx, dgx_rows.narrow(0, r0, r1 - r0), w_ih);
         }
-        at::mm_out(dx, dgx_rows.narrow(0, r0, r1 - r0), w_ih);
       }
       return true;
     };
