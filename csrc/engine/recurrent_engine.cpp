@@ -266,19 +266,24 @@ struct BulkProducts {
   std::vector<float*> transposed;  // per member: a = a block's gate-gradient columns, transposed
 };
 
-// Room for chunks of `rows` rows (chunk steps x B), for `members` threads; w_ih in block order; D the
-// attention's context width (0: none).
+// Room for chunks of `rows` rows (chunk steps x B), for `members` threads; W_ih's rows (contiguous)
+// taken in block order; D the attention's context width (0: none).
 BulkProducts bulk_products(int64_t members, const UnitBlocks& blocks, int64_t rows, int64_t I, int64_t HS, int64_t D,
-                           const Tensor& w_ih, CallScratch& temp) {
+                           const Tensor& weight_ih, CallScratch& temp) {
   BulkProducts bulk;
   bulk.enabled = true;
   bulk.ld = cpu::spaced_stride(rows);
-  const int64_t GH = w_ih.size(0);
+  const int64_t GH = weight_ih.size(0);
   bulk.w_ih_t.n = I;
   bulk.w_ih_t.k = GH;
   bulk.w_ih_t.panels = temp.floats(cpu::PackedMatrix::floats_needed(I, GH));
   bulk.w_ih_rows = temp.row_addresses(GH);
-  for (int64_t j = 0; j < GH; ++j) bulk.w_ih_rows[j] = w_ih.const_data_ptr<float>() + j * I;
+  for_each_torch_nn_run(blocks.order, 0, GH, [&](int64_t offset, int64_t row, int64_t count) {
+    TORCH_INTERNAL_ASSERT(row >= 0 && row + count <= GH);
+    for (int64_t j = 0; j < count; ++j) {
+      bulk.w_ih_rows[offset + j] = weight_ih.const_data_ptr<float>() + (row + j) * weight_ih.stride(0);
+    }
+  });
   bulk.x_panels = temp.floats(cpu::PackedMatrix::floats_needed(I, rows));
   bulk.h_panels = temp.floats(cpu::PackedMatrix::floats_needed(HS, rows));
   if (D > 0) bulk.context_panels = temp.floats(cpu::PackedMatrix::floats_needed(D, rows));
@@ -384,6 +389,8 @@ struct BlockMatrix {
   const float* const* rows = nullptr;
   int64_t k = 0, stride_k = 1;
   RowTable table;                      // fills rows (and bias, when gathered)
+  // Packed from columns instead (transposed_block_matrix): the table's rows are M's k columns.
+  bool from_columns = false;
   float* storage = nullptr;            // packed: room for the panels
   cpu::PackedMatrix panels;            // packed, after prepare()
   const float* bias = nullptr;
@@ -394,7 +401,9 @@ struct BlockMatrix {
   void prepare() {
     if (form == MatrixForm::aten) return;
     table.fill();
-    if (form == MatrixForm::packed) panels = cpu::pack_matrix(rows, n, k, stride_k, storage);
+    if (form != MatrixForm::packed) return;
+    panels = from_columns ? cpu::pack_columns(rows, n, k, storage, 0, cpu::panel_count(n))
+                          : cpu::pack_matrix(rows, n, k, stride_k, storage);
   }
 };
 
@@ -483,6 +492,21 @@ BlockMatrix block_matrix(const PermutedRows& rows, MatrixForm form, CallScratch&
   if (result.form == MatrixForm::packed) {
     result.storage = scratch.floats(cpu::PackedMatrix::floats_needed(rows.count, result.k));
   }
+  return result;
+}
+
+// Packed M = the transpose of the permuted rows (n = the parts' columns, k = rows.count), as in
+// the backward's dh = dg W_hh (M = W_hh^T): the rows are M's columns, so it packs them from the
+// caller's tensors (rows contiguous; no bias) without a permuted copy or a strided gather.
+BlockMatrix transposed_block_matrix(const PermutedRows& rows, CallScratch& scratch) {
+  for (const Tensor& part : rows.parts) TORCH_INTERNAL_ASSERT(part.stride(1) == 1);
+  TORCH_INTERNAL_ASSERT(rows.biases.empty());
+  BlockMatrix result = block_matrix(rows, MatrixForm::in_place, scratch);  // the table of rows, no storage
+  result.form = MatrixForm::packed;
+  result.from_columns = true;
+  result.n = rows.parts[0].size(1);
+  result.k = rows.count;
+  result.storage = scratch.floats(cpu::PackedMatrix::floats_needed(result.n, result.k));
   return result;
 }
 
@@ -1206,10 +1230,18 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   const bool persistent = loop_choice != CudaLoop::per_step;
   const std::vector<int64_t> running = persistent ? std::vector<int64_t>() : running_rows(seq_lengths, T, geo.enabled);
 
-  const Tensor w_ih = rows_in_order(weight_ih_arg, blocks.order, temp);
-  const Tensor w_rec = rows_in_order(
-      stacked(recurrent_side(weight_hh_arg, std::nullopt, attention, geo.self_memory).weights), blocks.rec_order, temp);
-  const Tensor w_c = geo.enabled ? rows_in_order(attention->weight_c, blocks.order, temp) : Tensor();
+  // ATen's products (double, reduced precision, CUDA) read the weights' rows in block order from
+  // permuted copies; our CPU kernel packs them through tables of row addresses instead (contiguous
+  // rows), and writes its weight gradients straight into torch.nn's row order.
+  const bool packed = uses_packed_gemm(input);
+  auto unit_column_stride = [](const Tensor& w) { return w.stride(1) == 1 ? w : w.contiguous(); };
+  const Tensor weight_ih = unit_column_stride(weight_ih_arg);
+  std::vector<Tensor> rec_weights = recurrent_side(weight_hh_arg, std::nullopt, attention, geo.self_memory).weights;
+  for (Tensor& w : rec_weights) w = unit_column_stride(w);
+  const Tensor weight_c = geo.enabled ? unit_column_stride(attention->weight_c) : Tensor();
+  const Tensor w_ih = packed ? Tensor() : rows_in_order(weight_ih, blocks.order, temp);
+  const Tensor w_rec = packed ? Tensor() : rows_in_order(stacked(rec_weights), blocks.rec_order, temp);
+  const Tensor w_c = geo.enabled && !packed ? rows_in_order(weight_c, blocks.order, temp) : Tensor();
   const Tensor grad_y = grad_output.contiguous();
   std::vector<Tensor> init;
   for (const auto& s : initial_states) init.push_back(s.contiguous());
@@ -1220,7 +1252,6 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   // and the blocks add them up (in block order: deterministic) at the next step. Likewise the
   // shares of dctx_t = dxg_t @ W_c. A projection always uses shares (projection_step.h). Split by
   // rows, the one block's share holds every thread's rows.
-  const bool packed = uses_packed_gemm(input);
   const MatrixForm form = packed ? MatrixForm::packed : MatrixForm::aten;
   const bool shares = packed || blocks.count() > 1 || projected;
   // dh shares by step parity: a step reads the list the step after it wrote (zeros at first), one
@@ -1243,7 +1274,9 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
     // share_c = dg_rec_c @ W_rec_c: M = W_rec_c^T (HS x rec_rows(c)); split by rows, a copy each.
     const int64_t u = split.unit_block(c);
     rec_matrix.push_back(
-        block_matrix(w_rec.narrow(0, blocks.rec_row0(u), blocks.rec_rows(u)).t(), std::nullopt, form, temp));
+        packed ? transposed_block_matrix(
+                     PermutedRows{rec_weights, {}, blocks.rec_order, blocks.rec_row0(u), blocks.rec_rows(u)}, temp)
+               : block_matrix(w_rec.narrow(0, blocks.rec_row0(u), blocks.rec_rows(u)).t(), std::nullopt, form, temp));
     if (projected) {
       // dm of block c's units: M = W_hr[:, units]^T (width(c) x HS).
       proj_matrix.push_back(
@@ -1251,7 +1284,9 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
     }
     if (geo.enabled) {
       // dctx share_c = dxg_c @ W_c_c: M = W_c_c^T (D x rows(c)); split by rows, one share.
-      ctx_matrix.push_back(block_matrix(w_c.narrow(0, blocks.row0(u), blocks.rows(u)).t(), std::nullopt, form, temp));
+      ctx_matrix.push_back(
+          packed ? transposed_block_matrix(PermutedRows{weight_c, {}, blocks.order, blocks.row0(u), blocks.rows(u)}, temp)
+                 : block_matrix(w_c.narrow(0, blocks.row0(u), blocks.rows(u)).t(), std::nullopt, form, temp));
       if (!by_rows || c == 0) dctx_share.push_back(temp.empty({B, D}));
     }
   }
@@ -1266,15 +1301,24 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   Tensor dgx = temp.empty({chunk, B, GH});
   Tensor dgh = rec_alias ? dgx : temp.empty({chunk, B, R});
   Tensor dgy = projected ? temp.empty({chunk, B, HS}) : Tensor();
-  // The gradients the chunks add up, rows in block order.
+  // The gradients the chunks add up: ATen's products add into zeros in block order (put in torch.nn
+  // order after the loop); our kernel writes the results in torch.nn's order directly, the weights'
+  // set by the first chunk (zeros only if no chunk has a row) and the biases' added up from zeros.
   const Tensor x = input.contiguous().view({T * B, I});
   Tensor grad_input = at::empty({T, B, I}, opts);
-  Tensor grad_w_ih = block_order_zeros({GH, I}, blocks.order, temp);
-  Tensor grad_b_ih = block_order_zeros({GH}, blocks.order, temp);
-  Tensor grad_w_rec = block_order_zeros({R, HS}, blocks.rec_order, temp);
-  Tensor grad_b_rec = rec_alias ? Tensor() : block_order_zeros({R}, blocks.rec_order, temp);
+  auto weight_gradient = [&](at::IntArrayRef sizes, const Tensor& order) {
+    if (!packed) return block_order_zeros(sizes, order, temp);
+    return T * B > 0 ? at::empty(sizes, opts) : at::zeros(sizes, opts);
+  };
+  auto bias_gradient = [&](int64_t size, const Tensor& order) {
+    return packed ? at::zeros({size}, opts) : block_order_zeros({size}, order, temp);
+  };
+  Tensor grad_w_ih = weight_gradient({GH, I}, blocks.order);
+  Tensor grad_b_ih = bias_gradient(GH, blocks.order);
+  Tensor grad_w_rec = weight_gradient({R, HS}, blocks.rec_order);
+  Tensor grad_b_rec = rec_alias ? Tensor() : bias_gradient(R, blocks.rec_order);
   Tensor grad_w_hr = projected ? at::zeros({HS, H}, opts) : Tensor();
-  Tensor grad_w_c = geo.enabled ? block_order_zeros({GH, D}, blocks.order, temp) : Tensor();
+  Tensor grad_w_c = geo.enabled ? weight_gradient({GH, D}, blocks.order) : Tensor();
   const Tensor context = geo.enabled ? saved->context.contiguous().view({T * B, D}) : Tensor();
 
   // Attention: the saved queries, keys and values, the gradients of the keys and values (summed
@@ -1302,7 +1346,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   // chunk's x^T and h_{t-1}^T by the members together), a = a block's gate-gradient columns
   // transposed into its thread's buffer.
   const BulkProducts bulk =
-      packed ? bulk_products(split.threads(), blocks, chunk * B, I, HS, geo.enabled ? D : 0, w_ih, temp)
+      packed ? bulk_products(split.threads(), blocks, chunk * B, I, HS, geo.enabled ? D : 0, weight_ih, temp)
              : BulkProducts{};
 
   dispatch_dtype(input, [&](auto* type_tag) {
@@ -1366,23 +1410,29 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
         const Tensor dg_rec = dgh_rows.narrow(1, r0, rn);
         Tensor w = grad_w_rec.narrow(0, r0, rn);
         if (bulk.enabled) {
-          // dW += dg^T M^T (W_ih, W_c, W_rec) and db += dg's column sums, dg^T (the block's columns
-          // of the chunk's rows) in this thread's buffer.
+          // dW = or += dg^T M^T (W_ih, W_c, W_rec) and db += dg's column sums, dg^T (the block's columns
+          // of the chunk's rows) in this thread's buffer, each run of rows consecutive in torch.nn
+          // order (a block's gate) into its rows of the results.
           float* dg_t = bulk.transposed[team.index];
           const auto gemm = cpu::gemm_packed_fn();
+          const bool accumulate = k_lo + n < T;  // the first chunk done (the last steps) sets dW
           cpu::transpose(ptr<float>(dgx) + g0, rows, gn, GH, dg_t, bulk.ld);
-          gemm(dg_t, gn, bulk.ld, x_t, nullptr, ptr<float>(grad_w_ih) + g0 * I, I, /*accumulate=*/true);
-          cpu::add_row_sums(dg_t, gn, rows, bulk.ld, ptr<float>(grad_b_ih) + g0);
-          if (geo.enabled) {
-            gemm(dg_t, gn, bulk.ld, context_t, nullptr, ptr<float>(grad_w_c) + g0 * D, D, /*accumulate=*/true);
-          }
+          for_each_torch_nn_run(blocks.order, g0, gn, [&](int64_t offset, int64_t row, int64_t count) {
+            const float* a = dg_t + offset * bulk.ld;
+            gemm(a, count, bulk.ld, x_t, nullptr, ptr<float>(grad_w_ih) + row * I, I, accumulate);
+            cpu::add_row_sums(a, count, rows, bulk.ld, ptr<float>(grad_b_ih) + row);
+            if (geo.enabled) gemm(a, count, bulk.ld, context_t, nullptr, ptr<float>(grad_w_c) + row * D, D, accumulate);
+          });
           if (rec_alias) {
             TORCH_INTERNAL_ASSERT(r0 == g0 && rn == gn);  // the same gradients: dg_t holds them already
           } else {
             cpu::transpose(ptr<float>(dgh) + r0, rows, rn, R, dg_t, bulk.ld);
-            cpu::add_row_sums(dg_t, rn, rows, bulk.ld, ptr<float>(grad_b_rec) + r0);
           }
-          gemm(dg_t, rn, bulk.ld, h_t, nullptr, ptr<float>(grad_w_rec) + r0 * HS, HS, /*accumulate=*/true);
+          for_each_torch_nn_run(blocks.rec_order, r0, rn, [&](int64_t offset, int64_t row, int64_t count) {
+            const float* a = dg_t + offset * bulk.ld;
+            if (!rec_alias) cpu::add_row_sums(a, count, rows, bulk.ld, ptr<float>(grad_b_rec) + row);
+            gemm(a, count, bulk.ld, h_t, nullptr, ptr<float>(grad_w_rec) + row * HS, HS, accumulate);
+          });
         } else {
           grad_w_ih.narrow(0, g0, gn).addmm_(dg_in.t(), x.narrow(0, first_time * B, rows));
           if (regular > 0) {
@@ -1615,10 +1665,13 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
 
   RecurrentBackward result;
   result.grad_input = std::move(grad_input);
-  result.grad_weight_ih = blocks.unpermute_rows(grad_w_ih);
-  result.grad_bias_ih = blocks.unpermute_rows(grad_b_ih);
-  grad_w_rec = blocks.unpermute_rec_rows(grad_w_rec);
-  const Tensor grad_b_rec_plain = rec_alias ? result.grad_bias_ih.clone() : blocks.unpermute_rec_rows(grad_b_rec);
+  // Our kernel wrote torch.nn's order already.
+  auto gate_rows = [&](const Tensor& t) { return packed ? t : blocks.unpermute_rows(t); };
+  auto rec_rows = [&](const Tensor& t) { return packed ? t : blocks.unpermute_rec_rows(t); };
+  result.grad_weight_ih = gate_rows(grad_w_ih);
+  result.grad_bias_ih = gate_rows(grad_b_ih);
+  grad_w_rec = rec_rows(grad_w_rec);
+  const Tensor grad_b_rec_plain = rec_alias ? result.grad_bias_ih.clone() : rec_rows(grad_b_rec);
   result.grad_weight_hh = grad_w_rec.narrow(0, 0, GH);
   result.grad_bias_hh = grad_b_rec_plain.narrow(0, 0, GH);
   result.grad_weight_hr = projected ? grad_w_hr : at::empty({0}, opts);
@@ -1629,7 +1682,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
     result.grad_bias_hh = result.grad_bias_hh.clone();
     result.grad_weight_q = rows(grad_w_rec, 0);
     result.grad_bias_q = rows(grad_b_rec_plain, 0);
-    result.grad_weight_c = blocks.unpermute_rows(grad_w_c);
+    result.grad_weight_c = gate_rows(grad_w_c);
     if (geo.self_memory) {
       result.grad_weight_k = rows(grad_w_rec, 1);
       result.grad_bias_k = rows(grad_b_rec_plain, 1);

@@ -50,6 +50,23 @@ struct UnitBlocks {
   }
 };
 
+// Calls fn(offset, row, count) for each run of the rows [first, first + count) of a row order
+// (UnitBlocks::order or rec_order, on the CPU; undefined: the identity) that are consecutive rows
+// in torch.nn order: rows first + offset ... of the order are torch.nn rows row ..., count of them.
+// A block's gate rows are one run per gate.
+template <typename Fn>
+void for_each_torch_nn_run(const at::Tensor& order, int64_t first, int64_t count, Fn&& fn) {
+  if (!order.defined()) {
+    if (count > 0) fn(int64_t{0}, first, count);
+    return;
+  }
+  const int64_t* row = order.const_data_ptr<int64_t>() + first;
+  for (int64_t begin = 0, end = 0; begin < count; begin = end) {
+    for (end = begin + 1; end < count && row[end] == row[end - 1] + 1;) ++end;
+    fn(begin, row[begin], end - begin);
+  }
+}
+
 // Which pass of the time loop a thread count is for: they differ in what a thread costs them.
 enum class LoopPass { forward, backward };
 

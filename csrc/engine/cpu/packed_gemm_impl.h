@@ -53,7 +53,9 @@ void block_kernel(const float* a, int64_t lda, const float* panels, int64_t pane
   }
   for (int r = 0; r < kRows; ++r) {
     for (int v = 0; v < kVecs; ++v) acc[r][v] = start[v];
-    if (accumulate) {
+    if (accumulate && width == kVecs * 8) {
+      for (int v = 0; v < kVecs; ++v) acc[r][v] += load8(out + r * ldo + 8 * v);
+    } else if (accumulate) {
       float padded[kVecs * 8] = {};
       std::memcpy(padded, out + r * ldo, width * sizeof(float));
       for (int v = 0; v < kVecs; ++v) acc[r][v] += load8(padded + 8 * v);
@@ -115,8 +117,14 @@ void wide_block_kernel(const float* a, int64_t lda, const float* panels, int64_t
   for (int r = 0; r < kRows; ++r) {
     for (int p = 0; p < kPanels; ++p) acc[r][p] = start[p];
     if (accumulate) {
+      // A whole block's width in one constant-size copy (inlined; a variable size calls the C
+      // library's memmove, which took a third of a short backward's time), else zero-padded.
       vec16 padded[kPanels] = {};
-      std::memcpy(padded, out + r * ldo, width * sizeof(float));
+      if (width == kPanels * 16) {
+        std::memcpy(padded, out + r * ldo, sizeof(padded));
+      } else {
+        std::memcpy(padded, out + r * ldo, width * sizeof(float));
+      }
       for (int p = 0; p < kPanels; ++p) acc[r][p] += padded[p];
     }
   }
@@ -132,7 +140,13 @@ void wide_block_kernel(const float* a, int64_t lda, const float* panels, int64_t
       for (int p = 0; p < kPanels; ++p) acc[r][p] += x * w[p];
     }
   }
-  for (int r = 0; r < kRows; ++r) std::memcpy(out + r * ldo, acc[r], width * sizeof(float));
+  for (int r = 0; r < kRows; ++r) {
+    if (width == kPanels * 16) {
+      std::memcpy(out + r * ldo, acc[r], sizeof(acc[r]));
+    } else {
+      std::memcpy(out + r * ldo, acc[r], width * sizeof(float));
+    }
+  }
 }
 
 constexpr int kMaxRows = 14;
@@ -347,8 +361,12 @@ PackedMatrix pack_columns(const float* const* columns, int64_t n, int64_t k, flo
     const int64_t first = p * kPanelWidth, width = std::min<int64_t>(kPanelWidth, n - first);
     for (int64_t j = 0; j < k; ++j) {
       float* dst = panel + j * kPanelWidth;
-      std::memcpy(dst, columns[j] + first, width * sizeof(float));
-      std::fill(dst + width, dst + kPanelWidth, 0.f);
+      if (width == kPanelWidth) {
+        std::memcpy(dst, columns[j] + first, kPanelWidth * sizeof(float));  // constant size: inlined
+      } else {
+        std::memcpy(dst, columns[j] + first, width * sizeof(float));
+        std::fill(dst + width, dst + kPanelWidth, 0.f);
+      }
     }
   }
   PackedMatrix out;
