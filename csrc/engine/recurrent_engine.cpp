@@ -1296,10 +1296,13 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   // each chunk they go into the large GEMMs (dx, dW, db), so no buffer grows with T.
   // With a projection, also dy of the chunk's steps (chunk, B, HS) for dW_hr.
   const bool rec_alias = !geo.enabled && !Cell::kSeparateHiddenGrad;
+  // For our kernel their rows are laid out a little further apart than a multiple of 4 KiB, which the
+  // products reading them (the step's dh, the chunk's dx) would otherwise copy first (packed_gemm.h).
+  const int64_t ldx = packed ? cpu::alias_free_stride(GH) : GH, ldh = rec_alias ? ldx : packed ? cpu::alias_free_stride(R) : R;
   const int64_t chunk =
-      chunk_steps(input, T, B, (rec_alias ? GH : GH + R) + (projected ? HS : 0), kBackwardChunkBytes);
-  Tensor dgx = temp.empty({chunk, B, GH});
-  Tensor dgh = rec_alias ? dgx : temp.empty({chunk, B, R});
+      chunk_steps(input, T, B, (rec_alias ? ldx : ldx + ldh) + (projected ? HS : 0), kBackwardChunkBytes);
+  Tensor dgx = temp.empty({chunk * B, ldx});
+  Tensor dgh = rec_alias ? dgx : temp.empty({chunk * B, ldh});
   Tensor dgy = projected ? temp.empty({chunk, B, HS}) : Tensor();
   // The gradients the chunks add up: ATen's products add into zeros in block order (put in torch.nn
   // order after the loop); our kernel writes the results in torch.nn's order directly, the weights'
@@ -1365,8 +1368,8 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
     // False if the loop must stop (a member failed).
     auto chunk_gradients = [&](const TeamMember& team, int64_t k_lo, int64_t n, int64_t first_time) -> bool {
       const int64_t rows = n * B;
-      const Tensor dgx_rows = dgx.view({chunk * B, GH}).narrow(0, 0, rows);
-      const Tensor dgh_rows = dgh.view({chunk * B, R}).narrow(0, 0, rows);
+      const Tensor dgx_rows = dgx.narrow(1, 0, GH).narrow(0, 0, rows);
+      const Tensor dgh_rows = dgh.narrow(1, 0, R).narrow(0, 0, rows);
       // h_{t-1} of the chunk's steps: outputs, except that step 0 read h_0.
       const bool has_first = k_lo == 0;
       const int64_t regular = has_first ? n - 1 : n;
@@ -1416,7 +1419,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
           float* dg_t = bulk.transposed[team.index];
           const auto gemm = cpu::gemm_packed_fn();
           const bool accumulate = k_lo + n < T;  // the first chunk done (the last steps) sets dW
-          cpu::transpose(ptr<float>(dgx) + g0, rows, gn, GH, dg_t, bulk.ld);
+          cpu::transpose(ptr<float>(dgx) + g0, rows, gn, ldx, dg_t, bulk.ld);
           for_each_torch_nn_run(blocks.order, g0, gn, [&](int64_t offset, int64_t row, int64_t count) {
             const float* a = dg_t + offset * bulk.ld;
             gemm(a, count, bulk.ld, x_t, nullptr, ptr<float>(grad_w_ih) + row * I, I, accumulate);
@@ -1426,7 +1429,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
           if (rec_alias) {
             TORCH_INTERNAL_ASSERT(r0 == g0 && rn == gn);  // the same gradients: dg_t holds them already
           } else {
-            cpu::transpose(ptr<float>(dgh) + r0, rows, rn, R, dg_t, bulk.ld);
+            cpu::transpose(ptr<float>(dgh) + r0, rows, rn, ldh, dg_t, bulk.ld);
           }
           for_each_torch_nn_run(blocks.rec_order, r0, rn, [&](int64_t offset, int64_t row, int64_t count) {
             const float* a = dg_t + offset * bulk.ld;
@@ -1458,7 +1461,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
       if (r1 > r0) {
         Tensor dx = grad_input.view({T * B, I}).narrow(0, first_time * B + r0, r1 - r0);
         if (bulk.enabled) {
-          cpu::gemm_packed_fn()(ptr<float>(dgx) + r0 * GH, r1 - r0, GH, bulk.w_ih_t, nullptr, ptr<float>(dx), I,
+          cpu::gemm_packed_fn()(ptr<float>(dgx) + r0 * ldx, r1 - r0, ldx, bulk.w_ih_t, nullptr, ptr<float>(dx), I,
                                 /*accumulate=*/false);
         } else {
           at::mm_out(dx, dgx_rows.narrow(0, r0, r1 - r0), w_ih);
@@ -1490,8 +1493,8 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
       const Tensor w_hh = weight_hh_arg.contiguous();
       PersistentBackwardArgs<T_> loop{};
       for (int s = 0; s < S; ++s) loop.step.dstate[s] = ptr<T_>(dstate[s]);
-      loop.step.dxg = GateView<T_>{ptr<T_>(dgx), GH, H};
-      if (!rec_alias) loop.step.dhg = GateView<T_>{ptr<T_>(dgh), R, H};
+      loop.step.dxg = GateView<T_>{ptr<T_>(dgx), ldx, H};
+      if (!rec_alias) loop.step.dhg = GateView<T_>{ptr<T_>(dgh), ldh, H};
       loop.step.lengths = sequence.data;
       loop.step.batch = B;
       loop.step.hidden = H;
@@ -1535,7 +1538,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
           const int64_t u = split.unit_block(c);
           const auto [b0, b1] = split.rows(c, B);
           const int64_t rows = std::clamp<int64_t>(running_now - b0, 0, b1 - b0);
-          const Operand dg{dgh, (row + b0) * R + blocks.rec_row0(u), rows, blocks.rec_rows(u), R};
+          const Operand dg{dgh, (row + b0) * ldh + blocks.rec_row0(u), rows, blocks.rec_rows(u), ldh};
           if (shares) {
             if (rows > 0) multiply(rec_matrix[c], dg, {written(k)[u], b0 * HS, rows, HS, HS});
             if (b0 + rows < b1) written(k)[u].narrow(0, b0 + rows, b1 - b0 - rows).zero_();
@@ -1572,8 +1575,8 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
           for (int s = 0; s < S; ++s) args.dstate[s] = ptr<T_>(dstate[s]);
           if (projected) args.dstate[0] = ptr<T_>(dm);
           args.lengths = sequence.data;
-          args.dxg = gate_view<T_>(ptr<T_>(dgx) + row * GH, GH, blocks, u);
-          if (!rec_alias) args.dhg = GateView<T_>{ptr<T_>(dgh) + row * R + blocks.rec_row0(u), R, blocks.width(u)};
+          args.dxg = gate_view<T_>(ptr<T_>(dgx) + row * ldx, ldx, blocks, u);
+          if (!rec_alias) args.dhg = GateView<T_>{ptr<T_>(dgh) + row * ldh + blocks.rec_row0(u), ldh, blocks.width(u)};
           args.batch = B;
           args.hidden = H;
           args.unit_begin = j0;
@@ -1585,7 +1588,7 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
             hidden_share(c);
             return;
           }
-          multiply(ctx_matrix[c], {dgx, (row + b0) * GH + blocks.row0(u), b1 - b0, blocks.rows(u), GH},
+          multiply(ctx_matrix[c], {dgx, (row + b0) * ldx + blocks.row0(u), b1 - b0, blocks.rows(u), ldx},
                    {dctx_share[u], b0 * D, b1 - b0, D, D});
         });
         if (!by_rows && !team.sync()) return;
@@ -1618,16 +1621,16 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
               // The block's heads: query gradient into its recurrent-side rows, key and value
               // gradients into the slots. Step k's slot (h before step k) is read by no earlier
               // step: its gradients are final after this pass, which writes them to those rows too.
-              T_* rec = ptr<T_>(dgh) + row * R + blocks.rec_row0(u) + blocks.rows(u);
+              T_* rec = ptr<T_>(dgh) + row * ldh + blocks.rec_row0(u) + blocks.rows(u);
               AttentionStepArgs<T_> a = attention_step_args<T_>(geo, blocks, u, B, k, lengths, scratch, sequence,
                                                                 queries + k * slot_size, keys, values);
               a.row_begin = b0;
               a.row_end = b1;
-              a.staged = SlotRows<T_>{rec, R, n, col, nullptr, geo.self_memory ? geo.new_slot(k) : -1};
+              a.staged = SlotRows<T_>{rec, ldh, n, col, nullptr, geo.self_memory ? geo.new_slot(k) : -1};
               a.grad_context = grad_ctx;
               a.grad_context_stride = D;
               a.grad_query = rec - col;  // column d of the block's heads at rec[d - col]
-              a.grad_query_stride = R;
+              a.grad_query_stride = ldh;
               a.grad_keys = ptr<T_>(grad_keys);
               a.grad_values = ptr<T_>(grad_values);
               const bool head_major = input.is_cpu();

@@ -42,6 +42,9 @@ inline int64_t spaced_stride(int64_t k) {
   return stride % kSetAliasFloats == 0 ? stride + kPanelWidth : stride;
 }
 
+// A row stride for rows of k floats that a product reads without that copy: k, or 16 floats more
+// if k is a multiple of 4 KiB.
+inline int64_t alias_free_stride(int64_t k) { return k % kSetAliasFloats == 0 ? k + kPanelWidth : k; }
 // dst = src^T: src is rows x cols (row stride ld_src), dst cols x rows (row stride ld_dst).
 void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld_src, float* dst, int64_t ld_dst);
 
