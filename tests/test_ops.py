@@ -99,6 +99,15 @@ def test_long_batch_runs_in_chunks(cell, dtype, reverse):
                    seed=3, accuracy_rule=dtype == torch.float32)
 
 
+# Gate rows a multiple of 4 KiB (LSTM(256): 4H = 1024 floats): the CPU backward lays its gate
+# gradients' rows out further apart so that its products read them in place; 12 rows (more than a
+# kernel block of 8), over a chunk edge of the backward (168 steps of 12 such rows).
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_gate_rows_of_4_kib(reverse):
+    _compare_layer("lstm", torch.float32, "cpu", steps=180, batch=12, input_size=16, hidden=256, bias=True,
+                   reverse=reverse, seed=5, accuracy_rule=True)
+
+
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("cell", CELLS)
 def test_gradcheck(cell, device):
