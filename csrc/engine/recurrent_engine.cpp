@@ -1291,20 +1291,23 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
     if (geo.enabled) {
       // dctx share_c = dxg_c @ W_c_c: M = W_c_c^T (D x rows(c)); split by rows, one share.
       ctx_matrix.push_back(
-          packed ? transposed_block_matrix(PermutedRows{weight_c, {}, blocks.order, blocks.row0(u), blocks.rows(u)}, temp)
-                 : block_matrix(w_c.narrow(0, blocks.row0(u), blocks.rows(u)).t(), std::nullopt, form, temp));
+          packed
+              ? transposed_block_matrix(PermutedRows{weight_c, {}, blocks.order, blocks.row0(u), blocks.rows(u)}, temp)
+              : block_matrix(w_c.narrow(0, blocks.row0(u), blocks.rows(u)).t(), std::nullopt, form, temp));
       if (!by_rows || c == 0) dctx_share.push_back(temp.empty({B, D}));
     }
   }
 
-  // Gradients of the pre-activations of one chunk of steps: input side (chunk, B, G*H) in gate order,
-  // recurrent side (chunk, B, R) in recurrent-side order (the same buffer when they are equal). After
+  // Gradients of the pre-activations of one chunk of steps, chunk x B rows: input side (G*H each) in
+  // gate order, recurrent side (R each) in recurrent-side order (the same buffer when they are equal). After
   // each chunk they go into the large GEMMs (dx, dW, db), so no buffer grows with T.
   // With a projection, also dy of the chunk's steps (chunk, B, HS) for dW_hr.
   const bool rec_alias = !geo.enabled && !Cell::kSeparateHiddenGrad;
-  // For our kernel their rows are laid out a little further apart than a multiple of 4 KiB, which the
-  // products reading them (the step's dh, the chunk's dx) would otherwise copy first (packed_gemm.h).
-  const int64_t ldx = packed ? cpu::alias_free_stride(GH) : GH, ldh = rec_alias ? ldx : packed ? cpu::alias_free_stride(R) : R;
+  // Their rows are ldx and ldh floats apart: for our kernel a little further than a multiple of
+  // 4 KiB, which the products reading them (the step's dh, the chunk's dx) would otherwise copy
+  // first (packed_gemm.h).
+  const int64_t ldx = packed ? cpu::alias_free_stride(GH) : GH;
+  const int64_t ldh = rec_alias ? ldx : packed ? cpu::alias_free_stride(R) : R;
   const int64_t chunk =
       chunk_steps(input, T, B, (rec_alias ? ldx : ldx + ldh) + (projected ? HS : 0), kBackwardChunkBytes);
   Tensor dgx = temp.empty({chunk * B, ldx});
