@@ -259,51 +259,6 @@ int64_t chunk_steps(const Tensor& like, int64_t steps, int64_t batch, int64_t ro
 }
 constexpr int64_t kForwardChunkBytes = 2 << 20, kBackwardChunkBytes = 8 << 20;
 
-// The backward's large products of a chunk in our CPU kernel (float): where their operands go.
-struct BulkProducts {
-  bool enabled = false;
-  int64_t ld = 0;                     // row stride of `transposed`
-  cpu::PackedMatrix w_ih_t;           // dx's M = W_ih^T (I x GH, columns in block order)
-  const float** w_ih_rows = nullptr;  // its columns: W_ih's rows
-  float* x_panels = nullptr;          // dW_ih's M = the chunk's x^T (I x rows)
-  float* h_panels = nullptr;          // dW_rec's M = the chunk's h_{t-1}^T (HS x rows)
-  float* context_panels = nullptr;    // attention: dW_c's M = the chunk's context^T (D x rows)
-  std::vector<const float**> x_rows, h_rows, context_rows;  // per member: the chunk's rows of each
-  std::vector<float*> transposed;  // per member: a = a block's gate-gradient columns, transposed
-};
-
-// Room for chunks of `rows` rows (chunk steps x B), for `members` threads; W_ih's rows (contiguous)
-// taken in block order; D the attention's context width (0: none).
-BulkProducts bulk_products(int64_t members, const UnitBlocks& blocks, int64_t rows, int64_t I, int64_t HS, int64_t D,
-                           const Tensor& weight_ih, CallScratch& temp) {
-  BulkProducts bulk;
-  bulk.enabled = true;
-  bulk.ld = cpu::spaced_stride(rows);
-  const int64_t GH = weight_ih.size(0);
-  bulk.w_ih_t.n = I;
-  bulk.w_ih_t.k = GH;
-  bulk.w_ih_t.panels = temp.floats(cpu::PackedMatrix::floats_needed(I, GH));
-  bulk.w_ih_rows = temp.row_addresses(GH);
-  for_each_torch_nn_run(blocks.order, 0, GH, [&](int64_t offset, int64_t row, int64_t count) {
-    TORCH_INTERNAL_ASSERT(row >= 0 && row + count <= GH);
-    for (int64_t j = 0; j < count; ++j) {
-      bulk.w_ih_rows[offset + j] = weight_ih.const_data_ptr<float>() + (row + j) * weight_ih.stride(0);
-    }
-  });
-  bulk.x_panels = temp.floats(cpu::PackedMatrix::floats_needed(I, rows));
-  bulk.h_panels = temp.floats(cpu::PackedMatrix::floats_needed(HS, rows));
-  if (D > 0) bulk.context_panels = temp.floats(cpu::PackedMatrix::floats_needed(D, rows));
-  int64_t widest = 0;  // the most gate-gradient columns a block has
-  for (int64_t u = 0; u < blocks.count(); ++u) widest = std::max({widest, blocks.rows(u), blocks.rec_rows(u)});
-  for (int64_t m = 0; m < members; ++m) {
-    bulk.x_rows.push_back(temp.row_addresses(rows));
-    bulk.h_rows.push_back(temp.row_addresses(rows));
-    if (D > 0) bulk.context_rows.push_back(temp.row_addresses(rows));
-    bulk.transposed.push_back(temp.floats(widest * bulk.ld));
-  }
-  return bulk;
-}
-
 // How a block's constant matrix enters its products: through ATen (double, CUDA), packed into panels
 // for our CPU kernel (float, used many times), or read in place by our CPU kernel (float, used
 // a few times at a few rows: a streaming step or short chunk, where packing would cost more than
@@ -514,6 +469,48 @@ BlockMatrix transposed_block_matrix(const PermutedRows& rows, CallScratch& scrat
   result.k = rows.count;
   result.storage = scratch.floats(cpu::PackedMatrix::floats_needed(result.n, result.k));
   return result;
+}
+
+// The backward's large products of a chunk in our CPU kernel (float): where their operands go.
+struct BulkProducts {
+  bool enabled = false;
+  int64_t ld = 0;                           // row stride of `transposed`
+  cpu::PackedMatrix w_ih_t;                 // dx's M = W_ih^T (I x GH, columns in block order)
+  const float* const* w_ih_rows = nullptr;  // its columns: W_ih's rows
+  float* x_panels = nullptr;                // dW_ih's M = the chunk's x^T (I x rows)
+  float* h_panels = nullptr;                // dW_rec's M = the chunk's h_{t-1}^T (HS x rows)
+  float* context_panels = nullptr;          // attention: dW_c's M = the chunk's context^T (D x rows)
+  std::vector<const float**> x_rows, h_rows, context_rows;  // per member: the chunk's rows of each
+  std::vector<float*> transposed;  // per member: a = a block's gate-gradient columns, transposed
+};
+
+// Room for chunks of `rows` rows (chunk steps x B), for `members` threads; W_ih's rows (contiguous)
+// taken in block order; D the attention's context width (0: none).
+BulkProducts bulk_products(int64_t members, const UnitBlocks& blocks, int64_t rows, int64_t I, int64_t HS, int64_t D,
+                           const Tensor& weight_ih, CallScratch& temp) {
+  BulkProducts bulk;
+  bulk.enabled = true;
+  bulk.ld = cpu::spaced_stride(rows);
+  const int64_t GH = weight_ih.size(0);
+  bulk.w_ih_t.n = I;
+  bulk.w_ih_t.k = GH;
+  bulk.w_ih_t.panels = temp.floats(cpu::PackedMatrix::floats_needed(I, GH));
+  // Its columns, W_ih's rows in block order, through the row table the other matrices use.
+  BlockMatrix columns = block_matrix(PermutedRows{weight_ih, {}, blocks.order, 0, GH}, MatrixForm::in_place, temp);
+  columns.table.fill();
+  bulk.w_ih_rows = columns.rows;
+  bulk.x_panels = temp.floats(cpu::PackedMatrix::floats_needed(I, rows));
+  bulk.h_panels = temp.floats(cpu::PackedMatrix::floats_needed(HS, rows));
+  if (D > 0) bulk.context_panels = temp.floats(cpu::PackedMatrix::floats_needed(D, rows));
+  int64_t widest = 0;  // the most gate-gradient columns a block has
+  for (int64_t u = 0; u < blocks.count(); ++u) widest = std::max({widest, blocks.rows(u), blocks.rec_rows(u)});
+  for (int64_t m = 0; m < members; ++m) {
+    bulk.x_rows.push_back(temp.row_addresses(rows));
+    bulk.h_rows.push_back(temp.row_addresses(rows));
+    if (D > 0) bulk.context_rows.push_back(temp.row_addresses(rows));
+    bulk.transposed.push_back(temp.floats(widest * bulk.ld));
+  }
+  return bulk;
 }
 
 // A one-part matrix's bias as PermutedRows::biases.
@@ -1377,8 +1374,9 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
     // False if the loop must stop (a member failed).
     auto chunk_gradients = [&](const TeamMember& team, int64_t k_lo, int64_t n, int64_t first_time) -> bool {
       const int64_t rows = n * B;
-      const Tensor dgx_rows = dgx.narrow(1, 0, GH).narrow(0, 0, rows);
-      const Tensor dgh_rows = dgh.narrow(1, 0, R).narrow(0, 0, rows);
+      // ATen's operands (without the bulk products): the chunk's gate gradients.
+      auto dgx_rows = [&] { return dgx.narrow(1, 0, GH).narrow(0, 0, rows); };
+      auto dgh_rows = [&] { return dgh.narrow(1, 0, R).narrow(0, 0, rows); };
       // h_{t-1} of the chunk's steps: outputs, except that step 0 read h_0.
       const bool has_first = k_lo == 0;
       const int64_t regular = has_first ? n - 1 : n;
@@ -1418,9 +1416,6 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
         };
         const auto [g0, gn] = share(blocks.row0(u), blocks.rows(u));
         const auto [r0, rn] = share(blocks.rec_row0(u), blocks.rec_rows(u));
-        const Tensor dg_in = dgx_rows.narrow(1, g0, gn);
-        const Tensor dg_rec = dgh_rows.narrow(1, r0, rn);
-        Tensor w = grad_w_rec.narrow(0, r0, rn);
         if (bulk.enabled) {
           // dW = or += dg^T M^T (W_ih, W_c, W_rec) and db += dg's column sums, dg^T (the block's columns
           // of the chunk's rows) in this thread's buffer, each run of rows consecutive in torch.nn
@@ -1446,6 +1441,9 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
             gemm(a, count, bulk.ld, h_t, nullptr, ptr<float>(grad_w_rec) + row * HS, HS, accumulate);
           });
         } else {
+          const Tensor dg_in = dgx_rows().narrow(1, g0, gn);
+          const Tensor dg_rec = dgh_rows().narrow(1, r0, rn);
+          Tensor w = grad_w_rec.narrow(0, r0, rn);
           grad_w_ih.narrow(0, g0, gn).addmm_(dg_in.t(), x.narrow(0, first_time * B, rows));
           if (regular > 0) {
             w.addmm_(dg_rec.narrow(0, dgh_skip * B, regular * B).t(),
@@ -1467,14 +1465,12 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
         }
       });
       const auto [r0, r1] = even_share(rows, team.index, team.members);
-      if (r1 > r0) {
+      if (r1 > r0 && bulk.enabled) {
+        cpu::gemm_packed_fn()(ptr<float>(dgx) + r0 * ldx, r1 - r0, ldx, bulk.w_ih_t, nullptr,
+                              ptr<float>(grad_input) + (first_time * B + r0) * I, I, /*accumulate=*/false);
+      } else if (r1 > r0) {
         Tensor dx = grad_input.view({T * B, I}).narrow(0, first_time * B + r0, r1 - r0);
-        if (bulk.enabled) {
-          cpu::gemm_packed_fn()(ptr<float>(dgx) + r0 * ldx, r1 - r0, ldx, bulk.w_ih_t, nullptr, ptr<float>(dx), I,
-                                /*accumulate=*/false);
-        } else {
-          at::mm_out(dx, dgx_rows.narrow(0, r0, r1 - r0), w_ih);
-        }
+        at::mm_out(dx, dgx_rows().narrow(0, r0, r1 - r0), w_ih);
       }
       return true;
     };

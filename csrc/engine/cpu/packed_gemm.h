@@ -11,13 +11,14 @@
 namespace rnnattn::cpu {
 
 constexpr int64_t kPanelWidth = 16;
+inline int64_t panel_count(int64_t n) { return (n + kPanelWidth - 1) / kPanelWidth; }
 
 struct PackedMatrix {
   int64_t n = 0;  // columns of the product (rows of M)
   int64_t k = 0;  // reduction length
   float* panels = nullptr;  // [ceil(n / 16)][k][16], zero-padded past n; owned by the caller
 
-  static int64_t floats_needed(int64_t n, int64_t k) { return (n + kPanelWidth - 1) / kPanelWidth * k * kPanelWidth; }
+  static int64_t floats_needed(int64_t n, int64_t k) { return panel_count(n) * k * kPanelWidth; }
 };
 
 // Packs M (n x k), whose element (i, j) is at rows[i][j * stride_k], into `storage`
@@ -31,20 +32,15 @@ PackedMatrix pack_matrix(const float* const* rows, int64_t n, int64_t k, int64_t
 PackedMatrix pack_columns(const float* const* columns, int64_t n, int64_t k, float* storage, int64_t panel_begin,
                           int64_t panel_end);
 
-inline int64_t panel_count(int64_t n) { return (n + kPanelWidth - 1) / kPanelWidth; }
-
 // Rows of a product's a this many floats (4 KiB) apart, or a multiple of it, map to the same L1 sets,
 // and a block of more rows than the cache has ways evicts its own rows (12-row blocks at k = 1024: 101
-// GFLOP/s against 114 at k = 1040). A row stride for k floats that avoids it: past k, 16 floats more.
+// GFLOP/s against 114 at k = 1040). A row stride of at least k floats that avoids it: k, or 16
+// floats more if k is such a multiple (a buffer whose rows a product reads in place).
 constexpr int64_t kSetAliasFloats = 1024;
-inline int64_t spaced_stride(int64_t k) {
-  const int64_t stride = panel_count(k) * kPanelWidth + kPanelWidth;
-  return stride % kSetAliasFloats == 0 ? stride + kPanelWidth : stride;
-}
-
-// A row stride for rows of k floats that a product reads without that copy: k, or 16 floats more
-// if k is a multiple of 4 KiB.
 inline int64_t alias_free_stride(int64_t k) { return k % kSetAliasFloats == 0 ? k + kPanelWidth : k; }
+// The same for a copy of rows of k floats: whole panels and 16 floats more.
+inline int64_t spaced_stride(int64_t k) { return alias_free_stride(panel_count(k) * kPanelWidth + kPanelWidth); }
+
 // dst = src^T: src is rows x cols (row stride ld_src), dst cols x rows (row stride ld_dst).
 void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld_src, float* dst, int64_t ld_dst);
 

@@ -330,7 +330,7 @@ PackedMatrix pack_matrix(const float* const* m_rows, int64_t n, int64_t k, int64
   out.n = n;
   out.k = k;
   out.panels = storage;
-  const int64_t panels = (n + kPanelWidth - 1) / kPanelWidth;
+  const int64_t panels = panel_count(n);
   for (int64_t p = 0; p < panels; ++p) {
     float* panel = storage + p * k * kPanelWidth;
     const int64_t width = std::min<int64_t>(kPanelWidth, n - p * kPanelWidth);
@@ -412,7 +412,7 @@ void add_row_sums(const float* a, int64_t rows, int64_t cols, int64_t lda, float
 void gemm_packed(const float* a, int64_t rows, int64_t lda, const PackedMatrix& m, const float* bias, float* out,
                  int64_t ldo, bool accumulate) {
   if (rows == 0 || m.n == 0) return;
-  const int64_t panels = (m.n + kPanelWidth - 1) / kPanelWidth;
+  const int64_t panels = panel_count(m.n);
   const int64_t panel_stride = m.k * kPanelWidth;
   // Rows split evenly into blocks of at most kMaxRows (7 rows: 4 + 3, not 6 + 1).
   const int64_t row_blocks = (rows + kMaxRows - 1) / kMaxRows;
