@@ -73,21 +73,27 @@ float sum_lanes(const float* p, int64_t count) {
   return total;
 }
 
-// Softmax over the scores p[0, count), in place. NaN scores are skipped by the maximum (as the
-// scalar code's) and make every weight NaN through the denominator.
-void softmax_in_place(float* p, int64_t count) {
-  // The maximum eight lanes at a time: GCC leaves a comparison that skips NaN scalar (AttnLSTM(256)
-  // at 16x128, window 128: the softmax 1.9% of the forward's samples, 1.4% so). Any order of the
-  // comparisons finds the same maximum (a zero maximum may change sign, which changes no weight).
+// The largest of p[0, count), NaN skipped (-inf if all are NaN), eight lanes at a time: GCC leaves
+// a comparison that skips NaN scalar (AttnLSTM(256) at 16x128, window 128: the softmax 1.9% of the
+// forward's samples, 1.4% so). Any order of the comparisons finds the same value (but for the sign
+// of a zero, which changes no softmax weight).
+float max_skipping_nan(const float* p, int64_t count) {
   vec8 lanes = broadcast8(-INFINITY);
   int64_t i = 0;
   for (; i + 8 <= count; i += 8) {
     const vec8 v = load8(p + i);
     lanes = v > lanes ? v : lanes;
   }
-  float max_score = -INFINITY;
-  for (int l = 0; l < 8; ++l) max_score = lanes[l] > max_score ? lanes[l] : max_score;
-  for (; i < count; ++i) max_score = p[i] > max_score ? p[i] : max_score;
+  float largest = -INFINITY;
+  for (int l = 0; l < 8; ++l) largest = lanes[l] > largest ? lanes[l] : largest;
+  for (; i < count; ++i) largest = p[i] > largest ? p[i] : largest;
+  return largest;
+}
+
+// Softmax over the scores p[0, count), in place. NaN scores are skipped by the maximum (as the
+// scalar code's) and make every weight NaN through the denominator.
+void softmax_in_place(float* p, int64_t count) {
+  const float max_score = max_skipping_nan(p, count);
   for (int64_t i = 0; i < count; ++i) {
     const float x = p[i] - max_score;
     // Below -87.3 (e^x under the normal floats) the weight is 0, as expf's would all but be.
