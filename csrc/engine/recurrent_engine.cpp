@@ -1235,9 +1235,10 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
 
   // ATen's products (double, reduced precision, CUDA) read the weights' rows in block order from
   // permuted copies; our CPU kernel packs them through tables of row addresses instead (contiguous
-  // rows), and writes its weight gradients straight into torch.nn's row order.
+  // rows), and writes its weight gradients straight into torch.nn's row order. (Only the tables need
+  // unit column strides: rows_in_order copies a strided weight once already.)
   const bool packed = uses_packed_gemm(input);
-  auto unit_column_stride = [](const Tensor& w) { return w.stride(1) == 1 ? w : w.contiguous(); };
+  auto unit_column_stride = [&](const Tensor& w) { return !packed || w.stride(1) == 1 ? w : w.contiguous(); };
   const Tensor weight_ih = unit_column_stride(weight_ih_arg);
   std::vector<Tensor> rec_weights = recurrent_side(weight_hh_arg, std::nullopt, attention, geo.self_memory).weights;
   for (Tensor& w : rec_weights) w = unit_column_stride(w);
