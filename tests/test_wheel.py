@@ -73,7 +73,9 @@ def test_wheel_installs_into_a_fresh_environment_and_runs(tmp_path):
         # PEP 561: type checkers read the package's annotations.
         assert "rnnattn_ext/py.typed" in archive.namelist()
 
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # Neither the source tree (PYTHONPATH) nor another build of the library (RNNATTN_LIBRARY, set by
+    # scripts/cpu_sanitizer.sh or a developer) may stand in for what the wheel installed.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RNNATTN_LIBRARY")}
     smoke = subprocess.run([python, "-c", SMOKE], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert smoke.returncode == 0, smoke.stdout + smoke.stderr
     import json
