@@ -38,15 +38,18 @@ SUITE_SHAPES = [(1, 256), (16, 128)]
 
 
 def cpu_kernel_flags(root: Path = ROOT) -> dict[str, list[str]]:
-    """The flags CMakeLists.txt compiles the CPU kernels with: "common", "avx2", "avx512"."""
+    """The flags CMakeLists.txt compiles the CPU kernels with: "common", "avx2", "avx512", "bf16" (the
+    bfloat16 GEMM's, given when the compiler takes them)."""
     cmake = (root / "CMakeLists.txt").read_text()
     common = re.search(
         r"set_source_files_properties\(\$\{CPU_KERNEL_SOURCES\}\s+PROPERTIES COMPILE_OPTIONS \"([^\"]*)\"", cmake)
     avx2 = re.search(r"packed_gemm_avx2\.cpp[^)]*?APPEND PROPERTY COMPILE_OPTIONS \"([^\"]*)\"", cmake, re.S)
     avx512 = re.search(r"packed_gemm_avx512\.cpp[^)]*?APPEND PROPERTY COMPILE_OPTIONS \"([^\"]*)\"", cmake, re.S)
-    if not (common and avx2 and avx512):
+    bf16 = re.search(r"packed_gemm_bf16\.cpp[^)]*?APPEND PROPERTY COMPILE_OPTIONS \"([^\"]*)\"", cmake, re.S)
+    if not (common and avx2 and avx512 and bf16):
         raise RuntimeError("CMakeLists.txt no longer sets the CPU kernels' flags the way cpu_kernel_flags reads them")
-    return {name: m.group(1).split(";") for name, m in (("common", common), ("avx2", avx2), ("avx512", avx512))}
+    return {name: m.group(1).split(";")
+            for name, m in (("common", common), ("avx2", avx2), ("avx512", avx512), ("bf16", bf16))}
 
 
 def cxx_compiler() -> str | None:

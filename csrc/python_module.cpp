@@ -13,6 +13,7 @@
 
 #include "cells/all_cells.h"
 #include "engine/cpu/kernel_isa.h"
+#include "engine/cpu/packed_gemm_bf16.h"
 #include "engine/recurrent_engine.h"
 #include "engine/unit_blocks.h"
 #include "engine/usable_cpus.h"
@@ -44,6 +45,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_kernels", [] { return ::rnnattn::cpu::kernel_isa_name(::rnnattn::cpu::kernel_isa()); },
         "Which build of the CPU kernels runs: avx512 (the packed GEMM's AVX-512 build, the others' AVX2+FMA "
         "one), avx2 (AVX2+FMA) or baseline (any x86-64); RNNATTN_CPU_KERNELS picks one");
+  m.def("cpu_bf16_products", &::rnnattn::cpu::bf16_products_available,
+        "Whether a bfloat16 layer's products on the CPU run in bfloat16 (AVX512-BF16 and the avx512 kernels), "
+        "else in float32");
   m.def("usable_cpus", &::rnnattn::usable_cpus,
         "CPUs this process can keep busy at once (affinity mask, cgroup CPU quota): a CPU layer runs on at most "
         "this many threads, and at most torch.get_num_threads()");

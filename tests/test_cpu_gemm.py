@@ -25,14 +25,14 @@ def _kernel_flags():
     from cpu_floor import cpu_kernel_flags  # read from CMakeLists.txt where the floor benchmark reads them too
 
     flags = cpu_kernel_flags(ROOT)
-    return flags["common"], flags["avx2"], flags["avx512"]
+    return flags["common"], flags["avx2"], flags["avx512"], flags["bf16"]
 
 
 def test_gemm_builds_compute_their_sums(tmp_path):
     compiler = cxx_compiler()
     if compiler is None:
         pytest.skip("no C++ compiler (CXX, c++, g++ or clang++) to build the host check with")
-    common, avx2_flags, avx512_flags = _kernel_flags()
+    common, avx2_flags, avx512_flags, _ = _kernel_flags()
     base = [compiler, "-std=gnu++20", f"-I{ROOT / 'csrc'}"]
     objects, defines = [], []
     if X86:
@@ -58,3 +58,39 @@ def test_gemm_builds_compute_their_sums(tmp_path):
     if X86 and capability == "AVX512":  # torch's AVX512 level implies AVX-512F
         assert "avx512" in results, run.stdout
     assert all(int(count) > 2000 for count in results.values()), run.stdout
+
+
+def _compiler_takes(compiler: str, flags: list[str], folder) -> bool:
+    probe = folder / "probe.cpp"
+    probe.write_text("int main() { return 0; }\n")
+    return subprocess.run([compiler, *flags, "-c", str(probe), "-o", str(folder / "probe.o")],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("hardware", [False, True], ids=["portable", "avx512bf16"])
+def test_bf16_gemm_computes_its_sums(tmp_path, hardware):
+    """The bfloat16 GEMM bit for bit against its chains of exact products (tests/cpp/packed_gemm_bf16_check.cpp):
+    its AVX512-BF16 kernel (the library's flags) and the portable loop of a build without them."""
+    compiler = cxx_compiler()
+    if compiler is None:
+        pytest.skip("no C++ compiler (CXX, c++, g++ or clang++) to build the host check with")
+    common, _, _, bf16_flags = _kernel_flags()
+    if hardware and not (X86 and _compiler_takes(compiler, bf16_flags, tmp_path)):
+        pytest.skip(f"{compiler} cannot build the AVX512-BF16 kernel here (not x86, or no -mavx512bf16)")
+    base = [compiler, "-std=gnu++20", f"-I{ROOT / 'csrc'}"]
+    obj = tmp_path / "packed_gemm_bf16.o"
+    build = subprocess.run([*base, *common, *(bf16_flags if hardware else []), "-c",
+                            str(ROOT / "csrc/engine/cpu/packed_gemm_bf16.cpp"), "-o", str(obj)],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr
+    program = tmp_path / "packed_gemm_bf16_check"
+    build = subprocess.run([*base, "-O2", "-ffp-contract=off", *(["-DRNNATTN_CHECK_HARDWARE"] if hardware else []),
+                            "-o", str(program), str(ROOT / "tests/cpp/packed_gemm_bf16_check.cpp"), str(obj)],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([str(program)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    if "not run (no AVX512-BF16)" in run.stdout:
+        pytest.skip("this CPU has no AVX512-BF16 to run the bfloat16 kernel on")
+    assert re.search(rf"^bf16 {'avx512' if hardware else 'portable'}: (\d{{4,}}) cases, 0 mismatched$", run.stdout, re.M), \
+        run.stdout

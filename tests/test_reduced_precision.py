@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import rnnattn_ext
-from rnnattn_ext import functional, reference
+from rnnattn_ext import _ops, functional, info, reference
 
 from helpers import assert_accuracy_rule, attention_args
 
@@ -106,12 +106,69 @@ def test_attention_module_and_streaming_in_reduced_precision(dtype):
     torch.testing.assert_close(torch.cat(chunks), whole, atol=4 * eps, rtol=4 * eps)
 
 
-def test_the_ops_themselves_still_take_float32_or_float64_on_the_cpu():
-    x = torch.randn(3, 2, 4, dtype=torch.bfloat16)
-    h = torch.zeros(2, 5, dtype=torch.bfloat16)
-    w_ih, w_hh = torch.randn(15, 4, dtype=torch.bfloat16), torch.randn(15, 5, dtype=torch.bfloat16)
-    with pytest.raises(TypeError, match="input must be float32 or float64 on the CPU, got BFloat16"):
-        torch.ops.rnnattn.gru_forward(x, h, w_ih, w_hh, None, None, None, False, False)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_the_base_ops_take_reduced_precision_on_the_cpu(cell, dtype):
+    """The ops compute it in float32 themselves: results, saved activations and gradients in the
+    dtype, what the op registrations promise (opcheck), and by the accuracy rule against float64."""
+    gen = torch.Generator().manual_seed(4)
+    gates, num_states, _ = _ops.CELL_LAYOUTS[cell]
+    x = torch.randn(9, 3, 4, generator=gen).to(dtype)
+    states = [torch.randn(3, 5, generator=gen).to(dtype) for _ in range(num_states)]
+    weights = [(torch.randn(gates * 5, width, generator=gen) / 2).to(dtype) for width in (4, 5)]
+    biases = [torch.randn(gates * 5, generator=gen).to(dtype) for _ in range(2)]
+    op = _ops.forward_op(cell)
+    no_projection = [None] if cell in _ops.PROJECTED_CELLS else []
+    arguments = (x, *states, *weights, *biases, *no_projection, None, False, True)
+    output, *finals, workspace = op(*arguments)
+    assert output.dtype == workspace.dtype == dtype and all(f.dtype == dtype for f in finals)
+    torch.library.opcheck(op, arguments)
+    leaves = [t.detach().requires_grad_() for t in (x, *states, *weights, *biases)]
+    got = functional.layer(cell, leaves[0], leaves[1 : 1 + num_states], *leaves[1 + num_states :])[0]
+    got.double().sum().backward()
+    assert all(leaf.grad.dtype == dtype for leaf in leaves)
+    exact = functional.layer(cell, x.double(), [s.double() for s in states], *(t.double() for t in (*weights, *biases)))
+    eager = reference.layer(cell, x, states, *weights, *biases)
+    assert_accuracy_rule(got.detach(), eager[0], exact[0], "output")
+
+
+def test_the_attention_ops_take_float32_or_float64_on_the_cpu():
+    x, states, weights, _ = attention_args("gru", 3, 2, 4, 5, num_heads=1, head_dim=4, dtype=torch.bfloat16,
+                                           requires_grad=False, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match="input must be float32 or float64 on the CPU \\(the attention modules"):
+        torch.ops.rnnattn.gru_attn_forward(x, *states, *weights, None, None, None, None, None, 1, 2, False, False,
+                                           False)
+
+
+@pytest.mark.skipif(not info.cpu_bf16_products(), reason="this CPU (or RNNATTN_CPU_KERNELS) runs bfloat16 layers' "
+                    "products in float32: no AVX512-BF16 to test")
+@pytest.mark.parametrize("cell", ["rnn_tanh", "gru"])
+def test_bfloat16_products_round_x_and_h_to_bfloat16(cell):
+    """Where the CPU has AVX512-BF16 a bfloat16 layer's products take x and h_{t-1} in bfloat16 (float32
+    sums), the rest of the step in float32: the same layer computed so in float64 (h rounded to bfloat16
+    only where a product reads it) gives our outputs up to their last bit, while the float32 layer on
+    the same bfloat16 values (what a CPU without it computes) differs from them in many more."""
+    gen = torch.Generator().manual_seed(11)
+    gates = _ops.CELL_LAYOUTS[cell][0]
+    steps, batch, width = 40, 16, 64
+    x = torch.randn(steps, batch, width, generator=gen).bfloat16()
+    h0 = torch.randn(batch, width, generator=gen).bfloat16()
+    w_ih, w_hh = ((torch.randn(gates * width, width, generator=gen) / width**0.5).bfloat16() for _ in range(2))
+    b_ih, b_hh = (torch.randn(gates * width, generator=gen).bfloat16() for _ in range(2))
+    with torch.no_grad():
+        ours = functional.layer(cell, x, [h0], w_ih, w_hh, b_ih, b_hh)[0]
+        in_float = functional.layer(cell, x.float(), [h0.float()], w_ih.float(), w_hh.float(), b_ih.float(),
+                                    b_hh.float())[0].bfloat16()
+        h, emulated = h0.double(), []
+        for t in range(steps):
+            xg = x[t].double() @ w_ih.double().t() + b_ih.double()
+            hg = h.bfloat16().double() @ w_hh.double().t() + b_hh.double()
+            h = reference.cell_update(cell, xg, hg, [h])[0]
+            emulated.append(h)
+        emulated = torch.stack(emulated).bfloat16()
+    off_emulated = (ours != emulated).sum().item()
+    off_float = (ours != in_float).sum().item()
+    assert off_float > 4 * off_emulated + 100, (off_emulated, off_float)
 
 
 @pytest.mark.parametrize("input_dtype,module_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16),

@@ -15,6 +15,7 @@
 #include "cells/all_cells.h"
 #include "engine/cpu/attention_cpu.h"
 #include "engine/cpu/packed_gemm.h"
+#include "engine/cpu/packed_gemm_bf16.h"
 #include "engine/cpu/pointwise_cpu.h"
 #include "engine/attention_step.h"
 #include "engine/projection_step.h"
@@ -263,17 +264,20 @@ constexpr int64_t kForwardChunkBytes = 2 << 20, kBackwardChunkBytes = 8 << 20;
 // for our CPU kernel (float, used many times), or read in place by our CPU kernel (float, used
 // a few times at a few rows: a streaming step or short chunk, where packing would cost more than
 // it saves).
-enum class MatrixForm { aten, packed, in_place };
+enum class MatrixForm { aten, packed, packed_bf16, in_place };
 
 // A float CPU matrix used at most this many times at a few rows is read in place: packing it once
 // costs about as much as reading it in place three or four times when it does not fit the core's
 // cache (a streaming chunk of 2-4 steps of LSTM(256) at batch 1-4 took 30-50 µs less in place).
 constexpr int64_t kInPlaceMaxUses = 4;
 
-// The form of a float CPU matrix used `uses` times at `rows` rows each (ATen for the rest).
-MatrixForm matrix_form(bool packed_gemm, int64_t uses, int64_t rows) {
+// The form of a float CPU matrix used `uses` times at `rows` rows each (ATen for the rest); packed
+// in bfloat16 for a bfloat16 layer's products (cpu/packed_gemm_bf16.h). Read in place, it stays
+// float: a streaming step's products are few, and packing costs more than they would save.
+MatrixForm matrix_form(bool packed_gemm, int64_t uses, int64_t rows, bool bf16_products = false) {
   if (!packed_gemm) return MatrixForm::aten;
-  return uses <= kInPlaceMaxUses && rows <= cpu::kRowsGemmMaxRows ? MatrixForm::in_place : MatrixForm::packed;
+  if (uses <= kInPlaceMaxUses && rows <= cpu::kRowsGemmMaxRows) return MatrixForm::in_place;
+  return bf16_products ? MatrixForm::packed_bf16 : MatrixForm::packed;
 }
 
 // A single block's input projection goes to ATen, which spreads it over every thread, from this many
@@ -354,6 +358,7 @@ struct BlockMatrix {
   bool from_columns = false;
   float* storage = nullptr;            // packed: room for the panels
   cpu::PackedMatrix panels;            // packed, after prepare()
+  cpu::PackedBf16Matrix bf16_panels;   // packed_bf16, after prepare() (in `storage`)
   const float* bias = nullptr;
   // ATen's form (double, CUDA): M^T (k x n) and the bias (n) or undefined.
   Tensor transposed;
@@ -362,6 +367,10 @@ struct BlockMatrix {
   void prepare() {
     if (form == MatrixForm::aten) return;
     table.fill();
+    if (form == MatrixForm::packed_bf16) {
+      bf16_panels = cpu::pack_matrix_bf16(rows, n, k, stride_k, reinterpret_cast<uint32_t*>(storage));
+      return;
+    }
     if (form != MatrixForm::packed) return;
     panels = from_columns ? cpu::pack_columns(rows, n, k, storage, 0, cpu::panel_count(n))
                           : cpu::pack_matrix(rows, n, k, stride_k, storage);
@@ -452,6 +461,9 @@ BlockMatrix block_matrix(const PermutedRows& rows, MatrixForm form, CallScratch&
   }
   if (result.form == MatrixForm::packed) {
     result.storage = scratch.floats(cpu::PackedMatrix::floats_needed(rows.count, result.k));
+  } else if (result.form == MatrixForm::packed_bf16) {
+    static_assert(sizeof(float) == sizeof(uint32_t));
+    result.storage = scratch.floats(cpu::PackedBf16Matrix::words_needed(rows.count, result.k));
   }
   return result;
 }
@@ -545,6 +557,10 @@ bool cuda_multiply(const BlockMatrix& m, const Operand& a, const Operand& out, b
 void multiply(const BlockMatrix& m, const Operand& a, const Operand& out, bool accumulate = false) {
   if (m.form == MatrixForm::packed) {
     cpu::gemm_packed_fn()(a.data<float>(), a.rows, a.ld, m.panels, m.bias, out.data<float>(), out.ld, accumulate);
+    return;
+  }
+  if (m.form == MatrixForm::packed_bf16) {
+    cpu::gemm_packed_bf16(a.data<float>(), a.rows, a.ld, m.bf16_panels, m.bias, out.data<float>(), out.ld, accumulate);
     return;
   }
   if (m.form == MatrixForm::in_place) {
@@ -857,12 +873,14 @@ void external_keys_values(const AttentionConfig& attention, const Tensor& keys, 
   if (attention.bias_v) at::addmm_out(v, *attention.bias_v, m, wv.t()); else at::mm_out(v, m, wv.t());
 }
 
+// The forward time loop; with bf16_products (float CPU tensors of a bfloat16 layer) its packed
+// products run in bfloat16.
 template <class Cell>
-RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Tensor>& initial_states,
-                                   const Tensor& weight_ih_arg, const Tensor& weight_hh_arg,
-                                   const std::optional<Tensor>& bias_ih, const std::optional<Tensor>& bias_hh,
-                                   const std::optional<Tensor>& weight_hr, const std::optional<Tensor>& lengths_arg,
-                                   bool reverse, bool training, const AttentionConfig* attention) {
+RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>& initial_states,
+                              const Tensor& weight_ih_arg, const Tensor& weight_hh_arg,
+                              const std::optional<Tensor>& bias_ih, const std::optional<Tensor>& bias_hh,
+                              const std::optional<Tensor>& weight_hr, const std::optional<Tensor>& lengths_arg,
+                              bool reverse, bool training, const AttentionConfig* attention, bool bf16_products) {
   constexpr int S = Cell::kStates, G = Cell::kGates;
   // Below autograd: the engine's own ATen calls record no history (so the arguments need no detach)
   // and skip the autograd and view-tracking kernels, which at one step cost about as much as the
@@ -907,13 +925,13 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
       input.is_cuda() ? c10::ArrayRef<std::optional<Tensor>>() : c10::ArrayRef<std::optional<Tensor>>(w_rec.biases);
   const bool packed = uses_packed_gemm(input);
   // The per-step matrices (W_rec, W_c, W_hr): one product of B rows per step.
-  const MatrixForm step_form = matrix_form(packed, T, B);
+  const MatrixForm step_form = matrix_form(packed, T, B, bf16_products);
   // The input projection (b_ih folded in), a chunk of steps at a time, each block its own gate rows
   // (split by rows: each thread its rows, a product per step). A single thread projects a large
   // product with ATen, which uses every thread.
   const int64_t chunk = chunk_steps(input, T, B, GH, kForwardChunkBytes);
-  MatrixForm ih_form = by_rows ? matrix_form(packed, T, B / split.row_blocks)
-                               : matrix_form(packed, (T + chunk - 1) / chunk, chunk * B);
+  MatrixForm ih_form = by_rows ? matrix_form(packed, T, B / split.row_blocks, bf16_products)
+                               : matrix_form(packed, (T + chunk - 1) / chunk, chunk * B, bf16_products);
   if (ih_form == MatrixForm::packed && split.threads() == 1 && chunk * B * I * GH >= kAtenMinMultiplies) {
     ih_form = MatrixForm::aten;
   }
@@ -1191,12 +1209,12 @@ RecurrentForward recurrent_forward(const Tensor& input_arg, const std::vector<Te
 }
 
 template <class Cell>
-RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vector<Tensor>& grad_final_states,
-                                     const Tensor& input_arg, const std::vector<Tensor>& initial_states,
-                                     const Tensor& weight_ih_arg, const Tensor& weight_hh_arg,
-                                     const std::optional<Tensor>& weight_hr, const Tensor& output_arg,
-                                     const Tensor& workspace_arg, const std::optional<Tensor>& lengths_arg,
-                                     bool reverse, const AttentionConfig* attention, const AttentionSaved* saved) {
+RecurrentBackward backward_loop(const Tensor& grad_output, const std::vector<Tensor>& grad_final_states,
+                                const Tensor& input_arg, const std::vector<Tensor>& initial_states,
+                                const Tensor& weight_ih_arg, const Tensor& weight_hh_arg,
+                                const std::optional<Tensor>& weight_hr, const Tensor& output_arg,
+                                const Tensor& workspace_arg, const std::optional<Tensor>& lengths_arg, bool reverse,
+                                const AttentionConfig* attention, const AttentionSaved* saved) {
   constexpr int S = Cell::kStates, G = Cell::kGates;
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in the forward
   const bool projected = weight_hr.has_value();
@@ -1724,6 +1742,74 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
   }
   result.grad_initial_states = std::move(dstate);
   return result;
+}
+
+// bfloat16 and float16 on the CPU: the CPU kernels are float32, so a call computes in float32 and
+// rounds its results back (SPEC: reduced precision computes and accumulates in fp32). A bfloat16
+// layer's packed products run in bfloat16 where the CPU has them (cpu/packed_gemm_bf16.h): its
+// weights are bfloat16 already, and the products round x and h_{t-1} to bfloat16, as torch.nn's
+// bfloat16 layers hold them. The base cells only: the attention ops take float32 there.
+bool reduced_on_cpu(const Tensor& input) {
+  return input.is_cpu() && (input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kHalf);
+}
+Tensor as_float(const Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; }
+std::optional<Tensor> as_float(const std::optional<Tensor>& t) {
+  return t ? std::optional<Tensor>(as_float(*t)) : std::nullopt;
+}
+std::vector<Tensor> as_float(const std::vector<Tensor>& ts) {
+  std::vector<Tensor> out;
+  for (const Tensor& t : ts) out.push_back(as_float(t));
+  return out;
+}
+void round_to(at::ScalarType dtype, Tensor& t) {
+  if (t.defined()) t = t.to(dtype);
+}
+
+template <class Cell>
+RecurrentForward recurrent_forward(const Tensor& input, const std::vector<Tensor>& initial_states,
+                                   const Tensor& weight_ih, const Tensor& weight_hh,
+                                   const std::optional<Tensor>& bias_ih, const std::optional<Tensor>& bias_hh,
+                                   const std::optional<Tensor>& weight_hr, const std::optional<Tensor>& lengths,
+                                   bool reverse, bool training, const AttentionConfig* attention) {
+  if (!reduced_on_cpu(input)) {
+    return forward_loop<Cell>(input, initial_states, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths,
+                              reverse, training, attention, /*bf16_products=*/false);
+  }
+  TORCH_INTERNAL_ASSERT(attention == nullptr, "rnnattn: the attention cell takes float32 on the CPU");
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the casts record nothing, as in the loop
+  const bool bf16_products = input.scalar_type() == at::kBFloat16 && cpu::bf16_products_available();
+  RecurrentForward r = forward_loop<Cell>(as_float(input), as_float(initial_states), as_float(weight_ih),
+                                          as_float(weight_hh), as_float(bias_ih), as_float(bias_hh),
+                                          as_float(weight_hr), lengths, reverse, training, nullptr, bf16_products);
+  round_to(input.scalar_type(), r.output);
+  for (Tensor& state : r.final_states) round_to(input.scalar_type(), state);
+  round_to(input.scalar_type(), r.workspace);
+  return r;
+}
+
+template <class Cell>
+RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vector<Tensor>& grad_final_states,
+                                     const Tensor& input, const std::vector<Tensor>& initial_states,
+                                     const Tensor& weight_ih, const Tensor& weight_hh,
+                                     const std::optional<Tensor>& weight_hr, const Tensor& output,
+                                     const Tensor& workspace, const std::optional<Tensor>& lengths, bool reverse,
+                                     const AttentionConfig* attention, const AttentionSaved* saved) {
+  if (!reduced_on_cpu(input)) {
+    return backward_loop<Cell>(grad_output, grad_final_states, input, initial_states, weight_ih, weight_hh, weight_hr,
+                               output, workspace, lengths, reverse, attention, saved);
+  }
+  TORCH_INTERNAL_ASSERT(attention == nullptr, "rnnattn: the attention cell takes float32 on the CPU");
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  RecurrentBackward r = backward_loop<Cell>(as_float(grad_output), as_float(grad_final_states), as_float(input),
+                                            as_float(initial_states), as_float(weight_ih), as_float(weight_hh),
+                                            as_float(weight_hr), as_float(output), as_float(workspace), lengths,
+                                            reverse, nullptr, nullptr);
+  for (Tensor* grad : {&r.grad_input, &r.grad_weight_ih, &r.grad_weight_hh, &r.grad_bias_ih, &r.grad_bias_hh,
+                       &r.grad_weight_hr}) {
+    round_to(input.scalar_type(), *grad);
+  }
+  for (Tensor& grad : r.grad_initial_states) round_to(input.scalar_type(), grad);
+  return r;
 }
 
 #define RNNATTN_INSTANTIATE_ENGINE(CELL)                                                                         \

@@ -31,8 +31,9 @@ void check_same_kind(const char* op, const char* name, const Tensor& t, const Te
 void check_dtype_supported(const char* op, const Tensor& input) {
   const auto dtype = input.scalar_type();
   if (input.is_cpu()) {
-    TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, op,
-                     ": input must be float32 or float64 on the CPU, got ", dtype);
+    // float16 and bfloat16 compute in float32 there (recurrent_engine.cpp), the attention cell's aside.
+    TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
+                     ": input must be float16, bfloat16, float32 or float64 on the CPU, got ", dtype);
   } else {
     TORCH_CHECK_VALUE(input.is_cuda(), op, ": input must be on the CPU or a CUDA device, got ", input.device());
     TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
@@ -150,6 +151,10 @@ void check_attention(const char* op, int gates, const LayerShape& shape, const T
   // The query, and the self memory's keys and values, read h: its width is the projection's P.
   const int64_t H = shape.hidden_size, HS = shape.state_size;
   const bool projected = HS != H;  // only for the messages: P = H reads the same
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK_TYPE(!input.is_cpu() || dtype == at::kFloat || dtype == at::kDouble, op,
+                   ": input must be float32 or float64 on the CPU (the attention modules and functional.attention_layer "
+                   "compute float16 and bfloat16 in float32 there), got ", dtype);
   TORCH_CHECK_VALUE(a.weight_q.dim() == 2, op, ": weight_q must be 2-D (D, H), got shape ", a.weight_q.sizes());
   const int64_t D = a.weight_q.size(0);
   TORCH_CHECK_VALUE(D > 0, op, ": the attention width D = weight_q.size(0) must be positive, got ", D);

@@ -2,7 +2,8 @@
 
 ``layer`` runs one layer in one direction; ``stack`` runs a whole (multi-layer, optionally
 bidirectional) recurrent network the way ``torch.nn.RNN/LSTM/GRU`` do, time-major. On the CPU,
-bfloat16 and float16 layers compute in float32 and return their results in their own dtype.
+bfloat16 and float16 layers compute in float32 and return their results in their own dtype; a
+bfloat16 layer's products run in bfloat16 where the CPU has AVX512-BF16 (float32 sums).
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ def _projection_args(function: str, cell: str, weight_hr: Tensor | None) -> tupl
     return ()
 
 
-#: CPU kernels compute in float32 or float64: bfloat16 and float16 tensors go through float32 there
-#: (SPEC: reduced precision computes in fp32) and the results come back in their dtype (autograd casts
-#: the gradients back too), as torch.nn's CPU layers take those dtypes.
+#: The attention ops compute in float32 or float64 on the CPU: bfloat16 and float16 tensors go through
+#: float32 there (SPEC: reduced precision computes in fp32) and the results come back in their dtype
+#: (autograd casts the gradients back too), as torch.nn's CPU layers take those dtypes. (The base
+#: layers' ops take them as they are and compute in float32 themselves.)
 _CPU_REDUCED = (torch.bfloat16, torch.float16)
 
 
@@ -158,17 +160,9 @@ def layer(
     _check_cell("layer", cell, states)
     projection = _projection_args("layer", cell, weight_hr)
     training = needs_workspace(input, *states, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
-    reduced = _cpu_reduced_dtype(input)
-    if reduced is not None:
-        input, *states = _upcast("layer", reduced, input=input, **{f"states[{i}]": s for i, s in enumerate(states)})
-        weight_ih, weight_hh, bias_ih, bias_hh, *upcast_projection = _upcast(
-            "layer", reduced, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
-            **({"weight_hr": projection[0]} if projection else {}))
-        projection = tuple(upcast_projection)
+    # (bfloat16 and float16 on the CPU: the op computes them in float32 itself.)
     arguments = (input, *states, weight_ih, weight_hh, bias_ih, bias_hh, *projection, lengths, reverse)
     result = _call_op(_ops.forward_op(cell), unrolled.base_op(cell), arguments, training)
-    if reduced is not None:
-        return result[0].to(reduced), [f.to(reduced) for f in result[1:-1]]
     return result[0], list(result[1:-1])
 
 

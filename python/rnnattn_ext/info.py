@@ -62,6 +62,12 @@ def cpu_kernels() -> str:
     return _or_reason(_ops._C.cpu_kernels)
 
 
+def cpu_bf16_products() -> bool:
+    """Whether a bfloat16 layer's products on the CPU run in bfloat16 (a CPU with AVX512-BF16 and the
+    avx512 build of the kernels), with float32 sums; else they run in float32."""
+    return bool(_ops._C.cpu_bf16_products())
+
+
 def cpu_threads() -> str:
     """How many threads a CPU layer may run on: torch's thread count, bounded by the CPUs this process
     can use (affinity, cgroup quota, or RNNATTN_CPU_MAX_THREADS), or why it cannot run (a bad value)."""
@@ -79,6 +85,8 @@ def report() -> str:
         f"torch: built against {built}, running {torch.__version__}",
         f"library: {library_path()}",
         f"CPU kernels: {cpu_kernels()}",
+        "CPU products of bfloat16 layers: "
+        + _or_reason(lambda: "bfloat16 (AVX512-BF16), float32 sums" if cpu_bf16_products() else "float32"),
         f"CPU threads per layer: {cpu_threads()}",
     ]
     if _ops._C.cuda_built:

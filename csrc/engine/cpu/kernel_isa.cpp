@@ -1,5 +1,7 @@
 #include "engine/cpu/kernel_isa.h"
 
+#include "engine/cpu/packed_gemm_bf16.h"
+
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
@@ -43,6 +45,15 @@ const char* kernel_isa_name(KernelIsa isa) {
 }
 
 bool has_avx2_fma() { return kernel_isa() >= KernelIsa::avx2; }
+
+bool bf16_products_available() {
+#if (defined(__x86_64__) || defined(__i386__)) && defined(RNNATTN_HAVE_AVX512BF16)
+  static const bool available = kernel_isa() == KernelIsa::avx512 && __builtin_cpu_supports("avx512bf16");
+  return available;
+#else
+  return false;
+#endif
+}
 
 KernelIsa kernel_isa() {
   static const KernelIsa isa = chosen_isa();  // a raise leaves it undecided: the next call raises again
