@@ -107,6 +107,8 @@ const ForwardOp& forward_op(const std::string& name) {
   return ops.emplace(name, std::move(op)).first->second;
 }
 
+// float16/bfloat16 on the CPU outside autocast, which the attention ops do not take (their Python
+// path casts it up; the base ops compute it in float32 themselves).
 bool reduced_on_cpu(const at::Tensor& input) {
   const auto dtype = input.scalar_type();
   return input.is_cpu() && (dtype == at::kHalf || dtype == at::kBFloat16) &&
@@ -272,7 +274,7 @@ std::optional<LayersCall> layers_call(const ForwardOp& op, const at::Tensor* inp
                                       const std::vector<int64_t>& widths, bool batch_first, py::handle module,
                                       const py::sequence& layer_names, int64_t directions = 1,
                                       std::optional<at::Tensor> lengths = std::nullopt) {
-  if (input == nullptr || input->dim() != 3 || input->size(2) != input_size || reduced_on_cpu(*input)) {
+  if (input == nullptr || input->dim() != 3 || input->size(2) != input_size) {
     return std::nullopt;
   }
   TORCH_INTERNAL_ASSERT(op.states == widths.size(), "rnnattn: ", op.handle.schema().name(), " takes ", op.states,
@@ -297,6 +299,9 @@ std::optional<LayersCall> layers_call(const ForwardOp& op, const at::Tensor* inp
     for (size_t i = 0; i < op.required_weight.size(); ++i) {
       if (op.required_weight[i] && (i >= tensors.size() || !tensors[i].defined())) return std::nullopt;
     }
+    // CPU float16/bfloat16 input to a module of another dtype: the general path names the mismatch in
+    // the module's terms.
+    if (reduced_on_cpu(*input) && tensors[0].scalar_type() != input->scalar_type()) return std::nullopt;
     call.weights.push_back(std::move(tensors));
   }
 
@@ -501,7 +506,8 @@ py::object run_attention_layers(const std::string& cell, py::handle input, py::h
   std::optional<PackedCall> packed;
   const at::Tensor* x = nullptr;
   std::optional<at::Tensor> given_lengths;
-  if (!call_input(input, lengths, batch_first, packed, x, given_lengths) || (packed && carry_slots)) {
+  if (!call_input(input, lengths, batch_first, packed, x, given_lengths) || (packed && carry_slots) ||
+      (x != nullptr && reduced_on_cpu(*x))) {  // the attention ops take float32 there: Python casts up
     return py::none();
   }
   std::optional<LayersCall> call =

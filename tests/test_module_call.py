@@ -397,6 +397,22 @@ def test_hands_back_what_the_general_path_must_take():
     torch.testing.assert_close(output, module(x)[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_takes_reduced_precision_on_the_cpu_as_functional_computes_it(name, dtype):
+    """The base ops compute CPU float16/bfloat16 themselves, so the C++ call takes such a module's call
+    as it takes a float32 one's, and gives functional.layer's numbers bit for bit."""
+    module = _module(name, "cpu", dtype=dtype)
+    x = torch.randn(4, 3, 5).to(dtype)
+    taken = _ops.run_layers(*_call_args(module, x, None))
+    assert taken is not None
+    output, finals = _through_functional(module, x, None)
+    assert taken[0].dtype == dtype
+    torch.testing.assert_close(taken[0], output, rtol=0, atol=0)
+    for got, expected in zip(taken[1], finals):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_the_general_path_runs_what_it_hands_back():
     module = _module("gru", "cpu", dtype=torch.float32)
     x = torch.randn(4, 3, 5)
