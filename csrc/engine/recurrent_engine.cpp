@@ -1749,6 +1749,7 @@ RecurrentBackward backward_loop(const Tensor& grad_output, const std::vector<Ten
 // layer's packed products run in bfloat16 where the CPU has them (cpu/packed_gemm_bf16.h): its
 // weights are bfloat16 already, and the products round x and h_{t-1} to bfloat16, as torch.nn's
 // bfloat16 layers hold them. The base cells only: the attention ops take float32 there.
+namespace {
 bool reduced_on_cpu(const Tensor& input) {
   return input.is_cpu() && (input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kHalf);
 }
@@ -1764,6 +1765,7 @@ std::vector<Tensor> as_float(const std::vector<Tensor>& ts) {
 void round_to(at::ScalarType dtype, Tensor& t) {
   if (t.defined()) t = t.to(dtype);
 }
+}  // namespace
 
 template <class Cell>
 RecurrentForward recurrent_forward(const Tensor& input, const std::vector<Tensor>& initial_states,
