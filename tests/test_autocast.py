@@ -1,8 +1,11 @@
 """torch.autocast: the modules work inside mixed-precision code as torch.nn's do.
 
-CPU autocast runs the ops in float32 (reduced-precision arguments are cast up: our CPU kernels are
-float32/float64); CUDA autocast runs them in the region's dtype (float16 or bfloat16), as torch.nn
-runs cuDNN; float64 is never cast. Gradients reach every parameter in the parameter's own dtype."""
+Autocast runs the base layers' ops in the region's dtype (float16 or bfloat16), as torch.nn runs its
+RNNs (cuDNN; oneDNN on the CPU); on the CPU the attention ops run in float32 (their reduced-precision
+arguments are cast up: they take float32/float64 there); float64 is never cast. Gradients reach
+every parameter in the parameter's own dtype."""
+
+import copy
 
 import pytest
 import torch
@@ -37,9 +40,37 @@ def _outputs(result):
     return [output, *(state if isinstance(state, tuple) else (state,))]
 
 
+BASE_MODULES = [name for name in MODULES if not name.startswith("Attn")]
+ATTENTION_MODULES = [name for name in MODULES if name.startswith("Attn")]
+
+
 @pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=["bf16", "f16"])
-@pytest.mark.parametrize("name", MODULES)
-def test_cpu_autocast_runs_float32_on_the_upcast_input(name, dtype):
+@pytest.mark.parametrize("name", BASE_MODULES)
+def test_cpu_autocast_runs_base_layers_in_the_regions_dtype(name, dtype):
+    torch.manual_seed(0)
+    module = MODULES[name]()
+    x, _ = _inputs(name, torch.float32)
+    with torch.autocast("cpu", dtype=dtype):
+        got = _outputs(module(x))
+    got_grads = torch.autograd.grad(sum(t.float().square().sum() for t in got), [x, *module.parameters()])
+    # The same computation spelled out: the module and its input in that dtype, no autocast.
+    low = copy.deepcopy(module).to(dtype)
+    x_low = x.detach().to(dtype).requires_grad_()
+    expected = _outputs(low(x_low))
+    expected_grads = torch.autograd.grad(sum(t.float().square().sum() for t in expected), [x_low, *low.parameters()])
+    for a, b in zip(got, expected):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert got_grads[0].dtype == torch.float32  # the input's
+    torch.testing.assert_close(got_grads[0], expected_grads[0].float(), atol=0, rtol=0)
+    for a, b in zip(got_grads[1:], expected_grads[1:]):
+        assert a.dtype == torch.float32  # the parameters' own
+        torch.testing.assert_close(a, b.float(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=["bf16", "f16"])
+@pytest.mark.parametrize("name", ATTENTION_MODULES)
+def test_cpu_autocast_runs_attention_layers_in_float32_on_the_upcast_input(name, dtype):
     torch.manual_seed(0)
     module = MODULES[name]()
     x, kwargs = _inputs(name, dtype)
