@@ -1,7 +1,8 @@
 """bfloat16 and float16 on the CPU: the layers take them as torch.nn's do, compute in float32 (SPEC:
-reduced precision computes in fp32; the CPU kernels are float32/float64) and return outputs and
-gradients in the tensors' own dtype. Accuracy by the SPEC's rule: against float64 on the same
-(rounded) values, our error at most twice that of torch.nn (or the eager reference) in that dtype."""
+reduced precision computes in fp32; a bfloat16 layer's products take bfloat16 operands where the CPU
+has AVX512-BF16) and return outputs and gradients in the tensors' own dtype. Accuracy by the SPEC's
+rule: against float64 on the same (rounded) values, our error at most twice that of torch.nn (or the
+eager reference) in that dtype."""
 
 import pytest
 import torch
