@@ -17,12 +17,13 @@ import torch
 from rnnattn_ext import _ops, functional, reference
 
 from fuzzing import DEVICE, fuzz_settings  # skips without hypothesis
+import hypothesis
 from hypothesis import given
 from hypothesis import strategies as st
 
 GATES = {cell: layout[0] for cell, layout in _ops.CELL_LAYOUTS.items()}
 NUM_STATES = {cell: layout[1] for cell, layout in _ops.CELL_LAYOUTS.items()}
-DTYPES = [torch.float64, torch.float32] + ([torch.float16, torch.bfloat16] if DEVICE.startswith("cuda") else [])
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # Against the float64 reference on the same inputs: float64 must agree to rounding; the others within
 # what their rounding allows over a few steps of a small layer (fp16/bf16 compute in fp32).
 TOLERANCE = {torch.float64: (1e-9, 1e-7), torch.float32: (2e-4, 2e-3), torch.float16: (4e-2, 4e-2),
