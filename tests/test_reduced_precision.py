@@ -110,8 +110,9 @@ def test_attention_module_and_streaming_in_reduced_precision(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
 def test_the_base_ops_take_reduced_precision_on_the_cpu(cell, dtype):
-    """The ops compute it in float32 themselves: results, saved activations and gradients in the
-    dtype, what the op registrations promise (opcheck), and by the accuracy rule against float64."""
+    """The ops compute it in float32 themselves: results and gradients in the dtype, the saved
+    activations in float32 (as computed), what the op registrations promise (opcheck), and by the
+    accuracy rule against float64."""
     gen = torch.Generator().manual_seed(4)
     gates, num_states, _ = _ops.CELL_LAYOUTS[cell]
     x = torch.randn(9, 3, 4, generator=gen).to(dtype)
@@ -122,8 +123,21 @@ def test_the_base_ops_take_reduced_precision_on_the_cpu(cell, dtype):
     no_projection = [None] if cell in _ops.PROJECTED_CELLS else []
     arguments = (x, *states, *weights, *biases, *no_projection, None, False, True)
     output, *finals, workspace = op(*arguments)
-    assert output.dtype == workspace.dtype == dtype and all(f.dtype == dtype for f in finals)
+    assert output.dtype == dtype and all(f.dtype == dtype for f in finals)
+    assert workspace.dtype == torch.float32  # the float32 loop's saved values, as computed (_ops.workspace_dtype)
     torch.library.opcheck(op, arguments)
+    # The backward takes that workspace, and names float32 when given one in the input's dtype.
+    backward = _ops.backward_op(cell)
+    given = dict(zip([a.name for a in op._schema.arguments], arguments))
+    given.update(zip([r.name for r in op._schema.returns], (output, *finals, workspace)))
+    for name in [r.name for r in op._schema.returns][:-1]:
+        given[f"grad_{name}"] = torch.ones_like(given[name])
+    backward_arguments = [given[a.name] for a in backward._schema.arguments]
+    torch.library.opcheck(backward, backward_arguments)
+    backward_arguments[[a.name for a in backward._schema.arguments].index("workspace")] = workspace.to(dtype)
+    aten_name = {torch.bfloat16: "BFloat16", torch.float16: "Half"}[dtype]  # as C++ prints dtypes
+    with pytest.raises(TypeError, match=rf"workspace must be Float for input of {aten_name} on cpu .*got {aten_name}"):
+        backward(*backward_arguments)
     leaves = [t.detach().requires_grad_() for t in (x, *states, *weights, *biases)]
     got = functional.layer(cell, leaves[0], leaves[1 : 1 + num_states], *leaves[1 + num_states :])[0]
     got.double().sum().backward()

@@ -16,6 +16,7 @@
 #include "engine/cpu/attention_cpu.h"
 #include "engine/cpu/packed_gemm.h"
 #include "engine/cpu/packed_gemm_bf16.h"
+#include "engine/cpu/panel_matrix.h"
 #include "engine/cpu/pointwise_cpu.h"
 #include "engine/attention_step.h"
 #include "engine/projection_step.h"
@@ -356,9 +357,8 @@ struct BlockMatrix {
   RowTable table;                      // fills rows (and bias, when gathered)
   // Packed from columns instead (transposed_block_matrix): the table's rows are M's k columns.
   bool from_columns = false;
-  float* storage = nullptr;            // packed: room for the panels
-  cpu::PackedMatrix panels;            // packed, after prepare()
-  cpu::PackedBf16Matrix bf16_panels;   // packed_bf16, after prepare() (in `storage`)
+  float* storage = nullptr;            // packed, packed_bf16: room for the panels
+  cpu::PanelMatrix panels;             // packed, packed_bf16: after prepare()
   const float* bias = nullptr;
   // ATen's form (double, CUDA): M^T (k x n) and the bias (n) or undefined.
   Tensor transposed;
@@ -367,14 +367,12 @@ struct BlockMatrix {
   void prepare() {
     if (form == MatrixForm::aten) return;
     table.fill();
-    if (form == MatrixForm::packed_bf16) {
-      bf16_panels = cpu::pack_matrix_bf16(rows, n, k, stride_k, reinterpret_cast<uint32_t*>(storage));
-      return;
-    }
-    if (form != MatrixForm::packed) return;
-    panels = from_columns ? cpu::pack_columns(rows, n, k, storage, 0, cpu::panel_count(n))
-                          : cpu::pack_matrix(rows, n, k, stride_k, storage);
+    if (!is_packed()) return;
+    const bool bf16 = form == MatrixForm::packed_bf16;
+    panels = from_columns ? cpu::pack_columns(bf16, rows, n, k, storage, 0, cpu::panel_count(n))
+                          : cpu::pack_matrix(bf16, rows, n, k, stride_k, storage);
   }
+  bool is_packed() const { return form == MatrixForm::packed || form == MatrixForm::packed_bf16; }
 };
 
 // Rows [first, first + count) of M permuted by `order` (unit_blocks.h; undefined: M's own order),
@@ -459,35 +457,36 @@ BlockMatrix block_matrix(const PermutedRows& rows, MatrixForm form, CallScratch&
     table.bias = scratch.floats(rows.count);
     result.bias = table.bias;
   }
-  if (result.form == MatrixForm::packed) {
-    result.storage = scratch.floats(cpu::PackedMatrix::floats_needed(rows.count, result.k));
-  } else if (result.form == MatrixForm::packed_bf16) {
-    static_assert(sizeof(float) == sizeof(uint32_t));
-    result.storage = scratch.floats(cpu::PackedBf16Matrix::words_needed(rows.count, result.k));
+  if (result.is_packed()) {
+    result.storage =
+        scratch.floats(cpu::PanelMatrix::floats_needed(result.form == MatrixForm::packed_bf16, rows.count, result.k));
   }
   return result;
 }
 
 // Packed M = the transpose of the permuted rows (n = the parts' columns, k = rows.count), as in
 // the backward's dh = dg W_hh (M = W_hh^T): the rows are M's columns, so it packs them from the
-// caller's tensors (rows contiguous; no bias) without a permuted copy or a strided gather.
-BlockMatrix transposed_block_matrix(const PermutedRows& rows, CallScratch& scratch) {
+// caller's tensors (rows contiguous; no bias) without a permuted copy or a strided gather. In
+// bfloat16 pairs with bf16 (a bfloat16 layer's products).
+BlockMatrix transposed_block_matrix(const PermutedRows& rows, bool bf16, CallScratch& scratch) {
   for (const Tensor& part : rows.parts) TORCH_INTERNAL_ASSERT(part.stride(1) == 1);
   TORCH_INTERNAL_ASSERT(rows.biases.empty());
   BlockMatrix result = block_matrix(rows, MatrixForm::in_place, scratch);  // the table of rows, no storage
-  result.form = MatrixForm::packed;
+  result.form = bf16 ? MatrixForm::packed_bf16 : MatrixForm::packed;
   result.from_columns = true;
   result.n = rows.parts[0].size(1);
   result.k = rows.count;
-  result.storage = scratch.floats(cpu::PackedMatrix::floats_needed(result.n, result.k));
+  result.storage = scratch.floats(cpu::PanelMatrix::floats_needed(bf16, result.n, result.k));
   return result;
 }
 
-// The backward's large products of a chunk in our CPU kernel (float): where their operands go.
+// The backward's large products of a chunk in our CPU kernel (float; bfloat16 products for a
+// bfloat16 layer): where their operands go.
 struct BulkProducts {
   bool enabled = false;
+  bool bf16 = false;                        // the matrices packed in bfloat16 pairs
   int64_t ld = 0;                           // row stride of `transposed`
-  cpu::PackedMatrix w_ih_t;                 // dx's M = W_ih^T (I x GH, columns in block order)
+  cpu::PanelMatrix w_ih_t;                  // dx's M = W_ih^T (I x GH, columns in block order)
   const float* const* w_ih_rows = nullptr;  // its columns: W_ih's rows
   float* x_panels = nullptr;                // dW_ih's M = the chunk's x^T (I x rows)
   float* h_panels = nullptr;                // dW_rec's M = the chunk's h_{t-1}^T (HS x rows)
@@ -497,23 +496,23 @@ struct BulkProducts {
 };
 
 // Room for chunks of `rows` rows (chunk steps x B), for `members` threads; W_ih's rows (contiguous)
-// taken in block order; D the attention's context width (0: none).
+// taken in block order; D the attention's context width (0: none); bf16: the products in bfloat16.
 BulkProducts bulk_products(int64_t members, const UnitBlocks& blocks, int64_t rows, int64_t I, int64_t HS, int64_t D,
-                           const Tensor& weight_ih, CallScratch& temp) {
+                           const Tensor& weight_ih, bool bf16, CallScratch& temp) {
   BulkProducts bulk;
   bulk.enabled = true;
+  bulk.bf16 = bf16;
   bulk.ld = cpu::spaced_stride(rows);
   const int64_t GH = weight_ih.size(0);
-  bulk.w_ih_t.n = I;
-  bulk.w_ih_t.k = GH;
-  bulk.w_ih_t.panels = temp.floats(cpu::PackedMatrix::floats_needed(I, GH));
+  auto room = [&](int64_t n, int64_t k) { return temp.floats(cpu::PanelMatrix::floats_needed(bf16, n, k)); };
+  bulk.w_ih_t = cpu::PanelMatrix::room(bf16, I, GH, room(I, GH));
   // Its columns, W_ih's rows in block order, through the row table the other matrices use.
   BlockMatrix columns = block_matrix(PermutedRows{weight_ih, {}, blocks.order, 0, GH}, MatrixForm::in_place, temp);
   columns.table.fill();
   bulk.w_ih_rows = columns.rows;
-  bulk.x_panels = temp.floats(cpu::PackedMatrix::floats_needed(I, rows));
-  bulk.h_panels = temp.floats(cpu::PackedMatrix::floats_needed(HS, rows));
-  if (D > 0) bulk.context_panels = temp.floats(cpu::PackedMatrix::floats_needed(D, rows));
+  bulk.x_panels = room(I, rows);
+  bulk.h_panels = room(HS, rows);
+  if (D > 0) bulk.context_panels = room(D, rows);
   int64_t widest = 0;  // the most gate-gradient columns a block has
   for (int64_t u = 0; u < blocks.count(); ++u) widest = std::max({widest, blocks.rows(u), blocks.rec_rows(u)});
   for (int64_t m = 0; m < members; ++m) {
@@ -555,12 +554,8 @@ bool cuda_multiply(const BlockMatrix& m, const Operand& a, const Operand& out, b
 
 // out = a @ M^T (+ bias), or out += a @ M^T with accumulate (not for M read in place).
 void multiply(const BlockMatrix& m, const Operand& a, const Operand& out, bool accumulate = false) {
-  if (m.form == MatrixForm::packed) {
-    cpu::gemm_packed_fn()(a.data<float>(), a.rows, a.ld, m.panels, m.bias, out.data<float>(), out.ld, accumulate);
-    return;
-  }
-  if (m.form == MatrixForm::packed_bf16) {
-    cpu::gemm_packed_bf16(a.data<float>(), a.rows, a.ld, m.bf16_panels, m.bias, out.data<float>(), out.ld, accumulate);
+  if (m.is_packed()) {
+    m.panels.multiply(a.data<float>(), a.rows, a.ld, m.bias, out.data<float>(), out.ld, accumulate);
     return;
   }
   if (m.form == MatrixForm::in_place) {
@@ -1208,13 +1203,15 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
   return result;
 }
 
+// The backward time loop; with bf16_products (float CPU tensors of a bfloat16 layer) its packed
+// products run in bfloat16.
 template <class Cell>
 RecurrentBackward backward_loop(const Tensor& grad_output, const std::vector<Tensor>& grad_final_states,
                                 const Tensor& input_arg, const std::vector<Tensor>& initial_states,
                                 const Tensor& weight_ih_arg, const Tensor& weight_hh_arg,
                                 const std::optional<Tensor>& weight_hr, const Tensor& output_arg,
                                 const Tensor& workspace_arg, const std::optional<Tensor>& lengths_arg, bool reverse,
-                                const AttentionConfig* attention, const AttentionSaved* saved) {
+                                const AttentionConfig* attention, const AttentionSaved* saved, bool bf16_products) {
   constexpr int S = Cell::kStates, G = Cell::kGates;
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in the forward
   const bool projected = weight_hr.has_value();
@@ -1274,7 +1271,7 @@ RecurrentBackward backward_loop(const Tensor& grad_output, const std::vector<Ten
   // and the blocks add them up (in block order: deterministic) at the next step. Likewise the
   // shares of dctx_t = dxg_t @ W_c. A projection always uses shares (projection_step.h). Split by
   // rows, the one block's share holds every thread's rows.
-  const MatrixForm form = packed ? MatrixForm::packed : MatrixForm::aten;
+  const MatrixForm form = !packed ? MatrixForm::aten : bf16_products ? MatrixForm::packed_bf16 : MatrixForm::packed;
   const bool shares = packed || blocks.count() > 1 || projected;
   // dh shares by step parity: a step reads the list the step after it wrote (zeros at first), one
   // (blocks, B, HS) buffer per parity.
@@ -1297,7 +1294,8 @@ RecurrentBackward backward_loop(const Tensor& grad_output, const std::vector<Ten
     const int64_t u = split.unit_block(c);
     rec_matrix.push_back(
         packed ? transposed_block_matrix(
-                     PermutedRows{rec_weights, {}, blocks.rec_order, blocks.rec_row0(u), blocks.rec_rows(u)}, temp)
+                     PermutedRows{rec_weights, {}, blocks.rec_order, blocks.rec_row0(u), blocks.rec_rows(u)},
+                     bf16_products, temp)
                : block_matrix(w_rec.narrow(0, blocks.rec_row0(u), blocks.rec_rows(u)).t(), std::nullopt, form, temp));
     if (projected) {
       // dm of block c's units: M = W_hr[:, units]^T (width(c) x HS).
@@ -1308,7 +1306,8 @@ RecurrentBackward backward_loop(const Tensor& grad_output, const std::vector<Ten
       // dctx share_c = dxg_c @ W_c_c: M = W_c_c^T (D x rows(c)); split by rows, one share.
       ctx_matrix.push_back(
           packed
-              ? transposed_block_matrix(PermutedRows{weight_c, {}, blocks.order, blocks.row0(u), blocks.rows(u)}, temp)
+              ? transposed_block_matrix(PermutedRows{weight_c, {}, blocks.order, blocks.row0(u), blocks.rows(u)},
+                                        bf16_products, temp)
               : block_matrix(w_c.narrow(0, blocks.row0(u), blocks.rows(u)).t(), std::nullopt, form, temp));
       if (!by_rows || c == 0) dctx_share.push_back(temp.empty({B, D}));
     }
@@ -1370,11 +1369,12 @@ RecurrentBackward backward_loop(const Tensor& grad_output, const std::vector<Ten
   const StepOrder order{T, reverse};
 
   // On the CPU in float the chunks' large products (dx, dW_ih, dW_c, dW_rec) run in our GEMM kernel too (a
-  // core of the Zen 4 host: ~112 GFLOP/s, MKL's ~93): M packed from columns (W_ih^T once; each
-  // chunk's x^T and h_{t-1}^T by the members together), a = a block's gate-gradient columns
-  // transposed into its thread's buffer.
+  // core of the Zen 4 host: ~112 GFLOP/s, MKL's ~93; in bfloat16 for a bfloat16 layer): M packed from
+  // columns (W_ih^T once; each chunk's x^T and h_{t-1}^T by the members together), a = a block's
+  // gate-gradient columns transposed into its thread's buffer.
   const BulkProducts bulk =
-      packed ? bulk_products(split.threads(), blocks, chunk * B, I, HS, geo.enabled ? D : 0, weight_ih, temp)
+      packed ? bulk_products(split.threads(), blocks, chunk * B, I, HS, geo.enabled ? D : 0, weight_ih, bf16_products,
+                             temp)
              : BulkProducts{};
 
   dispatch_dtype(input, [&](auto* type_tag) {
@@ -1401,7 +1401,7 @@ RecurrentBackward backward_loop(const Tensor& grad_output, const std::vector<Ten
       const int64_t regular = has_first ? n - 1 : n;
       const int64_t dgh_skip = has_first && !reverse ? 1 : 0;  // forward: step 0 is the chunk's first row
       const int64_t read_time = reverse ? first_time + 1 : (has_first ? 0 : first_time - 1);
-      cpu::PackedMatrix x_t, h_t, context_t;  // the chunk's x^T, h_{t-1}^T and context^T (bulk)
+      cpu::PanelMatrix x_t, h_t, context_t;  // the chunk's x^T, h_{t-1}^T and context^T (bulk)
       if (bulk.enabled) {
         // Row q of the chunk: x and the h_{t-1} it met (h_0 for step 0's rows).
         const float** x_rows = bulk.x_rows[team.index];
@@ -1415,13 +1415,13 @@ RecurrentBackward backward_loop(const Tensor& grad_output, const std::vector<Ten
         auto mine = [&](int64_t width) { return even_share(cpu::panel_count(width), team.index, team.members); };
         const auto [x0, x1] = mine(I);
         const auto [h0, h1] = mine(HS);
-        x_t = cpu::pack_columns(x_rows, I, rows, bulk.x_panels, x0, x1);
-        h_t = cpu::pack_columns(h_rows, HS, rows, bulk.h_panels, h0, h1);
+        x_t = cpu::pack_columns(bulk.bf16, x_rows, I, rows, bulk.x_panels, x0, x1);
+        h_t = cpu::pack_columns(bulk.bf16, h_rows, HS, rows, bulk.h_panels, h0, h1);
         if (geo.enabled) {
           const float** context_rows = bulk.context_rows[team.index];
           for (int64_t q = 0; q < rows; ++q) context_rows[q] = ptr<float>(context) + (first_time * B + q) * D;
           const auto [c0, c1] = mine(D);
-          context_t = cpu::pack_columns(context_rows, D, rows, bulk.context_panels, c0, c1);
+          context_t = cpu::pack_columns(bulk.bf16, context_rows, D, rows, bulk.context_panels, c0, c1);
         }
         if (!team.sync()) return false;
       }
@@ -1440,14 +1440,15 @@ RecurrentBackward backward_loop(const Tensor& grad_output, const std::vector<Ten
           // of the chunk's rows) in this thread's buffer, each run of rows consecutive in torch.nn
           // order (a block's gate) into its rows of the results.
           float* dg_t = bulk.transposed[team.index];
-          const auto gemm = cpu::gemm_packed_fn();
           const bool accumulate = k_lo + n < T;  // the first chunk done (the last steps) sets dW
           cpu::transpose(ptr<float>(dgx) + g0, rows, gn, ldx, dg_t, bulk.ld);
           for_each_torch_nn_run(blocks.order, g0, gn, [&](int64_t offset, int64_t row, int64_t count) {
             const float* a = dg_t + offset * bulk.ld;
-            gemm(a, count, bulk.ld, x_t, nullptr, ptr<float>(grad_w_ih) + row * I, I, accumulate);
+            x_t.multiply(a, count, bulk.ld, nullptr, ptr<float>(grad_w_ih) + row * I, I, accumulate);
             cpu::add_row_sums(a, count, rows, bulk.ld, ptr<float>(grad_b_ih) + row);
-            if (geo.enabled) gemm(a, count, bulk.ld, context_t, nullptr, ptr<float>(grad_w_c) + row * D, D, accumulate);
+            if (geo.enabled) {
+              context_t.multiply(a, count, bulk.ld, nullptr, ptr<float>(grad_w_c) + row * D, D, accumulate);
+            }
           });
           if (rec_alias) {
             TORCH_INTERNAL_ASSERT(r0 == g0 && rn == gn);  // the same gradients: dg_t holds them already
@@ -1457,7 +1458,7 @@ RecurrentBackward backward_loop(const Tensor& grad_output, const std::vector<Ten
           for_each_torch_nn_run(blocks.rec_order, r0, rn, [&](int64_t offset, int64_t row, int64_t count) {
             const float* a = dg_t + offset * bulk.ld;
             if (!rec_alias) cpu::add_row_sums(a, count, rows, bulk.ld, ptr<float>(grad_b_rec) + row);
-            gemm(a, count, bulk.ld, h_t, nullptr, ptr<float>(grad_w_rec) + row * HS, HS, accumulate);
+            h_t.multiply(a, count, bulk.ld, nullptr, ptr<float>(grad_w_rec) + row * HS, HS, accumulate);
           });
         } else {
           const Tensor dg_in = dgx_rows().narrow(1, g0, gn);
@@ -1485,8 +1486,8 @@ RecurrentBackward backward_loop(const Tensor& grad_output, const std::vector<Ten
       });
       const auto [r0, r1] = even_share(rows, team.index, team.members);
       if (r1 > r0 && bulk.enabled) {
-        cpu::gemm_packed_fn()(ptr<float>(dgx) + r0 * ldx, r1 - r0, ldx, bulk.w_ih_t, nullptr,
-                              ptr<float>(grad_input) + (first_time * B + r0) * I, I, /*accumulate=*/false);
+        bulk.w_ih_t.multiply(ptr<float>(dgx) + r0 * ldx, r1 - r0, ldx, nullptr,
+                             ptr<float>(grad_input) + (first_time * B + r0) * I, I, /*accumulate=*/false);
       } else if (r1 > r0) {
         Tensor dx = grad_input.view({T * B, I}).narrow(0, first_time * B + r0, r1 - r0);
         at::mm_out(dx, dgx_rows().narrow(0, r0, r1 - r0), w_ih);
@@ -1546,7 +1547,7 @@ RecurrentBackward backward_loop(const Tensor& grad_output, const std::vector<Ten
       if (bulk.enabled) {
         // Each member its panels of W_ih^T (dx's M), which the first chunk's products read.
         const auto [p0, p1] = even_share(cpu::panel_count(I), team.index, team.members);
-        cpu::pack_columns(bulk.w_ih_rows, I, GH, bulk.w_ih_t.panels, p0, p1);
+        cpu::pack_columns(bulk.bf16, bulk.w_ih_rows, I, GH, bulk.w_ih_t.storage(), p0, p1);
       }
       int64_t chunk_first_time = 0, chunk_end = T;  // the current chunk ends before step chunk_end
       for (int64_t k = T - 1; k >= 0; --k) {
@@ -1745,10 +1746,12 @@ RecurrentBackward backward_loop(const Tensor& grad_output, const std::vector<Ten
 }
 
 // bfloat16 and float16 on the CPU: the CPU kernels are float32, so a call computes in float32 and
-// rounds its results back (SPEC: reduced precision computes and accumulates in fp32). A bfloat16
-// layer's packed products run in bfloat16 where the CPU has them (cpu/packed_gemm_bf16.h): its
-// weights are bfloat16 already, and the products round x and h_{t-1} to bfloat16, as torch.nn's
-// bfloat16 layers hold them. The base cells only: the attention ops take float32 there.
+// rounds its results back (SPEC: reduced precision computes and accumulates in fp32); the workspace
+// stays float32 (workspace_dtype). A bfloat16 layer's packed products, forward and backward, run in
+// bfloat16 where the CPU has them (cpu/packed_gemm_bf16.h): its weights are bfloat16 already, the
+// forward's products round x and h_{t-1} to bfloat16, as torch.nn's bfloat16 layers hold them, and
+// the backward's round the gate gradients (and x and h_{t-1} for dW). The base cells only: the
+// attention ops take float32 there.
 namespace {
 bool reduced_on_cpu(const Tensor& input) {
   return input.is_cpu() && (input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kHalf);
@@ -1785,8 +1788,7 @@ RecurrentForward recurrent_forward(const Tensor& input, const std::vector<Tensor
                                           as_float(weight_hr), lengths, reverse, training, nullptr, bf16_products);
   round_to(input.scalar_type(), r.output);
   for (Tensor& state : r.final_states) round_to(input.scalar_type(), state);
-  round_to(input.scalar_type(), r.workspace);
-  return r;
+  return r;  // the workspace stays float32 (workspace_dtype)
 }
 
 template <class Cell>
@@ -1798,14 +1800,15 @@ RecurrentBackward recurrent_backward(const Tensor& grad_output, const std::vecto
                                      const AttentionConfig* attention, const AttentionSaved* saved) {
   if (!reduced_on_cpu(input)) {
     return backward_loop<Cell>(grad_output, grad_final_states, input, initial_states, weight_ih, weight_hh, weight_hr,
-                               output, workspace, lengths, reverse, attention, saved);
+                               output, workspace, lengths, reverse, attention, saved, /*bf16_products=*/false);
   }
   TORCH_INTERNAL_ASSERT(attention == nullptr, "rnnattn: the attention cell takes float32 on the CPU");
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const bool bf16_products = input.scalar_type() == at::kBFloat16 && cpu::bf16_products_available();
   RecurrentBackward r = backward_loop<Cell>(as_float(grad_output), as_float(grad_final_states), as_float(input),
                                             as_float(initial_states), as_float(weight_ih), as_float(weight_hh),
                                             as_float(weight_hr), as_float(output), as_float(workspace), lengths,
-                                            reverse, nullptr, nullptr);
+                                            reverse, nullptr, nullptr, bf16_products);
   for (Tensor* grad : {&r.grad_input, &r.grad_weight_ih, &r.grad_weight_hh, &r.grad_bias_ih, &r.grad_bias_hh,
                        &r.grad_weight_hr}) {
     round_to(input.scalar_type(), *grad);

@@ -82,6 +82,14 @@ constexpr int workspace_planes(bool projected = false) {
   return Cell::kSaved + Cell::kStates - 1 + (projected ? 1 : 0);
 }
 
+// The workspace's dtype: float32 for a float16 or bfloat16 input on the CPU, whose loop computes in
+// float32 (the backward reads the saved gates and cell states as they were computed, and neither
+// pass converts them), else the input's.
+inline at::ScalarType workspace_dtype(const at::Tensor& input) {
+  const at::ScalarType dtype = input.scalar_type();
+  return input.is_cpu() && (dtype == at::kHalf || dtype == at::kBFloat16) ? at::kFloat : dtype;
+}
+
 // Arguments are checked by the caller (csrc/ops); the engine trusts shapes, dtypes and devices.
 // `lengths` (B,) int64 on the input's device, values in [1, T]: variable lengths (SPEC); rows past
 // their length are held, their outputs zero, their final states those after their last valid step.

@@ -142,7 +142,11 @@ LayerShape check_layer_backward(const char* op, int gates, int workspace_planes,
                     op, ": workspace must have shape (T, planes, B, H) = ", at::IntArrayRef(expected), ", got ",
                     workspace.sizes(),
                     workspace.numel() == 0 ? kEmptyWorkspace : "");
-  check_same_kind(op, "workspace", workspace, input);
+  TORCH_CHECK_TYPE(workspace.scalar_type() == workspace_dtype(input), op, ": workspace must be ",
+                   workspace_dtype(input), " for input of ", input.scalar_type(), " on ", input.device().type(),
+                   " (what the forward returns), got ", workspace.scalar_type());
+  TORCH_CHECK_VALUE(workspace.device() == input.device(), op, ": workspace must be on the device of input (",
+                    input.device(), "), got ", workspace.device());
   return s;
 }
 

@@ -5,7 +5,8 @@
 //
 // Conventions: time-major input (T, B, I); states (B, H); weights with torch.nn's shapes and gate
 // order; `reverse` runs the layer from t = T-1 down to 0 (the second direction of a bidirectional
-// layer); `training` keeps the activations backward needs in `workspace` (else it is empty);
+// layer); `training` keeps the activations backward needs in `workspace` (else it is empty; float32
+// for a float16/bfloat16 input on the CPU, which computes in float32, else the input's dtype);
 // `lengths` (B,) int64 on the input's device, values in [1, T], or None: variable lengths (SPEC:
 // steps t >= lengths[b] leave row b's state unchanged and output zeros).
 //

@@ -39,6 +39,14 @@ def _state_shapes(batch: int, num_states: int, hidden: int, state_width: int) ->
     return [(batch, state_width if i == 0 else hidden) for i in range(num_states)]
 
 
+def workspace_dtype(input: Tensor) -> torch.dtype:
+    """The dtype of a base forward op's workspace (C++ ``workspace_dtype``): float32 for a float16 or
+    bfloat16 input on the CPU, whose loop computes in float32, else the input's."""
+    if input.device.type == "cpu" and input.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return input.dtype
+
+
 def _contiguous_like(t: Tensor) -> Tensor:
     """A fake output shaped like t: the ops return contiguous gradients whatever the inputs' strides."""
     return t.new_empty(t.shape)
@@ -94,7 +102,8 @@ def _register(cell: str) -> None:
         output = input.new_empty((steps, batch, width))
         finals = [s.new_empty(shape) for s, shape in zip(states, _state_shapes(batch, num_states, hidden, width))]
         used_planes = planes + (w_hr is not None)
-        workspace = input.new_empty((steps, used_planes, batch, hidden) if training else (0,))
+        workspace = input.new_empty((steps, used_planes, batch, hidden) if training else (0,),
+                                    dtype=workspace_dtype(input))
         return (output, *finals, workspace)
 
     def fake_backward(grad_output, *args):

@@ -188,7 +188,7 @@ def base_op(cell: str, in_scan: bool | None = None):
         input, states, w_ih, w_hh, b_ih, b_hh, w_hr, (lengths, reverse, _training) = _split_op_arguments(cell, args)
         output, finals, _, _ = attention_forward(cell, input, states, w_ih, w_hh, b_ih, b_hh, w_hr, None,
                                                  lengths=lengths, reverse=reverse, in_scan=in_scan)
-        return (output, *finals, input.new_empty((0,)))
+        return (output, *finals, input.new_empty((0,), dtype=_ops.workspace_dtype(input)))
 
     return run
 

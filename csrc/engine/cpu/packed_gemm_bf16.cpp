@@ -42,6 +42,41 @@ PackedBf16Matrix pack_matrix_bf16(const float* const* rows, int64_t n, int64_t k
   return out;
 }
 
+PackedBf16Matrix pack_columns_bf16(const float* const* columns, int64_t n, int64_t k, uint32_t* storage,
+                                   int64_t panel_begin, int64_t panel_end) {
+  const int64_t pairs = PackedBf16Matrix::pairs(k);
+  for (int64_t p = panel_begin; p < panel_end; ++p) {
+    uint32_t* panel = storage + p * pairs * kPanelWidth;
+    const int64_t first = p * kPanelWidth, width = std::min<int64_t>(kPanelWidth, n - first);
+    for (int64_t j = 0; j < pairs; ++j) {
+      const float* low = columns[2 * j] + first;
+      const float* high = 2 * j + 1 < k ? columns[2 * j + 1] + first : nullptr;  // none: a zero half
+      uint32_t* words = panel + j * kPanelWidth;
+#if defined(__AVX512BF16__)
+      // 16 columns of each of the two rows rounded at once, interleaved into pairs.
+      const __mmask16 live = static_cast<__mmask16>((1u << width) - 1u);
+      auto rounded = [&](const float* from) {
+        if (from == nullptr) return _mm512_setzero_si512();
+        const __m256bh halves = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(live, from));
+        return _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(halves));
+      };
+      _mm512_storeu_si512(words, _mm512_or_si512(rounded(low), _mm512_slli_epi32(rounded(high), 16)));
+#else
+      for (int64_t c = 0; c < kPanelWidth; ++c) {
+        const uint32_t lo = c < width ? to_bfloat16(low[c]) : 0u;
+        const uint32_t hi = c < width && high != nullptr ? to_bfloat16(high[c]) : 0u;
+        words[c] = lo | (hi << 16);
+      }
+#endif
+    }
+  }
+  PackedBf16Matrix out;
+  out.n = n;
+  out.k = k;
+  out.panels = storage;
+  return out;
+}
+
 #if defined(__AVX512BF16__)
 namespace {
 

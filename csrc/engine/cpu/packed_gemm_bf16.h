@@ -40,6 +40,13 @@ bool bf16_products_available();
 PackedBf16Matrix pack_matrix_bf16(const float* const* rows, int64_t n, int64_t k, int64_t stride_k,
                                   uint32_t* storage);
 
+// Packs the panels [panel_begin, panel_end) of M (n x k) whose column j is the n floats at columns[j]
+// (M^T's rows, as pack_columns of packed_gemm.h), each rounded to bfloat16: the backward's products
+// by a transposed matrix (dh = dg W_hh, dx = dg W_ih, dW = dg^T x). Members of a team can each pack
+// their own panels of one matrix.
+PackedBf16Matrix pack_columns_bf16(const float* const* columns, int64_t n, int64_t k, uint32_t* storage,
+                                   int64_t panel_begin, int64_t panel_end);
+
 // out[r][c] = bias[c] + sum_j bf16(a[r * lda + j]) * M[c][j] for r < rows, c < m.n (bias may be null;
 // with accumulate the sum starts from out[r][c] too), the products and sums in float32. Only where
 // bf16_products_available().
