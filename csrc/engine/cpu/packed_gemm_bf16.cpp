@@ -15,6 +15,61 @@
 
 namespace rnnattn::cpu {
 
+#if defined(__AVX512BF16__)
+namespace {
+
+// words[w * kPanelWidth + c] = rows[c][w] for 16 rows of 16 words each (w < count): a 16 x 16
+// transpose of 32-bit words, in 128-bit lanes of 4 x 4 blocks.
+void store_transposed(const __m512i (&rows)[16], uint32_t* words, int64_t count) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {  // pairs of rows interleaved: per lane (r0[4l], r1[4l], r0[4l+1], r1[4l+1]), ...
+    t[2 * i] = _mm512_unpacklo_epi32(rows[2 * i], rows[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(rows[2 * i], rows[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // u[4i + m], lane l: word 4l + m of rows 4i .. 4i + 3
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int m = 0; m < 4; ++m) {  // a 4 x 4 transpose of lanes: word 4l + m of all 16 rows
+    const __m512i b0 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0x88), b1 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0xdd);
+    const __m512i b2 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0x88);
+    const __m512i b3 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0xdd);
+    const __m512i lanes[4] = {_mm512_shuffle_i32x4(b0, b2, 0x88), _mm512_shuffle_i32x4(b1, b3, 0x88),
+                              _mm512_shuffle_i32x4(b0, b2, 0xdd), _mm512_shuffle_i32x4(b1, b3, 0xdd)};
+    for (int l = 0; l < 4; ++l) {
+      if (4 * l + m < count) _mm512_storeu_si512(words + (4 * l + m) * kPanelWidth, lanes[l]);
+    }
+  }
+}
+
+// One panel of M with unit column stride: 16 rows' runs of 32 floats rounded to 16 pairs each
+// (vcvtne2ps2bf16), then transposed into the panel's pair-major words.
+void pack_panel_unit_stride(const float* const* rows, int64_t width, int64_t k, uint32_t* panel) {
+  const int64_t pairs = PackedBf16Matrix::pairs(k);
+  for (int64_t j0 = 0; j0 < pairs; j0 += 16) {
+    const int64_t left = k - 2 * j0;  // floats of each row from here on
+    const __mmask16 low = static_cast<__mmask16>(left >= 16 ? 0xffffu : (1u << left) - 1u);
+    const __mmask16 high = static_cast<__mmask16>(left >= 32 ? 0xffffu : left <= 16 ? 0u : (1u << (left - 16)) - 1u);
+    __m512i words[16];
+    for (int c = 0; c < 16; ++c) {
+      if (c >= width) {
+        words[c] = _mm512_setzero_si512();
+        continue;
+      }
+      const float* from = rows[c] + 2 * j0;
+      const __m512bh halves =
+          _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(high, from + 16), _mm512_maskz_loadu_ps(low, from));
+      words[c] = reinterpret_cast<__m512i>(halves);
+    }
+    store_transposed(words, panel + j0 * kPanelWidth, std::min<int64_t>(16, pairs - j0));
+  }
+}
+
+}  // namespace
+#endif
+
 PackedBf16Matrix pack_matrix_bf16(const float* const* rows, int64_t n, int64_t k, int64_t stride_k,
                                   uint32_t* storage) {
   PackedBf16Matrix out;
@@ -25,6 +80,12 @@ PackedBf16Matrix pack_matrix_bf16(const float* const* rows, int64_t n, int64_t k
   for (int64_t p = 0; p < panel_count(n); ++p) {
     uint32_t* panel = storage + p * pairs * kPanelWidth;
     const int64_t width = std::min<int64_t>(kPanelWidth, n - p * kPanelWidth);
+#if defined(__AVX512BF16__)
+    if (stride_k == 1) {
+      pack_panel_unit_stride(rows + p * kPanelWidth, width, k, panel);
+      continue;
+    }
+#endif
     for (int64_t j = 0; j < pairs; ++j) {
       uint32_t* words = panel + j * kPanelWidth;
       for (int64_t c = 0; c < kPanelWidth; ++c) {
