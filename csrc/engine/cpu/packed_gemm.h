@@ -58,11 +58,21 @@ struct RowsMatrix {
   int64_t n = 0, k = 0;
 };
 
+// M read in place as bfloat16 (a bfloat16 layer's weights in a one-step call): row i's k values at
+// rows[i]. gemm_rows_bf16 widens each to float, exactly, so its sums are bit for bit gemm_rows' on
+// M's float copy, without making that copy.
+struct RowsBf16Matrix {
+  const uint16_t* const* rows = nullptr;
+  int64_t n = 0, k = 0;
+};
+
 // The most rows of `a` that gemm_rows is meant for: it reads M once per pair of rows.
 constexpr int64_t kRowsGemmMaxRows = 4;
 
 using RowsGemmFn = void (*)(const float* a, int64_t rows, int64_t lda, const RowsMatrix& m, const float* bias,
                             float* out, int64_t ldo);
+using RowsBf16GemmFn = void (*)(const float* a, int64_t rows, int64_t lda, const RowsBf16Matrix& m,
+                                const float* bias, float* out, int64_t ldo);
 
 #define RNNATTN_DECLARE_CPU_GEMM(ns)                                                                      \
   namespace ns {                                                                                          \
@@ -78,6 +88,8 @@ using RowsGemmFn = void (*)(const float* a, int64_t rows, int64_t lda, const Row
   /* The same product with M read in place (RowsMatrix). */                                              \
   void gemm_rows(const float* a, int64_t rows, int64_t lda, const RowsMatrix& m, const float* bias,      \
                  float* out, int64_t ldo);                                                                \
+  void gemm_rows_bf16(const float* a, int64_t rows, int64_t lda, const RowsBf16Matrix& m, const float* bias, \
+                      float* out, int64_t ldo);                                                           \
   }
 RNNATTN_DECLARE_CPU_GEMM(baseline)
 RNNATTN_DECLARE_CPU_GEMM(avx2)
@@ -86,5 +98,6 @@ RNNATTN_DECLARE_CPU_GEMM(avx512)
 
 PackedGemmFn gemm_packed_fn();
 RowsGemmFn gemm_rows_fn();
+RowsBf16GemmFn gemm_rows_bf16_fn();
 
 }  // namespace rnnattn::cpu

@@ -33,6 +33,11 @@ RowsGemmFn gemm_rows_fn() {
   return fn;
 }
 
+RowsBf16GemmFn gemm_rows_bf16_fn() {
+  static const RowsBf16GemmFn fn = has_avx2_fma() ? &avx2::gemm_rows_bf16 : &baseline::gemm_rows_bf16;
+  return fn;
+}
+
 PackedGemmFn gemm_packed_fn() {
   static const PackedGemmFn fn = kernel_isa() == KernelIsa::avx512 ? &avx512::gemm_packed
                                  : kernel_isa() == KernelIsa::avx2 ? &avx2::gemm_packed

@@ -3,6 +3,7 @@
 // kernels' *_impl.h headers, inside the namespace their .cpp names by RNNATTN_CPU_ISA, so that each
 // build has its own copy.
 #pragma once
+#include <cstdint>
 #include <cstring>
 
 namespace rnnattn::cpu::RNNATTN_CPU_ISA {
@@ -14,6 +15,27 @@ inline __attribute__((always_inline)) vec8 load8(const float* p) {
   vec8 v;
   std::memcpy(&v, p, sizeof(v));
   return v;
+}
+
+// Eight bfloat16 widened to floats (exact: a bfloat16 is a float's high half).
+inline __attribute__((always_inline)) vec8 load8(const uint16_t* p) {
+  typedef uint16_t vec8h __attribute__((vector_size(16)));
+  typedef uint32_t vec8u __attribute__((vector_size(32)));
+  vec8h halves;
+  std::memcpy(&halves, p, sizeof(halves));
+  const vec8u bits = __builtin_convertvector(halves, vec8u) << 16;
+  vec8 v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+// One value, as load8 widens it (a float as it is).
+inline __attribute__((always_inline)) float widen(float x) { return x; }
+inline __attribute__((always_inline)) float widen(uint16_t half) {
+  const uint32_t bits = static_cast<uint32_t>(half) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
 }
 
 inline __attribute__((always_inline)) void store8(float* p, vec8 v) { std::memcpy(p, &v, sizeof(v)); }
