@@ -949,11 +949,13 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
   if (ih_form == MatrixForm::packed && split.threads() == 1 && chunk * B * I * GH >= kAtenMinMultiplies) {
     ih_form = MatrixForm::aten;
   }
-  // A bfloat16 weight is read as it is by a product that reads it in place (a one-step call: no
-  // float32 copy of the weights per streaming step), else copied to float32.
+  // A bfloat16 weight of a float32 CPU loop (recurrent_forward's) is read as it is by a product that
+  // reads it in place (a one-step call: no float32 copy of the weights per streaming step), else
+  // copied to float32. Weights in the input's dtype (every other call, CUDA's included) go as they are.
   auto weight_in_form = [&](const Tensor& w, MatrixForm form) {
-    const bool as_is = w.scalar_type() != at::kBFloat16 || (form == MatrixForm::in_place && w.stride(1) == 1);
-    return as_is ? w : w.to(at::kFloat);
+    const bool as_is = w.scalar_type() == input.scalar_type() ||
+                       (w.scalar_type() == at::kBFloat16 && form == MatrixForm::in_place && w.stride(1) == 1);
+    return as_is ? w : w.to(input.scalar_type());
   };
   const Tensor w_ih = weight_in_form(weight_ih_arg, ih_form);
   // Per step and block: h_{t-1} @ W_rec^T (+ b_rec), W_rec = W_hh (+ the attention rows). Weights and

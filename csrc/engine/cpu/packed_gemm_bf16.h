@@ -36,7 +36,9 @@ inline uint16_t to_bfloat16(float x) {
 bool bf16_products_available();
 
 // Packs M, whose element (i, j) is at rows[i][j * stride_k], each rounded to bfloat16 (exact for a
-// weight that was bfloat16), into `storage` (PackedBf16Matrix::words_needed(n, k) words).
+// weight that was bfloat16), into `storage` (PackedBf16Matrix::words_needed(n, k) words). Here and in
+// pack_columns_bf16 the AVX512-BF16 build rounds with the hardware's conversion, which also flushes
+// float denormals to zero: the product instruction reads denormal bfloat16 as zero all the same.
 PackedBf16Matrix pack_matrix_bf16(const float* const* rows, int64_t n, int64_t k, int64_t stride_k,
                                   uint32_t* storage);
 
