@@ -4,6 +4,7 @@ overruns is stopped and reported, and the output folder keeps to the eight files
 from a lent GPU machine."""
 
 import os
+import re
 import stat
 import subprocess
 import textwrap
@@ -77,6 +78,9 @@ def test_a_stage_that_overruns_is_stopped_and_a_failed_build_ends_the_run(tmp_pa
     result, _, seconds = _run(tmp_path, 3, PIP_SECONDS="30")
     assert result.returncode == 1
     assert seconds < 20, seconds  # stopped at the budget, not after the stand-in build's 30 s
-    assert "== build: stopped after 3 s" in result.stdout
+    # Stopped at what was left of the 3 s budget: the script's two Python probes before the build
+    # take a second of it on a loaded machine.
+    stopped = re.search(r"^== build: stopped after (\d+) s$", result.stdout, re.M)
+    assert stopped and 1 <= int(stopped.group(1)) <= 3, result.stdout
     assert "the build failed: nothing else can run" in result.stdout
     assert "== CUDA tests" not in result.stdout
