@@ -70,20 +70,21 @@ def test_steps_give_the_numbers_of_stream(cls, extra, dtype, device):
 
 @pytest.mark.parametrize("sizes", [(5, 7), (20, 24)], ids=["5-7", "20-24"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_reduced_precision_on_the_cpu_rounds_as_the_module(dtype, sizes):
+@pytest.mark.parametrize("cls", [rnnattn_ext.LSTM, rnnattn_ext.GRU, rnnattn_ext.RNN], ids=["LSTM", "GRU", "RNN"])
+def test_reduced_precision_on_the_cpu_rounds_as_the_module(cls, dtype, sizes):
     """A streamer computes with float32 copies of the weights; a bfloat16 module's one-step call reads
     its bfloat16 weights in place (widened as read): bit for bit the same, whole vectors of 8 and
     tails alike."""
     torch.manual_seed(32)
     input_size, hidden = sizes
-    module = rnnattn_ext.LSTM(input_size, hidden, num_layers=2).to(dtype)
+    module = cls(input_size, hidden, num_layers=2).to(dtype)
     xs = torch.randn(5, 2, input_size).to(dtype)
     streamer = module.streamer()
     got = torch.stack([streamer.step(x) for x in xs])
     expected, state = _stream_steps(module, xs)
     assert got.dtype == dtype
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
-    for mine, theirs in zip(streamer.state, state):
+    for mine, theirs in zip(_states(streamer.state), _states(state)):
         torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
 
 
