@@ -72,9 +72,9 @@ def test_steps_give_the_numbers_of_stream(cls, extra, dtype, device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("cls", [rnnattn_ext.LSTM, rnnattn_ext.GRU, rnnattn_ext.RNN], ids=["LSTM", "GRU", "RNN"])
 def test_reduced_precision_on_the_cpu_rounds_as_the_module(cls, dtype, sizes):
-    """A streamer computes with float32 copies of the weights; a bfloat16 module's one-step call reads
-    its bfloat16 weights in place (widened as read): bit for bit the same, whole vectors of 8 and
-    tails alike."""
+    """A streamer computes with float32 copies of the weights; a bfloat16 or float16 module's one-step
+    call reads its 16-bit weights in place (widened as read): bit for bit the same, whole vectors of 8
+    and tails alike."""
     torch.manual_seed(32)
     input_size, hidden = sizes
     module = cls(input_size, hidden, num_layers=2).to(dtype)

@@ -304,18 +304,19 @@ struct RowTable {
   int64_t first = 0, count = 0;
   const float** addresses = nullptr;
   float* bias = nullptr;  // where the bias is gathered, or null: none or read in place
-  // One bfloat16 part read in place (its data here, not in parts[0].data): its rows' addresses.
-  const uint16_t* bf16_data = nullptr;
-  const uint16_t** bf16_addresses = nullptr;
+  // One bfloat16 or float16 part read in place (its data here, not in parts[0].data): its rows'
+  // addresses.
+  const uint16_t* half_data = nullptr;
+  const uint16_t** half_addresses = nullptr;
 
   void fill() const {
     const Part& only = parts[0];
-    if (bf16_data != nullptr) {
+    if (half_data != nullptr) {
       // As the single float part's rows below; its bias is float (a float32 copy).
       for (int64_t i = 0; i < count; ++i) {
         const int64_t r = index == nullptr ? first + i : index[i];
         TORCH_INTERNAL_ASSERT(r >= 0 && r < total, "rnnattn: a row order names a row outside the matrix");
-        bf16_addresses[i] = bf16_data + r * only.stride;
+        half_addresses[i] = half_data + r * only.stride;
         if (bias != nullptr) bias[i] = only.bias[r * only.bias_stride];
       }
       return;
@@ -366,7 +367,9 @@ struct BlockMatrix {
   // Our CPU kernels' forms (packed, in place) read the caller's tensors through raw pointers: row i
   // of M at rows[i], its elements stride_k apart; the bias of row i at bias[i] (or none).
   const float* const* rows = nullptr;
-  const uint16_t* const* bf16_rows = nullptr;  // in_place from a bfloat16 weight: its rows instead
+  // in_place from a bfloat16 or float16 weight: its rows instead, and which of the two.
+  const uint16_t* const* half_rows = nullptr;
+  cpu::Float16Kind half_kind = cpu::Float16Kind::bfloat16;
   int64_t k = 0, stride_k = 1;
   RowTable table;                      // fills rows (and bias, when gathered)
   // Packed from columns instead (transposed_block_matrix): the table's rows are M's k columns.
@@ -453,20 +456,23 @@ BlockMatrix block_matrix(const PermutedRows& rows, MatrixForm form, CallScratch&
     const std::optional<Tensor>* b = rows.biases.empty() ? nullptr : &rows.biases[p];
     const bool has_bias = b != nullptr && b->has_value();
     any_bias = any_bias || has_bias;
-    const bool bf16 = t.scalar_type() == at::kBFloat16;
-    // A bfloat16 weight only as the one part of a matrix read in place (forward_loop's weight_in_form).
-    TORCH_INTERNAL_ASSERT(!bf16 || (result.form == MatrixForm::in_place && rows.parts.size() == 1));
-    if (bf16) table.bf16_data = reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>());
-    table.parts[p] = {t.size(0), t.stride(0), bf16 ? nullptr : t.const_data_ptr<float>(),
+    const bool half = t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
+    // A 16-bit weight only as the one part of a matrix read in place (forward_loop's weight_in_form).
+    TORCH_INTERNAL_ASSERT(!half || (result.form == MatrixForm::in_place && rows.parts.size() == 1));
+    if (half) {
+      table.half_data = static_cast<const uint16_t*>(t.const_data_ptr());
+      result.half_kind = t.scalar_type() == at::kHalf ? cpu::Float16Kind::float16 : cpu::Float16Kind::bfloat16;
+    }
+    table.parts[p] = {t.size(0), t.stride(0), half ? nullptr : t.const_data_ptr<float>(),
                       has_bias ? (*b)->const_data_ptr<float>() : nullptr, has_bias ? (*b)->stride(0) : 0};
   }
   table.index = rows.order.defined() ? rows.order.const_data_ptr<int64_t>() + rows.first : nullptr;
   TORCH_INTERNAL_ASSERT(table.index != nullptr || (rows.first >= 0 && rows.first + rows.count <= table.total));
   table.first = rows.first;
   table.count = rows.count;
-  if (table.bf16_data != nullptr) {
-    table.bf16_addresses = scratch.bf16_row_addresses(rows.count);
-    result.bf16_rows = table.bf16_addresses;
+  if (table.half_data != nullptr) {
+    table.half_addresses = scratch.half_row_addresses(rows.count);
+    result.half_rows = table.half_addresses;
   } else {
     table.addresses = scratch.row_addresses(rows.count);
     result.rows = table.addresses;
@@ -583,9 +589,9 @@ void multiply(const BlockMatrix& m, const Operand& a, const Operand& out, bool a
   }
   if (m.form == MatrixForm::in_place) {
     TORCH_INTERNAL_ASSERT(!accumulate);
-    if (m.bf16_rows != nullptr) {
-      const cpu::RowsBf16Matrix rows{m.bf16_rows, m.n, m.k};
-      cpu::gemm_rows_bf16_fn()(a.data<float>(), a.rows, a.ld, rows, m.bias, out.data<float>(), out.ld);
+    if (m.half_rows != nullptr) {
+      const cpu::Rows16Matrix rows{m.half_rows, m.n, m.k, m.half_kind};
+      cpu::gemm_rows_16_fn()(a.data<float>(), a.rows, a.ld, rows, m.bias, out.data<float>(), out.ld);
       return;
     }
     const cpu::RowsMatrix rows{m.rows, m.n, m.k};
@@ -897,8 +903,8 @@ void external_keys_values(const AttentionConfig& attention, const Tensor& keys, 
 }
 
 // The forward time loop; with bf16_products (float CPU tensors of a bfloat16 layer) its packed
-// products run in bfloat16. weight_ih and weight_hh may be bfloat16 (the rest float): each is read
-// in place where its products read it in place, else through a float32 copy.
+// products run in bfloat16. weight_ih and weight_hh may be bfloat16 or float16 (the rest float):
+// each is read in place where its products read it in place, else through a float32 copy.
 template <class Cell>
 RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>& initial_states,
                               const Tensor& weight_ih_arg, const Tensor& weight_hh_arg,
@@ -949,12 +955,14 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
   if (ih_form == MatrixForm::packed && split.threads() == 1 && chunk * B * I * GH >= kAtenMinMultiplies) {
     ih_form = MatrixForm::aten;
   }
-  // A bfloat16 weight of a float32 CPU loop (recurrent_forward's) is read as it is by a product that
-  // reads it in place (a one-step call: no float32 copy of the weights per streaming step), else
-  // copied to float32. Weights in the input's dtype (every other call, CUDA's included) go as they are.
+  // A bfloat16 or float16 weight of a float32 CPU loop (recurrent_forward's) is read as it is by a
+  // product that reads it in place (a one-step call: no float32 copy of the weights per streaming
+  // step), else copied to float32. Weights in the input's dtype (every other call, CUDA's included)
+  // go as they are.
   auto weight_in_form = [&](const Tensor& w, MatrixForm form) {
     const bool as_is = w.scalar_type() == input.scalar_type() ||
-                       (w.scalar_type() == at::kBFloat16 && form == MatrixForm::in_place && w.stride(1) == 1);
+                       (form == MatrixForm::in_place && w.stride(1) == 1 && input.scalar_type() == at::kFloat &&
+                        (w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf));
     return as_is ? w : w.to(input.scalar_type());
   };
   const Tensor w_ih = weight_in_form(weight_ih_arg, ih_form);
@@ -1820,13 +1828,11 @@ RecurrentForward recurrent_forward(const Tensor& input, const std::vector<Tensor
   }
   TORCH_INTERNAL_ASSERT(attention == nullptr, "rnnattn: the attention cell takes float32 on the CPU");
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the casts record nothing, as in the loop
-  const bool bf16 = input.scalar_type() == at::kBFloat16;
-  const bool bf16_products = bf16 && cpu::bf16_products_available();
-  // bfloat16 weights go as they are: the loop reads them in place or copies them (weight_in_form).
-  auto weight = [&](const Tensor& w) { return bf16 ? w : as_float(w); };
-  RecurrentForward r = forward_loop<Cell>(as_float(input), as_float(initial_states), weight(weight_ih),
-                                          weight(weight_hh), as_float(bias_ih), as_float(bias_hh), as_float(weight_hr),
-                                          lengths, reverse, training, nullptr, bf16_products);
+  const bool bf16_products = input.scalar_type() == at::kBFloat16 && cpu::bf16_products_available();
+  // W_ih and W_hh go as they are: the loop reads them in place or copies them (weight_in_form).
+  RecurrentForward r = forward_loop<Cell>(as_float(input), as_float(initial_states), weight_ih, weight_hh,
+                                          as_float(bias_ih), as_float(bias_hh), as_float(weight_hr), lengths, reverse,
+                                          training, nullptr, bf16_products);
   round_to(input.scalar_type(), r.output);
   for (Tensor& state : r.final_states) round_to(input.scalar_type(), state);
   return r;  // the workspace stays float32 (workspace_dtype)

@@ -74,7 +74,7 @@ const float** CallScratch::row_addresses(int64_t count) {
   return static_cast<const float**>(take(count * int64_t(sizeof(const float*))));
 }
 
-const uint16_t** CallScratch::bf16_row_addresses(int64_t count) {
+const uint16_t** CallScratch::half_row_addresses(int64_t count) {
   return static_cast<const uint16_t**>(take(count * int64_t(sizeof(const uint16_t*))));
 }
 

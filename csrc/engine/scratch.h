@@ -26,8 +26,8 @@ class CallScratch {
   float* floats(int64_t count);
   // count row addresses of a matrix our CPU kernels read (cpu/packed_gemm.h).
   const float** row_addresses(int64_t count);
-  // The same for a matrix of bfloat16 rows (cpu::RowsBf16Matrix).
-  const uint16_t** bf16_row_addresses(int64_t count);
+  // The same for a matrix of 16-bit float rows (cpu::Rows16Matrix).
+  const uint16_t** half_row_addresses(int64_t count);
 
  private:
   void* take(int64_t bytes);

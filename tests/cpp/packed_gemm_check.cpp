@@ -8,7 +8,8 @@
 // table of addresses and with a column stride (the packing's two paths), sums accumulated into the
 // output, and rows of a 4 KiB apart (which the product copies first). The backward's helpers too:
 // pack_columns against pack_matrix of the same matrix, transpose exactly, add_row_sums in rounding.
-// gemm_rows_bf16 (M's rows as bfloat16) bit for bit against gemm_rows on the same values as floats.
+// gemm_rows_16 (M's rows as bfloat16 or float16) bit for bit against gemm_rows on the same values as
+// floats.
 //
 // This file compiles the baseline build itself (RNNATTN_CPU_ISA baseline, with -ffp-contract=off);
 // the AVX2 and AVX-512 builds are the library's own sources, compiled with the library's flags and
@@ -35,7 +36,7 @@ struct Build {
   PackedMatrix (*pack)(const float* const*, int64_t, int64_t, int64_t, float*);
   void (*packed)(const float*, int64_t, int64_t, const PackedMatrix&, const float*, float*, int64_t, bool);
   void (*rows)(const float*, int64_t, int64_t, const RowsMatrix&, const float*, float*, int64_t);
-  void (*rows_bf16)(const float*, int64_t, int64_t, const RowsBf16Matrix&, const float*, float*, int64_t);
+  void (*rows_16)(const float*, int64_t, int64_t, const Rows16Matrix&, const float*, float*, int64_t);
   PackedMatrix (*pack_columns)(const float* const*, int64_t, int64_t, float*, int64_t, int64_t);
   void (*transpose)(const float*, int64_t, int64_t, int64_t, float*, int64_t);
   void (*add_row_sums)(const float*, int64_t, int64_t, int64_t, float*);
@@ -152,32 +153,54 @@ void check_case(const Build& build, int64_t rows, int64_t n, int64_t k, bool wit
   }
   if (!outside_untouched(in_place)) tally.fail(shape + ": gemm_rows wrote outside its output");
 
-  // In place from bfloat16 rows: bit for bit gemm_rows on their float values (M's rows truncated
-  // to their high halves: any bfloat16 will do).
-  std::vector<uint16_t> halves(n * k);
-  std::vector<float> widened(n * k);
-  std::vector<const uint16_t*> half_rows(n);
-  std::vector<const float*> widened_rows(n);
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t j = 0; j < k; ++j) {
-      uint32_t bits;
-      std::memcpy(&bits, &m_rows[i][j], sizeof(bits));
-      halves[i * k + j] = static_cast<uint16_t>(bits >> 16);
-      bits &= 0xffff0000u;
-      std::memcpy(&widened[i * k + j], &bits, sizeof(bits));
+  // In place from 16-bit rows: bit for bit gemm_rows on their float values. bfloat16: M's rows
+  // truncated to their high halves (any bfloat16 will do); float16: random bits of every class
+  // (normal, subnormal, zero, a few infinities and NaNs), valued independently (ldexp).
+  for (const Float16Kind kind : {Float16Kind::bfloat16, Float16Kind::float16}) {
+    std::uniform_int_distribution<int> exponent(0, 31), mantissa(0, 1023), sign(0, 1);
+    std::vector<uint16_t> halves(n * k);
+    std::vector<float> widened(n * k);
+    std::vector<const uint16_t*> half_rows(n);
+    std::vector<const float*> widened_rows(n);
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t j = 0; j < k; ++j) {
+        uint16_t half;
+        float value;
+        if (kind == Float16Kind::bfloat16) {
+          uint32_t bits;
+          std::memcpy(&bits, &m_rows[i][j], sizeof(bits));
+          half = static_cast<uint16_t>(bits >> 16);
+          bits &= 0xffff0000u;
+          std::memcpy(&value, &bits, sizeof(bits));
+        } else {
+          int e = exponent(gen);
+          if (e == 31 && mantissa(gen) > 8) e = 15;  // keep infinities and NaNs rare (~1 in 3600)
+          const int m = mantissa(gen);
+          half = static_cast<uint16_t>((sign(gen) << 15) | (e << 10) | m);
+          value = e == 0 ? std::ldexp(float(m), -24)
+                  : e < 31 ? std::ldexp(float(1024 + m), e - 25)
+                  : m == 0 ? std::numeric_limits<float>::infinity()
+                           : std::numeric_limits<float>::quiet_NaN();
+          if (half & 0x8000) value = -value;
+        }
+        halves[i * k + j] = half;
+        widened[i * k + j] = value;
+      }
+      half_rows[i] = halves.data() + i * k;
+      widened_rows[i] = widened.data() + i * k;
     }
-    half_rows[i] = halves.data() + i * k;
-    widened_rows[i] = widened.data() + i * k;
-  }
-  std::vector<float> from_floats(rows * ldo + 2 * ldo, sentinel), from_halves(rows * ldo + 2 * ldo, sentinel);
-  build.rows(a.data(), rows, lda, RowsMatrix{widened_rows.data(), n, k}, b, from_floats.data(), ldo);
-  build.rows_bf16(a.data(), rows, lda, RowsBf16Matrix{half_rows.data(), n, k}, b, from_halves.data(), ldo);
-  ++tally.cases;
-  for (size_t i = 0; i < from_floats.size(); ++i) {
-    const bool both_untouched = std::isnan(from_floats[i]) && std::isnan(from_halves[i]);
-    if (!both_untouched && !same_bits(from_floats[i], from_halves[i])) {
-      tally.fail(shape + ": gemm_rows_bf16 differs from gemm_rows on the widened rows at " + std::to_string(i));
-      break;
+    const char* kind_name = kind == Float16Kind::bfloat16 ? "bfloat16" : "float16";
+    std::vector<float> from_floats(rows * ldo + 2 * ldo, sentinel), from_halves(rows * ldo + 2 * ldo, sentinel);
+    build.rows(a.data(), rows, lda, RowsMatrix{widened_rows.data(), n, k}, b, from_floats.data(), ldo);
+    build.rows_16(a.data(), rows, lda, Rows16Matrix{half_rows.data(), n, k, kind}, b, from_halves.data(), ldo);
+    ++tally.cases;
+    for (size_t i = 0; i < from_floats.size(); ++i) {
+      const bool both_nan = std::isnan(from_floats[i]) && std::isnan(from_halves[i]);  // or both untouched
+      if (!both_nan && !same_bits(from_floats[i], from_halves[i])) {
+        tally.fail(shape + ": gemm_rows_16 (" + kind_name + ") differs from gemm_rows on the widened rows at " +
+                   std::to_string(i));
+        break;
+      }
     }
   }
 }
@@ -284,12 +307,12 @@ Tally check_build(const Build& build) {
 
 int main() {
   std::vector<Build> builds = {{"baseline", false, &baseline::pack_matrix, &baseline::gemm_packed,
-                                &baseline::gemm_rows, &baseline::gemm_rows_bf16, &baseline::pack_columns,
+                                &baseline::gemm_rows, &baseline::gemm_rows_16, &baseline::pack_columns,
                                 &baseline::transpose, &baseline::add_row_sums}};
 #if defined(__x86_64__) || defined(__i386__)
 #if defined(RNNATTN_CHECK_AVX2)
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    builds.push_back({"avx2", true, &avx2::pack_matrix, &avx2::gemm_packed, &avx2::gemm_rows, &avx2::gemm_rows_bf16,
+    builds.push_back({"avx2", true, &avx2::pack_matrix, &avx2::gemm_packed, &avx2::gemm_rows, &avx2::gemm_rows_16,
                       &avx2::pack_columns, &avx2::transpose, &avx2::add_row_sums});
   } else {
     std::printf("avx2: not run (no AVX2 and FMA)\n");
@@ -300,7 +323,7 @@ int main() {
     // The library packs, transposes, sums rows and reads in place with the AVX2 build here
     // (packed_gemm_baseline.cpp).
     builds.push_back({"avx512", true, &avx2::pack_matrix, &avx512::gemm_packed, &avx2::gemm_rows,
-                      &avx2::gemm_rows_bf16, &avx2::pack_columns, &avx2::transpose, &avx2::add_row_sums});
+                      &avx2::gemm_rows_16, &avx2::pack_columns, &avx2::transpose, &avx2::add_row_sums});
   } else {
     std::printf("avx512: not run (no AVX-512F)\n");
   }

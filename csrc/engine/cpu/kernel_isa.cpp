@@ -11,10 +11,12 @@ namespace rnnattn::cpu {
 namespace {
 
 // The best build this CPU runs (the OS must save the wider registers too: GCC's check includes it).
+// Both x86 builds use F16C too (float16 weights read in place), which every CPU with AVX2 has.
 KernelIsa supported_isa() {
 #if defined(__x86_64__) || defined(__i386__)
-  if (__builtin_cpu_supports("avx512f")) return KernelIsa::avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return KernelIsa::avx2;
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (avx2 && __builtin_cpu_supports("avx512f")) return KernelIsa::avx512;
+  if (avx2) return KernelIsa::avx2;
 #endif
   return KernelIsa::baseline;
 }

@@ -58,12 +58,14 @@ struct RowsMatrix {
   int64_t n = 0, k = 0;
 };
 
-// M read in place as bfloat16 (a bfloat16 layer's weights in a one-step call): row i's k values at
-// rows[i]. gemm_rows_bf16 widens each to float, exactly, so its sums are bit for bit gemm_rows' on
-// M's float copy, without making that copy.
-struct RowsBf16Matrix {
+// M read in place in a 16-bit float format (a bfloat16 or float16 layer's weights in a one-step
+// call): the bits of row i's k values at rows[i]. gemm_rows_16 widens each to float, exactly, so its
+// sums are bit for bit gemm_rows' on M's float copy, without making that copy.
+enum class Float16Kind { bfloat16, float16 };
+struct Rows16Matrix {
   const uint16_t* const* rows = nullptr;
   int64_t n = 0, k = 0;
+  Float16Kind kind = Float16Kind::bfloat16;
 };
 
 // The most rows of `a` that gemm_rows is meant for: it reads M once per pair of rows.
@@ -71,8 +73,8 @@ constexpr int64_t kRowsGemmMaxRows = 4;
 
 using RowsGemmFn = void (*)(const float* a, int64_t rows, int64_t lda, const RowsMatrix& m, const float* bias,
                             float* out, int64_t ldo);
-using RowsBf16GemmFn = void (*)(const float* a, int64_t rows, int64_t lda, const RowsBf16Matrix& m,
-                                const float* bias, float* out, int64_t ldo);
+using Rows16GemmFn = void (*)(const float* a, int64_t rows, int64_t lda, const Rows16Matrix& m, const float* bias,
+                              float* out, int64_t ldo);
 
 #define RNNATTN_DECLARE_CPU_GEMM(ns)                                                                      \
   namespace ns {                                                                                          \
@@ -88,8 +90,8 @@ using RowsBf16GemmFn = void (*)(const float* a, int64_t rows, int64_t lda, const
   /* The same product with M read in place (RowsMatrix). */                                              \
   void gemm_rows(const float* a, int64_t rows, int64_t lda, const RowsMatrix& m, const float* bias,      \
                  float* out, int64_t ldo);                                                                \
-  void gemm_rows_bf16(const float* a, int64_t rows, int64_t lda, const RowsBf16Matrix& m, const float* bias, \
-                      float* out, int64_t ldo);                                                           \
+  void gemm_rows_16(const float* a, int64_t rows, int64_t lda, const Rows16Matrix& m, const float* bias,  \
+                    float* out, int64_t ldo);                                                             \
   }
 RNNATTN_DECLARE_CPU_GEMM(baseline)
 RNNATTN_DECLARE_CPU_GEMM(avx2)
@@ -98,6 +100,6 @@ RNNATTN_DECLARE_CPU_GEMM(avx512)
 
 PackedGemmFn gemm_packed_fn();
 RowsGemmFn gemm_rows_fn();
-RowsBf16GemmFn gemm_rows_bf16_fn();
+Rows16GemmFn gemm_rows_16_fn();
 
 }  // namespace rnnattn::cpu

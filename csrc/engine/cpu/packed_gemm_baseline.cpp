@@ -33,8 +33,8 @@ RowsGemmFn gemm_rows_fn() {
   return fn;
 }
 
-RowsBf16GemmFn gemm_rows_bf16_fn() {
-  static const RowsBf16GemmFn fn = has_avx2_fma() ? &avx2::gemm_rows_bf16 : &baseline::gemm_rows_bf16;
+Rows16GemmFn gemm_rows_16_fn() {
+  static const Rows16GemmFn fn = has_avx2_fma() ? &avx2::gemm_rows_16 : &baseline::gemm_rows_16;
   return fn;
 }
 

@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
-#include <type_traits>
 #include <utility>
 #include <vector>
 #if defined(__AVX2__)
@@ -235,13 +234,8 @@ inline void transpose_tile8(const float* const* rows, int64_t col, float* dst, i
 }
 #endif
 
-// Dot products of kRows rows of a with kCols rows of M (a row may repeat: its sums are then unused),
-// into sums[r][c]; eight lanes per accumulator, reduced at the end, then the columns past the last
-// multiple of 8 added in order. The kRows * kCols accumulators stay in registers (every loop over
-// them has constant bounds) and the weights are read straight into the FMAs, so a pass keeps eight
-// of them in flight: an FMA waits ~4 cycles for its accumulator.
 // acc + x * y, fused where the build has FMA: said explicitly, so that the compiler's choice to
-// contract or not cannot differ between M's types.
+// contract or not cannot differ between M's element types.
 inline __attribute__((always_inline)) float multiply_add(float x, float y, float acc) {
 #if defined(__FMA__)
   return __builtin_fmaf(x, y, acc);
@@ -250,10 +244,33 @@ inline __attribute__((always_inline)) float multiply_add(float x, float y, float
 #endif
 }
 
-// M's rows are floats or bfloat16 (W: float or uint16_t), the latter widened exactly as loaded.
-template <int kRows, int kCols, typename W>
-inline __attribute__((always_inline)) void dot_rows(const float* a, int64_t lda, const W* const* m_rows,
-                                                    int64_t k, float sums[][kCols]) {
+// How the in-place product reads M's elements: floats as they are, 16-bit floats widened exactly
+// (vector8.h), so that every type gives the sums of M's float copy.
+struct FloatElements {
+  using Type = float;
+  static vec8 load(const float* p) { return load8(p); }
+  static float one(float x) { return x; }
+};
+struct Bf16Elements {
+  using Type = uint16_t;
+  static vec8 load(const uint16_t* p) { return load8_bf16(p); }
+  static float one(uint16_t x) { return widen_bf16(x); }
+};
+struct F16Elements {
+  using Type = uint16_t;
+  static vec8 load(const uint16_t* p) { return load8_f16(p); }
+  static float one(uint16_t x) { return widen_f16(x); }
+};
+
+// Dot products of kRows rows of a with kCols rows of M (a row may repeat: its sums are then unused),
+// into sums[r][c]; eight lanes per accumulator, reduced at the end, then the columns past the last
+// multiple of 8 added in order. The kRows * kCols accumulators stay in registers (every loop over
+// them has constant bounds) and the weights are read straight into the FMAs, so a pass keeps eight
+// of them in flight: an FMA waits ~4 cycles for its accumulator.
+template <int kRows, int kCols, class Elements>
+inline __attribute__((always_inline)) void dot_rows(const float* a, int64_t lda,
+                                                    const typename Elements::Type* const* m_rows, int64_t k,
+                                                    float sums[][kCols]) {
   vec8 acc[kRows][kCols];
   for (int r = 0; r < kRows; ++r) {
     for (int c = 0; c < kCols; ++c) acc[r][c] = vec8{};
@@ -262,7 +279,7 @@ inline __attribute__((always_inline)) void dot_rows(const float* a, int64_t lda,
   for (; j + 8 <= k; j += 8) {
     vec8 w[kCols];
     for (int c = 0; c < kCols; ++c) {
-      w[c] = load8(m_rows[c] + j);
+      w[c] = Elements::load(m_rows[c] + j);
       if constexpr (kRows >= 2) hold_in_register(w[c]);  // one load for every row (block_kernel's reason)
     }
     for (int r = 0; r < kRows; ++r) {
@@ -275,64 +292,66 @@ inline __attribute__((always_inline)) void dot_rows(const float* a, int64_t lda,
   }
   for (; j < k; ++j) {
     for (int r = 0; r < kRows; ++r) {
-      for (int c = 0; c < kCols; ++c) sums[r][c] = multiply_add(a[r * lda + j], widen(m_rows[c][j]), sums[r][c]);
+      for (int c = 0; c < kCols; ++c) {
+        sums[r][c] = multiply_add(a[r * lda + j], Elements::one(m_rows[c][j]), sums[r][c]);
+      }
     }
   }
 }
 
 // dot_rows out of line: inlined at more than one row it left the weights' register hold to the
 // stack (2 and 4 rows took twice as long).
-template <int kRows, int kCols, typename W>
-__attribute__((noinline)) void dot_rows_call(const float* a, int64_t lda, const W* const* m_rows, int64_t k,
-                                             float sums[][kCols]) {
-  dot_rows<kRows, kCols, W>(a, lda, m_rows, k, sums);
+template <int kRows, int kCols, class Elements>
+__attribute__((noinline)) void dot_rows_call(const float* a, int64_t lda, const typename Elements::Type* const* m_rows,
+                                             int64_t k, float sums[][kCols]) {
+  dot_rows<kRows, kCols, Elements>(a, lda, m_rows, k, sums);
 }
 
-// out[r][c0 + c] for c < count of kRows rows of a and M's rows c0.. (kCols at a time). A whole pass
-// (all but the last) has constant bounds throughout and, at one row, the dot products inline: one
-// core's half of LSTM(256)'s W_hh at one row 4.75 -> 4.2 µs on a Xeon, 7.4 -> 6.9 at two.
-template <int kRows, int kCols, class Matrix>
-void rows_pass(const float* a, int64_t lda, const Matrix& m, int64_t c0, const float* bias, float* out,
-               int64_t ldo) {
-  using W = std::remove_const_t<std::remove_pointer_t<std::decay_t<decltype(*m.rows)>>>;  // float or uint16_t
-  const int count = static_cast<int>(std::min<int64_t>(kCols, m.n - c0));
-  const W* m_rows[kCols];
+// out[r][c0 + c] for c < count of kRows rows of a and M's rows c0.. (kCols at a time; M n x k, its
+// rows at m_rows). A whole pass (all but the last) has constant bounds throughout and, at one row,
+// the dot products inline: one core's half of LSTM(256)'s W_hh at one row 4.75 -> 4.2 µs on a Xeon,
+// 7.4 -> 6.9 at two.
+template <int kRows, int kCols, class Elements>
+void rows_pass(const float* a, int64_t lda, const typename Elements::Type* const* all_rows, int64_t n, int64_t k,
+               int64_t c0, const float* bias, float* out, int64_t ldo) {
+  const int count = static_cast<int>(std::min<int64_t>(kCols, n - c0));
+  const typename Elements::Type* m_rows[kCols];
   float sums[kRows][kCols];
   if (count == kCols) {
-    for (int c = 0; c < kCols; ++c) m_rows[c] = m.rows[c0 + c];
+    for (int c = 0; c < kCols; ++c) m_rows[c] = all_rows[c0 + c];
     if constexpr (kRows == 1) {
-      dot_rows<kRows, kCols, W>(a, lda, m_rows, m.k, sums);
+      dot_rows<kRows, kCols, Elements>(a, lda, m_rows, k, sums);
     } else {
-      dot_rows_call<kRows, kCols, W>(a, lda, m_rows, m.k, sums);
+      dot_rows_call<kRows, kCols, Elements>(a, lda, m_rows, k, sums);
     }
     for (int r = 0; r < kRows; ++r) {
       for (int c = 0; c < kCols; ++c) out[r * ldo + c0 + c] = sums[r][c] + (bias ? bias[c0 + c] : 0.f);
     }
     return;
   }
-  for (int c = 0; c < kCols; ++c) m_rows[c] = m.rows[c0 + std::min(c, count - 1)];
-  dot_rows_call<kRows, kCols, W>(a, lda, m_rows, m.k, sums);
+  for (int c = 0; c < kCols; ++c) m_rows[c] = all_rows[c0 + std::min(c, count - 1)];
+  dot_rows_call<kRows, kCols, Elements>(a, lda, m_rows, k, sums);
   for (int r = 0; r < kRows; ++r) {
     for (int c = 0; c < count; ++c) out[r * ldo + c0 + c] = sums[r][c] + (bias ? bias[c0 + c] : 0.f);
   }
 }
 
-// gemm_rows for M's rows in either type (RowsMatrix, RowsBf16Matrix).
-template <class Matrix>
-void gemm_rows_of(const float* a, int64_t rows, int64_t lda, const Matrix& m, const float* bias, float* out,
-                  int64_t ldo) {
+// gemm_rows for M's rows of any element type.
+template <class Elements>
+void gemm_rows_of(const float* a, int64_t rows, int64_t lda, const typename Elements::Type* const* m_rows, int64_t n,
+                  int64_t k, const float* bias, float* out, int64_t ldo) {
   if (rows == 1) {
     // One row of a (a batch-1 step): eight rows of M per pass.
-    for (int64_t c0 = 0; c0 < m.n; c0 += 8) rows_pass<1, 8>(a, lda, m, c0, bias, out, ldo);
+    for (int64_t c0 = 0; c0 < n; c0 += 8) rows_pass<1, 8, Elements>(a, lda, m_rows, n, k, c0, bias, out, ldo);
     return;
   }
-  for (int64_t c0 = 0; c0 < m.n; c0 += 4) {
+  for (int64_t c0 = 0; c0 < n; c0 += 4) {
     // Two rows of a per pass (four rows of M): eight accumulators again.
     for (int64_t r = 0; r < rows; r += 2) {
       if (rows - r >= 2) {
-        rows_pass<2, 4>(a + r * lda, lda, m, c0, bias, out + r * ldo, ldo);
+        rows_pass<2, 4, Elements>(a + r * lda, lda, m_rows, n, k, c0, bias, out + r * ldo, ldo);
       } else {
-        rows_pass<1, 4>(a + r * lda, lda, m, c0, bias, out + r * ldo, ldo);
+        rows_pass<1, 4, Elements>(a + r * lda, lda, m_rows, n, k, c0, bias, out + r * ldo, ldo);
       }
     }
   }
@@ -342,12 +361,16 @@ void gemm_rows_of(const float* a, int64_t rows, int64_t lda, const Matrix& m, co
 
 void gemm_rows(const float* a, int64_t rows, int64_t lda, const RowsMatrix& m, const float* bias, float* out,
                int64_t ldo) {
-  gemm_rows_of(a, rows, lda, m, bias, out, ldo);
+  gemm_rows_of<FloatElements>(a, rows, lda, m.rows, m.n, m.k, bias, out, ldo);
 }
 
-void gemm_rows_bf16(const float* a, int64_t rows, int64_t lda, const RowsBf16Matrix& m, const float* bias, float* out,
-                    int64_t ldo) {
-  gemm_rows_of(a, rows, lda, m, bias, out, ldo);
+void gemm_rows_16(const float* a, int64_t rows, int64_t lda, const Rows16Matrix& m, const float* bias, float* out,
+                  int64_t ldo) {
+  if (m.kind == Float16Kind::bfloat16) {
+    gemm_rows_of<Bf16Elements>(a, rows, lda, m.rows, m.n, m.k, bias, out, ldo);
+  } else {
+    gemm_rows_of<F16Elements>(a, rows, lda, m.rows, m.n, m.k, bias, out, ldo);
+  }
 }
 
 PackedMatrix pack_matrix(const float* const* m_rows, int64_t n, int64_t k, int64_t stride_k, float* storage) {

@@ -5,6 +5,9 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#if defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 namespace rnnattn::cpu::RNNATTN_CPU_ISA {
 namespace {
@@ -17,25 +20,65 @@ inline __attribute__((always_inline)) vec8 load8(const float* p) {
   return v;
 }
 
-// Eight bfloat16 widened to floats (exact: a bfloat16 is a float's high half).
-inline __attribute__((always_inline)) vec8 load8(const uint16_t* p) {
-  typedef uint16_t vec8h __attribute__((vector_size(16)));
-  typedef uint32_t vec8u __attribute__((vector_size(32)));
-  vec8h halves;
-  std::memcpy(&halves, p, sizeof(halves));
-  const vec8u bits = __builtin_convertvector(halves, vec8u) << 16;
+// 16-bit floats widened to float, exactly: eight at once (load8_*) or one (widen_*).
+typedef uint16_t vec8h __attribute__((vector_size(16)));
+typedef uint32_t vec8u __attribute__((vector_size(32)));
+typedef int32_t vec8i __attribute__((vector_size(32)));
+
+inline __attribute__((always_inline)) vec8 bits_as_floats(vec8u bits) {
   vec8 v;
   std::memcpy(&v, &bits, sizeof(v));
   return v;
 }
 
-// One value, as load8 widens it (a float as it is).
-inline __attribute__((always_inline)) float widen(float x) { return x; }
-inline __attribute__((always_inline)) float widen(uint16_t half) {
-  const uint32_t bits = static_cast<uint32_t>(half) << 16;
-  float value;
-  std::memcpy(&value, &bits, sizeof(value));
-  return value;
+// bfloat16: a float's high half.
+inline __attribute__((always_inline)) vec8 load8_bf16(const uint16_t* p) {
+#if defined(__AVX2__)
+  // One widening move and a shift (GCC splits __builtin_convertvector's into 128-bit halves: 5 ops).
+  const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256i bits = _mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16);
+  vec8 v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+#else
+  vec8h halves;
+  std::memcpy(&halves, p, sizeof(halves));
+  return bits_as_floats(__builtin_convertvector(halves, vec8u) << 16);
+#endif
+}
+
+// IEEE float16: the exponent rebiased (15 -> 127; 31, infinities and NaNs, -> 255), the mantissa
+// moved up; zeros and subnormals (m * 2^-24, m < 1024) through an exact int-to-float conversion.
+inline __attribute__((always_inline)) vec8 load8_f16(const uint16_t* p) {
+#if defined(__F16C__)
+  // The same values in one instruction (the x86 builds have F16C).
+  const __m256 converted = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  vec8 v;
+  std::memcpy(&v, &converted, sizeof(v));
+  return v;
+#else
+  vec8h halves;
+  std::memcpy(&halves, p, sizeof(halves));
+  const vec8u u = __builtin_convertvector(halves, vec8u);
+  const vec8u sign = (u & 0x8000u) << 16, magnitude = u & 0x7fffu;
+  const vec8u special = (vec8u)(magnitude >= 0x7c00u);  // all ones where infinite or NaN
+  const vec8u normal = (magnitude << 13) + 0x38000000u + (special & 0x38000000u);
+  const vec8 small_value = __builtin_convertvector((vec8i)magnitude, vec8) * 0x1p-24f;
+  vec8u small;
+  std::memcpy(&small, &small_value, sizeof(small));
+  const vec8u is_small = (vec8u)(magnitude < 0x0400u);
+  return bits_as_floats(sign | (small & is_small) | (normal & ~is_small));
+#endif
+}
+
+inline __attribute__((always_inline)) float widen_bf16(uint16_t half) {
+  vec8h one = {half};
+  return load8_bf16(reinterpret_cast<const uint16_t*>(&one))[0];
+}
+
+inline __attribute__((always_inline)) float widen_f16(uint16_t half) {
+  vec8h one = {half};
+  return load8_f16(reinterpret_cast<const uint16_t*>(&one))[0];
 }
 
 inline __attribute__((always_inline)) void store8(float* p, vec8 v) { std::memcpy(p, &v, sizeof(v)); }
