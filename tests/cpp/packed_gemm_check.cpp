@@ -311,11 +311,11 @@ int main() {
                                 &baseline::transpose, &baseline::add_row_sums}};
 #if defined(__x86_64__) || defined(__i386__)
 #if defined(RNNATTN_CHECK_AVX2)
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
     builds.push_back({"avx2", true, &avx2::pack_matrix, &avx2::gemm_packed, &avx2::gemm_rows, &avx2::gemm_rows_16,
                       &avx2::pack_columns, &avx2::transpose, &avx2::add_row_sums});
   } else {
-    std::printf("avx2: not run (no AVX2 and FMA)\n");
+    std::printf("avx2: not run (no AVX2, FMA and F16C)\n");
   }
 #endif
 #if defined(RNNATTN_CHECK_AVX512)
