@@ -44,7 +44,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("built_with_torch") = RNNATTN_TORCH_VERSION;
   m.def("cpu_kernels", [] { return ::rnnattn::cpu::kernel_isa_name(::rnnattn::cpu::kernel_isa()); },
         "Which build of the CPU kernels runs: avx512 (the packed GEMM's AVX-512 build, the others' AVX2+FMA "
-        "one), avx2 (AVX2+FMA) or baseline (any x86-64); RNNATTN_CPU_KERNELS picks one");
+        "one), avx2 (AVX2+FMA+F16C) or baseline (any x86-64); RNNATTN_CPU_KERNELS picks one");
   m.def("cpu_bf16_products", &::rnnattn::cpu::bf16_products_available,
         "Whether a bfloat16 layer's products on the CPU run in bfloat16 (AVX512-BF16 and the avx512 kernels), "
         "else in float32");

@@ -1,6 +1,6 @@
 // Which build of the CPU kernels a process runs, decided once: the best the CPU supports, or the one
 // RNNATTN_CPU_KERNELS names (for tests and measurements). Every kernel has a baseline and an
-// AVX2+FMA build; the packed GEMM and the pointwise passes also an AVX-512 one (the AVX-512 choice
+// AVX2+FMA(+F16C) build; the packed GEMM and the pointwise passes also an AVX-512 one (the AVX-512 choice
 // runs the AVX2+FMA build of the attention passes and of the in-place product).
 #pragma once
 
