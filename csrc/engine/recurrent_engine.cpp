@@ -310,39 +310,12 @@ struct RowTable {
   const uint16_t** half_addresses = nullptr;
 
   void fill() const {
-    const Part& only = parts[0];
     if (half_data != nullptr) {
-      // As the single float part's rows below; its bias is float (a float32 copy).
-      for (int64_t i = 0; i < count; ++i) {
-        const int64_t r = index == nullptr ? first + i : index[i];
-        TORCH_INTERNAL_ASSERT(r >= 0 && r < total, "rnnattn: a row order names a row outside the matrix");
-        half_addresses[i] = half_data + r * only.stride;
-        if (bias != nullptr) bias[i] = only.bias[r * only.bias_stride];
-      }
+      fill_one_part(half_data, half_addresses);  // a 16-bit weight is always a matrix's one part
       return;
     }
     if (part_count == 1) {
-      // One tensor: tight loops (a one-step call makes the addresses of a few thousand rows, and its
-      // whole op call is ~100k instructions).
-      if (index == nullptr) {
-        const float* row = only.data + first * only.stride;  // in range: block_matrix checked
-        for (int64_t i = 0; i < count; ++i, row += only.stride) addresses[i] = row;
-      } else {
-        bool out_of_range = false;  // checked once, after the loop: a branch per row costs as much as the row
-        for (int64_t i = 0; i < count; ++i) {
-          out_of_range |= index[i] < 0 || index[i] >= total;
-          addresses[i] = only.data + index[i] * only.stride;
-        }
-        TORCH_INTERNAL_ASSERT(!out_of_range, "rnnattn: a row order names a row outside the matrix");
-      }
-      if (bias != nullptr) {
-        const int64_t step = only.bias_stride;  // rows checked above
-        if (index == nullptr) {
-          for (int64_t i = 0; i < count; ++i) bias[i] = only.bias[(first + i) * step];
-        } else {
-          for (int64_t i = 0; i < count; ++i) bias[i] = only.bias[index[i] * step];
-        }
-      }
+      fill_one_part(parts[0].data, addresses);
       return;
     }
     // Rows found part by part, and the bias gathered into M's row order (a block's few hundred values).
@@ -353,6 +326,32 @@ struct RowTable {
       while (r >= part->size) r -= (part++)->size;
       addresses[i] = part->data + r * part->stride;
       if (bias != nullptr) bias[i] = part->bias != nullptr ? part->bias[r * part->bias_stride] : 0.f;
+    }
+  }
+
+  // One tensor (its rows at data, float or 16-bit): tight loops (a one-step call makes the addresses
+  // of a few thousand rows, and its whole op call is ~100k instructions).
+  template <typename T>
+  void fill_one_part(const T* data, const T** out) const {
+    const Part& only = parts[0];
+    if (index == nullptr) {
+      const T* row = data + first * only.stride;  // in range: block_matrix checked
+      for (int64_t i = 0; i < count; ++i, row += only.stride) out[i] = row;
+    } else {
+      bool out_of_range = false;  // checked once, after the loop: a branch per row costs as much as the row
+      for (int64_t i = 0; i < count; ++i) {
+        out_of_range |= index[i] < 0 || index[i] >= total;
+        out[i] = data + index[i] * only.stride;
+      }
+      TORCH_INTERNAL_ASSERT(!out_of_range, "rnnattn: a row order names a row outside the matrix");
+    }
+    if (bias != nullptr) {
+      const int64_t step = only.bias_stride;  // rows checked above
+      if (index == nullptr) {
+        for (int64_t i = 0; i < count; ++i) bias[i] = only.bias[(first + i) * step];
+      } else {
+        for (int64_t i = 0; i < count; ++i) bias[i] = only.bias[index[i] * step];
+      }
     }
   }
 };

@@ -109,18 +109,20 @@ PackedBf16Matrix pack_columns_bf16(const float* const* columns, int64_t n, int64
   for (int64_t p = panel_begin; p < panel_end; ++p) {
     uint32_t* panel = storage + p * pairs * kPanelWidth;
     const int64_t first = p * kPanelWidth, width = std::min<int64_t>(kPanelWidth, n - first);
+#if defined(__AVX512BF16__)
+    // The panel's 16 columns of a row of M^T rounded at once, each into the low half of a word.
+    const __mmask16 live = static_cast<__mmask16>((1u << width) - 1u);
+    auto rounded = [&](const float* from) {
+      if (from == nullptr) return _mm512_setzero_si512();
+      const __m256bh halves = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(live, from));
+      return _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(halves));
+    };
+#endif
     for (int64_t j = 0; j < pairs; ++j) {
       const float* low = columns[2 * j] + first;
       const float* high = 2 * j + 1 < k ? columns[2 * j + 1] + first : nullptr;  // none: a zero half
       uint32_t* words = panel + j * kPanelWidth;
 #if defined(__AVX512BF16__)
-      // 16 columns of each of the two rows rounded at once, interleaved into pairs.
-      const __mmask16 live = static_cast<__mmask16>((1u << width) - 1u);
-      auto rounded = [&](const float* from) {
-        if (from == nullptr) return _mm512_setzero_si512();
-        const __m256bh halves = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(live, from));
-        return _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(halves));
-      };
       _mm512_storeu_si512(words, _mm512_or_si512(rounded(low), _mm512_slli_epi32(rounded(high), 16)));
 #else
       for (int64_t c = 0; c < kPanelWidth; ++c) {

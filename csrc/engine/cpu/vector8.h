@@ -25,9 +25,12 @@ typedef uint16_t vec8h __attribute__((vector_size(16)));
 typedef uint32_t vec8u __attribute__((vector_size(32)));
 typedef int32_t vec8i __attribute__((vector_size(32)));
 
-inline __attribute__((always_inline)) vec8 bits_as_floats(vec8u bits) {
+// 32 bytes of another type (vec8u, __m256, __m256i) read as the 8 floats they hold.
+template <typename Register>
+inline __attribute__((always_inline)) vec8 as_floats(const Register& r) {
+  static_assert(sizeof(Register) == sizeof(vec8));
   vec8 v;
-  std::memcpy(&v, &bits, sizeof(v));
+  std::memcpy(&v, &r, sizeof(v));
   return v;
 }
 
@@ -36,14 +39,11 @@ inline __attribute__((always_inline)) vec8 load8_bf16(const uint16_t* p) {
 #if defined(__AVX2__)
   // One widening move and a shift (GCC splits __builtin_convertvector's into 128-bit halves: 5 ops).
   const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m256i bits = _mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16);
-  vec8 v;
-  std::memcpy(&v, &bits, sizeof(v));
-  return v;
+  return as_floats(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
 #else
   vec8h halves;
   std::memcpy(&halves, p, sizeof(halves));
-  return bits_as_floats(__builtin_convertvector(halves, vec8u) << 16);
+  return as_floats(__builtin_convertvector(halves, vec8u) << 16);
 #endif
 }
 
@@ -52,10 +52,7 @@ inline __attribute__((always_inline)) vec8 load8_bf16(const uint16_t* p) {
 inline __attribute__((always_inline)) vec8 load8_f16(const uint16_t* p) {
 #if defined(__F16C__)
   // The same values in one instruction (the x86 builds have F16C).
-  const __m256 converted = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  vec8 v;
-  std::memcpy(&v, &converted, sizeof(v));
-  return v;
+  return as_floats(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 #else
   vec8h halves;
   std::memcpy(&halves, p, sizeof(halves));
@@ -64,10 +61,9 @@ inline __attribute__((always_inline)) vec8 load8_f16(const uint16_t* p) {
   const vec8u special = (vec8u)(magnitude >= 0x7c00u);  // all ones where infinite or NaN
   const vec8u normal = (magnitude << 13) + 0x38000000u + (special & 0x38000000u);
   const vec8 small_value = __builtin_convertvector((vec8i)magnitude, vec8) * 0x1p-24f;
-  vec8u small;
-  std::memcpy(&small, &small_value, sizeof(small));
+  const vec8u small = (vec8u)small_value;  // its bits
   const vec8u is_small = (vec8u)(magnitude < 0x0400u);
-  return bits_as_floats(sign | (small & is_small) | (normal & ~is_small));
+  return as_floats(sign | (small & is_small) | (normal & ~is_small));
 #endif
 }
 
