@@ -15,6 +15,7 @@
 #include "engine/cpu/kernel_isa.h"
 #include "engine/cpu/packed_gemm_bf16.h"
 #include "engine/recurrent_engine.h"
+#include "engine/reused_memory.h"
 #include "engine/unit_blocks.h"
 #include "engine/usable_cpus.h"
 #include "python_hybrid_attention.h"
@@ -48,6 +49,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_bf16_products", &::rnnattn::cpu::bf16_products_available,
         "Whether a bfloat16 layer's products on the CPU run in bfloat16 (AVX512-BF16 and the avx512 kernels), "
         "else in float32");
+  m.def("cpu_kept_bytes", &::rnnattn::reused_memory_kept,
+        "Bytes of freed CPU output memory kept for reuse by later calls (at most RNNATTN_CPU_KEEP_MB MiB)");
+  m.def("release_cpu_kept_memory", &::rnnattn::release_reused_memory,
+        "Hands the freed CPU output memory kept for reuse back to the system");
   m.def("usable_cpus", &::rnnattn::usable_cpus,
         "CPUs this process can keep busy at once (affinity mask, cgroup CPU quota): a CPU layer runs on at most "
         "this many threads, and at most torch.get_num_threads()");

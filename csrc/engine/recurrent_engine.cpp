@@ -20,6 +20,7 @@
 #include "engine/cpu/pointwise_cpu.h"
 #include "engine/attention_step.h"
 #include "engine/projection_step.h"
+#include "engine/reused_memory.h"
 #include "engine/scratch.h"
 #include "engine/step_args.h"
 #include "engine/thread_team.h"
@@ -155,9 +156,11 @@ void run_pointwise_block(const Tensor& like, const Args<T>& args) {
 }
 
 // A fresh tensor for an op's output: on the CPU made without a dispatcher call (a one-step call makes
-// five or more; through the dispatcher they cost about a tenth of an LSTM(8) step).
+// five or more; through the dispatcher they cost about a tenth of an LSTM(8) step), a large one in
+// memory an earlier call freed (reused_memory.h: no page faults per call).
 Tensor fresh_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return options.device().is_cpu() ? Tensor(at::detail::empty_cpu(sizes, options)) : at::empty(sizes, options);
+  return options.device().is_cpu() ? reused_cpu_empty(sizes, options.dtype().toScalarType())
+                                   : at::empty(sizes, options);
 }
 
 // A fresh (rows, cols) copy of plane `index` of the contiguous t, read as planes of rows * cols
@@ -1377,7 +1380,7 @@ RecurrentBackward backward_loop(const Tensor& grad_output, const std::vector<Ten
   // order after the loop); our kernel writes the results in torch.nn's order directly, the weights'
   // set by the first chunk (zeros only if no chunk has a row) and the biases' added up from zeros.
   const Tensor x = input.contiguous().view({T * B, I});
-  Tensor grad_input = at::empty({T, B, I}, opts);
+  Tensor grad_input = fresh_empty({T, B, I}, opts);
   auto weight_gradient = [&](at::IntArrayRef sizes, const Tensor& order) {
     if (!packed) return block_order_zeros(sizes, order, temp);
     return T * B > 0 ? at::empty(sizes, opts) : at::zeros(sizes, opts);

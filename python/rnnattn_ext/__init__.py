@@ -22,5 +22,17 @@ def library_path() -> str:
     return _ops._C.__file__
 
 
+def empty_cache() -> None:
+    """Hands back to the system the CPU memory that rnnattn_ext keeps for reuse.
+
+    A CPU op's large outputs (1 MiB and up: the training forward's saved activations, the output
+    sequence, the input gradient) take their memory from blocks that earlier calls freed, so that a
+    training loop does not map and page-fault them in anew every iteration. Freed blocks are kept up
+    to ``RNNATTN_CPU_KEEP_MB`` MiB (default 1024; 0 keeps none), the oldest let go first. Like
+    ``torch.cuda.empty_cache()``, this frees only memory no tensor uses."""
+    _ops._C.release_cpu_kept_memory()
+
+
 __all__ = ["LSTM", "GRU", "RNN", "AttnLSTM", "AttnGRU", "AttnRNN", "AttentionState", "HybridBlock", "HybridState",
-           "HybridStreamer", "Streamer", "functional", "onnx_export", "reference", "library_path", "__version__"]
+           "HybridStreamer", "Streamer", "functional", "onnx_export", "reference", "library_path", "empty_cache",
+           "__version__"]

@@ -1,0 +1,135 @@
+#include "engine/reused_memory.h"
+
+#include <ATen/EmptyTensor.h>
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+namespace rnnattn {
+namespace {
+
+int64_t read_limit() {
+  const char* text = std::getenv("RNNATTN_CPU_KEEP_MB");
+  if (text == nullptr || text[0] == '\0') return int64_t{1024} << 20;
+  char* end = nullptr;
+  const long long mib = std::strtoll(text, &end, 10);
+  TORCH_CHECK(*end == '\0' && mib >= 0 && mib <= (int64_t{1} << 30), "rnnattn: the environment variable ",
+              "RNNATTN_CPU_KEEP_MB must be a non-negative integer (MiB of freed CPU output memory kept for reuse; ",
+              "0 keeps none), got '", text, "'");
+  return static_cast<int64_t>(mib) << 20;
+}
+
+// A block of the default CPU allocator's memory (so that memory profilers see it made and freed).
+struct Block {
+  c10::DataPtr memory;
+  size_t capacity = 0;
+};
+
+// Hands out kept blocks of at least the size asked and at most a quarter more (a training loop asks
+// for the same sizes every iteration; bucketed sequence lengths for a few sizes); a freed block is
+// kept, the oldest let go first once more than the limit would be kept.
+class ReusingAllocator final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t bytes) override {
+    Block* block = take(bytes);
+    if (block == nullptr) block = new Block{c10::GetCPUAllocator()->allocate(bytes), bytes};
+    return {block->memory.get(), block, &ReusingAllocator::give_back, c10::Device(c10::kCPU)};
+  }
+  void copy_data(void* dest, const void* src, size_t count) const override {
+    if (count > 0) std::memcpy(dest, src, count);
+  }
+
+  int64_t kept() {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    return static_cast<int64_t>(kept_bytes_);
+  }
+  void release() {
+    std::vector<Block*> released;
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      released.swap(kept_);
+      kept_bytes_ = 0;
+    }
+    for (Block* block : released) delete block;  // outside the lock: unmapping takes a while
+  }
+
+ private:
+  Block* take(size_t bytes) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    size_t best = kept_.size();
+    for (size_t i = 0; i < kept_.size(); ++i) {
+      const size_t capacity = kept_[i]->capacity;
+      if (capacity >= bytes && capacity - bytes <= bytes / 4 &&
+          (best == kept_.size() || capacity < kept_[best]->capacity)) {
+        best = i;
+      }
+    }
+    if (best == kept_.size()) return nullptr;
+    Block* block = kept_[best];
+    kept_.erase(kept_.begin() + static_cast<std::ptrdiff_t>(best));
+    kept_bytes_ -= block->capacity;
+    return block;
+  }
+
+  // The DataPtr's deleter: the block goes back to the allocator, which outlives every tensor.
+  static void give_back(void* context) {
+    auto* block = static_cast<Block*>(context);
+    const size_t limit = static_cast<size_t>(reused_memory_limit());
+    std::vector<Block*> released;
+    {
+      const std::lock_guard<std::mutex> lock(instance().mutex_);
+      ReusingAllocator& self = instance();
+      if (block->capacity > limit || block->capacity < static_cast<size_t>(kReusedMinBytes)) {
+        released.push_back(block);  // (a small one came from a tensor resized down to it)
+      } else {
+        self.kept_.push_back(block);
+        self.kept_bytes_ += block->capacity;
+        while (self.kept_bytes_ > limit) {
+          self.kept_bytes_ -= self.kept_.front()->capacity;
+          released.push_back(self.kept_.front());
+          self.kept_.erase(self.kept_.begin());
+        }
+      }
+    }
+    for (Block* b : released) delete b;
+  }
+
+ public:
+  // Never destroyed: tensors freed while the process exits still give their blocks back to it.
+  static ReusingAllocator& instance() {
+    static auto* allocator = new ReusingAllocator();
+    return *allocator;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<Block*> kept_;  // oldest first
+  size_t kept_bytes_ = 0;
+};
+
+}  // namespace
+
+int64_t reused_memory_limit() {
+  static const int64_t limit = read_limit();  // a raise leaves it unread: the next call raises again
+  return limit;
+}
+
+int64_t reused_memory_kept() { return ReusingAllocator::instance().kept(); }
+
+void release_reused_memory() { ReusingAllocator::instance().release(); }
+
+at::Tensor reused_cpu_empty(at::IntArrayRef sizes, at::ScalarType dtype) {
+  const size_t bytes = at::detail::computeStorageNbytesContiguous(sizes, c10::elementSize(dtype));
+  if (bytes < static_cast<size_t>(kReusedMinBytes) || reused_memory_limit() == 0) {
+    return at::detail::empty_cpu(sizes, dtype);
+  }
+  return at::detail::empty_generic(sizes, &ReusingAllocator::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   dtype, std::nullopt);
+}
+
+}  // namespace rnnattn
