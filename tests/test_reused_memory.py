@@ -1,6 +1,7 @@
 """Large CPU outputs reuse memory that earlier calls freed (csrc/engine/reused_memory.*): a freed
 output's block goes to the next call that asks for about its size, never to a tensor still alive;
-at most RNNATTN_CPU_KEEP_MB MiB is kept; rnnattn_ext.empty_cache() hands it back. Each case runs in
+a call that finds none lets the oldest go first; at most RNNATTN_CPU_KEEP_MB MiB is kept;
+rnnattn_ext.empty_cache() hands it back. Each case runs in
 a fresh process: the limit is read once per process, and other tests' outputs would be kept too."""
 
 from __future__ import annotations
@@ -70,6 +71,23 @@ def test_training_reuses_the_workspace_with_the_same_gradients():
     """)
     assert numbers["same"]
     assert numbers["kept"] >= 10 * MiB
+
+
+def test_an_output_of_another_size_lets_the_kept_blocks_go_first():
+    # Kept memory must not add to the peak: a call that finds no block of its size frees the oldest
+    # kept ones (at least its own size) before it makes its own.
+    numbers = run("""
+        with torch.no_grad():
+            model(x)                                  # its 2 MiB output kept
+            kept_before = kept()
+            longer = model(torch.randn(512, 8, 16))[0]  # 4 MiB: no kept block fits
+            kept_during = kept()
+            del longer
+        print(json.dumps({"before": kept_before, "during": kept_during, "after": kept()}))
+    """)
+    assert numbers["before"] == 2 * MiB
+    assert numbers["during"] == 0
+    assert numbers["after"] == 4 * MiB
 
 
 def test_empty_cache_hands_the_kept_memory_back():

@@ -32,11 +32,19 @@ struct Block {
 
 // Hands out kept blocks of at least the size asked and at most a quarter more (a training loop asks
 // for the same sizes every iteration; bucketed sequence lengths for a few sizes); a freed block is
-// kept, the oldest let go first once more than the limit would be kept.
+// kept, the oldest let go first once more than the limit would be kept or when a new block is made.
 class ReusingAllocator final : public c10::Allocator {
  public:
+  // Never destroyed: tensors freed while the process exits still give their blocks back to it.
+  static ReusingAllocator& instance() {
+    static auto* allocator = new ReusingAllocator();
+    return *allocator;
+  }
+
   c10::DataPtr allocate(size_t bytes) override {
-    Block* block = take(bytes);
+    std::vector<Block*> released;
+    Block* block = take(bytes, released);
+    for (Block* b : released) delete b;
     if (block == nullptr) block = new Block{c10::GetCPUAllocator()->allocate(bytes), bytes};
     return {block->memory.get(), block, &ReusingAllocator::give_back, c10::Device(c10::kCPU)};
   }
@@ -59,7 +67,9 @@ class ReusingAllocator final : public c10::Allocator {
   }
 
  private:
-  Block* take(size_t bytes) {
+  // The smallest kept block that fits; none: the oldest kept blocks, at least `bytes` of them, go to
+  // `released` (so that what is kept never adds to the process's peak: a new block replaces them).
+  Block* take(size_t bytes, std::vector<Block*>& released) {
     const std::lock_guard<std::mutex> lock(mutex_);
     size_t best = kept_.size();
     for (size_t i = 0; i < kept_.size(); ++i) {
@@ -69,7 +79,16 @@ class ReusingAllocator final : public c10::Allocator {
         best = i;
       }
     }
-    if (best == kept_.size()) return nullptr;
+    if (best == kept_.size()) {
+      size_t freed = 0;
+      while (freed < bytes && !kept_.empty()) {
+        freed += kept_.front()->capacity;
+        kept_bytes_ -= kept_.front()->capacity;
+        released.push_back(kept_.front());
+        kept_.erase(kept_.begin());
+      }
+      return nullptr;
+    }
     Block* block = kept_[best];
     kept_.erase(kept_.begin() + static_cast<std::ptrdiff_t>(best));
     kept_bytes_ -= block->capacity;
@@ -81,9 +100,9 @@ class ReusingAllocator final : public c10::Allocator {
     auto* block = static_cast<Block*>(context);
     const size_t limit = static_cast<size_t>(reused_memory_limit());
     std::vector<Block*> released;
+    ReusingAllocator& self = instance();
     {
-      const std::lock_guard<std::mutex> lock(instance().mutex_);
-      ReusingAllocator& self = instance();
+      const std::lock_guard<std::mutex> lock(self.mutex_);
       if (block->capacity > limit || block->capacity < static_cast<size_t>(kReusedMinBytes)) {
         released.push_back(block);  // (a small one came from a tensor resized down to it)
       } else {
@@ -99,14 +118,6 @@ class ReusingAllocator final : public c10::Allocator {
     for (Block* b : released) delete b;
   }
 
- public:
-  // Never destroyed: tensors freed while the process exits still give their blocks back to it.
-  static ReusingAllocator& instance() {
-    static auto* allocator = new ReusingAllocator();
-    return *allocator;
-  }
-
- private:
   std::mutex mutex_;
   std::vector<Block*> kept_;  // oldest first
   size_t kept_bytes_ = 0;

@@ -28,8 +28,8 @@ def empty_cache() -> None:
     A CPU op's large outputs (1 MiB and up: the training forward's saved activations, the output
     sequence, the input gradient) take their memory from blocks that earlier calls freed, so that a
     training loop does not map and page-fault them in anew every iteration. Freed blocks are kept up
-    to ``RNNATTN_CPU_KEEP_MB`` MiB (default 1024; 0 keeps none), the oldest let go first. Like
-    ``torch.cuda.empty_cache()``, this frees only memory no tensor uses."""
+    to ``RNNATTN_CPU_KEEP_MB`` MiB (default 1024; 0 keeps none); an output that finds none of its size
+    lets the oldest go first. Like ``torch.cuda.empty_cache()``, this frees only memory no tensor uses."""
     _ops._C.release_cpu_kept_memory()
 
 
