@@ -24,6 +24,7 @@ from . import _ops, unrolled
 _ONNX_GATE_ORDER = {"lstm": (0, 3, 1, 2), "gru": (1, 0, 2), "rnn_tanh": (0,), "rnn_relu": (0,)}
 _ONNX_OPERATOR = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN", "rnn_relu": "RNN"}
 _INT32 = 6  # onnx.TensorProto.INT32: ONNX's sequence_lens type
+_FLOAT, _BFLOAT16 = 1, 16  # onnx.TensorProto.FLOAT, BFLOAT16
 
 
 class UnsupportedForOnnx(ValueError):
@@ -68,6 +69,14 @@ def _base_translation(cell: str) -> Callable[..., Any]:
                 f"{tuple(weight_hr.shape)}) has no ONNX operator (ONNX's LSTM has no projection): export it with "
                 f"{_USE_EXPORT}")
         hidden = int(weight_hh.shape[0]) // gates
+        # ONNX's LSTM, GRU and RNN take float16, float and double only: a bfloat16 layer runs in float
+        # between casts (the SPEC's compute type for reduced precision), its results rounded back.
+        like = input
+        widened = getattr(getattr(input, "dtype", None), "name", None) == "BFLOAT16"
+        if widened:
+            input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh = (
+                None if v is None else op.Cast(v, to=_FLOAT)
+                for v in (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh))
         weights = op.Unsqueeze(in_onnx_gate_order(weight_ih), [0])
         recurrent = op.Unsqueeze(in_onnx_gate_order(weight_hh), [0])
         bias = None
@@ -89,7 +98,9 @@ def _base_translation(cell: str) -> Callable[..., Any]:
                                                     **attributes)
         output = op.Squeeze(results[0], [1])  # (T, directions=1, B, H) -> (T, B, H)
         finals = [op.Squeeze(r, [0]) for r in results[1:]]
-        workspace = op.CastLike(op.Constant(value_floats=[]), input)  # what only backward reads: nothing
+        if widened:
+            output, *finals = (op.Cast(v, to=_BFLOAT16) for v in (output, *finals))
+        workspace = op.CastLike(op.Constant(value_floats=[]), like)  # what only backward reads: nothing
         return (output, *finals, workspace)
 
     if cell == "lstm":
