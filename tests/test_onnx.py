@@ -122,8 +122,8 @@ def test_bfloat16_layer_exports_through_float_and_runs_like_the_module(cell):
     assert len(got) == len(expected)
     for g, e in zip(got, expected):
         assert str(g.dtype) == "bfloat16"
-        # Ours rounds x and h_{t-1} to bfloat16 in its products, ONNX's runs them in float: the results
-        # differ by a bfloat16 rounding or two.
+        # Ours rounds x and h_{t-1} to bfloat16 in its products (CPUs with AVX512-BF16), ONNX's runs
+        # them in float: the results differ by a bfloat16 rounding or two.
         torch.testing.assert_close(torch.from_numpy(g.astype("float32")), e.float(), rtol=1.6e-2, atol=8e-3)
 
 
