@@ -473,7 +473,7 @@ BlockMatrix block_matrix(const PermutedRows& rows, MatrixForm form, CallScratch&
   table.first = rows.first;
   table.count = rows.count;
   if (table.half_data != nullptr) {
-    table.half_addresses = scratch.half_row_addresses(rows.count);
+    table.half_addresses = scratch.row_addresses<uint16_t>(rows.count);
     result.half_rows = table.half_addresses;
   } else {
     table.addresses = scratch.row_addresses(rows.count);

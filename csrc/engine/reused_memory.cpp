@@ -80,19 +80,24 @@ class ReusingAllocator final : public c10::Allocator {
       }
     }
     if (best == kept_.size()) {
-      size_t freed = 0;
-      while (freed < bytes && !kept_.empty()) {
-        freed += kept_.front()->capacity;
-        kept_bytes_ -= kept_.front()->capacity;
-        released.push_back(kept_.front());
-        kept_.erase(kept_.begin());
-      }
+      let_go_oldest(bytes, released);
       return nullptr;
     }
     Block* block = kept_[best];
     kept_.erase(kept_.begin() + static_cast<std::ptrdiff_t>(best));
     kept_bytes_ -= block->capacity;
     return block;
+  }
+
+  // Moves the oldest kept blocks, at least `bytes` of them (or all), to `released`; the lock held.
+  void let_go_oldest(size_t bytes, std::vector<Block*>& released) {
+    size_t freed = 0;
+    while (freed < bytes && !kept_.empty()) {
+      freed += kept_.front()->capacity;
+      kept_bytes_ -= kept_.front()->capacity;
+      released.push_back(kept_.front());
+      kept_.erase(kept_.begin());
+    }
   }
 
   // The DataPtr's deleter: the block goes back to the allocator, which outlives every tensor.
@@ -108,11 +113,7 @@ class ReusingAllocator final : public c10::Allocator {
       } else {
         self.kept_.push_back(block);
         self.kept_bytes_ += block->capacity;
-        while (self.kept_bytes_ > limit) {
-          self.kept_bytes_ -= self.kept_.front()->capacity;
-          released.push_back(self.kept_.front());
-          self.kept_.erase(self.kept_.begin());
-        }
+        if (self.kept_bytes_ > limit) self.let_go_oldest(self.kept_bytes_ - limit, released);
       }
     }
     for (Block* b : released) delete b;

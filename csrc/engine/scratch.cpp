@@ -70,12 +70,4 @@ at::Tensor CallScratch::zeros(at::IntArrayRef sizes) {
 
 float* CallScratch::floats(int64_t count) { return static_cast<float*>(take(count * int64_t(sizeof(float)))); }
 
-const float** CallScratch::row_addresses(int64_t count) {
-  return static_cast<const float**>(take(count * int64_t(sizeof(const float*))));
-}
-
-const uint16_t** CallScratch::half_row_addresses(int64_t count) {
-  return static_cast<const uint16_t**>(take(count * int64_t(sizeof(const uint16_t*))));
-}
-
 }  // namespace rnnattn

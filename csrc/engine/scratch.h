@@ -24,10 +24,12 @@ class CallScratch {
   at::Tensor zeros(at::IntArrayRef sizes);
   // count floats for the packed GEMM's panels (CPU).
   float* floats(int64_t count);
-  // count row addresses of a matrix our CPU kernels read (cpu/packed_gemm.h).
-  const float** row_addresses(int64_t count);
-  // The same for a matrix of 16-bit float rows (cpu::Rows16Matrix).
-  const uint16_t** half_row_addresses(int64_t count);
+  // count row addresses of a matrix our CPU kernels read (cpu/packed_gemm.h): float rows, or the
+  // 16-bit float rows of a cpu::Rows16Matrix (Element uint16_t).
+  template <typename Element = float>
+  const Element** row_addresses(int64_t count) {
+    return static_cast<const Element**>(take(count * int64_t(sizeof(const Element*))));
+  }
 
  private:
   void* take(int64_t bytes);
