@@ -187,7 +187,7 @@ def test_loop_split_follows_each_steps_work_and_the_layers_shape():
     # multiply-adds of a step's recurrent product (weights x batch rows) in the forward, per 16,384 in
     # the backward, per 65,536 in a one-step call; blocks of at least 32 units, or ranges of at least 8
     # batch rows where rows are independent (no projection) and give more threads, or (the backward)
-    # as many, up to a 256-unit LSTM's weights.
+    # as many, up to 2 MiB of float weights (a 362-unit LSTM's; a 256-unit attention LSTM's too).
     script = """
         import torch
         from rnnattn_ext import _ops
@@ -207,6 +207,8 @@ def test_loop_split_follows_each_steps_work_and_the_layers_shape():
             (4, 128, 16, 50, False, True),   # batch 16: 4 blocks of units against 2 ranges of rows
             (4, 128, 1, 1, False, True),     # one step of LSTM(128) at batch 1 (65,536): one
             (4, 128, 2, 1, False, True),     # at batch 2: two
+            (4, 256, 32, 50, True, True, 192),  # attention LSTM(256) (4 heads of 16), batch 32: backward by rows
+            (4, 384, 32, 50, True, True),    # LSTM(384) (589,824 weights), batch 32: backward by units
         ]
         print(" ".join("%d,%d" % _ops._C.cpu_loop_split(*case) for case in cases))
     """
@@ -219,7 +221,7 @@ def test_loop_split_follows_each_steps_work_and_the_layers_shape():
         return result.stdout.split()
 
     assert splits() == ["2,1", "1,1", "1,1", "2,1", "2,1", "1,4", "1,1", "1,2", "4,1", "1,4", "4,1", "4,1", "1,1",
-                        "2,1"]
+                        "2,1", "1,4", "4,1"]
     # The variable moves every bound with it (the forward's a quarter, a one-step call's 4 times).
     assert splits(RNNATTN_CPU_MIN_BLOCK_WORK="65536") == ["1,1", "1,1", "1,1", "1,1", "1,1", "1,4", "1,1", "1,2",
-                                                         "4,1", "1,4", "4,1", "4,1", "1,1", "1,1"]
+                                                         "4,1", "1,4", "4,1", "4,1", "1,1", "1,1", "1,4", "4,1"]

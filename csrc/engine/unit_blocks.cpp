@@ -21,12 +21,15 @@ constexpr int64_t kMinRowsPerBlock = 8;
 // W_q, W_k, W_v and W_c) each step; by units, its block's share. Where the units cannot use every
 // thread (fewer than 32 a thread) and the rows can, rows: a 32-unit LSTM or GRU at batch 64-256 ran
 // its forward 1.6-1.7x and its backward 1.2-1.3x faster on two threads by rows than on one. For as
-// many threads either way, the backward by rows up to this many recurrent weights (a 256-unit
-// LSTM's), the forward by units: on a 2-core x86 CPU the backward of 32- to 256-unit layers at batch
-// 16-256 took 4-16% less time by rows; the forward the same time for plain layers (a 512-unit
-// LSTM's 5% more), 8-11% more for attention cells of 64 and 128 units, whose weights by rows no
-// longer fit a core's cache.
-constexpr int64_t kMaxRowSplitWeights = int64_t{1} << 18;
+// many threads either way, the backward by rows up to this many recurrent weights (2 MiB of floats:
+// a 362-unit LSTM's, a 256-unit attention LSTM's with 192 rows of W_q, W_k, W_v), the forward by
+// units: on a 2-core x86 CPU the backward of 32- to 256-unit layers at batch 16-256 took 4-16% less
+// time by rows, that of a 256-unit attention LSTM (4 heads of 16, window 128) at batch 16 4% less
+// (10-25% while one of the cores ran slow: by units every step waits for the slower thread), of a
+// 320-unit LSTM at batch 16 and 64 5-7% less; the forward the same time for plain layers (a
+// 512-unit LSTM's 5% more), 8-11% more for attention cells of 64 and 128 units, whose weights by
+// rows no longer fit a core's cache.
+constexpr int64_t kMaxRowSplitWeights = int64_t{1} << 19;
 
 // A thread must also get enough of each step's recurrent product (multiply-adds: weight floats times
 // batch rows) to pay for the barrier it adds to every step, and a one-step call enough to pay for

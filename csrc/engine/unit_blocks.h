@@ -95,8 +95,8 @@ struct LoopSplit {
 // `hidden` units whose state is `state_width` wide (and, for the attention cell, `groups` groups of
 // `heads` heads of `head_dim` rows): as many threads as cpu_threads_for gives, over blocks of at
 // least 32 units, or over ranges of at least 8 batch rows where `rows_independent` (no phase of a
-// step mixes rows) and the rows give more threads than the units, or (the backward, for weights up
-// to a 256-unit LSTM's) as many. One thread off the CPU.
+// step mixes rows) and the rows give more threads than the units, or (the backward, for recurrent
+// weights up to 2 MiB of floats: a 362-unit LSTM's) as many. One thread off the CPU.
 LoopSplit cpu_loop_split(int gates, int64_t hidden, int64_t state_width, int64_t rows, int64_t steps, LoopPass pass,
                          const at::Tensor& like, int64_t groups, int64_t heads, int64_t head_dim,
                          bool rows_independent);
