@@ -53,6 +53,10 @@ PYBIND11_MODULE(_C, m) {
         "Bytes of freed CPU output memory kept for reuse by later calls (at most RNNATTN_CPU_KEEP_MB MiB)");
   m.def("release_cpu_kept_memory", &::rnnattn::release_reused_memory,
         "Hands the freed CPU output memory kept for reuse back to the system");
+  m.def("_hold_cpu_kept_memory_lock", &::rnnattn::hold_reused_memory_lock, py::arg("seconds"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Tests only: holds the lock of the kept CPU output memory for `seconds` (the GIL released), so that a "
+        "test can fork meanwhile");
   m.def("usable_cpus", &::rnnattn::usable_cpus,
         "CPUs this process can keep busy at once (affinity mask, cgroup CPU quota): a CPU layer runs on at most "
         "this many threads, and at most torch.get_num_threads()");

@@ -132,3 +132,44 @@ def test_a_bad_limit_raises_naming_the_variable():
     assert result.returncode != 0
     assert "RNNATTN_CPU_KEEP_MB must be a non-negative integer" in result.stderr
     assert "'lots'" in result.stderr
+
+
+def test_a_fork_while_another_thread_holds_the_lock_leaves_the_child_free_to_allocate():
+    # A thread holds the kept blocks' lock for 0.5 s; the main thread forks meanwhile. The fork waits
+    # for the lock, and the child's own large output (which takes the lock) must not wait forever.
+    # The child runs on one thread, as torch's DataLoader workers do: GNU OpenMP's thread pool does
+    # not survive a fork (torch's own parallel ops wait forever in such a child too).
+    numbers = run("""
+        import os, threading, time
+        with torch.no_grad():
+            model(x)                      # the allocator exists, one block kept
+        holder = threading.Thread(target=_ops._C._hold_cpu_kept_memory_lock, args=(0.5,))
+        holder.start()
+        time.sleep(0.1)                   # the holder has the lock now
+        pid = os.fork()
+        if pid == 0:
+            torch.set_num_threads(1)
+            with torch.no_grad():
+                y = model(x)[0]           # a 2 MiB output: takes the lock
+            os._exit(0 if y.shape == (256, 8, 256) else 3)
+        deadline = time.monotonic() + 30
+        status = None
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        holder.join()
+        print(json.dumps({"child_status": status, "finished": status is not None and done == pid}))
+    """)
+    assert numbers["finished"], "the forked child hung on the kept memory's lock"
+    assert numbers["child_status"] == 0
+
+
+def test_holding_the_lock_takes_a_bounded_time():
+    result = subprocess.run([sys.executable, "-c", "from rnnattn_ext import _ops; _ops._C._hold_cpu_kept_memory_lock(-1)"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "seconds must be in [0, 60], got -1" in result.stderr

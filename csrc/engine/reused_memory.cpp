@@ -5,9 +5,13 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
 
+#include <pthread.h>
+
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 namespace rnnattn {
@@ -41,6 +45,12 @@ class ReusingAllocator final : public c10::Allocator {
     return *allocator;
   }
 
+  // A fork while another thread holds the lock would leave it locked for good in the child, whose
+  // first large output would then wait forever: fork waits for the lock and the child gets it free
+  // (as glibc's malloc does for its own). Registered when the allocator is made: before, no thread
+  // can hold its lock.
+  ReusingAllocator() { pthread_atfork(&lock_for_fork, &unlock_after_fork, &unlock_after_fork); }
+
   c10::DataPtr allocate(size_t bytes) override {
     std::vector<Block*> released;
     Block* block = take(bytes, released);
@@ -55,6 +65,12 @@ class ReusingAllocator final : public c10::Allocator {
   int64_t kept() {
     const std::lock_guard<std::mutex> lock(mutex_);
     return static_cast<int64_t>(kept_bytes_);
+  }
+  // Holds the lock for `seconds` (tests: a fork meanwhile must not leave it held in the child).
+  void hold_lock(double seconds) {
+    TORCH_CHECK_VALUE(seconds >= 0 && seconds <= 60, "seconds must be in [0, 60], got ", seconds);
+    const std::lock_guard<std::mutex> lock(mutex_);
+    std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
   }
   void release() {
     std::vector<Block*> released;
@@ -100,6 +116,9 @@ class ReusingAllocator final : public c10::Allocator {
     }
   }
 
+  static void lock_for_fork() { instance().mutex_.lock(); }
+  static void unlock_after_fork() { instance().mutex_.unlock(); }
+
   // The DataPtr's deleter: the block goes back to the allocator, which outlives every tensor.
   static void give_back(void* context) {
     auto* block = static_cast<Block*>(context);
@@ -134,6 +153,8 @@ int64_t reused_memory_limit() {
 int64_t reused_memory_kept() { return ReusingAllocator::instance().kept(); }
 
 void release_reused_memory() { ReusingAllocator::instance().release(); }
+
+void hold_reused_memory_lock(double seconds) { ReusingAllocator::instance().hold_lock(seconds); }
 
 at::Tensor reused_cpu_empty(at::IntArrayRef sizes, at::ScalarType dtype) {
   const size_t bytes = at::detail::computeStorageNbytesContiguous(sizes, c10::elementSize(dtype));

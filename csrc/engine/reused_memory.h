@@ -29,5 +29,7 @@ int64_t reused_memory_limit();
 int64_t reused_memory_kept();
 // Hands every kept block back to the system (rnnattn_ext.empty_cache()).
 void release_reused_memory();
+// Holds the blocks' lock for `seconds` (tests of a fork meanwhile).
+void hold_reused_memory_lock(double seconds);
 
 }  // namespace rnnattn
