@@ -68,6 +68,44 @@ def test_steps_give_the_numbers_of_stream(cls, extra, dtype, device):
     assert not got.requires_grad
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hidden", [7, 40, 70])
+@pytest.mark.parametrize("cls", [rnnattn_ext.LSTM, rnnattn_ext.GRU, rnnattn_ext.RNN], ids=["LSTM", "GRU", "RNN"])
+def test_batch_one_steps_read_the_weights_either_way_with_the_same_numbers(cls, hidden, dtype):
+    """A one-step call at batch 1 reads its weights' rows last first every other call (so that a
+    step starts with the rows the step before read last, still in cache; a bfloat16 or float16
+    module's one-step call reads them in place in its dtype): the same step repeated gives the same
+    bits whichever way it read them, a streamer's steps those of stream, and both the numbers of
+    torch.nn's cell. Hidden 70 makes two blocks of units (conftest's bound) of 32 and 38 units."""
+    torch.manual_seed(5)
+    module = cls(6, hidden).to(dtype).eval()
+    xs = torch.randn(5, 1, 6, dtype=dtype)
+    with torch.no_grad():
+        _, start = module.stream(xs[:1], None)
+        repeated = [module.stream(xs[1:2], start) for _ in range(3)]
+    for y, state in repeated[1:]:
+        assert torch.equal(y, repeated[0][0])
+        assert all(torch.equal(a, b) for a, b in zip(_states(state), _states(repeated[0][1])))
+    streamer = module.streamer()
+    got = torch.stack([streamer.step(x) for x in xs])
+    expected, _ = _stream_steps(module, xs)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    # torch.nn's cell in float64 with the same weights, step by step
+    cell_cls = {rnnattn_ext.LSTM: torch.nn.LSTMCell, rnnattn_ext.GRU: torch.nn.GRUCell,
+                rnnattn_ext.RNN: torch.nn.RNNCell}[cls]
+    cell = cell_cls(6, hidden).double()
+    with torch.no_grad():
+        for name, parameter in cell.named_parameters():
+            parameter.copy_(getattr(module, name + "_l0").double())
+        state, reference = None, []
+        for x in xs.double():
+            state = cell(x, state)
+            reference.append(state[0] if isinstance(state, tuple) else state)
+    tolerance = {"atol": 2e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
+    torch.testing.assert_close(expected.double(), torch.stack(reference), **tolerance)
+
+
 @pytest.mark.parametrize("sizes", [(5, 7), (20, 24)], ids=["5-7", "20-24"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("cls", [rnnattn_ext.LSTM, rnnattn_ext.GRU, rnnattn_ext.RNN], ids=["LSTM", "GRU", "RNN"])

@@ -583,8 +583,32 @@ bool cuda_multiply(const BlockMatrix& m, const Operand& a, const Operand& out, b
 }
 #endif
 
-// out = a @ M^T (+ bias), or out += a @ M^T with accumulate (not for M read in place).
-void multiply(const BlockMatrix& m, const Operand& a, const Operand& out, bool accumulate = false) {
+// A one-step call at batch 1 reads each thread's rows of W_ih and W_hh in place once: an LSTM(256)'s
+// on two threads 1 MiB a thread, its core's whole L2, so that reading them in the same order every
+// step found the first rows evicted by the last ones each time. Every other call of a thread's block
+// reads them the other way round (W_hh from its last row, then W_ih from its last), starting with the
+// rows the call before read last. True when this thread's next reading of the block whose first row
+// is at `first_row` goes last first; it flips the answer for the next call. Per thread, by the
+// block's address: a streamer's or a module's weights stay where they are from one step to the next.
+bool read_last_first(const void* first_row) {
+  constexpr size_t kBlocksRemembered = 16;  // layers and directions of a stack
+  thread_local std::array<std::pair<const void*, bool>, kBlocksRemembered> recent{};
+  thread_local size_t next_slot = 0;
+  for (auto& [address, last_first] : recent) {
+    if (address == first_row) {
+      last_first = !last_first;
+      return !last_first;
+    }
+  }
+  recent[next_slot] = {first_row, true};  // this call reads first to last; the next the other way
+  next_slot = (next_slot + 1) % kBlocksRemembered;
+  return false;
+}
+
+// out = a @ M^T (+ bias), or out += a @ M^T with accumulate (not for M read in place). M read in
+// place at one row of a may read its rows last first (cpu::RowsMatrix).
+void multiply(const BlockMatrix& m, const Operand& a, const Operand& out, bool accumulate = false,
+              bool last_first = false) {
   if (m.is_packed()) {
     m.panels.multiply(a.data<float>(), a.rows, a.ld, m.bias, out.data<float>(), out.ld, accumulate);
     return;
@@ -592,11 +616,11 @@ void multiply(const BlockMatrix& m, const Operand& a, const Operand& out, bool a
   if (m.form == MatrixForm::in_place) {
     TORCH_INTERNAL_ASSERT(!accumulate);
     if (m.half_rows != nullptr) {
-      const cpu::Rows16Matrix rows{m.half_rows, m.n, m.k, m.half_kind};
+      const cpu::Rows16Matrix rows{m.half_rows, m.n, m.k, m.half_kind, last_first};
       cpu::gemm_rows_16_fn()(a.data<float>(), a.rows, a.ld, rows, m.bias, out.data<float>(), out.ld);
       return;
     }
-    const cpu::RowsMatrix rows{m.rows, m.n, m.k};
+    const cpu::RowsMatrix rows{m.rows, m.n, m.k, last_first};
     cpu::gemm_rows_fn()(a.data<float>(), a.rows, a.ld, rows, m.bias, out.data<float>(), out.ld);
     return;
   }
@@ -1106,6 +1130,11 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
     T_* queries = geo.enabled ? ptr<T_>(memory_store) : nullptr;
     T_* keys = !geo.enabled ? nullptr : given_keys ? ptr<T_>(keys_store) : queries + query_steps * slot_size;
     T_* values = !geo.enabled ? nullptr : given_keys ? ptr<T_>(values_store) : keys + geo.slots * slot_size;
+    // A one-step call at batch 1 reading both weights in place alternates their order (read_last_first):
+    // each block's way this call, written by the thread that runs the block.
+    const bool alternating = T == 1 && B == 1 && !by_rows && !ih_matrix.empty() &&
+                             ih_matrix[0].form == MatrixForm::in_place && rec_matrix[0].form == MatrixForm::in_place;
+    std::vector<char> last_first(split.threads(), 0);
     // One team for the whole loop: member threads keep their blocks; a step's phases end at a sync
     // (split by rows, none: each thread runs every phase of its rows).
     run_team(split.threads(), !packed, [&](const TeamMember& team) {
@@ -1114,6 +1143,11 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
         rec_matrix[c].prepare();
         if (geo.enabled) ctx_matrix[c].prepare();
         if (projected) proj_matrix[c].prepare();
+        const BlockMatrix& rec = rec_matrix[c];
+        if (alternating && rec.n > 0) {
+          const void* first_row = rec.rows != nullptr ? static_cast<const void*>(rec.rows[0]) : rec.half_rows[0];
+          last_first[c] = read_last_first(first_row);
+        }
       });
       int64_t chunk_first_time = 0;  // the earliest time step of the current chunk of xproj
       for (int64_t k = 0; k < T; ++k) {
@@ -1123,6 +1157,7 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
           chunk_first_time = reverse ? T - k - n : k;
           team.for_each_block([&](int64_t c) {
             const int64_t width = blocks.rows(split.unit_block(c));
+            if (last_first[c]) return;  // after W_hh's product, below
             if (!by_rows) {
               multiply(ih_matrix[c], {x, chunk_first_time * B * I, n * B, I, I}, {xproj[c], 0, n * B, width, width});
               return;
@@ -1166,7 +1201,11 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
           if (rows > 0) {
             const Operand h_rows{h_prev.base, h_prev.offset + r0 * HS, rows, HS, HS};
             const int64_t width = blocks.rec_rows(u);
-            multiply(rec_matrix[c], h_rows, {hproj[c], r0 * width, rows, width, width});
+            multiply(rec_matrix[c], h_rows, {hproj[c], r0 * width, rows, width, width}, false, last_first[c]);
+          }
+          if (last_first[c]) {
+            const int64_t width = blocks.rows(u);
+            multiply(ih_matrix[c], {x, 0, 1, I, I}, {xproj[c], 0, 1, width, width}, false, /*last_first=*/true);
           }
           if (!geo.enabled) {
             pointwise(c);

@@ -56,6 +56,8 @@ using PackedGemmFn = void (*)(const float* a, int64_t rows, int64_t lda, const P
 struct RowsMatrix {
   const float* const* rows = nullptr;
   int64_t n = 0, k = 0;
+  // At one row of a, M's rows read last first (the same sums): see gemm_rows_of.
+  bool last_first = false;
 };
 
 // M read in place in a 16-bit float format (a bfloat16 or float16 layer's weights in a one-step
@@ -66,6 +68,7 @@ struct Rows16Matrix {
   const uint16_t* const* rows = nullptr;
   int64_t n = 0, k = 0;
   Float16Kind kind = Float16Kind::bfloat16;
+  bool last_first = false;  // as RowsMatrix's
 };
 
 // The most rows of `a` that gemm_rows is meant for: it reads M once per pair of rows.

@@ -337,12 +337,21 @@ void rows_pass(const float* a, int64_t lda, const typename Elements::Type* const
 }
 
 // gemm_rows for M's rows of any element type.
+// At one row, `last_first` reads M's rows from the last: a caller that reads a matrix larger than
+// the core's cache every call alternates the order, so that each call starts with the rows the last
+// one read last, still in cache (each sum is the same either way).
 template <class Elements>
 void gemm_rows_of(const float* a, int64_t rows, int64_t lda, const typename Elements::Type* const* m_rows, int64_t n,
-                  int64_t k, const float* bias, float* out, int64_t ldo) {
+                  int64_t k, const float* bias, float* out, int64_t ldo, bool last_first) {
   if (rows == 1) {
     // One row of a (a batch-1 step): eight rows of M per pass.
-    for (int64_t c0 = 0; c0 < n; c0 += 8) rows_pass<1, 8, Elements>(a, lda, m_rows, n, k, c0, bias, out, ldo);
+    if (last_first) {
+      for (int64_t c0 = (n - 1) / 8 * 8; n > 0 && c0 >= 0; c0 -= 8) {
+        rows_pass<1, 8, Elements>(a, lda, m_rows, n, k, c0, bias, out, ldo);
+      }
+    } else {
+      for (int64_t c0 = 0; c0 < n; c0 += 8) rows_pass<1, 8, Elements>(a, lda, m_rows, n, k, c0, bias, out, ldo);
+    }
     return;
   }
   for (int64_t c0 = 0; c0 < n; c0 += 4) {
@@ -361,15 +370,15 @@ void gemm_rows_of(const float* a, int64_t rows, int64_t lda, const typename Elem
 
 void gemm_rows(const float* a, int64_t rows, int64_t lda, const RowsMatrix& m, const float* bias, float* out,
                int64_t ldo) {
-  gemm_rows_of<FloatElements>(a, rows, lda, m.rows, m.n, m.k, bias, out, ldo);
+  gemm_rows_of<FloatElements>(a, rows, lda, m.rows, m.n, m.k, bias, out, ldo, m.last_first);
 }
 
 void gemm_rows_16(const float* a, int64_t rows, int64_t lda, const Rows16Matrix& m, const float* bias, float* out,
                   int64_t ldo) {
   if (m.kind == Float16Kind::bfloat16) {
-    gemm_rows_of<Bf16Elements>(a, rows, lda, m.rows, m.n, m.k, bias, out, ldo);
+    gemm_rows_of<Bf16Elements>(a, rows, lda, m.rows, m.n, m.k, bias, out, ldo, m.last_first);
   } else {
-    gemm_rows_of<F16Elements>(a, rows, lda, m.rows, m.n, m.k, bias, out, ldo);
+    gemm_rows_of<F16Elements>(a, rows, lda, m.rows, m.n, m.k, bias, out, ldo, m.last_first);
   }
 }
 
