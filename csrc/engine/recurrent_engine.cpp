@@ -1156,8 +1156,8 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
           const int64_t n = std::min(chunk, T - k);
           chunk_first_time = reverse ? T - k - n : k;
           team.for_each_block([&](int64_t c) {
-            const int64_t width = blocks.rows(split.unit_block(c));
             if (last_first[c]) return;  // after W_hh's product, below
+            const int64_t width = blocks.rows(split.unit_block(c));
             if (!by_rows) {
               multiply(ih_matrix[c], {x, chunk_first_time * B * I, n * B, I, I}, {xproj[c], 0, n * B, width, width});
               return;

@@ -68,7 +68,8 @@ class ReusingAllocator final : public c10::Allocator {
   }
   // Holds the lock for `seconds` (tests: a fork meanwhile must not leave it held in the child).
   void hold_lock(double seconds) {
-    TORCH_CHECK_VALUE(seconds >= 0 && seconds <= 60, "seconds must be in [0, 60], got ", seconds);
+    TORCH_CHECK_VALUE(seconds >= 0 && seconds <= 60, "_hold_cpu_kept_memory_lock: seconds must be in [0, 60], got ",
+                      seconds);
     const std::lock_guard<std::mutex> lock(mutex_);
     std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
   }
