@@ -1150,24 +1150,28 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
         }
       });
       int64_t chunk_first_time = 0;  // the earliest time step of the current chunk of xproj
+      // Block c's input projection of the chunk's n steps (in the block's reading order).
+      auto project_chunk = [&](int64_t c, int64_t n) {
+        const int64_t width = blocks.rows(split.unit_block(c));
+        if (!by_rows) {
+          multiply(ih_matrix[c], {x, chunk_first_time * B * I, n * B, I, I}, {xproj[c], 0, n * B, width, width},
+                   false, last_first[c]);
+          return;
+        }
+        const auto [r0, r1] = split.rows(c, B);
+        const int64_t rows = r1 - r0;
+        for (int64_t step = 0; step < n; ++step) {
+          const int64_t row = (chunk_first_time + step) * B + r0;
+          multiply(ih_matrix[c], {x, row * I, rows, I, I}, {xproj[c], (step * B + r0) * width, rows, width, width});
+        }
+      };
       for (int64_t k = 0; k < T; ++k) {
         const int64_t t = order.time(k);
         if (k % chunk == 0) {
           const int64_t n = std::min(chunk, T - k);
           chunk_first_time = reverse ? T - k - n : k;
           team.for_each_block([&](int64_t c) {
-            if (last_first[c]) return;  // after W_hh's product, below
-            const int64_t width = blocks.rows(split.unit_block(c));
-            if (!by_rows) {
-              multiply(ih_matrix[c], {x, chunk_first_time * B * I, n * B, I, I}, {xproj[c], 0, n * B, width, width});
-              return;
-            }
-            const auto [r0, r1] = split.rows(c, B);
-            const int64_t rows = r1 - r0;
-            for (int64_t step = 0; step < n; ++step) {
-              const int64_t row = (chunk_first_time + step) * B + r0;
-              multiply(ih_matrix[c], {x, row * I, rows, I, I}, {xproj[c], (step * B + r0) * width, rows, width, width});
-            }
+            if (!last_first[c]) project_chunk(c, n);  // else after W_hh's product, below
           });
         }
         // h_{t-1} as a raw operand: no tensor is made per step.
@@ -1203,10 +1207,7 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
             const int64_t width = blocks.rec_rows(u);
             multiply(rec_matrix[c], h_rows, {hproj[c], r0 * width, rows, width, width}, false, last_first[c]);
           }
-          if (last_first[c]) {
-            const int64_t width = blocks.rows(u);
-            multiply(ih_matrix[c], {x, 0, 1, I, I}, {xproj[c], 0, 1, width, width}, false, /*last_first=*/true);
-          }
+          if (last_first[c]) project_chunk(c, 1);  // the one step's, W_ih read last first too
           if (!geo.enabled) {
             pointwise(c);
             return;
