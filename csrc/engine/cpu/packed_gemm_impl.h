@@ -103,7 +103,7 @@ typedef float vec16 __attribute__((vector_size(64)));
 
 // block_kernel with each panel in one 16-float register: the same sums in the same order (one FMA
 // per element and k, from the bias), so both kernels' results are bitwise equal. With 32 registers
-// a block holds up to 14 rows x 2 panels of accumulators, each weight load feeding 14 FMAs.
+// a block could hold up to 14 rows x 2 panels of accumulators; kMaxRows says why it holds 12.
 template <int kRows, int kPanels>
 void wide_block_kernel(const float* a, int64_t lda, const float* panels, int64_t panel_stride, int64_t k,
                        const float* bias, float* out, int64_t ldo, int64_t width, bool accumulate) {
@@ -149,14 +149,17 @@ void wide_block_kernel(const float* a, int64_t lda, const float* panels, int64_t
   }
 }
 
-constexpr int kMaxRows = 14;
+// Products of many rows ran 4-5% faster in blocks of at most 12 rows than of 13-14 (64 or 128 rows
+// by one core's 1024 x 512 or 512 x 256 packed weights, both cores at once, on a Zen 4: 109-113
+// GFLOP/s against 104-108), though one block of 14 rows alone ran as fast as one of 12.
+constexpr int kMaxRows = 12;
 // A block of one row takes the 8-float kernel: bound by streaming the weights from L2, it did no
 // better with 64-byte loads. At 2-3 rows the 16-float kernel took 4.2 and 5.2 µs against 7.1 and
 // 8.0 (one core's half of LSTM(256)'s W_hh), and from 4 rows on it did 1.4-1.6x the 8-float
 // kernel's multiply-adds per second.
 constexpr int kWideMinRows = 2;
 static_assert(kWideMinRows <= 7, "block_of runs the 8-float kernel for at most 6 rows");
-// 2-6 rows x 4 panels, 7-14 rows x 2 panels: 8-28 accumulators.
+// 2-6 rows x 4 panels, 7-12 rows x 2 panels: 8-24 accumulators.
 constexpr int wide_panels_for(int rows) { return rows >= 7 ? 2 : 4; }
 #else
 constexpr int kMaxRows = 6;
