@@ -72,7 +72,7 @@ print("ok")
 """
 
 
-# Every batch size from 1 to 30 (the GEMM's blocks of 1-14 rows, one and several blocks), hidden sizes
+# Every batch size from 1 to 30 (the GEMM's blocks of 1-12 rows, one and several blocks), hidden sizes
 # whose gate rows end in a partial panel, with and without bias, one step (weights read in place) and
 # several (packed), forward and every gradient.
 BITWISE = """
