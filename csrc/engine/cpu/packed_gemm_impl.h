@@ -347,13 +347,11 @@ template <class Elements>
 void gemm_rows_of(const float* a, int64_t rows, int64_t lda, const typename Elements::Type* const* m_rows, int64_t n,
                   int64_t k, const float* bias, float* out, int64_t ldo, bool last_first) {
   if (rows == 1) {
-    // One row of a (a batch-1 step): eight rows of M per pass.
-    if (last_first) {
-      for (int64_t c0 = (n - 1) / 8 * 8; n > 0 && c0 >= 0; c0 -= 8) {
-        rows_pass<1, 8, Elements>(a, lda, m_rows, n, k, c0, bias, out, ldo);
-      }
-    } else {
-      for (int64_t c0 = 0; c0 < n; c0 += 8) rows_pass<1, 8, Elements>(a, lda, m_rows, n, k, c0, bias, out, ldo);
+    // One row of a (a batch-1 step): eight rows of M per pass, the passes in either order.
+    const int64_t passes = (n + 7) / 8;
+    for (int64_t i = 0; i < passes; ++i) {
+      const int64_t c0 = 8 * (last_first ? passes - 1 - i : i);
+      rows_pass<1, 8, Elements>(a, lda, m_rows, n, k, c0, bias, out, ldo);
     }
     return;
   }
