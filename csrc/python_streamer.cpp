@@ -540,7 +540,10 @@ class Streamer {
     auto computed = [&](const Tensor& t) { return reduced && t.defined() ? t.to(compute_) : t; };
     auto rounded = [&](Tensor t) { return reduced ? t.to(dtype_) : t; };
     std::vector<LayerState> next(layers_.size());
-    Tensor x = (input.dim() == 2 ? input : input.unsqueeze(0)).unsqueeze(0);  // (1, B, I)
+    // (1, B, I) and, at the end, the last layer's (B, width) or (width,): one view each way (views
+    // cost a dispatcher call each, a noticeable part of a small layer's step).
+    const int64_t row_stride = input.dim() == 2 ? input.stride(0) : input_size_ * input.stride(0);
+    Tensor x = input.as_strided({1, batch, input_size_}, {batch * row_stride, row_stride, input.stride(-1)});
     for (size_t l = 0; l < layers_.size(); ++l) {
       std::vector<Tensor> initial, init;
       for (size_t s = 0; s < widths_.size(); ++s) {
@@ -582,8 +585,9 @@ class Streamer {
     }
     state_ = std::move(next);  // only once every layer has run
     unbatched_ = input.dim() == 1;
-    x = x.select(0, 0);
-    return input.dim() == 2 ? x : x.select(0, 0);
+    const int64_t width = x.size(2);
+    return input.dim() == 2 ? x.as_strided({batch, width}, {x.stride(1), x.stride(2)})
+                            : x.as_strided({width}, {x.stride(2)});
   }
 
   const CellEntry& cell_;

@@ -1003,7 +1003,15 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
   const c10::ArrayRef<std::optional<Tensor>> rec_biases =
       input.is_cuda() ? c10::ArrayRef<std::optional<Tensor>>() : c10::ArrayRef<std::optional<Tensor>>(w_rec.biases);
   std::vector<BlockMatrix> ih_matrix, rec_matrix, ctx_matrix, proj_matrix;
-  std::vector<Tensor> xproj, hproj, cproj;
+  // Projection buffers: offsets into one scratch tensor, `buffers` (a tensor each would cost a
+  // one-step call's set-up a tensor made and freed per buffer).
+  std::vector<int64_t> xproj, hproj, cproj;
+  int64_t buffer_elements = 0;
+  auto carve = [&](int64_t elements) {
+    const int64_t offset = buffer_elements;
+    buffer_elements += (elements + 15) / 16 * 16;  // each 64-byte aligned for float
+    return offset;
+  };
   const Tensor w_c = geo.enabled ? attention->weight_c : Tensor();
   const Tensor w_hr = projected ? weight_hr->contiguous() : Tensor();
   const Tensor own_order;  // W_hr's columns are shared out in its own row order
@@ -1018,18 +1026,19 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
     }
     ih_matrix.push_back(block_matrix(
         PermutedRows{w_ih, bias_list(bias_ih), blocks.order, blocks.row0(u), blocks.rows(u)}, ih_form, temp));
-    xproj.push_back(by_rows && c > 0 ? xproj[0] : temp.empty({chunk * B, blocks.rows(u)}));
+    xproj.push_back(by_rows && c > 0 ? xproj[0] : carve(chunk * B * blocks.rows(u)));
     rec_matrix.push_back(block_matrix(
         PermutedRows{w_rec.weights, rec_biases, blocks.rec_order, blocks.rec_row0(u), blocks.rec_rows(u)}, step_form,
         temp));
-    hproj.push_back(by_rows && c > 0 ? hproj[0] : temp.empty({B, blocks.rec_rows(u)}));
+    hproj.push_back(by_rows && c > 0 ? hproj[0] : carve(B * blocks.rec_rows(u)));
     if (geo.enabled) {
       // Per step and block: ctx_t @ W_c^T, the block's gate rows.
       ctx_matrix.push_back(
           block_matrix(PermutedRows{w_c, {}, blocks.order, blocks.row0(u), blocks.rows(u)}, step_form, temp));
-      cproj.push_back(by_rows && c > 0 ? cproj[0] : temp.empty({B, blocks.rows(u)}));
+      cproj.push_back(by_rows && c > 0 ? cproj[0] : carve(B * blocks.rows(u)));
     }
   }
+  const Tensor buffers = temp.empty({buffer_elements});
   Tensor output = fresh_empty({T, B, HS}, opts);
   Tensor workspace = training ? fresh_empty({T, planes, B, H}, opts) : fresh_empty({0}, opts);
   std::vector<Tensor> init;
@@ -1109,7 +1118,7 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
     if (persistent) {
       const Tensor w_hh = weight_hh_arg.contiguous();
       PersistentForwardArgs<T_> loop{};
-      loop.step.xproj = GateView<const T_>{ptr<T_>(xproj[0]), GH, H};
+      loop.step.xproj = GateView<const T_>{ptr<T_>(buffers) + xproj[0], GH, H};
       if (rec_bias.defined()) loop.step.hbias = GateView<const T_>{ptr<T_>(rec_bias), 0, H};
       loop.step.lengths = sequence.data;
       loop.step.batch = B;
@@ -1117,7 +1126,7 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
       loop.layout = layout;
       loop.weight = ptr<T_>(w_hh);
       if (cuda::plan_persistent_forward<Cell, T_>(loop)) {
-        multiply(ih_matrix[0], {x, 0, T * B, I, I}, {xproj[0], 0, T * B, GH, GH});
+        multiply(ih_matrix[0], {x, 0, T * B, I, I}, {buffers, xproj[0], T * B, GH, GH});
         check_launch(cuda::launch_persistent_forward<Cell, T_>(loop, c10::cuda::getCurrentCUDAStream()),
                      "the persistent forward loop");
         return;
@@ -1154,7 +1163,7 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
       auto project_chunk = [&](int64_t c, int64_t n) {
         const int64_t width = blocks.rows(split.unit_block(c));
         if (!by_rows) {
-          multiply(ih_matrix[c], {x, chunk_first_time * B * I, n * B, I, I}, {xproj[c], 0, n * B, width, width},
+          multiply(ih_matrix[c], {x, chunk_first_time * B * I, n * B, I, I}, {buffers, xproj[c], n * B, width, width},
                    false, last_first[c]);
           return;
         }
@@ -1162,7 +1171,7 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
         const int64_t rows = r1 - r0;
         for (int64_t step = 0; step < n; ++step) {
           const int64_t row = (chunk_first_time + step) * B + r0;
-          multiply(ih_matrix[c], {x, row * I, rows, I, I}, {xproj[c], (step * B + r0) * width, rows, width, width});
+          multiply(ih_matrix[c], {x, row * I, rows, I, I}, {buffers, xproj[c] + (step * B + r0) * width, rows, width, width});
         }
       };
       for (int64_t k = 0; k < T; ++k) {
@@ -1180,13 +1189,13 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
         auto pointwise = [&](int64_t c) {
           const int64_t u = split.unit_block(c);
           ForwardStepArgs<T_> args{};
-          args.xproj = GateView<const T_>{ptr<T_>(xproj[c]) + (t - chunk_first_time) * B * blocks.rows(u),
+          args.xproj = GateView<const T_>{ptr<T_>(buffers) + xproj[c] + (t - chunk_first_time) * B * blocks.rows(u),
                                           blocks.rows(u), blocks.width(u)};
-          args.hproj = GateView<const T_>{ptr<T_>(hproj[c]), blocks.rec_rows(u), blocks.width(u)};
+          args.hproj = GateView<const T_>{ptr<T_>(buffers) + hproj[c], blocks.rec_rows(u), blocks.width(u)};
           if (rec_bias.defined()) {
             args.hbias = GateView<const T_>{ptr<T_>(rec_bias) + blocks.rec_row0(u), 0, blocks.width(u)};
           }
-          if (geo.enabled) args.cproj = GateView<const T_>{ptr<T_>(cproj[c]), blocks.rows(u), blocks.width(u)};
+          if (geo.enabled) args.cproj = GateView<const T_>{ptr<T_>(buffers) + cproj[c], blocks.rows(u), blocks.width(u)};
           layout.template fill<S>(args, k);
           args.lengths = sequence.data;
           args.batch = B;
@@ -1205,7 +1214,7 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
           if (rows > 0) {
             const Operand h_rows{h_prev.base, h_prev.offset + r0 * HS, rows, HS, HS};
             const int64_t width = blocks.rec_rows(u);
-            multiply(rec_matrix[c], h_rows, {hproj[c], r0 * width, rows, width, width}, false, last_first[c]);
+            multiply(rec_matrix[c], h_rows, {buffers, hproj[c] + r0 * width, rows, width, width}, false, last_first[c]);
           }
           if (last_first[c]) project_chunk(c, 1);  // the one step's, W_ih read last first too
           if (!geo.enabled) {
@@ -1216,7 +1225,7 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
           // The block's heads: their query (and new slot) staged from the GEMM, then the attention.
           AttentionStepArgs<T_> a = attention_step_args<T_>(geo, blocks, u, B, k, lengths, scratch, sequence,
                                                             queries + (training ? k : 0) * slot_size, keys, values);
-          a.staged = SlotRows<T_>{ptr<T_>(hproj[c]) + blocks.rows(u), blocks.rec_rows(u), blocks.cols(u), blocks.col0(u),
+          a.staged = SlotRows<T_>{ptr<T_>(buffers) + hproj[c] + blocks.rows(u), blocks.rec_rows(u), blocks.cols(u), blocks.col0(u),
                                   rec_bias.defined() ? ptr<T_>(rec_bias) + blocks.rec_row0(u) + blocks.rows(u) : nullptr,
                                   geo.self_memory ? geo.new_slot(k) : -1};
           a.context = ptr<T_>(context) + t * slot_size;
@@ -1226,7 +1235,10 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
           a.row_end = r1;
           run_attention<false>(input, a);
         });
-        if (!by_rows && !team.sync()) return;
+        // The team's end joins its members: the last step's last phase needs no sync of its own.
+        const bool last_step = k + 1 == T;
+        auto phase_end = [&](bool more_phases) { return (last_step && !more_phases) || team.sync(); };
+        if (!by_rows && !phase_end(geo.enabled || projected)) return;
         if (geo.enabled) {
           // Every head's context of the thread's rows is ready: W_c ctx_t joins the input side of
           // each block's gates.
@@ -1234,10 +1246,10 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
             const int64_t width = blocks.rows(split.unit_block(c));
             const auto [r0, r1] = split.rows(c, B);
             multiply(ctx_matrix[c], {context, t * slot_size + r0 * D, r1 - r0, D, D},
-                     {cproj[c], r0 * width, r1 - r0, width, width});
+                     {buffers, cproj[c] + r0 * width, r1 - r0, width, width});
             pointwise(c);
           });
-          if (!by_rows && !team.sync()) return;
+          if (!by_rows && !phase_end(projected)) return;
         }
         if (projected) {
           // Every unit of m_t is ready: each block its columns of y_t; held rows keep y_{t-1}.
@@ -1256,7 +1268,7 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
               run_projection_pass(input, hold);
             }
           });
-          if (!team.sync()) return;
+          if (!phase_end(false)) return;
         }
       }
     });

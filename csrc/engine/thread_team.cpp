@@ -26,9 +26,9 @@ constexpr int kSpinsBeforeYield = 4096;
 
 }  // namespace
 
-bool TeamBarrier::wait() {
+bool TeamBarrier::wait(int64_t members) {
   const int64_t generation = generation_.load(std::memory_order_acquire);
-  if (arrived_.fetch_add(1, std::memory_order_acq_rel) == members_ - 1) {
+  if (arrived_.fetch_add(1, std::memory_order_acq_rel) == members - 1) {
     arrived_.store(0, std::memory_order_relaxed);
     generation_.fetch_add(1, std::memory_order_acq_rel);
     return !failed();
@@ -57,18 +57,16 @@ void run_team(int64_t blocks, bool aten_state, const std::function<void(const Te
   std::mutex error_mutex;
 #ifdef _OPENMP
   const int requested = static_cast<int>(blocks);
-  // The barrier is sized inside the region, once the team's real size is known.
-  std::optional<TeamBarrier> barrier;
+  // OpenMP may give fewer threads than requested: each member passes the team's real size to the
+  // barrier's waits (a barrier sized inside the region would cost every call one more meeting).
+  TeamBarrier barrier;
 #pragma omp parallel num_threads(requested)
   {
-#pragma omp single
-    barrier.emplace(omp_get_num_threads());
-    // (the implicit barrier after `single` publishes it to every member)
     TeamMember member;
     member.index = omp_get_thread_num();
     member.members = omp_get_num_threads();
     member.blocks = blocks;
-    member.barrier = &*barrier;
+    member.barrier = &barrier;
     try {
       std::optional<at::ThreadLocalStateGuard> guard;
       if (caller_state && member.index != 0) guard.emplace(*caller_state);
@@ -78,7 +76,7 @@ void run_team(int64_t blocks, bool aten_state, const std::function<void(const Te
         const std::lock_guard<std::mutex> lock(error_mutex);
         if (!error) error = std::current_exception();
       }
-      barrier->fail();
+      barrier.fail();
     }
   }
 #else

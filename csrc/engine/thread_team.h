@@ -12,14 +12,13 @@ namespace rnnattn {
 
 class TeamBarrier {
  public:
-  explicit TeamBarrier(int64_t members) : members_(members) {}
-  // Waits until every member has arrived; false when a member has failed instead (the loop must stop).
-  bool wait();
+  // Waits until all `members` (the team's size, the same for every member) have arrived; false when
+  // a member has failed instead (the loop must stop).
+  bool wait(int64_t members);
   void fail() { failed_.store(true, std::memory_order_release); }
   bool failed() const { return failed_.load(std::memory_order_acquire); }
 
  private:
-  const int64_t members_;
   alignas(64) std::atomic<int64_t> arrived_{0};
   alignas(64) std::atomic<int64_t> generation_{0};
   alignas(64) std::atomic<bool> failed_{false};
@@ -43,7 +42,7 @@ struct TeamMember {
     for (int64_t c = index; c < blocks; c += members) fn(c);
   }
   // Waits for every member to finish the current phase; false if the loop must stop.
-  bool sync() const { return members == 1 || barrier->wait(); }
+  bool sync() const { return members == 1 || barrier->wait(members); }
 };
 
 // Runs body(member) on up to `blocks` threads (fewer if the thread pool has fewer) and waits for
