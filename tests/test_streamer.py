@@ -141,6 +141,34 @@ def test_unbatched_step_is_batch_one():
     torch.testing.assert_close(streamer.state, batched.state.squeeze(1), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("layout", ["columns", "transposed", "offset", "expanded", "unbatched-strided"])
+def test_inputs_of_any_layout_give_the_numbers_of_their_contiguous_copy(layout, device):
+    # A step reads its input through the input's strides: a slice, a transpose, rows past a storage
+    # offset, an expanded row and a strided vector give what their contiguous copies give.
+    torch.manual_seed(35)
+    module = rnnattn_ext.LSTM(4, 6, num_layers=2).to(device)
+    xs = torch.randn(5, 3, 4, device=device)
+    wide = torch.zeros(5, 3, 12, device=device)
+    wide[..., ::3] = xs
+    padded = torch.zeros(5, 4, 4, device=device)
+    padded[:, 1:] = xs
+    transposed = xs.transpose(1, 2).contiguous()
+    inputs = {
+        "columns": [wide[t, :, ::3] for t in range(5)],  # (3, 4), strides (12, 3)
+        "transposed": [transposed[t].t() for t in range(5)],  # strides (1, 3)
+        "offset": [padded[t, 1:] for t in range(5)],  # contiguous, past a storage offset
+        "expanded": [xs[t, :1].expand(3, 4) for t in range(5)],  # strides (0, 1)
+        "unbatched-strided": [wide[t, 0, ::3] for t in range(5)],  # (4,), stride 3
+    }[layout]
+    strided, packed = module.streamer(), module.streamer()
+    for x in inputs:
+        assert not x.is_contiguous() or x.storage_offset() > 0
+        torch.testing.assert_close(strided.step(x), packed.step(x.contiguous()), atol=0, rtol=0)
+    for mine, theirs in zip(_states(strided.state), _states(packed.state)):
+        torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("cls,extra", [(rnnattn_ext.LSTM, {"num_layers": 2}), (rnnattn_ext.GRU, {}),
                                        (rnnattn_ext.AttnLSTM, {"num_heads": 2, "window": 3}),
                                        (rnnattn_ext.AttnGRU, {"num_heads": 2, "memory_size": 5})],
