@@ -1112,13 +1112,14 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
 
   dispatch_dtype(input, [&](auto* type_tag) {
     using T_ = std::remove_pointer_t<decltype(type_tag)>;
+    T_* const buffer = ptr<T_>(buffers);  // the projection buffers' offsets are into it
     const ForwardLayout<T_> layout =
         forward_layout<Cell, T_>(output, init, m_initial, workspace, ping_pong, planes, m_plane, training, order, plane);
 #ifdef RNNATTN_WITH_CUDA
     if (persistent) {
       const Tensor w_hh = weight_hh_arg.contiguous();
       PersistentForwardArgs<T_> loop{};
-      loop.step.xproj = GateView<const T_>{ptr<T_>(buffers) + xproj[0], GH, H};
+      loop.step.xproj = GateView<const T_>{buffer + xproj[0], GH, H};
       if (rec_bias.defined()) loop.step.hbias = GateView<const T_>{ptr<T_>(rec_bias), 0, H};
       loop.step.lengths = sequence.data;
       loop.step.batch = B;
@@ -1171,7 +1172,8 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
         const int64_t rows = r1 - r0;
         for (int64_t step = 0; step < n; ++step) {
           const int64_t row = (chunk_first_time + step) * B + r0;
-          multiply(ih_matrix[c], {x, row * I, rows, I, I}, {buffers, xproj[c] + (step * B + r0) * width, rows, width, width});
+          multiply(ih_matrix[c], {x, row * I, rows, I, I},
+                   {buffers, xproj[c] + (step * B + r0) * width, rows, width, width});
         }
       };
       for (int64_t k = 0; k < T; ++k) {
@@ -1189,13 +1191,13 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
         auto pointwise = [&](int64_t c) {
           const int64_t u = split.unit_block(c);
           ForwardStepArgs<T_> args{};
-          args.xproj = GateView<const T_>{ptr<T_>(buffers) + xproj[c] + (t - chunk_first_time) * B * blocks.rows(u),
+          args.xproj = GateView<const T_>{buffer + xproj[c] + (t - chunk_first_time) * B * blocks.rows(u),
                                           blocks.rows(u), blocks.width(u)};
-          args.hproj = GateView<const T_>{ptr<T_>(buffers) + hproj[c], blocks.rec_rows(u), blocks.width(u)};
+          args.hproj = GateView<const T_>{buffer + hproj[c], blocks.rec_rows(u), blocks.width(u)};
           if (rec_bias.defined()) {
             args.hbias = GateView<const T_>{ptr<T_>(rec_bias) + blocks.rec_row0(u), 0, blocks.width(u)};
           }
-          if (geo.enabled) args.cproj = GateView<const T_>{ptr<T_>(buffers) + cproj[c], blocks.rows(u), blocks.width(u)};
+          if (geo.enabled) args.cproj = GateView<const T_>{buffer + cproj[c], blocks.rows(u), blocks.width(u)};
           layout.template fill<S>(args, k);
           args.lengths = sequence.data;
           args.batch = B;
@@ -1225,7 +1227,8 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
           // The block's heads: their query (and new slot) staged from the GEMM, then the attention.
           AttentionStepArgs<T_> a = attention_step_args<T_>(geo, blocks, u, B, k, lengths, scratch, sequence,
                                                             queries + (training ? k : 0) * slot_size, keys, values);
-          a.staged = SlotRows<T_>{ptr<T_>(buffers) + hproj[c] + blocks.rows(u), blocks.rec_rows(u), blocks.cols(u), blocks.col0(u),
+          a.staged = SlotRows<T_>{buffer + hproj[c] + blocks.rows(u), blocks.rec_rows(u), blocks.cols(u),
+                                  blocks.col0(u),
                                   rec_bias.defined() ? ptr<T_>(rec_bias) + blocks.rec_row0(u) + blocks.rows(u) : nullptr,
                                   geo.self_memory ? geo.new_slot(k) : -1};
           a.context = ptr<T_>(context) + t * slot_size;
