@@ -1003,8 +1003,8 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
   const c10::ArrayRef<std::optional<Tensor>> rec_biases =
       input.is_cuda() ? c10::ArrayRef<std::optional<Tensor>>() : c10::ArrayRef<std::optional<Tensor>>(w_rec.biases);
   std::vector<BlockMatrix> ih_matrix, rec_matrix, ctx_matrix, proj_matrix;
-  // Projection buffers: offsets into one scratch tensor, `buffers` (a tensor each would cost a
-  // one-step call's set-up a tensor made and freed per buffer).
+  // Projection buffers: offsets into one scratch tensor, `buffers` (made once after this loop). A
+  // tensor per buffer was made and freed on every call, a noticeable part of a one-step call.
   std::vector<int64_t> xproj, hproj, cproj;
   int64_t buffer_elements = 0;
   auto carve = [&](int64_t elements) {
