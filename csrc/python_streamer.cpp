@@ -3,8 +3,8 @@
 // streaming call (Python, the module call, the op through the dispatcher with its checks of every
 // weight) costs about 20 µs more than the engine's own work on a 2-core x86, most of a small layer's
 // step at batch 1. The streamer checks its weights once, when it is made, and each step checks its
-// input and calls the engine. For the attention modules it also carries each layer's self-memory slots
-// (the keys and values of the call's own slot store), and computes an external memory's keys and
+// input and calls the engine. For the attention modules it also keeps each layer's self-memory slots
+// where its steps read and write them (SlotStore), and computes an external memory's keys and
 // values once instead of at every step; reset() may replace that memory (a decoder's next sequence
 // without copying the weights again).
 //
@@ -28,6 +28,8 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 
+#include <algorithm>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -113,10 +115,79 @@ struct LayerMemory {
   std::optional<Tensor> lengths;
 };
 
+// A layer's self-memory slots, kept where its steps read and write them in place
+// (AttentionConfig::store_keys): keys and values (B, C, D) in the compute dtype. With a window w, a
+// ring of w slots stored twice (C = 2w; slot j at j mod w and at j mod w + w), so that the w - 1
+// most recent and the step's new one lie next to each other wherever the ring has come to: a step
+// reads [first, first + count), writes its new slot right after them and copies it to its twin.
+// Copying every carried slot into the call's store and back out again cost an attention LSTM(256)'s
+// step (window 64) about a tenth of its time. Without a window, slot j at j, C doubling when full.
+struct SlotStore {
+  Tensor keys, values;  // undefined before the first slot
+  int64_t first = 0, count = 0;
+  int64_t capacity() const { return keys.defined() ? keys.size(1) : 0; }
+};
+
 struct LayerState {
   std::vector<Tensor> states;  // (B, width) each, in the module's dtype
-  Tensor past_keys, past_values;  // self memory: (P, B, D), undefined while there are none
+  SlotStore slots;             // self memory
 };
+
+// Slot `from` of every row of a store's keys or values (B, C, D) copied to slot `to`.
+void copy_slot(const Tensor& store, int64_t from, int64_t to) {
+  if (!store.is_cpu()) {
+    store.select(1, to).copy_(store.select(1, from));
+    return;
+  }
+  const int64_t rows = store.size(0), width = store.size(2), bytes = width * store.element_size();
+  char* data = static_cast<char*>(store.data_ptr());
+  for (int64_t b = 0; b < rows; ++b) {
+    char* row = data + b * store.size(1) * bytes;
+    std::memcpy(row + to * bytes, row + from * bytes, bytes);
+  }
+}
+
+// An empty store of `batch` rows of `width` that will hold `count` slots: a window's ring twice, else
+// room for twice as many (at least 16).
+SlotStore new_store(int64_t batch, int64_t width, int64_t count, std::optional<int64_t> window,
+                    const at::TensorOptions& options) {
+  const int64_t capacity = window ? 2 * *window : std::max<int64_t>(16, 2 * (count + 1));
+  return {at::empty({batch, capacity, width}, options), at::empty({batch, capacity, width}, options), 0, 0};
+}
+
+// `store` with room after its slots for one more: the same one, or (the first slot, or no window and
+// a full store) a new one holding the same slots from slot 0.
+SlotStore with_room(const SlotStore& store, int64_t batch, int64_t width, std::optional<int64_t> window,
+                    const at::TensorOptions& options) {
+  if (store.keys.defined() && store.first + store.count < store.capacity()) return store;
+  SlotStore grown = new_store(batch, width, store.count, window, options);
+  grown.count = store.count;
+  if (store.count > 0) {
+    grown.keys.narrow(1, 0, store.count).copy_(store.keys.narrow(1, store.first, store.count));
+    grown.values.narrow(1, 0, store.count).copy_(store.values.narrow(1, store.first, store.count));
+  }
+  return grown;
+}
+
+// The store after a step wrote its new slot (right after store's slots; `store` has room for it).
+SlotStore after_step(const SlotStore& store, std::optional<int64_t> window) {
+  SlotStore next = store;
+  if (!window) {
+    ++next.count;
+    return next;
+  }
+  const int64_t w = *window, written = store.first + store.count;
+  if (w > 1) {
+    const int64_t twin = written < w ? written + w : written - w;
+    for (const Tensor* t : {&store.keys, &store.values}) copy_slot(*t, written, twin);
+  }
+  if (store.count + 1 < w) {
+    ++next.count;
+  } else {
+    next.first = (store.first + 1) % w;  // the oldest leaves the window
+  }
+  return next;
+}
 
 class Streamer {
  public:
@@ -188,8 +259,9 @@ class Streamer {
         stacked.push_back(unbatched_ ? at::stack(per_layer, 0).select(1, 0) : at::stack(per_layer, 0));
       }
       for (const auto& layer : state_) {
-        keys_of_layers.push_back(layer.past_keys.defined() ? layer.past_keys.clone() : Tensor());
-        values_of_layers.push_back(layer.past_values.defined() ? layer.past_values.clone() : Tensor());
+        auto [keys, values] = carried(layer.slots);
+        keys_of_layers.push_back(std::move(keys));
+        values_of_layers.push_back(std::move(values));
       }
     }
     if (stacked.empty()) return py::none();
@@ -334,7 +406,6 @@ class Streamer {
     config.weight_c = *copy(given[10]);
     config.num_heads = settings.num_heads;
     config.window = settings.window;
-    config.return_slots = !external_;  // the carried slots come from the step's own store
     // An external memory's layer is checked with its memory (external_memory).
     if (!external_) check_attention(where.c_str(), cell_.gates, layer.shape, input, config);
     if (!external_ && compute_ != dtype_) {
@@ -474,8 +545,9 @@ class Streamer {
                         ": state.keys and state.values must be None with an external memory");
       return copies;
     }
-    for (auto [slots, name, member] : {std::tuple{keys, "keys", &LayerState::past_keys},
-                                       std::tuple{values, "values", &LayerState::past_values}}) {
+    std::vector<Tensor> past_keys(layers_.size()), past_values(layers_.size());  // (P, B, D) or undefined
+    for (auto [slots, name, past] :
+         {std::tuple{keys, "keys", &past_keys}, std::tuple{values, "values", &past_values}}) {
       if (slots.is_none()) continue;
       TORCH_CHECK_TYPE(py::isinstance<py::list>(slots) || py::isinstance<py::tuple>(slots), kReset, ": state.", name,
                        " must be None or a list with one entry per layer, got ", Py_TYPE(slots.ptr())->tp_name);
@@ -490,16 +562,42 @@ class Streamer {
         const int64_t width = layers_[l].attention->weight_q.size(0);
         TORCH_CHECK_VALUE(t.dim() == 3 && t.size(1) == batch && t.size(2) == width, kReset, ": ", label,
                           " must have shape (P, B, D) = (P, ", batch, ", ", width, "), got ", t.sizes());
-        copies[l].*member = t.clone(at::MemoryFormat::Contiguous);
+        (*past)[l] = t;
       }
     }
     for (size_t l = 0; l < layers_.size(); ++l) {
-      TORCH_CHECK_VALUE(copies[l].past_keys.defined() == copies[l].past_values.defined() &&
-                            (!copies[l].past_keys.defined() ||
-                             copies[l].past_keys.size(0) == copies[l].past_values.size(0)),
-                        kReset, ": state.keys[", l, "] and state.values[", l, "] must come together, with as many slots");
+      const Tensor &k = past_keys[l], &v = past_values[l];
+      TORCH_CHECK_VALUE(k.defined() == v.defined() && (!k.defined() || k.size(0) == v.size(0)), kReset,
+                        ": state.keys[", l, "] and state.values[", l, "] must come together, with as many slots");
+      if (k.defined()) copies[l].slots = store_of(k, v, layers_[l].attention->window);
     }
     return copies;
+  }
+
+  // A store (SlotStore) of the slots a step reads of past keys and values (P, B, D) in the module's
+  // dtype: every one without a window, else the window's w - 1 most recent.
+  SlotStore store_of(const Tensor& keys, const Tensor& values, std::optional<int64_t> window) const {
+    const int64_t slots = keys.size(0), kept = window ? std::min(slots, *window - 1) : slots;
+    SlotStore store = new_store(keys.size(1), keys.size(2), kept, window, keys.options().dtype(compute_));
+    store.count = kept;
+    for (auto [from, into] : {std::pair{&keys, &store.keys}, std::pair{&values, &store.values}}) {
+      const Tensor recent = from->narrow(0, slots - kept, kept).transpose(0, 1);
+      into->narrow(1, 0, kept).copy_(recent);
+      if (window) into->narrow(1, *window, kept).copy_(recent);  // their twins
+    }
+    return store;
+  }
+
+  // A store's slots as the module's stream carries them: (P, B, D) in the module's dtype, fresh
+  // tensors; undefined while there are none.
+  std::pair<Tensor, Tensor> carried(const SlotStore& store) const {
+    if (store.count == 0) return {};
+    auto slots = [&](const Tensor& t) {
+      return t.narrow(1, store.first, store.count)
+          .transpose(0, 1)
+          .to(t.options().dtype(dtype_), /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
+    };
+    return {slots(store.keys), slots(store.values)};
   }
 
   // An external memory fixes the batch.
@@ -507,13 +605,6 @@ class Streamer {
     TORCH_CHECK_VALUE(memory_batch_ < 0 || batch == memory_batch_, where, ": ", name, " has batch ", batch,
                       " but the memory batch ", memory_batch_,
                       " (the streamer's memory, given when it was made or to reset())");
-  }
-
-  // The most recent `wanted` slots (all with none; none with 0) of the call's slot store, (P, B, D).
-  static std::pair<Tensor, Tensor> slots_from_store(const RecurrentForward& r, std::optional<int64_t> wanted) {
-    const int64_t slots = r.slot_keys.size(1), kept = wanted ? std::min(slots, *wanted) : slots;
-    if (kept == 0) return {};
-    return {recent_slots(r.slot_keys, kept), recent_slots(r.slot_values, kept)};
   }
 
   // One step through every layer; `weights`, when given, receives each layer's attention weights
@@ -552,11 +643,15 @@ class Streamer {
       }
       const Layer& w = layers_[l];
       std::optional<AttentionConfig> config = w.attention;
-      const Tensor past_keys = state_.empty() ? Tensor() : state_[l].past_keys;
-      const Tensor past_values = state_.empty() ? Tensor() : state_[l].past_values;
-      if (config && past_keys.defined()) {
-        config->past_keys = computed(past_keys);
-        config->past_values = computed(past_values);
+      const bool self_memory = config && !config->memory;
+      SlotStore store;  // self memory: the slots before this step, with room after them for its own
+      if (self_memory) {
+        store = with_room(state_.empty() ? SlotStore{} : state_[l].slots, batch, config->weight_q.size(0),
+                          config->window, input.options().dtype(compute_));
+        config->store_keys = store.keys;
+        config->store_values = store.values;
+        config->store_first = store.first;
+        config->store_past = store.count;
       }
       if (config) config->need_weights = weights != nullptr;
       RecurrentForward r = cell_.forward(computed(x), init, w.weight_ih, w.weight_hh, w.bias_ih, w.bias_hh,
@@ -568,19 +663,18 @@ class Streamer {
         const Tensor w = rounded(r.attention.select(0, 0));  // (B, heads, slots)
         weights->push_back(input.dim() == 2 ? w : w.select(0, 0));
       }
-      if (config && !config->memory) {
-        const std::optional<int64_t> wanted = config->window ? std::optional<int64_t>(*config->window - 1) : std::nullopt;
-        if (!reduced) {
-          // The call's own slot store holds every key and value the next call needs (the module's
-          // stream computes the new ones again, with the same products: the same numbers).
-          std::tie(next[l].past_keys, next[l].past_values) = slots_from_store(r, wanted);
-        } else {
-          // The module computes them in its own dtype from the rounded states (functional.carried_slots).
-          auto optional = [](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; };
-          std::tie(next[l].past_keys, next[l].past_values) =
-              carried_slots(initial[0], x, w.carry_w_k, w.carry_b_k, w.carry_w_v, w.carry_b_v, optional(past_keys),
-                            optional(past_values), wanted);
+      if (self_memory) {
+        // The step wrote its new slot into the store (the module's stream computes it again for the
+        // next call, with the same products: the same numbers), except where the module carries it
+        // in its own dtype, computed from the rounded state (functional.carried_slots).
+        if (reduced && config->window != 1) {
+          const auto [k, v] = carried_slots(initial[0], x, w.carry_w_k, w.carry_b_k, w.carry_w_v, w.carry_b_v,
+                                            std::nullopt, std::nullopt, 1);
+          const int64_t written = store.first + store.count;
+          store.keys.select(1, written).copy_(k.select(0, 0));
+          store.values.select(1, written).copy_(v.select(0, 0));
         }
+        next[l].slots = after_step(store, config->window);
       }
     }
     state_ = std::move(next);  // only once every layer has run

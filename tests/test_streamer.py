@@ -469,6 +469,42 @@ def test_attention_steps_give_the_numbers_of_stream(cls, extra, dtype, device):
     _same_attention_state(streamer.state, state_more, **tolerance)
 
 
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("window", [1, 4, None], ids=["window1", "window4", "unbounded"])
+def test_self_memory_slots_kept_in_place_over_a_long_stream(window, device):
+    # The streamer keeps its self-memory slots where its steps read and write them: a window's ring
+    # stored twice (its start moves every step and wraps every `window` steps), an unbounded memory
+    # in a store that grows when full (at 16 slots, then 34). 40 steps pass every such point. A
+    # streamer restarted halfway from the state gives the rest bit for bit (the state holds the
+    # slots, in order), and every step gives stream's numbers.
+    gen = torch.Generator().manual_seed(47)
+    module = rnnattn_ext.AttnGRU(3, 8, num_heads=2, window=window, num_layers=2).to(device).eval()
+    xs = torch.randn(40, 2, 3, generator=gen).to(device)
+    streamer, restarted = module.streamer(), module.streamer()
+    got = torch.stack([streamer.step(x) for x in xs])
+    for x in xs[:23]:
+        restarted.step(x)
+    state = restarted.state
+    if window is not None:
+        assert all(k is None for k in state.keys) if window == 1 else state.keys[0].shape == (window - 1, 2, 8)
+    else:
+        assert state.keys[1].shape == (23, 2, 8)
+    restarted = module.streamer()
+    restarted.reset(state)
+    torch.testing.assert_close(torch.stack([restarted.step(x) for x in xs[23:]]), got[23:], atol=0, rtol=0)
+    _same_attention_state(restarted.state, streamer.state, atol=0, rtol=0)
+    with torch.no_grad():
+        expected, expected_state = _stream_steps(module, xs)
+    torch.testing.assert_close(got, expected)
+    _same_attention_state(streamer.state, expected_state)
+    # Given more past slots than its window reads, a streamer keeps the window's most recent.
+    if window is not None and window > 1:
+        longer = rnnattn_ext.AttentionState(state.h, None, [torch.cat([k, k]) for k in state.keys],
+                                            [torch.cat([v, v]) for v in state.values])
+        restarted.reset(longer)
+        _same_attention_state(restarted.state, state, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("extra", [{"window": 2}, {"memory_size": 5}], ids=["self", "external"])
 def test_attention_in_bfloat16_on_the_cpu_rounds_as_the_module(extra):
     gen = torch.Generator().manual_seed(42)

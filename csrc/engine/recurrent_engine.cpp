@@ -185,26 +185,22 @@ struct SlotPlane {
   }
 };
 
-// Slots [first, first + n) of every row of `plane` and `carried` (n, B, D), the slot-major layout in
-// which streaming callers carry past slots: copied into the plane (`into_plane`) or out of it into
-// `carried` (contiguous). On the CPU a memcpy per slot and row: views and a copy through ATen are
-// five dispatcher calls, a noticeable part of a one-step call.
-void copy_slots(const SlotPlane& plane, int64_t first, const Tensor& carried, bool into_plane) {
+// `carried` (n, B, D), the slot-major layout in which the ops take past slots, copied into slots
+// [first, first + n) of every row of `plane`. On the CPU a memcpy per slot and row: views and a copy
+// through ATen are five dispatcher calls, a noticeable part of a short call.
+void copy_slots(const SlotPlane& plane, int64_t first, const Tensor& carried) {
   const int64_t n = carried.size(0), B = plane.batch, D = plane.width;
   if (!plane.flat.is_cpu() || carried.scalar_type() != plane.flat.scalar_type()) {
-    Tensor slots = plane.view().narrow(1, first, n);
-    if (into_plane) slots.copy_(carried.transpose(0, 1)); else carried.copy_(slots.transpose(0, 1));
+    plane.view().narrow(1, first, n).copy_(carried.transpose(0, 1));
     return;
   }
-  const Tensor source = into_plane ? carried.contiguous() : carried;
+  const Tensor source = carried.contiguous();
   const int64_t bytes = D * static_cast<int64_t>(plane.flat.element_size());
   char* base = static_cast<char*>(plane.flat.data_ptr()) + plane.offset * plane.flat.element_size();
-  char* own = static_cast<char*>(source.data_ptr());
+  const char* own = static_cast<const char*>(source.const_data_ptr());
   for (int64_t j = 0; j < n; ++j) {
     for (int64_t b = 0; b < B; ++b) {
-      char* in_plane = base + ((b * plane.slots) + first + j) * bytes;
-      char* in_carried = own + (j * B + b) * bytes;
-      std::memcpy(into_plane ? in_plane : in_carried, into_plane ? in_carried : in_plane, bytes);
+      std::memcpy(base + ((b * plane.slots) + first + j) * bytes, own + (j * B + b) * bytes, bytes);
     }
   }
 }
@@ -696,6 +692,7 @@ struct AttentionGeometry {
   int64_t width = 0, heads = 0, head_dim = 0;  // D = heads * head_dim
   int64_t past = 0;                            // self memory: slots given before the first step
   int64_t slots = 0;                           // self memory: past + T (slot past + k is h before step k); external: S
+  int64_t row_slots = 0;                       // room a row of the store has: slots, or a caller's store's C
   int64_t weight_slots = 0;                    // last dimension of the returned attention weights
   int64_t read_slots = 0;                      // the most slots one step reads
   std::optional<int64_t> window;
@@ -715,8 +712,9 @@ AttentionGeometry attention_geometry(const AttentionConfig* attention, int64_t s
   g.heads = attention->num_heads;
   g.head_dim = g.width / g.heads;
   g.window = g.self_memory ? attention->window : std::nullopt;
-  g.past = attention->past_keys ? attention->past_keys->size(0) : 0;
+  g.past = attention->store_keys ? attention->store_past : attention->past_keys ? attention->past_keys->size(0) : 0;
   g.slots = g.self_memory ? g.past + steps : attention->memory->size(0);
+  g.row_slots = attention->store_keys ? attention->store_keys->size(1) : g.slots;
   g.weight_slots = g.self_memory ? (g.window ? *g.window : g.slots) : g.slots;
   g.read_slots = g.self_memory && g.window ? std::min(*g.window, g.slots) : g.slots;
   return g;
@@ -843,7 +841,7 @@ AttentionStepArgs<T> attention_step_args(const AttentionGeometry& g, const UnitB
   a.scratch = scratch.data_ptr();
   a.scratch_slots = std::max<int64_t>(1, g.read_slots);
   a.slot_stride = g.width;
-  a.row_stride = g.slots * g.width;
+  a.row_stride = g.row_slots * g.width;
   a.self_memory = g.self_memory;
   a.first_slot = g.self_memory ? g.first_slot(k) : 0;
   a.end_slot = g.self_memory ? g.new_slot(k) + 1 : g.slots;
@@ -904,16 +902,6 @@ void linear_into(const Operand& input, const Tensor& weight, const std::optional
   m.prepare();
   if (input.rows == 0) return;
   multiply(m, input, out);
-}
-
-Tensor recent_slots(const Tensor& slots, int64_t kept) {
-  TORCH_CHECK(slots.dim() == 3 && slots.is_contiguous() && kept >= 0 && kept <= slots.size(1),
-              "rnnattn: recent_slots takes a contiguous (B, slots, D) and at most slots of them, got ", slots.sizes(),
-              " and ", kept);
-  const int64_t B = slots.size(0), n = slots.size(1), D = slots.size(2);
-  Tensor recent = fresh_empty({kept, B, D}, slots.options());
-  copy_slots(SlotPlane{slots, 0, B, n, D}, n - kept, recent, /*into_plane=*/false);
-  return recent;
 }
 
 void external_keys_values(const AttentionConfig& attention, const Tensor& keys, const Tensor& values) {
@@ -1057,29 +1045,39 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
 
   // Attention memory, one flat buffer: queries (every step when training, else one step's; each
   // (B, D)), then the keys and the values of every slot, each (B, slots, D) (attention_step_args).
-  // An inference call given an external memory's keys and values (a streamer's step) reads them
-  // where they are: its store holds the queries only. Views and copies are made only where needed:
-  // a one-step call's set-up is part of every streaming step.
+  // An inference call given an external memory's keys and values, or a self-memory slot store (a
+  // streamer's steps), reads them, and writes its new slots, where they are: its store holds the
+  // queries only. Views and copies are made only where needed: a one-step call's set-up is part of
+  // every streaming step.
   const int64_t query_steps = training ? T : 1, slot_size = B * D;
   const bool given_keys = geo.enabled && !geo.self_memory && attention->memory_keys && !training;
+  const bool given_store = geo.enabled && geo.self_memory && attention->store_keys;
+  TORCH_INTERNAL_ASSERT(!given_store || (!training && !attention->past_keys),
+                        "rnnattn: a caller's slot store is for inference, and holds the past slots itself");
+  const int64_t store_first = given_store ? attention->store_first : 0;
   Tensor memory_store, keys_store, values_store, context, weights, lengths, scratch;
   // The store's keys (first = query_steps) or values (first = query_steps + slots).
   auto slot_plane = [&](int64_t first) { return SlotPlane{memory_store, first * slot_size, B, geo.slots, D}; };
   if (geo.enabled) {
-    memory_store = fresh_empty({(query_steps + (given_keys ? 0 : 2 * geo.slots)) * slot_size}, opts);
-    if (given_keys) {
-      keys_store = *attention->memory_keys;
-      values_store = *attention->memory_values;
+    const bool in_place = given_keys || given_store;
+    memory_store = fresh_empty({(query_steps + (in_place ? 0 : 2 * geo.slots)) * slot_size}, opts);
+    if (in_place) {
+      keys_store = given_keys ? *attention->memory_keys : *attention->store_keys;
+      values_store = given_keys ? *attention->memory_values : *attention->store_values;
       for (const Tensor* given : {&keys_store, &values_store}) {
-        TORCH_CHECK(given->is_contiguous() && given->sizes() == at::IntArrayRef({B, geo.slots, D}) &&
+        TORCH_CHECK(given->is_contiguous() && given->sizes() == at::IntArrayRef({B, geo.row_slots, D}) &&
                         given->scalar_type() == input.scalar_type() && given->device() == input.device(),
-                    "rnnattn: an external memory's keys and values must be contiguous (B, S, D) = (", B, ", ",
-                    geo.slots, ", ", D, ") in the input's dtype and device, got ", given->sizes());
+                    "rnnattn: ", given_keys ? "an external memory's keys and values" : "a slot store's keys and values",
+                    " must be contiguous (B, ", given_keys ? "S" : "C", ", D) = (", B, ", ", geo.row_slots, ", ", D,
+                    ") in the input's dtype and device, got ", given->sizes());
       }
+      TORCH_CHECK(store_first >= 0 && geo.past >= 0 && store_first + geo.slots <= geo.row_slots,
+                  "rnnattn: a slot store of ", geo.row_slots, " slots a row has no room for ", geo.past,
+                  " past slots from slot ", store_first, " and ", T, " new ones");
     } else if (geo.past > 0) {
       // Streaming: the slots before this call's first step, as given ((past, B, D)).
-      copy_slots(slot_plane(query_steps), 0, *attention->past_keys, /*into_plane=*/true);
-      copy_slots(slot_plane(query_steps + geo.slots), 0, *attention->past_values, /*into_plane=*/true);
+      copy_slots(slot_plane(query_steps), 0, *attention->past_keys);
+      copy_slots(slot_plane(query_steps + geo.slots), 0, *attention->past_values);
     } else if (!geo.self_memory) {
       // External memory: every key and value once, before the loop (or as the caller made them).
       const Tensor keys = slot_plane(query_steps).view(), values = slot_plane(query_steps + geo.slots).view();
@@ -1138,8 +1136,13 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
     }
 #endif
     T_* queries = geo.enabled ? ptr<T_>(memory_store) : nullptr;
-    T_* keys = !geo.enabled ? nullptr : given_keys ? ptr<T_>(keys_store) : queries + query_steps * slot_size;
-    T_* values = !geo.enabled ? nullptr : given_keys ? ptr<T_>(values_store) : keys + geo.slots * slot_size;
+    // Keys and values of the call's first slot (a caller's store: its past slots' first).
+    T_* keys = !geo.enabled              ? nullptr
+               : keys_store.defined() ? ptr<T_>(keys_store) + store_first * D
+                                      : queries + query_steps * slot_size;
+    T_* values = !geo.enabled              ? nullptr
+                 : keys_store.defined() ? ptr<T_>(values_store) + store_first * D
+                                        : keys + geo.slots * slot_size;
     // A one-step call at batch 1 reading both weights in place alternates their order (read_last_first):
     // each block's way this call, written by the thread that runs the block.
     const bool alternating = T == 1 && B == 1 && !by_rows && !ih_matrix.empty() &&
@@ -1295,10 +1298,6 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
   result.output = std::move(output);
   result.workspace = std::move(workspace);
   if (geo.enabled) {
-    if (geo.self_memory && attention->return_slots) {
-      result.slot_keys = slot_plane(query_steps).view();
-      result.slot_values = slot_plane(query_steps + geo.slots).view();
-    }
     result.context = std::move(context);
     result.attention = std::move(weights);
     result.attention_workspace = training ? std::move(memory_store) : fresh_empty({0}, opts);

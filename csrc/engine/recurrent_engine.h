@@ -39,9 +39,13 @@ struct AttentionConfig {
   // External memory: its keys and values (B, S, D) when the caller has them (external_keys_values),
   // used instead of computing them again (a streamer makes them once for all its steps).
   std::optional<at::Tensor> memory_keys, memory_values;
-  // Self memory: return every slot's key and value (RecurrentForward::slot_keys/slot_values), as a
-  // streaming caller that carries them wants.
-  bool return_slots = false;
+  // Self memory, streaming inference: a slot store the caller keeps from one call to the next, read
+  // and written in place instead of past_keys/past_values (nothing copied in or out): keys and values
+  // (B, C, D) each, contiguous, in the input's dtype and on its device. Each row's past slots are
+  // [store_first, store_first + store_past), oldest first; the call writes its new slots after them
+  // (store_first + store_past + T <= C).
+  std::optional<at::Tensor> store_keys, store_values;
+  int64_t store_first = 0, store_past = 0;
 };
 
 // What the attention forward saved, and the gradient of its context output (may be undefined).
@@ -59,10 +63,6 @@ struct RecurrentForward {
   at::Tensor context;              // (T, B, D)
   at::Tensor attention;            // (T, B, heads, slots) when requested, else empty
   at::Tensor attention_workspace;  // when training, else empty
-  // Self memory with AttentionConfig::return_slots: every slot's key and value, (B, slots, D), the past
-  // ones first (views of the call's slot store), from which a streaming caller takes the slots the
-  // next call needs.
-  at::Tensor slot_keys, slot_values;
 };
 
 struct RecurrentBackward {
@@ -114,10 +114,6 @@ RecurrentBackward recurrent_backward(const at::Tensor& grad_output, const std::v
                                      const std::optional<at::Tensor>& lengths, bool reverse,
                                      const AttentionConfig* attention = nullptr,
                                      const AttentionSaved* attention_saved = nullptr);
-
-// The `kept` most recent of a call's slots (RecurrentForward::slot_keys or slot_values, (B, slots, D)) as
-// a fresh (kept, B, D) tensor: the past slots a streaming caller passes to its next call.
-at::Tensor recent_slots(const at::Tensor& slots, int64_t kept);
 
 // The keys and values (B, S, D) of an external memory, written into `keys` and `values` (contiguous):
 // memory rows through W_k and W_v (and their biases), as every call that is given the memory makes them.
