@@ -1071,7 +1071,7 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
                     " must be contiguous (B, ", given_keys ? "S" : "C", ", D) = (", B, ", ", geo.row_slots, ", ", D,
                     ") in the input's dtype and device, got ", given->sizes());
       }
-      TORCH_CHECK(store_first >= 0 && geo.past >= 0 && store_first + geo.slots <= geo.row_slots,
+      TORCH_CHECK(!given_store || (store_first >= 0 && geo.past >= 0 && store_first + geo.slots <= geo.row_slots),
                   "rnnattn: a slot store of ", geo.row_slots, " slots a row has no room for ", geo.past,
                   " past slots from slot ", store_first, " and ", T, " new ones");
     } else if (geo.past > 0) {
