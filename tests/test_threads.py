@@ -83,6 +83,31 @@ def test_split_by_batch_rows_matches_reference(cell, threads, hidden, dtype, res
         assert_close(inference_out, ref_out, *TOLERANCES[dtype], "inference output")
 
 
+# From batch 16 up a forward split by units overlaps each thread's next input projection with its
+# wait at the step's meeting (recurrent_engine.cpp, kOverlapMinRows): a step at a time instead of a
+# chunk at a time, the same sums in the same order as one thread's chunked products (small products:
+# one thread runs them in our kernel too, not through ATen), forward and reverse, lengths or none.
+@pytest.mark.parametrize("cell", CELLS)
+def test_overlapped_input_projection_gives_the_numbers_of_one_thread(cell, restore_threads):
+    gen = torch.Generator().manual_seed(22)
+    x, states, w_ih, w_hh, b_ih, b_hh = layer_args(cell, 9, 16, 7, 100, torch.float32, generator=gen)
+    lengths = torch.randint(1, 10, (16,), generator=gen)
+    lengths[3] = 9
+    results = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        if threads == 2 and _ops._C.cpu_loop_split(GATES[cell], 100, 16, 9, False, True) != (2, 1):
+            pytest.skip("needs 2 usable CPUs for a forward split into 2 blocks of units")
+        with torch.no_grad():
+            results[threads] = [functional.layer(cell, x, states, w_ih, w_hh, b_ih, b_hh, reverse=reverse,
+                                                 lengths=row_lengths)
+                                for reverse in (False, True) for row_lengths in (None, lengths)]
+    for (one_out, one_finals), (two_out, two_finals) in zip(results[1], results[2]):
+        torch.testing.assert_close(two_out, one_out, atol=0, rtol=0)
+        for two, one in zip(two_finals, one_finals):
+            torch.testing.assert_close(two, one, atol=0, rtol=0)
+
+
 def test_default_block_sizes_match_reference():
     # The library's default split (small layers on fewer blocks than threads), which the rest of the
     # suite overrides (conftest.py), in a process of its own: every cell, one step and several, sizes

@@ -285,6 +285,12 @@ MatrixForm matrix_form(bool packed_gemm, int64_t uses, int64_t rows, bool bf16_p
 // kernel on one thread (a 5-step chunk of LSTM(8) took 30 µs longer through ATen).
 constexpr int64_t kAtenMinMultiplies = int64_t{1} << 19;
 
+// Split by units, the forward's threads meet once a step, and one that finishes first spins until
+// the other does: from this batch up a step's input projection runs as fast a step at a time as a
+// chunk at a time (the product has enough rows), and each thread projects its next step's input
+// while it waits (TeamBarrier::arrive, wait_for).
+constexpr int64_t kOverlapMinRows = 16;
+
 // The row addresses (and the gathered bias) of our CPU kernels' forms: rows [first, first + count)
 // of `parts` stacked, permuted by `index` (or none). Filled by the block's own thread.
 struct RowTable {
@@ -962,8 +968,11 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
   const MatrixForm step_form = matrix_form(packed, T, B, bf16_products);
   // The input projection (b_ih folded in), a chunk of steps at a time, each block its own gate rows
   // (split by rows: each thread its rows, a product per step). A single thread projects a large
-  // product with ATen, which uses every thread.
-  const int64_t chunk = chunk_steps(input, T, B, GH, kForwardChunkBytes);
+  // product with ATen, which uses every thread. Overlapped (below): a step at a time, each block's
+  // between its step's meeting's two halves.
+  const bool overlapped = packed && !by_rows && split.threads() > 1 && !geo.enabled && !projected && T > 1 &&
+                          B >= kOverlapMinRows;
+  const int64_t chunk = overlapped ? 1 : chunk_steps(input, T, B, GH, kForwardChunkBytes);
   MatrixForm ih_form = by_rows ? matrix_form(packed, T, B / split.row_blocks, bf16_products)
                                : matrix_form(packed, (T + chunk - 1) / chunk, chunk * B, bf16_products);
   if (ih_form == MatrixForm::packed && split.threads() == 1 && chunk * B * I * GH >= kAtenMinMultiplies) {
@@ -1181,7 +1190,7 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
       };
       for (int64_t k = 0; k < T; ++k) {
         const int64_t t = order.time(k);
-        if (k % chunk == 0) {
+        if (k % chunk == 0 && !(overlapped && k > 0)) {
           const int64_t n = std::min(chunk, T - k);
           chunk_first_time = reverse ? T - k - n : k;
           team.for_each_block([&](int64_t c) {
@@ -1243,6 +1252,15 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
         });
         // The team's end joins its members: the last step's last phase needs no sync of its own.
         const bool last_step = k + 1 == T;
+        if (overlapped && !last_step) {
+          // A thread done with its step projects its next step's input (its own rows of W_ih: no
+          // other thread waits for them) before it waits for the others, rather than spin.
+          const int64_t ticket = team.arrive();
+          chunk_first_time = order.time(k + 1);
+          team.for_each_block([&](int64_t c) { project_chunk(c, 1); });
+          if (!team.wait_for(ticket)) return;
+          continue;
+        }
         auto phase_end = [&](bool more_phases) { return (last_step && !more_phases) || team.sync(); };
         if (!by_rows && !phase_end(geo.enabled || projected)) return;
         if (geo.enabled) {

@@ -26,13 +26,18 @@ constexpr int kSpinsBeforeYield = 4096;
 
 }  // namespace
 
-bool TeamBarrier::wait(int64_t members) {
+int64_t TeamBarrier::arrive(int64_t members) {
+  // The generation this meeting ends: a member reaches its next meeting only after this one's end,
+  // which the last member to arrive marks (after resetting the count for the next).
   const int64_t generation = generation_.load(std::memory_order_acquire);
   if (arrived_.fetch_add(1, std::memory_order_acq_rel) == members - 1) {
     arrived_.store(0, std::memory_order_relaxed);
     generation_.fetch_add(1, std::memory_order_acq_rel);
-    return !failed();
   }
+  return generation;
+}
+
+bool TeamBarrier::wait_for(int64_t generation) {
   for (int spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
     if (failed()) return false;
     if (spins < kSpinsBeforeYield) {

@@ -14,7 +14,12 @@ class TeamBarrier {
  public:
   // Waits until all `members` (the team's size, the same for every member) have arrived; false when
   // a member has failed instead (the loop must stop).
-  bool wait(int64_t members);
+  bool wait(int64_t members) { return wait_for(arrive(members)); }
+  // The same meeting in two halves: arrive() says this member is done with the phase, and returns
+  // the ticket wait_for() takes to wait for the others. Between the two a member may do work that no
+  // other member waits for, instead of spinning while a late member finishes.
+  int64_t arrive(int64_t members);
+  bool wait_for(int64_t ticket);
   void fail() { failed_.store(true, std::memory_order_release); }
   bool failed() const { return failed_.load(std::memory_order_acquire); }
 
@@ -43,6 +48,9 @@ struct TeamMember {
   }
   // Waits for every member to finish the current phase; false if the loop must stop.
   bool sync() const { return members == 1 || barrier->wait(members); }
+  // sync() in two halves (TeamBarrier::arrive, wait_for).
+  int64_t arrive() const { return members == 1 ? 0 : barrier->arrive(members); }
+  bool wait_for(int64_t ticket) const { return members == 1 || barrier->wait_for(ticket); }
 };
 
 // Runs body(member) on up to `blocks` threads (fewer if the thread pool has fewer) and waits for
