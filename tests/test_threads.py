@@ -9,6 +9,7 @@ import textwrap
 import pytest
 import torch
 
+import rnnattn_ext
 from rnnattn_ext import _ops, functional, reference
 
 from helpers import CELLS, GATES, assert_close, grads, layer_args
@@ -108,6 +109,32 @@ def test_overlapped_input_projection_gives_the_numbers_of_one_thread(cell, resto
             torch.testing.assert_close(two, one, atol=0, rtol=0)
 
 
+# The same where a step has more than one meeting (the projection's, the attention stage's): the
+# input projection overlaps the last of them.
+@pytest.mark.parametrize("kind", ["projection", "self_memory", "external_memory"])
+def test_overlapped_input_projection_after_a_steps_later_phases(kind, restore_threads):
+    torch.manual_seed(23)
+    if kind == "projection":
+        module, extra = rnnattn_ext.LSTM(7, 100, proj_size=40), {}
+    elif kind == "self_memory":
+        module, extra = rnnattn_ext.AttnLSTM(7, 100, num_heads=4, head_dim=8, window=3), {}
+    else:
+        module = rnnattn_ext.AttnGRU(7, 100, num_heads=4, head_dim=8, memory_size=6)
+        extra = {"memory": torch.randn(5, 16, 6), "memory_lengths": torch.randint(1, 6, (16,))}
+    x = torch.randn(9, 16, 7)
+    lengths = torch.randint(1, 10, (16,))
+    lengths[5] = 9
+    results = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            results[threads] = [module(x, **extra)[0], module(x, lengths=lengths, **extra)[0]]
+    if _ops._C.cpu_loop_split(4 if kind != "external_memory" else 3, 100, 16, 9, False, True) != (2, 1):
+        pytest.skip("needs 2 usable CPUs for a forward split into 2 blocks of units")
+    for two, one in zip(results[2], results[1]):
+        torch.testing.assert_close(two, one, atol=0, rtol=0)
+
+
 def test_default_block_sizes_match_reference():
     # The library's default split (small layers on fewer blocks than threads), which the rest of the
     # suite overrides (conftest.py), in a process of its own: every cell, one step and several, sizes
@@ -173,7 +200,8 @@ def test_threads_keep_to_the_cpus_the_process_may_use():
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
         import torch
         import rnnattn_ext
-        from rnnattn_ext import _ops, functional, reference
+        import rnnattn_ext
+from rnnattn_ext import _ops, functional, reference
         from rnnattn_ext.info import cpu_threads
         torch.set_num_threads(3)
         assert _ops._C.usable_cpus() == 1, _ops._C.usable_cpus()

@@ -285,10 +285,11 @@ MatrixForm matrix_form(bool packed_gemm, int64_t uses, int64_t rows, bool bf16_p
 // kernel on one thread (a 5-step chunk of LSTM(8) took 30 µs longer through ATen).
 constexpr int64_t kAtenMinMultiplies = int64_t{1} << 19;
 
-// Split by units, the forward's threads meet once a step, and one that finishes first spins until
-// the other does: from this batch up a step's input projection runs as fast a step at a time as a
-// chunk at a time (the product has enough rows), and each thread projects its next step's input
-// while it waits (TeamBarrier::arrive, wait_for).
+// Split by units, the forward's threads meet at the end of every step, and one that finishes first
+// spins until the other does: from this batch up a step's input projection runs as fast a step at a
+// time as a chunk at a time (the product has enough rows), and each thread projects its next step's
+// input while it waits (TeamBarrier::arrive, wait_for). On a 2-core x86 (LSTM and GRU(256), T=128) the
+// forward took 10-20% longer so at batch 2, as long at 4 and 8, and 5-8% less at 16 and 64.
 constexpr int64_t kOverlapMinRows = 16;
 
 // The row addresses (and the gathered bias) of our CPU kernels' forms: rows [first, first + count)
@@ -969,9 +970,8 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
   // The input projection (b_ih folded in), a chunk of steps at a time, each block its own gate rows
   // (split by rows: each thread its rows, a product per step). A single thread projects a large
   // product with ATen, which uses every thread. Overlapped (below): a step at a time, each block's
-  // between its step's meeting's two halves.
-  const bool overlapped = packed && !by_rows && split.threads() > 1 && !geo.enabled && !projected && T > 1 &&
-                          B >= kOverlapMinRows;
+  // between the two halves of its step's last meeting.
+  const bool overlapped = packed && !by_rows && split.threads() > 1 && T > 1 && B >= kOverlapMinRows;
   const int64_t chunk = overlapped ? 1 : chunk_steps(input, T, B, GH, kForwardChunkBytes);
   MatrixForm ih_form = by_rows ? matrix_form(packed, T, B / split.row_blocks, bf16_products)
                                : matrix_form(packed, (T + chunk - 1) / chunk, chunk * B, bf16_products);
@@ -1250,18 +1250,20 @@ RecurrentForward forward_loop(const Tensor& input_arg, const std::vector<Tensor>
           a.row_end = r1;
           run_attention<false>(input, a);
         });
-        // The team's end joins its members: the last step's last phase needs no sync of its own.
+        // The end of a phase: a meeting, but for the last step's last phase (the team's end joins its
+        // members).
         const bool last_step = k + 1 == T;
-        if (overlapped && !last_step) {
-          // A thread done with its step projects its next step's input (its own rows of W_ih: no
-          // other thread waits for them) before it waits for the others, rather than spin.
+        auto phase_end = [&](bool more_phases) {
+          if (more_phases) return team.sync();
+          if (last_step) return true;
+          if (!overlapped) return team.sync();
+          // The step's last meeting: a thread done with its step projects its next step's input (its
+          // own rows of W_ih: no other thread waits for them) before it waits for the others.
           const int64_t ticket = team.arrive();
           chunk_first_time = order.time(k + 1);
           team.for_each_block([&](int64_t c) { project_chunk(c, 1); });
-          if (!team.wait_for(ticket)) return;
-          continue;
-        }
-        auto phase_end = [&](bool more_phases) { return (last_step && !more_phases) || team.sync(); };
+          return team.wait_for(ticket);
+        };
         if (!by_rows && !phase_end(geo.enabled || projected)) return;
         if (geo.enabled) {
           // Every head's context of the thread's rows is ready: W_c ctx_t joins the input side of
