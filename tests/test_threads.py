@@ -200,8 +200,7 @@ def test_threads_keep_to_the_cpus_the_process_may_use():
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
         import torch
         import rnnattn_ext
-        import rnnattn_ext
-from rnnattn_ext import _ops, functional, reference
+        from rnnattn_ext import _ops, functional, reference
         from rnnattn_ext.info import cpu_threads
         torch.set_num_threads(3)
         assert _ops._C.usable_cpus() == 1, _ops._C.usable_cpus()
