@@ -173,6 +173,70 @@ def test_torch_nn_module_attributes(kind):
         assert torch.equal(a, b)
 
 
+def _outcome(fn):
+    """What a call gives: ("ok", its result) or ("raises", the exception's type and message)."""
+    try:
+        return "ok", fn()
+    except Exception as error:  # noqa: BLE001 - the exception is the outcome compared
+        return "raises", (type(error), str(error))
+
+
+def _same_outcome(a, b):
+    if a[0] != b[0]:
+        return False
+    if a[0] == "raises" or a[1] is None:
+        return a == b
+    results = (a[1], b[1]) if isinstance(a[1], tuple) and isinstance(a[1][0], torch.Tensor) else ((a[1],), (b[1],))
+    return all(x == y if not isinstance(x, torch.Tensor) else torch.equal(x, y) for x, y in zip(*results))
+
+
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time_major", "batch_first"])
+@pytest.mark.parametrize("kind", MODULES)
+def test_torch_nn_argument_checks(kind, batch_first):
+    # torch.nn.RNNBase's checks, which a subclass's forward written after torch.nn's calls:
+    # check_input, get_expected_hidden_size, check_hidden_size, check_forward_args (LSTM: h and c,
+    # get_expected_cell_size) and permute_hidden give torch.nn's results, exceptions and messages.
+    torch.manual_seed(0)
+    theirs, ours = make_pair(kind, 3, 5, num_layers=2, bidirectional=True, batch_first=batch_first,
+                             dtype=torch.float32)
+    lstm = kind.startswith("LSTM")
+    width = MODULES[kind][2].get("proj_size", 5)
+    batch = 4
+    x = torch.randn((batch, 6, 3) if batch_first else (6, batch, 3))
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, [6, 5, 3, 2], batch_first=batch_first)
+    good_h, good_c = torch.zeros(4, batch, width), torch.zeros(4, batch, 5)
+    inputs = [(x, None), (packed.data, packed.batch_sizes), (x.double(), None), (x[0], None),
+              (x.narrow(-1, 0, 2), None), (packed.data, None), (x, packed.batch_sizes)]
+    hiddens = [good_h, torch.zeros(4, batch + 1, width), torch.zeros(2, batch, width), torch.zeros(4, batch, width + 1)]
+    if lstm:
+        hiddens = [(good_h, good_c), (good_h, torch.zeros(4, batch, 6)), (torch.zeros(3, batch, width), good_c)]
+    calls = []
+    for given, sizes in inputs:
+        calls.append(lambda m, given=given, sizes=sizes: m.check_input(given, sizes))
+        calls.append(lambda m, given=given, sizes=sizes: m.get_expected_hidden_size(given, sizes))
+        if lstm:
+            calls.append(lambda m, given=given, sizes=sizes: m.get_expected_cell_size(given, sizes))
+        for hidden in hiddens:
+            calls.append(lambda m, given=given, sizes=sizes, hidden=hidden: m.check_forward_args(given, hidden, sizes))
+    calls.append(lambda m: m.check_hidden_size(torch.zeros(1, 2, 3), (1, 2, 4)))
+    calls.append(lambda m: m.check_hidden_size(torch.zeros(1, 2, 3), (1, 2, 4), "wanted {} not {}"))
+    calls.append(lambda m: m.check_hidden_size(torch.zeros(1, 2, 3), (1, 2, 3)))
+    for permutation in (None, packed.sorted_indices, torch.tensor([3, 1, 0, 2])):
+        calls.append(lambda m, p=permutation: m.permute_hidden(hiddens[0], p))
+
+    def under_autocast(m):  # autocast lets another dtype through
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return m.check_input(x.double(), None)
+
+    calls.append(under_autocast)
+    mismatched = [i for i, call in enumerate(calls) if not _same_outcome(_outcome(lambda: call(ours)),
+                                                                          _outcome(lambda: call(theirs)))]
+    assert not mismatched, [(_outcome(lambda: calls[i](ours)), _outcome(lambda: calls[i](theirs))) for i in mismatched]
+    # Some of them raise, some pass (the cases reach both sides of each check).
+    outcomes = [_outcome(lambda: call(ours))[0] for call in calls]
+    assert outcomes.count("raises") >= 10 and outcomes.count("ok") >= 10
+
+
 @pytest.mark.parametrize("with_hx", [False, True], ids=["no_hx", "hx"])
 @pytest.mark.parametrize("batch_first", [False, True], ids=["time_major", "batch_first"])
 @pytest.mark.parametrize("kind", MODULES)

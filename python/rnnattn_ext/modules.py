@@ -245,6 +245,45 @@ class RecurrentBase(nn.Module):
         """Kept for code written against torch.nn (which calls it before cuDNN runs): nothing to do here,
         the ops read every weight where it is, on every device, so there is no flat buffer to rebuild."""
 
+    # torch.nn.RNNBase's argument checks, for code written against it (a subclass whose forward calls
+    # them as torch.nn's own does): the same checks, results and exceptions. forward does not use
+    # them: its own checks name the module and the argument.
+    def check_input(self, input: Tensor, batch_sizes: Tensor | None) -> None:
+        """As torch.nn's: ``input`` has the weights' dtype (unless autocast is on), 2 dimensions with
+        ``batch_sizes`` (a PackedSequence's data) or 3 without, and ``input_size`` features."""
+        weight_dtype = self.weight_ih_l0.dtype
+        if input.dtype != weight_dtype and not torch._C._is_any_autocast_enabled():
+            raise ValueError(f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight_dtype}). "
+                             f"Convert input: input.to({weight_dtype}), or convert model: model.to({input.dtype})")
+        expected_dim = 2 if batch_sizes is not None else 3
+        if input.dim() != expected_dim:
+            raise RuntimeError(f"input must have {expected_dim} dimensions, got {input.dim()}")
+        if input.size(-1) != self.input_size:
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
+                               f"got {input.size(-1)}")
+
+    def get_expected_hidden_size(self, input: Tensor, batch_sizes: Tensor | None) -> tuple[int, int, int]:
+        """As torch.nn's: (num_layers * directions, batch, width of h) for this input."""
+        if batch_sizes is not None:
+            batch = int(batch_sizes[0])
+        else:
+            batch = input.size(0) if self.batch_first else input.size(1)
+        return (self.num_layers * (2 if self.bidirectional else 1), batch, self.state_size)
+
+    def check_hidden_size(self, hx: Tensor, expected_hidden_size: tuple[int, int, int],
+                          msg: str = "Expected hidden size {}, got {}") -> None:
+        if hx.size() != expected_hidden_size:
+            raise RuntimeError(msg.format(expected_hidden_size, list(hx.size())))
+
+    def check_forward_args(self, input: Tensor, hidden: Tensor, batch_sizes: Tensor | None) -> None:
+        self.check_input(input, batch_sizes)
+        self.check_hidden_size(hidden, self.get_expected_hidden_size(input, batch_sizes))
+
+    def permute_hidden(self, hx: Tensor, permutation: Tensor | None) -> Tensor:
+        """``hx`` with its batch rows (dimension 1) in ``permutation``'s order (a PackedSequence's
+        sorted or unsorted indices), or as it is for None."""
+        return hx if permutation is None else hx.index_select(1, permutation)
+
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
         if self.proj_size != 0:
@@ -506,6 +545,26 @@ class LSTM(RecurrentBase):
         its final states those after its last valid step, as if the batch had been packed."""
         output, (h_n, c_n) = self._run(input, hx, lengths)
         return output, (h_n, c_n)
+
+    # torch.nn.LSTM's forms of RecurrentBase's torch.nn checks: h and c.
+    def get_expected_cell_size(self, input: Tensor, batch_sizes: Tensor | None) -> tuple[int, int, int]:
+        """As torch.nn's: (num_layers * directions, batch, hidden_size), the shape of c."""
+        layers, batch, _ = self.get_expected_hidden_size(input, batch_sizes)
+        return (layers, batch, self.hidden_size)
+
+    def check_forward_args(self, input: Tensor, hidden: tuple[Tensor, Tensor],  # type: ignore[override]
+                           batch_sizes: Tensor | None) -> None:
+        self.check_input(input, batch_sizes)
+        self.check_hidden_size(hidden[0], self.get_expected_hidden_size(input, batch_sizes),
+                               "Expected hidden[0] size {}, got {}")
+        self.check_hidden_size(hidden[1], self.get_expected_cell_size(input, batch_sizes),
+                               "Expected hidden[1] size {}, got {}")
+
+    def permute_hidden(self, hx: tuple[Tensor, Tensor],  # type: ignore[override]
+                       permutation: Tensor | None) -> tuple[Tensor, Tensor]:
+        if permutation is None:
+            return hx
+        return hx[0].index_select(1, permutation), hx[1].index_select(1, permutation)
 
 
 class GRU(RecurrentBase):
