@@ -190,17 +190,25 @@ def _same_outcome(a, b):
     return all(x == y if not isinstance(x, torch.Tensor) else torch.equal(x, y) for x, y in zip(*results))
 
 
+# The attention modules have the base modules' checks too (their h and c as the LSTM's).
+ARGUMENT_CHECK_KINDS = [*MODULES, "AttnLSTM", "AttnGRU"]
+
+
 @pytest.mark.parametrize("batch_first", [False, True], ids=["time_major", "batch_first"])
-@pytest.mark.parametrize("kind", MODULES)
+@pytest.mark.parametrize("kind", ARGUMENT_CHECK_KINDS)
 def test_torch_nn_argument_checks(kind, batch_first):
     # torch.nn.RNNBase's checks, which a subclass's forward written after torch.nn's calls:
     # check_input, get_expected_hidden_size, check_hidden_size, check_forward_args (LSTM: h and c,
     # get_expected_cell_size) and permute_hidden give torch.nn's results, exceptions and messages.
     torch.manual_seed(0)
-    theirs, ours = make_pair(kind, 3, 5, num_layers=2, bidirectional=True, batch_first=batch_first,
-                             dtype=torch.float32)
-    lstm = kind.startswith("LSTM")
-    width = MODULES[kind][2].get("proj_size", 5)
+    options = {"num_layers": 2, "bidirectional": True, "batch_first": batch_first}
+    if kind.startswith("Attn"):
+        theirs = getattr(torch.nn, kind[4:])(3, 5, **options)
+        ours = getattr(rnnattn_ext, kind)(3, 5, num_heads=1, head_dim=4, **options)
+    else:
+        theirs, ours = make_pair(kind, 3, 5, dtype=torch.float32, **options)
+    lstm = kind.startswith("LSTM") or kind == "AttnLSTM"
+    width = MODULES[kind][2].get("proj_size", 5) if kind in MODULES else 5
     batch = 4
     x = torch.randn((batch, 6, 3) if batch_first else (6, batch, 3))
     packed = torch.nn.utils.rnn.pack_padded_sequence(x, [6, 5, 3, 2], batch_first=batch_first)
@@ -221,8 +229,9 @@ def test_torch_nn_argument_checks(kind, batch_first):
     calls.append(lambda m: m.check_hidden_size(torch.zeros(1, 2, 3), (1, 2, 4)))
     calls.append(lambda m: m.check_hidden_size(torch.zeros(1, 2, 3), (1, 2, 4), "wanted {} not {}"))
     calls.append(lambda m: m.check_hidden_size(torch.zeros(1, 2, 3), (1, 2, 3)))
+    states = torch.randn(4, batch, width), torch.randn(4, batch, 5)  # distinct rows: a permutation shows
     for permutation in (None, packed.sorted_indices, torch.tensor([3, 1, 0, 2])):
-        calls.append(lambda m, p=permutation: m.permute_hidden(hiddens[0], p))
+        calls.append(lambda m, p=permutation: m.permute_hidden(states if lstm else states[0], p))
 
     def under_autocast(m):  # autocast lets another dtype through
         with torch.autocast("cpu", dtype=torch.bfloat16):

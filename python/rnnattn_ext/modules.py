@@ -275,14 +275,38 @@ class RecurrentBase(nn.Module):
         if hx.size() != expected_hidden_size:
             raise RuntimeError(msg.format(expected_hidden_size, list(hx.size())))
 
-    def check_forward_args(self, input: Tensor, hidden: Tensor, batch_sizes: Tensor | None) -> None:
-        self.check_input(input, batch_sizes)
-        self.check_hidden_size(hidden, self.get_expected_hidden_size(input, batch_sizes))
+    def get_expected_cell_size(self, input: Tensor, batch_sizes: Tensor | None) -> tuple[int, int, int]:
+        """As torch.nn.LSTM's: (num_layers * directions, batch, hidden_size), the shape of c (the LSTM
+        cells')."""
+        layers, batch, _ = self.get_expected_hidden_size(input, batch_sizes)
+        return (layers, batch, self.hidden_size)
 
-    def permute_hidden(self, hx: Tensor, permutation: Tensor | None) -> Tensor:
-        """``hx`` with its batch rows (dimension 1) in ``permutation``'s order (a PackedSequence's
-        sorted or unsorted indices), or as it is for None."""
-        return hx if permutation is None else hx.index_select(1, permutation)
+    def check_forward_args(self, input: Tensor, hidden: Tensor | tuple[Tensor, Tensor],
+                           batch_sizes: Tensor | None) -> None:
+        """As torch.nn's: the input, then h (the LSTM cells': hidden = (h, c), both checked)."""
+        self.check_input(input, batch_sizes)
+        expected = self.get_expected_hidden_size(input, batch_sizes)
+        if self._num_states() == 1:
+            self.check_hidden_size(hidden, expected)  # type: ignore[arg-type]
+        else:
+            self.check_hidden_size(hidden[0], expected, "Expected hidden[0] size {}, got {}")
+            self.check_hidden_size(hidden[1], self.get_expected_cell_size(input, batch_sizes),
+                                   "Expected hidden[1] size {}, got {}")
+
+    @overload
+    def permute_hidden(self, hx: Tensor, permutation: Tensor | None) -> Tensor: ...
+
+    @overload
+    def permute_hidden(self, hx: tuple[Tensor, Tensor], permutation: Tensor | None) -> tuple[Tensor, Tensor]: ...
+
+    def permute_hidden(self, hx, permutation):
+        """``hx`` (h; the LSTM cells': (h, c)) with its batch rows (dimension 1) in ``permutation``'s
+        order (a PackedSequence's sorted or unsorted indices), or as it is for None."""
+        if permutation is None:
+            return hx
+        if self._num_states() == 1:
+            return hx.index_select(1, permutation)
+        return hx[0].index_select(1, permutation), hx[1].index_select(1, permutation)
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
@@ -545,26 +569,6 @@ class LSTM(RecurrentBase):
         its final states those after its last valid step, as if the batch had been packed."""
         output, (h_n, c_n) = self._run(input, hx, lengths)
         return output, (h_n, c_n)
-
-    # torch.nn.LSTM's forms of RecurrentBase's torch.nn checks: h and c.
-    def get_expected_cell_size(self, input: Tensor, batch_sizes: Tensor | None) -> tuple[int, int, int]:
-        """As torch.nn's: (num_layers * directions, batch, hidden_size), the shape of c."""
-        layers, batch, _ = self.get_expected_hidden_size(input, batch_sizes)
-        return (layers, batch, self.hidden_size)
-
-    def check_forward_args(self, input: Tensor, hidden: tuple[Tensor, Tensor],  # type: ignore[override]
-                           batch_sizes: Tensor | None) -> None:
-        self.check_input(input, batch_sizes)
-        self.check_hidden_size(hidden[0], self.get_expected_hidden_size(input, batch_sizes),
-                               "Expected hidden[0] size {}, got {}")
-        self.check_hidden_size(hidden[1], self.get_expected_cell_size(input, batch_sizes),
-                               "Expected hidden[1] size {}, got {}")
-
-    def permute_hidden(self, hx: tuple[Tensor, Tensor],  # type: ignore[override]
-                       permutation: Tensor | None) -> tuple[Tensor, Tensor]:
-        if permutation is None:
-            return hx
-        return hx[0].index_select(1, permutation), hx[1].index_select(1, permutation)
 
 
 class GRU(RecurrentBase):
