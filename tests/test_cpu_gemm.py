@@ -1,7 +1,7 @@
 """The CPU GEMM's builds (csrc/engine/cpu/packed_gemm*) on the host, without torch: every build this
 CPU runs against the sums it must compute, bit for bit for the packed product (one chain of
-multiply-adds per element), within float rounding for the in-place one, nothing written outside the
-output (tests/cpp/packed_gemm_check.cpp). The AVX2 and AVX-512 builds are the library's own sources
+multiply-adds per element) and for the product by M's columns in place, within float rounding for the
+in-place one by M's rows, nothing written outside the output (tests/cpp/packed_gemm_check.cpp). The AVX2 and AVX-512 builds are the library's own sources
 compiled with the flags CMakeLists.txt gives them."""
 
 import platform

@@ -1,7 +1,8 @@
 // The CPU GEMM builds (csrc/engine/cpu/packed_gemm*.{h,cpp}) against the sums they must compute, on
 // the host, by tests/test_cpu_gemm.py. gemm_packed makes every element one chain of multiply-adds
 // in k order from the bias (or zero), so it is compared bit for bit with that chain (fused in the
-// AVX2 and AVX-512 builds, unfused in the baseline one); gemm_rows sums in lanes, so it is compared
+// AVX2 and AVX-512 builds, unfused in the baseline one), and so is gemm_columns (M by its columns,
+// read in place or packed a group at a time); gemm_rows sums in lanes, so it is compared
 // with a double sum within float rounding. Every case also checks that nothing outside the output's
 // rows and columns was written. Shapes: 0-30 rows (every block size of both builds, one and several
 // blocks), partial panels, k from 0, padded leading dimensions, rows of M taken through a shuffled
@@ -35,6 +36,7 @@ struct Build {
   bool fused;  // whether its products and sums are one FMA each
   PackedMatrix (*pack)(const float* const*, int64_t, int64_t, int64_t, float*);
   void (*packed)(const float*, int64_t, int64_t, const PackedMatrix&, const float*, float*, int64_t, bool);
+  void (*columns)(const float*, int64_t, int64_t, const ColumnsMatrix&, const float*, float*, int64_t, bool);
   void (*rows)(const float*, int64_t, int64_t, const RowsMatrix&, const float*, float*, int64_t);
   void (*rows_16)(const float*, int64_t, int64_t, const Rows16Matrix&, const float*, float*, int64_t);
   PackedMatrix (*pack_columns)(const float* const*, int64_t, int64_t, float*, int64_t, int64_t);
@@ -133,6 +135,34 @@ void check_case(const Build& build, int64_t rows, int64_t n, int64_t k, bool wit
     }
   }
   if (!outside_untouched(out)) tally.fail(shape + ": gemm_packed wrote outside its output");
+
+  // By columns in place: the same chains, bit for bit. M^T's rows (M's columns) in their own buffers
+  // of exactly n floats each, in a shuffled order, so that a read past a column's end is a read past
+  // its buffer (AddressSanitizer's runs of this check see it).
+  std::vector<std::vector<float>> column_storage(k, std::vector<float>(n));
+  std::vector<const float*> columns(k);
+  for (int64_t j = 0; j < k; ++j) {
+    for (int64_t i = 0; i < n; ++i) column_storage[j][i] = m_at(i, j);
+    columns[j] = column_storage[j].data();
+  }
+  std::vector<float> by_columns(rows * ldo + 2 * ldo, sentinel);
+  if (accumulate) {
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(&by_columns[r * ldo], &initial[r * n], n * sizeof(float));
+  }
+  build.columns(a.data(), rows, lda, ColumnsMatrix{columns.data(), n, k}, b, by_columns.data(), ldo, accumulate);
+  ++tally.cases;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < n; ++c) {
+      if (!same_bits(by_columns[r * ldo + c], chain[r * n + c])) {
+        tally.fail(shape + ": gemm_columns (" + std::to_string(r) + ", " + std::to_string(c) + ") = " +
+                   std::to_string(by_columns[r * ldo + c]) + ", the chain of multiply-adds gives " +
+                   std::to_string(chain[r * n + c]));
+        r = rows;
+        break;
+      }
+    }
+  }
+  if (!outside_untouched(by_columns)) tally.fail(shape + ": gemm_columns wrote outside its output");
 
   // In place (rows of M contiguous, so only for stride 1; the engine uses it for a few rows).
   if (stride_k != 1 || rows > kRowsGemmMaxRows || accumulate) return;
@@ -307,13 +337,13 @@ Tally check_build(const Build& build) {
 
 int main() {
   std::vector<Build> builds = {{"baseline", false, &baseline::pack_matrix, &baseline::gemm_packed,
-                                &baseline::gemm_rows, &baseline::gemm_rows_16, &baseline::pack_columns,
-                                &baseline::transpose, &baseline::add_row_sums}};
+                                &baseline::gemm_columns, &baseline::gemm_rows, &baseline::gemm_rows_16,
+                                &baseline::pack_columns, &baseline::transpose, &baseline::add_row_sums}};
 #if defined(__x86_64__) || defined(__i386__)
 #if defined(RNNATTN_CHECK_AVX2)
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
-    builds.push_back({"avx2", true, &avx2::pack_matrix, &avx2::gemm_packed, &avx2::gemm_rows, &avx2::gemm_rows_16,
-                      &avx2::pack_columns, &avx2::transpose, &avx2::add_row_sums});
+    builds.push_back({"avx2", true, &avx2::pack_matrix, &avx2::gemm_packed, &avx2::gemm_columns, &avx2::gemm_rows,
+                      &avx2::gemm_rows_16, &avx2::pack_columns, &avx2::transpose, &avx2::add_row_sums});
   } else {
     std::printf("avx2: not run (no AVX2, FMA and F16C)\n");
   }
@@ -322,8 +352,9 @@ int main() {
   if (__builtin_cpu_supports("avx512f")) {
     // The library packs, transposes, sums rows and reads in place with the AVX2 build here
     // (packed_gemm_baseline.cpp).
-    builds.push_back({"avx512", true, &avx2::pack_matrix, &avx512::gemm_packed, &avx2::gemm_rows,
-                      &avx2::gemm_rows_16, &avx2::pack_columns, &avx2::transpose, &avx2::add_row_sums});
+    builds.push_back({"avx512", true, &avx2::pack_matrix, &avx512::gemm_packed, &avx512::gemm_columns,
+                      &avx2::gemm_rows, &avx2::gemm_rows_16, &avx2::pack_columns, &avx2::transpose,
+                      &avx2::add_row_sums});
   } else {
     std::printf("avx512: not run (no AVX-512F)\n");
   }

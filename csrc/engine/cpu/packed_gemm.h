@@ -71,6 +71,20 @@ struct Rows16Matrix {
   bool last_first = false;  // as RowsMatrix's
 };
 
+// M (n x k) by its columns where they are: column j (n floats, contiguous) at columns[j], M^T's rows,
+// as in the backward's products by a row-major matrix (dx = dg W_ih: M = W_ih^T, whose columns are
+// W_ih's rows; dW = dg^T x: M = x^T). For a product that reads M once or a few times (a short
+// call's backward), where packing all of M first cost as much as the products: gemm_columns reads
+// the columns in place for a product of one block of rows (at most 12 with AVX-512, 6 otherwise),
+// and for more packs one group of panels at a time into a buffer that stays in cache while every
+// block reads it. Its sums are bit for bit gemm_packed's on pack_columns of the same columns.
+struct ColumnsMatrix {
+  const float* const* columns = nullptr;
+  int64_t n = 0, k = 0;
+};
+using ColumnsGemmFn = void (*)(const float* a, int64_t rows, int64_t lda, const ColumnsMatrix& m, const float* bias,
+                               float* out, int64_t ldo, bool accumulate);
+
 // The most rows of `a` that gemm_rows is meant for: it reads M once per pair of rows.
 constexpr int64_t kRowsGemmMaxRows = 4;
 
@@ -85,6 +99,9 @@ using Rows16GemmFn = void (*)(const float* a, int64_t rows, int64_t lda, const R
   /* with accumulate the sum starts from out[r][c] (+ bias[c]) instead. */                                \
   void gemm_packed(const float* a, int64_t rows, int64_t lda, const PackedMatrix& m, const float* bias,  \
                    float* out, int64_t ldo, bool accumulate);                                             \
+  /* The same product with M read in place by columns (ColumnsMatrix). */                                \
+  void gemm_columns(const float* a, int64_t rows, int64_t lda, const ColumnsMatrix& m, const float* bias, \
+                    float* out, int64_t ldo, bool accumulate);                                            \
   PackedMatrix pack_matrix(const float* const* rows, int64_t n, int64_t k, int64_t stride_k, float* storage); \
   PackedMatrix pack_columns(const float* const* columns, int64_t n, int64_t k, float* storage,            \
                             int64_t panel_begin, int64_t panel_end);                                      \
@@ -102,6 +119,7 @@ RNNATTN_DECLARE_CPU_GEMM(avx512)
 #undef RNNATTN_DECLARE_CPU_GEMM
 
 PackedGemmFn gemm_packed_fn();
+ColumnsGemmFn gemm_columns_fn();
 RowsGemmFn gemm_rows_fn();
 Rows16GemmFn gemm_rows_16_fn();
 

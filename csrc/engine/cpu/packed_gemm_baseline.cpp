@@ -45,4 +45,11 @@ PackedGemmFn gemm_packed_fn() {
   return fn;
 }
 
+ColumnsGemmFn gemm_columns_fn() {
+  static const ColumnsGemmFn fn = kernel_isa() == KernelIsa::avx512 ? &avx512::gemm_columns
+                                  : kernel_isa() == KernelIsa::avx2 ? &avx2::gemm_columns
+                                                                    : &baseline::gemm_columns;
+  return fn;
+}
+
 }  // namespace rnnattn::cpu

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <tuple>
 #include <utility>
 #include <vector>
 #if defined(__AVX2__)
@@ -40,9 +41,27 @@ inline __attribute__((always_inline)) void hold_in_register([[maybe_unused]] Vec
 #endif
 }
 
-template <int kRows, int kPanels>
-void block_kernel(const float* a, int64_t lda, const float* panels, int64_t panel_stride, int64_t k,
-                  const float* bias, float* out, int64_t ldo, int64_t width, bool accumulate) {
+// Where a block kernel reads M (n x k) sixteen columns at a time: at(p, j) is the address of the 16
+// values M[first + 16 p .. + 16][j] of the block's panel p. Packed (pack_matrix, pack_columns): the
+// panels [panel][k][16]. By columns: M's column j, its n values contiguous (a row of M^T: of W_ih for
+// dx = dg W_ih), at columns[j], read in place. Both give the kernels the same values in the same
+// order, so the same sums bit for bit.
+struct PackedPanels {
+  const float* panels;
+  int64_t panel_stride;  // k * 16
+  const float* at(int p, int64_t j) const { return panels + p * panel_stride + j * kPanelWidth; }
+  PackedPanels from(int64_t panel) const { return {panels + panel * panel_stride, panel_stride}; }
+};
+struct ColumnPanels {
+  const float* const* columns;
+  int64_t first;  // M's row of the panels' first column
+  const float* at(int p, int64_t j) const { return columns[j] + first + p * kPanelWidth; }
+  ColumnPanels from(int64_t panel) const { return {columns, first + panel * kPanelWidth}; }
+};
+
+template <int kRows, int kPanels, class Panels>
+void block_kernel(const float* a, int64_t lda, Panels panels, int64_t k, const float* bias, float* out, int64_t ldo,
+                  int64_t width, bool accumulate) {
   constexpr int kVecs = 2 * kPanels;
   vec8 acc[kRows][kVecs];
   vec8 start[kVecs] = {};
@@ -64,12 +83,12 @@ void block_kernel(const float* a, int64_t lda, const float* panels, int64_t pane
   for (int64_t j = 0; j < k; ++j) {
     vec8 w[kVecs];
     if constexpr (kRows <= kPrefetchMaxRows) {
-      const int64_t ahead = std::min(j + kPrefetchAhead, k - 1) * kPanelWidth;
-      for (int p = 0; p < kPanels; ++p) __builtin_prefetch(panels + p * panel_stride + ahead);
+      const int64_t ahead = std::min(j + kPrefetchAhead, k - 1);
+      for (int p = 0; p < kPanels; ++p) __builtin_prefetch(panels.at(p, ahead));
     }
     for (int p = 0; p < kPanels; ++p) {
-      w[2 * p] = load8(panels + p * panel_stride + j * kPanelWidth);
-      w[2 * p + 1] = load8(panels + p * panel_stride + j * kPanelWidth + 8);
+      w[2 * p] = load8(panels.at(p, j));
+      w[2 * p + 1] = load8(panels.at(p, j) + 8);
       // At one row each weight is read once (folded loads are best); at more, hold the weights
       // where the 16 AVX registers leave room for them beside the accumulators and the broadcast.
       if constexpr (kRows >= 2 && kRows * kVecs + kVecs + 1 <= 16) {
@@ -104,9 +123,9 @@ typedef float vec16 __attribute__((vector_size(64)));
 // block_kernel with each panel in one 16-float register: the same sums in the same order (one FMA
 // per element and k, from the bias), so both kernels' results are bitwise equal. With 32 registers
 // a block could hold up to 14 rows x 2 panels of accumulators; kMaxRows says why it holds 12.
-template <int kRows, int kPanels>
-void wide_block_kernel(const float* a, int64_t lda, const float* panels, int64_t panel_stride, int64_t k,
-                       const float* bias, float* out, int64_t ldo, int64_t width, bool accumulate) {
+template <int kRows, int kPanels, class Panels>
+void wide_block_kernel(const float* a, int64_t lda, Panels panels, int64_t k, const float* bias, float* out,
+                       int64_t ldo, int64_t width, bool accumulate) {
   vec16 acc[kRows][kPanels];
   vec16 start[kPanels] = {};
   if (bias != nullptr) {
@@ -131,7 +150,7 @@ void wide_block_kernel(const float* a, int64_t lda, const float* panels, int64_t
   for (int64_t j = 0; j < k; ++j) {
     vec16 w[kPanels];
     for (int p = 0; p < kPanels; ++p) {
-      std::memcpy(&w[p], panels + p * panel_stride + j * kPanelWidth, sizeof(vec16));
+      std::memcpy(&w[p], panels.at(p, j), sizeof(vec16));
       hold_in_register(w[p]);  // 14 rows x 2 panels + 2 + 1 broadcast fit the 32 registers
     }
     for (int r = 0; r < kRows; ++r) {
@@ -176,42 +195,58 @@ constexpr int block_panels(int rows) {
   return panels_for(rows);
 }
 
-template <int kRows, int kPanels>
-void block_of(const float* a, int64_t lda, const float* panel, int64_t panel_stride, int64_t k, const float* bias,
-              float* out, int64_t ldo, int64_t width, bool accumulate) {
+template <int kRows, int kPanels, class Panels>
+void block_of(const float* a, int64_t lda, Panels panels, int64_t k, const float* bias, float* out, int64_t ldo,
+              int64_t width, bool accumulate) {
 #if defined(__AVX512F__)
   if constexpr (kRows >= kWideMinRows) {
-    return wide_block_kernel<kRows, kPanels>(a, lda, panel, panel_stride, k, bias, out, ldo, width, accumulate);
+    return wide_block_kernel<kRows, kPanels>(a, lda, panels, k, bias, out, ldo, width, accumulate);
   }
 #endif
   if constexpr (kRows <= 6) {
-    block_kernel<kRows, kPanels>(a, lda, panel, panel_stride, k, bias, out, ldo, width, accumulate);
+    block_kernel<kRows, kPanels>(a, lda, panels, k, bias, out, ldo, width, accumulate);
   }
 }
 
-template <int kRows>
-void row_block(int panels, const float* a, int64_t lda, const float* panel, int64_t panel_stride, int64_t k,
-               const float* bias, float* out, int64_t ldo, int64_t width, bool accumulate) {
-  switch (panels) {
-    case 1: return block_of<kRows, 1>(a, lda, panel, panel_stride, k, bias, out, ldo, width, accumulate);
-    case 2: return block_of<kRows, 2>(a, lda, panel, panel_stride, k, bias, out, ldo, width, accumulate);
-    case 3: return block_of<kRows, 3>(a, lda, panel, panel_stride, k, bias, out, ldo, width, accumulate);
-    default: return block_of<kRows, 4>(a, lda, panel, panel_stride, k, bias, out, ldo, width, accumulate);
+template <int kRows, class Panels>
+void row_block(int count, const float* a, int64_t lda, Panels panels, int64_t k, const float* bias, float* out,
+               int64_t ldo, int64_t width, bool accumulate) {
+  switch (count) {
+    case 1: return block_of<kRows, 1>(a, lda, panels, k, bias, out, ldo, width, accumulate);
+    case 2: return block_of<kRows, 2>(a, lda, panels, k, bias, out, ldo, width, accumulate);
+    case 3: return block_of<kRows, 3>(a, lda, panels, k, bias, out, ldo, width, accumulate);
+    default: return block_of<kRows, 4>(a, lda, panels, k, bias, out, ldo, width, accumulate);
   }
 }
 
-using RowBlockFn = void (*)(int, const float*, int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t,
-                            int64_t, bool);
-template <int... kIndex>
-constexpr std::array<RowBlockFn, sizeof...(kIndex)> row_block_table(std::integer_sequence<int, kIndex...>) {
-  return {&row_block<kIndex + 1>...};
+template <class Panels>
+using RowBlockFn = void (*)(int, const float*, int64_t, Panels, int64_t, const float*, float*, int64_t, int64_t, bool);
+template <class Panels, int... kIndex>
+constexpr std::array<RowBlockFn<Panels>, sizeof...(kIndex)> row_block_table(std::integer_sequence<int, kIndex...>) {
+  return {&row_block<kIndex + 1, Panels>...};
 }
 // row_block<r> at index r - 1, for 1 <= r <= kMaxRows.
-constexpr auto kRowBlocks = row_block_table(std::make_integer_sequence<int, kMaxRows>{});
+template <class Panels>
+constexpr auto kRowBlocks = row_block_table<Panels>(std::make_integer_sequence<int, kMaxRows>{});
 
-void block(int rows, int panels, const float* a, int64_t lda, const float* panel, int64_t panel_stride, int64_t k,
-           const float* bias, float* out, int64_t ldo, int64_t width, bool accumulate) {
-  kRowBlocks[rows - 1](panels, a, lda, panel, panel_stride, k, bias, out, ldo, width, accumulate);
+template <class Panels>
+void block(int rows, int count, const float* a, int64_t lda, Panels panels, int64_t k, const float* bias, float* out,
+           int64_t ldo, int64_t width, bool accumulate) {
+  kRowBlocks<Panels>[rows - 1](count, a, lda, panels, k, bias, out, ldo, width, accumulate);
+}
+
+// Panel p of M (n x k) whose column j is the n floats at columns[j], into dst (k x 16 floats,
+// zero-padded past n).
+void pack_column_panel(const float* const* columns, int64_t n, int64_t k, int64_t p, float* dst) {
+  const int64_t first = p * kPanelWidth, width = std::min<int64_t>(kPanelWidth, n - first);
+  for (int64_t j = 0; j < k; ++j, dst += kPanelWidth) {
+    if (width == kPanelWidth) {
+      std::memcpy(dst, columns[j] + first, kPanelWidth * sizeof(float));  // constant size: inlined
+    } else {
+      std::memcpy(dst, columns[j] + first, width * sizeof(float));
+      std::fill(dst + width, dst + kPanelWidth, 0.f);
+    }
+  }
 }
 
 #if defined(__AVX2__)
@@ -414,19 +449,7 @@ PackedMatrix pack_matrix(const float* const* m_rows, int64_t n, int64_t k, int64
 
 PackedMatrix pack_columns(const float* const* columns, int64_t n, int64_t k, float* storage, int64_t panel_begin,
                           int64_t panel_end) {
-  for (int64_t p = panel_begin; p < panel_end; ++p) {
-    float* panel = storage + p * k * kPanelWidth;
-    const int64_t first = p * kPanelWidth, width = std::min<int64_t>(kPanelWidth, n - first);
-    for (int64_t j = 0; j < k; ++j) {
-      float* dst = panel + j * kPanelWidth;
-      if (width == kPanelWidth) {
-        std::memcpy(dst, columns[j] + first, kPanelWidth * sizeof(float));  // constant size: inlined
-      } else {
-        std::memcpy(dst, columns[j] + first, width * sizeof(float));
-        std::fill(dst + width, dst + kPanelWidth, 0.f);
-      }
-    }
-  }
+  for (int64_t p = panel_begin; p < panel_end; ++p) pack_column_panel(columns, n, k, p, storage + p * k * kPanelWidth);
   PackedMatrix out;
   out.n = n;
   out.k = k;
@@ -467,37 +490,85 @@ void add_row_sums(const float* a, int64_t rows, int64_t cols, int64_t lda, float
   }
 }
 
-void gemm_packed(const float* a, int64_t rows, int64_t lda, const PackedMatrix& m, const float* bias, float* out,
-                 int64_t ldo, bool accumulate) {
-  if (rows == 0 || m.n == 0) return;
-  const int64_t panels = panel_count(m.n);
-  const int64_t panel_stride = m.k * kPanelWidth;
-  // Rows split evenly into blocks of at most kMaxRows (7 rows: 4 + 3, not 6 + 1).
+namespace {
+
+// a's rows, if they are a multiple of 4 KiB apart and the blocks of the product would be more than
+// kAliasFreeRows rows, copied once into rows that do not share their L1 sets (64 rows of k = 1024:
+// 93 GFLOP/s in place, 111 copied), a buffer the thread keeps for its next product; else a as it is.
+std::pair<const float*, int64_t> alias_free_rows(const float* a, int64_t rows, int64_t lda, int64_t k) {
   const int64_t row_blocks = (rows + kMaxRows - 1) / kMaxRows;
-  const int smallest = static_cast<int>(rows / row_blocks);
-  if (smallest > kAliasFreeRows && lda % kSetAliasFloats == 0) {
-    // Such an a (spaced_stride) is copied once, into rows that do not share their sets (64 rows of
-    // k = 1024: 93 GFLOP/s in place, 111 copied), a buffer the thread keeps for its next product.
-    thread_local std::vector<float> spaced;
-    const int64_t ld = spaced_stride(m.k);
-    spaced.resize(static_cast<size_t>(rows * ld));
-    for (int64_t r = 0; r < rows; ++r) std::memcpy(spaced.data() + r * ld, a + r * lda, m.k * sizeof(float));
-    a = spaced.data();
-    lda = ld;
-  }
-  const int group = block_panels(smallest);
+  if (rows / row_blocks <= kAliasFreeRows || lda % kSetAliasFloats != 0) return {a, lda};
+  thread_local std::vector<float> spaced;
+  const int64_t ld = spaced_stride(k);
+  spaced.resize(static_cast<size_t>(rows * ld));
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(spaced.data() + r * ld, a + r * lda, k * sizeof(float));
+  return {spaced.data(), ld};
+}
+
+// A product of `rows` rows: its rows split evenly into blocks of at most kMaxRows (7 rows: 4 + 3,
+// not 6 + 1), each block of rows through groups of this many panels.
+int64_t panels_per_group(int64_t rows) {
+  const int64_t row_blocks = (rows + kMaxRows - 1) / kMaxRows;
+  return block_panels(static_cast<int>(rows / row_blocks));
+}
+
+// out[:, :n] = a @ M^T for M's `panels` panels of 16 columns (n columns of them real) read through
+// `m`, bias and out already at the panels' first column.
+template <class Panels>
+void gemm_panels(const float* a, int64_t rows, int64_t lda, Panels m, int64_t panels, int64_t n, int64_t k,
+                 const float* bias, float* out, int64_t ldo, bool accumulate) {
+  const int64_t row_blocks = (rows + kMaxRows - 1) / kMaxRows;
+  const int64_t group = panels_per_group(rows);
   // Panel groups outside, rows inside: a group's panels stay in cache while every row block uses them.
   for (int64_t p = 0; p < panels; p += group) {
-    const int count = static_cast<int>(std::min<int64_t>(group, panels - p));
+    const int count = static_cast<int>(std::min(group, panels - p));
     const int64_t col = p * kPanelWidth;
-    const int64_t width = std::min<int64_t>(count * kPanelWidth, m.n - col);
-    const float* panel = m.panels + p * panel_stride;
+    const int64_t width = std::min<int64_t>(count * kPanelWidth, n - col);
     for (int64_t b = 0, r = 0; b < row_blocks; ++b) {
       const int64_t next = rows * (b + 1) / row_blocks;
-      block(static_cast<int>(next - r), count, a + r * lda, lda, panel, panel_stride, m.k, bias ? bias + col : nullptr,
+      block(static_cast<int>(next - r), count, a + r * lda, lda, m.from(p), k, bias ? bias + col : nullptr,
             out + r * ldo + col, ldo, width, accumulate);
       r = next;
     }
+  }
+}
+
+}  // namespace
+
+void gemm_packed(const float* a, int64_t rows, int64_t lda, const PackedMatrix& m, const float* bias, float* out,
+                 int64_t ldo, bool accumulate) {
+  if (rows == 0 || m.n == 0) return;
+  std::tie(a, lda) = alias_free_rows(a, rows, lda, m.k);
+  gemm_panels(a, rows, lda, PackedPanels{m.panels, m.k * kPanelWidth}, panel_count(m.n), m.n, m.k, bias, out, ldo,
+              accumulate);
+}
+
+void gemm_columns(const float* a, int64_t rows, int64_t lda, const ColumnsMatrix& m, const float* bias, float* out,
+                  int64_t ldo, bool accumulate) {
+  if (rows == 0 || m.n == 0) return;
+  std::tie(a, lda) = alias_free_rows(a, rows, lda, m.k);
+  const int64_t panels = panel_count(m.n), whole = m.n / kPanelWidth;  // whole: 16 real columns
+  int64_t p = 0;  // the panels before p are done
+  if (rows <= kMaxRows) {
+    // One block of rows reads each of M's elements once: straight from its column.
+    gemm_panels(a, rows, lda, ColumnPanels{m.columns, 0}, whole, whole * kPanelWidth, m.k, bias, out, ldo,
+                accumulate);
+    p = whole;
+  }
+  // Otherwise every block of rows reads a group of panels again, and columns a multiple of 4 KiB
+  // apart (a W_ih of 1024 or 2048 columns) share a few cache sets: each group is packed first into a
+  // buffer that the blocks read from cache (the thread keeps it for its next product). So is a last
+  // panel narrower than 16 columns, which the kernels read whole (no read past a column's end).
+  const int64_t group = rows <= kMaxRows ? 1 : panels_per_group(rows);
+  thread_local std::vector<float> packed;
+  packed.resize(static_cast<size_t>(group * m.k * kPanelWidth));
+  for (; p < panels; p += group) {
+    const int64_t count = std::min(group, panels - p), first = p * kPanelWidth;
+    for (int64_t q = 0; q < count; ++q) {
+      pack_column_panel(m.columns, m.n, m.k, p + q, packed.data() + q * m.k * kPanelWidth);
+    }
+    gemm_panels(a, rows, lda, PackedPanels{packed.data(), m.k * kPanelWidth}, count, m.n - first, m.k,
+                bias ? bias + first : nullptr, out + first, ldo, accumulate);
   }
 }
 

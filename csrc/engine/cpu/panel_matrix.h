@@ -1,6 +1,7 @@
-// A matrix packed for our CPU GEMM in either of its forms: float panels (packed_gemm.h) or, for a
-// bfloat16 layer's products, bfloat16 pairs (packed_gemm_bf16.h). The engine packs and multiplies
-// through this one type, so a product's code does not depend on the form. Torch-free.
+// A matrix for our CPU GEMM in one of its forms: float panels (packed_gemm.h), for a bfloat16
+// layer's products bfloat16 pairs (packed_gemm_bf16.h), or float columns read in place. The engine
+// packs and multiplies through this one type, so a product's code does not depend on the form.
+// Torch-free.
 #pragma once
 #include <cstdint>
 
@@ -13,6 +14,9 @@ struct PanelMatrix {
   bool bf16 = false;
   PackedMatrix f32;         // the float form (bf16 false)
   PackedBf16Matrix pairs;   // the bfloat16 form (bf16 true)
+  // Float M not packed but read in place by its columns (columns_in_place): the packed form's sums.
+  bool in_place = false;
+  ColumnsMatrix columns;
 
   // Floats of storage for M (n x k) in the form (a bfloat16 pair is one float's size).
   static int64_t floats_needed(bool bf16, int64_t n, int64_t k) {
@@ -39,7 +43,9 @@ struct PanelMatrix {
   // out = a @ M^T (+ bias), or out += a @ M^T (+ bias) with accumulate (packed_gemm.h).
   void multiply(const float* a, int64_t rows, int64_t lda, const float* bias, float* out, int64_t ldo,
                 bool accumulate) const {
-    if (bf16) {
+    if (in_place) {
+      gemm_columns_fn()(a, rows, lda, columns, bias, out, ldo, accumulate);
+    } else if (bf16) {
       gemm_packed_bf16(a, rows, lda, pairs, bias, out, ldo, accumulate);
     } else {
       gemm_packed_fn()(a, rows, lda, f32, bias, out, ldo, accumulate);
@@ -68,6 +74,14 @@ inline PanelMatrix pack_columns(bool bf16, const float* const* columns, int64_t 
   } else {
     m.f32 = pack_columns(columns, n, k, storage, panel_begin, panel_end);
   }
+  return m;
+}
+
+// M (n x k) whose column j is the n floats at columns[j] (as pack_columns takes it), read where it is.
+inline PanelMatrix columns_in_place(const float* const* columns, int64_t n, int64_t k) {
+  PanelMatrix m;
+  m.in_place = true;
+  m.columns = {columns, n, k};
   return m;
 }
 
