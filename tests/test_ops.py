@@ -239,6 +239,18 @@ def test_short_calls_match_reference(cell, hidden, batch, steps, transposed):
         torch.testing.assert_close(f.double(), rf, atol=2e-6, rtol=1e-5)
 
 
+# A short float32 call's backward reads its transposed matrices' columns where they are (the chunk's
+# W_ih^T, x^T, h^T up to 64 rows T x B; W_hh^T up to 4 steps), one block of rows in place and more
+# packed a group at a time; longer calls pack them. Both sides of each bound, rows past one block, and
+# a hidden size whose last panel is partial.
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("steps,batch", [(1, 1), (1, 16), (1, 40), (1, 64), (4, 16), (5, 12), (3, 22), (5, 16)])
+@pytest.mark.parametrize("cell", CELLS)
+def test_short_backward_matches_reference(cell, steps, batch, reverse):
+    _compare_layer(cell, torch.float32, "cpu", steps, batch, 37, 70, True, reverse, seed=steps * 100 + batch,
+                   accuracy_rule=True)
+
+
 # The CPU kernels read each thread's bias rows in place through its row order (gathered once per
 # call when the rows are permuted, i.e. with more than one thread): a strided bias must give the
 # same bits as a contiguous one, in a one-step call (weights read in place) and a longer one (packed).
