@@ -127,6 +127,20 @@ def test_hybrid_step_benchmark_writes_its_rows(tmp_path):
     assert "| rnn_tanh | 1×8×8, 4 (4), 3 |" in (tmp_path / "quick.md").read_text()
 
 
+def test_cells_benchmark_times_both_modes_against_torch_nn_cells(tmp_path):
+    result = _run("bench_cells.py", "--cells", "lstm,rnn_tanh", "--shapes", "2x5x7", "--steps", "3", "--repeats", "1",
+                  "--warmup", "0", "--out", str(tmp_path), "--name", "quick")
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "quick.json") as f:
+        rows = json.load(f)["rows"]
+    assert [(r["cell"], r["mode"]) for r in rows] == [("lstm", "inference"), ("lstm", "training"),
+                                                      ("rnn_tanh", "inference"), ("rnn_tanh", "training")]
+    assert all(r["torch_nn_us"] > 0 and r["rnnattn_us"] > 0 and r["ratio"] > 0 and r["steps"] == 3 for r in rows)
+    assert "| rnn_tanh | 2×5×7 | training | 3 |" in (tmp_path / "quick.md").read_text()
+    rejected = _run("bench_cells.py", "--steps", "0", "--out", str(tmp_path), timeout=120)
+    assert rejected.returncode == 2 and "--steps must be at least 1, got 0" in rejected.stderr
+
+
 def test_recurrent_benchmark_runs_stacked_bidirectional_packed_layers(tmp_path):
     result = _run("bench_recurrent.py", "--cells", "gru", "--shapes", "3x4x3x5", "--layers", "2", "--bidirectional",
                   "--packed", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path), "--name", "stacked")

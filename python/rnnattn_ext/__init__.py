@@ -6,6 +6,7 @@
 from . import _ops  # noqa: F401  (loads the library, registers the fake implementations)
 from . import functional, onnx_export, reference
 from .attention_modules import AttentionState, AttnGRU, AttnLSTM, AttnRNN
+from .cells import GRUCell, LSTMCell, RNNCell
 from .hybrid import HybridBlock, HybridState, HybridStreamer
 from .modules import GRU, LSTM, RNN
 
@@ -33,6 +34,6 @@ def empty_cache() -> None:
     _ops._C.release_cpu_kept_memory()
 
 
-__all__ = ["LSTM", "GRU", "RNN", "AttnLSTM", "AttnGRU", "AttnRNN", "AttentionState", "HybridBlock", "HybridState",
-           "HybridStreamer", "Streamer", "functional", "onnx_export", "reference", "library_path", "empty_cache",
-           "__version__"]
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "AttnLSTM", "AttnGRU", "AttnRNN",
+           "AttentionState", "HybridBlock", "HybridState", "HybridStreamer", "Streamer", "functional",
+           "onnx_export", "reference", "library_path", "empty_cache", "__version__"]
