@@ -28,12 +28,21 @@ def _kernel_flags():
     return flags["common"], flags["avx2"], flags["avx512"], flags["bf16"]
 
 
-def test_gemm_builds_compute_their_sums(tmp_path):
+# Built with AddressSanitizer and UndefinedBehaviorSanitizer too: a kernel that reads past a column
+# of M (gemm_columns reads them in place, each in its own buffer in the check) or writes past its
+# output aborts the run.
+SANITIZERS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+
+
+@pytest.mark.parametrize("sanitized", [False, True], ids=["plain", "sanitized"])
+def test_gemm_builds_compute_their_sums(tmp_path, sanitized):
     compiler = cxx_compiler()
     if compiler is None:
         pytest.skip("no C++ compiler (CXX, c++, g++ or clang++) to build the host check with")
+    if sanitized and not _compiler_links(compiler, SANITIZERS, tmp_path):
+        pytest.skip(f"{compiler} cannot build and link with {' '.join(SANITIZERS)}")
     common, avx2_flags, avx512_flags, _ = _kernel_flags()
-    base = [compiler, "-std=gnu++20", f"-I{ROOT / 'csrc'}"]
+    base = [compiler, "-std=gnu++20", f"-I{ROOT / 'csrc'}", *(SANITIZERS if sanitized else [])]
     objects, defines = [], []
     if X86:
         for name, flags in (("avx2", avx2_flags), ("avx512", avx512_flags)):
@@ -58,6 +67,13 @@ def test_gemm_builds_compute_their_sums(tmp_path):
     if X86 and capability == "AVX512":  # torch's AVX512 level implies AVX-512F
         assert "avx512" in results, run.stdout
     assert all(int(count) > 2000 for count in results.values()), run.stdout
+
+
+def _compiler_links(compiler: str, flags: list[str], folder) -> bool:
+    probe = folder / "link_probe.cpp"
+    probe.write_text("int main() { return 0; }\n")
+    return subprocess.run([compiler, *flags, str(probe), "-o", str(folder / "link_probe")],
+                          capture_output=True).returncode == 0
 
 
 def _compiler_takes(compiler: str, flags: list[str], folder) -> bool:
