@@ -39,7 +39,7 @@ def test_gemm_builds_compute_their_sums(tmp_path, sanitized):
     compiler = cxx_compiler()
     if compiler is None:
         pytest.skip("no C++ compiler (CXX, c++, g++ or clang++) to build the host check with")
-    if sanitized and not _compiler_links(compiler, SANITIZERS, tmp_path):
+    if sanitized and not _compiler_takes(compiler, SANITIZERS, tmp_path, link=True):
         pytest.skip(f"{compiler} cannot build and link with {' '.join(SANITIZERS)}")
     common, avx2_flags, avx512_flags, _ = _kernel_flags()
     base = [compiler, "-std=gnu++20", f"-I{ROOT / 'csrc'}", *(SANITIZERS if sanitized else [])]
@@ -69,18 +69,12 @@ def test_gemm_builds_compute_their_sums(tmp_path, sanitized):
     assert all(int(count) > 2000 for count in results.values()), run.stdout
 
 
-def _compiler_links(compiler: str, flags: list[str], folder) -> bool:
-    probe = folder / "link_probe.cpp"
-    probe.write_text("int main() { return 0; }\n")
-    return subprocess.run([compiler, *flags, str(probe), "-o", str(folder / "link_probe")],
-                          capture_output=True).returncode == 0
-
-
-def _compiler_takes(compiler: str, flags: list[str], folder) -> bool:
+def _compiler_takes(compiler: str, flags: list[str], folder, link: bool = False) -> bool:
+    """Whether the compiler compiles (and with link, links) an empty program with these flags."""
     probe = folder / "probe.cpp"
     probe.write_text("int main() { return 0; }\n")
-    return subprocess.run([compiler, *flags, "-c", str(probe), "-o", str(folder / "probe.o")],
-                          capture_output=True).returncode == 0
+    output = ["-o", str(folder / "probe")] if link else ["-c", "-o", str(folder / "probe.o")]
+    return subprocess.run([compiler, *flags, str(probe), *output], capture_output=True).returncode == 0
 
 
 @pytest.mark.parametrize("hardware", [False, True], ids=["portable", "avx512bf16"])

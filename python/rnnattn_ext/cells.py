@@ -17,8 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional
-
-_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+from .modules import _GATES
 
 
 class CellBase(nn.Module):

@@ -560,6 +560,7 @@ void gemm_columns(const float* a, int64_t rows, int64_t lda, const ColumnsMatrix
   // place took up to 1.35x the packed product: each group is packed first into a buffer that the
   // blocks read from cache (the thread keeps it for its next product). So is a last panel narrower
   // than 16 columns, which the kernels read whole (no read past a column's end).
+  if (p == panels) return;
   const int64_t group = rows <= kMaxRows ? 1 : panels_per_group(rows);
   thread_local std::vector<float> packed;
   packed.resize(static_cast<size_t>(group * m.k * kPanelWidth));
